@@ -1,0 +1,40 @@
+"""Stack configuration: plain values, no behaviour."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class StackConfig:
+    mtu: int = 1500
+    # Inbound: verify IP/TCP/UDP/ICMP checksums.  A local TUN vouches for
+    # its packets (the kernel built them), a pcap or an unknown host does not.
+    verify_checksums: bool = True
+    # Outbound: leave the transport checksum to the device (the field holds
+    # the pseudo-header sum, as for virtio NEEDS_CSUM).  IPv4 header
+    # checksums are always computed.
+    checksum_offload: bool = False
+    ttl: int = 64
+    # TCP
+    rcv_buf: int = 1 << 20          # per-connection receive buffer (advertised window)
+    snd_buf: int = 1 << 20          # per-connection send buffer
+    max_pending: int = 1024         # connect requests the host has not answered yet
+    connect_timeout: float = 10.0   # a request unanswered this long is reset
+    time_wait: float = 4.0          # shorter than 2*MSL: flows are local; bounds memory
+    keepalive: float | None = None  # idle seconds before keepalive probes, None = off
+    keepalive_interval: float = 15.0
+    keepalive_count: int = 4
+    max_retries: int = 10           # retransmissions of one segment before giving up
+    min_rto: float = 0.2            # RFC 6298 says 1 s; like Linux we allow lower on local paths
+    max_rto: float = 60.0
+    # UDP
+    udp_timeout: float = 60.0
+    # both
+    max_flows: int = 65536
+    # ICMP echo requests to any address: "reply" or "drop"
+    icmp_echo: str = "reply"
+    # IP fragment reassembly (RFC 791 / RFC 8200 §4.5)
+    frag_timeout: float = 30.0
+    frag_max_bytes: int = 1 << 22   # all datagrams under reassembly together
+    frag_max_datagrams: int = 256
