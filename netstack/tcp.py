@@ -36,3 +36,8 @@ stack.poll(now) flushes (so one batch yields one ACK).
 from __future__ import annotations
 
 # TODO(tcp): implementation
+
+
+class TcpConnection:  # placeholder until the implementation lands
+    def __init__(self, *a, **k):
+        raise NotImplementedError("netstack.tcp is not implemented yet")
