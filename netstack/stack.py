@@ -35,7 +35,7 @@ PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMP6 = 1, 6, 17, 58
 
 class Stack:
     __slots__ = (
-        "config", "rng", "now", "tcp", "udp", "output", "events", "drops",
+        "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
         "_heap", "_dirty", "_ids", "pending", "_frag",
     )
@@ -48,7 +48,9 @@ class Stack:
         self.udp: dict = {}       # (src, sport, dst, dport) -> UdpFlow
         self.output: list = []    # packets for the device (bytes)
         self.events: list = []
-        self.drops: defaultdict = defaultdict(int)
+        self.drops: defaultdict = defaultdict(int)        # packets discarded before reaching a flow
+        self.tcp_drops: defaultdict = defaultdict(int)    # segments a TCP connection discarded
+        self.delivered = 0                                # packets handed to a flow / answered
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self._heap: list = []     # (deadline, id, flow); stale entries skipped lazily
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
@@ -141,7 +143,8 @@ class Stack:
             "tx_packets": self.tx_packets,
             "tcp_flows": len(self.tcp), "udp_flows": len(self.udp),
             "tcp_states": dict(tcp_states), "pending": self.pending,
-            "drops": dict(self.drops),
+            "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
+            "delivered": self.delivered,
         }
 
     # ------------------------------------------------------------ for flows
@@ -212,77 +215,21 @@ class Stack:
             self.drops["unsupported_protocol"] += 1
 
     # ---------------------------------------------------------------- TCP
-
-    def _tcp_in(self, family, src, dst, mv, off, now):
-        seglen = len(mv) - off
-        if seglen < 20:
-            self.drops["truncated"] += 1
-            return
-        sport, dport, seq, ack, doff, flags, wnd, _csum, _urp = _TCP.unpack_from(mv, off)
-        doff = (doff >> 4) << 2
-        if doff < 20 or doff > seglen:
-            self.drops["bad_tcp_offset"] += 1
-            return
-        l4 = mv[off:]
-        if self.config.verify_checksums:
-            ps = ck.pseudo4(src, dst, PROTO_TCP, seglen) if family == 4 else ck.pseudo6(src, dst, PROTO_TCP, seglen)
-            if ck.sum16(l4, ps) != 0xFFFF:
-                self.drops["bad_tcp_checksum"] += 1
-                return
-        opts = None
-        if doff > 20:
-            try:
-                opts = parse_options(l4[20:doff])
-            except WireError:
-                self.drops["bad_tcp_options"] += 1
-                return
-        key = (src, sport, dst, dport)
-        conn = self.tcp.get(key)
-        if conn is None:
-            conn = self._tcp_new(family, key, flags, seq, ack, mv, off, seglen - doff, now)
-            if conn is None:
-                return
-        conn.segment_arrives(seq, ack, flags, wnd, opts, l4[doff:], now)
-        if not conn.closed:
-            self._reschedule(conn)
-
-    def _tcp_new(self, family, key, flags, seq, ack, mv, off, datalen, now):
-        """A segment for no flow: a plain SYN opens one; the rest is answered
-        as RFC 9293 §3.10.7.1 (CLOSED state) says."""
-        if flags & RST:
-            self.drops["tcp_rst_no_flow"] += 1
-            return None
-        if (flags & (SYN | ACK | FIN)) != SYN:
-            self.drops["tcp_no_flow"] += 1
-            self._send_rst_for(family, key, flags, seq, ack, datalen)
-            return None
-        cfg = self.config
-        if self.pending >= cfg.max_pending:
-            self.drops["tcp_backlog_full"] += 1
-            return None
-        if len(self.tcp) + len(self.udp) >= cfg.max_flows:
-            self.drops["flow_limit"] += 1
-            self._send_rst_for(family, key, flags, seq, ack, datalen)
-            return None
-        src, sport, dst, dport = key
-        conn = TcpConnection(self, key, family, bytes(mv[:off + 8]), now)
-        self.tcp[key] = conn
-        return conn
-
-    def _send_rst_for(self, family, key, flags, seq, ack, datalen):
-        src, sport, dst, dport = key
-        tpl = TcpTemplate(family, dst, src, dport, sport, self.config)
-        if flags & ACK:
-            self.output.append(tpl.build(ack, 0, RST, 0, b"", b""))
-        else:
-            seglen = datalen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            self.output.append(tpl.build(0, (seq + seglen) & 0xFFFFFFFF, RST | ACK, 0, b"", b""))
+    # The TCP demux (`_tcp_in`) lives in netstack.tcp as tcp_input(stack, family,
+    # src, dst, mv, off, now); it is bound below.
 
     def _tcp_remove(self, conn, reason: str) -> None:
         """Called by a connection when it leaves the flow table."""
         if self.tcp.get(conn.key) is conn:
             del self.tcp[conn.key]
         self.events.append(ev.TcpClosed(conn, reason))
+
+    def icmp_unreachable(self, quote: bytes, kind: str) -> None:
+        """Send an ICMP/ICMPv6 destination unreachable to the sender of the
+        packet whose IP header + first 8 payload bytes are *quote*.
+        kind: "port", "host", "net" or "admin"."""
+        # TODO(stack): build with netstack.wire.icmp
+        self.drops["icmp_unreachable_unimplemented"] += 1
 
     # ---------------------------------------------------------- UDP / ICMP
 
@@ -299,7 +246,6 @@ class Stack:
         self.drops["icmp_unimplemented"] += 1
 
 
-from .tcp import TcpConnection  # noqa: E402  (tcp imports stack constants)
-from .wire.errors import WireError  # noqa: E402
-from .wire.tcp import parse_options  # noqa: E402
-from .wire.templates import TcpTemplate  # noqa: E402
+from .tcp import tcp_input  # noqa: E402  (netstack.tcp imports this module's constants)
+
+Stack._tcp_in = tcp_input
