@@ -1,14 +1,44 @@
-"""tun2xray command line."""
+"""tun2xray command line: run, status, replay."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
 import sys
+
+from .control import DEFAULT_CONTROL
+
+log = logging.getLogger("tun2xray")
+
+
+class UsageError(Exception):
+    """A bad flag or config: one line on stderr, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
     sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="carry a TUN device's flows to Xray inbounds")
+    r.add_argument("--device", required=True, help="tun://NAME, fd://N[?header=af], unix:///path")
+    r.add_argument("--proxy", help="the Xray socks inbound: socks5://[user:pass@]host:port")
+    r.add_argument("--address", help="IPv4 address/prefix for a tun:// device (default 198.18.0.1/15)")
+    r.add_argument("--address6", help="IPv6 address/prefix for a tun:// device (default fd00:7478::1/64)")
+    r.add_argument("--mtu", type=int, help="device MTU (default 1500)")
+    r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
+                   help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
+    r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
+    r.add_argument("--control", help="serve JSON status on unix:///path")
+    r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
+    s.add_argument("--control", default=DEFAULT_CONTROL)
+
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
     return p
@@ -19,7 +49,166 @@ def main(argv=None) -> int:
     if args.command == "replay":
         from .replay import main as replay_main
         return replay_main(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command == "run":
+        try:
+            return cmd_run(args)
+        except UsageError as e:
+            print(f"tun2xray: error: {e}", file=sys.stderr)
+            return 2
     return 2
+
+
+def cmd_status(args) -> int:
+    from .control import query
+    try:
+        reply = query(args.control)
+    except (OSError, ValueError) as e:
+        print(f"tun2xray: error: cannot reach {args.control}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, indent=2))
+    return 0
+
+
+class RunSettings:
+    """What `run` needs, merged from the profile and the flags (flags win)."""
+
+    def __init__(self, args):
+        from .profile import ProfileError, load_profile
+        from .rules import Router, parse_map
+        from .upstream.url import DokodemoUpstream, parse_upstream
+
+        profile = None
+        if args.config:
+            try:
+                with open(args.config, "rb") as f:
+                    text = f.read()
+            except OSError as e:
+                raise UsageError(f"--config {args.config}: {e.strerror}") from None
+            try:
+                profile = load_profile(text)
+            except ProfileError as e:
+                raise UsageError(f"--config {args.config}: {e}") from None
+        proxy = args.proxy or (profile.proxy if profile else None)
+        if not proxy:
+            raise UsageError("--proxy is required (or a profile with \"proxy\")")
+        try:
+            up = parse_upstream(proxy)
+        except ValueError as e:
+            raise UsageError(f"--proxy: {e}") from None
+        if isinstance(up, DokodemoUpstream):
+            raise UsageError(f'--proxy "{proxy}": the default route must be a socks5:// inbound')
+        rules = []
+        for spec in args.map:
+            try:
+                rules.append(parse_map(spec))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        if profile:
+            rules.extend(profile.rules)
+        self.proxy = up
+        self.router = Router(default=up, default_url=proxy, rules=rules)
+        mtu = args.mtu if args.mtu is not None else (profile.mtu if profile else 1500)
+        if not 576 <= mtu <= 65535:
+            raise UsageError(f"--mtu {mtu}: must be between 576 and 65535")
+        self.mtu = mtu
+        self.address = args.address or (profile.ipv4.address if profile else "198.18.0.1/15")
+        self.address6 = args.address6 or (profile.ipv6.address if profile else "fd00:7478::1/64")
+        import ipaddress
+        for flag, value, version in (("--address", self.address, 4), ("--address6", self.address6, 6)):
+            try:
+                iface = ipaddress.ip_interface(value)
+            except ValueError:
+                raise UsageError(f'{flag} "{value}": not an address/prefix') from None
+            if iface.version != version:
+                raise UsageError(f'{flag} "{value}": not an IPv{version} address')
+        self.udp_timeout = profile.udp_timeout if profile else 60.0
+        self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
+        self.max_flows = profile.max_flows if profile else 65536
+        self.icmp_echo = profile.icmp_echo if profile else "reply"
+        self.control = args.control
+        if self.control:
+            from .control import control_path
+            try:
+                control_path(self.control)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+
+
+def _check_reachable(up, timeout: float = 3.0) -> None:
+    try:
+        socket.create_connection((up.host, up.port), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"proxy {up.host}:{up.port} is unreachable: {e.strerror or e}") from None
+
+
+def cmd_run(args) -> int:
+    settings = RunSettings(args)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .device import DeviceError, open_device
+    _check_reachable(settings.proxy)
+    try:
+        device = open_device(args.device, mtu=settings.mtu,
+                             addresses=[settings.address, settings.address6])
+    except DeviceError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    recorder = None
+    try:
+        if args.record:
+            from .device.pcap import PcapRecorder
+            try:
+                recorder = PcapRecorder(args.record)
+            except OSError as e:
+                raise UsageError(f"--record {args.record}: {e.strerror}") from None
+        return _run_loop(_serve(settings, device, recorder))
+    finally:
+        device.close()
+        if recorder is not None:
+            recorder.close()
+
+
+def _run_loop(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _serve(settings, device, recorder) -> int:
+    from netstack import StackConfig
+
+    from .engine import Engine
+
+    cfg = StackConfig(mtu=device.mtu, udp_timeout=settings.udp_timeout, max_flows=settings.max_flows,
+                      icmp_echo=settings.icmp_echo, connect_timeout=settings.connect_timeout + 5)
+    engine = Engine(device, settings.router, stack_config=cfg,
+                    connect_timeout=settings.connect_timeout, recorder=recorder)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, engine.stop)
+    server = None
+    if settings.control:
+        from .control import control_path, serve_control
+        try:
+            server = await serve_control(settings.control, engine.status)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"--control: {e}") from None
+    log.info("running on %s (mtu %d), proxy %s", device.name, device.mtu, settings.router.default_url)
+    try:
+        await engine.run()
+    finally:
+        if server is not None:
+            server.close()
+            import os
+            try:
+                os.unlink(control_path(settings.control))
+            except OSError:
+                pass
+    log.info("stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,596 @@
+"""The engine: one Stack, one device, the upstream dialers, on one event loop.
+
+Per wake-up it drains the device in a batch, feeds the stack, answers the
+stack's events (dial upstream, move bytes), polls the stack once and writes
+its output in a batch.  Upstream callbacks do not poll the stack themselves:
+they ask for one service pass (`kick`), so many callbacks in one loop
+iteration cost one poll.
+
+Backpressure, both ways, with bounded memory per flow:
+- client -> upstream: bytes are read from the connection only while the
+  upstream transport is not paused; unread bytes close the advertised window.
+- upstream -> client: what the connection's send buffer does not take is held
+  (one chunk at most) and the upstream transport stops reading until
+  TcpWritable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+
+from netstack import Stack, StackConfig
+from netstack import events as ev
+
+from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
+from .upstream.socks5 import SocksUdpAssociation, socks5_connect
+from .upstream.url import DokodemoUpstream
+
+log = logging.getLogger("tun2xray.engine")
+
+READ_CHUNK = 256 * 1024       # bytes taken from a connection per read
+UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
+DEVICE_BATCH = 256
+
+
+def _addr(b: bytes) -> str:
+    return str(ipaddress.ip_address(b))
+
+
+def _fmt(addr: bytes, port: int) -> str:
+    return f"[{_addr(addr)}]:{port}" if len(addr) == 16 else f"{_addr(addr)}:{port}"
+
+
+class TcpRelay(asyncio.Protocol):
+    """Carries one TCP connection's bytes between the stack and an upstream socket."""
+
+    __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
+                 "up_eof", "eof_sent", "bytes_up", "bytes_down")
+
+    def __init__(self, engine, conn, url):
+        self.engine = engine
+        self.conn = conn
+        self.url = url
+        self.transport = None
+        self.pending = b""        # upstream bytes the connection's send buffer did not take
+        self.up_paused = False    # upstream write side full: stop reading the connection
+        self.up_eof = False
+        self.eof_sent = False
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    # asyncio.Protocol
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        conn = self.conn
+        if conn.closed:
+            return
+        self.bytes_down += len(data)
+        if self.pending:
+            self.pending += data
+        else:
+            n = conn.write(data)
+            if n < len(data):
+                self.pending = data[n:]
+        if self.pending and self.transport is not None:
+            self.transport.pause_reading()
+        self.engine.kick()
+
+    def eof_received(self):
+        self.up_eof = True
+        self._upstream_done()
+        return True   # keep our write side open: half-close
+
+    def connection_lost(self, exc):
+        self.transport = None
+        if not self.up_eof or exc is not None:
+            self.up_eof = True
+            conn = self.conn
+            if not conn.closed:
+                if exc is not None:
+                    self.engine.counters["upstream_reset"] += 1
+                    conn.abort()
+                else:
+                    self._upstream_done()
+        self.engine.kick()
+
+    def pause_writing(self):
+        self.up_paused = True
+
+    def resume_writing(self):
+        self.up_paused = False
+        self.pump_up()
+        self.engine.kick()
+
+    # engine side
+    def _upstream_done(self):
+        conn = self.conn
+        if conn.closed:
+            return
+        if self.bytes_down == 0:
+            # A SOCKS core that answered CONNECT before dialing closes at once
+            # when the destination refuses: tell the client with a RST.
+            self.engine.counters["upstream_closed_empty"] += 1
+            conn.abort()
+        elif not self.pending:
+            conn.shutdown()
+        self.engine.kick()
+
+    def pump_up(self):
+        """Move bytes the client sent to the upstream while it takes them."""
+        conn = self.conn
+        t = self.transport
+        if t is None or conn.closed:
+            return
+        while not self.up_paused:
+            data = conn.read(READ_CHUNK)
+            if not data:
+                break
+            self.bytes_up += len(data)
+            t.write(data)
+        if conn.eof and not conn.readable and not self.eof_sent:
+            self.eof_sent = True
+            if t.can_write_eof():
+                t.write_eof()
+
+    def pump_down(self):
+        """The connection's send buffer has room again: hand it what was held."""
+        conn = self.conn
+        if conn.closed or not self.pending:
+            return
+        n = conn.write(self.pending)
+        self.pending = self.pending[n:]
+        if not self.pending:
+            if self.up_eof:
+                conn.shutdown()
+            elif self.transport is not None:
+                self.transport.resume_reading()
+
+    def close(self):
+        t = self.transport
+        if t is not None:
+            self.transport = None
+            t.abort()
+
+
+class UdpRelay:
+    """Upstream side of one UDP flow (a dokodemo socket, or a share of a
+    SOCKS association for its client address)."""
+
+    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped")
+
+    def __init__(self, flow, url):
+        self.flow = flow
+        self.url = url
+        self.queue = []           # datagrams waiting for the upstream to open
+        self.dok = None
+        self.assoc = None
+        self.dst_host = flow.dst
+        self.dropped = 0
+
+
+class SocksAssoc:
+    """One SOCKS UDP association per client source address and port (full
+    cone: one app socket reaches many destinations through it)."""
+
+    __slots__ = ("key", "up", "assoc", "flows", "opening", "closed")
+
+    def __init__(self, key, up):
+        self.key = key
+        self.up = up
+        self.assoc = None
+        self.flows = set()
+        self.opening = True
+        self.closed = False
+
+
+class Engine:
+    def __init__(self, device, router, *, stack_config: StackConfig | None = None,
+                 connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst"):
+        self.device = device
+        self.router = router
+        cfg = stack_config or StackConfig(mtu=device.mtu)
+        if getattr(device, "trusted_checksums", False):
+            cfg.verify_checksums = False
+        self.stack = Stack(cfg)
+        self.connect_timeout = connect_timeout
+        self.recorder = recorder
+        self.reject_with = reject_with
+        self.loop = None
+        self.counters = _Counter()
+        self.started = time.time()
+        self._kicked = False
+        self._timer = None
+        self._timer_at = None
+        self._stopping = None
+        self._assocs = {}          # (client addr, client port) -> SocksAssoc
+        self._tasks = set()
+        self._packed = {}          # host string -> packed address (reply lookups)
+
+    # ----------------------------------------------------------------- life cycle
+
+    async def run(self) -> None:
+        """Serve until stop() is called."""
+        self.loop = asyncio.get_running_loop()
+        self._stopping = self.loop.create_future()
+        self.loop.add_reader(self.device.fileno(), self._on_device)
+        try:
+            await self._stopping
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
+
+    def _shutdown(self) -> None:
+        loop = self.loop
+        try:
+            loop.remove_reader(self.device.fileno())
+        except (ValueError, OSError):
+            pass
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in list(self._tasks):
+            t.cancel()
+        stack = self.stack
+        for conn in list(stack.tcp.values()):
+            relay = conn.user
+            if isinstance(relay, TcpRelay):
+                relay.close()
+            if not conn.closed:
+                conn.abort()
+        for flow in list(stack.udp.values()):
+            self._udp_release(flow)
+        for a in list(self._assocs.values()):
+            if a.assoc is not None:
+                a.assoc.close()
+        self._assocs.clear()
+        now = loop.time()
+        stack.poll(now)
+        stack.take_events()
+        self._write(stack.take_output())
+
+    # ------------------------------------------------------------------- service
+
+    def kick(self) -> None:
+        """Ask for one service pass in this loop iteration."""
+        if not self._kicked:
+            self._kicked = True
+            self.loop.call_soon(self._service)
+
+    def _on_device(self) -> None:
+        dev = self.device
+        stack = self.stack
+        now = self.loop.time()
+        rec = self.recorder
+        while True:
+            pkts = dev.read_batch(DEVICE_BATCH)
+            if not pkts:
+                break
+            if rec is not None:
+                wall = time.time()
+                for p in pkts:
+                    rec.write(p, wall)
+            stack.input_batch(pkts, now)
+            if len(pkts) < DEVICE_BATCH:
+                break
+        self._service()
+
+    def _service(self) -> None:
+        self._kicked = False
+        stack = self.stack
+        now = self.loop.time()
+        for _ in range(16):
+            events = stack.take_events()
+            if events:
+                self._dispatch(events)
+            stack.poll(now)
+            out = stack.take_output()
+            if out:
+                self._write(out)
+            if not stack.events:
+                break
+        self._arm(stack.next_deadline())
+
+    def _write(self, out) -> None:
+        rec = self.recorder
+        if rec is not None:
+            wall = time.time()
+            for p in out:
+                rec.write(p, wall)
+        self.device.write_batch(out)
+
+    def _arm(self, at) -> None:
+        if at is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self._service()
+
+    def _dispatch(self, events) -> None:
+        for e in events:
+            t = type(e)
+            if t is ev.TcpReadable:
+                relay = e.conn.user
+                if relay is not None:
+                    relay.pump_up()
+            elif t is ev.TcpWritable:
+                relay = e.conn.user
+                if relay is not None:
+                    relay.pump_down()
+            elif t is ev.UdpDatagram:
+                self._udp_datagram(e.flow, e.data, e.new)
+            elif t is ev.TcpConnectRequest:
+                self._tcp_request(e.conn)
+            elif t is ev.TcpClosed:
+                self._tcp_closed(e.conn, e.reason)
+            elif t is ev.UdpClosed:
+                self._udp_closed(e.flow, e.reason)
+
+    def _spawn(self, coro) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------------- TCP
+
+    def _tcp_request(self, conn) -> None:
+        up, url = self.router.route("tcp", conn.dst, conn.dport)
+        self.counters["tcp_requests"] += 1
+        self._spawn(self._tcp_dial(conn, up, url))
+
+    async def _tcp_dial(self, conn, up, url) -> None:
+        try:
+            if isinstance(up, DokodemoUpstream):
+                sock = await dokodemo_connect(up, timeout=self.connect_timeout)
+            else:
+                sock = await socks5_connect(up, conn.dst, conn.dport, timeout=self.connect_timeout)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            self.counters["upstream_connect_failed"] += 1
+            if not conn.closed:
+                log.info("tcp %s -> %s via %s refused: %s", _fmt(conn.src, conn.sport),
+                         _fmt(conn.dst, conn.dport), url, e)
+                conn.reject(self.reject_with)
+                self.kick()
+            return
+        if conn.closed:
+            sock.close()
+            return
+        relay = TcpRelay(self, conn, url)
+        try:
+            await self.loop.connect_accepted_socket(lambda: relay, sock=sock)
+        except OSError as e:
+            sock.close()
+            self.counters["upstream_connect_failed"] += 1
+            if not conn.closed:
+                log.info("tcp %s: upstream socket failed: %s", _fmt(conn.dst, conn.dport), e)
+                conn.reject(self.reject_with)
+                self.kick()
+            return
+        if conn.closed:
+            relay.close()
+            return
+        conn.user = relay
+        conn.accept()
+        self.counters["tcp_opened"] += 1
+        log.info("tcp open %s -> %s via %s", _fmt(conn.src, conn.sport), _fmt(conn.dst, conn.dport), url)
+        self.kick()
+
+    def _tcp_closed(self, conn, reason) -> None:
+        relay = conn.user
+        if isinstance(relay, TcpRelay):
+            if reason == "closed":
+                t = relay.transport
+                if t is not None:
+                    relay.transport = None
+                    t.close()
+            else:
+                relay.close()
+            self.counters["tcp_closed"] += 1
+            log.info("tcp close %s -> %s (%s) up=%d down=%d", _fmt(conn.src, conn.sport),
+                     _fmt(conn.dst, conn.dport), reason, relay.bytes_up, relay.bytes_down)
+        conn.user = None
+
+    # ----------------------------------------------------------------------- UDP
+
+    def _udp_datagram(self, flow, data, new) -> None:
+        relay = flow.user
+        if new or relay is None:
+            up, url = self.router.route("udp", flow.dst, flow.dport)
+            relay = flow.user = UdpRelay(flow, url)
+            self.counters["udp_opened"] += 1
+            log.info("udp open %s -> %s via %s", _fmt(flow.src, flow.sport), _fmt(flow.dst, flow.dport), url)
+            if isinstance(up, DokodemoUpstream):
+                relay.queue.append(data)
+                self._spawn(self._udp_open_dokodemo(flow, relay, up))
+                return
+            key = (flow.src, flow.sport)
+            a = self._assocs.get(key)
+            if a is None or a.closed:
+                a = self._assocs[key] = SocksAssoc(key, up)
+                self._spawn(self._udp_open_socks(a))
+            a.flows.add(flow)
+            relay.assoc = a
+        if relay.dok is not None:
+            relay.dok.send(data)
+        elif relay.assoc is not None and relay.assoc.assoc is not None:
+            relay.assoc.assoc.sendto(data, flow.dst, flow.dport)
+        elif len(relay.queue) < UDP_QUEUE:
+            relay.queue.append(data)
+        else:
+            relay.dropped += 1
+            self.counters["udp_queue_full"] += 1
+
+    async def _udp_open_dokodemo(self, flow, relay, up) -> None:
+        try:
+            dok = await DokodemoUdp.open(up, on_datagram=lambda d: self._udp_reply(flow, d))
+        except asyncio.CancelledError:
+            raise
+        except OSError as e:
+            self.counters["upstream_connect_failed"] += 1
+            log.info("udp %s: dokodemo %s failed: %s", _fmt(flow.dst, flow.dport), relay.url, e)
+            if not flow.closed:
+                flow.reject("port")
+                self.kick()
+            return
+        if flow.closed:
+            dok.close()
+            return
+        relay.dok = dok
+        for d in relay.queue:
+            dok.send(d)
+        relay.queue.clear()
+
+    async def _udp_open_socks(self, a: SocksAssoc) -> None:
+        def on_datagram(host, port, data, a=a):
+            self._socks_reply(a, host, port, data)
+
+        def on_closed(exc, a=a):
+            self._socks_closed(a, exc)
+
+        try:
+            assoc = await SocksUdpAssociation.open(a.up, timeout=self.connect_timeout,
+                                                   on_datagram=on_datagram, on_closed=on_closed)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            self.counters["upstream_connect_failed"] += 1
+            log.info("udp association for %s failed: %s", _fmt(*a.key), e)
+            a.closed = True
+            if self._assocs.get(a.key) is a:
+                del self._assocs[a.key]
+            for flow in list(a.flows):
+                if not flow.closed:
+                    flow.reject("port")
+            self.kick()
+            return
+        a.opening = False
+        if a.closed or not a.flows:
+            assoc.close()
+            return
+        a.assoc = assoc
+        for flow in a.flows:
+            relay = flow.user
+            if relay is not None and relay.queue:
+                for d in relay.queue:
+                    assoc.sendto(d, flow.dst, flow.dport)
+                relay.queue.clear()
+
+    def _packed_addr(self, host):
+        if isinstance(host, bytes):
+            return host
+        p = self._packed.get(host)
+        if p is None:
+            try:
+                p = ipaddress.ip_address(host).packed
+            except ValueError:
+                return None
+            if len(self._packed) > 4096:
+                self._packed.clear()
+            self._packed[host] = p
+        return p
+
+    def _socks_reply(self, a: SocksAssoc, host, port, data) -> None:
+        src, sport = a.key
+        dst = self._packed_addr(host)
+        flow = self.stack.udp.get((src, sport, dst, port)) if dst is not None else None
+        if flow is None or flow.closed:
+            self.counters["udp_reply_no_flow"] += 1
+            return
+        flow.send(data)
+        self.kick()
+
+    def _socks_closed(self, a: SocksAssoc, exc) -> None:
+        a.closed = True
+        if self._assocs.get(a.key) is a:
+            del self._assocs[a.key]
+        for flow in list(a.flows):
+            relay = flow.user
+            if relay is not None:
+                relay.assoc = None
+            if not flow.closed:
+                flow.close()
+        a.flows.clear()
+        self.kick()
+
+    def _udp_reply(self, flow, data) -> None:
+        if flow.closed:
+            return
+        flow.send(data)
+        self.kick()
+
+    def _udp_release(self, flow) -> None:
+        relay = flow.user
+        if relay is None:
+            return
+        flow.user = None
+        if relay.dok is not None:
+            relay.dok.close()
+            relay.dok = None
+        a = relay.assoc
+        if a is not None:
+            a.flows.discard(flow)
+            if not a.flows and not a.opening:
+                a.closed = True
+                if self._assocs.get(a.key) is a:
+                    del self._assocs[a.key]
+                if a.assoc is not None:
+                    a.assoc.close()
+
+    def _udp_closed(self, flow, reason) -> None:
+        if flow.user is not None:
+            self.counters["udp_closed"] += 1
+            log.info("udp close %s -> %s (%s)", _fmt(flow.src, flow.sport), _fmt(flow.dst, flow.dport), reason)
+        self._udp_release(flow)
+
+    # -------------------------------------------------------------------- status
+
+    def status(self) -> dict:
+        now = self.loop.time() if self.loop is not None else 0.0
+        st = self.stack.status()
+        flows = []
+        for conn in list(self.stack.tcp.values()):
+            relay = conn.user
+            flows.append({
+                "proto": "tcp", "src": _fmt(conn.src, conn.sport), "dst": _fmt(conn.dst, conn.dport),
+                "inbound": relay.url if relay is not None else None, "state": conn.state,
+                "bytes_up": conn.bytes_in, "bytes_down": conn.bytes_out,
+                "age": round(now - conn.created, 3),
+            })
+        for flow in list(self.stack.udp.values()):
+            relay = flow.user
+            flows.append({
+                "proto": "udp", "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
+                "inbound": relay.url if relay is not None else None, "state": "open",
+                "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
+                "age": round(now - flow.created, 3),
+            })
+        return {
+            "uptime": round(time.time() - self.started, 3),
+            "device": {"name": self.device.name, "mtu": self.device.mtu, **dict(self.device.stats)},
+            "stack": st,
+            "engine": dict(self.counters),
+            "udp_associations": len(self._assocs),
+            "flows": flows,
+        }
+
+
+class _Counter(dict):
+    def __missing__(self, key):
+        return 0
