@@ -19,9 +19,15 @@ class UsageError(Exception):
     """A bad flag or config: one line on stderr, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, not the usage block: scripts and hosts log the reason
+        self.exit(2, f"tun2xray: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="carry a TUN device's flows to Xray inbounds")
     r.add_argument("--device", required=True, help="tun://NAME, fd://N[?header=af], unix:///path")
