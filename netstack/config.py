@@ -38,3 +38,6 @@ class StackConfig:
     frag_timeout: float = 30.0
     frag_max_bytes: int = 1 << 22   # all datagrams under reassembly together
     frag_max_datagrams: int = 256
+    # TCP: largest segment handed to the device at once (TSO/GSO super-segment);
+    # 0 = never larger than the MTU allows
+    gso_max: int = 0

@@ -9,6 +9,29 @@
 
 The stack never reads a clock, never does I/O and never raises on bad
 input: a packet it cannot use is dropped and counted in `drops` by reason.
+
+Accounting invariant (tests/test_stack_accounting.py and the fuzz test check
+it after every call): each packet given to input() increments exactly one of
+
+  drops[reason]   discarded before reaching a flow (malformed, bad checksum,
+                  bad source, unsupported, over a limit, ignored ND/MLD, ...)
+  delivered       handed to a flow (TCP segment to a connection or a new
+                  request, UDP datagram to a flow, ICMP error to the flow it
+                  quotes) or answered by the stack itself (echo reply, RST
+                  for a segment without a flow)
+  frag_held       a fragment the reassembler took without completing a
+                  datagram; the fragment that completes one is counted by the
+                  reassembled datagram's fate instead, and what the
+                  reassembler later discards (timeouts, overlaps, limits) is
+                  in `frag_drops`, outside the sum
+
+so rx_packets == sum(drops.values()) + delivered + frag_held.  Discards
+inside a TCP connection (out of window, PAWS, ...) are in `tcp_drops`, on
+top of the `delivered` of their segment.
+
+Memory is bounded by configuration: flows (TCP + UDP) by max_flows, pending
+requests by max_pending, reassembly by frag_max_*, and the timer heap holds
+one live entry per flow plus stale entries that are compacted away.
 """
 
 from __future__ import annotations
@@ -21,22 +44,27 @@ from collections import defaultdict
 
 from . import events as ev
 from .config import StackConfig
+from .icmp import icmp4_input, icmp6_input
+from .icmp import unreachable as icmp_unreachable
+from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
+from .wire.errors import WireError
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
-PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_ICMP6 = 1, 6, 17, 58
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6, PROTO_NONE6 = 1, 6, 17, 44, 58, 59
 
 
 class Stack:
     __slots__ = (
         "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
-        "rx_packets", "rx_bytes", "tx_packets", "tx_bytes",
+        "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag",
     )
 
@@ -51,6 +79,8 @@ class Stack:
         self.drops: defaultdict = defaultdict(int)        # packets discarded before reaching a flow
         self.tcp_drops: defaultdict = defaultdict(int)    # segments a TCP connection discarded
         self.delivered = 0                                # packets handed to a flow / answered
+        self.frag_held = 0                                # fragments taken by the reassembler
+        self.frag_drops: defaultdict = defaultdict(int)   # what the reassembler discarded, by reason
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self._heap: list = []     # (deadline, id, flow); stale entries skipped lazily
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
@@ -66,6 +96,10 @@ class Stack:
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
+        self._dispatch(packet, now)
+
+    def _dispatch(self, packet, now):
+        n = len(packet)
         if n == 0:
             self.drops["truncated"] += 1
             return
@@ -103,6 +137,14 @@ class Stack:
             self._reschedule(flow)
         if self._frag is not None:
             self._frag.expire(now)
+        if len(heap) > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
+            self._compact_heap()
+
+    def _compact_heap(self) -> None:
+        """Drop stale timer entries (flows closed or rescheduled) at once."""
+        heap = [e for e in self._heap if e[2]._sched_at == e[0] and not e[2].closed]
+        heapq.heapify(heap)
+        self._heap = heap
 
     def next_deadline(self) -> float | None:
         """When poll() must run next (None: only when a packet arrives)."""
@@ -126,6 +168,7 @@ class Stack:
         if out:
             self.output = []
             self.tx_packets += len(out)
+            self.tx_bytes += sum(map(len, out))
         return out
 
     def take_events(self) -> list:
@@ -137,14 +180,16 @@ class Stack:
     def status(self) -> dict:
         tcp_states: dict = defaultdict(int)
         for c in self.tcp.values():
-            tcp_states[c.state] += 1
+            tcp_states[str(getattr(c, "state", "?"))] += 1
         return {
             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
-            "tx_packets": self.tx_packets,
+            "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
             "tcp_flows": len(self.tcp), "udp_flows": len(self.udp),
             "tcp_states": dict(tcp_states), "pending": self.pending,
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
+            "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
+            "timers": len(self._heap),
         }
 
     # ------------------------------------------------------------ for flows
@@ -165,54 +210,92 @@ class Stack:
     # --------------------------------------------------------------- IPv4
 
     def _input4(self, mv, n, now):
+        drops = self.drops
         if n < 20:
-            self.drops["truncated"] += 1
+            drops["truncated"] += 1
             return
         vihl, _tos, tot, _ident, frag, _ttl, proto, _hcs, src, dst = _IP4.unpack_from(mv)
         ihl = (vihl & 15) << 2
         if ihl < 20 or tot < ihl or tot > n:
-            self.drops["bad_length"] += 1
+            drops["bad_length"] += 1
             return
         if tot < n:
             mv = mv[:tot]
         if self.config.verify_checksums and ck.sum16(mv[:ihl]) != 0xFFFF:
-            self.drops["bad_ip_checksum"] += 1
+            drops["bad_ip_checksum"] += 1
+            return
+        if src[0] >= 224 or src == _ZERO4:
+            # multicast, reserved/broadcast or unspecified: no flow can answer it
+            drops["bad_source"] += 1
             return
         if frag & 0x3FFF:
-            # TODO(stack): fragment reassembly through netstack.wire.frag
-            self.drops["fragment"] += 1
+            self._fragment(mv, now)
             return
         if proto == PROTO_TCP:
             self._tcp_in(4, src, dst, mv, ihl, now)
         elif proto == PROTO_UDP:
             self._udp_in(4, src, dst, mv, ihl, now)
         elif proto == PROTO_ICMP:
-            self._icmp4_in(src, dst, mv, ihl, now)
+            icmp4_input(self, src, dst, mv, ihl, now)
         else:
-            self.drops["unsupported_protocol"] += 1
+            drops["unsupported_protocol"] += 1
 
     # --------------------------------------------------------------- IPv6
 
     def _input6(self, mv, n, now):
+        drops = self.drops
         if n < 40:
-            self.drops["truncated"] += 1
+            drops["truncated"] += 1
             return
         _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(mv)
         if 40 + plen > n:
-            self.drops["bad_length"] += 1
+            drops["bad_length"] += 1
             return
         if 40 + plen < n:
             mv = mv[:40 + plen]
-        off = 40
-        # TODO(stack): walk extension headers (hop-by-hop, routing, dest opts, fragment)
+        if src[0] == 0xFF or src == _ZERO6:
+            drops["bad_source"] += 1
+            return
         if nxt == PROTO_TCP:
+            self._tcp_in(6, src, dst, mv, 40, now)
+            return
+        if nxt == PROTO_UDP:
+            self._udp_in(6, src, dst, mv, 40, now)
+            return
+        try:
+            nxt, off, is_frag = _walk6(mv)
+        except WireError as e:
+            drops[e.reason] += 1
+            return
+        if is_frag:
+            self._fragment(mv, now)
+        elif nxt == PROTO_TCP:
             self._tcp_in(6, src, dst, mv, off, now)
         elif nxt == PROTO_UDP:
             self._udp_in(6, src, dst, mv, off, now)
         elif nxt == PROTO_ICMP6:
-            self._icmp6_in(src, dst, mv, off, now)
+            icmp6_input(self, src, dst, mv, off, now)
+        elif nxt == PROTO_NONE6:
+            drops["no_next_header"] += 1
         else:
-            self.drops["unsupported_protocol"] += 1
+            drops["unsupported_protocol"] += 1
+
+    # ---------------------------------------------------------- fragments
+
+    def _fragment(self, mv, now):
+        """An IPv4 or IPv6 fragment: held until its datagram is whole, which
+        then goes through input() again (it counts as that last fragment)."""
+        if _Reassembler is None:
+            self.drops["fragment"] += 1
+            return
+        fr = self._frag
+        if fr is None:
+            fr = self._frag = _Reassembler(self.config, self.frag_drops)
+        whole = fr.add(mv, now)
+        if whole is None:
+            self.frag_held += 1
+        else:
+            self._dispatch(whole, now)
 
     # ---------------------------------------------------------------- TCP
     # The TCP demux (`_tcp_in`) lives in netstack.tcp as tcp_input(stack, family,
@@ -224,27 +307,95 @@ class Stack:
             del self.tcp[conn.key]
         self.events.append(ev.TcpClosed(conn, reason))
 
-    def icmp_unreachable(self, quote: bytes, kind: str) -> None:
+    def icmp_unreachable(self, quote, kind: str) -> None:
         """Send an ICMP/ICMPv6 destination unreachable to the sender of the
-        packet whose IP header + first 8 payload bytes are *quote*.
-        kind: "port", "host", "net" or "admin"."""
-        # TODO(stack): build with netstack.wire.icmp
-        self.drops["icmp_unreachable_unimplemented"] += 1
+        packet whose IP header + first 8 (or more) payload bytes are *quote*.
+        kind: "port", "host", "net" or "admin" (ValueError otherwise)."""
+        icmp_unreachable(self, quote, kind)
 
-    # ---------------------------------------------------------- UDP / ICMP
+    # ---------------------------------------------------------------- UDP
 
     def _udp_in(self, family, src, dst, mv, off, now):
-        # TODO(stack): UDP flows
-        self.drops["udp_unimplemented"] += 1
+        drops = self.drops
+        n = len(mv) - off
+        if n < 8:
+            drops["truncated"] += 1
+            return
+        sport, dport, ulen, csum = _UDP.unpack_from(mv, off)
+        if ulen < 8 or ulen > n:
+            drops["bad_udp_length"] += 1
+            return
+        if self.config.verify_checksums:
+            if csum == 0:
+                if family == 6:              # RFC 8200 §8.1: mandatory in IPv6
+                    drops["bad_udp_checksum"] += 1
+                    return
+            else:
+                ps = ck.pseudo4(src, dst, PROTO_UDP, ulen) if family == 4 else ck.pseudo6(src, dst, PROTO_UDP, ulen)
+                if ck.sum16(mv[off:off + ulen], ps) != 0xFFFF:
+                    drops["bad_udp_checksum"] += 1
+                    return
+        if sport == 0 or dport == 0:
+            drops["bad_udp_port"] += 1
+            return
+        key = (bytes(src), sport, bytes(dst), dport)
+        flow = self.udp.get(key)
+        if flow is None:
+            if len(self.tcp) + len(self.udp) >= self.config.max_flows:
+                drops["flow_limit"] += 1
+                return
+            flow = UdpFlow(self, key, family, bytes(mv[:off + 8 + QUOTE_DATA]), now)
+            self.udp[key] = flow
+            self._reschedule(flow)
+            new = True
+        else:
+            new = False
+        data = bytes(mv[off + 8:off + ulen])
+        flow.bytes_in += ulen - 8
+        flow.packets_in += 1
+        flow.last_seen = now
+        self.events.append(ev.UdpDatagram(flow, data, new))
+        self.delivered += 1
 
-    def _icmp4_in(self, src, dst, mv, off, now):
-        # TODO(stack): echo, destination unreachable, fragmentation needed
-        self.drops["icmp_unimplemented"] += 1
 
-    def _icmp6_in(self, src, dst, mv, off, now):
-        # TODO(stack): echo, destination unreachable, packet too big
-        self.drops["icmp_unimplemented"] += 1
+def _walk6_local(mv):
+    """Skip IPv6 extension headers: (protocol, transport offset, is_fragment).
+    Used until netstack.wire.ipv6.walk exists."""
+    nxt = mv[6]
+    off = 40
+    n = len(mv)
+    for _ in range(_MAX_EXT6):
+        if nxt in _EXT6:
+            if off + 8 > n:
+                raise WireError("bad_ext_header", "truncated")
+            hlen = (mv[off + 1] + 1) << 3
+            if off + hlen > n:
+                raise WireError("bad_ext_header", "length")
+            nxt = mv[off]
+            off += hlen
+        elif nxt == PROTO_FRAG6:
+            if off + 8 > n:
+                raise WireError("bad_ext_header", "truncated fragment header")
+            return mv[off], off + 8, True
+        else:
+            return nxt, off, False
+    raise WireError("bad_ext_header", "too many extension headers")
 
+
+_HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
+_EXT6 = frozenset((0, 43, 60))   # hop-by-hop, routing, destination options
+_MAX_EXT6 = 8
+_ZERO4 = bytes(4)
+_ZERO6 = bytes(16)
+
+try:
+    from .wire.ipv6 import walk as _walk6
+except ImportError:
+    _walk6 = _walk6_local
+try:
+    from .wire.frag import Reassembler as _Reassembler
+except ImportError:
+    _Reassembler = None
 
 from .tcp import tcp_input  # noqa: E402  (netstack.tcp imports this module's constants)
 

@@ -1,8 +1,22 @@
-"""Per-flow packet builders: addresses, ports and the pseudo-header sum are
-fixed per flow, so they are packed and summed once, not per segment."""
+"""Packet builders.
+
+Per-flow templates (TcpTemplate, UdpTemplate): addresses, ports, TTL and the
+pseudo-header sum are fixed per flow, so they are packed and summed once;
+a segment then costs one struct pack for IP + transport header, a few
+integer additions for the header words and one C-speed sum over the
+payload.  Plain functions build ICMP messages and fragment any transport
+payload to an MTU.
+
+Checksum offload (config.checksum_offload): the transport checksum field
+holds the folded pseudo-header sum, not inverted, which is what a virtio
+NEEDS_CSUM packet carries; the device adds the rest.  IPv4 header checksums
+and ICMP checksums are always computed, and so is the checksum of a
+datagram that has to be fragmented (no device completes those).
+"""
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from . import checksum as ck
@@ -11,12 +25,86 @@ _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
 _UDP = struct.Struct("!HHHH")
+_ICMP = struct.Struct("!BBHI")
+_FRAG6 = struct.Struct("!BBHI")
+_IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
+_IP6TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
+_IP4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
+_IP6UDP = struct.Struct("!IHBB16s16sHHHH")
+
+PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6 = 1, 6, 17, 44, 58
+IP4_DF = 0x4000
+IP4_MF = 0x2000
+MIN_MTU4 = 68      # RFC 791: every host must pass 68 bytes unfragmented
+MIN_MTU6 = 1280    # RFC 8200 §5
+MAX_PAYLOAD4 = 65535 - 20 - 8
+MAX_PAYLOAD6 = 65535 - 8
+
+# Identification counters shared by every builder that has none of its own:
+# fragments of different flows between the same two addresses must not share
+# an identification (RFC 6864 §4.1 / RFC 8200 §4.5).
+_ids4 = itertools.count(1)
+_ids6 = itertools.count(1)
+
+
+def next_ident4() -> int:
+    return next(_ids4) & 0xFFFF
+
+
+def next_ident6() -> int:
+    return next(_ids6) & 0xFFFFFFFF
+
+
+def _addr_sum(a: bytes) -> int:
+    return int.from_bytes(a, "big") % 0xFFFF
+
+
+def ip4_header(src: bytes, dst: bytes, proto: int, total: int, ident: int, frag: int, ttl: int) -> bytes:
+    """A 20-byte IPv4 header with its checksum."""
+    s = 0x4500 + total + ident + frag + ((ttl << 8) | proto) + _addr_sum(src) + _addr_sum(dst)
+    return _IP4.pack(0x45, 0, total, ident, frag, ttl, proto, ~ck.fold(s) & 0xFFFF, src, dst)
+
+
+def ip6_header(src: bytes, dst: bytes, nxt: int, plen: int, hlim: int) -> bytes:
+    return _IP6.pack(0x60000000, plen, nxt, hlim, src, dst)
+
+
+def ip_packets(family: int, src: bytes, dst: bytes, proto: int, l4, ttl: int, mtu: int,
+               df: bool = False, ident: int | None = None) -> list:
+    """Wrap the transport message *l4* in IP, fragmenting it when the packet
+    would exceed *mtu* (unless df, v4).  Returns a list of packets."""
+    n = len(l4)
+    if family == 4:
+        if ident is None:
+            ident = next_ident4()
+        if 20 + n <= mtu or df:
+            return [ip4_header(src, dst, proto, 20 + n, ident, IP4_DF if df else 0, ttl) + bytes(l4)]
+        step = (max(mtu, MIN_MTU4) - 20) & ~7
+        out = []
+        for pos in range(0, n, step):
+            chunk = l4[pos:pos + step]
+            more = IP4_MF if pos + step < n else 0
+            out.append(ip4_header(src, dst, proto, 20 + len(chunk), ident, more | (pos >> 3), ttl) + bytes(chunk))
+        return out
+    if 40 + n <= mtu:
+        return [ip6_header(src, dst, proto, n, ttl) + bytes(l4)]
+    if ident is None:
+        ident = next_ident6()
+    step = (max(mtu, MIN_MTU6) - 48) & ~7
+    out = []
+    for pos in range(0, n, step):
+        chunk = l4[pos:pos + step]
+        more = 1 if pos + step < n else 0
+        out.append(ip6_header(src, dst, PROTO_FRAG6, 8 + len(chunk), ttl)
+                   + _FRAG6.pack(proto, 0, pos | more, ident) + bytes(chunk))
+    return out
 
 
 class TcpTemplate:
     """Builds TCP segments from (src, sport) to (dst, dport) for one flow.
-    src/dst are the packet's own source/destination (the stack's side first)."""
-    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "_ps", "_ip4_sum", "_ident")
+    src/dst are the packet's own source/destination (the stack's side first).
+    The option block must be a multiple of 4 bytes long (build_options pads)."""
+    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "_ps", "_hsum", "_ip4_sum", "_ident")
 
     def __init__(self, family, src, dst, sport, dport, config):
         self.family = family
@@ -24,40 +112,117 @@ class TcpTemplate:
         self.ttl = config.ttl
         self.offload = config.checksum_offload
         if family == 4:
-            self._ps = ck.pseudo4(src, dst, 6, 0)
-            # sum of the constant IPv4 header words (version/ihl, ttl/proto, addresses)
-            self._ip4_sum = 0x4500 + ((self.ttl << 8) | 6) + 0x4000 + (ck.pseudo4(src, dst, 0, 0))
+            self._ps = ck.pseudo4(src, dst, PROTO_TCP, 0)
+            # constant IPv4 header words: version/ihl/tos, DF, ttl/proto, addresses
+            self._ip4_sum = 0x4500 + IP4_DF + ((self.ttl << 8) | PROTO_TCP) + _addr_sum(src) + _addr_sum(dst)
         else:
-            self._ps = ck.pseudo6(src, dst, 6, 0)
+            self._ps = ck.pseudo6(src, dst, PROTO_TCP, 0)
             self._ip4_sum = 0
+        # pseudo-header + the ports: the constant part of the TCP sum
+        self._hsum = self._ps + sport + dport
         self._ident = 0
 
     def build(self, seq, ack, flags, wnd, options, payload) -> bytes:
         hl = 20 + len(options)
         tl = hl + len(payload)
-        tcph = _TCP.pack(self.sport, self.dport, seq, ack, hl << 2, flags, wnd, 0, 0)
-        ps = self._ps + tl
+        offflags = (hl << 10) | flags          # data offset (hl/4) in the top 4 bits
         if self.offload:
-            csum = ck.fold(ps)
+            csum = ck.fold(self._ps + tl)
         else:
-            s = ck.sum16(tcph, ps)
+            s = (self._hsum + tl + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
+                 + offflags + wnd)
             if options:
                 s = ck.sum16(options, s)
             if payload:
-                s = _sum_payload(payload, s, hl & 1)
+                s = ck.sum16(payload, s)
+            else:
+                s = ck.fold(s)
             csum = ~s & 0xFFFF
-        tcph = tcph[:16] + csum.to_bytes(2, "big") + tcph[18:]
         if self.family == 4:
             total = 20 + tl
             ident = self._ident = (self._ident + 1) & 0xFFFF
-            hsum = ck.fold(self._ip4_sum + total + ident)
-            iph = _IP4.pack(0x45, 0, total, ident, 0x4000, self.ttl, 6, ~hsum & 0xFFFF, self.src, self.dst)
+            hcs = ~ck.fold(self._ip4_sum + total + ident) & 0xFFFF
+            hdr = _IP4TCP.pack(0x45, 0, total, ident, IP4_DF, self.ttl, PROTO_TCP, hcs, self.src, self.dst,
+                               self.sport, self.dport, seq, ack, hl << 2, flags, wnd, csum, 0)
         else:
-            iph = _IP6.pack(0x60000000, tl, 6, self.ttl, self.src, self.dst)
-        return b"".join((iph, tcph, options, payload))
+            hdr = _IP6TCP.pack(0x60000000, tl, PROTO_TCP, self.ttl, self.src, self.dst,
+                               self.sport, self.dport, seq, ack, hl << 2, flags, wnd, csum, 0)
+        if options:
+            return b"".join((hdr, options, payload))
+        if payload:
+            return hdr + payload
+        return hdr
 
 
-def _sum_payload(payload, s, odd_offset):
-    # the payload starts at an even offset whenever the option block is a
-    # multiple of 4 (always, for options we build)
-    return ck.sum16(payload, s)
+class UdpTemplate:
+    """Builds UDP datagrams from (src, sport) to (dst, dport) for one flow,
+    fragmented when larger than `mtu` (lowered by a packet-too-big)."""
+    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "mtu", "_hsum", "_ip4_sum")
+
+    def __init__(self, family, src, dst, sport, dport, config):
+        self.family = family
+        self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
+        self.ttl = config.ttl
+        self.offload = config.checksum_offload
+        self.mtu = max(config.mtu, MIN_MTU4 if family == 4 else MIN_MTU6)
+        if family == 4:
+            ps = ck.pseudo4(src, dst, PROTO_UDP, 0)
+            self._ip4_sum = 0x4500 + ((self.ttl << 8) | PROTO_UDP) + _addr_sum(src) + _addr_sum(dst)
+        else:
+            ps = ck.pseudo6(src, dst, PROTO_UDP, 0)
+            self._ip4_sum = 0
+        self._hsum = ps + sport + dport
+
+    def max_payload(self) -> int:
+        return MAX_PAYLOAD4 if self.family == 4 else MAX_PAYLOAD6
+
+    def build(self, payload) -> list:
+        """Packets carrying one datagram; ValueError if it cannot be a datagram."""
+        ulen = 8 + len(payload)
+        if self.family == 4:
+            total = 20 + ulen
+            if total > 65535:
+                raise ValueError(f"UDP payload of {len(payload)} bytes is larger than an IPv4 datagram")
+            fits = total <= self.mtu
+        else:
+            if ulen > 65535:
+                raise ValueError(f"UDP payload of {len(payload)} bytes is larger than an IPv6 datagram")
+            fits = 40 + ulen <= self.mtu
+        if self.offload and fits:
+            csum = ck.fold(self._hsum - self.sport - self.dport + ulen)
+        else:
+            # the length is counted twice: pseudo-header and UDP header
+            csum = ~ck.sum16(payload, self._hsum + ulen + ulen) & 0xFFFF or 0xFFFF
+        if fits:
+            if self.family == 4:
+                ident = next_ident4()
+                hcs = ~ck.fold(self._ip4_sum + total + ident) & 0xFFFF
+                hdr = _IP4UDP.pack(0x45, 0, total, ident, 0, self.ttl, PROTO_UDP, hcs, self.src, self.dst,
+                                   self.sport, self.dport, ulen, csum)
+            else:
+                hdr = _IP6UDP.pack(0x60000000, ulen, PROTO_UDP, self.ttl, self.src, self.dst,
+                                   self.sport, self.dport, ulen, csum)
+            return [hdr + payload if payload else hdr]
+        l4 = _UDP.pack(self.sport, self.dport, ulen, csum) + bytes(payload)
+        return ip_packets(self.family, self.src, self.dst, PROTO_UDP, l4, self.ttl, self.mtu)
+
+
+def icmp4_message(type_: int, code: int, rest: int, body) -> bytes:
+    s = ck.sum16(body, (type_ << 8) + code + (rest >> 16) + (rest & 0xFFFF))
+    return _ICMP.pack(type_, code, ~s & 0xFFFF, rest) + bytes(body)
+
+
+def icmp6_message(src: bytes, dst: bytes, type_: int, code: int, rest: int, body) -> bytes:
+    ps = ck.pseudo6(src, dst, PROTO_ICMP6, 8 + len(body))
+    s = ck.sum16(body, ps + (type_ << 8) + code + (rest >> 16) + (rest & 0xFFFF))
+    return _ICMP.pack(type_, code, ~s & 0xFFFF, rest) + bytes(body)
+
+
+def icmp4_packets(src, dst, type_, code, rest, body, ttl, mtu=65535) -> list:
+    """An ICMPv4 message from src to dst (fragmented above mtu)."""
+    return ip_packets(4, src, dst, PROTO_ICMP, icmp4_message(type_, code, rest, body), ttl, mtu)
+
+
+def icmp6_packets(src, dst, type_, code, rest, body, hlim, mtu=65535) -> list:
+    """An ICMPv6 message from src to dst (fragmented above mtu)."""
+    return ip_packets(6, src, dst, PROTO_ICMP6, icmp6_message(src, dst, type_, code, rest, body), hlim, mtu)
