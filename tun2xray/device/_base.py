@@ -1,0 +1,193 @@
+"""Device base: counters, close, and the batched read/write loops over one fd.
+
+The loops are the hot path: one ``os.read`` / ``os.write`` per packet, no
+per-packet logging or formatting, counters summed per batch. Measured on a
+real TUN (2-core VM, 48-byte packets): ``os.read(fd, 65536)`` in a loop drains
+about 1.2 M packets/s; ``os.readv`` / ``readinto`` into a preallocated buffer
+plus a copy out is slower (0.9-1.0 M/s), so every read allocates its packet.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+# Errors that mean "the device cannot take more right now": stop the batch.
+_FULL = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
+# Errors that mean "this one packet is unacceptable": skip it, keep going.
+_REJECTED = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EFAULT})
+
+# Big enough for any IP packet (and a 4-byte AF header, and a GSO super-
+# segment). Allocation size does not matter much: os.read shrinks the result.
+READ_SIZE = 65536 + 64
+
+
+class DeviceError(Exception):
+    """A device could not be opened or is no longer usable (one-line reason)."""
+
+
+def new_stats() -> dict:
+    return {
+        "rx_packets": 0,
+        "rx_bytes": 0,
+        "tx_packets": 0,
+        "tx_bytes": 0,
+        "tx_dropped": 0,
+        "tx_errors": 0,
+        "rx_bad_header": 0,
+        "rx_dropped": 0,
+    }
+
+
+class Device:
+    """A non-blocking packet device over one file descriptor.
+
+    This base class moves raw IP packets, one per read()/write(), which is
+    what a Linux TUN with IFF_NO_PI and an Android VpnService fd do.
+    Subclasses add framing (fd.py: AF header) or addressing (unix.py).
+    """
+
+    # Subclasses that may see a zero-length datagram set this False: for them
+    # an empty read is a runt, not end-of-file.
+    empty_read_is_eof = True
+
+    def __init__(self, fd: int, *, name: str, mtu: int, url: str, trusted_checksums: bool = False):
+        self.name = name
+        self.mtu = mtu
+        self.url = url
+        self.trusted_checksums = trusted_checksums
+        self.stats = new_stats()
+        self._fd = fd
+        self._closed = False
+        self._pending_error: DeviceError | None = None
+
+    # -- plumbing -------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self._fd}"
+        return f"<{type(self).__name__} {self.url} mtu={self.mtu} {state}>"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        if self._closed:
+            raise DeviceError(f"{self.url}: device is closed")
+        return self._fd
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._release()
+        finally:
+            self._fd = -1
+
+    def _release(self) -> None:
+        """Give back what open took (fd, interface, socket file)."""
+        os.close(self._fd)
+
+    def _gone(self, what: str) -> DeviceError:
+        return DeviceError(f"{self.url}: {what}")
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise DeviceError(f"{self.url}: device is closed")
+        err = self._pending_error
+        if err is not None:
+            raise err
+
+    def _read_failed(self, exc: OSError | None, out: list) -> list:
+        """Fatal read error (or EOF when exc is None): keep it for the next call
+        if some packets were read, else raise now."""
+        if exc is None:
+            err = self._gone("end of file (the host closed its end)")
+        else:
+            err = self._gone(f"read failed: {os.strerror(exc.errno) if exc.errno else exc}")
+        self._pending_error = err
+        if out:
+            return out
+        raise err
+
+    # -- hot path ---------------------------------------------------------------
+
+    def read_batch(self, max_packets: int = 256) -> list[bytes]:
+        """Read up to ``max_packets`` packets, stopping early at EAGAIN."""
+        self._check_usable()
+        out: list[bytes] = []
+        append = out.append
+        read = os.read
+        fd = self._fd
+        nbytes = 0
+        try:
+            while len(out) < max_packets:
+                p = read(fd, READ_SIZE)
+                if not p:
+                    if self.empty_read_is_eof:
+                        return self._read_failed(None, self._count_rx(out, nbytes))
+                    self.stats["rx_dropped"] += 1
+                    continue
+                append(p)
+                nbytes += len(p)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            return self._read_failed(exc, self._count_rx(out, nbytes))
+        return self._count_rx(out, nbytes)
+
+    def _count_rx(self, out: list, nbytes: int) -> list:
+        stats = self.stats
+        stats["rx_packets"] += len(out)
+        stats["rx_bytes"] += nbytes
+        return out
+
+    def write_batch(self, packets) -> int:
+        """Write packets in order without blocking; see the package docstring
+        for the return value and counters."""
+        self._check_usable()
+        write = os.write
+        fd = self._fd
+        done = 0
+        written = 0
+        nbytes = 0
+        rejected = 0
+        total = len(packets)
+        fatal: OSError | None = None
+        while done < total:
+            p = packets[done]
+            try:
+                write(fd, p)
+            except OSError as exc:
+                code = exc.errno
+                if code in _FULL:
+                    break
+                if code in _REJECTED:
+                    rejected += 1
+                    done += 1
+                    continue
+                fatal = exc
+                break
+            written += 1
+            nbytes += len(p)
+            done += 1
+        return self._count_tx(total, done, written, nbytes, rejected, fatal)
+
+    def _count_tx(self, total, done, written, nbytes, rejected, fatal) -> int:
+        stats = self.stats
+        stats["tx_packets"] += written
+        stats["tx_bytes"] += nbytes
+        stats["tx_errors"] += rejected
+        stats["tx_dropped"] += rejected + (total - done)
+        if fatal is not None:
+            err = self._gone(f"write failed: {os.strerror(fatal.errno) if fatal.errno else fatal}")
+            self._pending_error = err
+            raise err
+        return done

@@ -1,0 +1,164 @@
+"""tun://NAME: a Linux TUN device (python-pytun for the fd, pyroute2 for setup).
+
+Opening: ``TUNSETIFF`` with ``IFF_TUN | IFF_NO_PI`` on NAME attaches to an
+existing TUN of that name (a persistent one made by ``ip tuntap add``) or
+creates a new one. Which of the two happened is decided by looking the name up
+in this network namespace first (``if_nametoindex``). A TUN we created is not
+persistent, so closing its fd makes the kernel delete it; ``close()`` checks
+and deletes it over netlink if it is somehow still there. A pre-existing TUN
+is left as it was (addresses we added stay; it is not brought down).
+
+Setup over rtnetlink (pyroute2): MTU, addresses (``IFA_F_NODAD`` for IPv6 so
+they are usable at once), link up. pyroute2 0.9's synchronous ``IPRoute``
+drives its own asyncio loop and fails inside a running one (the engine's), so
+the netlink work runs in a short-lived thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import threading
+
+from ._base import Device, DeviceError
+
+IFNAMSIZ = 16
+IFA_F_NODAD = 0x02
+
+
+def _in_thread(fn):
+    """Run fn() in a fresh thread and return its result (or raise its error)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="tun2xray-netlink", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
+
+
+def _parse_addresses(url: str, addresses) -> list:
+    out = []
+    for a in addresses:
+        try:
+            iface = ipaddress.ip_interface(a)
+        except (ValueError, TypeError):
+            raise DeviceError(f"{url}: {a!r} is not an address/prefix (e.g. 198.18.0.1/15, fd00:7478::1/64)") from None
+        out.append(iface)
+    return out
+
+
+def _configure(name: str, mtu: int | None, addrs: list) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            raise DeviceError(f"tun://{name}: interface vanished during setup")
+        index = found[0]
+        if mtu is not None:
+            ipr.link("set", index=index, mtu=mtu)
+        for iface in addrs:
+            kw = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+            if iface.version == 6:
+                kw["flags"] = IFA_F_NODAD
+            try:
+                ipr.addr("add", **kw)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:  # already there: fine
+                    raise DeviceError(f"tun://{name}: cannot add address {iface}: {os.strerror(exc.code)}") from None
+        ipr.link("set", index=index, state="up")
+
+
+def _delete_link(name: str) -> None:
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            ipr.link("del", index=found[0])
+
+
+def _read_mtu(name: str) -> int:
+    import fcntl
+    import struct
+
+    SIOCGIFMTU = 0x8921
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16si", name.encode(), 0)
+        return struct.unpack("16si", fcntl.ioctl(s.fileno(), SIOCGIFMTU, req))[1]
+
+
+class TunDevice(Device):
+    """A local Linux TUN: packets are built by this kernel, checksums trusted."""
+
+    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool):
+        super().__init__(tun.fileno(), name=name, mtu=mtu, url=url, trusted_checksums=True)
+        self._tun = tun
+        self.created = created
+
+    def _release(self) -> None:
+        self._tun.close()
+        if self.created and _ifindex(self.name):
+            # Normally gone with its last fd; only a persist flag set by
+            # someone else keeps it. We made it, so we remove it.
+            try:
+                _in_thread(lambda: _delete_link(self.name))
+            except Exception:
+                pass
+
+
+def open_tun(url: str, name: str, *, mtu: int | None, addresses: list) -> TunDevice:
+    if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
+        raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
+    addrs = _parse_addresses(url, addresses)
+    try:
+        import pytun
+    except ImportError:
+        raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
+    existed = bool(name) and _ifindex(name) != 0
+    try:
+        tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    except pytun.Error as exc:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code == errno.EPERM or code == errno.EACCES:
+            why = "permission denied (needs root or CAP_NET_ADMIN)"
+        elif code == errno.EBUSY:
+            why = "busy (another process holds this TUN)"
+        elif code == errno.EINVAL and existed:
+            why = "an interface with this name exists and is not a TUN"
+        elif code == errno.ENOENT:
+            why = "/dev/net/tun is missing (no TUN support)"
+        else:
+            why = exc.args[-1] if exc.args else str(exc)
+        raise DeviceError(f"{url}: cannot open TUN: {why}") from None
+    real_name = tun.name.decode() if isinstance(tun.name, bytes) else tun.name
+    created = not existed
+    try:
+        os.set_blocking(tun.fileno(), False)
+        _in_thread(lambda: _configure(real_name, mtu, addrs))
+        dev_mtu = _read_mtu(real_name)
+    except DeviceError:
+        tun.close()
+        raise
+    except Exception as exc:
+        tun.close()
+        raise DeviceError(f"{url}: cannot configure {real_name}: {' '.join(str(exc).split())}") from None
+    return TunDevice(tun, name=real_name, mtu=dev_mtu, url=url, created=created)
