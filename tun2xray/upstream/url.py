@@ -154,8 +154,10 @@ def _reason_from(exc: ValueError) -> str:
         return "port out of range 1-65535"
     if "cast to integer" in msg:
         return "port is not a number"
-    if "IPv6" in msg:
+    if "Invalid IPv6 URL" in msg:
         return "unbalanced brackets around an IPv6 address"
+    if "bracket" in msg or "IPv4 or IPv6" in msg:
+        return "what is in brackets is not an IPv6 address"
     return msg.splitlines()[0] if msg else "malformed URL"
 
 
