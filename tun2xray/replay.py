@@ -1,0 +1,816 @@
+"""`tun2xray replay`: feed a capture's client-side packets to a Stack offline.
+
+    tun2xray replay capture.pcap [more.pcap ...]
+
+The capture is split into flows; the client of a flow is the side that sent
+the SYN (TCP) or the first datagram (UDP).  Every client packet goes to a
+`Stack(StackConfig(verify_checksums=True), rng=random.Random(0))` at its
+recorded time (a fake clock: `poll(now)` runs the stack's timers between
+packets), and this module plays the host, mirroring the recorded server:
+
+- TCP: accept each connect request, or reject it with a RST when the recorded
+  server refused the SYN; read everything the client sends; write the bytes
+  the recorded server had sent by then; shut down once the recorded server's
+  FIN has come and all its bytes are written; abort where it sent a RST.
+- UDP: hand the stack the recorded server's datagrams as replies.
+
+The client's packets acknowledge the recorded server's sequence space, so
+their ACK numbers, SACK edges and timestamp echoes are translated into the
+stack's (learnt from its SYN-ACK and its segments).  The stack's sender is not
+the recorded kernel's: an ACK for bytes the stack has not sent yet is lowered
+to what it has sent, and the rest is acknowledged by an extra pure ACK from
+the client as soon as the stack sends those bytes ("synthesized" in the
+report); without that, a slower sender would see its data acked from the
+future and its segments dropped (RFC 9293 3.10.7.4).
+
+Exit status: 0 when every flow completed (a refused or reset flow counts
+when the recording shows the same), 1 when some did not, 2 when a file is
+missing or malformed (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+import sys
+import traceback
+
+from netstack import Stack, StackConfig
+from netstack import events as ev
+from netstack.wire import checksum as ck
+from netstack.wire.templates import TcpTemplate
+from netstack.wire.tcp import build_options
+
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+M32 = 0xFFFFFFFF
+
+_PCAP_REC = {"<": struct.Struct("<IIII"), ">": struct.Struct(">IIII")}
+_TCP = struct.Struct("!HHIIBBHHH")
+_UDP = struct.Struct("!HHHH")
+
+# link types: raw IP (101, and the DLT_RAW values 12/14), IPv4 (228), IPv6 (229),
+# Ethernet (1), Linux cooked (113), BSD loopback (0, 108)
+_RAW_LINKTYPES = {101, 12, 14, 228, 229}
+
+
+class ReplayError(Exception):
+    """A file that cannot be replayed (missing, not a pcap, truncated)."""
+
+
+# ------------------------------------------------------------------ reading
+
+def read_pcap(path) -> list:
+    """[(ts, ip_packet_bytes)] of a classic pcap (or pcapng, through dpkt).
+    Raises ReplayError with a one-line reason on anything malformed."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ReplayError(f"{path}: {e.strerror or e}") from None
+    if len(data) < 4:
+        raise ReplayError(f"{path}: not a pcap file (only {len(data)} bytes)")
+    magic = data[:4]
+    if magic == b"\x0a\x0d\x0d\x0a":
+        return _read_pcapng(path, data)
+    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
+        order = "<"
+    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
+        order = ">"
+    else:
+        raise ReplayError(f"{path}: not a pcap file (magic {magic.hex()})")
+    if len(data) < 24:
+        raise ReplayError(f"{path}: truncated pcap header")
+    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    linktype = struct.unpack_from(order + "I", data, 20)[0] & 0x0FFFFFFF
+    rec = _PCAP_REC[order]
+    div = 1e9 if nano else 1e6
+    out = []
+    off, n, i = 24, len(data), 0
+    while off < n:
+        i += 1
+        if off + 16 > n:
+            raise ReplayError(f"{path}: truncated record header (packet {i}, offset {off})")
+        sec, frac, caplen, origlen = rec.unpack_from(data, off)
+        off += 16
+        if caplen > 262144:
+            raise ReplayError(f"{path}: packet {i}: implausible length {caplen}")
+        if off + caplen > n:
+            raise ReplayError(f"{path}: truncated packet {i} ({n - off} of {caplen} bytes)")
+        frame = data[off:off + caplen]
+        off += caplen
+        if caplen < origlen:
+            raise ReplayError(f"{path}: packet {i} was cut to {caplen} of {origlen} bytes (snaplen)")
+        out.append((sec + frac / div, _link_to_ip(path, linktype, frame, i)))
+    return out
+
+
+def _read_pcapng(path, data) -> list:
+    import io
+
+    import dpkt
+    try:
+        rd = dpkt.pcapng.Reader(io.BytesIO(data))
+        linktype = rd.datalink()
+        return [(ts, _link_to_ip(path, linktype, buf, i + 1)) for i, (ts, buf) in enumerate(rd)]
+    except ReplayError:
+        raise
+    except Exception as e:   # dpkt raises assorted errors on malformed blocks
+        raise ReplayError(f"{path}: malformed pcapng ({type(e).__name__}: {e})") from None
+
+
+def _link_to_ip(path, linktype, frame, i) -> bytes:
+    if linktype in _RAW_LINKTYPES:
+        return frame
+    if linktype == 1:           # Ethernet II, with up to two VLAN tags
+        off, et = 12, None
+        while off + 2 <= len(frame):
+            et = int.from_bytes(frame[off:off + 2], "big")
+            off += 2
+            if et not in (0x8100, 0x88A8):
+                break
+            off += 2
+        return frame[off:] if et in (0x0800, 0x86DD) else b""
+    if linktype == 113:         # Linux cooked capture v1: 16-byte header
+        return frame[16:] if len(frame) >= 16 else b""
+    if linktype == 276:         # Linux cooked capture v2: 20-byte header
+        return frame[20:] if len(frame) >= 20 else b""
+    if linktype in (0, 108):    # BSD loopback: 4-byte address family
+        return frame[4:] if len(frame) >= 4 else b""
+    raise ReplayError(f"{path}: unsupported link type {linktype}")
+
+
+# ------------------------------------------------------------------ parsing
+
+class Pkt:
+    """One IP packet of the capture, with the fields the replay needs."""
+    __slots__ = ("ts", "raw", "family", "proto", "src", "dst", "sport", "dport",
+                 "l4", "seq", "ack", "flags", "wnd", "doff", "payload", "opts")
+
+    def __init__(self, ts, raw):
+        self.ts, self.raw = ts, raw
+        self.proto = None
+        self.payload = b""
+
+
+def parse_ip(ts, raw) -> Pkt:
+    """Fields of an IPv4/IPv6 TCP or UDP packet; p.proto is None for anything
+    else (other protocols, fragments, extension headers, bad lengths)."""
+    p = Pkt(ts, raw)
+    n = len(raw)
+    if n >= 20 and raw[0] >> 4 == 4:
+        ihl = (raw[0] & 15) * 4
+        tot = int.from_bytes(raw[2:4], "big")
+        if ihl < 20 or tot < ihl or tot > n or int.from_bytes(raw[6:8], "big") & 0x3FFF:
+            return p
+        p.family, proto, p.src, p.dst, l4, end = 4, raw[9], raw[12:16], raw[16:20], ihl, tot
+    elif n >= 40 and raw[0] >> 4 == 6:
+        plen = int.from_bytes(raw[4:6], "big")
+        if 40 + plen > n:
+            return p
+        p.family, proto, p.src, p.dst, l4, end = 6, raw[6], raw[8:24], raw[24:40], 40, 40 + plen
+    else:
+        return p
+    p.l4 = l4
+    if proto == 6 and end - l4 >= 20:
+        sport, dport, seq, ack, doff, flags, wnd, _, _ = _TCP.unpack_from(raw, l4)
+        doff = (doff >> 4) * 4
+        if doff < 20 or l4 + doff > end:
+            return p
+        p.proto, p.sport, p.dport, p.seq, p.ack, p.flags, p.wnd, p.doff = 6, sport, dport, seq, ack, flags, wnd, doff
+        p.opts = raw[l4 + 20:l4 + doff]
+        p.payload = raw[l4 + doff:end]
+    elif proto == 17 and end - l4 >= 8:
+        sport, dport, ulen, _ = _UDP.unpack_from(raw, l4)
+        if ulen < 8 or l4 + ulen > end:
+            return p
+        p.proto, p.sport, p.dport = 17, sport, dport
+        p.payload = raw[l4 + 8:l4 + ulen]
+    return p
+
+
+def tcp_options(opts) -> dict:
+    """{kind: (offset, value)} for the options the replay looks at (5 SACK, 8 TS)."""
+    out = {}
+    i, n = 0, len(opts)
+    while i < n:
+        kind = opts[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= n or opts[i + 1] < 2 or i + opts[i + 1] > n:
+            break
+        ln = opts[i + 1]
+        if kind == 8 and ln == 10:
+            out[8] = (i, struct.unpack_from("!II", opts, i + 2))
+        elif kind == 5 and ln >= 10 and (ln - 2) % 8 == 0:
+            out[5] = (i, [struct.unpack_from("!II", opts, j) for j in range(i + 2, i + ln, 8)])
+        i += ln
+    return out
+
+
+def _ip_text(family, addr, port) -> str:
+    a = ipaddress.ip_address(addr)
+    return f"[{a}]:{port}" if family == 6 else f"{a}:{port}"
+
+
+def _rel(x, base) -> int:
+    return (x - base) & M32
+
+
+class Stream:
+    """A byte stream assembled from segments at relative offsets."""
+    __slots__ = ("buf", "filled", "conflicts")
+
+    def __init__(self):
+        self.buf = bytearray()
+        self.filled = []      # sorted disjoint [start, end) runs
+        self.conflicts = 0
+
+    def put(self, off: int, data) -> None:
+        if not data:
+            return
+        end = off + len(data)
+        if end > len(self.buf):
+            self.buf.extend(bytes(end - len(self.buf)))
+        # compare with what overlaps already-filled runs
+        for s, e in self.filled:
+            lo, hi = max(s, off), min(e, end)
+            if lo < hi and self.buf[lo:hi] != data[lo - off:hi - off]:
+                self.conflicts += 1
+        self.buf[off:end] = data
+        runs = self.filled + [(off, end)]
+        runs.sort()
+        merged = []
+        for s, e in runs:
+            if merged and s <= merged[-1][1]:
+                if e > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        self.filled = merged
+
+    def contiguous(self) -> bytes:
+        """The bytes from offset 0 up to the first hole."""
+        if not self.filled or self.filled[0][0] != 0:
+            return b""
+        return bytes(self.buf[:self.filled[0][1]])
+
+
+# ------------------------------------------------------------------ flows
+
+class Flow:
+    """One flow of the capture: what was recorded, and what the replay saw."""
+
+    def __init__(self, proto, family, key, first):
+        self.proto, self.family, self.key = proto, family, key   # key: client first
+        self.first = first            # Pkt that opened it (SYN / first datagram)
+        self.handle = None            # the stack's TcpConnection / UdpFlow
+        self.close_reason = None      # TcpClosed / UdpClosed reason
+        self.outcome = None           # "completed" / "refused" / "reset" / "incomplete: ..."
+        self.ok = False
+        self.detail = ""
+        self.received = bytearray()   # bytes the host read from the stack
+        if proto == 6:
+            self._init_tcp()
+        else:
+            self.client_datagrams = []    # recorded
+            self.server_datagrams = []    # recorded
+            self.host_datagrams = []      # delivered by the stack (UdpDatagram)
+            self.stack_datagrams = []     # the stack's replies on the wire
+
+    def _init_tcp(self):
+        # recording
+        self.client_isn = self.first.seq
+        self.server_isn = None
+        self.refused = False          # the recorded server answered the SYN with RST
+        self.rec_client = Stream()
+        self.rec_server = Stream()
+        self.rec_client_fin = None    # relative seq of the client's FIN
+        self.rec_server_fin = None
+        self.rec_rst = None           # "client" / "server" after the handshake
+        self.expected = "open"
+        # replay state
+        self.stack_isn = None
+        self.syn_ack = None           # (seq, ack) of the stack's SYN-ACK
+        self.stack_rst = []           # (seq, ack, flags) of RSTs the stack sent
+        self.snd_max = 0              # highest stack seq sent, relative to stack_isn (SYN = 1)
+        self.stack_stream = Stream()  # bytes the stack sent toward the client
+        self.stack_fin = None         # relative seq of the stack's FIN
+        self.stack_acks = []          # (ack relative to client ISN, client's sent-so-far) per segment
+        self.stack_sacks = []         # SACK blocks the stack sent, relative to client ISN
+        self.stack_tsval = None
+        self.stack_segments = 0
+        self.client_sent = 0          # highest client seq fed so far, relative (SYN = 1)
+        self.acked_to_stack = 0       # highest ack fed to the stack, relative to stack_isn
+        self.ack_target = 0           # highest ack the recorded client sent, relative to server ISN
+        self.last_client = None       # last client Pkt fed (template for synthesized ACKs)
+        self.synthesized = 0
+        self.lowered = 0              # client ACKs lowered to what the stack had sent
+        self.write_limit = 0          # server bytes the recording had sent by now
+        self.written = 0
+        self.shutdown_due = False
+        self.shut = False
+        self.abort_due = False
+
+    @property
+    def server_stream(self) -> bytes:
+        return self.rec_server.contiguous()
+
+    @property
+    def client_stream(self) -> bytes:
+        return self.rec_client.contiguous()
+
+    def text(self) -> str:
+        c = _ip_text(self.family, self.key[0], self.key[1])
+        s = _ip_text(self.family, self.key[2], self.key[3])
+        return f"{'tcp' if self.proto == 6 else 'udp'} {c} -> {s}"
+
+
+def split_flows(packets):
+    """Group parsed packets into flows.  Returns (flows in order of first
+    packet, [(Pkt, flow, from_client)] in capture order, count of packets
+    that belong to no flow)."""
+    flows: dict = {}
+    order = []
+    seq = []
+    stray = 0
+    for p in packets:
+        if p.proto is None:
+            stray += 1
+            seq.append((p, None, None))
+            continue
+        fwd = (p.proto, p.src, p.sport, p.dst, p.dport)
+        rev = (p.proto, p.dst, p.dport, p.src, p.sport)
+        f = flows.get(fwd)
+        if f is not None:
+            seq.append((p, f, True))
+            continue
+        f = flows.get(rev)
+        if f is not None:
+            seq.append((p, f, False))
+            continue
+        if p.proto == 17 or (p.flags & (SYN | ACK | RST)) == SYN:
+            f = Flow(p.proto, p.family, (p.src, p.sport, p.dst, p.dport), p)
+            flows[fwd] = f
+            order.append(f)
+            seq.append((p, f, True))
+        else:
+            stray += 1       # mid-stream TCP without its SYN: not replayable
+            seq.append((p, None, None))
+    for p, f, from_client in seq:
+        if f is not None:
+            _record(f, p, from_client)
+    for f in order:
+        if f.proto == 6:
+            if f.refused:
+                f.expected = "refused"
+            elif f.rec_rst:
+                f.expected = "reset"
+            elif f.rec_client_fin is not None and f.rec_server_fin is not None:
+                f.expected = "closed"
+    return order, seq, stray
+
+
+def _record(f, p, from_client):
+    if f.proto == 17:
+        (f.client_datagrams if from_client else f.server_datagrams).append(bytes(p.payload))
+        return
+    if from_client:
+        if p.flags & SYN:
+            return
+        if p.flags & RST:
+            if f.server_isn is not None and f.rec_rst is None:
+                f.rec_rst = "client"
+            return
+        rel = _rel(p.seq, f.client_isn) - 1
+        f.rec_client.put(rel, bytes(p.payload))
+        if p.flags & FIN:
+            f.rec_client_fin = rel + len(p.payload)
+    else:
+        if p.flags & SYN and p.flags & ACK:
+            f.server_isn = p.seq
+            return
+        if p.flags & RST:
+            if f.server_isn is None:
+                f.refused = True
+            elif f.rec_rst is None:
+                f.rec_rst = "server"
+            return
+        if f.server_isn is None:
+            return
+        rel = _rel(p.seq, f.server_isn) - 1
+        f.rec_server.put(rel, bytes(p.payload))
+        if p.flags & FIN:
+            f.rec_server_fin = rel + len(p.payload)
+
+
+# ------------------------------------------------------------------ the replay
+
+class Replay:
+    """Replays one capture.  After run(): flows, stack, stray, drops."""
+
+    def __init__(self, packets, config: StackConfig | None = None, seed: int = 0):
+        self.packets = [parse_ip(ts, raw) for ts, raw in packets]
+        self.flows, self.sequence, self.stray = split_flows(self.packets)
+        self.stack = Stack(config or StackConfig(verify_checksums=True), rng=random.Random(seed))
+        self.by_key = {f.key: f for f in self.flows}
+        self.by_reply_key = {(f.proto, f.key[2], f.key[3], f.key[0], f.key[1]): f for f in self.flows}
+        self.bad_output = 0           # stack packets that are not well-formed (checksums, lengths)
+        self.unmatched_output = 0     # stack packets for no recorded flow
+        self.output = []              # every packet the stack emitted: (ts, bytes)
+        self.now = packets[0][0] if packets else 0.0
+
+    # ---------------------------------------------------------------- driving
+
+    def run(self, drain_for: float = 600.0):
+        st = self.stack
+        for p, f, from_client in self.sequence:
+            self._timers_until(p.ts)
+            self.now = p.ts
+            if f is None:
+                st.input(p.raw, p.ts)     # the stack must cope (counts a drop)
+            elif from_client:
+                if f.proto == 6:
+                    self._feed_tcp(f, p)
+                else:
+                    st.input(p.raw, p.ts)
+            else:
+                self._server_acts(f, p)
+            self._settle()
+        # after the capture: let timers (retransmissions, TIME-WAIT, idle) run out
+        end = self.now + drain_for
+        for _ in range(100000):
+            if all(self._done(f) for f in self.flows):
+                break
+            at = st.next_deadline()
+            if at is None or at > end:
+                break
+            self.now = max(self.now, at)
+            st.poll(self.now)
+            self._settle()
+        for f in self.flows:
+            judge(f)
+        return self
+
+    def _done(self, f) -> bool:
+        if f.proto == 17:
+            return True
+        return f.close_reason is not None or (f.handle is None and f.expected != "open" and f.refused)
+
+    def _timers_until(self, t):
+        st = self.stack
+        for _ in range(10000):
+            at = st.next_deadline()
+            if at is None or at > t:
+                return
+            self.now = max(self.now, at)
+            st.poll(self.now)
+            self._settle()
+
+    def _settle(self):
+        """Poll, answer events and collect output until nothing changes."""
+        st = self.stack
+        for _ in range(1000):
+            self._events()
+            self._host_io()
+            st.poll(self.now)
+            self._events()
+            out = st.take_output()
+            for pkt in out:
+                self._observe(pkt)
+            if not self._synthesize_acks() and not out and not st.events:
+                return
+
+    # ------------------------------------------------------------------ host
+
+    def _events(self):
+        for e in self.stack.take_events():
+            t = type(e)
+            if t is ev.TcpConnectRequest:
+                f = self.by_key.get(e.conn.key)
+                if f is None or f.proto != 6:
+                    e.conn.reject("rst")
+                    continue
+                f.handle = e.conn
+                if f.refused:
+                    e.conn.reject("rst")
+                else:
+                    e.conn.accept()
+            elif t is ev.TcpReadable or t is ev.TcpWritable:
+                pass                       # _host_io reads and writes every flow
+            elif t is ev.TcpClosed:
+                f = self.by_key.get(e.conn.key)
+                if f is not None and f.handle is e.conn:
+                    self._read_all(f)
+                    f.close_reason = e.reason
+            elif t is ev.UdpDatagram:
+                f = self.by_key.get(e.flow.key)
+                if f is not None:
+                    f.handle = e.flow
+                    f.host_datagrams.append(bytes(e.data))
+            elif t is ev.UdpClosed:
+                f = self.by_key.get(e.flow.key)
+                if f is not None:
+                    f.close_reason = e.reason
+
+    def _read_all(self, f):
+        c = f.handle
+        while c.readable:
+            data = c.read()
+            if not data:
+                break
+            f.received += data
+
+    def _host_io(self):
+        for f in self.flows:
+            c = f.handle
+            if f.proto != 6 or c is None or f.close_reason is not None or f.refused:
+                continue
+            self._read_all(f)
+            if f.abort_due:
+                f.abort_due = False
+                c.abort()
+                continue
+            if f.written < f.write_limit:
+                data = f.server_stream[f.written:f.write_limit]
+                if data:
+                    f.written += c.write(data)
+            if f.shutdown_due and not f.shut and f.written >= len(f.server_stream):
+                f.shut = True
+                c.shutdown()
+
+    def _server_acts(self, f, p):
+        """A recorded server packet: the host does what that server did."""
+        if f.proto == 17:
+            if f.handle is not None:
+                f.handle.send(p.payload)
+            return
+        if f.server_isn is None or p.flags & SYN:
+            return
+        if p.flags & RST:
+            if f.handle is not None and f.close_reason is None:
+                f.abort_due = True
+            return
+        end = _rel(p.seq, f.server_isn) - 1 + len(p.payload)
+        if end > f.write_limit:
+            f.write_limit = end
+        if p.flags & FIN:
+            f.shutdown_due = True
+
+    # ---------------------------------------------------------------- client
+
+    def _feed_tcp(self, f, p):
+        if p.flags & SYN:
+            f.last_client = p
+            self.stack.input(p.raw, p.ts)
+            return
+        raw = self._translate(f, p)
+        end = _rel(p.seq, f.client_isn) + len(p.payload) + (1 if p.flags & FIN else 0)
+        if end > f.client_sent and end < 1 << 31:
+            f.client_sent = end
+        f.last_client = p
+        self.stack.input(raw, p.ts)
+
+    def _translate(self, f, p) -> bytes:
+        """The client packet with its ACK, SACK edges and TS echo moved from
+        the recorded server's sequence/timestamp space to the stack's."""
+        if f.stack_isn is None or f.server_isn is None or not (p.flags & ACK):
+            return p.raw
+        rel = _rel(p.ack, f.server_isn)
+        if rel >= 1 << 31:
+            rel = 0
+        if rel > f.ack_target:
+            f.ack_target = rel
+        ack_rel = min(rel, f.snd_max)
+        if ack_rel < rel:
+            f.lowered += 1
+        if ack_rel > f.acked_to_stack:
+            f.acked_to_stack = ack_rel
+        buf = bytearray(p.raw)
+        l4 = p.l4
+        struct.pack_into("!I", buf, l4 + 8, (f.stack_isn + ack_rel) & M32)
+        opts = tcp_options(p.opts)
+        base = l4 + 20
+        if 8 in opts and f.stack_tsval is not None:
+            i, (_tsval, _ecr) = opts[8]
+            struct.pack_into("!I", buf, base + i + 6, f.stack_tsval)
+        if 5 in opts:
+            i, blocks = opts[5]
+            for j, (left, right) in enumerate(blocks):
+                lr = min(_rel(left, f.server_isn), f.snd_max)
+                rr = min(_rel(right, f.server_isn), f.snd_max)
+                struct.pack_into("!II", buf, base + i + 2 + 8 * j, (f.stack_isn + lr) & M32, (f.stack_isn + rr) & M32)
+        _fix_tcp_checksum(buf, p.family, l4)
+        return bytes(buf)
+
+    def _synthesize_acks(self) -> bool:
+        """Acknowledge, for the client, stack bytes the recording shows the
+        client had acknowledged but which the stack had not sent back then."""
+        fed = False
+        for f in self.flows:
+            if (f.proto != 6 or f.stack_isn is None or f.close_reason is not None or f.last_client is None
+                    or f.last_client.flags & (SYN | RST)):
+                continue
+            want = min(f.ack_target, f.snd_max)
+            if want <= f.acked_to_stack:
+                continue
+            f.acked_to_stack = want
+            f.synthesized += 1
+            self.stack.input(self._client_ack(f, want), self.now)
+            fed = True
+        return fed
+
+    def _client_ack(self, f, ack_rel) -> bytes:
+        lp = f.last_client
+        c_src, c_port, s_dst, s_port = f.key
+        tpl = TcpTemplate(f.family, c_src, s_dst, c_port, s_port, self.stack.config)
+        opts = b""
+        ts = tcp_options(lp.opts).get(8)
+        if ts is not None:
+            opts = build_options(ts=(ts[1][0], f.stack_tsval if f.stack_tsval is not None else 0))
+        return tpl.build((f.client_isn + f.client_sent) & M32, (f.stack_isn + ack_rel) & M32, ACK, lp.wnd, opts, b"")
+
+    # ---------------------------------------------------------------- output
+
+    def _observe(self, pkt):
+        """Record one packet the stack emitted toward the client."""
+        pkt = bytes(pkt)
+        self.output.append((self.now, pkt))
+        p = parse_ip(self.now, pkt)
+        if p.proto is None or not _checksum_ok(p):
+            self.bad_output += 1
+            return
+        f = self.by_reply_key.get((p.proto, p.src, p.sport, p.dst, p.dport))
+        if f is None:
+            self.unmatched_output += 1
+            return
+        if f.proto == 17:
+            f.stack_datagrams.append(bytes(p.payload))
+            return
+        f.stack_segments += 1
+        if p.flags & SYN:
+            f.stack_isn = p.seq
+            f.syn_ack = (p.seq, p.ack if p.flags & ACK else None)
+            f.snd_max = max(f.snd_max, 1)
+        if p.flags & RST:
+            f.stack_rst.append((p.seq, p.ack, p.flags))
+        if f.stack_isn is None:
+            return
+        opts = tcp_options(p.opts)
+        if 8 in opts:
+            f.stack_tsval = opts[8][1][0]
+        if p.flags & ACK:
+            f.stack_acks.append((_rel(p.ack, f.client_isn), f.client_sent))
+        if 5 in opts:
+            f.stack_sacks.append([(_rel(a, f.client_isn), _rel(b, f.client_isn)) for a, b in opts[5][1]])
+        if p.flags & SYN:
+            return
+        rel = _rel(p.seq, f.stack_isn)
+        if rel >= 1 << 31:
+            return
+        f.stack_stream.put(rel - 1, bytes(p.payload))
+        end = rel + len(p.payload)
+        if p.flags & FIN:
+            f.stack_fin = end - 1
+            end += 1
+        if end > f.snd_max:
+            f.snd_max = end
+
+
+def _fix_tcp_checksum(buf, family, l4):
+    buf[l4 + 16:l4 + 18] = b"\x00\x00"
+    seglen = len(buf) - l4
+    if family == 4:
+        seglen = int.from_bytes(buf[2:4], "big") - l4
+        ps = ck.pseudo4(bytes(buf[12:16]), bytes(buf[16:20]), 6, seglen)
+    else:
+        ps = ck.pseudo6(bytes(buf[8:24]), bytes(buf[24:40]), 6, seglen)
+    struct.pack_into("!H", buf, l4 + 16, ck.checksum(memoryview(buf)[l4:l4 + seglen], ps))
+
+
+def _checksum_ok(p) -> bool:
+    raw = p.raw
+    if p.family == 4:
+        ihl = (raw[0] & 15) * 4
+        if ck.sum16(raw[:ihl]) != 0xFFFF:
+            return False
+        end = int.from_bytes(raw[2:4], "big")
+        ps = ck.pseudo4(p.src, p.dst, p.proto, end - p.l4)
+    else:
+        end = 40 + int.from_bytes(raw[4:6], "big")
+        ps = ck.pseudo6(p.src, p.dst, p.proto, end - p.l4)
+    if p.proto == 17 and raw[p.l4 + 6:p.l4 + 8] == b"\x00\x00":
+        return p.family == 4      # no UDP checksum: allowed over IPv4 only
+    return ck.sum16(memoryview(raw)[p.l4:end], ps) == 0xFFFF
+
+
+# ------------------------------------------------------------------ verdicts
+
+def judge(f) -> None:
+    """Set f.outcome / f.ok / f.detail from what the replay saw."""
+    if f.proto == 17:
+        up = sum(map(len, f.client_datagrams))
+        down = sum(map(len, f.server_datagrams))
+        f.detail = f"{len(f.client_datagrams)} datagrams {up} B up, {len(f.server_datagrams)} datagrams {down} B down"
+        if f.host_datagrams != f.client_datagrams:
+            _incomplete(f, f"host got {len(f.host_datagrams)} of {len(f.client_datagrams)} datagrams intact")
+        elif f.stack_datagrams != f.server_datagrams:
+            _incomplete(f, f"stack sent {len(f.stack_datagrams)} of {len(f.server_datagrams)} replies intact")
+        else:
+            f.outcome, f.ok = "completed", True
+        return
+    cs, ss = f.client_stream, f.server_stream
+    got, sent = bytes(f.received), f.stack_stream.contiguous()
+    f.detail = f"up {len(got)}/{len(cs)} B, down {len(sent)}/{len(ss)} B"
+    if f.synthesized or f.lowered:
+        f.detail += f", {f.lowered} ACKs lowered, {f.synthesized} synthesized"
+    if f.expected == "refused":
+        if f.close_reason == "rejected" and any(a == (f.client_isn + 1) & M32 and fl & RST for _, a, fl in f.stack_rst):
+            f.outcome, f.ok = "refused", True
+        else:
+            _incomplete(f, f"recorded as refused, stack {'closed: ' + f.close_reason if f.close_reason else 'sent no RST'}")
+        return
+    if f.handle is None or f.syn_ack is None:
+        _incomplete(f, "no SYN-ACK from the stack")
+        return
+    if f.syn_ack[1] != (f.client_isn + 1) & M32:
+        _incomplete(f, "SYN-ACK does not ack the client's ISN+1")
+        return
+    if f.stack_stream.conflicts:
+        _incomplete(f, "stack retransmitted different bytes")
+        return
+    if f.expected == "reset":
+        # the recording ends in a RST: everything the client sent before it
+        # must have reached the host, in order
+        if not cs.startswith(got):
+            _incomplete(f, "host bytes differ from the client's")
+        elif f.close_reason not in ("reset", "aborted"):
+            _incomplete(f, f"recorded as reset, stack {'closed: ' + f.close_reason if f.close_reason else 'still open'}")
+        elif not ss.startswith(sent):
+            _incomplete(f, "stack bytes differ from the server's")
+        else:
+            f.outcome, f.ok = "completed", True
+            f.detail += f", reset by the {f.rec_rst} as recorded"
+        return
+    if got != cs:
+        where = next((i for i, (a, b) in enumerate(zip(got, cs)) if a != b), min(len(got), len(cs)))
+        _incomplete(f, f"host got {len(got)} of {len(cs)} client bytes (first difference at {where})")
+    elif sent != ss:
+        _incomplete(f, f"stack sent {len(sent)} of {len(ss)} server bytes")
+    elif f.expected == "open":
+        f.outcome, f.ok = "incomplete: capture ends before the connection closed", False
+    elif f.close_reason != "closed":
+        state = getattr(f.handle, "state", "?")
+        _incomplete(f, f"closed as {f.close_reason!r}" if f.close_reason else f"still {state}")
+    elif f.stack_fin != len(ss):
+        _incomplete(f, "stack sent no FIN after the server's bytes")
+    else:
+        f.outcome, f.ok = "completed", True
+
+
+def _incomplete(f, why):
+    f.outcome, f.ok = f"incomplete: {why}", False
+
+
+# ------------------------------------------------------------------ CLI
+
+def replay_file(path, config: StackConfig | None = None) -> Replay:
+    return Replay(read_pcap(path), config).run()
+
+
+def report(path, r: Replay, out=sys.stdout) -> bool:
+    print(f"{path}:", file=out)
+    for f in r.flows:
+        print(f"  {f.text():52s} {f.outcome}  ({f.detail})", file=out)
+    n_ok = sum(f.ok for f in r.flows)
+    drops = {k: v for k, v in r.stack.drops.items() if v}
+    extra = f", {r.stray} packets outside flows" if r.stray else ""
+    if r.bad_output:
+        extra += f", {r.bad_output} malformed packets from the stack"
+    print(f"  {len(r.flows)} flows, {n_ok} completed, {len(r.flows) - n_ok} not{extra}"
+          f"{'; stack drops ' + str(drops) if drops else ''}", file=out)
+    return n_ok == len(r.flows) and not r.bad_output
+
+
+def main(args) -> int:
+    status = 0
+    for path in args.pcap:
+        try:
+            packets = read_pcap(path)
+        except ReplayError as e:
+            print(f"tun2xray replay: {e}", file=sys.stderr)
+            status = 2
+            continue
+        try:
+            r = Replay(packets).run()
+        except Exception as e:  # a stack bug: say where, keep the other files going
+            print(f"tun2xray replay: {path}: stack raised {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            status = 1
+            continue
+        if not report(path, r) and status == 0:
+            status = 1
+    return status
