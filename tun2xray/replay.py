@@ -781,7 +781,8 @@ def replay_file(path, config: StackConfig | None = None) -> Replay:
     return Replay(read_pcap(path), config).run()
 
 
-def report(path, r: Replay, out=sys.stdout) -> bool:
+def report(path, r: Replay, out=None) -> bool:
+    out = out or sys.stdout
     print(f"{path}:", file=out)
     for f in r.flows:
         print(f"  {f.text():52s} {f.outcome}  ({f.detail})", file=out)

@@ -1,0 +1,330 @@
+"""Replays of the captured real-client fixtures in pcaps/, checked against
+the captures themselves (read independently here with dpkt), plus the
+`tun2xray replay` CLI's exit statuses."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import struct
+import subprocess
+import sys
+
+import dpkt
+import pytest
+
+from tun2xray import replay as rp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PCAPS = sorted(glob.glob(os.path.join(ROOT, "pcaps", "*.pcap")))
+M32 = 0xFFFFFFFF
+
+
+# ------------------------------------------------------- independent reading
+
+class Rec:
+    """A flow as the capture shows it, assembled with dpkt."""
+
+    def __init__(self, proto):
+        self.proto = proto
+        self.client_isn = self.server_isn = None
+        self.client = {}          # relative offset -> bytes
+        self.server = {}
+        self.client_fin = None    # relative sequence number (ISN = 0) of the FIN
+        self.server_fin = None
+        self.refused = False
+        self.rst = False
+        self.up = []              # UDP datagrams
+        self.down = []
+
+
+def _stream(parts: dict) -> bytes:
+    out = bytearray()
+    for off in sorted(parts):
+        data = parts[off]
+        if off > len(out):
+            break                 # a hole: the stream ends here
+        out[off:off + len(data)] = data
+    return bytes(out)
+
+
+def recorded_flows(path):
+    """{(proto, client ip, client port, server ip, server port): Rec}, and
+    the client's packets in order, read with dpkt (not with the replay's reader)."""
+    flows = {}
+    with open(path, "rb") as f:
+        for _ts, buf in dpkt.pcap.Reader(f):
+            ip = dpkt.ip.IP(buf) if buf[0] >> 4 == 4 else dpkt.ip6.IP6(buf)
+            l4 = ip.data
+            if isinstance(l4, dpkt.tcp.TCP):
+                proto = 6
+            elif isinstance(l4, dpkt.udp.UDP):
+                proto = 17
+            else:
+                continue
+            fwd = (proto, ip.src, l4.sport, ip.dst, l4.dport)
+            rev = (proto, ip.dst, l4.dport, ip.src, l4.sport)
+            if fwd in flows:
+                rec, from_client = flows[fwd], True
+            elif rev in flows:
+                rec, from_client = flows[rev], False
+            else:
+                rec, from_client = flows.setdefault(fwd, Rec(proto)), True
+            if proto == 17:
+                (rec.up if from_client else rec.down).append(bytes(l4.data))
+                continue
+            syn, ack, fin, rst = (l4.flags & dpkt.tcp.TH_SYN, l4.flags & dpkt.tcp.TH_ACK,
+                                  l4.flags & dpkt.tcp.TH_FIN, l4.flags & dpkt.tcp.TH_RST)
+            if from_client:
+                if syn:
+                    rec.client_isn = l4.seq
+                    continue
+                if rst:
+                    rec.rst = True
+                    continue
+                off = (l4.seq - rec.client_isn - 1) & M32
+                if l4.data:
+                    rec.client[off] = bytes(l4.data)
+                if fin:
+                    rec.client_fin = (l4.seq + len(l4.data) - rec.client_isn) & M32
+            else:
+                if syn and ack:
+                    rec.server_isn = l4.seq
+                    continue
+                if rst:
+                    if rec.server_isn is None:
+                        rec.refused = True
+                    else:
+                        rec.rst = True
+                    continue
+                off = (l4.seq - rec.server_isn - 1) & M32
+                if l4.data:
+                    rec.server[off] = bytes(l4.data)
+                if fin:
+                    rec.server_fin = (l4.seq + len(l4.data) - rec.server_isn) & M32
+    return flows
+
+
+# ------------------------------------------------------------- the fixtures
+
+def test_fixtures_exist():
+    names = {os.path.basename(p) for p in PCAPS}
+    for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
+                 "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap"):
+        assert want in names
+    for p in PCAPS:
+        assert os.path.getsize(p) < 2 << 20
+
+
+@pytest.fixture(scope="module")
+def replays():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = rp.replay_file(path)
+        return cache[path]
+    return get
+
+
+@pytest.mark.parametrize("path", PCAPS, ids=os.path.basename)
+def test_fixture_replays_like_the_recording(path, replays):
+    r = replays(path)
+    recs = recorded_flows(path)
+    assert len(r.flows) == len(recs)
+    assert r.bad_output == 0, "the stack emitted packets with bad checksums or lengths"
+    assert r.unmatched_output == 0, "the stack emitted packets for no flow of the capture"
+    for f in r.flows:
+        rec = recs[(f.proto, bytes(f.key[0]), f.key[1], bytes(f.key[2]), f.key[3])]
+        assert f.ok, f"{f.text()}: {f.outcome} ({f.detail})"
+        if f.proto == 17:
+            assert f.host_datagrams == rec.up          # every client datagram, exactly, in order
+            assert f.stack_datagrams == rec.down       # every reply, exactly, to the right 5-tuple
+            continue
+        if rec.refused:
+            assert f.outcome == "refused"
+            assert f.syn_ack is None, "a refused connection must not see a SYN-ACK"
+            assert f.close_reason == "rejected"
+            assert [(a, fl & (rp.RST | rp.ACK)) for _, a, fl in f.stack_rst] == [((rec.client_isn + 1) & M32, rp.RST | rp.ACK)]
+            continue
+        # handshake: the SYN-ACK acknowledges the client's ISN + 1
+        assert f.syn_ack is not None and f.syn_ack[1] == (rec.client_isn + 1) & M32
+        client, server = _stream(rec.client), _stream(rec.server)
+        got, sent = bytes(f.received), f.stack_stream.contiguous()
+        assert f.stack_stream.conflicts == 0
+        # the stack never acknowledges beyond what the client had sent
+        for ack, client_sent in f.stack_acks:
+            assert ack <= client_sent, (ack, client_sent)
+        if rec.rst:
+            assert f.close_reason in ("reset", "aborted")
+            assert client.startswith(got) and server.startswith(sent)
+            continue
+        assert got == client, "every client byte reaches the host, in order"
+        assert sent == server, "the stack sends exactly the recorded server's bytes"
+        assert rec.client_fin is not None and rec.server_fin is not None
+        assert f.close_reason == "closed"
+        assert f.stack_fin == len(server)
+        # the last ACK acknowledges the client's FIN
+        assert f.stack_acks[-1][0] == rec.client_fin + 1
+
+
+def test_every_fixture_through_the_cli(capsys):
+    from tun2xray.cli import main
+    assert main(["replay", *PCAPS]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.lstrip().startswith(("tcp ", "udp "))]
+    assert len(lines) == sum(len(recorded_flows(p)) for p in PCAPS)
+    for ln in lines:
+        assert "  completed  " in ln or "  refused  " in ln, ln
+
+
+def test_reset_flow_is_reported_as_recorded(replays):
+    r = replays(os.path.join(ROOT, "pcaps", "iperf3-v4.pcap"))
+    data = max(r.flows, key=lambda f: len(f.client_stream))
+    # iperf3's server closes the data connection with a RST after reading it all
+    assert data.expected == "reset" and data.rec_rst == "server"
+    assert bytes(data.received) == data.client_stream and len(data.received) >= 512 * 1024
+    assert data.close_reason == "aborted"
+
+
+# ------------------------------------------------------------- SACK / reorder
+
+def _swap_client_segments(packets, skip=3):
+    """Swap two adjacent client data segments of the first TCP flow (keeping
+    timestamps in order): the stack then sees a hole and must SACK."""
+    parsed = [rp.parse_ip(ts, raw) for ts, raw in packets]
+    client = next(p for p in parsed if p.proto == 6 and p.flags & rp.SYN and not p.flags & rp.ACK)
+    idx = [i for i, p in enumerate(parsed)
+           if p.proto == 6 and (p.src, p.sport) == (client.src, client.sport) and len(p.payload) > 0]
+    i, j = idx[skip], idx[skip + 1]
+    out = list(packets)
+    out[i], out[j] = (packets[i][0], packets[j][1]), (packets[j][0], packets[i][1])
+    return out, parsed[i], parsed[j]
+
+
+def test_reordered_upload_is_sacked_and_reassembled():
+    path = os.path.join(ROOT, "pcaps", "http-post-v4.pcap")
+    packets, first, second = _swap_client_segments(rp.read_pcap(path))
+    r = rp.Replay(packets).run()
+    (f,) = r.flows
+    assert f.ok, f.outcome
+    assert bytes(f.received) == f.client_stream
+    hole = (first.seq - f.client_isn) & M32
+    block = ((second.seq - f.client_isn) & M32, (second.seq - f.client_isn + len(second.payload)) & M32)
+    # the segment that came early was acknowledged selectively, the hole cumulatively
+    assert any(block in sacks for sacks in f.stack_sacks), f.stack_sacks[:5]
+    assert hole in {a for a, _ in f.stack_acks}
+
+
+# ------------------------------------------------- translation across 2**32
+
+def test_ack_translation_wraps_and_is_lowered_to_what_the_stack_sent():
+    # client packet acking 1000 bytes of a recorded server whose ISN is just
+    # below 2**32, while the stack (ISN just below 2**32 too, elsewhere) has
+    # sent only 500: the ACK becomes stack ISN + 500 (wrapped), with a valid checksum
+    from netstack.wire.tcp import build_options
+    from netstack.wire.templates import TcpTemplate
+    from netstack import StackConfig
+    cli, srv = bytes([10, 77, 1, 2]), bytes([10, 77, 0, 10])
+    server_isn, stack_isn, client_isn = M32 - 100, M32 - 10, M32 - 3
+    tpl = TcpTemplate(4, cli, srv, 40000, 80, StackConfig())
+    opts = build_options(ts=(111, 222), sack=[((server_isn + 600) & M32, (server_isn + 900) & M32)])
+    raw = tpl.build((client_isn + 1) & M32, (server_isn + 1000) & M32, rp.ACK, 500, opts, b"")
+    p = rp.parse_ip(1.0, raw)
+    f = rp.Flow(6, 4, (cli, 40000, srv, 80), p)
+    f.client_isn, f.server_isn, f.stack_isn, f.snd_max, f.stack_tsval = client_isn, server_isn, stack_isn, 500, 777
+    out = rp.Replay([])._translate(f, p)
+    q = rp.parse_ip(1.0, out)
+    assert q.ack == (stack_isn + 500) & M32 == 489
+    assert f.lowered == 1 and f.ack_target == 1000 and f.acked_to_stack == 500
+    o = rp.tcp_options(q.opts)
+    assert o[8][1] == (111, 777)
+    assert o[5][1] == [((stack_isn + 500) & M32, (stack_isn + 500) & M32)]   # lowered too
+    assert rp._checksum_ok(q)
+
+
+# ----------------------------------------------------------- reading pcaps
+
+def _pcap(linktype, frames, nano=False, order="<"):
+    magic = 0xA1B23C4D if nano else 0xA1B2C3D4
+    out = [struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype)]
+    for i, fr in enumerate(frames):
+        out.append(struct.pack(order + "IIII", 1000 + i, 500, len(fr), len(fr)) + fr)
+    return b"".join(out)
+
+
+def test_read_pcap_link_types_and_byte_orders(tmp_path):
+    ref = rp.read_pcap(os.path.join(ROOT, "pcaps", "dns-v4.pcap"))
+    ips = [raw for _, raw in ref]
+    eth = [b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip for ip in ips]
+    vlan = [b"\x02" * 6 + b"\x04" * 6 + b"\x81\x00\x00\x07\x08\x00" + ip for ip in ips]
+    sll = [b"\x00" * 14 + b"\x08\x00" + ip for ip in ips]
+    null = [b"\x02\x00\x00\x00" + ip for ip in ips]
+    for i, (lt, frames, nano, order) in enumerate([(101, ips, False, ">"), (1, eth, True, "<"), (1, vlan, False, "<"),
+                                                   (113, sll, False, "<"), (0, null, False, ">")]):
+        p = tmp_path / f"x{i}.pcap"
+        p.write_bytes(_pcap(lt, frames, nano, order))
+        got = rp.read_pcap(str(p))
+        assert [raw for _, raw in got] == ips
+        assert got[0][0] == pytest.approx(1000 + (500e-9 if nano else 500e-6))
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tun2xray", "replay", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("content", [
+    pytest.param(b"this is not a capture at all\n" * 10, id="garbage"),
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\xd4\xc3\xb2\xa1\x02\x00", id="short-header"),
+    pytest.param("truncated", id="truncated"),
+    pytest.param("cut-header", id="cut-record-header"),
+    pytest.param("linktype", id="unknown-linktype"),
+])
+def test_cli_malformed_file_exits_2_with_one_line(tmp_path, content):
+    good = open(os.path.join(ROOT, "pcaps", "http-get-v4.pcap"), "rb").read()
+    if content == "truncated":
+        content = good[:len(good) // 2]
+    elif content == "cut-header":
+        content = _pcap(101, [b"\x45" + b"\x00" * 39]) + b"\x00" * 7
+    elif content == "linktype":
+        content = _pcap(147, [b"\x45" + b"\x00" * 39])
+    p = tmp_path / "bad.pcap"
+    p.write_bytes(content)
+    r = _run_cli(str(p))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.pcap" in lines[0] and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_missing_file_exits_2(tmp_path):
+    r = _run_cli(str(tmp_path / "nope.pcap"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.pcap" in lines[0]
+
+
+def test_cli_exit_1_when_a_flow_does_not_complete(tmp_path, capsys):
+    # the client's FIN and everything after it never arrive: the flow is open
+    # at the end, so the replay cannot call it completed
+    packets = rp.read_pcap(os.path.join(ROOT, "pcaps", "http-get-v6.pcap"))
+    keep = packets[:len(packets) // 2]
+    p = tmp_path / "half.pcap"
+    with open(p, "wb") as fh:
+        w = dpkt.pcap.Writer(fh, linktype=101)
+        for ts, raw in keep:
+            w.writepkt(raw, ts=ts)
+    from tun2xray.cli import main
+    assert main(["replay", str(p)]) == 1
+    assert "incomplete" in capsys.readouterr().out
+
+
+def test_garbage_packets_inside_a_good_file_are_counted_not_fatal(tmp_path, capsys):
+    packets = rp.read_pcap(os.path.join(ROOT, "pcaps", "dns-v6.pcap"))
+    junk = [(packets[0][0], b"\x45\x00\x00\x10garbage"), (packets[0][0], b"\x99" * 30), (packets[0][0], b"")]
+    r = rp.Replay(junk + packets).run()
+    assert r.stray == 3 and all(f.ok for f in r.flows)
+    assert sum(r.stack.drops.values()) >= 3
