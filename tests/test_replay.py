@@ -37,6 +37,8 @@ class Rec:
         self.rst = False
         self.up = []              # UDP datagrams
         self.down = []
+        self.icmp = None          # (type, code, quote) of the server's ICMP error
+        self.first_raw = None     # the client's first packet
 
 
 def _stream(parts: dict) -> bytes:
@@ -57,6 +59,15 @@ def recorded_flows(path):
         for _ts, buf in dpkt.pcap.Reader(f):
             ip = dpkt.ip.IP(buf) if buf[0] >> 4 == 4 else dpkt.ip6.IP6(buf)
             l4 = ip.data
+            if isinstance(l4, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)):
+                quote = bytes(l4)[8:]
+                v = quote[0] >> 4
+                hl = (quote[0] & 15) * 4 if v == 4 else 40
+                src, dst = (quote[12:16], quote[16:20]) if v == 4 else (quote[8:24], quote[24:40])
+                proto = quote[9] if v == 4 else quote[6]
+                sport, dport = struct.unpack_from("!HH", quote, hl)
+                flows[(proto, src, sport, dst, dport)].icmp = (l4.type, l4.code, quote)
+                continue
             if isinstance(l4, dpkt.tcp.TCP):
                 proto = 6
             elif isinstance(l4, dpkt.udp.UDP):
@@ -71,6 +82,8 @@ def recorded_flows(path):
                 rec, from_client = flows[rev], False
             else:
                 rec, from_client = flows.setdefault(fwd, Rec(proto)), True
+            if rec.first_raw is None:
+                rec.first_raw = bytes(buf)
             if proto == 17:
                 (rec.up if from_client else rec.down).append(bytes(l4.data))
                 continue
@@ -111,7 +124,7 @@ def recorded_flows(path):
 def test_fixtures_exist():
     names = {os.path.basename(p) for p in PCAPS}
     for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
-                 "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap"):
+                 "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap"):
         assert want in names
     for p in PCAPS:
         assert os.path.getsize(p) < 2 << 20
@@ -138,6 +151,18 @@ def test_fixture_replays_like_the_recording(path, replays):
     for f in r.flows:
         rec = recs[(f.proto, bytes(f.key[0]), f.key[1], bytes(f.key[2]), f.key[3])]
         assert f.ok, f"{f.text()}: {f.outcome} ({f.detail})"
+        if f.proto == 17 and rec.icmp is not None:
+            # refused in the recording by an ICMP port unreachable: the stack
+            # delivered the datagram, then answered with the same ICMP error,
+            # quoting the client's datagram
+            assert f.outcome == "refused" and f.close_reason == "rejected"
+            assert f.host_datagrams == rec.up[:1]
+            errs = [rp.parse_ip(0, raw) for _, raw in r.output]
+            errs = [q for q in errs if q.icmp is not None and q.dst == bytes(f.key[0])]
+            assert [q.icmp for q in errs] == [rec.icmp[:2]]
+            quote = bytes(errs[0].payload)
+            assert quote[:28] == rec.first_raw[:28]
+            continue
         if f.proto == 17:
             assert f.host_datagrams == rec.up          # every client datagram, exactly, in order
             assert f.stack_datagrams == rec.down       # every reply, exactly, to the right 5-tuple

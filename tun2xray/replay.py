@@ -145,12 +145,15 @@ def _link_to_ip(path, linktype, frame, i) -> bytes:
 class Pkt:
     """One IP packet of the capture, with the fields the replay needs."""
     __slots__ = ("ts", "raw", "family", "proto", "src", "dst", "sport", "dport",
-                 "l4", "seq", "ack", "flags", "wnd", "doff", "payload", "opts")
+                 "l4", "seq", "ack", "flags", "wnd", "doff", "payload", "opts",
+                 "icmp", "inner")
 
     def __init__(self, ts, raw):
         self.ts, self.raw = ts, raw
         self.proto = None
         self.payload = b""
+        self.icmp = None          # (type, code) of an ICMP/ICMPv6 message
+        self.inner = None         # (proto, src, sport, dst, dport) an ICMP error quotes
 
 
 def parse_ip(ts, raw) -> Pkt:
@@ -186,7 +189,25 @@ def parse_ip(ts, raw) -> Pkt:
             return p
         p.proto, p.sport, p.dport = 17, sport, dport
         p.payload = raw[l4 + 8:l4 + ulen]
+    elif proto in (1, 58) and end - l4 >= 8 and (proto == 1) == (p.family == 4):
+        p.proto, p.icmp = proto, (raw[l4], raw[l4 + 1])
+        p.payload = raw[l4 + 8:end]
+        if p.icmp[0] in ((3, 11, 12) if proto == 1 else (1, 2, 3, 4)):
+            p.inner = _quoted(p.payload)
     return p
+
+
+def _quoted(q):
+    """(proto, src, sport, dst, dport) of the packet an ICMP error quotes."""
+    if len(q) >= 28 and q[0] >> 4 == 4:
+        off, proto, src, dst = (q[0] & 15) * 4, q[9], q[12:16], q[16:20]
+    elif len(q) >= 48 and q[0] >> 4 == 6:
+        off, proto, src, dst = 40, q[6], q[8:24], q[24:40]
+    else:
+        return None
+    if proto not in (6, 17) or len(q) < off + 4:
+        return None
+    return (proto, bytes(src), int.from_bytes(q[off:off + 2], "big"), bytes(dst), int.from_bytes(q[off + 2:off + 4], "big"))
 
 
 def tcp_options(opts) -> dict:
@@ -273,6 +294,8 @@ class Flow:
         self.ok = False
         self.detail = ""
         self.received = bytearray()   # bytes the host read from the stack
+        self.rec_icmp = None          # (type, code) of the recorded server's ICMP error, if any
+        self.stack_icmp = []          # (type, code) of the stack's ICMP errors about this flow
         if proto == 6:
             self._init_tcp()
         else:
@@ -338,9 +361,13 @@ def split_flows(packets):
     seq = []
     stray = 0
     for p in packets:
-        if p.proto is None:
-            stray += 1
-            seq.append((p, None, None))
+        if p.proto is None or p.proto in (1, 58):
+            f = flows.get(p.inner) if p.inner is not None else None
+            if f is not None and p.src == f.key[2]:
+                seq.append((p, f, False))     # the recorded server's ICMP error about the client's packet
+            else:
+                stray += 1
+                seq.append((p, None, None))
             continue
         fwd = (p.proto, p.src, p.sport, p.dst, p.dport)
         rev = (p.proto, p.dst, p.dport, p.src, p.sport)
@@ -364,7 +391,9 @@ def split_flows(packets):
         if f is not None:
             _record(f, p, from_client)
     for f in order:
-        if f.proto == 6:
+        if f.proto == 17:
+            f.expected = "refused" if _unreachable(f.rec_icmp) else "open"
+        elif f.proto == 6:
             if f.refused:
                 f.expected = "refused"
             elif f.rec_rst:
@@ -375,6 +404,12 @@ def split_flows(packets):
 
 
 def _record(f, p, from_client):
+    if p.icmp is not None:
+        if f.rec_icmp is None:
+            f.rec_icmp = p.icmp
+            if f.proto == 6 and f.server_isn is None:
+                f.refused = True
+        return
     if f.proto == 17:
         (f.client_datagrams if from_client else f.server_datagrams).append(bytes(p.payload))
         return
@@ -405,6 +440,18 @@ def _record(f, p, from_client):
         f.rec_server.put(rel, bytes(p.payload))
         if p.flags & FIN:
             f.rec_server_fin = rel + len(p.payload)
+
+
+def _unreachable(icmp) -> str | None:
+    """The reject kind for a recorded ICMP destination unreachable, else None."""
+    if icmp is None:
+        return None
+    t, c = icmp
+    if t == 3:
+        return {0: "net", 1: "host", 3: "port", 9: "admin", 10: "admin", 13: "admin"}.get(c, "host")
+    if t == 1:
+        return {0: "net", 1: "admin", 3: "host", 4: "port"}.get(c, "host")
+    return None
 
 
 # ------------------------------------------------------------------ the replay
@@ -496,7 +543,8 @@ class Replay:
                     continue
                 f.handle = e.conn
                 if f.refused:
-                    e.conn.reject("rst")
+                    kind = _unreachable(f.rec_icmp)
+                    e.conn.reject("icmp-" + kind if kind else "rst")
                 else:
                     e.conn.accept()
             elif t is ev.TcpReadable or t is ev.TcpWritable:
@@ -511,6 +559,9 @@ class Replay:
                 if f is not None:
                     f.handle = e.flow
                     f.host_datagrams.append(bytes(e.data))
+                    kind = _unreachable(f.rec_icmp)
+                    if kind is not None:
+                        e.flow.reject(kind)
             elif t is ev.UdpClosed:
                 f = self.by_key.get(e.flow.key)
                 if f is not None:
@@ -544,6 +595,8 @@ class Replay:
 
     def _server_acts(self, f, p):
         """A recorded server packet: the host does what that server did."""
+        if p.icmp is not None:
+            return                 # mirrored when the flow's request reached the host
         if f.proto == 17:
             if f.handle is not None:
                 f.handle.send(p.payload)
@@ -643,6 +696,13 @@ class Replay:
         if p.proto is None or not _checksum_ok(p):
             self.bad_output += 1
             return
+        if p.icmp is not None:
+            f = self.by_key.get(p.inner[1:]) if p.inner is not None else None
+            if f is None or p.inner[0] != f.proto:
+                self.unmatched_output += 1
+            else:
+                f.stack_icmp.append(p.icmp)
+            return
         f = self.by_reply_key.get((p.proto, p.src, p.sport, p.dst, p.dport))
         if f is None:
             self.unmatched_output += 1
@@ -702,6 +762,8 @@ def _checksum_ok(p) -> bool:
     else:
         end = 40 + int.from_bytes(raw[4:6], "big")
         ps = ck.pseudo6(p.src, p.dst, p.proto, end - p.l4)
+    if p.proto == 1:
+        return ck.sum16(memoryview(raw)[p.l4:end]) == 0xFFFF
     if p.proto == 17 and raw[p.l4 + 6:p.l4 + 8] == b"\x00\x00":
         return p.family == 4      # no UDP checksum: allowed over IPv4 only
     return ck.sum16(memoryview(raw)[p.l4:end], ps) == 0xFFFF
@@ -715,7 +777,13 @@ def judge(f) -> None:
         up = sum(map(len, f.client_datagrams))
         down = sum(map(len, f.server_datagrams))
         f.detail = f"{len(f.client_datagrams)} datagrams {up} B up, {len(f.server_datagrams)} datagrams {down} B down"
-        if f.host_datagrams != f.client_datagrams:
+        if f.expected == "refused":
+            want = f.rec_icmp
+            if f.close_reason == "rejected" and f.stack_icmp[:1] == [want] and f.host_datagrams == f.client_datagrams[:1]:
+                f.outcome, f.ok = "refused", True
+            else:
+                _incomplete(f, f"recorded as refused (ICMP {want}), stack sent {f.stack_icmp or 'no ICMP'}")
+        elif f.host_datagrams != f.client_datagrams:
             _incomplete(f, f"host got {len(f.host_datagrams)} of {len(f.client_datagrams)} datagrams intact")
         elif f.stack_datagrams != f.server_datagrams:
             _incomplete(f, f"stack sent {len(f.stack_datagrams)} of {len(f.server_datagrams)} replies intact")
@@ -727,6 +795,12 @@ def judge(f) -> None:
     f.detail = f"up {len(got)}/{len(cs)} B, down {len(sent)}/{len(ss)} B"
     if f.synthesized or f.lowered:
         f.detail += f", {f.lowered} ACKs lowered, {f.synthesized} synthesized"
+    if f.expected == "refused" and f.rec_icmp is not None:
+        if f.close_reason == "rejected" and f.stack_icmp[:1] == [f.rec_icmp]:
+            f.outcome, f.ok = "refused", True
+        else:
+            _incomplete(f, f"recorded as refused (ICMP {f.rec_icmp}), stack sent {f.stack_icmp or 'no ICMP'}")
+        return
     if f.expected == "refused":
         if f.close_reason == "rejected" and any(a == (f.client_isn + 1) & M32 and fl & RST for _, a, fl in f.stack_rst):
             f.outcome, f.ok = "refused", True
