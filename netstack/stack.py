@@ -17,8 +17,7 @@ it after every call): each packet given to input() increments exactly one of
                   bad source, unsupported, over a limit, ignored ND/MLD, ...)
   delivered       handed to a flow (TCP segment to a connection or a new
                   request, UDP datagram to a flow, ICMP error to the flow it
-                  quotes) or answered by the stack itself (echo reply, RST
-                  for a segment without a flow)
+                  quotes) or answered by the stack itself (echo reply)
   frag_held       a fragment the reassembler took without completing a
                   datagram; the fragment that completes one is counted by the
                   reassembled datagram's fate instead, and what the
