@@ -618,6 +618,7 @@ class Replay:
     def _feed_tcp(self, f, p):
         if p.flags & SYN:
             f.last_client = p
+            f.client_sent = max(f.client_sent, 1)
             self.stack.input(p.raw, p.ts)
             return
         raw = self._translate(f, p)
