@@ -260,11 +260,19 @@ def test_generic_bad_urls_and_arguments():
         ("http://x", {}, "unknown device scheme 'http'"),
         ("fd://0", {"mtu": 10}, "MTU 10 is not in 68..65535"),
         ("fd://0", {"mtu": 70000}, "MTU 70000 is not in 68..65535"),
-        ("fd://0", {"addresses": ["10.0.0.1/24"]}, "addresses can only be set on a tun:// device"),
-        ("unix:///tmp/x", {"addresses": "10.0.0.1/24"}, "addresses can only be set on a tun:// device"),
     ]
     for url, kw, why in cases:
         with pytest.raises(DeviceError) as ei:
             open_device(url, **kw)
         assert why in str(ei.value), (url, str(ei.value))
         assert "\n" not in str(ei.value)
+
+
+def test_addresses_are_ignored_for_host_configured_devices(pair):
+    # The CLI passes its default addresses whatever the device; the host owns
+    # an fd:// or unix:// interface's addressing.
+    fd, host = pair
+    with open_device(f"fd://{fd}", mtu=1280, addresses=["198.18.0.1/15", None]) as dev:
+        assert dev.mtu == 1280
+        host.send(V4)
+        assert dev.read_batch() == [V4]

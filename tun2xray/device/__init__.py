@@ -10,6 +10,11 @@ One small batched interface over every kind of packet-flow host::
 
 URLs (``open_device``):
 
+``addresses`` (IPv4/IPv6 CIDR strings; None or "" entries are skipped) and
+``mtu`` are applied to a ``tun://`` device. For ``fd://`` and ``unix://`` the
+host has configured the interface: addresses are ignored and ``mtu`` (default
+1500) is only recorded as ``Device.mtu``.
+
 ``tun://NAME``
     A Linux TUN (``IFF_TUN | IFF_NO_PI``) opened with python-pytun. If NAME
     does not exist it is created, and removed again by ``close()``; an existing
@@ -63,10 +68,6 @@ from ._base import Device, DeviceError
 __all__ = ["Device", "DeviceError", "open_device"]
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _query(url: str, query: str, allowed: set[str]) -> dict[str, str]:
     try:
         q = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
@@ -91,6 +92,7 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
             raise DeviceError(f"{url}: MTU {mtu!r} is not in 68..65535")
     if isinstance(addresses, str):
         addresses = [addresses]
+    addresses = [a for a in (addresses or ()) if a]  # None/"" = not configured
     scheme, rest = url.split("://", 1)
     scheme = scheme.lower()
     if scheme == "tun":
@@ -99,8 +101,8 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
         from .linux_tun import open_tun
 
         return open_tun(url, name, mtu=mtu, addresses=list(addresses))
-    if addresses:
-        raise DeviceError(f"{url}: addresses can only be set on a tun:// device (the host configures {scheme}://)")
+    # fd:// and unix://: the host owns the interface and its addressing, so
+    # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":
         parts = urlsplit(url)
         if parts.path not in ("", "/"):
