@@ -148,6 +148,9 @@ def test_fixture_replays_like_the_recording(path, replays):
     assert len(r.flows) == len(recs)
     assert r.bad_output == 0, "the stack emitted packets with bad checksums or lengths"
     assert r.unmatched_output == 0, "the stack emitted packets for no flow of the capture"
+    # every packet fed (translated ones included) passed the stack's checksum checks
+    assert not [k for k in list(r.stack.drops) + list(r.stack.tcp_drops) if "checksum" in k and
+                (r.stack.drops.get(k) or r.stack.tcp_drops.get(k))]
     for f in r.flows:
         rec = recs[(f.proto, bytes(f.key[0]), f.key[1], bytes(f.key[2]), f.key[3])]
         assert f.ok, f"{f.text()}: {f.outcome} ({f.detail})"

@@ -476,14 +476,14 @@ class Replay:
         st = self.stack
         for p, f, from_client in self.sequence:
             self._timers_until(p.ts)
-            self.now = p.ts
+            self.now = now = max(self.now, p.ts)     # a capture's clock may step back: ours does not
             if f is None:
-                st.input(p.raw, p.ts)     # the stack must cope (counts a drop)
+                st.input(p.raw, now)      # the stack must cope (counts a drop)
             elif from_client:
                 if f.proto == 6:
-                    self._feed_tcp(f, p)
+                    self._feed_tcp(f, p, now)
                 else:
-                    st.input(p.raw, p.ts)
+                    st.input(p.raw, now)
             else:
                 self._server_acts(f, p)
             self._settle()
@@ -615,18 +615,18 @@ class Replay:
 
     # ---------------------------------------------------------------- client
 
-    def _feed_tcp(self, f, p):
+    def _feed_tcp(self, f, p, now):
         if p.flags & SYN:
             f.last_client = p
             f.client_sent = max(f.client_sent, 1)
-            self.stack.input(p.raw, p.ts)
+            self.stack.input(p.raw, now)
             return
         raw = self._translate(f, p)
         end = _rel(p.seq, f.client_isn) + len(p.payload) + (1 if p.flags & FIN else 0)
         if end > f.client_sent and end < 1 << 31:
             f.client_sent = end
         f.last_client = p
-        self.stack.input(raw, p.ts)
+        self.stack.input(raw, now)
 
     def _translate(self, f, p) -> bytes:
         """The client packet with its ACK, SACK edges and TS echo moved from
@@ -863,6 +863,7 @@ def report(path, r: Replay, out=None) -> bool:
         print(f"  {f.text():52s} {f.outcome}  ({f.detail})", file=out)
     n_ok = sum(f.ok for f in r.flows)
     drops = {k: v for k, v in r.stack.drops.items() if v}
+    drops.update({"tcp." + k: v for k, v in r.stack.tcp_drops.items() if v})
     extra = f", {r.stray} packets outside flows" if r.stray else ""
     if r.bad_output:
         extra += f", {r.bad_output} malformed packets from the stack"
