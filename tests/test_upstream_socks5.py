@@ -397,3 +397,58 @@ def test_udp_associate_reply_code(run):
         await srv.stop()
 
     run(main())
+
+
+# ---------------------------------------------------------------- more edges
+
+
+def test_proxy_given_by_name_tries_each_address(run):
+    # "localhost" may resolve to ::1 first; the server listens on 127.0.0.1
+    # only, so the dialer must fall through to the next address.
+    async def main():
+        srv = await StrictSocks().start()
+        sock = await socks5_connect(SocksUpstream("localhost", srv.port), "10.0.0.1", 80, timeout=2)
+        assert sock.getpeername() == ("127.0.0.1", srv.port)
+        sock.close()
+        await srv.stop()
+
+    run(main())
+
+
+def test_udp_send_edges(run):
+    async def main():
+        srv = await StrictSocks().start()
+        assoc = await SocksUdpAssociation.open(up_for(srv), timeout=2, on_datagram=lambda *a: None)
+        assoc.sendto(b"x" * 70000, "10.0.0.1", 53)  # cannot fit in one datagram
+        assert assoc.stats["send_dropped"] == 1 and assoc.stats["datagrams_out"] == 0
+        assoc.sendto(b"ba", bytearray(b"\x0a\x00\x00\x02"), 53)
+        assoc.sendto(b"mv", memoryview(b"\x0a\x00\x00\x02"), 53)
+        with pytest.raises(ValueError):
+            assoc.sendto(b"x", "10.0.0.1", 65536)
+        with pytest.raises(ValueError):
+            assoc.sendto(b"x", b"\x01\x02", 1)
+        for _ in range(100):
+            if len(srv.udp_seen) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert srv.udp_seen == [b"\x00\x00\x00\x01\x0a\x00\x00\x02\x00\x35" + d for d in (b"ba", b"mv")]
+        assoc.close()
+        await srv.stop()
+
+    run(main())
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+def test_udp_receive_never_raises(data):
+    got = []
+    assoc = SocksUdpAssociation(None, "fuzz", lambda h, p, d: got.append((h, p, d)), None)
+    assoc._datagram(data)
+    st_ = assoc.stats
+    assert st_["datagrams_in"] + st_["malformed"] + st_["frag_dropped"] == 1
+    if got:
+        h, p, d = got[0]
+        assert 0 <= p <= 0xFFFF and data.endswith(d) and data[2] == 0

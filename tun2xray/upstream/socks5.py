@@ -456,11 +456,11 @@ class SocksUdpAssociation:
         Dropped (and counted in ``send_dropped``) once closed, when too big
         for one datagram, or when the socket's write buffer is full.
         """
+        if host.__class__ is not str and host.__class__ is not bytes:
+            host = bytes(host)  # bytearray / memoryview: hashable key
         key = (host, port)
         hdr = self._headers.get(key)
         if hdr is None:
-            if isinstance(host, (bytearray, memoryview)):
-                key = (bytes(host), port)
             hdr = b"\x00\x00\x00" + encode_address_port(host, port)
             if len(self._headers) >= _HEADER_CACHE_MAX:
                 self._headers.clear()
