@@ -402,13 +402,29 @@ def test_udp_associate_reply_code(run):
 # ---------------------------------------------------------------- more edges
 
 
-def test_proxy_given_by_name_tries_each_address(run):
-    # "localhost" may resolve to ::1 first; the server listens on 127.0.0.1
-    # only, so the dialer must fall through to the next address.
+def test_proxy_given_by_name_tries_each_address(run, monkeypatch):
+    # A name resolving to ::1 first while the server listens on 127.0.0.1
+    # only: the dialer must fall through to the next address.
+    import tun2xray.upstream._net as net
+
+    real_resolve = net.resolve
+    asked = []
+
+    async def fake_resolve(host, port, socktype):
+        if host != "proxy.test":
+            return await real_resolve(host, port, socktype)
+        asked.append(host)
+        return [(socket.AF_INET6, ("::1", port, 0, 0)), (socket.AF_INET, ("127.0.0.1", port))]
+
+    monkeypatch.setattr(net, "resolve", fake_resolve)
+
     async def main():
         srv = await StrictSocks().start()
-        sock = await socks5_connect(SocksUpstream("localhost", srv.port), "10.0.0.1", 80, timeout=2)
+        before = count_fds()
+        sock = await socks5_connect(SocksUpstream("proxy.test", srv.port), "10.0.0.1", 80, timeout=2)
         assert sock.getpeername() == ("127.0.0.1", srv.port)
+        assert asked == ["proxy.test"]
+        assert count_fds() == before + 2  # ours and the server side; the ::1 attempt was closed
         sock.close()
         await srv.stop()
 
