@@ -21,6 +21,7 @@ from tun2xray.upstream import (
     SocksUdpAssociation,
     SocksUpstream,
     dokodemo_connect,
+    open_stream,
     parse_upstream,
     socks5_connect,
 )
@@ -206,5 +207,19 @@ def test_dokodemo_refused_and_unreachable(run, echo):
         assert isinstance(flow.last_error, ConnectionRefusedError)
         assert not flow.closed
         flow.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["socks", "dokodemo"])
+def test_open_stream_dispatch(run, v2ray, echo, kind):
+    url = f"socks5://127.0.0.1:{v2ray.socks_port}" if kind == "socks" else f"dokodemo://127.0.0.1:{v2ray.doko_port}"
+
+    async def main():
+        sock = await open_stream(parse_upstream(url), "::1", echo.port, timeout=5)
+        try:
+            assert await echo_roundtrip(sock, b"dispatch") == b"dispatch"
+        finally:
+            sock.close()
 
     run(main())
