@@ -281,7 +281,8 @@ class StrictSocks:
 
     Behaviour knobs (set before the client connects):
       mode         "ok" | "close_after_greeting" | "close_mid_reply" |
-                   "garbage" | "silent" | "no_method" | "bad_method" | "silent_after_auth"
+                   "garbage" | "silent" | "no_method" | "bad_method" | "silent_after_auth" |
+                   "short_fail" (VER REP only for a failure reply)
       auth         (user, password) to require RFC 1929 auth, else None
       reply        reply code to a request (0 = success)
       bnd          ATYP+ADDR+PORT bytes for a success reply (default 0.0.0.0:0)
@@ -408,6 +409,10 @@ class StrictSocks:
             writer.write(b"\x05\x08\x00\x01\x00\x00\x00\x00\x00\x00")
             return
         self.requests.append((cmd, bytes((atyp,)) + rest))
+        if self.reply != 0 and mode == "short_fail":
+            writer.write(bytes((5, self.reply)))  # VER REP, then hang up
+            await writer.drain()
+            return
         if self.reply != 0:
             writer.write(bytes((5, self.reply, 0)) + b"\x01\x00\x00\x00\x00\x00\x00")
             await writer.drain()

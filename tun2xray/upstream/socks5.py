@@ -223,12 +223,14 @@ async def _request(loop, sock, cmd: int, addr_port: bytes, label: str, target: s
     """Send a request; return BND.ADDR, BND.PORT of a success reply."""
     what = "CONNECT" if cmd == CMD_CONNECT else "UDP ASSOCIATE"
     await loop.sock_sendall(sock, bytes((VERSION, cmd, 0)) + addr_port)
-    head = await _recv_exact(loop, sock, 5, label, f"before the {what} reply")
-    ver, rep, _rsv, atyp, first = head
+    # VER and REP first: some servers send just these two bytes on failure.
+    ver, rep = await _recv_exact(loop, sock, 2, label, f"before the {what} reply")
     if ver != VERSION:
         raise SocksError(f"{label}: malformed {what} reply (version {ver})")
     if rep != 0:
         raise SocksError(f"{label}: {what} {target} failed: {reply_text(rep)}", reply=rep)
+    head = await _recv_exact(loop, sock, 3, label, f"inside the {what} reply")
+    _rsv, atyp, first = head
     if atyp == ATYP_IPV4:
         rest = 4 - 1 + 2
     elif atyp == ATYP_IPV6:
@@ -238,7 +240,7 @@ async def _request(loop, sock, cmd: int, addr_port: bytes, label: str, target: s
     else:
         raise SocksError(f"{label}: malformed {what} reply (address type {atyp})")
     tail = await _recv_exact(loop, sock, rest, label, f"inside the {what} reply")
-    host, port, _end = decode_address(head[3:] + tail, 0)
+    host, port, _end = decode_address(head[1:] + tail, 0)
     return host, port
 
 
