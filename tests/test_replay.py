@@ -124,7 +124,8 @@ def recorded_flows(path):
 def test_fixtures_exist():
     names = {os.path.basename(p) for p in PCAPS}
     for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
-                 "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap"):
+                 "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap",
+                 "http-post-loss-v4.pcap"):
         assert want in names
     for p in PCAPS:
         assert os.path.getsize(p) < 2 << 20
@@ -241,7 +242,7 @@ def test_reordered_upload_is_sacked_and_reassembled():
     hole = (first.seq - f.client_isn) & M32
     block = ((second.seq - f.client_isn) & M32, (second.seq - f.client_isn + len(second.payload)) & M32)
     # the segment that came early was acknowledged selectively, the hole cumulatively
-    assert any(block in sacks for sacks in f.stack_sacks), f.stack_sacks[:5]
+    assert any(ack == hole and block in blocks for ack, blocks, _ in f.stack_sacks), f.stack_sacks[:5]
     assert hole in {a for a, _ in f.stack_acks}
 
 
@@ -373,3 +374,42 @@ def test_slower_sender_gets_the_clients_acks_when_it_catches_up():
     for ack, client_sent in data.stack_acks:
         assert ack <= client_sent
     assert r.bad_output == 0
+
+
+def _recorded_sacks(path):
+    """Left edges of the SACK blocks the recorded server sent, and the
+    cumulative ACKs that carried them, relative to the client's ISN."""
+    isn, edges, acks = None, set(), set()
+    with open(path, "rb") as fh:
+        for _ts, buf in dpkt.pcap.Reader(fh):
+            tcp = dpkt.ip.IP(buf).data
+            if tcp.flags & dpkt.tcp.TH_SYN and not tcp.flags & dpkt.tcp.TH_ACK:
+                isn = tcp.seq
+            for kind, val in dpkt.tcp.parse_opts(tcp.opts):
+                if kind == dpkt.tcp.TCP_OPT_SACK:
+                    acks.add((tcp.ack - isn) & M32)
+                    edges.update((struct.unpack_from("!I", val, i)[0] - isn) & M32 for i in range(0, len(val), 8))
+    return edges, acks
+
+
+def test_lost_client_segments_are_sacked_like_the_recorded_server_did():
+    # the client's 10th, 11th and 30th data segments were lost in the capture
+    # (tools/capture_pcaps.py): the recorded Linux server SACKed what came after
+    # each hole; the stack must do the same, keep its cumulative ACK at the
+    # hole, and take the client's retransmissions to complete the upload
+    path = os.path.join(ROOT, "pcaps", "http-post-loss-v4.pcap")
+    r = rp.replay_file(path)
+    (f,) = r.flows
+    assert f.ok, f.outcome
+    assert bytes(f.received) == f.client_stream and len(f.client_stream) > 100_000
+    assert f.stack_sacks, "no SACK blocks"
+    recorded, recorded_holes = _recorded_sacks(path)
+    assert len(recorded) == 2 and len(recorded_holes) == 3
+    assert {blocks[0][0] for _, blocks, _ in f.stack_sacks} == recorded
+    for ack, blocks, client_sent in f.stack_sacks:
+        for left, right in blocks:
+            # a block lies above the cumulative ACK and within what the client sent
+            assert ack < left < right <= client_sent, (ack, blocks, client_sent)
+    # the cumulative ACKs that carried SACK blocks: the start of each hole,
+    # as it shrank with the client's retransmissions (as the recording shows)
+    assert {ack for ack, _, _ in f.stack_sacks} == recorded_holes

@@ -43,6 +43,7 @@ CLI6, SRV6 = "fd77:1::2", "fd77::10"
 NETS = [ipaddress.ip_network(n) for n in ("10.77.0.0/16", "fd77::/16")]
 HTTP_PORT, CLOSED_PORT, IPERF_PORT = 8080, 81, 5201
 LINKTYPE_RAW = 101
+LOSSES = {"http-post-loss-v4": (10, 11, 30)}
 MAX_PACKETS = 20000          # per scenario: a routing loop must not fill the disk
 
 
@@ -70,6 +71,16 @@ def _in_test_nets(pkt: bytes) -> bool:
     return any(src in n for n in NETS) and any(dst in n for n in NETS)
 
 
+def _tcp_payload_len(pkt: bytes) -> int:
+    if pkt[0] >> 4 == 4:
+        ihl, proto, total = (pkt[0] & 15) * 4, pkt[9], int.from_bytes(pkt[2:4], "big")
+    else:
+        ihl, proto, total = 40, pkt[6], 40 + int.from_bytes(pkt[4:6], "big")
+    if proto != 6 or len(pkt) < ihl + 20:
+        return 0
+    return total - ihl - (pkt[ihl + 12] >> 4) * 4
+
+
 class Forwarder(threading.Thread):
     """Copies packets between the two TUNs and records them to a pcap."""
 
@@ -81,9 +92,14 @@ class Forwarder(threading.Thread):
         self.file = None
         self.count = 0
         self.stopping = False
+        self.drop = frozenset()   # indices of client TCP data segments to lose (not forwarded, not recorded)
+        self.data_segments = 0
+        self.dropped = 0
 
-    def start_capture(self, path: str) -> None:
+    def start_capture(self, path: str, drop=()) -> None:
         with self.lock:
+            self.drop = frozenset(drop)
+            self.data_segments = self.dropped = 0
             self.file = open(path, "wb")
             self.writer = dpkt.pcap.Writer(self.file, snaplen=65535, linktype=LINKTYPE_RAW)
             self.count = 0
@@ -104,6 +120,12 @@ class Forwarder(threading.Thread):
                 pkt = os.read(fd, 65535)
                 if not _in_test_nets(pkt):
                     continue
+                if fd == cfd and self.drop and _tcp_payload_len(pkt) > 0:
+                    i = self.data_segments
+                    self.data_segments += 1
+                    if i in self.drop:
+                        self.dropped += 1
+                        continue      # lost before the server side, so not in the capture either
                 with self.lock:
                     if self.writer is not None and self.count < MAX_PACKETS:
                         self.writer.writepkt(pkt, ts=time.time())
@@ -186,6 +208,10 @@ def scenarios(tmp: str) -> dict:
         "http-get-v4": [f"{curl} http://{SRV4}:{HTTP_PORT}/blob?size=200000"],
         "http-get-v6": [f"{curl} http://[{SRV6}]:{HTTP_PORT}/blob?size=120000"],
         "http-post-v4": [f"{curl} -H Expect: --data-binary @{upload} http://{SRV4}:{HTTP_PORT}/upload"],
+        # the same upload, with three of the client's data segments lost on
+        # the way (the 10th, 11th and 30th): the capture shows the holes and
+        # the client's retransmissions, so a replay sees out-of-order data
+        "http-post-loss-v4": [f"{curl} -H Expect: --data-binary @{upload} http://{SRV4}:{HTTP_PORT}/upload"],
         "http-post-v6": [f"{curl} -H Expect: --data-binary @{upload} http://[{SRV6}]:{HTTP_PORT}/upload"],
         "iperf3-v4": [f"iperf3 -c {SRV4} -p {IPERF_PORT} -n 512K"],
         "iperf3-reverse-v4": [f"iperf3 -c {SRV4} -p {IPERF_PORT} -n 512K -R"],
@@ -257,7 +283,7 @@ def main(argv=None) -> int:
             if args.only and name not in args.only:
                 continue
             path = os.path.join(args.out, name + ".pcap")
-            fwd.start_capture(path)
+            fwd.start_capture(path, LOSSES.get(name, ()))
             for cmd in cmds:
                 r = sh(in_ns(CLI_NS, cmd), check=False, stdout=subprocess.DEVNULL)
                 if r.returncode != 0 and "refused" not in name and "closed" not in name:
@@ -265,7 +291,8 @@ def main(argv=None) -> int:
                 time.sleep(0.3)
             time.sleep(0.5)   # let closing handshakes finish
             n = fwd.stop_capture()
-            print(f"{name}: {n} packets, {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
+            lost = f" ({fwd.dropped} client segments lost on purpose)" if fwd.dropped else ""
+            print(f"{name}: {n} packets, {os.path.getsize(path)} bytes -> {os.path.relpath(path)}{lost}")
         return 0
     finally:
         if fwd is not None:

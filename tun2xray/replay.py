@@ -323,7 +323,7 @@ class Flow:
         self.stack_stream = Stream()  # bytes the stack sent toward the client
         self.stack_fin = None         # relative seq of the stack's FIN
         self.stack_acks = []          # (ack relative to client ISN, client's sent-so-far) per segment
-        self.stack_sacks = []         # SACK blocks the stack sent, relative to client ISN
+        self.stack_sacks = []         # (ack, SACK blocks, client's sent-so-far) relative to the client ISN
         self.stack_tsval = None
         self.stack_segments = 0
         self.client_sent = 0          # highest client seq fed so far, relative (SYN = 1)
@@ -726,7 +726,8 @@ class Replay:
         if p.flags & ACK:
             f.stack_acks.append((_rel(p.ack, f.client_isn), f.client_sent))
         if 5 in opts:
-            f.stack_sacks.append([(_rel(a, f.client_isn), _rel(b, f.client_isn)) for a, b in opts[5][1]])
+            f.stack_sacks.append((_rel(p.ack, f.client_isn), [(_rel(a, f.client_isn), _rel(b, f.client_isn)) for a, b in opts[5][1]],
+                                  f.client_sent))
         if p.flags & SYN:
             return
         rel = _rel(p.seq, f.stack_isn)
