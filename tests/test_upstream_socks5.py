@@ -471,3 +471,25 @@ def test_udp_receive_never_raises(data):
     if got:
         h, p, d = got[0]
         assert 0 <= p <= 0xFFFF and data.endswith(d) and data[2] == 0
+
+
+def test_ipv6_proxy_with_ipv4_relay(run):
+    # Control connection over ::1, relay named as 127.0.0.1: the client must
+    # switch its UDP socket to the relay's family.
+    async def main():
+        srv = await StrictSocks().start("::1")
+        got = asyncio.Queue()
+        before = count_fds()
+        assoc = await SocksUdpAssociation.open(
+            SocksUpstream("::1", srv.port), timeout=2, on_datagram=lambda *a: got.put_nowait(a)
+        )
+        assert srv.udp_client[0] == 4  # we announced our IPv6 source
+        assert assoc.relay[0] == "127.0.0.1" and assoc.local[0] == "127.0.0.1"
+        assoc.sendto(b"v6 control", "::2", 5353)
+        assert await asyncio.wait_for(got.get(), 2) == ("::2", 5353, b"v6 control!")
+        assoc.close()
+        await srv.idle()
+        assert count_fds() == before
+        await srv.stop()
+
+    run(main())

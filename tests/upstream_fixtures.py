@@ -277,7 +277,9 @@ def v2ray(echo, tmp_path_factory):
 
 
 class StrictSocks:
-    """A strict, scriptable SOCKS5 server on 127.0.0.1 for error paths.
+    """A strict, scriptable SOCKS5 server on loopback for error paths.
+
+    Its UDP relay is always on 127.0.0.1, also when the server listens on ::1.
 
     Behaviour knobs (set before the client connects):
       mode         "ok" | "close_after_greeting" | "close_mid_reply" |
@@ -311,8 +313,8 @@ class StrictSocks:
         self._writers = []
         self.relay = None
 
-    async def start(self):
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, host="127.0.0.1"):
+        self._server = await asyncio.start_server(self._serve, host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
