@@ -406,3 +406,38 @@ def test_accounting_returns_to_zero():
     for f in frags[1:]:
         r.add(f, 0)
     assert r.bytes_held == 0 and len(r) == 0
+
+
+def test_v6_malformed_extension_chain_in_fragment():
+    r, drops = make()
+    whole = whole6(udp_payload(100))
+    f = bytearray(split6(whole, 64)[0])
+    f[6] = 60                          # a destination options header that runs past the end
+    f[40:48] = bytes([44, 200, 0, 0, 0, 0, 0, 0])
+    assert r.add(bytes(f), 0) is None
+    assert drops["frag_malformed"] == 1
+
+
+def test_v6_first_fragment_with_truncated_chain_is_tiny():
+    r, drops = make()
+    l4 = bytes([6, 3]) + bytes(30) + bytes(200)    # dest options of 32 bytes, then TCP
+    whole = whole6(l4, nxt=60)
+    assert r.add(frag6(whole, 0, 24, True), 0) is None
+    assert drops["frag_tiny"] == 1 and len(r) == 0
+
+
+def test_zero_length_last_fragment():
+    r, drops = make()
+    whole = whole4(udp_payload(1992))                 # 2000 bytes of UDP
+    assert r.add(frag4(whole, 0, 2000, True), 0) is None
+    assert r.add(frag4(whole, 2000, 2000, False), 0) == whole
+    assert not drops
+
+
+def test_bad_fragment_abandons_held_datagram():
+    r, drops = make()
+    whole = whole4(udp_payload(3000))
+    r.add(frag4(whole, 1000, 2000, True), 0)
+    assert len(r) == 1
+    r.add(frag4(whole, 0, 996, True), 0)              # not a multiple of 8
+    assert drops["frag_bad_length"] == 1 and len(r) == 0 and r.bytes_held == 0
