@@ -289,14 +289,31 @@ def test_read_pcap_link_types_and_byte_orders(tmp_path):
     eth = [b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip for ip in ips]
     vlan = [b"\x02" * 6 + b"\x04" * 6 + b"\x81\x00\x00\x07\x08\x00" + ip for ip in ips]
     sll = [b"\x00" * 14 + b"\x08\x00" + ip for ip in ips]
+    sll2 = [b"\x08\x00" + b"\x00" * 18 + ip for ip in ips]
+    arp = b"\xff" * 6 + b"\x04" * 6 + b"\x08\x06" + b"\x00" * 28   # no IP inside: skipped
     null = [b"\x02\x00\x00\x00" + ip for ip in ips]
     for i, (lt, frames, nano, order) in enumerate([(101, ips, False, ">"), (1, eth, True, "<"), (1, vlan, False, "<"),
-                                                   (113, sll, False, "<"), (0, null, False, ">")]):
+                                                   (113, sll, False, "<"), (0, null, False, ">"),
+                                                   (276, sll2, False, "<"), (1, [arp] + eth, False, "<")]):
         p = tmp_path / f"x{i}.pcap"
         p.write_bytes(_pcap(lt, frames, nano, order))
         got = rp.read_pcap(str(p))
         assert [raw for _, raw in got] == ips
-        assert got[0][0] == pytest.approx(1000 + (500e-9 if nano else 500e-6))
+        assert got[0][0] == pytest.approx(1000 + (500e-9 if nano else 500e-6) + (frames[0] is arp))
+
+
+def test_read_pcapng(tmp_path):
+    ref = rp.read_pcap(os.path.join(ROOT, "pcaps", "dns-v6.pcap"))
+    p = tmp_path / "x.pcapng"
+    with open(p, "wb") as fh:
+        w = dpkt.pcapng.Writer(fh, linktype=101)
+        for ts, raw in ref:
+            w.writepkt(raw, ts=ts)
+    got = rp.read_pcap(str(p))
+    assert [raw for _, raw in got] == [raw for _, raw in ref]
+    assert got[-1][0] == pytest.approx(ref[-1][0], abs=1e-6)
+    r = rp.Replay(got).run()
+    assert len(r.flows) == 2 and all(f.ok for f in r.flows)
 
 
 def _run_cli(*args):

@@ -101,7 +101,9 @@ def read_pcap(path) -> list:
         off += caplen
         if caplen < origlen:
             raise ReplayError(f"{path}: packet {i} was cut to {caplen} of {origlen} bytes (snaplen)")
-        out.append((sec + frac / div, _link_to_ip(path, linktype, frame, i)))
+        ip = _link_to_ip(path, linktype, frame, i)
+        if ip is not None:
+            out.append((sec + frac / div, ip))
     return out
 
 
@@ -112,14 +114,16 @@ def _read_pcapng(path, data) -> list:
     try:
         rd = dpkt.pcapng.Reader(io.BytesIO(data))
         linktype = rd.datalink()
-        return [(ts, _link_to_ip(path, linktype, buf, i + 1)) for i, (ts, buf) in enumerate(rd)]
+        out = [(ts, _link_to_ip(path, linktype, buf, i + 1)) for i, (ts, buf) in enumerate(rd)]
+        return [(ts, ip) for ts, ip in out if ip is not None]
     except ReplayError:
         raise
     except Exception as e:   # dpkt raises assorted errors on malformed blocks
         raise ReplayError(f"{path}: malformed pcapng ({type(e).__name__}: {e})") from None
 
 
-def _link_to_ip(path, linktype, frame, i) -> bytes:
+def _link_to_ip(path, linktype, frame, i):
+    """The IP packet in one frame; None for frames that carry none (ARP, ...)."""
     if linktype in _RAW_LINKTYPES:
         return frame
     if linktype == 1:           # Ethernet II, with up to two VLAN tags
@@ -130,13 +134,15 @@ def _link_to_ip(path, linktype, frame, i) -> bytes:
             if et not in (0x8100, 0x88A8):
                 break
             off += 2
-        return frame[off:] if et in (0x0800, 0x86DD) else b""
-    if linktype == 113:         # Linux cooked capture v1: 16-byte header
-        return frame[16:] if len(frame) >= 16 else b""
-    if linktype == 276:         # Linux cooked capture v2: 20-byte header
-        return frame[20:] if len(frame) >= 20 else b""
+        return frame[off:] if et in (0x0800, 0x86DD) else None
+    if linktype == 113:         # Linux cooked capture v1: protocol at 14, 16-byte header
+        ok = len(frame) >= 16 and frame[14:16] in (b"\x08\x00", b"\x86\xdd")
+        return frame[16:] if ok else None
+    if linktype == 276:         # Linux cooked capture v2: protocol at 0, 20-byte header
+        ok = len(frame) >= 20 and frame[0:2] in (b"\x08\x00", b"\x86\xdd")
+        return frame[20:] if ok else None
     if linktype in (0, 108):    # BSD loopback: 4-byte address family
-        return frame[4:] if len(frame) >= 4 else b""
+        return frame[4:] if len(frame) >= 4 else None
     raise ReplayError(f"{path}: unsupported link type {linktype}")
 
 
