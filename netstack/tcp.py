@@ -398,7 +398,7 @@ class TcpConnection:
     def segment_arrives(self, seq, ack, flags, wnd, opts, payload, now):
         st = self.state
         # ---- header prediction: ESTABLISHED, in-order, only ACK(/PSH), nothing special
-        if (st is ESTABLISHED and (flags & 0xEF) == ACK and seq == self.rcv_nxt
+        if (st is ESTABLISHED and (flags & 0xF7) == ACK and seq == self.rcv_nxt
                 and not self.in_recovery and not self.ooo.runs):
             ts_val = None
             if opts is not None:
@@ -410,9 +410,10 @@ class TcpConnection:
                     if d >= _HALF:
                         return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
             n = len(payload)
-            room = (self.rcv_adv - seq) & _M
-            if room >= _HALF or n > room:
-                return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
+            if n > self._rcv_cap - len(self.rcv_buf):
+                room = (self.rcv_adv - seq) & _M
+                if room >= _HALF or n > room:
+                    return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
             una = self.snd_una
             acked = (ack - una) & _M
             swnd = wnd << self.snd_wscale
@@ -481,8 +482,13 @@ class TcpConnection:
                 drops["paws"] += 1
                 self._owe_ack()
                 return
-        # --- step 1: sequence number acceptability (RFC 9293 §3.10.7.4)
+        # --- step 1: sequence number acceptability (RFC 9293 §3.10.7.4).  The
+        # window is what we advertised, or the free buffer if larger: bytes we
+        # have room for are never thrown away (the buffer still bounds memory).
         rwnd = _sdiff(self.rcv_adv, self.rcv_nxt)
+        free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
+        if rwnd < free:
+            rwnd = free
         if rwnd < 0:
             rwnd = 0
         d = _sdiff(seq, self.rcv_nxt)
@@ -601,6 +607,7 @@ class TcpConnection:
             elif st == LAST_ACK:
                 self._remove("closed")
                 return
+        fin_off = self._rcv_off + d + n      # stream offset of a FIN in this segment
         # --- step 7: segment text
         if n:
             if st in _RECV_STATES:
@@ -619,13 +626,11 @@ class TcpConnection:
                 self._arm_at(self.tw_at)
             elif self.fin_rcvd:
                 self._owe_ack()
+            elif fin_off == self._rcv_off:
+                self._on_fin(now)
             else:
-                off = self._rcv_off + d + n
-                if off == self._rcv_off:
-                    self._on_fin(now)
-                else:
-                    self._fin_off = off      # arrives before data still missing
-                    self._owe_ack()
+                self._fin_off = fin_off      # arrives before data still missing
+                self._owe_ack()
 
     # ------------------------------------------------------- LISTEN (SYN)
 
@@ -928,6 +933,7 @@ class TcpConnection:
                 snd_max = self.snd_max
                 emit = self._emit
                 sb = self.scoreboard if (self.scoreboard and nxt != snd_max) else None
+                fin_ok = self.fin_queued and st != ESTABLISHED and st != CLOSE_WAIT
                 with memoryview(buf) as mv:
                     while off < blen and usable > 0:
                         n = blen - off
@@ -948,7 +954,17 @@ class TcpConnection:
                         retx = ((snd_max - nxt) & _M) - 1 < _HALF   # nxt < snd_max
                         if retx and n > seg1:
                             n = seg1
-                        emit(nxt, ACK | PSH if off + n == blen else ACK, mv[off:off + n], now)
+                        if off + n == blen:
+                            if fin_ok:                 # piggyback our FIN on the last data
+                                emit(nxt, ACK | PSH | FIN, mv[off:off + n], now)
+                                nxt = (nxt + n + 1) & _M
+                                off += n
+                                if ((nxt - snd_max) & _M) - 1 < _HALF:
+                                    snd_max = nxt
+                                break
+                            emit(nxt, ACK | PSH, mv[off:off + n], now)
+                        else:
+                            emit(nxt, ACK, mv[off:off + n], now)
                         if not retx and self._rtt_seq is None and not self.ts_ok:
                             self._rtt_seq = (nxt + n) & _M
                             self._rtt_time = now
