@@ -21,7 +21,9 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     TUN (e.g. made persistent by ``ip tuntap add``) is attached to and left in
     place. MTU and addresses (IPv4 and IPv6 CIDR strings) are applied and the
     link brought up over rtnetlink (pyroute2). ``tun://`` with no name lets the
-    kernel pick one (``tun0``, ...).
+    kernel pick one (``tun0``, ...). ``tun://NAME?offload=1`` adds IFF_VNET_HDR
+    and TCP segmentation offload: 64 KB TCP super-segments both ways (see
+    offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
 
 ``fd://N`` and ``fd://N?header=af[&af6=10]``
     An inherited TUN file descriptor (Android ``VpnService``: raw IP packets).
@@ -97,10 +99,13 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
     scheme = scheme.lower()
     if scheme == "tun":
         name, _, query = rest.partition("?")
-        _query(url, query, set())
+        opts = _query(url, query, {"offload"})
+        offload = opts.get("offload", "0")
+        if offload not in ("0", "1"):
+            raise DeviceError(f"{url}: offload={offload!r} is not 0 or 1")
         from .linux_tun import open_tun
 
-        return open_tun(url, name, mtu=mtu, addresses=list(addresses))
+        return open_tun(url, name, mtu=mtu, addresses=list(addresses), offload=offload == "1")
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":

@@ -50,6 +50,10 @@ class Device:
     # Subclasses that may see a zero-length datagram set this False: for them
     # an empty read is a runt, not end-of-file.
     empty_read_is_eof = True
+    # TUN offloads (offload.py): super-segments in and out. gso_max is the
+    # largest TCP payload per packet the device takes (StackConfig.gso_max).
+    offload = False
+    gso_max = 0
 
     def __init__(self, fd: int, *, name: str, mtu: int, url: str, trusted_checksums: bool = False):
         self.name = name

@@ -125,7 +125,7 @@ class TunDevice(Device):
                 pass
 
 
-def open_tun(url: str, name: str, *, mtu: int | None, addresses: list) -> TunDevice:
+def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: bool = False) -> TunDevice:
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
@@ -135,7 +135,10 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list) -> TunDev
         raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
     existed = bool(name) and _ifindex(name) != 0
     try:
-        tun = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+        if offload:
+            flags |= pytun.IFF_VNET_HDR
+        tun = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as exc:
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
         if code == errno.EPERM or code == errno.EACCES:
@@ -153,6 +156,13 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list) -> TunDev
     created = not existed
     try:
         os.set_blocking(tun.fileno(), False)
+        if offload:
+            from .offload import enable_offloads
+
+            try:
+                enable_offloads(tun.fileno())
+            except OSError as exc:
+                raise DeviceError(f"{url}: the kernel refused TUN offloads: {os.strerror(exc.errno)}") from None
         _in_thread(lambda: _configure(real_name, mtu, addrs))
         dev_mtu = _read_mtu(real_name)
     except DeviceError:
@@ -161,4 +171,8 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list) -> TunDev
     except Exception as exc:
         tun.close()
         raise DeviceError(f"{url}: cannot configure {real_name}: {' '.join(str(exc).split())}") from None
+    if offload:
+        from .offload import OffloadTunDevice
+
+        return OffloadTunDevice(tun, name=real_name, mtu=dev_mtu, url=url, created=created)
     return TunDevice(tun, name=real_name, mtu=dev_mtu, url=url, created=created)

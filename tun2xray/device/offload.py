@@ -1,0 +1,183 @@
+"""tun://NAME?offload=1: a Linux TUN with IFF_VNET_HDR and TCP segmentation offload.
+
+Every packet on the fd is preceded by a 10-byte ``struct virtio_net_hdr``
+(host byte order, little-endian here)::
+
+    u8 flags        1 = NEEDS_CSUM: checksum from csum_start, field holds the
+                        pseudo-header sum; 2 = DATA_VALID
+    u8 gso_type     0 none, 1 TCPv4, 4 TCPv6, 0x80 ECN bit
+    u16 hdr_len     IP + TCP header bytes of a super-segment
+    u16 gso_size    payload bytes per wire segment
+    u16 csum_start  where the transport header starts
+    u16 csum_offset where its checksum field sits, from csum_start
+
+With ``TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)`` the kernel hands
+over TCP super-segments (up to 64 KB, one header) and packets whose
+transport checksum is only partial. This device strips the header and passes
+both on as they are: the stack must accept TCP segments larger than the MTU
+and must not verify checksums (``trusted_checksums`` is True). Super-segments
+read are counted in ``stats["rx_gso"]``.
+
+Writing: packets up to the MTU get an all-zero header (complete packet,
+checksums as built). A TCP packet larger than the MTU becomes a GSO packet
+(gso_size = MTU - headers, NEEDS_CSUM with the checksum field rewritten to the
+pseudo-header sum) so the kernel cuts it into wire-sized segments wherever it
+goes; the stack may therefore emit segments of up to ``Device.gso_max``
+payload bytes (``StackConfig.gso_max``). Other packets larger than the MTU
+are written plainly; locally delivered, the kernel takes them whole.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+from ._base import _FULL, _REJECTED, READ_SIZE
+from .linux_tun import TunDevice
+
+VNET_HDR_LEN = 10
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+GSO_MAX = 65535 - 120  # payload bytes per TCP super-segment we accept from the stack
+
+_vnet = struct.Struct("<BBHHHH")
+_ZERO = bytes(VNET_HDR_LEN)
+
+
+def enable_offloads(fd: int) -> None:
+    fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+
+
+def _pseudo_sum(p, v6: bool, iphl: int, tcp_len: int) -> int:
+    """Folded (not complemented) ones'-complement sum of the TCP pseudo-header."""
+    if v6:
+        s = int.from_bytes(p[8:40], "big")
+    else:
+        s = int.from_bytes(p[12:20], "big")
+    # fold the address words, then add the protocol and the length
+    s = s % 0xFFFF if s % 0xFFFF else (0xFFFF if s else 0)
+    s += 6 + tcp_len
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def gso_header(p, mtu: int):
+    """The vnet header for one outgoing packet larger than the MTU, or None if
+    it is not a TCP packet the kernel can segment (then it is sent plainly).
+    Also returns the packet with its TCP checksum field set as NEEDS_CSUM wants."""
+    n = len(p)
+    version = p[0] >> 4
+    if version == 4:
+        iphl = (p[0] & 15) * 4
+        # TCP, not a fragment (MF clear, offset 0)
+        if n < iphl + 20 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+            return None
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
+    elif version == 6:
+        iphl = 40
+        if n < 60 or p[6] != 6:  # TCP directly after the fixed header
+            return None
+        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
+    else:
+        return None
+    tcphl = (p[iphl + 12] >> 4) * 4
+    hdr_len = iphl + tcphl
+    gso_size = mtu - hdr_len
+    if tcphl < 20 or n <= hdr_len or gso_size < 8:
+        return None
+    buf = bytearray(p)
+    csum = _pseudo_sum(buf, version == 6, iphl, n - iphl)
+    buf[iphl + 16] = csum >> 8
+    buf[iphl + 17] = csum & 0xFF
+    hdr = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, iphl, 16)
+    return hdr, buf
+
+
+class OffloadTunDevice(TunDevice):
+    """TUN with a virtio-net header on every packet (see module docstring)."""
+
+    offload = True
+    gso_max = GSO_MAX
+
+    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool):
+        super().__init__(tun, name=name, mtu=mtu, url=url, created=created)
+        self.stats["rx_gso"] = 0
+        self.stats["tx_gso"] = 0
+
+    def read_batch(self, max_packets: int = 256) -> list[bytes]:
+        self._check_usable()
+        out: list[bytes] = []
+        append = out.append
+        read = os.read
+        fd = self._fd
+        nbytes = 0
+        gso = 0
+        runts = 0
+        try:
+            while len(out) < max_packets:
+                p = read(fd, READ_SIZE)
+                if len(p) <= VNET_HDR_LEN:
+                    runts += 1
+                    if not p:
+                        break
+                    continue
+                if p[1]:
+                    gso += 1
+                append(p[VNET_HDR_LEN:])
+                nbytes += len(p) - VNET_HDR_LEN
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.stats["rx_gso"] += gso
+            self.stats["rx_dropped"] += runts
+            return self._read_failed(exc, self._count_rx(out, nbytes))
+        self.stats["rx_gso"] += gso
+        self.stats["rx_dropped"] += runts
+        return self._count_rx(out, nbytes)
+
+    def write_batch(self, packets) -> int:
+        self._check_usable()
+        writev = os.writev
+        fd = self._fd
+        mtu = self.mtu
+        zero = _ZERO
+        done = written = nbytes = rejected = gso = 0
+        total = len(packets)
+        fatal = None
+        while done < total:
+            p = packets[done]
+            n = len(p)
+            hdr = zero
+            if n > mtu:
+                g = gso_header(p, mtu)
+                if g is not None:
+                    hdr, p = g
+            try:
+                writev(fd, (hdr, p))
+            except OSError as exc:
+                code = exc.errno
+                if code in _FULL:
+                    break
+                if code in _REJECTED:
+                    rejected += 1
+                    done += 1
+                    continue
+                fatal = exc
+                break
+            written += 1
+            nbytes += n
+            done += 1
+            if hdr is not zero:
+                gso += 1
+        self.stats["tx_gso"] += gso
+        return self._count_tx(total, done, written, nbytes, rejected, fatal)
