@@ -441,3 +441,22 @@ def test_bad_fragment_abandons_held_datagram():
     assert len(r) == 1
     r.add(frag4(whole, 0, 996, True), 0)              # not a multiple of 8
     assert drops["frag_bad_length"] == 1 and len(r) == 0 and r.bytes_held == 0
+
+
+def test_v4_too_big_only_with_the_first_fragments_long_header():
+    # later fragments carry 20-byte headers and fit; the first fragment's
+    # 60-byte header makes the whole datagram 65572 bytes
+    r, drops = make()
+    opts = bytes([0x94, 4, 0, 0]) * 10
+    end = 65512
+    payload = bytes(end)
+    outs = []
+    for s in range(0, end, 1480):
+        e = min(s + 1480, end)
+        more = e < end
+        h = ipv4.IPv4Header(SRC4, DST4, 17, 0, ident=5, flags=ipv4.FLAG_MF if more else 0, frag_offset=s,
+                            options=opts if s == 0 else b"")
+        h.total_len = h.header_len + e - s
+        outs.append(r.add(ipv4.build(h) + payload[s:e], 0))
+    assert outs == [None] * len(outs)
+    assert drops["frag_too_big"] == 1 and len(r) == 0 and r.bytes_held == 0

@@ -149,6 +149,9 @@ class Reassembler:
         hdr = bytearray(dg.first)
         ihl = len(hdr)
         tot = ihl + len(data)
+        if tot > _MAX_PACKET:
+            # later fragments may carry a shorter header than the first
+            raise WireError("frag_too_big")
         hdr[2] = tot >> 8
         hdr[3] = tot & 0xFF
         hdr[6] = hdr[7] = 0
