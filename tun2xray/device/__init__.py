@@ -44,7 +44,8 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     packets are dropped (``tx_dropped``).
 
 Counters (``Device.stats``, plain ints): ``rx_packets rx_bytes tx_packets
-tx_bytes tx_dropped tx_errors rx_bad_header rx_dropped``.
+tx_bytes tx_dropped tx_errors rx_bad_header rx_dropped``; offload TUNs add
+``rx_gso tx_gso`` (super-segments read / written).
 
 ``write_batch`` semantics: packets are written in order. A packet the device
 rejects on its own (malformed for the kernel, no peer, not IPv4/IPv6 with an
