@@ -211,6 +211,8 @@ class Engine:
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
         self._packed = {}          # host string -> packed address (reply lookups)
+        self._pollable = True
+        self._started_cb = None    # called with the engine once run() is serving
 
     # ----------------------------------------------------------------- life cycle
 
@@ -218,7 +220,11 @@ class Engine:
         """Serve until stop() is called."""
         self.loop = asyncio.get_running_loop()
         self._stopping = self.loop.create_future()
-        self.loop.add_reader(self.device.fileno(), self._on_device)
+        self._pollable = getattr(self.device, "pollable", True)
+        if self._pollable:
+            self.loop.add_reader(self.device.fileno(), self._on_device)
+        if self._started_cb is not None:
+            self._started_cb(self)
         try:
             await self._stopping
         finally:
@@ -230,10 +236,11 @@ class Engine:
 
     def _shutdown(self) -> None:
         loop = self.loop
-        try:
-            loop.remove_reader(self.device.fileno())
-        except (ValueError, OSError):
-            pass
+        if self._pollable:
+            try:
+                loop.remove_reader(self.device.fileno())
+            except (ValueError, OSError):
+                pass
         if self._timer is not None:
             self._timer.cancel()
         for t in list(self._tasks):
@@ -280,6 +287,16 @@ class Engine:
             stack.input_batch(pkts, now)
             if len(pkts) < DEVICE_BATCH:
                 break
+        self._service()
+
+    def feed(self, packets) -> None:
+        """Packets from a push-style host (the bridge), on the engine's loop."""
+        rec = self.recorder
+        if rec is not None:
+            wall = time.time()
+            for p in packets:
+                rec.write(p, wall)
+        self.stack.input_batch(packets, self.loop.time())
         self._service()
 
     def _service(self) -> None:
