@@ -317,6 +317,7 @@ class Flow:
         self.refused = False          # the recorded server answered the SYN with RST
         self.rec_client = Stream()
         self.rec_server = Stream()
+        self._client_bytes = self._server_bytes = None
         self.rec_client_fin = None    # relative seq of the client's FIN
         self.rec_server_fin = None
         self.rec_rst = None           # "client" / "server" after the handshake
@@ -346,11 +347,16 @@ class Flow:
 
     @property
     def server_stream(self) -> bytes:
-        return self.rec_server.contiguous()
+        """The recorded server's bytes (up to the first hole the capture has)."""
+        if self._server_bytes is None:
+            self._server_bytes = self.rec_server.contiguous()
+        return self._server_bytes
 
     @property
     def client_stream(self) -> bytes:
-        return self.rec_client.contiguous()
+        if self._client_bytes is None:
+            self._client_bytes = self.rec_client.contiguous()
+        return self._client_bytes
 
     def text(self) -> str:
         c = _ip_text(self.family, self.key[0], self.key[1])
@@ -474,6 +480,7 @@ class Replay:
         self.bad_output = 0           # stack packets that are not well-formed (checksums, lengths)
         self.unmatched_output = 0     # stack packets for no recorded flow
         self.output = []              # every packet the stack emitted: (ts, bytes)
+        self._active = {}             # TCP flows the host holds an open handle of (ordered)
         self.now = packets[0][0] if packets else 0.0
 
     # ---------------------------------------------------------------- driving
@@ -548,6 +555,7 @@ class Replay:
                     e.conn.reject("rst")
                     continue
                 f.handle = e.conn
+                self._active[f] = None
                 if f.refused:
                     kind = _unreachable(f.rec_icmp)
                     e.conn.reject("icmp-" + kind if kind else "rst")
@@ -560,6 +568,7 @@ class Replay:
                 if f is not None and f.handle is e.conn:
                     self._read_all(f)
                     f.close_reason = e.reason
+                    self._active.pop(f, None)
             elif t is ev.UdpDatagram:
                 f = self.by_key.get(e.flow.key)
                 if f is not None:
@@ -582,9 +591,9 @@ class Replay:
             f.received += data
 
     def _host_io(self):
-        for f in self.flows:
+        for f in self._active:
             c = f.handle
-            if f.proto != 6 or c is None or f.close_reason is not None or f.refused:
+            if f.close_reason is not None or f.refused:
                 continue
             self._read_all(f)
             if f.abort_due:
@@ -670,8 +679,8 @@ class Replay:
         """Acknowledge, for the client, stack bytes the recording shows the
         client had acknowledged but which the stack had not sent back then."""
         fed = False
-        for f in self.flows:
-            if (f.proto != 6 or f.stack_isn is None or f.close_reason is not None or f.last_client is None
+        for f in self._active:
+            if (f.stack_isn is None or f.close_reason is not None or f.last_client is None
                     or f.last_client.flags & (SYN | RST)):
                 continue
             want = min(f.ack_target, f.snd_max)
@@ -789,6 +798,7 @@ def judge(f) -> None:
             want = f.rec_icmp
             if f.close_reason == "rejected" and f.stack_icmp[:1] == [want] and f.host_datagrams == f.client_datagrams[:1]:
                 f.outcome, f.ok = "refused", True
+                f.detail += ", refused as recorded"
             else:
                 _incomplete(f, f"recorded as refused (ICMP {want}), stack sent {f.stack_icmp or 'no ICMP'}")
         elif f.host_datagrams != f.client_datagrams:
@@ -806,12 +816,14 @@ def judge(f) -> None:
     if f.expected == "refused" and f.rec_icmp is not None:
         if f.close_reason == "rejected" and f.stack_icmp[:1] == [f.rec_icmp]:
             f.outcome, f.ok = "refused", True
+            f.detail += ", refused as recorded"
         else:
             _incomplete(f, f"recorded as refused (ICMP {f.rec_icmp}), stack sent {f.stack_icmp or 'no ICMP'}")
         return
     if f.expected == "refused":
         if f.close_reason == "rejected" and any(a == (f.client_isn + 1) & M32 and fl & RST for _, a, fl in f.stack_rst):
             f.outcome, f.ok = "refused", True
+            f.detail += ", refused as recorded"
         else:
             _incomplete(f, f"recorded as refused, stack {'closed: ' + f.close_reason if f.close_reason else 'sent no RST'}")
         return
