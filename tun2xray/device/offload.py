@@ -80,7 +80,7 @@ def gso_header(p, mtu: int):
     if version == 4:
         iphl = (p[0] & 15) * 4
         # TCP, not a fragment (MF clear, offset 0)
-        if n < iphl + 20 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+        if iphl < 20 or n < iphl + 20 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
             return None
         gso_type = VIRTIO_NET_HDR_GSO_TCPV4
     elif version == 6:
