@@ -6,8 +6,8 @@ zero" 0xFFFF standing for a non-zero multiple.  CPython does the conversion
 and the arithmetic at C speed, so a 1,460-byte payload costs about 2 µs
 instead of ~50 µs for a loop over words.
 
-Measured on this machine (µs; tools: /tmp benchmarks, see tests for the
-vectors):  bytes        1460   9000  65535
+Measured with timeit on the 2-core build machine (µs per call):
+                          bytes  1460   9000  65535
   int.from_bytes(big) % 0xFFFF   2.5   14.4  110
   same, folded (shift+add) first 2.5   10.2   72
   memoryview.cast("Q") + sum     5.2   27.2  201
@@ -16,9 +16,10 @@ The modulo (a hardware division per 30-bit digit) costs twice the
 conversion, so large numbers are first folded in halves (shift, mask and
 add at memcpy speed, 16-bit aligned so the value mod 0xFFFF is kept) and
 only a <= 256-byte rest is divided.  Reading the buffer little-endian is
-a little faster, needs no shift for an odd length (the last byte is the
-low byte of a zero-padded word either way), and gives the byte-swapped sum
-(RFC 1071 §2(B)), swapped back at the end.
+a little faster and gives the byte-swapped sum (RFC 1071 §2(B)), swapped
+back at the end; it needs no shift for an odd length either: the last byte
+already sits alone in its zero-padded word, and the final swap puts it in
+the high byte, where RFC 1071's padding puts it.
 
 Conventions:
   sum16(data, start=0) -> folded 16-bit one's complement sum (not inverted)
