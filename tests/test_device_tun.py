@@ -91,8 +91,15 @@ def test_created_tun_gets_mtu_addresses_up_and_is_removed_on_close(netns):
             dev.read_batch()
         except DeviceError as e:
             result["read_after_close"] = str(e)
+        # no name: the kernel picks one, and it is still ours to remove
+        auto = open_device("tun://")
+        result["auto"] = [auto.name, auto.created, exists(auto.name)]
+        auto.close()
+        result["auto_after_close"] = exists(auto.name)
         """,
     )
+    assert res["auto"][0].startswith("tun") and res["auto"][1:] == [True, True]
+    assert res["auto_after_close"] is False
     assert res["created"] is True
     assert res["name"] == "dvtun0"
     assert res["mtu"] == 1400 and res["link"]["mtu"] == 1400

@@ -25,6 +25,10 @@ pseudo-header sum) so the kernel cuts it into wire-sized segments wherever it
 goes; the stack may therefore emit segments of up to ``Device.gso_max``
 payload bytes (``StackConfig.gso_max``). Other packets larger than the MTU
 are written plainly; locally delivered, the kernel takes them whole.
+
+Packets read may carry partial transport checksums (NEEDS_CSUM), so a pcap
+recorded from this device shows "bad" checksums for them: replay such a
+capture with checksum verification off.
 """
 
 from __future__ import annotations
