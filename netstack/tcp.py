@@ -809,10 +809,11 @@ class TcpConnection:
                 self.stack._touch(self)
         else:
             self.dupacks = 0
-            if self.cwnd < self.ssthresh:
-                self.cwnd += acked               # slow start, stretch ACKs count fully
-            else:
-                self.cwnd += max(1, seg * acked // self.cwnd)
+            if nb:
+                if self.cwnd < self.ssthresh:
+                    self.cwnd += nb              # slow start; stretch ACKs count fully
+                else:
+                    self.cwnd += max(1, seg * nb // self.cwnd)
         if self.scoreboard:
             self._sack_prune()
         # timers: restart the RTO (lazily: poll_at is only ever lowered here)
@@ -853,9 +854,9 @@ class TcpConnection:
             self.stack._touch(self)
             return
         if self.dupacks >= 3 or (self.scoreboard and self.sacked >= 3 * seg):
-            if self.recover != self.iss and ((self.snd_una - self.recover) & _M) - 1 >= _HALF - 1 \
-                    and self.snd_una != self.recover:
-                # RFC 6582 §3.2 step 2: dup ACKs for data sent before the last recovery
+            if 0 < ((self.recover - self.snd_una) & _M) < _HALF:
+                # RFC 6582 §3.2 step 2: dup ACKs for data sent before the last
+                # recovery (or timeout) do not start another one
                 return
             flight = (self.snd_max - self.snd_una) & _M
             self.ssthresh = max(flight >> 1, 2 * seg)
@@ -944,14 +945,14 @@ class TcpConnection:
                             if usable < seg1 and usable < tsmax:
                                 break
                             n = usable
-                        if sb is not None and ((snd_max - nxt) & _M) - 1 < _HALF:
+                        if sb is not None and 0 < ((snd_max - nxt) & _M) < _HALF:
                             skip = self._sacked_at(nxt, sb)
                             if skip:
                                 nxt = (nxt + skip) & _M
                                 off += skip
                                 usable -= skip
                                 continue
-                        retx = ((snd_max - nxt) & _M) - 1 < _HALF   # nxt < snd_max
+                        retx = 0 < ((snd_max - nxt) & _M) < _HALF   # nxt < snd_max
                         if retx and n > seg1:
                             n = seg1
                         if off + n == blen:
@@ -959,7 +960,7 @@ class TcpConnection:
                                 emit(nxt, ACK | PSH | FIN, mv[off:off + n], now)
                                 nxt = (nxt + n + 1) & _M
                                 off += n
-                                if ((nxt - snd_max) & _M) - 1 < _HALF:
+                                if 0 < ((nxt - snd_max) & _M) < _HALF:
                                     snd_max = nxt
                                 break
                             emit(nxt, ACK | PSH, mv[off:off + n], now)
@@ -973,7 +974,7 @@ class TcpConnection:
                         nxt = (nxt + n) & _M
                         off += n
                         usable -= n
-                        if ((nxt - snd_max) & _M) - 1 < _HALF:
+                        if 0 < ((nxt - snd_max) & _M) < _HALF:
                             snd_max = nxt
                 self.snd_nxt = nxt
                 self.snd_max = snd_max
@@ -983,7 +984,7 @@ class TcpConnection:
                 if nxt == fin_seq:
                     self._emit(fin_seq, ACK | FIN, b"", now)
                     self.snd_nxt = (fin_seq + 1) & _M
-                    if ((self.snd_nxt - self.snd_max) & _M) - 1 < _HALF:
+                    if 0 < ((self.snd_nxt - self.snd_max) & _M) < _HALF:
                         self.snd_max = self.snd_nxt
             if self.snd_una != self.snd_max:
                 if self.rto_at is None:
@@ -1177,8 +1178,11 @@ class TcpConnection:
             return
         cfg = self.stack.config
         if self.snd_una == self.snd_max and self.snd_wnd == 0:
+            # keep probing while the peer answers (RFC 1122 §4.2.2.17); give up
+            # after max_retries probes with no segment at all from it
             self._persist_n += 1
-            if self._persist_n > cfg.max_retries:
+            self._ka_n += 1
+            if self._ka_n > cfg.max_retries:
                 self.stack.tcp_drops["persist_timeout"] += 1
                 self._send_rst()
                 self._remove("timeout")
@@ -1195,7 +1199,7 @@ class TcpConnection:
             if n > 0:
                 self._emit(self.snd_nxt, ACK | PSH, bytes(self.snd_buf[off:off + n]), now)
                 self.snd_nxt = (self.snd_nxt + n) & _M
-                if ((self.snd_nxt - self.snd_max) & _M) - 1 < _HALF:
+                if 0 < ((self.snd_nxt - self.snd_max) & _M) < _HALF:
                     self.snd_max = self.snd_nxt
                 if self.rto_at is None:
                     self._arm_at(now + self.rto, "rto_at")
@@ -1305,8 +1309,8 @@ def tcp_input(stack, family, src, dst, mv, off, now):
 
 def _tw_reuse(conn, seq, opts):
     if conn.ts_ok and opts is not None and opts.ts_val is not None:
-        return ((opts.ts_val - conn.ts_recent) & _M) - 1 < _HALF - 1
-    return ((seq - conn.rcv_nxt) & _M) - 1 < _HALF - 1
+        return 0 < ((opts.ts_val - conn.ts_recent) & _M) < _HALF
+    return 0 < ((seq - conn.rcv_nxt) & _M) < _HALF
 
 
 def _tcp_new(stack, family, key, flags, seq, ack, mv, off, datalen, now):
