@@ -34,7 +34,8 @@ def icmp4_input(stack, src, dst, mv, off, now):
             drops["icmp_echo_multicast"] += 1
         else:
             stack.output.extend(icmp4_packets(dst, src, wi.ECHO_REPLY4, 0, rest, msg[8:],
-                                              stack.config.ttl, stack.config.mtu))
+                                              stack.config.ttl, stack.config.mtu,
+                                              stack._next_ip_id()))
             stack.delivered += 1
         return
     if type_ == wi.UNREACH4 and code == wi.FRAG_NEEDED4:
@@ -64,7 +65,8 @@ def icmp6_input(stack, src, dst, mv, off, now):
             drops["icmp_echo_multicast"] += 1
         else:
             stack.output.extend(icmp6_packets(dst, src, wi.ECHO_REPLY6, 0, rest, msg[8:],
-                                              stack.config.ttl, stack.config.mtu))
+                                              stack.config.ttl, stack.config.mtu,
+                                              stack._next_ip_id()))
             stack.delivered += 1
         return
     if type_ == wi.PACKET_TOO_BIG6:
@@ -125,7 +127,8 @@ def unreachable(stack, quote, kind: str) -> bool:
             raise ValueError(f"unknown unreachable kind {kind!r}")
         src, dst = bytes(quote[12:16]), bytes(quote[16:20])
         body = quote[:wi.MAX_ERROR4 - 28]
-        stack.output.extend(icmp4_packets(dst, src, wi.UNREACH4, code, 0, body, cfg.ttl))
+        stack.output.extend(icmp4_packets(dst, src, wi.UNREACH4, code, 0, body, cfg.ttl,
+                                          ident=stack._next_ip_id()))
         return True
     if v == 6 and n >= 40:
         code = wi.UNREACH_CODES6.get(kind)
@@ -133,6 +136,7 @@ def unreachable(stack, quote, kind: str) -> bool:
             raise ValueError(f"unknown unreachable kind {kind!r}")
         src, dst = bytes(quote[8:24]), bytes(quote[24:40])
         body = quote[:wi.MAX_ERROR6 - 48]
-        stack.output.extend(icmp6_packets(dst, src, wi.UNREACH6, code, 0, body, cfg.ttl))
+        stack.output.extend(icmp6_packets(dst, src, wi.UNREACH6, code, 0, body, cfg.ttl,
+                                          ident=stack._next_ip_id()))
         return True
     return False

@@ -64,7 +64,7 @@ class Stack:
     __slots__ = (
         "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
-        "_heap", "_dirty", "_ids", "pending", "_frag",
+        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -86,6 +86,7 @@ class Stack:
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
         self._frag = None         # fragment reassembler (netstack.wire.frag), created lazily
+        self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
 
     # ------------------------------------------------------------------ host API
 
@@ -205,6 +206,13 @@ class Stack:
 
     def _next_id(self) -> int:
         return next(self._ids)
+
+    def _next_ip_id(self) -> int:
+        """Identification for a UDP/ICMP datagram we send (v4 uses the low 16
+        bits, a v6 fragment header all 32): one counter for the whole stack,
+        so no two flows' fragments share one."""
+        i = self._ip_id = (self._ip_id + 1) & 0xFFFFFFFF
+        return i
 
     # --------------------------------------------------------------- IPv4
 
@@ -337,7 +345,7 @@ class Stack:
         if sport == 0 or dport == 0:
             drops["bad_udp_port"] += 1
             return
-        key = (bytes(src), sport, bytes(dst), dport)
+        key = (src, sport, dst, dport)
         flow = self.udp.get(key)
         if flow is None:
             if len(self.tcp) + len(self.udp) >= self.config.max_flows:

@@ -49,7 +49,8 @@ class UdpFlow:
         self.poll_at = now + self._timeout
         self._sched_at = None
         # replies travel from the flow's destination back to its source
-        self._tpl = UdpTemplate(family, self.dst, self.src, self.dport, self.sport, stack.config)
+        self._tpl = UdpTemplate(family, self.dst, self.src, self.dport, self.sport, stack.config,
+                                stack._next_ip_id)
         self._quote = quote
 
     def __repr__(self) -> str:

@@ -157,9 +157,13 @@ class TcpTemplate:
 class UdpTemplate:
     """Builds UDP datagrams from (src, sport) to (dst, dport) for one flow,
     fragmented when larger than `mtu` (lowered by a packet-too-big)."""
-    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "mtu", "_hsum", "_ip4_sum")
+    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "mtu", "_hsum", "_ip4_sum", "_ids")
 
-    def __init__(self, family, src, dst, sport, dport, config):
+    def __init__(self, family, src, dst, sport, dport, config, ids=None):
+        """ids: a callable giving the next IP identification (a stack-wide
+        counter, so fragments of different flows never share one); default
+        a module-wide counter."""
+        self._ids = ids or (next_ident4 if family == 4 else next_ident6)
         self.family = family
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
         self.ttl = config.ttl
@@ -195,7 +199,7 @@ class UdpTemplate:
             csum = ~ck.sum16(payload, self._hsum + ulen + ulen) & 0xFFFF or 0xFFFF
         if fits:
             if self.family == 4:
-                ident = next_ident4()
+                ident = self._ids() & 0xFFFF
                 hcs = ~ck.fold(self._ip4_sum + total + ident) & 0xFFFF
                 hdr = _IP4UDP.pack(0x45, 0, total, ident, 0, self.ttl, PROTO_UDP, hcs, self.src, self.dst,
                                    self.sport, self.dport, ulen, csum)
@@ -204,7 +208,9 @@ class UdpTemplate:
                                    self.sport, self.dport, ulen, csum)
             return [hdr + payload if payload else hdr]
         l4 = _UDP.pack(self.sport, self.dport, ulen, csum) + bytes(payload)
-        return ip_packets(self.family, self.src, self.dst, PROTO_UDP, l4, self.ttl, self.mtu)
+        ident = self._ids()
+        return ip_packets(self.family, self.src, self.dst, PROTO_UDP, l4, self.ttl, self.mtu,
+                          ident=ident & 0xFFFF if self.family == 4 else ident & 0xFFFFFFFF)
 
 
 def icmp4_message(type_: int, code: int, rest: int, body) -> bytes:
@@ -218,11 +224,13 @@ def icmp6_message(src: bytes, dst: bytes, type_: int, code: int, rest: int, body
     return _ICMP.pack(type_, code, ~s & 0xFFFF, rest) + bytes(body)
 
 
-def icmp4_packets(src, dst, type_, code, rest, body, ttl, mtu=65535) -> list:
+def icmp4_packets(src, dst, type_, code, rest, body, ttl, mtu=65535, ident=None) -> list:
     """An ICMPv4 message from src to dst (fragmented above mtu)."""
-    return ip_packets(4, src, dst, PROTO_ICMP, icmp4_message(type_, code, rest, body), ttl, mtu)
+    return ip_packets(4, src, dst, PROTO_ICMP, icmp4_message(type_, code, rest, body), ttl, mtu,
+                      ident=None if ident is None else ident & 0xFFFF)
 
 
-def icmp6_packets(src, dst, type_, code, rest, body, hlim, mtu=65535) -> list:
+def icmp6_packets(src, dst, type_, code, rest, body, hlim, mtu=65535, ident=None) -> list:
     """An ICMPv6 message from src to dst (fragmented above mtu)."""
-    return ip_packets(6, src, dst, PROTO_ICMP6, icmp6_message(src, dst, type_, code, rest, body), hlim, mtu)
+    return ip_packets(6, src, dst, PROTO_ICMP6, icmp6_message(src, dst, type_, code, rest, body), hlim, mtu,
+                      ident=None if ident is None else ident & 0xFFFFFFFF)
