@@ -276,3 +276,17 @@ def test_addresses_are_ignored_for_host_configured_devices(pair):
         assert dev.mtu == 1280
         host.send(V4)
         assert dev.read_batch() == [V4]
+
+
+def test_malformed_packets_count_toward_the_batch_bound(pair):
+    # A flood of junk cannot keep read_batch busy: at most max_packets reads.
+    fd, host = pair
+    dev = open_device(f"fd://{fd}?header=af")
+    for _ in range(5):
+        host.send(b"junk-junk")
+    host.send(AF4 + V4)
+    assert dev.read_batch(max_packets=3) == []
+    assert dev.stats["rx_bad_header"] == 3
+    assert dev.read_batch(max_packets=3) == [V4]
+    assert dev.stats["rx_bad_header"] == 5
+    dev.close()

@@ -56,6 +56,11 @@ front were dealt with (written or rejected): the engine may retry
 ``packets[n:]`` once ``fileno()`` is writable. With no rejections, this is the
 number written.
 
+``read_batch(max_packets)`` does at most ``max_packets`` reads. Malformed
+packets are dropped and counted, and count toward that bound, so a call may
+return fewer packets (even none) while more are queued: the fd then stays
+readable and the next wake-up continues.
+
 ``read_batch`` and ``write_batch`` raise ``DeviceError`` only when the device
 is unusable (closed, the peer hung up, the interface went away); packets read
 before such an error are returned first and the error is raised by the next

@@ -132,7 +132,7 @@ class Device:
         fd = self._fd
         nbytes = 0
         try:
-            while len(out) < max_packets:
+            for _ in range(max_packets):
                 p = read(fd, READ_SIZE)
                 if not p:
                     if self.empty_read_is_eof:

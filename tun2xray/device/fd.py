@@ -51,7 +51,12 @@ class AfHeaderFdDevice(FdDevice):
         self.af6 = af6
         self._hdr4 = _af_header(AF_INET)
         self._hdr6 = _af_header(af6)
-        self._hdr6_ok = frozenset(_af_header(a) for a in _AF6_ACCEPTED)
+        # A good packet starts with one of these 5 bytes: the AF header and
+        # a first IP byte whose version agrees with it.
+        self._valid_prefixes = frozenset(
+            [self._hdr4 + bytes([0x40 | low]) for low in range(16)]
+            + [_af_header(af) + bytes([0x60 | low]) for af in _AF6_ACCEPTED for low in range(16)]
+        )
 
     def read_batch(self, max_packets: int = 256) -> list[bytes]:
         self._check_usable()
@@ -59,39 +64,26 @@ class AfHeaderFdDevice(FdDevice):
         append = out.append
         read = os.read
         fd = self._fd
-        hdr4 = self._hdr4
-        hdr6_ok = self._hdr6_ok
+        valid = self._valid_prefixes
         nbytes = 0
         bad = 0
         runts = 0
         stats = self.stats
         try:
-            while len(out) < max_packets:
+            for _ in range(max_packets):
                 p = read(fd, READ_SIZE)
-                if len(p) < 5:
-                    if not p and self.empty_read_is_eof:
-                        stats["rx_bad_header"] += bad
-                        stats["rx_dropped"] += runts
-                        return self._read_failed(None, self._count_rx(out, nbytes))
-                    if p:
-                        bad += 1  # a header and no packet
-                    else:
-                        runts += 1
-                    continue
-                version = p[4] >> 4
-                if version == 4:
-                    if p[:4] != hdr4:
-                        bad += 1
-                        continue
-                elif version == 6:
-                    if p[:4] not in hdr6_ok:
-                        bad += 1
-                        continue
-                else:
+                # header and version nibble in one set lookup (short reads miss too)
+                if p[:5] in valid:
+                    append(p[4:])
+                    nbytes += len(p) - 4
+                elif p:
                     bad += 1
-                    continue
-                append(p[4:])
-                nbytes += len(p) - 4
+                elif self.empty_read_is_eof:
+                    stats["rx_bad_header"] += bad
+                    stats["rx_dropped"] += runts
+                    return self._read_failed(None, self._count_rx(out, nbytes))
+                else:
+                    runts += 1
         except BlockingIOError:
             pass
         except OSError as exc:

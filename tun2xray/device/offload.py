@@ -128,7 +128,7 @@ class OffloadTunDevice(TunDevice):
         gso = 0
         runts = 0
         try:
-            while len(out) < max_packets:
+            for _ in range(max_packets):
                 p = read(fd, READ_SIZE)
                 if len(p) <= VNET_HDR_LEN:
                     runts += 1

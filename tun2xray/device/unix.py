@@ -71,7 +71,7 @@ class UnixDevice(Device):
         runts = 0
         peer = None
         try:
-            while len(out) < max_packets:
+            for _ in range(max_packets):
                 p, addr = recvfrom(READ_SIZE)
                 if addr:
                     peer = addr
