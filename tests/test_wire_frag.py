@@ -460,3 +460,21 @@ def test_v4_too_big_only_with_the_first_fragments_long_header():
         outs.append(r.add(ipv4.build(h) + payload[s:e], 0))
     assert outs == [None] * len(outs)
     assert drops["frag_too_big"] == 1 and len(r) == 0 and r.bytes_held == 0
+
+
+def test_timeout_quotes_first_fragments():
+    r, drops = make(frag_timeout=1.0)
+    w4 = whole4(udp_payload(3000), ident=1)
+    f4 = split4(w4, 1480)
+    w6 = whole6(udp_payload(3000), unfrag=opts_hdr(17))
+    f6 = split6(w6, 1480, unfrag_len=8, ident=0xABCDEF01)
+    w4b = whole4(udp_payload(3000), ident=2)
+    r.add(f4[0], 0)
+    r.add(f6[0], 0)
+    r.add(split4(w4b, 1480)[1], 0)          # no first fragment: nothing to quote
+    assert r.expire(0.5) == []
+    quotes = r.expire(1.0)
+    assert drops["frag_timeout"] == 3 and len(r) == 0
+    assert quotes[0] == f4[0][:28]          # IPv4 header + 8 bytes
+    assert quotes[1] == f6[0][:1232]        # the whole fragment up to 1232 bytes
+    assert len(quotes) == 2

@@ -2,7 +2,8 @@
 
     r = Reassembler(config, drops)        # config: StackConfig, drops: counter
     whole = r.add(packet, now)            # a fragment in, the datagram out (or None)
-    r.expire(now); r.next_deadline()      # bounded in time
+    quotes = r.expire(now)                # bounded in time; quotes for ICMP time exceeded
+    r.next_deadline()
 
 Each datagram under reassembly keeps its fragments as sorted, disjoint runs
 (start, end, data): any overlap abandons the whole datagram (RFC 5722 for
@@ -105,9 +106,14 @@ class Reassembler:
         self.drops["frag_malformed"] += 1
         return None
 
-    def expire(self, now: float) -> None:
-        """Drop datagrams whose time is up."""
+    def expire(self, now: float) -> list:
+        """Drop datagrams whose time is up.  Returns, for those whose first
+        fragment had come, a quote of that fragment (its headers and the
+        start of its data, as an ICMP error carries them) for an ICMP time
+        exceeded / fragment reassembly time exceeded (RFC 792, RFC 8200
+        §4.5, RFC 4443 §3.3 code 1); the caller may send or ignore them."""
         d = self._dgrams
+        quotes = []
         while d:
             key = next(iter(d))
             dg = d[key]
@@ -117,6 +123,20 @@ class Reassembler:
                 break
             self._discard(dg)
             self.drops["frag_timeout"] += 1
+            if dg.first is not None:
+                quotes.append(self._quote(dg))
+        return quotes
+
+    @staticmethod
+    def _quote(dg) -> bytes:
+        data = dg.runs[0][1]
+        if dg.key[0] == 4:
+            # RFC 792: the header and the first 64 bits of the data
+            return dg.first + data[:8]
+        # RFC 4443 §2.4(c): as much as fits in a minimum-MTU ICMPv6 packet
+        unfrag = dg.first[0]
+        fh = _ip6.FRAG.pack(dg.first[2], 0, 1, dg.key[3])
+        return unfrag + fh + data[:max(0, 1232 - len(unfrag) - 8)]
 
     def next_deadline(self):
         """Earliest time expire() has work, or None."""
