@@ -261,7 +261,7 @@ class Client:
             got = s.flags if psh is not None else s.flags & ~PSH
             want = want if psh is None else (want | PSH if psh else want & ~PSH)
             assert got == want, f"flags {flags_str(got)} != {flags_str(want)}: {s}"
-        if seq is None and self.rcv is not None and not s.flags & (SYN | RST) and seq is not False:
+        if seq is None and update and self.rcv is not None and not s.flags & (SYN | RST):
             seq = self.rcv
         if seq is not None and seq is not False:
             assert s.seq == seq & M, f"seq {s.seq} != {seq & M}: {s}"
