@@ -137,3 +137,9 @@ def test_update16_equals_recompute(data, d):
 @given(st.binary(max_size=3000), st.integers(0, 1 << 24))
 def test_sum16_property(data, start):
     assert ck.sum16(data, start) == ref_sum16(data, start)
+
+
+def test_pseudo_headers_take_memoryview_addresses():
+    mv = memoryview(bytes(range(32)))
+    assert ck.pseudo4(mv[:4], mv[4:8], 6, 5) == ck.pseudo4(bytes(range(4)), bytes(range(4, 8)), 6, 5)
+    assert ck.pseudo6(mv[:16], mv[16:], 17, 5) == ck.pseudo6(bytes(range(16)), bytes(range(16, 32)), 17, 5)

@@ -76,15 +76,15 @@ def fold(x: int) -> int:
 
 
 def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv4 pseudo-header (RFC 793/768); src, dst: bytes.  The addresses
-    are whole 16-bit words, so src + dst read as one integer is congruent
-    to the sum of their words; one modulo keeps the result small."""
-    return int.from_bytes(src + dst, "big") % 0xFFFF + proto + length
+    """Unfolded sum of the IPv4 pseudo-header (RFC 793/768).  Each address
+    read as one integer is congruent to the sum of its 16-bit words; one
+    modulo for both keeps the result small."""
+    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
 
 
 def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv6 pseudo-header (RFC 8200 §8.1); src, dst: bytes."""
-    return int.from_bytes(src + dst, "big") % 0xFFFF + proto + length
+    """Unfolded sum of the IPv6 pseudo-header (RFC 8200 §8.1)."""
+    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
 
 
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:
