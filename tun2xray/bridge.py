@@ -1,0 +1,581 @@
+"""The bridge API for packet-flow hosts (NEPacketTunnelProvider, VpnService, ...).
+
+The host holds integer handles, never Python objects (the handle style of
+wireguard-go's mobile bridge)::
+
+    handle = bridge.start(config_json, on_outbound=None)
+    bridge.submit_inbound(handle, packet, protocol)
+    bridge.submit_inbound_batch(handle, packets, protocols)
+    bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
+    bridge.status(handle) -> dict            # same shape as the CLI's control socket
+    bridge.stop(handle)
+
+Threads: each handle owns one engine thread running its own event loop
+(uvloop when importable, else asyncio; `start(..., loop="asyncio")` forces
+one).  Any number of host threads may call any function at once.
+
+Inbound: `submit_*` checks each packet's family against its IP version on the
+caller's thread, appends it to a bounded queue under one short lock and wakes
+the engine's loop once per burst (call_soon_threadsafe only when the queue
+was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
+
+Outbound: packets the stack emits are given to `on_outbound(packets,
+protocols)` on the engine thread, or queued (bounded, tail drop counted in
+`tx_queue_full`) for `poll_outbound`.  `protocol` uses the numbering the
+host used: AF_INET is 2 everywhere; an IPv6 packet is answered with the
+AF_INET6 number the host last submitted (10 as on Linux, 30 as on Darwin;
+before any IPv6 packet, this platform's own number).
+
+Accounting, in `status(handle)["device"]` (all packets, never only some)::
+
+    rx_packets == rx_delivered + rx_queued + rx_dropped
+    rx_dropped == rx_family_mismatch + rx_bad_protocol + rx_bad_type
+                  + rx_oversize + rx_queue_full + rx_engine_down
+    rx_delivered == status["stack"]["rx_packets"]      (the stack's own sum)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import sys
+import threading
+from collections import deque
+
+from netstack import StackConfig
+
+from . import state as st
+from .profile import Profile, ProfileError, load_profile
+from .rules import Router
+from .upstream.url import DokodemoUpstream, parse_upstream
+
+log = logging.getLogger("tun2xray.bridge")
+
+AF_INET = 2
+AF_INET6_LINUX = 10
+AF_INET6_DARWIN = 30
+AF_INET6_NATIVE = AF_INET6_DARWIN if sys.platform == "darwin" else AF_INET6_LINUX
+_AF6 = frozenset({AF_INET6_LINUX, AF_INET6_DARWIN})
+
+MAX_PACKET = 65535 + 40          # largest IPv4 / non-jumbo IPv6 packet
+INBOUND_PACKETS = 4096           # inbound queue bound (packets) ...
+INBOUND_BYTES = 8 << 20          # ... and bytes
+OUTBOUND_PACKETS = 4096          # poll-mode outbound queue bounds
+OUTBOUND_BYTES = 8 << 20
+FEED_CHUNK = 256                 # packets per engine.feed() (one service pass each)
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 30.0
+STATUS_TIMEOUT = 5.0
+
+_RX_DROPS = ("rx_family_mismatch", "rx_bad_protocol", "rx_bad_type", "rx_oversize",
+             "rx_queue_full", "rx_engine_down")
+
+
+class BridgeError(ValueError):
+    """Misuse of the bridge: an unknown or stale handle, a bad argument, a
+    call that cannot be made from where it was made."""
+
+
+class InvalidHandle(BridgeError):
+    pass
+
+
+# ------------------------------------------------------------------ settings
+
+def engine_settings(profile: Profile):
+    """(router, stack_config, connect_timeout) for an engine serving *profile*.
+    Shared by the bridge and any other host that starts from a profile."""
+    up = parse_upstream(profile.proxy)
+    if isinstance(up, DokodemoUpstream):
+        raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
+    router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
+    cfg = StackConfig(mtu=profile.mtu, udp_timeout=profile.udp_timeout, max_flows=profile.max_flows,
+                      icmp_echo=profile.icmp_echo, connect_timeout=profile.tcp_connect_timeout + 5)
+    return router, cfg, profile.tcp_connect_timeout
+
+
+def _new_loop(kind: str):
+    if kind not in ("auto", "uvloop", "asyncio"):
+        raise BridgeError(f'loop "{kind}": expected "auto", "uvloop" or "asyncio"')
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise BridgeError("loop \"uvloop\": uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop(), "uvloop"
+    return asyncio.new_event_loop(), "asyncio"
+
+
+# ------------------------------------------------------------------- device
+
+class _BridgeDevice:
+    """What the engine sees: a device without an fd (packets are pushed with
+    engine.feed) whose writes go to the tunnel's outbound side."""
+
+    pollable = False
+    trusted_checksums = False
+    __slots__ = ("name", "mtu", "url", "stats", "write_batch")
+
+    def __init__(self, name, mtu, write_batch):
+        self.name = name
+        self.mtu = mtu
+        self.url = f"bridge://{name}"
+        self.write_batch = write_batch
+        self.stats = {
+            "rx_packets": 0, "rx_bytes": 0, "rx_delivered": 0, "rx_queued": 0, "rx_dropped": 0,
+            **{k: 0 for k in _RX_DROPS},
+            "tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_queue_full": 0,
+            "tx_callback_errors": 0, "tx_queued": 0, "engine_errors": 0,
+        }
+
+    def fileno(self):
+        raise OSError("a bridge device has no file descriptor")
+
+    def close(self):
+        pass
+
+
+# ------------------------------------------------------------------- tunnel
+
+class _Tunnel:
+    """One handle: its engine thread, loop, queues and counters."""
+
+    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
+        self.handle = handle
+        self.router, self.stack_config, self.connect_timeout = engine_settings(profile)
+        self.proxy = self.router.default
+        self.on_outbound = on_outbound
+        self.lifecycle = st.Lifecycle()
+        self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
+        self.stats = self.device.stats
+        self._lock = threading.Lock()           # inbound queue + rx counters + flags
+        self._inq: list = []
+        self._inq_bytes = 0
+        self._wake = False                      # a _drain is scheduled on the loop
+        self._closed = False                    # stop() began: take nothing more
+        self._down = False                      # the engine thread has ended
+        self._af6 = AF_INET6_NATIVE
+        self._out_cv = threading.Condition(threading.Lock())
+        self._outq: deque = deque()
+        self._out_bytes = 0
+        self.engine = None
+        self._serving = False
+        self._stop_requested = False
+        self._probe_task = None
+        self._started = threading.Event()
+        self.loop, self.loop_kind = _new_loop(loop_kind)
+        self.thread_id = None
+        self.thread = threading.Thread(target=self._thread_main, name=f"tun2xray-bridge-{handle}",
+                                       daemon=True)
+
+    # ----------------------------------------------------------- engine thread
+
+    def _thread_main(self) -> None:
+        self.thread_id = threading.get_ident()
+        loop = self.loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as e:       # the engine died: say why, keep the host alive
+            log.exception("bridge %d: engine failed", self.handle)
+            self.lifecycle.set(st.ERROR, f"engine failed: {e!r}")
+        finally:
+            self._serving = False
+            try:
+                _finish_loop(loop)
+            except BaseException:
+                log.exception("bridge %d: loop cleanup failed", self.handle)
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+                with self._lock:
+                    self._down = True
+                    self._drop_inbound_locked()
+                with self._out_cv:
+                    self._out_cv.notify_all()
+                self._started.set()
+
+    async def _serve(self) -> None:
+        from .engine import Engine
+        self.lifecycle.set(st.CONNECTING, "starting")
+        engine = Engine(self.device, self.router, stack_config=self.stack_config,
+                        connect_timeout=self.connect_timeout)
+        engine._started_cb = self._on_started
+        self.engine = engine
+        await engine.run()
+
+    def _on_started(self, engine) -> None:
+        self._serving = True
+        self._started.set()
+        if self._stop_requested:
+            engine.stop()
+            return
+        self._probe_task = self.loop.create_task(self._probe())
+        with self._lock:
+            pending = bool(self._inq) and not self._wake
+            if pending:
+                self._wake = True
+        if pending:
+            self.loop.call_soon(self._drain)
+
+    async def _probe(self) -> None:
+        """connecting -> connected once the proxy inbound takes a TCP connection."""
+        host, port = self.proxy.host, self.proxy.port
+        delay = 0.2
+        while True:
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
+            except (OSError, asyncio.TimeoutError) as e:
+                reason = f"proxy {host}:{port} unreachable: {getattr(e, 'strerror', None) or e!r}"
+                self.lifecycle.set(st.CONNECTING, reason)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            w.close()
+            self.lifecycle.set(st.CONNECTED)
+            return
+
+    def _stop_on_loop(self) -> None:
+        self._stop_requested = True
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = self._inq
+            self._inq = []
+            self._inq_bytes = 0
+            self._wake = False
+            stats = self.stats
+            n = len(batch)
+            stats["rx_queued"] -= n
+            engine = self.engine
+            if not self._serving or self._stop_requested or engine is None:
+                stats["rx_engine_down"] += n
+                stats["rx_dropped"] += n
+                return
+            stats["rx_delivered"] += n
+        for i in range(0, n, FEED_CHUNK):
+            try:
+                engine.feed(batch[i:i + FEED_CHUNK])
+            except Exception:        # a stack/engine bug must not kill the loop: count it
+                self.stats["engine_errors"] += 1
+                log.exception("bridge %d: engine.feed failed", self.handle)
+
+    def _outbound(self, packets) -> int:
+        """device.write_batch, on the engine thread."""
+        af6 = self._af6
+        protos = [af6 if p[0] >> 4 == 6 else AF_INET for p in packets]
+        stats = self.stats
+        n = len(packets)
+        cb = self.on_outbound
+        if cb is not None:
+            try:
+                cb(packets, protos)
+            except Exception:
+                stats["tx_callback_errors"] += 1
+                stats["tx_dropped"] += n
+                log.exception("bridge %d: on_outbound raised", self.handle)
+                return n
+            stats["tx_packets"] += n
+            stats["tx_bytes"] += sum(map(len, packets))
+            return n
+        with self._out_cv:
+            q = self._outq
+            room = OUTBOUND_PACKETS - len(q)
+            qbytes = self._out_bytes
+            taken = nbytes = 0
+            for p, proto in zip(packets, protos):
+                ln = len(p)
+                if taken >= room or qbytes + ln > OUTBOUND_BYTES:
+                    continue
+                q.append((p, proto))
+                qbytes += ln
+                taken += 1
+                nbytes += ln
+            self._out_bytes = qbytes
+            stats["tx_packets"] += taken
+            stats["tx_bytes"] += nbytes
+            stats["tx_queued"] = len(q)
+            if taken < n:
+                stats["tx_queue_full"] += n - taken
+                stats["tx_dropped"] += n - taken
+            if taken:
+                self._out_cv.notify()
+        return n
+
+    # ------------------------------------------------------------- host side
+
+    def submit(self, packets, protocols) -> None:
+        good = []
+        nbytes = total_bytes = 0
+        mismatch = badproto = badtype = oversize = 0
+        af6 = None
+        for p, proto in zip(packets, protocols):
+            if type(p) is not bytes:
+                if isinstance(p, (bytearray, memoryview)):
+                    p = bytes(p)         # the host may reuse its buffer
+                else:
+                    badtype += 1
+                    continue
+            n = len(p)
+            total_bytes += n
+            if n > MAX_PACKET:
+                oversize += 1
+                continue
+            if proto == AF_INET:
+                if n and p[0] >> 4 != 4:
+                    mismatch += 1
+                    continue
+            elif proto in _AF6 and type(proto) is int:
+                af6 = proto
+                if n and p[0] >> 4 != 6:
+                    mismatch += 1
+                    continue
+            else:
+                badproto += 1
+                continue
+            good.append(p)
+            nbytes += n
+        wake = False
+        with self._lock:
+            stats = self.stats
+            stats["rx_packets"] += len(packets)
+            stats["rx_bytes"] += total_bytes
+            if af6 is not None:
+                self._af6 = af6
+            dropped = mismatch + badproto + badtype + oversize
+            if mismatch:
+                stats["rx_family_mismatch"] += mismatch
+            if badproto:
+                stats["rx_bad_protocol"] += badproto
+            if badtype:
+                stats["rx_bad_type"] += badtype
+            if oversize:
+                stats["rx_oversize"] += oversize
+            if good:
+                if self._closed or self._down:
+                    stats["rx_engine_down"] += len(good)
+                    dropped += len(good)
+                else:
+                    q = self._inq
+                    room = INBOUND_PACKETS - len(q)
+                    if len(good) <= room and self._inq_bytes + nbytes <= INBOUND_BYTES:
+                        q.extend(good)
+                        self._inq_bytes += nbytes
+                        taken = len(good)
+                    else:
+                        taken = 0
+                        qb = self._inq_bytes
+                        for p in good:
+                            if taken >= room or qb + len(p) > INBOUND_BYTES:
+                                continue
+                            q.append(p)
+                            qb += len(p)
+                            taken += 1
+                        self._inq_bytes = qb
+                        stats["rx_queue_full"] += len(good) - taken
+                        dropped += len(good) - taken
+                    stats["rx_queued"] += taken
+                    if taken and not self._wake and self._serving:
+                        self._wake = wake = True
+            stats["rx_dropped"] += dropped
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:     # the loop closed under us (engine ended): count it
+                with self._lock:
+                    self._wake = False
+                    self._drop_inbound_locked()
+
+    def _drop_inbound_locked(self) -> None:
+        n = len(self._inq)
+        if n:
+            stats = self.stats
+            stats["rx_queued"] -= n
+            stats["rx_engine_down"] += n
+            stats["rx_dropped"] += n
+            self._inq = []
+            self._inq_bytes = 0
+
+    def poll(self, max_packets: int, timeout: float) -> list:
+        cv = self._out_cv
+        with cv:
+            q = self._outq
+            if not q and timeout > 0:
+                cv.wait_for(lambda: q or self._closed or self._down, timeout)
+            n = min(max_packets, len(q))
+            if not n:
+                return []
+            out = [q.popleft() for _ in range(n)]
+            self._out_bytes -= sum(len(p) for p, _ in out)
+            self.stats["tx_queued"] = len(q)
+        return out
+
+    def status(self) -> dict:
+        eng = None
+        engine = self.engine
+        if engine is not None and self._serving:
+            if threading.get_ident() == self.thread_id:
+                eng = engine.status()
+            else:
+                fut = concurrent.futures.Future()
+
+                def job():
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(engine.status())
+                        except Exception as e:
+                            fut.set_exception(e)
+                try:
+                    self.loop.call_soon_threadsafe(job)
+                    eng = fut.result(STATUS_TIMEOUT)
+                except (RuntimeError, concurrent.futures.TimeoutError):
+                    fut.cancel()
+                    eng = None
+        if eng is None:
+            eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
+        return st.compose(self.lifecycle, eng)
+
+    def close(self) -> None:
+        self.lifecycle.set(st.DISCONNECTING)
+        with self._lock:
+            self._closed = True
+            self._drop_inbound_locked()
+        with self._out_cv:
+            self._out_cv.notify_all()
+        try:
+            self.loop.call_soon_threadsafe(self._stop_on_loop)
+        except RuntimeError:
+            pass                     # the loop is closed already: the thread is ending
+        self.thread.join(STOP_TIMEOUT)
+        if self.thread.is_alive():
+            self.lifecycle.set(st.ERROR, f"engine thread did not stop within {STOP_TIMEOUT:.0f} s")
+            raise BridgeError(f"handle {self.handle}: the engine thread did not stop "
+                              f"within {STOP_TIMEOUT:.0f} s")
+        self.lifecycle.set(st.DISCONNECTED)
+
+
+def _finish_loop(loop) -> None:
+    """What asyncio.run does after its main coroutine: cancel what is left,
+    let transports deliver connection_lost, stop executor threads."""
+    for _ in range(3):
+        tasks = asyncio.all_tasks(loop)
+        if not tasks:
+            break
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for _ in range(3):
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+# ----------------------------------------------------------------- registry
+
+_registry: dict = {}
+_registry_lock = threading.Lock()
+_handles = itertools.count(1)       # never reused: a stale handle stays invalid
+
+
+def _get(handle) -> _Tunnel:
+    if type(handle) is not int:
+        raise InvalidHandle(f"handle {handle!r}: not an integer handle from bridge.start()")
+    t = _registry.get(handle)
+    if t is None:
+        raise InvalidHandle(f"handle {handle}: unknown or already stopped")
+    return t
+
+
+def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
+    """Start an engine for the profile *config_json* (DESIGN.md "Profile");
+    returns its handle once the engine serves (state "connecting" until the
+    proxy inbound answers, then "connected").
+
+    Raises ProfileError (a ValueError) naming the JSON path of a bad key,
+    BridgeError for a bad argument or an engine that could not start."""
+    if not isinstance(config_json, (str, bytes, bytearray)):
+        raise BridgeError(f"config_json: expected JSON text, got {type(config_json).__name__}")
+    if on_outbound is not None and not callable(on_outbound):
+        raise BridgeError("on_outbound: must be callable or None")
+    profile = load_profile(config_json)
+    with _registry_lock:
+        handle = next(_handles)
+    t = _Tunnel(handle, profile, on_outbound, loop)
+    t.thread.start()
+    if not t._started.wait(START_TIMEOUT) or not t._serving:
+        reason = t.lifecycle.reason or "timed out"
+        try:
+            t.close()
+        except BridgeError:
+            pass
+        raise BridgeError(f"the engine did not start: {reason}")
+    with _registry_lock:
+        _registry[handle] = t
+    return handle
+
+
+def submit_inbound(handle: int, packet, protocol: int) -> None:
+    """One packet from the host (bytes; protocol AF_INET=2 or AF_INET6=10/30)."""
+    _get(handle).submit((packet,), (protocol,))
+
+
+def submit_inbound_batch(handle: int, packets, protocols) -> None:
+    """A batch, as packetFlow.readPackets hands it over."""
+    t = _get(handle)
+    if len(packets) != len(protocols):
+        raise BridgeError(f"submit_inbound_batch: {len(packets)} packets but {len(protocols)} protocols")
+    t.submit(packets, protocols)
+
+
+def poll_outbound(handle: int, max_packets: int = 64, timeout: float = 0.0) -> list:
+    """Up to *max_packets* (packet, protocol) pairs, waiting up to *timeout*
+    seconds for the first one.  Always empty in callback mode."""
+    t = _get(handle)
+    if type(max_packets) is not int or max_packets < 1:
+        raise BridgeError(f"max_packets {max_packets!r}: must be a positive integer")
+    if timeout < 0:
+        raise BridgeError(f"timeout {timeout!r}: must not be negative")
+    return t.poll(max_packets, timeout)
+
+
+def status(handle: int) -> dict:
+    """The tunnel's state and counters (tun2xray.state.compose shape)."""
+    return _get(handle).status()
+
+
+def stop(handle: int) -> None:
+    """Stop the engine; returns when its thread, sockets and timers are gone.
+    The handle is invalid afterwards."""
+    t = _get(handle)
+    if threading.get_ident() == t.thread_id:
+        raise BridgeError(f"handle {handle}: stop() cannot be called on the engine thread "
+                          "(from on_outbound); call it from a host thread")
+    with _registry_lock:
+        if _registry.get(handle) is not t:
+            raise InvalidHandle(f"handle {handle}: unknown or already stopped")
+        del _registry[handle]
+    t.close()
+
+
+def handles() -> list:
+    """The live handles (for hosts that clean up everything at exit)."""
+    with _registry_lock:
+        return sorted(_registry)
+
+
+def loop_kind(handle: int) -> str:
+    """"uvloop" or "asyncio": the loop this handle's engine runs on."""
+    return _get(handle).loop_kind
+
+
+__all__ = ["AF_INET", "AF_INET6_DARWIN", "AF_INET6_LINUX", "BridgeError", "InvalidHandle",
+           "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "start",
+           "status", "stop", "submit_inbound", "submit_inbound_batch"]
