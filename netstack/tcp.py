@@ -1219,7 +1219,7 @@ class TcpConnection:
             if x is not None and (t is None or x < t):
                 t = x
         ka = self.stack.config.keepalive
-        if ka is not None and self.state in _KA_STATES:
+        if ka is not None and self.state in _KA_STATES and self.snd_una == self.snd_max:
             x = self.last_rcv + ka + self._ka_n * self.stack.config.keepalive_interval
             if t is None or x < t:
                 t = x
