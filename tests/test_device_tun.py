@@ -544,3 +544,56 @@ def test_bench_runs_and_moves_every_packet():
         assert tun["write_delivered"] == 3000
         assert tun["stats"]["tx_dropped"] == 0
     assert all(v["read_pps"] > 0 and v["write_pps"] > 0 for v in res.values())
+
+
+def test_multiqueue_spreads_flows_over_queues(netns):
+    res = run_child(
+        netns,
+        """
+        q1 = open_device("tun://dvtun12?multiqueue=1", addresses=["10.72.0.1/24"])
+        q2 = q1.open_queue()
+        result["flags"] = [q1.multiqueue, q2.multiqueue, q1.created, q2.created, q2.fileno() != q1.fileno()]
+        time.sleep(0.05)
+        q1.read_batch(1000); q2.read_batch(1000)
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        socks = []
+        for flow in range(64):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind(("10.72.0.1", 20000 + flow))
+            socks.append(c)
+            for k in range(3):
+                c.sendto(b"f%d" % flow, ("10.72.0.2", 9999))
+        time.sleep(0.2)
+        seen = {}
+        for qi, q in enumerate((q1, q2)):
+            for p in q.read_batch(10000):
+                if p[0] >> 4 == 4 and p[9] == 17:
+                    sport = int.from_bytes(p[20:22], "big")
+                    seen.setdefault(str(sport), []).append(qi)
+        result["seen"] = seen
+        # either queue can write; the kernel takes it
+        from tun2xray.device.bench import _udp4
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("10.72.0.1", 7000)); rx.settimeout(2)
+        q2.write_batch([_udp4(bytes([10, 72, 0, 2]), bytes([10, 72, 0, 1]), 4000, 7000, b"via-q2")])
+        result["rx"] = rx.recv(100).decode()
+        q1.close()
+        result["exists_after_q1"] = exists("dvtun12")
+        q2.close()
+        result["exists_after_q2"] = exists("dvtun12")
+        plain = open_device("tun://dvtun13")
+        try:
+            plain.open_queue()
+        except DeviceError as e:
+            result["plain"] = str(e)
+        plain.close()
+        """,
+    )
+    assert res["flags"] == [True, True, True, False, True]
+    seen = res["seen"]
+    assert sorted(int(k) for k in seen) == list(range(20000, 20064))
+    assert all(len(v) == 3 and len(set(v)) == 1 for v in seen.values())  # a flow sticks to a queue
+    per_queue = [sum(1 for v in seen.values() if v[0] == q) for q in (0, 1)]
+    assert min(per_queue) > 0, per_queue  # and flows are spread
+    assert res["rx"] == "via-q2"
+    assert res["exists_after_q1"] is True and res["exists_after_q2"] is False
+    assert "not a multiqueue TUN" in res["plain"]

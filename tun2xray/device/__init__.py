@@ -24,6 +24,9 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     kernel pick one (``tun0``, ...). ``tun://NAME?offload=1`` adds IFF_VNET_HDR
     and TCP segmentation offload: 64 KB TCP super-segments both ways (see
     offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
+    ``tun://NAME?multiqueue=1`` sets IFF_MULTI_QUEUE: ``dev.open_queue()`` (or
+    the same URL opened in another process) attaches another queue; the
+    kernel spreads flows over the queues, one worker per queue.
 
 ``fd://N`` and ``fd://N?header=af[&af6=10]``
     An inherited TUN file descriptor (Android ``VpnService``: raw IP packets).
@@ -105,13 +108,14 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
     scheme = scheme.lower()
     if scheme == "tun":
         name, _, query = rest.partition("?")
-        opts = _query(url, query, {"offload"})
-        offload = opts.get("offload", "0")
-        if offload not in ("0", "1"):
-            raise DeviceError(f"{url}: offload={offload!r} is not 0 or 1")
+        opts = _query(url, query, {"offload", "multiqueue"})
+        for key, value in opts.items():
+            if value not in ("0", "1"):
+                raise DeviceError(f"{url}: {key}={value!r} is not 0 or 1")
         from .linux_tun import open_tun
 
-        return open_tun(url, name, mtu=mtu, addresses=list(addresses), offload=offload == "1")
+        return open_tun(url, name, mtu=mtu, addresses=list(addresses),
+                        offload=opts.get("offload") == "1", multiqueue=opts.get("multiqueue") == "1")
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":

@@ -109,23 +109,77 @@ def _read_mtu(name: str) -> int:
 class TunDevice(Device):
     """A local Linux TUN: packets are built by this kernel, checksums trusted."""
 
-    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool):
+    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool, flags: int = 0):
         super().__init__(tun.fileno(), name=name, mtu=mtu, url=url, trusted_checksums=True)
         self._tun = tun
+        self._flags = flags
         self.created = created
+
+    @property
+    def multiqueue(self) -> bool:
+        import pytun
+
+        return bool(self._flags & pytun.IFF_MULTI_QUEUE)
+
+    def open_queue(self) -> "TunDevice":
+        """Attach one more queue of this multiqueue TUN (``?multiqueue=1``).
+
+        The kernel spreads flows over the queues by hash; each queue is a
+        device of its own (one per worker process, opened before forking or
+        by opening the same URL in each worker). The interface goes away when
+        the last queue of a TUN we created is closed.
+        """
+        self._check_usable()
+        if not self.multiqueue:
+            raise DeviceError(f"{self.url}: not a multiqueue TUN (use ?multiqueue=1)")
+        tun = _attach(self.url, self.name, self._flags, existed=True)
+        try:
+            os.set_blocking(tun.fileno(), False)
+            if self.offload:
+                from .offload import enable_offloads
+
+                enable_offloads(tun.fileno())
+        except OSError as exc:
+            tun.close()
+            raise DeviceError(f"{self.url}: cannot set up another queue: {os.strerror(exc.errno)}") from None
+        return type(self)(tun, name=self.name, mtu=self.mtu, url=self.url, created=False, flags=self._flags)
 
     def _release(self) -> None:
         self._tun.close()
-        if self.created and _ifindex(self.name):
+        if self.created and not self.multiqueue and _ifindex(self.name):
             # Normally gone with its last fd; only a persist flag set by
-            # someone else keeps it. We made it, so we remove it.
+            # someone else keeps it. We made it, so we remove it. (Not for
+            # multiqueue: other queues may still be open; the kernel removes
+            # it with the last one.)
             try:
                 _in_thread(lambda: _delete_link(self.name))
             except Exception:
                 pass
 
 
-def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: bool = False) -> TunDevice:
+def _attach(url: str, name: str, flags: int, *, existed: bool):
+    """TUNSETIFF on NAME with flags: a pytun device, or DeviceError with why."""
+    import pytun
+
+    try:
+        return pytun.TunTapDevice(name=name, flags=flags)
+    except pytun.Error as exc:
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        if code == errno.EPERM or code == errno.EACCES:
+            why = "permission denied (needs root or CAP_NET_ADMIN)"
+        elif code == errno.EBUSY:
+            why = "busy (another process holds this TUN)"
+        elif code == errno.EINVAL and existed:
+            why = "an interface with this name exists and is not a TUN (or its multiqueue setting differs)"
+        elif code == errno.ENOENT:
+            why = "/dev/net/tun is missing (no TUN support)"
+        else:
+            why = exc.args[-1] if exc.args else str(exc)
+        raise DeviceError(f"{url}: cannot open TUN: {why}") from None
+
+
+def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: bool = False,
+             multiqueue: bool = False) -> TunDevice:
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
@@ -134,24 +188,12 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: 
     except ImportError:
         raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
     existed = bool(name) and _ifindex(name) != 0
-    try:
-        flags = pytun.IFF_TUN | pytun.IFF_NO_PI
-        if offload:
-            flags |= pytun.IFF_VNET_HDR
-        tun = pytun.TunTapDevice(name=name, flags=flags)
-    except pytun.Error as exc:
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        if code == errno.EPERM or code == errno.EACCES:
-            why = "permission denied (needs root or CAP_NET_ADMIN)"
-        elif code == errno.EBUSY:
-            why = "busy (another process holds this TUN)"
-        elif code == errno.EINVAL and existed:
-            why = "an interface with this name exists and is not a TUN"
-        elif code == errno.ENOENT:
-            why = "/dev/net/tun is missing (no TUN support)"
-        else:
-            why = exc.args[-1] if exc.args else str(exc)
-        raise DeviceError(f"{url}: cannot open TUN: {why}") from None
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+    if offload:
+        flags |= pytun.IFF_VNET_HDR
+    if multiqueue:
+        flags |= pytun.IFF_MULTI_QUEUE
+    tun = _attach(url, name, flags, existed=existed)
     real_name = tun.name.decode() if isinstance(tun.name, bytes) else tun.name
     created = not existed
     try:
@@ -171,8 +213,7 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: 
     except Exception as exc:
         tun.close()
         raise DeviceError(f"{url}: cannot configure {real_name}: {' '.join(str(exc).split())}") from None
+    cls = TunDevice
     if offload:
-        from .offload import OffloadTunDevice
-
-        return OffloadTunDevice(tun, name=real_name, mtu=dev_mtu, url=url, created=created)
-    return TunDevice(tun, name=real_name, mtu=dev_mtu, url=url, created=created)
+        from .offload import OffloadTunDevice as cls
+    return cls(tun, name=real_name, mtu=dev_mtu, url=url, created=created, flags=flags)

@@ -113,8 +113,8 @@ class OffloadTunDevice(TunDevice):
     offload = True
     gso_max = GSO_MAX
 
-    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool):
-        super().__init__(tun, name=name, mtu=mtu, url=url, created=created)
+    def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool, flags: int = 0):
+        super().__init__(tun, name=name, mtu=mtu, url=url, created=created, flags=flags)
         self.stats["rx_gso"] = 0
         self.stats["tx_gso"] = 0
 
