@@ -133,3 +133,16 @@ def test_read_pcap_rejects_other_files(tmp_path):
     p.write_bytes(b"this is not a capture at all, not even close")
     with pytest.raises(ValueError, match="not a pcap/pcapng file"):
         list(read_pcap(str(p)))
+
+
+def test_full_disk_stops_recording_without_raising():
+    rec = PcapRecorder("/dev/full")  # every flush fails with ENOSPC
+    big = V4 + bytes(60000)
+    for _ in range(40):  # > the 1 MB buffer
+        rec.write(big, 1.0)
+    assert rec.error == "/dev/full: No space left on device"
+    assert rec.dropped >= 1 and rec.packets + rec.dropped == 40
+    rec.write(V4, 2.0)
+    rec.flush()
+    rec.close()
+    assert rec.dropped >= 2

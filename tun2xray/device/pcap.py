@@ -31,12 +31,20 @@ _record_header = struct.Struct("=IIII")
 
 
 class PcapRecorder:
-    """Append raw IP packets to a new pcap file (LINKTYPE_RAW)."""
+    """Append raw IP packets to a new pcap file (LINKTYPE_RAW).
+
+    Recording must never take the tunnel down: if the file cannot be written
+    (disk full, I/O error) the recorder stops, keeps the reason in ``error``
+    and counts later packets in ``dropped``; ``write`` does not raise then.
+    Writing after ``close()`` is a programming error (ValueError).
+    """
 
     def __init__(self, path: str, *, snaplen: int = SNAPLEN):
         self.path = path
         self.snaplen = snaplen
         self.packets = 0
+        self.dropped = 0
+        self.error: str | None = None
         self._f = open(path, "wb", buffering=1 << 20)
         self._f.write(_file_header.pack(PCAP_MAGIC_US, 2, 4, 0, 0, snaplen, LINKTYPE_RAW))
         self._pack = _record_header.pack
@@ -45,6 +53,9 @@ class PcapRecorder:
     def write(self, packet, ts: float) -> None:
         """Record one packet seen at ``ts`` (seconds since the epoch)."""
         if self._f is None:
+            if self.error is not None:
+                self.dropped += 1
+                return
             raise ValueError(f"{self.path}: recorder is closed")
         sec = int(ts)
         usec = int((ts - sec) * 1_000_000 + 0.5)
@@ -52,26 +63,45 @@ class PcapRecorder:
             sec += 1
             usec -= 1_000_000
         n = len(packet)
-        if n > self.snaplen:
-            self._write(self._pack(sec, usec, self.snaplen, n))
-            self._write(packet[: self.snaplen])
-        else:
-            self._write(self._pack(sec, usec, n, n))
-            self._write(packet)
+        try:
+            if n > self.snaplen:
+                self._write(self._pack(sec, usec, self.snaplen, n))
+                self._write(packet[: self.snaplen])
+            else:
+                self._write(self._pack(sec, usec, n, n))
+                self._write(packet)
+        except OSError as exc:
+            self._fail(exc)
+            self.dropped += 1
+            return
         self.packets += 1
 
     def write_batch(self, packets, ts: float) -> None:
         for p in packets:
             self.write(p, ts)
 
+    def _fail(self, exc: OSError) -> None:
+        self.error = f"{self.path}: {exc.strerror or exc}"
+        f, self._f = self._f, None
+        try:
+            f.close()
+        except OSError:
+            pass
+
     def flush(self) -> None:
         if self._f is not None:
-            self._f.flush()
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self._fail(exc)
 
     def close(self) -> None:
         f, self._f = self._f, None
         if f is not None:
-            f.close()
+            try:
+                f.close()
+            except OSError as exc:
+                self.error = f"{self.path}: {exc.strerror or exc}"
 
     def __enter__(self):
         return self
