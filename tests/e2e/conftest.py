@@ -31,6 +31,12 @@ def need_root():
         pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
 
 
+@pytest.fixture
+def root():
+    """Skip (with the reason) unless root; for tests that build their own lab."""
+    need_root()
+
+
 @pytest.fixture(autouse=True)
 def _deadline(request):
     """Fail (not hang) a test that overruns its deadline: SIGALRM raises in

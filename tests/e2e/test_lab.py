@@ -221,9 +221,7 @@ def _assert_gone(prefix, pids, workdir):
 
 
 @pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
-def test_teardown_on_failure_leaves_nothing(exc):
-    from conftest import need_root
-    need_root()
+def test_teardown_on_failure_leaves_nothing(root, exc):
     seen = {}
     with pytest.raises(exc):
         with netlab.Lab(prefix="e2t", files=SMALL) as lab:
@@ -238,9 +236,7 @@ def test_teardown_on_failure_leaves_nothing(exc):
     _assert_gone("e2t", seen["pids"], seen["workdir"])
 
 
-def test_stale_lab_is_replaced():
-    from conftest import need_root
-    need_root()
+def test_stale_lab_is_replaced(root):
     subprocess.run(["ip", "netns", "add", "e2t-cli"], check=True)
     try:
         with netlab.Lab(prefix="e2t", files=SMALL) as lab:
@@ -253,9 +249,7 @@ def test_stale_lab_is_replaced():
     _assert_gone("e2t", [], None)
 
 
-def test_cli_up_and_down():
-    from conftest import need_root
-    need_root()
+def test_cli_up_and_down(root):
     tool = os.path.join(os.path.dirname(netlab.__file__), "netlab.py")
     try:
         r = subprocess.run([sys.executable, tool, "--prefix", "e2u", "up"], capture_output=True,
