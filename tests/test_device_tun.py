@@ -84,6 +84,8 @@ def test_created_tun_gets_mtu_addresses_up_and_is_removed_on_close(netns):
         result["trusted"] = dev.trusted_checksums
         result["blocking"] = os.get_blocking(dev.fileno())
         result["link"] = ip_json("dvtun0")
+        time.sleep(0.3)
+        result["first_packets"] = [p.hex() for p in dev.read_batch()]
         dev.close()
         dev.close()  # idempotent
         result["exists_after_close"] = exists("dvtun0")
@@ -113,6 +115,9 @@ def test_created_tun_gets_mtu_addresses_up_and_is_removed_on_close(netns):
     assert not v6.get("tentative", False)
     assert res["exists_after_close"] is False
     assert "closed" in res["read_after_close"]
+    # no IPv6 router solicitations (ICMPv6 type 133) from a TUN we made
+    rs = [p for p in map(bytes.fromhex, res["first_packets"]) if p[0] >> 4 == 6 and p[6] == 58 and p[40] == 133]
+    assert rs == []
 
 
 def test_existing_tun_is_attached_and_left_in_place(netns):

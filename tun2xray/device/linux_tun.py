@@ -64,7 +64,19 @@ def _parse_addresses(url: str, addresses) -> list:
     return out
 
 
-def _configure(name: str, mtu: int | None, addrs: list) -> None:
+def _quiet_ipv6(name: str) -> None:
+    """No IPv6 router solicitations from a TUN we created: nobody answers
+    them there and they would only show up as drops in the stack."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{name}/router_solicitations", "w") as f:
+            f.write("0")
+    except OSError:
+        pass  # IPv6 off, or /proc/sys read-only: harmless
+
+
+def _configure(name: str, mtu: int | None, addrs: list, created: bool = False) -> None:
+    if created:
+        _quiet_ipv6(name)
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
 
@@ -205,7 +217,7 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: 
                 enable_offloads(tun.fileno())
             except OSError as exc:
                 raise DeviceError(f"{url}: the kernel refused TUN offloads: {os.strerror(exc.errno)}") from None
-        _in_thread(lambda: _configure(real_name, mtu, addrs))
+        _in_thread(lambda: _configure(real_name, mtu, addrs, created))
         dev_mtu = _read_mtu(real_name)
     except DeviceError:
         tun.close()
