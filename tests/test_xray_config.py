@@ -1,0 +1,199 @@
+"""tun2xray.xray: reading Xray configs (comments), finding the tunnel-side
+inbounds, and the derived runtime config (the user's file is never edited)."""
+
+import ipaddress
+import json
+import os
+
+import pytest
+
+from tun2xray import xray
+from tun2xray.upstream.url import DokodemoUpstream, SocksUpstream
+
+SOCKS = {"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
+         "settings": {"auth": "noauth", "udp": True}}
+DNS = {"tag": "dns", "listen": "127.0.0.1", "port": 10853, "protocol": "dokodemo-door",
+       "settings": {"address": "1.1.1.1", "port": 53, "network": "tcp,udp"}}
+OUT = [{"tag": "proxy", "protocol": "vmess",
+        "settings": {"vnext": [{"address": "203.0.113.7", "port": 443, "users": []}]}},
+       {"tag": "direct", "protocol": "freedom"},
+       {"tag": "block", "protocol": "blackhole"}]
+
+
+def write(tmp_path, cfg, name="config.json"):
+    p = tmp_path / name
+    p.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
+    return str(p)
+
+
+# --- reading ---------------------------------------------------------------
+
+def test_comments_are_stripped_outside_strings():
+    text = """{
+      // line comment
+      "a": "http://x//y#z", # hash comment
+      /* block
+         comment */ "b": [1, 2,],
+      "c": "/* not a comment */"
+    }"""
+    assert xray.parse_config_text(text) == {"a": "http://x//y#z", "b": [1, 2],
+                                            "c": "/* not a comment */"}
+
+
+def test_escaped_quote_in_string_does_not_end_it():
+    assert xray.parse_config_text(r'{"a": "q\"//x"} // c') == {"a": 'q"//x'}
+
+
+def test_bad_json_names_line_and_column():
+    with pytest.raises(xray.XrayConfigError) as e:
+        xray.parse_config_text('{\n  // c\n  "a": 1 "b": 2}', "cfg.json")
+    msg = str(e.value)
+    assert "cfg.json" in msg and "line 3" in msg and "\n" not in msg
+
+
+def test_not_an_object():
+    with pytest.raises(xray.XrayConfigError, match="JSON object"):
+        xray.parse_config_text("[1]")
+
+
+def test_dangling_link(tmp_path):
+    link = tmp_path / "config.json"
+    os.symlink("nodes/gone.json", link)
+    with pytest.raises(xray.XrayConfigError, match="dangling link to nodes/gone.json"):
+        xray.load_config(str(link))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(xray.XrayConfigError, match="No such file"):
+        xray.load_config(str(tmp_path / "nope.json"))
+
+
+# --- finding the inbounds ----------------------------------------------------
+
+def test_socks_and_dokodemo_found_no_runtime_config(tmp_path):
+    path = write(tmp_path, {"inbounds": [SOCKS, DNS], "outbounds": OUT})
+    d = xray.derive(path)
+    assert d.runtime_path is None and d.config["inbounds"] == [SOCKS, DNS]
+    assert d.proxy == SocksUpstream("127.0.0.1", 10808)
+    assert d.proxy_url == "socks5://127.0.0.1:10808"
+    [rule] = d.rules
+    assert rule.to == DokodemoUpstream("127.0.0.1", 10853)
+    assert rule.networks == {"tcp", "udp"} and rule.ports == (53, 53) and rule.cidrs == ()
+    assert sorted(d.ready_checks()) == [("127.0.0.1", 10808, "tcp"), ("127.0.0.1", 10808, "udp"),
+                                        ("127.0.0.1", 10853, "tcp"), ("127.0.0.1", 10853, "udp")]
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_tunnel_alias_with_new_field_names(tmp_path):
+    tun = {"listen": "127.0.0.1", "port": "5353", "protocol": "tunnel",
+           "settings": {"rewriteAddress": "9.9.9.9", "rewritePort": 53, "allowedNetwork": "udp"}}
+    ntp = {"listen": "::1", "port": 1123, "protocol": "tunnel",
+           "settings": {"rewriteAddress": "192.0.2.123", "rewritePort": 123,
+                        "allowedNetwork": ["udp"]}}
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS, tun, ntp]}))
+    dns, time_rule = d.rules
+    assert dns.to == DokodemoUpstream("127.0.0.1", 5353) and dns.networks == {"udp"}
+    assert dns.ports == (53, 53) and dns.cidrs == ()
+    # a target on another port takes only flows to its own address:port
+    assert time_rule.to == DokodemoUpstream("::1", 1123)
+    assert time_rule.cidrs == (ipaddress.ip_network("192.0.2.123/32"),)
+    assert time_rule.ports == (123, 123)
+    assert time_rule.matches("udp", ipaddress.ip_address("192.0.2.123"), 123)
+    assert not time_rule.matches("udp", ipaddress.ip_address("192.0.2.124"), 123)
+    assert not time_rule.matches("tcp", ipaddress.ip_address("192.0.2.123"), 123)
+
+
+def test_password_socks_and_any_address_listen(tmp_path):
+    s = {"port": 1080, "protocol": "socks", "listen": "0.0.0.0",
+         "settings": {"auth": "password", "udp": True, "accounts": [{"user": "u", "pass": "p w"}]}}
+    d = xray.derive(write(tmp_path, {"inbounds": [s]}))
+    assert d.proxy == SocksUpstream("127.0.0.1", 1080, "u", "p w")
+    assert d.runtime_path is None
+
+
+@pytest.mark.parametrize("socks, why", [
+    (dict(SOCKS, settings={"auth": "noauth"}), "UDP is off"),
+    (dict(SOCKS, listen="192.0.2.1"), "not listening on loopback"),
+    (dict(SOCKS, port="x"), "no usable port"),
+])
+def test_unusable_socks_gets_an_added_inbound(tmp_path, socks, why):
+    cfg = {"inbounds": [socks, DNS], "outbounds": OUT}
+    path = write(tmp_path, cfg)
+    before = open(path).read()
+    d = xray.derive(path)
+    assert any(why in n for n in d.notes), d.notes
+    assert d.added == ["tun2xray-socks"]
+    assert d.runtime_path == str(tmp_path / ".config.tun2xray.json")
+    assert oct(os.stat(d.runtime_path).st_mode & 0o777) == "0o600"
+    assert open(path).read() == before                # the user's file is untouched
+    runtime = json.load(open(d.runtime_path))
+    added = runtime["inbounds"][-1]
+    assert added["protocol"] == "socks" and added["listen"] == "127.0.0.1"
+    assert added["settings"]["udp"] is True and added["sniffing"]["enabled"] is True
+    assert d.proxy == SocksUpstream("127.0.0.1", added["port"])
+    assert runtime["inbounds"][:2] == cfg["inbounds"]     # the user's inbounds are kept
+    assert len(d.rules) == 1                               # the dokodemo still counts
+
+
+def test_no_inbounds_at_all(tmp_path):
+    d = xray.derive(write(tmp_path, "// a client with no inbounds\n{\"outbounds\": []}"))
+    assert d.added and d.proxy.host == "127.0.0.1"
+    assert json.load(open(d.runtime_path))["inbounds"][0]["protocol"] == "socks"
+
+
+def test_inbounds_not_a_list_is_a_one_line_error(tmp_path):
+    with pytest.raises(xray.XrayConfigError, match="no usable socks inbound and no way to add one"):
+        xray.derive(write(tmp_path, {"inbounds": {"socks": 1}}))
+
+
+def test_transparent_and_nameless_dokodemo_are_skipped(tmp_path):
+    tproxy = {"port": 12345, "protocol": "dokodemo-door", "listen": "127.0.0.1",
+              "settings": {"network": "tcp", "followRedirect": True}}
+    named = {"port": 4443, "protocol": "dokodemo-door", "listen": "127.0.0.1",
+             "settings": {"address": "example.com", "port": 443}}
+    lan = dict(DNS, listen="192.0.2.1")
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS, tproxy, named, lan]}))
+    assert d.rules == []
+    assert len(d.notes) == 3
+
+
+def test_mark_goes_on_every_dialing_outbound(tmp_path):
+    cfg = {"inbounds": [SOCKS],
+           "outbounds": OUT + [{"protocol": "vless", "streamSettings": {"network": "ws",
+                                                                        "sockopt": {"tcpFastOpen": True}}}]}
+    path = write(tmp_path, cfg)
+    d = xray.derive(path, mark=0x7478)
+    runtime = json.load(open(d.runtime_path))
+    marks = [ob.get("streamSettings", {}).get("sockopt", {}).get("mark") for ob in runtime["outbounds"]]
+    assert marks == [0x7478, 0x7478, None, 0x7478]
+    assert runtime["outbounds"][3]["streamSettings"] == {
+        "network": "ws", "sockopt": {"tcpFastOpen": True, "mark": 0x7478}}
+    assert json.load(open(path)) == cfg
+
+
+def test_mark_makes_the_implicit_freedom_outbound_explicit(tmp_path):
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS]}), mark=1)
+    assert d.config["outbounds"] == [{"protocol": "freedom", "tag": "direct",
+                                      "streamSettings": {"sockopt": {"mark": 1}}}]
+
+
+def test_outbound_servers():
+    cfg = {"outbounds": OUT + [
+        {"protocol": "shadowsocks", "settings": {"servers": [{"address": "ss.example", "port": "8388"}]}},
+        {"protocol": "wireguard", "settings": {"peers": [{"endpoint": "[2001:db8::1]:51820"}]}}]}
+    assert xray.outbound_servers(cfg) == [("203.0.113.7", 443), ("ss.example", 8388),
+                                          ("2001:db8::1", 51820)]
+    addrs = xray.resolve_servers([("203.0.113.7", 443), ("localhost", 1), ("no-such-host.invalid", 1)])
+    assert ipaddress.ip_address("203.0.113.7") in addrs
+    assert ipaddress.ip_address("127.0.0.1") in addrs
+
+
+def test_core_reason_is_one_line():
+    lines = ["V2Ray 4.34.0 (user)", "A unified platform for anti-censorship.",
+             "main: failed to read config files: [x.json] > unknown config id: nosuch"]
+    assert xray.core_reason(lines) == lines[2]
+    panic = ["V2Ray 4.34.0", "2026/01/01 00:00:00 [Info] Reading config: x",
+             "panic: serial: failed to read config file > invalid port range: \"abc\"",
+             "", "goroutine 1 [running]:", "\tv2ray.com/core/common/common.go:26"]
+    assert xray.core_reason(panic) == 'serial: failed to read config file > invalid port range: "abc"'
+    assert xray.core_reason([]) == "exited without a message"

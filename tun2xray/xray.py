@@ -1,0 +1,840 @@
+"""Xray integration: read a core's config.json, derive what `run` needs, and
+supervise the core process.
+
+Reading.  Xray (and v2ray) accept comments in JSON (``//``, ``/* */`` and
+``#``), so ``load_config`` strips them (outside strings) before decoding.
+
+Deriving.  ``derive()`` looks for the tunnel-side inbounds:
+- a ``socks`` inbound reachable on loopback with UDP enabled: the default
+  proxy of every flow;
+- ``dokodemo-door`` inbounds (also spelled ``tunnel``, with the newer field
+  names ``allowedNetwork``/``rewriteAddress``/``rewritePort``) on loopback with
+  a fixed target: a rule sends flows to that target there.  A target on port
+  53 takes every DNS flow of its networks (DNS hijack, as ``--map
+  udp:53=...``); any other target takes only flows to its own address:port.
+When the socks inbound is missing (or not usable: not on loopback, UDP off)
+or the core must mark its sockets (``--auto-route``), it writes a *runtime*
+config beside the user's file -- never editing the user's file -- that adds a
+loopback socks inbound (UDP on, sniffing on so Xray's domain routing keeps
+working) and sets ``streamSettings.sockopt.mark`` on every outbound.
+
+Supervising.  ``Core`` starts ``xray`` (else ``v2ray``) on one long-lived
+thread, waits until the inbounds accept connections, forwards the core's
+log lines to the ``tun2xray.core`` logger, restarts it with exponential
+backoff when it dies, and stops it on exit.  A config the core rejects gives
+a ``CoreError`` whose message is one line holding the core's own reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import ctypes
+import errno
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .rules import Rule
+from .upstream.url import DokodemoUpstream, SocksUpstream, format_hostport
+
+log = logging.getLogger("tun2xray.xray")
+core_log = logging.getLogger("tun2xray.core")
+
+DEFAULT_MARK = 0x7478          # "tx": the firewall mark --auto-route gives the core's sockets
+SNIFFING = {"enabled": True, "destOverride": ["http", "tls"]}
+RUNTIME_SUFFIX = ".tun2xray.json"
+
+
+class XrayConfigError(ValueError):
+    """The config cannot be used; the message is one line."""
+
+
+class CoreError(RuntimeError):
+    """The core could not be started (missing binary, rejected config, ...)."""
+
+
+# --------------------------------------------------------------------------
+# reading
+
+def strip_comments(text: str) -> str:
+    """Remove ``//``, ``#`` and ``/* */`` comments outside JSON strings.
+
+    Comments are replaced by spaces (newlines kept) so decode errors still
+    point at the right line and column.
+    """
+    out = []
+    i, n = 0, len(text)
+    start = 0
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n:
+                d = text[i]
+                if d == "\\":
+                    i += 2
+                    continue
+                i += 1
+                if d == '"':
+                    break
+            continue
+        if c == "#" or (c == "/" and i + 1 < n and text[i + 1] == "/"):
+            j = text.find("\n", i)
+            j = n if j < 0 else j
+            out.append(text[start:i])
+            out.append(" " * (j - i))
+            i = start = j
+            continue
+        if c == "/" and i + 1 < n and text[i + 1] == "*":
+            j = text.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            out.append(text[start:i])
+            out.append(re.sub(r"[^\n]", " ", text[i:j]))
+            i = start = j
+            continue
+        i += 1
+    out.append(text[start:])
+    return "".join(out)
+
+
+_TRAILING_COMMA = re.compile(r",(\s*[\]}])")
+
+
+def parse_config_text(text: str, name: str = "config") -> dict:
+    """Decode an Xray JSON config (comments allowed); XrayConfigError on failure."""
+    stripped = strip_comments(text)
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError:
+        # Xray's reader also tolerates a trailing comma; a second try with
+        # them removed (the first error is the one reported)
+        try:
+            data = json.loads(_strip_trailing_commas(stripped))
+        except json.JSONDecodeError as e:
+            raise XrayConfigError(f"{name}: not valid JSON: {e.msg} at line {e.lineno} "
+                                  f"column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise XrayConfigError(f"{name}: the config must be a JSON object")
+    return data
+
+
+def _strip_trailing_commas(text: str) -> str:
+    # only outside strings: split on strings, edit the gaps
+    parts = re.split(r'("(?:[^"\\]|\\.)*")', text)
+    for k in range(0, len(parts), 2):
+        parts[k] = _TRAILING_COMMA.sub(r"\1", parts[k])
+    return "".join(parts)
+
+
+def load_config(path: str) -> dict:
+    """Read and decode ``path`` (following a config.json link)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise XrayConfigError(f"{path}: dangling link to {os.readlink(path)}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise XrayConfigError(f"{path}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise XrayConfigError(f"{path}: not UTF-8 text") from None
+    return parse_config_text(text, path)
+
+
+# --------------------------------------------------------------------------
+# inbounds
+
+_ANY = {"", "0.0.0.0", "::", "[::]"}
+
+
+def _loopback_host(listen) -> str | None:
+    """The address to dial for an inbound listening on ``listen``, if that is
+    reachable on loopback; None otherwise (LAN-only address, Unix socket)."""
+    if listen is None:
+        return "127.0.0.1"
+    if not isinstance(listen, str):
+        return None
+    listen = listen.strip()
+    if listen in _ANY:
+        return "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(listen.strip("[]"))
+    except ValueError:
+        return None            # a domain, a Unix socket path, "@abstract"
+    if ip.is_loopback:
+        return str(ip)
+    return None
+
+
+def _port(value) -> int | None:
+    """An inbound's port: a number, "1080", or a range "1080-1090" (first)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 < value < 65536 else None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*\d+\s*)?", value)
+        if m:
+            p = int(m.group(1))
+            return p if 0 < p < 65536 else None
+    return None
+
+
+def _networks(value) -> frozenset:
+    if value is None:
+        return frozenset({"tcp"})           # Xray's default for dokodemo-door
+    if isinstance(value, str):
+        parts = value.split(",")
+    elif isinstance(value, list):
+        parts = value
+    else:
+        return frozenset()
+    nets = frozenset(p.strip().lower() for p in parts if isinstance(p, str) and p.strip())
+    return nets & {"tcp", "udp"}
+
+
+@dataclass(slots=True)
+class Inbound:
+    index: int
+    tag: str
+    protocol: str
+    host: str
+    port: int
+    networks: frozenset = frozenset()
+    target: tuple | None = None       # dokodemo: (address, port)
+
+
+@dataclass(slots=True)
+class Derived:
+    """What `run` takes from a core config."""
+
+    source: str                        # the user's path (maybe a link)
+    real_source: str                   # what it pointed at when read
+    config: dict                       # the config the core runs
+    runtime_path: str | None           # where the derived config was written (None: the user's file runs)
+    proxy: SocksUpstream = None
+    proxy_url: str = ""
+    rules: list = field(default_factory=list)
+    inbounds: list = field(default_factory=list)     # [Inbound] the engine dials
+    added: list = field(default_factory=list)        # tags of inbounds we added
+    notes: list = field(default_factory=list)        # why inbounds were skipped
+    mark: int | None = None
+
+    def ready_checks(self) -> list:
+        """(host, port, proto) the core listens on once it is up."""
+        checks = []
+        for ib in self.inbounds:
+            nets = ib.networks or frozenset({"tcp"})
+            for proto in sorted(nets):
+                checks.append((ib.host, ib.port, proto))
+        return checks
+
+
+def _socks_inbound(i: int, ib: dict, notes: list):
+    tag = ib.get("tag") or f"inbounds[{i}]"
+    host = _loopback_host(ib.get("listen"))
+    port = _port(ib.get("port"))
+    settings = ib.get("settings") if isinstance(ib.get("settings"), dict) else {}
+    if host is None:
+        notes.append(f"socks inbound {tag}: not listening on loopback")
+        return None
+    if port is None:
+        notes.append(f"socks inbound {tag}: no usable port")
+        return None
+    if settings.get("udp") is not True:
+        notes.append(f"socks inbound {tag}: UDP is off")
+        return None
+    user = password = None
+    if settings.get("auth") == "password":
+        accounts = settings.get("accounts")
+        if not (isinstance(accounts, list) and accounts and isinstance(accounts[0], dict)
+                and accounts[0].get("user") and accounts[0].get("pass")):
+            notes.append(f"socks inbound {tag}: password auth without an account")
+            return None
+        user, password = str(accounts[0]["user"]), str(accounts[0]["pass"])
+    up = SocksUpstream(host, port, user, password)
+    return Inbound(i, tag, "socks", host, port, frozenset({"tcp", "udp"})), up
+
+
+def _dokodemo_inbound(i: int, ib: dict, notes: list):
+    tag = ib.get("tag") or f"inbounds[{i}]"
+    settings = ib.get("settings") if isinstance(ib.get("settings"), dict) else {}
+    host = _loopback_host(ib.get("listen"))
+    port = _port(ib.get("port"))
+    if host is None or port is None:
+        notes.append(f"{ib.get('protocol')} inbound {tag}: not on a loopback port")
+        return None
+    if settings.get("followRedirect"):
+        notes.append(f"{ib.get('protocol')} inbound {tag}: transparent (followRedirect), no fixed target")
+        return None
+    address = settings.get("rewriteAddress", settings.get("address"))
+    tport = _port(settings.get("rewritePort", settings.get("port")))
+    nets = _networks(settings.get("allowedNetwork", settings.get("network")))
+    if not isinstance(address, str) or not address or tport is None or not nets:
+        notes.append(f"{ib.get('protocol')} inbound {tag}: no fixed target address:port")
+        return None
+    up = DokodemoUpstream(host, port)
+    url = f"dokodemo://{format_hostport(host, port)}"
+    if tport == 53:
+        rule = Rule(networks=nets, ports=(53, 53), to=up, url=url)
+    else:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            notes.append(f"{ib.get('protocol')} inbound {tag}: target {address} is a name; "
+                         f"only port 53 targets take flows by port alone")
+            return None
+        rule = Rule(networks=nets, cidrs=(ipaddress.ip_network(ip),), ports=(tport, tport),
+                    to=up, url=url)
+    return Inbound(i, tag, "dokodemo-door", host, port, nets, (address, tport)), rule
+
+
+def _free_loopback_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1."""
+    for _ in range(64):
+        t = socket.socket()
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+        finally:
+            t.close()
+            u.close()
+    raise XrayConfigError("no free loopback port for the socks inbound")
+
+
+def runtime_path_for(source: str) -> str:
+    d, base = os.path.split(os.path.abspath(source))
+    stem = base[:-5] if base.endswith(".json") else base
+    return os.path.join(d, f".{stem}{RUNTIME_SUFFIX}")
+
+
+def derive(source: str, *, mark: int | None = None, interface: str | None = None,
+           config: dict | None = None, write: bool = True) -> Derived:
+    """Read ``source`` and derive the proxy, the rules and (when needed) the
+    runtime config the core must run.
+
+    ``mark``: set ``streamSettings.sockopt.mark`` on every outbound (auto-route).
+    ``interface``: set ``sockopt.interface`` instead/as well (Xray binds the
+    sockets to that device).
+    """
+    data = load_config(source) if config is None else config
+    real = os.path.realpath(source)
+    name = os.path.basename(source)
+    inbounds = data.get("inbounds", [])
+    if inbounds is None:
+        inbounds = []
+    if not isinstance(inbounds, list):
+        raise XrayConfigError(f"{name}: \"inbounds\" is not a list: no usable socks inbound "
+                              f"and no way to add one")
+    notes: list = []
+    socks = None
+    doks = []
+    for i, ib in enumerate(inbounds):
+        if not isinstance(ib, dict):
+            continue
+        proto = str(ib.get("protocol", "")).lower()
+        if proto == "socks" and socks is None:
+            socks = _socks_inbound(i, ib, notes)
+        elif proto in ("dokodemo-door", "tunnel"):
+            d = _dokodemo_inbound(i, ib, notes)
+            if d is not None:
+                doks.append(d)
+    out = data
+    added = []
+    changed = False
+    if socks is None:
+        out = copy.deepcopy(data) if out is data else out
+        port = _free_loopback_port()
+        tag = "tun2xray-socks"
+        tags = {ib.get("tag") for ib in inbounds if isinstance(ib, dict)}
+        while tag in tags:
+            tag += "-1"
+        new = {"tag": tag, "listen": "127.0.0.1", "port": port, "protocol": "socks",
+               "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"},
+               "sniffing": dict(SNIFFING)}
+        out.setdefault("inbounds", [])
+        out["inbounds"] = list(out["inbounds"] or []) + [new]
+        socks = (Inbound(len(out["inbounds"]) - 1, tag, "socks", "127.0.0.1", port,
+                         frozenset({"tcp", "udp"})),
+                 SocksUpstream("127.0.0.1", port))
+        added.append(tag)
+        changed = True
+    if mark is not None or interface:
+        out = copy.deepcopy(data) if out is data else out
+        _mark_outbounds(out, mark, interface, name)
+        changed = True
+    ib, up = socks
+    d = Derived(source=source, real_source=real, config=out, runtime_path=None, proxy=up,
+                proxy_url=str(up) if up.password is None else
+                f"socks5://{up.username}:{up.password}@{format_hostport(up.host, up.port)}",
+                rules=[r for _, r in doks], inbounds=[ib] + [x for x, _ in doks],
+                added=added, notes=notes, mark=mark)
+    if changed and write:
+        d.runtime_path = write_runtime(source, out)
+    return d
+
+
+def _mark_outbounds(cfg: dict, mark, interface, name) -> None:
+    outs = cfg.get("outbounds")
+    if outs is None:
+        # Xray's implicit default outbound is freedom: make it explicit to mark it
+        outs = cfg["outbounds"] = [{"protocol": "freedom", "tag": "direct"}]
+    if not isinstance(outs, list):
+        raise XrayConfigError(f"{name}: \"outbounds\" is not a list")
+    for ob in outs:
+        if not isinstance(ob, dict):
+            continue
+        if str(ob.get("protocol", "")).lower() in ("blackhole", "loopback"):
+            continue           # no socket of their own
+        ss = ob.get("streamSettings")
+        if not isinstance(ss, dict):
+            ss = ob["streamSettings"] = {}
+        so = ss.get("sockopt")
+        if not isinstance(so, dict):
+            so = ss["sockopt"] = {}
+        if mark is not None:
+            so["mark"] = int(mark)
+        if interface:
+            so["interface"] = interface
+
+
+def write_runtime(source: str, cfg: dict) -> str:
+    """Write the derived config beside ``source`` (else in the temp dir);
+    mode 0600: it holds the user's secrets too."""
+    text = json.dumps(cfg, indent=1).encode()
+    for path in (runtime_path_for(source),
+                 os.path.join(tempfile.gettempdir(),
+                              f"tun2xray-{os.getpid()}{RUNTIME_SUFFIX}")):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, text)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            return path
+        except OSError as e:
+            with _suppress():
+                os.unlink(tmp)
+            log.warning("cannot write the runtime config %s: %s", path, e.strerror)
+    raise XrayConfigError(f"{source}: cannot write a runtime config beside it or in "
+                          f"{tempfile.gettempdir()}")
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return exc[0] is not None and issubclass(exc[0], OSError)
+
+
+def outbound_servers(cfg: dict) -> list:
+    """(host, port) of every proxy server the config's outbounds dial."""
+    servers = []
+    for ob in cfg.get("outbounds") or []:
+        if not isinstance(ob, dict):
+            continue
+        s = ob.get("settings")
+        if not isinstance(s, dict):
+            continue
+        for key in ("vnext", "servers"):
+            for srv in s.get(key) or []:
+                if isinstance(srv, dict) and isinstance(srv.get("address"), str):
+                    port = _port(srv.get("port"))
+                    servers.append((srv["address"], port or 0))
+        if isinstance(s.get("address"), str):          # newer flat form
+            servers.append((s["address"], _port(s.get("port")) or 0))
+    # freedom with a redirect, wireguard peers
+    for ob in cfg.get("outbounds") or []:
+        if isinstance(ob, dict) and isinstance(ob.get("settings"), dict):
+            for peer in ob["settings"].get("peers") or []:
+                if isinstance(peer, dict) and isinstance(peer.get("endpoint"), str):
+                    host, _, port = peer["endpoint"].rpartition(":")
+                    servers.append((host.strip("[]"), _port(port) or 0))
+    return servers
+
+
+def resolve_servers(servers) -> list:
+    """IP addresses of the servers (names resolved now); unresolvable names skipped."""
+    addrs = []
+    for host, _port_ in servers:
+        try:
+            addrs.append(ipaddress.ip_address(host))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            log.warning("outbound server %s does not resolve: %s", host, e)
+            continue
+        for info in infos:
+            addrs.append(ipaddress.ip_address(info[4][0].split("%", 1)[0]))
+    seen = []
+    for a in addrs:
+        if a not in seen:
+            seen.append(a)
+    return seen
+
+
+# --------------------------------------------------------------------------
+# the core process
+
+def find_binary(explicit: str | None = None) -> str:
+    if explicit:
+        path = explicit if os.sep in explicit else shutil.which(explicit)
+        if not path or not os.path.isfile(path):
+            raise CoreError(f"--xray-bin {explicit}: not found")
+        if not os.access(path, os.X_OK):
+            raise CoreError(f"--xray-bin {explicit}: not executable")
+        return path
+    for name in ("xray", "v2ray"):
+        path = shutil.which(name)
+        if path:
+            return path
+    raise CoreError("no xray or v2ray on PATH (install one or give --xray-bin)")
+
+
+_VERSION_CACHE: dict = {}
+
+
+def core_command(binary: str, config: str) -> list:
+    """argv for running ``binary`` with ``config``: xray and v2ray 5 take
+    ``run -c``, v2ray 4 takes ``-config``."""
+    if os.path.basename(binary).startswith("xray"):
+        return [binary, "run", "-c", config]
+    style = _VERSION_CACHE.get(binary)
+    if style is None:
+        try:
+            r = subprocess.run([binary, "-version"], capture_output=True, text=True, timeout=5)
+            out = r.stdout + r.stderr
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        style = "v4" if re.search(r"V2Ray 4\.", out) else "run"
+        _VERSION_CACHE[binary] = style
+    if style == "v4":
+        return [binary, "-config", config]
+    return [binary, "run", "-c", config]
+
+
+_NOISE = ("A unified platform", "A unified platform for anti-censorship.")
+
+
+def core_reason(lines) -> str:
+    """The core's own reason for failing, as one line."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    for ln in lines:
+        if ln.startswith("panic: "):
+            return ln[len("panic: "):]
+    for ln in lines:
+        low = ln.lower()
+        if "failed to" in low or "failed " in low or "error" in low:
+            return _drop_stamp(ln)
+    body = [ln for ln in lines if not ln.startswith(("V2Ray ", "Xray ")) and ln not in _NOISE
+            and not ln.startswith("goroutine ") and not ln.startswith("\t")]
+    return _drop_stamp(body[-1]) if body else "exited without a message"
+
+
+def _drop_stamp(line: str) -> str:
+    return re.sub(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d(\.\d+)? ", "", line)
+
+
+_LEVELS = (("[Error]", logging.ERROR), ("[Warning]", logging.WARNING),
+           ("[Info]", logging.INFO), ("[Debug]", logging.DEBUG))
+
+
+def _level(line: str) -> int:
+    for token, lvl in _LEVELS:
+        if token in line:
+            return lvl
+    return logging.INFO
+
+
+def _pdeathsig():
+    # the core dies with the thread that started it (our supervisor thread,
+    # which lives as long as tun2xray): no orphaned core after a crash or kill
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def inbound_listening(host: str, port: int, proto: str) -> bool:
+    """Does something accept on host:port (TCP connect / UDP port taken)?"""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if proto == "tcp":
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(0.5)
+        try:
+            s.connect((host, port))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    try:
+        s.bind((host, port))
+        return False
+    except OSError as e:
+        return e.errno == errno.EADDRINUSE
+    finally:
+        s.close()
+
+
+class Core:
+    """One supervised core process.
+
+    ``start()`` blocks until the inbounds listen (or raises CoreError with
+    the core's reason); afterwards a death is answered by a restart after a
+    backoff (0.5 s doubling to ``max_backoff``; reset after ``stable`` s up).
+    ``reload(path, checks)`` restarts it on another config; ``stop()`` ends it.
+    All process handling happens on one thread (see _pdeathsig).
+    """
+
+    def __init__(self, binary: str, config_path: str, checks, *, ready_timeout: float = 15.0,
+                 min_backoff: float = 0.5, max_backoff: float = 30.0, stable: float = 30.0,
+                 on_restart=None):
+        self.binary = binary
+        self.config_path = config_path
+        self.checks = list(checks)
+        self.ready_timeout = ready_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.stable = stable
+        self.on_restart = on_restart          # called (on the supervisor thread) after a restart
+        self.proc = None
+        self.restarts = 0
+        self.started_at = None
+        self.last_exit = None
+        self.last_reason = ""
+        self._cv = threading.Condition()
+        self._cmd = None                      # ("reload", path, checks, result) | ("stop",)
+        self._thread = None
+        self._result = None
+        self._lines = collections.deque(maxlen=40)
+
+    # ---- public API (any thread)
+
+    def start(self) -> None:
+        result = {"done": threading.Event(), "error": None}
+        self._thread = threading.Thread(target=self._main, args=(result,), name="xray-core",
+                                        daemon=True)
+        self._thread.start()
+        result["done"].wait()
+        if result["error"] is not None:
+            self._thread.join(5)
+            raise result["error"]
+
+    def reload(self, config_path: str, checks=None, timeout: float | None = None) -> None:
+        """Restart on ``config_path``; raises CoreError when the new config
+        does not come up (the core then keeps retrying it with backoff)."""
+        result = {"done": threading.Event(), "error": None}
+        with self._cv:
+            if self._thread is None or not self._thread.is_alive():
+                raise CoreError("the core is not running")
+            self._cmd = ("reload", config_path, checks, result)
+            self._cv.notify_all()
+        result["done"].wait(timeout)
+        if result["error"] is not None:
+            raise result["error"]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._cmd = ("stop",)
+            self._cv.notify_all()
+        t = self._thread
+        if t is not None:
+            t.join(timeout + 3)
+
+    @property
+    def alive(self) -> bool:
+        p = self.proc
+        return p is not None and p.poll() is None
+
+    def status(self) -> dict:
+        p = self.proc
+        return {"binary": self.binary, "config": self.config_path,
+                "pid": p.pid if p is not None and p.poll() is None else None,
+                "alive": self.alive, "restarts": self.restarts,
+                "uptime": round(time.monotonic() - self.started_at, 3)
+                if self.started_at is not None and self.alive else 0.0,
+                "last_exit": self.last_exit, "last_reason": self.last_reason}
+
+    # ---- supervisor thread
+
+    def _spawn(self):
+        self._lines.clear()
+        argv = core_command(self.binary, self.config_path)
+        try:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, preexec_fn=_pdeathsig)
+        except OSError as e:
+            raise CoreError(f"cannot start {self.binary}: {e.strerror}") from None
+        lines = self._lines
+        t = threading.Thread(target=self._forward, args=(p, lines), name="xray-log", daemon=True)
+        t.start()
+        p._t2x_reader = t
+        self.proc = p
+        return p
+
+    @staticmethod
+    def _forward(p, lines):
+        for raw in p.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            lines.append(line)
+            core_log.log(_level(line), "%s", line)
+        p.stdout.close()
+
+    def _wait_ready(self, p) -> CoreError | None:
+        deadline = time.monotonic() + self.ready_timeout
+        pending = list(self.checks)
+        while True:
+            if p.poll() is not None:
+                p._t2x_reader.join(2)
+                reason = core_reason(self._lines)
+                return CoreError(f"{os.path.basename(self.binary)} rejected "
+                                 f"{self.config_path}: {reason}")
+            pending = [c for c in pending if not inbound_listening(*c)]
+            if not pending:
+                return None
+            if time.monotonic() > deadline:
+                host, port, proto = pending[0]
+                return CoreError(f"{os.path.basename(self.binary)} did not open "
+                                 f"{proto} {format_hostport(host, port)} within "
+                                 f"{self.ready_timeout:g}s")
+            with self._cv:
+                if self._cmd is not None and self._cmd[0] == "stop":
+                    return CoreError("stopped while starting")
+            time.sleep(0.05)
+
+    def _terminate(self, p, grace: float = 3.0) -> None:
+        if p is None:
+            return
+        if p.poll() is None:
+            try:
+                p.terminate()
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+            except ProcessLookupError:
+                pass
+        reader = getattr(p, "_t2x_reader", None)
+        if reader is not None:
+            reader.join(2)
+
+    def _main(self, first) -> None:
+        try:
+            p = self._spawn()
+        except CoreError as e:
+            first["error"] = e
+            first["done"].set()
+            return
+        err = self._wait_ready(p)
+        if err is not None:
+            self._terminate(p)
+            self.proc = None
+            first["error"] = err
+            first["done"].set()
+            return
+        self.started_at = time.monotonic()
+        first["done"].set()
+        backoff = self.min_backoff
+        pending_result = None
+        while True:
+            # wait for a command or the process's end
+            cmd = None
+            with self._cv:
+                while self._cmd is None and p is not None and p.poll() is None:
+                    self._cv.wait(0.2)
+                cmd, self._cmd = self._cmd, None
+            if cmd is not None and cmd[0] == "stop":
+                self._terminate(p)
+                if pending_result is not None:
+                    pending_result["error"] = CoreError("stopped")
+                    pending_result["done"].set()
+                return
+            if cmd is not None and cmd[0] == "reload":
+                if pending_result is not None:
+                    pending_result["done"].set()
+                _, path, checks, pending_result = cmd
+                self._terminate(p)
+                self.config_path = path
+                if checks is not None:
+                    self.checks = list(checks)
+                backoff = self.min_backoff
+                delay = 0.0
+            else:
+                # the core died on its own
+                self.last_exit = p.returncode if p is not None else None
+                if p is not None:
+                    p._t2x_reader.join(2)
+                    self.last_reason = core_reason(self._lines)
+                    up = time.monotonic() - (self.started_at or 0)
+                    if up >= self.stable:
+                        backoff = self.min_backoff
+                    log.warning("core exited with status %s (%s); restarting in %.1fs",
+                                p.returncode, self.last_reason, backoff)
+                delay = backoff
+                backoff = min(backoff * 2, self.max_backoff)
+            self.proc = None
+            p = None
+            if delay:
+                with self._cv:
+                    if self._cmd is None:
+                        self._cv.wait(delay)
+                    if self._cmd is not None:
+                        continue       # stop or another reload wins over the restart
+            try:
+                p = self._spawn()
+            except CoreError as e:
+                log.error("%s", e)
+                if pending_result is not None:
+                    pending_result["error"] = e
+                    pending_result["done"].set()
+                    pending_result = None
+                continue
+            err = self._wait_ready(p)
+            if err is not None:
+                log.error("%s", err)
+                if pending_result is not None:
+                    pending_result["error"] = err
+                    pending_result["done"].set()
+                    pending_result = None
+                if p.poll() is None and "did not open" not in str(err):
+                    self._terminate(p)
+                continue
+            self.started_at = time.monotonic()
+            self.restarts += 1
+            log.info("core running (pid %d, %s)", p.pid, self.config_path)
+            if pending_result is not None:
+                pending_result["done"].set()
+                pending_result = None
+            if self.on_restart is not None:
+                try:
+                    self.on_restart(self)
+                except Exception:               # a callback must not kill supervision
+                    log.exception("on_restart callback failed")
