@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""benchlab: the two-namespace world of tools/bench/e2e_bench.py.
+
+Built on tools/netlab.py (namespaces, veth, process spawning, readiness
+polls) but with a plain SOCKS hop instead of netlab's VMess pair::
+
+    netns eb-cli                                netns eb-srv
+    ┌───────────────────────────────┐          ┌────────────────────────────────────┐
+    │ TUN ebtun0 + tun2xray         │          │ v2ray: socks 10.200.0.2:1080 (udp) │
+    │   10.99.0.0/24 dev ebtun0     │   veth   │        freedom outbound            │
+    │ 10.98.0.0/24 via 10.200.0.2   │ebv0-ebv1 │ lo: 10.99.0.10  (tunnel target)    │
+    │ clients: iperf3, wrk, python  │─────────►│     10.98.0.10  (direct target)    │
+    └───────────────────────────────┘10.200.0.1│ iperf3 -s on each target, nginx :80│
+                                      /.2      │ hold/echo :7 (asyncio)             │
+                                               └────────────────────────────────────┘
+
+The tunnel target (10.99.0.10) is reached only through the TUN (tun2xray ->
+SOCKS on the veth -> v2ray -> lo); the direct target (10.98.0.10) straight
+over the veth: the kernel's own path, with the same servers behind it.
+
+``python3 benchlab.py hold --port 7`` is the idle-connection server run in
+eb-srv (internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+
+import netlab  # noqa: E402  (tools/ is not a package)
+from netlab import VETH_CLI4, VETH_SRV4, wait_port, wait_until  # noqa: E402
+
+TUN_TARGET = netlab.TARGET4          # 10.99.0.10, routed through the TUN
+TUN_NET = netlab.TARGET_NET4
+DIRECT_TARGET = "10.98.0.10"         # routed over the veth
+DIRECT_NET = "10.98.0.0/24"
+SOCKS_ADDR = VETH_SRV4
+SOCKS_PORT = 1080
+IPERF_PORT = 5201
+HTTP_PORT = 80
+HOLD_PORT = 7
+TUN = "ebtun0"
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` from /proc/PID/stat, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def socks_core_config(log_dir: str) -> dict:
+    """v2ray: a plain socks inbound (UDP on) on the veth address, freedom out."""
+    return {
+        "log": {"loglevel": "warning", "error": os.path.join(log_dir, "v2ray.err"),
+                "access": ""},
+        # NOTES.md: v2ray closes a connection uplinkOnly/downlinkOnly seconds
+        # after one direction ends; clients here close themselves, so the
+        # defaults do. connIdle long: the idle-connection test holds them.
+        "policy": {"levels": {"0": {"handshake": 4, "connIdle": 600}}},
+        "inbounds": [
+            {"tag": "socks", "listen": SOCKS_ADDR, "port": SOCKS_PORT, "protocol": "socks",
+             "settings": {"auth": "noauth", "udp": True, "ip": SOCKS_ADDR}},
+        ],
+        "outbounds": [{"tag": "direct", "protocol": "freedom", "settings": {}}],
+    }
+
+
+NGINX_CONF = """\
+user root;
+worker_processes 1;
+daemon off;
+master_process on;
+pid {wd}/nginx.pid;
+error_log {wd}/nginx.err warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {wd}/nginx-body;
+    proxy_temp_path {wd}/nginx-proxy;
+    fastcgi_temp_path {wd}/nginx-fastcgi;
+    uwsgi_temp_path {wd}/nginx-uwsgi;
+    scgi_temp_path {wd}/nginx-scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen {port} backlog=4096 reuseport;
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+class BenchLab(netlab.Lab):
+    """eb-cli / eb-srv with the plain SOCKS core and the bench's servers.
+
+    A context manager like ``netlab.Lab``: every process and both namespaces
+    are gone after the block, also on an exception or Ctrl-C.
+    """
+
+    def __init__(self, prefix: str = "eb", workdir: str | None = None):
+        super().__init__(prefix=prefix, workdir=workdir, files={}, start=False)
+        self.tun = f"{prefix}tun0"
+        self.ctl = os.path.join(self.workdir, "ctl.sock")
+        self.tunnel_mtu = None
+
+    # -- network ---------------------------------------------------------
+
+    def _make_network(self) -> None:
+        super()._make_network()
+        self.ip(self.srv_ns, "addr", "add", f"{DIRECT_TARGET}/32", "dev", "lo")
+        self.ip(self.cli_ns, "route", "replace", DIRECT_NET, "via", VETH_SRV4, "dev", self.veth_cli)
+        for ns in (self.cli_ns, self.srv_ns):
+            # many short connections: wide port range, reuse TIME_WAIT ports
+            self._sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65000")
+            self._sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")
+            self._sysctl(ns, "net.core.somaxconn", "4096")
+            self._sysctl(ns, "net.ipv4.tcp_max_syn_backlog", "4096")
+
+    def set_veth_mtu(self, mtu: int) -> None:
+        self.ip(self.cli_ns, "link", "set", self.veth_cli, "mtu", str(mtu))
+        self.ip(self.srv_ns, "link", "set", self.veth_srv, "mtu", str(mtu))
+
+    def setup(self) -> None:
+        super().setup()
+        self.start_bench_servers()
+
+    # -- servers in eb-srv ---------------------------------------------------
+
+    def start_bench_servers(self) -> None:
+        for tag, addr in (("tun", TUN_TARGET), ("direct", DIRECT_TARGET)):
+            p = self.spawn(f"iperf3-{tag}", self.srv_ns,
+                           ["iperf3", "-s", "-B", addr, "-p", str(IPERF_PORT)])
+        wait_until(lambda: self._listeners("tcp", IPERF_PORT) >= 2, 10, "two iperf3 servers")
+        wd = self.workdir
+        conf = os.path.join(wd, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(wd=wd, port=HTTP_PORT))
+        p = self.spawn("nginx", self.srv_ns, ["nginx", "-c", conf, "-p", wd + "/"])
+        wait_port(self.srv_ns, HTTP_PORT, "tcp", proc=p)
+        p = self.spawn("hold", self.srv_ns, [sys.executable, os.path.abspath(__file__), "hold",
+                                             "--port", str(HOLD_PORT)])
+        wait_port(self.srv_ns, HOLD_PORT, "tcp", proc=p)
+        cfg = self._write_config("v2ray.json", socks_core_config(wd))
+        p = self.spawn("v2ray", self.srv_ns, netlab.core_cmd(self.core, cfg))
+        wait_port(self.srv_ns, SOCKS_PORT, "tcp", proc=p)
+        wait_port(self.srv_ns, SOCKS_PORT, "udp", proc=p)
+
+    def _listeners(self, proto: str, port: int) -> int:
+        with netlab.netns(self.srv_ns):
+            with open(f"/proc/thread-self/net/{proto}") as f:
+                rows = f.read().splitlines()[1:]
+        want = f":{port:04X}"
+        return sum(1 for r in rows if r.split()[1].endswith(want) and r.split()[3] == "0A")
+
+    # -- the tunnel ------------------------------------------------------------
+
+    @property
+    def tunnel(self):
+        return self.procs.get("tun2xray")
+
+    def start_tunnel(self, mtu: int = 1500, query: str = "", ready_timeout: float = 20) -> int:
+        """Start tun2xray on ebtun0, route the tunnel target through it, wait
+        until a TCP echo works; returns its pid."""
+        self.stop_tunnel()
+        url = f"tun://{self.tun}" + (f"?{query}" if query else "")
+        argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", url,
+                "--proxy", f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "--mtu", str(mtu),
+                "--control", f"unix://{self.ctl}", "--log-level", "warning"]
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = self.spawn("tun2xray", self.cli_ns, argv, cwd=REPO, env=env)
+        wait_until(lambda: p.poll() is not None or netlab.link_exists(self.cli_ns, self.tun),
+                   15, f"{self.tun} to appear")
+        if p.poll() is not None:
+            raise RuntimeError(f"tun2xray exited with {p.returncode}: {self.log('tun2xray')[-2000:]}")
+        netlab.wait_link(self.cli_ns, self.tun)
+        self.ip(self.cli_ns, "route", "replace", TUN_NET, "dev", self.tun)
+
+        def echo_ok():
+            if p.poll() is not None:
+                raise RuntimeError(f"tun2xray exited with {p.returncode}: "
+                                   f"{self.log('tun2xray')[-2000:]}")
+            try:
+                with self.in_cli():
+                    s = socket.socket()
+                s.settimeout(2)
+                with s:
+                    s.connect((TUN_TARGET, HOLD_PORT))
+                    s.sendall(b"ready?")
+                    return s.recv(16) == b"ready?"
+            except OSError:
+                return False
+        wait_until(echo_ok, ready_timeout, "a TCP echo through the TUN", interval=0.2)
+        self.tunnel_mtu = mtu
+        return p.pid
+
+    def stop_tunnel(self) -> None:
+        self.stop("tun2xray")
+        # the kernel deletes the TUN (and its route) when tun2xray's fd closes
+        wait_until(lambda: not netlab.link_exists(self.cli_ns, self.tun), 5, f"{self.tun} gone")
+        self.tunnel_mtu = None
+
+    def status(self) -> dict:
+        r = self.cli_run([sys.executable, "-m", "tun2xray.cli", "status", "--control",
+                          f"unix://{self.ctl}"], timeout=10)
+        if r.returncode != 0:
+            raise RuntimeError(f"tun2xray status: {r.stderr.decode(errors='replace').strip()}")
+        return json.loads(r.stdout)
+
+
+# --------------------------------------------------------------------------
+# the hold/echo server (eb-srv): keeps any number of idle connections
+
+async def _hold_main(port: int) -> None:
+    async def handle(reader, writer):
+        with contextlib.suppress(OSError):
+            while True:
+                data = await reader.read(1 << 16)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, host="0.0.0.0", port=port, backlog=4096,
+                                        reuse_address=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="benchlab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("hold", help="(internal) TCP echo that holds idle connections")
+    h.add_argument("--port", type=int, default=HOLD_PORT)
+    args = p.parse_args(argv)
+    if args.cmd == "hold":
+        asyncio.run(_hold_main(args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
