@@ -602,3 +602,28 @@ def test_multiqueue_spreads_flows_over_queues(netns):
     assert res["rx"] == "via-q2"
     assert res["exists_after_q1"] is True and res["exists_after_q2"] is False
     assert "not a multiqueue TUN" in res["plain"]
+
+
+def test_link_down_drops_writes_but_keeps_the_device(netns):
+    res = run_child(
+        netns,
+        """
+        from tun2xray.device.bench import _udp4
+        for url in ("tun://dvtun14", "tun://dvtun15?offload=1"):
+            dev = open_device(url, addresses=["10.73.0.1/24"] if "14" in url else ["10.74.0.1/24"])
+            net = 73 if "14" in url else 74
+            rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind((f"10.{net}.0.1", 7000)); rx.settimeout(2)
+            pkt = _udp4(bytes([10, net, 0, 2]), bytes([10, net, 0, 1]), 4000, 7000, b"after")
+            subprocess.run(["ip", "link", "set", dev.name, "down"], check=True)
+            down = [dev.write_batch([pkt, pkt]), dict(dev.stats), isinstance(dev.read_batch(), list)]
+            subprocess.run(["ip", "link", "set", dev.name, "up"], check=True)
+            up = dev.write_batch([pkt])
+            result[url] = [down, up, rx.recv(100).decode()]
+            dev.close()
+        """,
+    )
+    for url in ("tun://dvtun14", "tun://dvtun15?offload=1"):
+        (n_down, stats, read_ok), n_up, got = res[url]
+        assert n_down == 2 and read_ok is True  # reading a downed TUN is no error either
+        assert stats["tx_errors"] == 2 and stats["tx_dropped"] == 2 and stats["tx_packets"] == 0
+        assert n_up == 1 and got == "after"

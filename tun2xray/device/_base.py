@@ -50,6 +50,9 @@ class Device:
     # Subclasses that may see a zero-length datagram set this False: for them
     # an empty read is a runt, not end-of-file.
     empty_read_is_eof = True
+    # errno values that reject one packet (skip it, count it) rather than end
+    # the device; a TUN adds EIO (its link is down).
+    rejected_errnos = _REJECTED
     # TUN offloads (offload.py): super-segments in and out. gso_max is the
     # largest TCP payload per packet the device takes (StackConfig.gso_max).
     offload = False
@@ -165,6 +168,7 @@ class Device:
         rejected = 0
         total = len(packets)
         fatal: OSError | None = None
+        rejected_errnos = self.rejected_errnos
         while done < total:
             p = packets[done]
             try:
@@ -173,7 +177,7 @@ class Device:
                 code = exc.errno
                 if code in _FULL:
                     break
-                if code in _REJECTED:
+                if code in rejected_errnos:
                     rejected += 1
                     done += 1
                     continue

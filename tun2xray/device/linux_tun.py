@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 
-from ._base import Device, DeviceError
+from ._base import _REJECTED, Device, DeviceError
 
 IFNAMSIZ = 16
 IFA_F_NODAD = 0x02
@@ -120,6 +120,10 @@ def _read_mtu(name: str) -> int:
 
 class TunDevice(Device):
     """A local Linux TUN: packets are built by this kernel, checksums trusted."""
+
+    # EIO: the link is down (someone ran `ip link set NAME down`); packets are
+    # dropped and counted until it is up again, the device stays usable.
+    rejected_errnos = _REJECTED | {errno.EIO}
 
     def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool, flags: int = 0):
         super().__init__(tun.fileno(), name=name, mtu=mtu, url=url, trusted_checksums=True)

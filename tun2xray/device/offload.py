@@ -37,7 +37,7 @@ import fcntl
 import os
 import struct
 
-from ._base import _FULL, _REJECTED, READ_SIZE
+from ._base import _FULL, READ_SIZE
 from .linux_tun import TunDevice
 
 VNET_HDR_LEN = 10
@@ -158,6 +158,7 @@ class OffloadTunDevice(TunDevice):
         done = written = nbytes = rejected = gso = 0
         total = len(packets)
         fatal = None
+        rejected_errnos = self.rejected_errnos
         while done < total:
             p = packets[done]
             n = len(p)
@@ -172,7 +173,7 @@ class OffloadTunDevice(TunDevice):
                 code = exc.errno
                 if code in _FULL:
                     break
-                if code in _REJECTED:
+                if code in rejected_errnos:
                     rejected += 1
                     done += 1
                     continue
