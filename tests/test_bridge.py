@@ -732,3 +732,15 @@ def test_start_stop_leaks_nothing(socks, loop, cycles):
     grown = _rss_kb() - rss
     assert grown < 4096, f"RSS grew by {grown} KB over {cycles} start/stop cycles"
     assert bridge.handles() == []
+
+
+def test_memory_bench_smoke():
+    """tools/bench/bridge_mem.py runs, opens every flow and reports figures
+    within the targets (idle < 30 MB, < 10 KB per idle TCP flow)."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "tools", "bench", "bridge_mem.py"),
+                        "--flows", "300"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "with 300 idle TCP flows" in r.stdout and "tcp_opened=300" in r.stdout
