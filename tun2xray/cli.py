@@ -41,12 +41,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--control", help="serve JSON status on unix:///path")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
+                   "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
+    r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
+    r.add_argument("--auto-route", action="store_true",
+                   help="route everything through the TUN (policy routing; needs --xray-config)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
     s.add_argument("--control", default=DEFAULT_CONTROL)
 
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
+
+    from . import doctor, nodes
+    nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
+    doctor.add_arguments(sub.add_parser("doctor", help="check a running setup: one line per check"))
     return p
 
 
@@ -57,10 +66,14 @@ def main(argv=None) -> int:
         return replay_main(args)
     if args.command == "status":
         return cmd_status(args)
+    if args.command in ("node", "doctor"):
+        from . import doctor, nodes
+        return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
+        from .xray import XrayError
         try:
             return cmd_run(args)
-        except UsageError as e:
+        except (UsageError, XrayError) as e:
             print(f"tun2xray: error: {e}", file=sys.stderr)
             return 2
     return 2
@@ -129,6 +142,7 @@ class RunSettings:
                 raise UsageError(f'{flag} "{value}": not an address/prefix') from None
             if iface.version != version:
                 raise UsageError(f'{flag} "{value}": not an IPv{version} address')
+        self.profile = profile
         self.udp_timeout = profile.udp_timeout if profile else 60.0
         self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
         self.max_flows = profile.max_flows if profile else 65536
@@ -150,10 +164,24 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
 
 
 def cmd_run(args) -> int:
+    xs = None
+    if args.xray_config or args.auto_route:
+        from .xray import session_from_args
+        xs = session_from_args(args)        # reads the config; sets args.proxy from it
+    try:
+        return _cmd_run(args, xs)
+    finally:
+        if xs is not None:
+            xs.close()                      # routes, rules, core, runtime config
+
+
+def _cmd_run(args, xs) -> int:
     settings = RunSettings(args)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
+    if xs is not None:
+        xs.start_with(settings)
     _check_reachable(settings.proxy)
     try:
         device = open_device(args.device, mtu=settings.mtu,
@@ -168,7 +196,9 @@ def cmd_run(args) -> int:
                 recorder = PcapRecorder(args.record)
             except OSError as e:
                 raise UsageError(f"--record {args.record}: {e.strerror}") from None
-        return _run_loop(_serve(settings, device, recorder))
+        if xs is not None:
+            xs.route_up(device.name)
+        return _run_loop(_serve(settings, device, recorder, xs))
     finally:
         device.close()
         if recorder is not None:
@@ -183,7 +213,7 @@ def _run_loop(coro) -> int:
     return uvloop.run(coro)
 
 
-async def _serve(settings, device, recorder) -> int:
+async def _serve(settings, device, recorder, xs=None) -> int:
     from netstack import StackConfig
 
     from .engine import Engine
@@ -196,16 +226,22 @@ async def _serve(settings, device, recorder) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, engine.stop)
     server = None
+    status_fn = engine.status
+    if xs is not None:
+        xs.attach(engine, settings.router)
+        status_fn = xs.wrap_status(engine.status)
     if settings.control:
         from .control import control_path, serve_control
         try:
-            server = await serve_control(settings.control, engine.status)
+            server = await serve_control(settings.control, status_fn)
         except (ValueError, OSError) as e:
             raise UsageError(f"--control: {e}") from None
     log.info("running on %s (mtu %d), proxy %s", device.name, device.mtu, settings.router.default_url)
     try:
         await engine.run()
     finally:
+        if xs is not None:
+            xs.detach()
         if server is not None:
             server.close()
             import os
@@ -213,6 +249,10 @@ async def _serve(settings, device, recorder) -> int:
                 os.unlink(control_path(settings.control))
             except OSError:
                 pass
+    if engine.error:
+        log.error("stopped: %s", engine.error)
+        print(f"tun2xray: error: {engine.error}", file=sys.stderr)
+        return 1
     log.info("stopped")
     return 0
 

@@ -25,6 +25,7 @@ import time
 from netstack import Stack, StackConfig
 from netstack import events as ev
 
+from .device import DeviceError
 from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
 from .upstream.socks5 import SocksUdpAssociation, socks5_connect
 from .upstream.url import DokodemoUpstream
@@ -197,6 +198,9 @@ class Engine:
         cfg = stack_config or StackConfig(mtu=device.mtu)
         if getattr(device, "trusted_checksums", False):
             cfg.verify_checksums = False
+        if getattr(device, "offload", False):
+            # the device takes TCP super-segments and segments/checksums them
+            cfg.gso_max = device.gso_max
         self.stack = Stack(cfg)
         self.connect_timeout = connect_timeout
         self.recorder = recorder
@@ -212,6 +216,7 @@ class Engine:
         self._tasks = set()
         self._packed = {}          # host string -> packed address (reply lookups)
         self._pollable = True
+        self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
 
     # ----------------------------------------------------------------- life cycle
@@ -263,6 +268,35 @@ class Engine:
         stack.take_events()
         self._write(stack.take_output())
 
+    def reset_flows(self) -> int:
+        """Reset every flow (the upstream changed, e.g. another Xray node):
+        TCP connections are aborted (RST to the client), UDP flows dropped
+        with their associations.  New flows use the router as it is now.
+        Call on the engine's loop; returns how many flows were reset."""
+        stack = self.stack
+        n = 0
+        for conn in list(stack.tcp.values()):
+            relay = conn.user
+            if isinstance(relay, TcpRelay):
+                relay.close()
+            if not conn.closed:
+                conn.abort()
+                n += 1
+        for flow in list(stack.udp.values()):
+            self._udp_release(flow)
+            if not flow.closed:
+                flow.close()
+                n += 1
+        for a in list(self._assocs.values()):
+            a.closed = True
+            if a.assoc is not None:
+                a.assoc.close()
+        self._assocs.clear()
+        self.counters["flows_reset"] += n
+        if self.loop is not None:
+            self.kick()
+        return n
+
     # ------------------------------------------------------------------- service
 
     def kick(self) -> None:
@@ -277,7 +311,11 @@ class Engine:
         now = self.loop.time()
         rec = self.recorder
         while True:
-            pkts = dev.read_batch(DEVICE_BATCH)
+            try:
+                pkts = dev.read_batch(DEVICE_BATCH)
+            except DeviceError as e:
+                self._device_failed(e)
+                return
             if not pkts:
                 break
             if rec is not None:
@@ -321,7 +359,21 @@ class Engine:
             wall = time.time()
             for p in out:
                 rec.write(p, wall)
-        self.device.write_batch(out)
+        try:
+            self.device.write_batch(out)
+        except DeviceError as e:
+            self._device_failed(e)
+
+    def _device_failed(self, e) -> None:
+        if self.error is None:
+            self.error = f"device {self.device.name}: {e}"
+            log.error("%s; stopping", self.error)
+            try:
+                self.loop.remove_reader(self.device.fileno())
+            except (ValueError, OSError):
+                pass
+            self._pollable = False
+            self.stop()
 
     def _arm(self, at) -> None:
         if at is None:
