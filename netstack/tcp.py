@@ -932,9 +932,13 @@ class TcpConnection:
                 seg1 = self._seg
                 tsmax = self.max_snd_wnd >> 1
                 snd_max = self.snd_max
-                emit = self._emit
                 sb = self.scoreboard if (self.scoreboard and nxt != snd_max) else None
                 fin_ok = self.fin_queued and st != ESTABLISHED and st != CLOSE_WAIT
+                hdr = None
+                build = self.tpl.build
+                out = self.stack.output
+                rnxt = self.rcv_nxt
+                gso = self._gso
                 with memoryview(buf) as mv:
                     while off < blen and usable > 0:
                         n = blen - off
@@ -955,17 +959,23 @@ class TcpConnection:
                         retx = 0 < ((snd_max - nxt) & _M) < _HALF   # nxt < snd_max
                         if retx and n > seg1:
                             n = seg1
+                        if hdr is None:
+                            field, opt = hdr = self._prep(now)
                         if off + n == blen:
                             if fin_ok:                 # piggyback our FIN on the last data
-                                emit(nxt, ACK | PSH | FIN, mv[off:off + n], now)
+                                out.append(build(nxt, rnxt, ACK | PSH | FIN, field, opt, mv[off:off + n]))
                                 nxt = (nxt + n + 1) & _M
                                 off += n
                                 if 0 < ((nxt - snd_max) & _M) < _HALF:
                                     snd_max = nxt
                                 break
-                            emit(nxt, ACK | PSH, mv[off:off + n], now)
+                            pkt = build(nxt, rnxt, ACK | PSH, field, opt, mv[off:off + n])
                         else:
-                            emit(nxt, ACK, mv[off:off + n], now)
+                            pkt = build(nxt, rnxt, ACK, field, opt, mv[off:off + n])
+                        if gso and n > seg1:
+                            pkt = GsoSegment(pkt)
+                            pkt.gso_size = seg1
+                        out.append(pkt)
                         if not retx and self._rtt_seq is None and not self.ts_ok:
                             self._rtt_seq = (nxt + n) & _M
                             self._rtt_time = now
@@ -1090,8 +1100,9 @@ class TcpConnection:
         if self.rto_at is None:
             self._arm_at(now + self.rto, "rto_at")
 
-    def _emit(self, seq, flags, payload, now):
-        """Build and queue one segment carrying our current ACK and window."""
+    def _prep(self, now):
+        """Window field and option block for segments sent now (the same for a
+        whole burst); records that an ACK for rcv_nxt goes out."""
         # advertised window with receiver SWS avoidance; never shrink the right edge
         rnxt = self.rcv_nxt
         free = self._rcv_cap - len(self.rcv_buf)
@@ -1119,15 +1130,20 @@ class TcpConnection:
             opt = self._sack_opt(4)
         else:
             opt = b""
-        pkt = self.tpl.build(seq, rnxt, flags, field, opt, payload)
-        if self._gso and len(payload) > self._seg:
-            pkt = GsoSegment(pkt)
-            pkt.gso_size = self._seg
-        self.stack.output.append(pkt)
         self.last_ack_sent = rnxt
         self._ack_owed = 0
         self._rcv_unacked = 0
         self.delack_at = None
+        return field, opt
+
+    def _emit(self, seq, flags, payload, now):
+        """Build and queue one segment carrying our current ACK and window."""
+        field, opt = self._prep(now)
+        pkt = self.tpl.build(seq, self.rcv_nxt, flags, field, opt, payload)
+        if self._gso and len(payload) > self._seg:
+            pkt = GsoSegment(pkt)
+            pkt.gso_size = self._seg
+        self.stack.output.append(pkt)
 
     def _sack_opt(self, limit):
         base = self._rcv_off
