@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from .rules import Rule
 from .upstream.url import DokodemoUpstream, SocksUpstream, format_hostport
@@ -56,11 +57,15 @@ SNIFFING = {"enabled": True, "destOverride": ["http", "tls"]}
 RUNTIME_SUFFIX = ".tun2xray.json"
 
 
-class XrayConfigError(ValueError):
+class XrayError(Exception):
+    """Base of the errors `run --xray-config` reports as one line."""
+
+
+class XrayConfigError(XrayError, ValueError):
     """The config cannot be used; the message is one line."""
 
 
-class CoreError(RuntimeError):
+class CoreError(XrayError, RuntimeError):
     """The core could not be started (missing binary, rejected config, ...)."""
 
 
@@ -384,7 +389,8 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
     ib, up = socks
     d = Derived(source=source, real_source=real, config=out, runtime_path=None, proxy=up,
                 proxy_url=str(up) if up.password is None else
-                f"socks5://{up.username}:{up.password}@{format_hostport(up.host, up.port)}",
+                f"socks5://{quote(up.username, safe='')}:{quote(up.password, safe='')}@"
+                f"{format_hostport(up.host, up.port)}",
                 rules=[r for _, r in doks], inbounds=[ib] + [x for x, _ in doks],
                 added=added, notes=notes, mark=mark)
     if changed and write:
@@ -838,3 +844,237 @@ class Core:
                     self.on_restart(self)
                 except Exception:               # a callback must not kill supervision
                     log.exception("on_restart callback failed")
+
+
+def test_config(binary: str, path: str, timeout: float = 15.0) -> None:
+    """Ask the core whether it accepts ``path`` (``-test``); CoreError with the
+    core's own reason when it does not."""
+    argv = core_command(binary, path)
+    argv.insert(-2, "-test")      # [bin, -test, -config, X] / [bin, run, -test, -c, X]
+    try:
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=timeout)
+    except OSError as e:
+        raise CoreError(f"cannot start {binary}: {e.strerror}") from None
+    except subprocess.TimeoutExpired:
+        raise CoreError(f"{os.path.basename(binary)} -test {path}: no answer within {timeout:g}s") from None
+    if r.returncode != 0:
+        reason = core_reason((r.stdout + "\n" + r.stderr).splitlines())
+        raise CoreError(f"{os.path.basename(binary)} rejected {path}: {reason}")
+
+
+# --------------------------------------------------------------------------
+# `run --xray-config`: the core, its config link, and the engine's routes
+
+class XraySession:
+    """Everything `run --xray-config` adds around the engine.
+
+    prepare() reads and derives the config (no process, nothing written but
+    the runtime config); start() starts the core; attach(engine, router)
+    watches the config link (node switching) and the default route (with
+    --auto-route) from the engine's loop; close() undoes it all.
+    """
+
+    def __init__(self, source: str, *, binary: str | None = None, mark: int | None = None,
+                 poll: float = 1.0):
+        self.source = source
+        self.binary_arg = binary
+        self.mark = mark
+        self.poll = poll
+        self.binary = None
+        self.derived = None
+        self.core = None
+        self.owns_proxy = True          # False when --proxy overrides the config's socks inbound
+        self.router = None
+        self.engine = None
+        self.autoroute = None
+        self.switches = 0
+        self._stamp = None
+        self._egress = None
+        self._task = None
+        self._runtime_paths = set()
+
+    # -- before the engine
+
+    def prepare(self) -> Derived:
+        self.binary = find_binary(self.binary_arg)
+        self._stamp = self._target_stamp()
+        self.derived = self._derive()
+        return self.derived
+
+    def _derive(self) -> Derived:
+        d = derive(self.source, mark=self.mark)
+        if d.runtime_path:
+            self._runtime_paths.add(d.runtime_path)
+        return d
+
+    def _core_config(self, d: Derived) -> str:
+        return d.runtime_path or d.real_source
+
+    def start(self) -> None:
+        d = self.derived
+        self.core = Core(self.binary, self._core_config(d), d.ready_checks())
+        self.core.start()
+        log.info("core %s running (pid %d) on %s; socks %s%s", os.path.basename(self.binary),
+                 self.core.proc.pid, self.core.config_path, format_hostport(d.proxy.host, d.proxy.port),
+                 f"; added inbounds {', '.join(d.added)}" if d.added else "")
+        for note in d.notes:
+            log.info("config: %s", note)
+
+    def server_addresses(self, d: Derived | None = None) -> list:
+        return resolve_servers(outbound_servers((d or self.derived).config))
+
+    def _target_stamp(self):
+        real = os.path.realpath(self.source)
+        try:
+            st = os.stat(real)
+        except OSError:
+            return (real, None)
+        return (real, st.st_mtime_ns, st.st_size)
+
+    def start_with(self, settings) -> None:
+        """Add the config's rules to the router and start the core."""
+        settings.router.rules.extend(self.derived.rules)
+        profile = getattr(settings, "profile", None)
+        if profile is not None:
+            self.extra_excluded = [ipaddress.ip_network(x, strict=False) for x in
+                                   list(profile.ipv4.excluded_routes) + list(profile.ipv6.excluded_routes)]
+        self.start()
+
+    def route_up(self, tun: str) -> None:
+        """--auto-route: the default routes through ``tun`` (after the device is up)."""
+        if self.mark is None:
+            return
+        from .autoroute import AutoRoute
+        ar = AutoRoute(tun, mark=self.mark, excluded=self.excluded_routes())
+        self.autoroute = ar
+        ar.up()
+
+    # -- with the engine
+
+    def attach(self, engine, router) -> None:
+        import asyncio
+        self.engine = engine
+        self.router = router
+        if self.autoroute is not None:
+            from .autoroute import default_egress
+            try:
+                self._egress = default_egress()
+            except Exception as e:                  # netlink trouble: no watching
+                log.warning("cannot read the default route: %s", e)
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        import asyncio
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll)
+            stamp = self._target_stamp()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                if stamp[1] is None:
+                    log.error("%s now points at %s, which does not exist: keeping the running node",
+                              self.source, stamp[0])
+                    continue
+                await self.switch(loop)
+                continue
+            if self.autoroute is not None and self._egress is not None:
+                from .autoroute import default_egress
+                try:
+                    eg = await loop.run_in_executor(None, default_egress)
+                except Exception:
+                    continue
+                if eg and eg != self._egress:
+                    log.info("default route moved from %s to %s: reloading the core", self._egress, eg)
+                    self._egress = eg
+                    await self.switch(loop, why="egress")
+
+    async def switch(self, loop, why: str = "node") -> bool:
+        """Reload the core on what the config link points at now; reset the
+        old node's flows.  On a bad config the running node stays."""
+        old = self.derived
+        try:
+            d = await loop.run_in_executor(None, self._reload_blocking)
+        except (XrayConfigError, CoreError) as e:
+            log.error("%s switch failed, keeping %s: %s", why, old.real_source, e)
+            return False
+        r = self.router
+        if self.owns_proxy:
+            r.default = d.proxy
+            r.default_url = d.proxy_url
+        old_ids = {id(x) for x in old.rules}
+        r.rules[:] = [x for x in r.rules if id(x) not in old_ids] + list(d.rules)
+        n = self.engine.reset_flows() if self.engine is not None else 0
+        self.switches += 1
+        log.info("switched to %s (%s): %d flows of the old node reset", d.real_source, why, n)
+        return True
+
+    def _reload_blocking(self) -> Derived:
+        d = self._derive()
+        cfg = self._core_config(d)
+        test_config(self.binary, cfg)
+        self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
+        if self.autoroute is not None:
+            self.autoroute.set_excluded(self.excluded_routes(d))
+        self.derived = d
+        return d
+
+    def excluded_routes(self, d: Derived | None = None) -> list:
+        return list(self.extra_excluded) + [ipaddress.ip_network(a) for a in self.server_addresses(d)]
+
+    extra_excluded = ()
+
+    def status(self) -> dict:
+        d = self.derived
+        return {"config": self.source, "node": d.real_source if d else None,
+                "runtime_config": d.runtime_path if d else None, "switches": self.switches,
+                "mark": self.mark, "auto_route": self.autoroute is not None,
+                "core": self.core.status() if self.core is not None else None}
+
+    def wrap_status(self, status_fn):
+        def status():
+            st = status_fn()
+            st["xray"] = self.status()
+            return st
+        return status
+
+    def detach(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def close(self) -> None:
+        self.detach()
+        if self.autoroute is not None:
+            try:
+                self.autoroute.down()
+            except Exception as e:                  # keep cleaning up
+                log.error("auto-route cleanup: %s", e)
+            self.autoroute = None
+        if self.core is not None:
+            self.core.stop()
+            self.core = None
+        for p in self._runtime_paths:
+            with _suppress():
+                os.unlink(p)
+        self._runtime_paths.clear()
+
+
+def session_from_args(args) -> XraySession:
+    """`run` flags -> a prepared session (config read and derived, nothing
+    started).  Sets ``args.proxy`` to the config's socks inbound unless
+    --proxy was given."""
+    if args.auto_route and not args.xray_config:
+        raise XrayConfigError("--auto-route needs --xray-config (the core's sockets must carry "
+                              "the mark that keeps them out of the TUN)")
+    if args.auto_route and not args.device.startswith("tun://"):
+        raise XrayConfigError("--auto-route needs a tun:// device")
+    xs = XraySession(args.xray_config, binary=args.xray_bin,
+                     mark=DEFAULT_MARK if args.auto_route else None)
+    xs.prepare()
+    if args.proxy:
+        xs.owns_proxy = False
+    else:
+        args.proxy = xs.derived.proxy_url
+    return xs
+

@@ -1,0 +1,298 @@
+"""`tun2xray run --xray-config`, node switching, --auto-route and `doctor`
+with real cores, in network namespaces of their own (prefix ``xr``).
+
+World (built once for the module with tools/netlab.py's Lab, start=False)::
+
+    xr-cli                                         xr-srv
+    TUN xrtun0 + tun2xray (starts the local core)  lo: targets 10.99.0.10 fd99::10,
+    config.json -> nodes/a.json | nodes/b.json          dns 10.99.0.53, far cores
+    default via 10.200.0.2 / fdc8:e2::2 ---veth--->     FAR_A 10.201.0.2, FAR_B 10.201.0.3
+
+The far cores sit behind the veth's far end (not on the connected subnet),
+so with --auto-route only the core's firewall mark keeps its own traffic out
+of the TUN.  Node a has every inbound; node b has no socks inbound, so
+tun2xray derives a runtime config that adds one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+import netlab
+from netlab import DNS4, ECHO_PORT, TARGET4, TARGET6
+
+pytestmark = pytest.mark.e2e
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+PREFIX = "xr"
+TUN = "xrtun0"
+FAR_A, FAR_B = "10.201.0.2", "10.201.0.3"
+FAR_PORT = 10086
+MARK = 0x7478
+PRIO = 9470
+T2X = [sys.executable, "-m", "tun2xray"]
+
+
+def policy():
+    return {"levels": {"0": {"handshake": 4, "connIdle": 300, "uplinkOnly": 1,
+                             "downlinkOnly": 30, "bufferSize": 512}}}
+
+
+def node_config(uid: str, far: str, logdir: str, name: str, socks: bool = True) -> str:
+    inbounds = []
+    if socks:
+        inbounds.append({"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
+                         "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}})
+    inbounds.append({"tag": "dns", "listen": "127.0.0.1", "port": 10853, "protocol": "dokodemo-door",
+                     "settings": {"address": DNS4, "port": 53, "network": "udp"}})
+    cfg = {"log": {"loglevel": "warning", "access": os.path.join(logdir, f"node-{name}.access")},
+           "policy": policy(), "inbounds": inbounds,
+           "outbounds": [{"tag": "far", "protocol": "vmess",
+                          "settings": {"vnext": [{"address": far, "port": FAR_PORT,
+                                                  "users": [{"id": uid, "alterId": 0,
+                                                             "security": "aes-128-gcm"}]}]}}]}
+    # Xray configs carry comments: so do ours
+    return f"// node {name}: VMess to {far}\n" + json.dumps(cfg, indent=1).replace(
+        '"inbounds": [', '"inbounds": [ /* what tun2xray dials */', 1)
+
+
+def far_config(uid: str, addr: str, logdir: str, name: str) -> dict:
+    return {"log": {"loglevel": "warning", "access": os.path.join(logdir, f"far-{name}.access")},
+            "policy": policy(),
+            "inbounds": [{"listen": addr, "port": FAR_PORT, "protocol": "vmess",
+                          "settings": {"clients": [{"id": uid, "alterId": 0}]}}],
+            "outbounds": [{"protocol": "freedom"}]}
+
+
+class World:
+    def __init__(self, lab):
+        self.lab = lab
+        self.dir = os.path.join(lab.workdir, "xray")
+        self.nodes = os.path.join(self.dir, "nodes")
+        self.link = os.path.join(self.dir, "config.json")
+        self.ctl = f"unix://{lab.workdir}/xr-ctl.sock"
+
+    def build(self):
+        lab = self.lab
+        for a in (FAR_A, FAR_B):
+            lab.ip(lab.srv_ns, "addr", "add", f"{a}/32", "dev", "lo")
+        lab.ip(lab.cli_ns, "route", "add", "default", "via", netlab.VETH_SRV4)
+        lab.ip(lab.cli_ns, "-6", "route", "add", "default", "via", netlab.VETH_SRV6)
+        lab.start_servers()
+        for name, addr in (("a", FAR_A), ("b", FAR_B)):
+            path = lab._write_config(f"far-{name}.json", far_config(lab.user_id, addr, lab.workdir, name))
+            p = lab.spawn(f"far-{name}", lab.srv_ns, netlab.core_cmd(lab.core, path))
+            netlab.wait_port(lab.srv_ns, FAR_PORT, "tcp", proc=p)
+        os.makedirs(self.nodes)
+        for name, far, socks in (("a", FAR_A, True), ("b", FAR_B, False)):
+            with open(os.path.join(self.nodes, f"{name}.json"), "w") as f:
+                f.write(node_config(lab.user_id, far, lab.workdir, name, socks))
+        self.select("a")
+
+    def select(self, name):
+        tmp = self.link + ".t"
+        os.symlink(f"nodes/{name}.json", tmp)
+        os.replace(tmp, self.link)
+
+    def far_log(self, name) -> str:
+        try:
+            with open(os.path.join(self.lab.workdir, f"far-{name}.access")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def run_argv(self, *extra):
+        return T2X + ["run", "--device", f"tun://{TUN}", "--xray-config", self.link,
+                      "--control", self.ctl, "--log-level", "debug", *extra]
+
+    def start(self, *extra, route=True):
+        lab = self.lab
+        p = lab.cli_popen("t2x", self.run_argv(*extra), cwd=REPO, env=ENV)
+        try:
+            netlab.wait_until(lambda: p.poll() is not None or os.path.exists(self.ctl[7:]),
+                              30, "tun2xray to serve its control socket")
+            assert p.poll() is None, f"tun2xray exited with {p.returncode}" + self.log()
+            if route:
+                lab.route_via(TUN)
+            netlab.wait_until(lambda: self.echo(b"ready?", timeout=2, quiet=True) == b"ready?",
+                              20, "a TCP echo through the TUN", interval=0.2)
+        except BaseException:
+            self.stop()
+            raise
+        return p
+
+    def stop(self):
+        rc = self.lab.stop("t2x", timeout=10)
+        self.lab.unroute()
+        return rc
+
+    def log(self):
+        return "\n--- tun2xray log ---\n" + self.lab.log("t2x")[-5000:]
+
+    def status(self):
+        r = self.lab.cli_run(T2X + ["status", "--control", self.ctl], timeout=10)
+        assert r.returncode == 0, r.stderr.decode() + self.log()
+        return json.loads(r.stdout)
+
+    def connect(self, addr, timeout=5.0):
+        fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        with self.lab.in_cli():
+            s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(addr)
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def echo(self, payload, addr=(TARGET4, ECHO_PORT), timeout=5.0, quiet=False):
+        try:
+            with self.connect(addr, timeout) as s:
+                s.sendall(payload)
+                buf = b""
+                while len(buf) < len(payload):
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    buf += chunk
+                return buf
+        except OSError:
+            if quiet:
+                return None
+            raise
+
+    def rules_snapshot(self):
+        return (self.lab.ip(self.lab.cli_ns, "-4", "rule"), self.lab.ip(self.lab.cli_ns, "-6", "rule"),
+                self.lab.ip(self.lab.cli_ns, "-4", "route", "show", "table", "all"),
+                self.lab.ip(self.lab.cli_ns, "-6", "route", "show", "table", "all"))
+
+
+@pytest.fixture(scope="module")
+def world():
+    netlab_root = os.geteuid() == 0
+    if not netlab_root:
+        pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
+    lab = netlab.Lab(prefix=PREFIX, start=False, files={"small.bin": (100_000, 1)})
+    with lab:
+        w = World(lab)
+        w.build()
+        yield w
+    assert not netlab.netns_exists(lab.cli_ns) and not netlab.netns_exists(lab.srv_ns)
+
+
+@pytest.fixture
+def running(world):
+    """tun2xray run --xray-config on node a, targets routed through the TUN."""
+    world.select("a")
+    world.start()
+    try:
+        yield world
+    finally:
+        world.stop()
+
+
+def dig(world, name="web.e2.test", qtype="A"):
+    return world.lab.cli_run(["dig", "+short", "+time=3", "+tries=2", f"@{DNS4}", name, qtype],
+                             timeout=20)
+
+
+# --- run --xray-config --------------------------------------------------------------
+
+@pytest.mark.deadline(90)
+def test_run_starts_the_core_and_carries_tcp_udp_dns(running):
+    w = running
+    st = w.status()
+    core = st["xray"]["core"]
+    assert core["alive"] and core["pid"] and st["xray"]["node"] == os.path.join(w.nodes, "a.json")
+    assert st["xray"]["runtime_config"] is None          # node a has every inbound
+    _, size, sha = w.lab.files["small.bin"]
+    r = w.lab.cli_run(["curl", "-sS", "--fail", "--max-time", "20", w.lab.url("small.bin")], timeout=30)
+    assert r.returncode == 0 and len(r.stdout) == size, r.stderr.decode() + w.log()
+    r6 = w.lab.cli_run(["curl", "-sS", "--fail", "--max-time", "20", w.lab.url("small.bin", v6=True)],
+                       timeout=30)
+    assert r6.returncode == 0 and len(r6.stdout) == size, r6.stderr.decode() + w.log()
+    # udp:53 goes to the dokodemo-door inbound found in the config (no --map given)
+    r = dig(w)
+    assert r.stdout.decode().split() == [TARGET4], r.stdout + r.stderr
+    st = w.status()
+    assert st["engine"]["tcp_opened"] >= 3
+    assert any(f["inbound"] == "dokodemo://127.0.0.1:10853" for f in st["flows"] if f["proto"] == "udp")
+    assert TARGET4 in w.far_log("a") and TARGET6 in w.far_log("a")
+    assert "core" in w.lab.log("t2x")        # the core's own log lines are forwarded
+
+
+@pytest.mark.deadline(90)
+def test_killed_core_is_restarted(running):
+    w = running
+    pid = w.status()["xray"]["core"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    netlab.wait_until(lambda: (w.status()["xray"]["core"]["restarts"] >= 1
+                               and w.status()["xray"]["core"]["alive"]), 15, "the core's restart")
+    assert w.status()["xray"]["core"]["pid"] != pid
+    netlab.wait_until(lambda: w.echo(b"again", timeout=2, quiet=True) == b"again", 15,
+                      "an echo after the restart", interval=0.2)
+    assert "restarting" in w.lab.log("t2x")
+
+
+@pytest.mark.deadline(120)
+def test_node_use_switches_mid_run(running):
+    w = running
+    old = w.connect((TARGET4, ECHO_PORT))
+    old.sendall(b"hello a")
+    assert old.recv(100) == b"hello a"
+    assert w.status()["xray"]["node"].endswith("a.json")
+    before_b = w.far_log("b")
+    r = w.lab.cli_run(T2X + ["node", "use", "b", "--xray-config", w.link, "--control", w.ctl],
+                      timeout=40)
+    assert r.returncode == 0, r.stderr.decode() + w.log()
+    assert os.readlink(w.link) == "nodes/b.json"
+    st = w.status()["xray"]
+    assert st["node"] == os.path.join(w.nodes, "b.json") and st["switches"] == 1
+    # node b has no socks inbound: the runtime config beside the link adds one
+    assert st["runtime_config"] == os.path.join(w.dir, ".config.tun2xray.json")
+    rt = json.load(open(st["runtime_config"]))
+    assert [ib["protocol"] for ib in rt["inbounds"]] == ["dokodemo-door", "socks"]
+    # the old node's flow was reset
+    old.settimeout(5)
+    try:
+        got = old.recv(100)
+        outcome = "eof" if got == b"" else got
+    except ConnectionResetError:
+        outcome = "reset"
+    old.close()
+    assert outcome in ("reset", "eof"), outcome
+    # new flows use node b
+    netlab.wait_until(lambda: w.echo(b"hello b", timeout=2, quiet=True) == b"hello b", 10,
+                      "an echo through node b", interval=0.2)
+    netlab.wait_until(lambda: len(w.far_log("b")) > len(before_b), 5, "far core b's access log")
+    assert TARGET4 in w.far_log("b")[len(before_b):]
+    assert w.status()["engine"]["flows_reset"] >= 1
+    # the user's node files are untouched; list marks b
+    r = w.lab.cli_run(T2X + ["node", "list", "--xray-config", w.link], timeout=10)
+    assert r.stdout.decode().splitlines() == ["  a", "* b"]
+
+
+@pytest.mark.deadline(60)
+def test_node_use_bad_input_leaves_the_link(world):
+    w = world
+    w.select("a")
+    with open(os.path.join(w.nodes, "broken.json"), "w") as f:
+        json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}]}, f)
+    try:
+        for name, needle in (("nosuch-node", 'no node "nosuch-node"'), ("broken", "nosuch")):
+            r = w.lab.cli_run(T2X + ["node", "use", name, "--xray-config", w.link], timeout=30)
+            lines = r.stderr.decode().strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+            assert os.readlink(w.link) == "nodes/a.json"
+    finally:
+        os.unlink(os.path.join(w.nodes, "broken.json"))
