@@ -109,7 +109,7 @@ def _sdiff(a, b):
 class TcpConnection:
     __slots__ = (
         "stack", "key", "family", "src", "sport", "dst", "dport", "id", "_sched_at", "poll_at",
-        "closed", "state", "user", "bytes_in", "bytes_out", "created", "syn_quote", "tpl",
+        "closed", "state", "user", "bytes_in", "bytes_out", "created", "syn_quote", "tpl", "_ps",
         # send side (RFC 9293 §3.3.1)
         "iss", "snd_una", "snd_nxt", "snd_max", "snd_wnd", "snd_wl1", "snd_wl2", "max_snd_wnd",
         "snd_buf", "_buf_seq", "_snd_cap", "fin_queued", "snd_mss", "_seg", "_gso",
@@ -145,6 +145,7 @@ class TcpConnection:
         self.created = now
         self.syn_quote = syn_quote
         self.tpl = TcpTemplate(family, self.dst, self.src, self.dport, self.sport, cfg)
+        self._ps = (_ck.pseudo4 if family == 4 else _ck.pseudo6)(self.src, self.dst, _PROTO_TCP, 0)
         iss = self.iss = stack.rng.getrandbits(32)
         self.snd_una = self.snd_nxt = self.snd_max = iss
         self.snd_wnd = self.max_snd_wnd = 0
@@ -1292,21 +1293,23 @@ def tcp_input(stack, family, src, dst, mv, off, now):
     if doff < 20 or doff > seglen:
         stack.drops["bad_tcp_offset"] += 1
         return
-    l4 = mv[off:]
+    key = (src, sport, dst, dport)
+    conn = stack.tcp.get(key)
     if stack.config.verify_checksums:
-        ps = (_ck.pseudo4 if family == 4 else _ck.pseudo6)(src, dst, _PROTO_TCP, seglen)
-        if _ck.sum16(l4, ps) != 0xFFFF:
+        if conn is not None:
+            ps = conn._ps + seglen            # the flow's pseudo-header sum, cached
+        else:
+            ps = (_ck.pseudo4 if family == 4 else _ck.pseudo6)(src, dst, _PROTO_TCP, seglen)
+        if _ck.sum16(mv[off:], ps) != 0xFFFF:
             stack.drops["bad_tcp_checksum"] += 1
             return
     opts = None
     if doff > 20:
         try:
-            opts = parse_options(l4[20:doff])
+            opts = parse_options(mv[off + 20:off + doff])
         except WireError:
             stack.drops["bad_tcp_options"] += 1
             return
-    key = (src, sport, dst, dport)
-    conn = stack.tcp.get(key)
     if conn is None:
         conn = _tcp_new(stack, family, key, flags, seq, ack, mv, off, seglen - doff, now)
         if conn is None:
@@ -1318,8 +1321,9 @@ def tcp_input(stack, family, src, dst, mv, off, now):
         if conn is None:
             return
     stack.delivered += 1
-    conn.segment_arrives(seq, ack, flags, wnd, opts, l4[doff:], now)
-    if not conn.closed:
+    conn.segment_arrives(seq, ack, flags, wnd, opts, mv[off + doff:], now)
+    at = conn.poll_at
+    if at is not None and at != conn._sched_at and not conn.closed:
         stack._reschedule(conn)
 
 
