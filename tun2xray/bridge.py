@@ -214,30 +214,14 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        self._probe_task = self.loop.create_task(self._probe())
+        self._probe_task = self.loop.create_task(
+            st.watch_proxy(self.lifecycle, self.proxy.host, self.proxy.port))
         with self._lock:
             pending = bool(self._inq) and not self._wake
             if pending:
                 self._wake = True
         if pending:
             self.loop.call_soon(self._drain)
-
-    async def _probe(self) -> None:
-        """connecting -> connected once the proxy inbound takes a TCP connection."""
-        host, port = self.proxy.host, self.proxy.port
-        delay = 0.2
-        while True:
-            try:
-                _, w = await asyncio.wait_for(asyncio.open_connection(host, port), 3.0)
-            except (OSError, asyncio.TimeoutError) as e:
-                reason = f"proxy {host}:{port} unreachable: {getattr(e, 'strerror', None) or e!r}"
-                self.lifecycle.set(st.CONNECTING, reason)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            w.close()
-            self.lifecycle.set(st.CONNECTED)
-            return
 
     def _stop_on_loop(self) -> None:
         self._stop_requested = True

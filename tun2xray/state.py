@@ -99,9 +99,32 @@ def empty_engine_status(device_name: str = "", mtu: int = 0, device_stats: dict 
     }
 
 
-def compose(lifecycle: Lifecycle, engine_status: dict | None, **extra) -> dict:
-    """The status dictionary: state first, then the engine's own status."""
+def compose(lifecycle: Lifecycle, engine_status: dict | None) -> dict:
+    """The status dictionary: state first, then the engine's own status.
+    The lifecycle's keys win over same-named keys in *engine_status*."""
     out = lifecycle.as_dict()
-    out.update(engine_status if engine_status is not None else empty_engine_status())
-    out.update(extra)
+    for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
+        if k not in out:
+            out[k] = v
     return out
+
+
+async def watch_proxy(lifecycle: Lifecycle, host: str, port: int, *,
+                      first_delay: float = 0.2, max_delay: float = 5.0, timeout: float = 3.0) -> None:
+    """connecting -> connected once the proxy inbound accepts a TCP connection;
+    until then the state stays "connecting" with the reason, retried with
+    backoff.  Run it as a task next to the engine; cancel it on stop."""
+    import asyncio
+    delay = first_delay
+    while True:
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            why = getattr(e, "strerror", None) or type(e).__name__
+            lifecycle.set(CONNECTING, f"proxy {host}:{port} unreachable: {why}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        w.close()
+        lifecycle.set(CONNECTED)
+        return
