@@ -698,6 +698,10 @@ class Core:
         except OSError as e:
             raise CoreError(f"cannot start {self.binary}: {e.strerror}") from None
         lines = self._lines
+        # lines are held until the core is ready: a rejected config is one
+        # error line, not the core's banner and stack trace
+        p._t2x_hold = []
+        p._t2x_lock = threading.Lock()
         t = threading.Thread(target=self._forward, args=(p, lines), name="xray-log", daemon=True)
         t.start()
         p._t2x_reader = t
@@ -711,8 +715,20 @@ class Core:
             if not line:
                 continue
             lines.append(line)
+            with p._t2x_lock:
+                if p._t2x_hold is not None:
+                    p._t2x_hold.append(line)
+                    continue
             core_log.log(_level(line), "%s", line)
         p.stdout.close()
+
+    @staticmethod
+    def _release(p) -> None:
+        """The core is up: log what it said while starting, then live."""
+        with p._t2x_lock:
+            held, p._t2x_hold = p._t2x_hold, None
+            for line in held or ():
+                core_log.log(_level(line), "%s", line)
 
     def _wait_ready(self, p) -> CoreError | None:
         deadline = time.monotonic() + self.ready_timeout
@@ -767,6 +783,7 @@ class Core:
             first["done"].set()
             return
         self.started_at = time.monotonic()
+        self._release(p)
         first["done"].set()
         backoff = self.min_backoff
         pending_result = None
@@ -832,8 +849,10 @@ class Core:
                     pending_result = None
                 if p.poll() is None and "did not open" not in str(err):
                     self._terminate(p)
+                self._release(p)
                 continue
             self.started_at = time.monotonic()
+            self._release(p)
             self.restarts += 1
             log.info("core running (pid %d, %s)", p.pid, self.config_path)
             if pending_result is not None:

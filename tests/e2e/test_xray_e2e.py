@@ -296,3 +296,121 @@ def test_node_use_bad_input_leaves_the_link(world):
             assert os.readlink(w.link) == "nodes/a.json"
     finally:
         os.unlink(os.path.join(w.nodes, "broken.json"))
+
+
+# --- --auto-route -----------------------------------------------------------------
+
+def route_dev(world, addr, mark=None):
+    args = ["route", "get", addr] + (["mark", hex(mark)] if mark is not None else [])
+    out = world.lab.ip(world.lab.cli_ns, *args)
+    return out.split(" dev ", 1)[1].split()[0]
+
+
+def far_packets(pcap_path):
+    import dpkt
+    far = {socket.inet_aton(FAR_A), socket.inet_aton(FAR_B)}
+    n = total = 0
+    with open(pcap_path, "rb") as f:
+        for _, buf in dpkt.pcap.Reader(f):
+            total += 1
+            if len(buf) >= 20 and buf[0] >> 4 == 4 and (buf[12:16] in far or buf[16:20] in far):
+                n += 1
+    return n, total
+
+
+@pytest.mark.deadline(120)
+def test_auto_route_is_loop_free_and_cleaned_up(world):
+    w = world
+    w.select("a")
+    before = w.rules_snapshot()
+    assert route_dev(w, TARGET4) == w.lab.veth_cli       # the plain default route
+    pcap = os.path.join(w.lab.workdir, "auto.pcap")
+    p = w.start("--auto-route", "--record", pcap, route=False)
+    try:
+        # everything goes through the TUN; the core's marked traffic around it
+        assert route_dev(w, TARGET4) == TUN
+        assert route_dev(w, TARGET6) == TUN
+        assert route_dev(w, "192.0.2.77") == TUN
+        assert route_dev(w, FAR_B) == TUN                # not node a's server: the TUN
+        assert route_dev(w, FAR_B, mark=MARK) == w.lab.veth_cli
+        assert route_dev(w, FAR_A) == w.lab.veth_cli     # node a's server is excluded
+        rules = w.lab.ip(w.lab.cli_ns, "rule")
+        assert f"{PRIO}:\tfrom all fwmark {hex(MARK)} lookup main" in rules, rules
+        assert f"{PRIO + 3}:\tfrom all lookup 7478" in rules, rules
+        # the running core's config carries the mark on its outbound
+        rt = json.load(open(w.status()["xray"]["runtime_config"]))
+        assert rt["outbounds"][0]["streamSettings"]["sockopt"]["mark"] == MARK
+        _, size, _ = w.lab.files["small.bin"]
+        for v6 in (False, True):
+            r = w.lab.cli_run(["curl", "-sS", "--fail", "--max-time", "20",
+                               w.lab.url("small.bin", v6=v6)], timeout=30)
+            assert r.returncode == 0 and len(r.stdout) == size, r.stderr.decode() + w.log()
+        r = dig(w)
+        assert r.stdout.decode().split() == [TARGET4], r.stdout + r.stderr + w.log().encode()
+        # the core's socket to the far server carries the mark
+        ss = w.lab.cli_run(["ss", "-tnHe", "dst", FAR_A], timeout=10).stdout.decode()
+        assert f"fwmark:{hex(MARK)}" in ss, ss
+        # switch to node b: its server is not excluded, so only the mark keeps
+        # the core's traffic out of the TUN
+        r = w.lab.cli_run(T2X + ["node", "use", "b", "--xray-config", w.link, "--control", w.ctl],
+                          timeout=40)
+        assert r.returncode == 0, r.stderr.decode() + w.log()
+        assert route_dev(w, FAR_A) == TUN and route_dev(w, FAR_B) == w.lab.veth_cli
+        before_b = len(w.far_log("b"))
+        netlab.wait_until(lambda: w.echo(b"via b", timeout=2, quiet=True) == b"via b", 15,
+                          "an echo through node b", interval=0.2)
+        assert TARGET4 in w.far_log("b")[before_b:]
+        st = w.status()
+        assert st["engine"]["tcp_opened"] >= 3
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            rc = p.wait(15)
+        finally:
+            w.stop()
+    assert rc == 0, w.log()
+    # nothing of ours is left in the routing tables
+    assert w.rules_snapshot() == before
+    # the core's own traffic never entered the TUN
+    n, total = far_packets(pcap)
+    assert total > 20 and n == 0, (n, total)
+
+
+@pytest.mark.deadline(90)
+@pytest.mark.parametrize("case", ["rejected", "no-binary", "dangling", "no-inbound"])
+def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
+    w = world
+    w.select("a")
+    before = w.rules_snapshot()
+    extra = ["--auto-route"]
+    link = w.link
+    if case == "rejected":
+        path = os.path.join(w.dir, "rejected.json")
+        with open(path, "w") as f:
+            json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}],
+                       "outbounds": [{"protocol": "freedom"}]}, f)
+        link, needle = path, "nosuch"
+    elif case == "no-binary":
+        extra += ["--xray-bin", "/nonexistent/xray"]
+        needle = "/nonexistent/xray: not found"
+    elif case == "dangling":
+        link = os.path.join(w.dir, "dangling.json")
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink("nodes/gone.json", link)
+        needle = "dangling link to nodes/gone.json"
+    else:
+        path = os.path.join(w.dir, "noinbound.json")
+        with open(path, "w") as f:
+            json.dump({"inbounds": {"socks": 1080}}, f)
+        link, needle = path, "no usable socks inbound and no way to add one"
+    argv = T2X + ["run", "--device", f"tun://{TUN}", "--xray-config", link, *extra]
+    r = w.lab.cli_run(argv, timeout=40)
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("tun2xray: error:") and needle in lines[0], lines
+    assert w.rules_snapshot() == before
+    assert not netlab.link_exists(w.lab.cli_ns, TUN)
+    assert not [f for f in os.listdir(w.dir) if f.endswith(".tun2xray.json")]
+    # no core left running
+    assert not netlab._proc_listening(w.lab.cli_ns, "tcp", 10808)
