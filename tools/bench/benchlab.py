@@ -119,8 +119,9 @@ class BenchLab(netlab.Lab):
     are gone after the block, also on an exception or Ctrl-C.
     """
 
-    def __init__(self, prefix: str = "eb", workdir: str | None = None):
+    def __init__(self, prefix: str = "eb", workdir: str | None = None, repo: str = REPO):
         super().__init__(prefix=prefix, workdir=workdir, files={}, start=False)
+        self.repo = os.path.abspath(repo)     # the checkout whose tun2xray runs
         self.tun = f"{prefix}tun0"
         self.ctl = os.path.join(self.workdir, "ctl.sock")
         self.tunnel_mtu = None
@@ -188,8 +189,8 @@ class BenchLab(netlab.Lab):
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", url,
                 "--proxy", f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "--mtu", str(mtu),
                 "--control", f"unix://{self.ctl}", "--log-level", "warning"]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = self.spawn("tun2xray", self.cli_ns, argv, cwd=REPO, env=env)
+        env = dict(os.environ, PYTHONPATH=self.repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = self.spawn("tun2xray", self.cli_ns, argv, cwd=self.repo, env=env)
         wait_until(lambda: p.poll() is not None or netlab.link_exists(self.cli_ns, self.tun),
                    15, f"{self.tun} to appear")
         if p.poll() is not None:
@@ -222,11 +223,26 @@ class BenchLab(netlab.Lab):
         self.tunnel_mtu = None
 
     def status(self) -> dict:
-        r = self.cli_run([sys.executable, "-m", "tun2xray.cli", "status", "--control",
-                          f"unix://{self.ctl}"], timeout=10)
-        if r.returncode != 0:
-            raise RuntimeError(f"tun2xray status: {r.stderr.decode(errors='replace').strip()}")
-        return json.loads(r.stdout)
+        """tun2xray's JSON status over its control socket (a filesystem unix
+        socket: reachable from any namespace)."""
+        # the protocol is one line in, JSON out (tun2xray/control.py); spoken
+        # here so the bench does not import the checkout under test
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(self.ctl)
+            s.sendall(b"status\n")
+            chunks = []
+            while True:
+                b = s.recv(1 << 16)
+                if not b:
+                    break
+                chunks.append(b)
+            return json.loads(b"".join(chunks))
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"tun2xray status: {e}") from None
+        finally:
+            s.close()
 
 
 # --------------------------------------------------------------------------

@@ -297,7 +297,7 @@ class Bench:
                 pass
             self.final["rss_1000_MB"] = held
             per = (held - before) * 1024 / n
-            self.say(f"\nRSS of tun2xray: idle {_fmt(self.final['rss_idle_MB'])} MB; before "
+            self.say(f"\nRSS of tun2xray (fresh process): idle {_fmt(self.final['rss_idle_MB'])} MB; before "
                      f"{_fmt(before)} MB; with {n} idle TCP connections (each echoed once, opened "
                      f"in {opened:.1f} s) {_fmt(held)} MB = {per:.1f} kB/connection; "
                      f"status lists {flows} flows")
@@ -307,26 +307,49 @@ class Bench:
             for s in socks:
                 s.close()
 
+    def counters(self) -> None:
+        """tun2xray's drop and engine counters so far (context for the figures)."""
+        try:
+            st = self.lab.status()
+        except RuntimeError as e:
+            self.say(f"  (no status: {e})")
+            return
+        stack = st.get("stack", {})
+        dev = st.get("device", {})
+        parts = [f"device rx {dev.get('rx_packets')} tx {dev.get('tx_packets')} packets"]
+        for key in ("drops", "tcp_drops", "frag_drops"):
+            if stack.get(key):
+                parts.append(f"{key} {json.dumps(stack[key], separators=(',', ':'))}")
+        for key in ("rx_dropped", "tx_dropped", "tx_errors", "rx_bad_header"):
+            if dev.get(key):
+                parts.append(f"device {key} {dev[key]}")
+        parts.append(f"engine {json.dumps(st.get('engine', {}), separators=(',', ':'))}")
+        self.say(f"  tun2xray counters (MTU {self.lab.tunnel_mtu}): " + "; ".join(parts))
+
     # -- the whole run ---------------------------------------------------------
 
     def run(self) -> int:
         a = self.args
         self.say(f"e2e_bench: tun2xray (tun://{self.lab.tun}"
                  f"{'?' + self.query if self.query else ''}) -> v2ray socks {SOCKS_ADDR}:{SOCKS_PORT}"
-                 f" -> lo, vs direct over the veth; core {self.lab.core}; {os.cpu_count()} CPUs"
+                 f" -> lo, vs direct over the veth; core {self.lab.core}; {os.cpu_count()} CPUs;"
+                 f" tun2xray from {self.lab.repo}"
                  f"{'; QUICK mode' if a.quick else ''}")
         self.say("(figures from a shared machine are noisy; compare ratios from the same run)")
         self.lab.set_veth_mtu(1500)
         self.lab.start_tunnel(1500, self.query)
+        # memory first, on a fresh process: later runs grow its heap
         self.rss_idle()
+        self.rss_held()
         self.tcp_runs(1500, parallel_too=True)
         self.udp_runs()
         self.cps_runs()
-        self.rss_held()
+        self.counters()
         self.lab.stop_tunnel()
         self.lab.set_veth_mtu(9000)
         self.lab.start_tunnel(9000, self.query)
         self.tcp_runs(9000, parallel_too=False)
+        self.counters()
         self.say("")
         if self.failed:
             self.say(f"FAILED: {', '.join(self.failed)}")
@@ -420,6 +443,8 @@ def main(argv=None) -> int:
     p.add_argument("--udp-len", type=int, default=1400, help="UDP payload bytes (default 1400)")
     p.add_argument("--device-query", default="",
                    help="options for the tun:// URL, e.g. offload=1")
+    p.add_argument("--repo", default=benchlab.REPO,
+                   help="checkout whose tun2xray is benchmarked (default: this one)")
     p.add_argument("--prefix", default="eb", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -427,7 +452,7 @@ def main(argv=None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with benchlab.BenchLab(prefix=args.prefix) as lab:
+        with benchlab.BenchLab(prefix=args.prefix, repo=args.repo) as lab:
             return Bench(lab, args).run()
     except KeyboardInterrupt:
         print("e2e_bench: interrupted; cleaned up", file=sys.stderr)
