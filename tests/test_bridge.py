@@ -744,3 +744,86 @@ def test_memory_bench_smoke():
                         "--flows", "300"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "with 300 idle TCP flows" in r.stdout and "tcp_opened=300" in r.stdout
+
+
+def _ping(seq: int = 1) -> bytes:
+    icmp = struct.pack("!BBHHH", 8, 0, 0, 0x77, seq)
+    icmp = icmp[:2] + struct.pack("!H", ck.checksum(icmp)) + icmp[4:]
+    ip = _IP4.pack(0x45, 0, 28, 0, 0x4000, 64, 1, 0, CLIENT4, SERVER4)
+    return ip[:10] + struct.pack("!H", ck.checksum(ip)) + ip[12:] + icmp
+
+
+def test_batches_in_one_wakeup_and_out_in_one_callback(socks):
+    """A burst submitted while the engine is busy costs one wake-up, and the
+    replies to one submitted batch come back in one callback."""
+    calls = []
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def cb(packets, protocols):
+        calls.append(list(protocols))
+        if len(calls) == 1:
+            entered.set()
+            gate.wait(10)           # hold the engine thread
+
+    h = bridge.start(profile(socks), cb)
+    try:
+        bridge.submit_inbound(h, _ping(0), 2)
+        assert entered.wait(5)
+        before = bridge._get(h).stats["rx_wakeups"]
+        for i in range(100):
+            bridge.submit_inbound(h, _ping(i + 1), 2)
+        assert bridge._get(h).stats["rx_wakeups"] == before + 1
+        gate.set()
+        wait_for(lambda: sum(map(len, calls)) == 101, what="101 echo replies")
+        assert calls[1] == [2] * 100         # one batch in, one callback out
+        bridge.submit_inbound_batch(h, [_ping(200 + i) for i in range(8)], [2] * 8)
+        wait_for(lambda: len(calls) == 3, what="the next callback")
+        assert calls[2] == [2] * 8
+    finally:
+        gate.set()
+        bridge.stop(h)
+
+
+def test_engine_that_fails_to_start(socks, monkeypatch):
+    from tun2xray import engine as engine_mod
+
+    async def boom(self):
+        raise RuntimeError("no engine today")
+
+    monkeypatch.setattr(engine_mod.Engine, "run", boom)
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(bridge.BridgeError, match="no engine today"):
+        bridge.start(profile(socks))
+    assert {t.ident for t in threading.enumerate()} <= before
+    assert bridge.handles() == []
+
+
+def test_feed_failure_is_counted_and_the_engine_lives_on(socks, hosts, monkeypatch):
+    from netstack import Stack
+    host = Host(profile(socks))
+    hosts.append(host)
+    real = Stack.input_batch
+    fails = [1]
+
+    def flaky(self, packets, now):
+        if fails:
+            fails.pop()
+            raise RuntimeError("stack bug")
+        return real(self, packets, now)
+
+    monkeypatch.setattr(Stack, "input_batch", flaky)
+    bridge.submit_inbound(host.handle, _ping(1), 2)
+    wait_for(lambda: bridge._get(host.handle).stats["engine_errors"] == 1, what="the error count")
+    bridge.submit_inbound(host.handle, _ping(2), 2)
+    p, proto = host.next()
+    assert proto == 2 and p[20] == 0          # an echo reply: still serving
+    assert bridge.status(host.handle)["state"] in (state.CONNECTING, state.CONNECTED)
+
+
+def test_protocol_must_be_an_int(socks, hosts):
+    host = Host(profile(socks), poll=True)
+    hosts.append(host)
+    bridge.submit_inbound_batch(host.handle, [_ping(1)] * 3, [2.0, "2", True])
+    d = settled(host.handle)["device"]
+    assert d["rx_bad_protocol"] == 3 and d["rx_delivered"] == 0

@@ -129,7 +129,7 @@ class _BridgeDevice:
             "rx_packets": 0, "rx_bytes": 0, "rx_delivered": 0, "rx_queued": 0, "rx_dropped": 0,
             **{k: 0 for k in _RX_DROPS},
             "tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_queue_full": 0,
-            "tx_callback_errors": 0, "tx_queued": 0, "engine_errors": 0,
+            "tx_callback_errors": 0, "tx_queued": 0, "engine_errors": 0, "rx_wakeups": 0,
         }
 
     def fileno(self):
@@ -313,11 +313,14 @@ class _Tunnel:
             if n > MAX_PACKET:
                 oversize += 1
                 continue
+            if type(proto) is not int:
+                badproto += 1
+                continue
             if proto == AF_INET:
                 if n and p[0] >> 4 != 4:
                     mismatch += 1
                     continue
-            elif proto in _AF6 and type(proto) is int:
+            elif proto in _AF6:
                 af6 = proto
                 if n and p[0] >> 4 != 6:
                     mismatch += 1
@@ -369,6 +372,7 @@ class _Tunnel:
                     stats["rx_queued"] += taken
                     if taken and not self._wake and self._serving:
                         self._wake = wake = True
+                        stats["rx_wakeups"] += 1
             stats["rx_dropped"] += dropped
         if wake:
             try:
