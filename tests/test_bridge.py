@@ -827,3 +827,31 @@ def test_protocol_must_be_an_int(socks, hosts):
     bridge.submit_inbound_batch(host.handle, [_ping(1)] * 3, [2.0, "2", True])
     d = settled(host.handle)["device"]
     assert d["rx_bad_protocol"] == 3 and d["rx_delivered"] == 0
+
+
+def test_engine_that_ends_on_its_own_is_an_error(socks):
+    h = bridge.start(profile(socks))
+    try:
+        t = bridge._get(h)
+        t.loop.call_soon_threadsafe(t.engine.stop)       # not through bridge.stop
+        t.thread.join(5)
+        s = bridge.status(h)
+        assert s["state"] == state.ERROR and "on its own" in s["reason"]
+        bridge.submit_inbound_batch(h, [_ping(1)] * 3, [2] * 3)
+        d = bridge.status(h)["device"]
+        assert d["rx_engine_down"] == 3 and d["rx_dropped"] == 3
+        with pytest.raises(bridge.BridgeError, match="not running"):
+            bridge.reset_flows(h)
+    finally:
+        bridge.stop(h)                                   # still stops cleanly
+    assert bridge.handles() == []
+
+
+def test_reset_flows(socks, hosts):
+    host = Host(profile(socks))
+    hosts.append(host)
+    assert tcp_echo(host, 4, 46000, b"one") == b"one"
+    assert bridge.reset_flows(host.handle) == 1
+    rst = host.expect_tcp(lambda s: s.dport == 46000 and s.flags & 0x04)
+    assert rst.flags & 0x04
+    assert bridge.status(host.handle)["engine"]["flows_reset"] == 1

@@ -207,6 +207,10 @@ class _Tunnel:
         engine._started_cb = self._on_started
         self.engine = engine
         await engine.run()
+        if not self._stop_requested:
+            # the engine ended without stop(): the handle stays, in "error", until stop()
+            why = getattr(engine, "error", None) or "the engine stopped on its own"
+            self.lifecycle.set(st.ERROR, why)
 
     def _on_started(self, engine) -> None:
         self._serving = True
@@ -406,27 +410,38 @@ class _Tunnel:
             self.stats["tx_queued"] = len(q)
         return out
 
-    def status(self) -> dict:
-        eng = None
-        engine = self.engine
-        if engine is not None and self._serving:
-            if threading.get_ident() == self.thread_id:
-                eng = engine.status()
-            else:
-                fut = concurrent.futures.Future()
+    def call_on_loop(self, fn, timeout: float = STATUS_TIMEOUT):
+        """fn() on the engine thread (directly when already there); raises
+        BridgeError when the engine is not serving or does not answer."""
+        if self.engine is None or not self._serving:
+            raise BridgeError(f"handle {self.handle}: the engine is not running "
+                              f"({self.lifecycle.state})")
+        if threading.get_ident() == self.thread_id:
+            return fn()
+        fut = concurrent.futures.Future()
 
-                def job():
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(engine.status())
-                        except Exception as e:
-                            fut.set_exception(e)
+        def job():
+            if fut.set_running_or_notify_cancel():
                 try:
-                    self.loop.call_soon_threadsafe(job)
-                    eng = fut.result(STATUS_TIMEOUT)
-                except (RuntimeError, concurrent.futures.TimeoutError):
-                    fut.cancel()
-                    eng = None
+                    fut.set_result(fn())
+                except Exception as e:
+                    fut.set_exception(e)
+        try:
+            self.loop.call_soon_threadsafe(job)
+            return fut.result(timeout)
+        except RuntimeError:
+            raise BridgeError(f"handle {self.handle}: the engine is not running") from None
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise BridgeError(f"handle {self.handle}: the engine did not answer "
+                              f"within {timeout:g} s") from None
+
+    def status(self) -> dict:
+        engine = self.engine
+        try:
+            eng = self.call_on_loop(engine.status) if engine is not None else None
+        except BridgeError:
+            eng = None
         if eng is None:
             eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
         return st.compose(self.lifecycle, eng)
@@ -553,6 +568,13 @@ def stop(handle: int) -> None:
     t.close()
 
 
+def reset_flows(handle: int) -> int:
+    """Reset every flow (e.g. after switching Xray nodes or networks): TCP
+    clients get a RST, UDP flows are dropped; returns how many were reset."""
+    t = _get(handle)
+    return t.call_on_loop(lambda: t.engine.reset_flows())
+
+
 def handles() -> list:
     """The live handles (for hosts that clean up everything at exit)."""
     with _registry_lock:
@@ -565,5 +587,5 @@ def loop_kind(handle: int) -> str:
 
 
 __all__ = ["AF_INET", "AF_INET6_DARWIN", "AF_INET6_LINUX", "BridgeError", "InvalidHandle",
-           "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "start",
-           "status", "stop", "submit_inbound", "submit_inbound_batch"]
+           "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "reset_flows",
+           "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]
