@@ -855,3 +855,28 @@ def test_reset_flows(socks, hosts):
     rst = host.expect_tcp(lambda s: s.dport == 46000 and s.flags & 0x04)
     assert rst.flags & 0x04
     assert bridge.status(host.handle)["engine"]["flows_reset"] == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stop_with_open_flows_releases_their_sockets(socks, udp_echo, loop):
+    """stop() while TCP and UDP flows are open: their upstream sockets close
+    before stop returns (the engine process keeps no fd of theirs)."""
+    def cycle(i):
+        host = Host(profile(socks, udp_echo), loop=loop)
+        try:
+            assert tcp_echo(host, 4 if i % 2 else 6, 47000 + i, b"x" * 100) == b"x" * 100
+            host.send(udp_packet(4, CLIENT4, SERVER4, 7000 + i, 53, b"q"), 4)
+            p, _ = host.next()
+            assert udp_payload(p) == b"echo:q"
+            s = bridge.status(host.handle)
+            assert s["stack"]["tcp_flows"] == 1 and s["stack"]["udp_flows"] == 1
+        finally:
+            bridge.stop(host.handle)
+
+    cycle(0)
+    wait_for(lambda: not socks.conns, what="the SOCKS server's connections to end")
+    fds = open_fds()
+    for i in range(1, 11):
+        cycle(i)
+    wait_for(lambda: not socks.conns, what="the SOCKS server's connections to end")
+    assert open_fds() == fds
