@@ -506,6 +506,8 @@ class TcpConnection:
             else:
                 drops["out_of_window"] += 1
                 self._owe_ack()
+                if st is TIME_WAIT and flags & FIN:
+                    self.tw_at = now + stack.config.time_wait   # a retransmitted FIN restarts 2MSL
             return
         # --- step 2: RST (RFC 5961 §3.2: exact match resets, else challenge ACK)
         if flags & RST:
@@ -736,9 +738,10 @@ class TcpConnection:
                 self.state = CLOSING
         elif st == FIN_WAIT_2:
             self._enter_time_wait(now)
-        if not self._rd_ev:
-            self._rd_ev = True
-            self.stack.events.append(_ev.TcpReadable(self))
+        # always announced (even if a data event is still unread): a host that
+        # reads only on events must learn about the end of the stream
+        self._rd_ev = True
+        self.stack.events.append(_ev.TcpReadable(self))
 
     def _enter_time_wait(self, now):
         self.state = TIME_WAIT
