@@ -184,8 +184,10 @@ class Host:
             note(f"event {e!r}")
             if isinstance(e, events.UdpDatagram):
                 f = e.flow
-                assert f.id not in self.udp_closed, "datagram for a closed flow"
-                assert not f.closed
+                if f.closed:
+                    # queued before the host closed it while handling this batch
+                    assert f.id in closed_now, "datagram event for a flow closed earlier"
+                    continue
                 act = draw(st.sampled_from(["send", "send", "bigsend", "nothing", "reject", "close"]))
                 if act == "send":
                     assert f.send(e.data[:100] or b"r")
