@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import fcntl
 import hashlib
 import http.server
 import ipaddress
@@ -439,6 +440,7 @@ class Lab:
         self._logs: dict[str, object] = {}
         self._start = start
         self._closed = False
+        self._lock_fd: int | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -454,10 +456,35 @@ class Lab:
         self.close()
         return False
 
-    def setup(self) -> None:
+    def _lock(self, timeout: float) -> None:
+        """Hold the prefix's lock for the lab's life, so two test runs on one
+        machine queue for the same names instead of tearing each other's lab
+        down. The kernel drops the lock when the holder dies."""
+        path = os.path.join(tempfile.gettempdir(), f"netlab-{self.prefix}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TimeoutError(f"lab {self.prefix!r} is in use by another process "
+                                       f"(lock {path}) for more than {timeout:g}s") from None
+                time.sleep(0.1)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)         # closing the fd releases the flock
+            self._lock_fd = None
+
+    def setup(self, lock_timeout: float = 600.0) -> None:
         if os.geteuid() != 0:
             raise PermissionError("netlab needs root (network namespaces, veth, TUN)")
-        # a lab of the same prefix left by a killed run: it is ours, remove it
+        self._lock(lock_timeout)
+        # holding the lock, a lab of this prefix is one a killed run left: remove it
         for ns in (self.cli_ns, self.srv_ns):
             delete_netns(ns)
         self._make_network()
@@ -471,6 +498,11 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        if self._lock_fd is None:
+            # never got the lock: the namespaces (if any) are another lab's
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+            return
         errors = []
         for name in list(self.procs):
             try:
@@ -487,6 +519,7 @@ class Lab:
                 f.close()
         if self._own_workdir and not os.environ.get("NETLAB_KEEP"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        self._unlock()
         if errors:
             raise RuntimeError("netlab teardown: " + "; ".join(errors))
 

@@ -236,6 +236,23 @@ def test_teardown_on_failure_leaves_nothing(root, exc):
     _assert_gone("e2t", seen["pids"], seen["workdir"])
 
 
+def test_second_lab_of_a_prefix_waits_for_the_first(root):
+    # two runs on one machine queue for the names; the loser never touches
+    # the winner's namespaces
+    with netlab.Lab(prefix="e2t", files=SMALL) as first:
+        second = netlab.Lab(prefix="e2t", files=SMALL)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="in use"):
+            second.setup(lock_timeout=0.3)
+        assert time.monotonic() - t0 < 3
+        second.close()
+        assert not os.path.exists(second.workdir)
+        r = first.cli_run(["curl", "-sS", "--socks5-hostname", f"127.0.0.1:{SOCKS_PORT}",
+                           "--max-time", "10", first.url("small.bin")], timeout=15)
+        assert r.stdout == netlab.blob(1000, 3)
+    _assert_gone("e2t", [], None)
+
+
 def test_stale_lab_is_replaced(root):
     subprocess.run(["ip", "netns", "add", "e2t-cli"], check=True)
     try:
