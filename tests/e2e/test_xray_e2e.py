@@ -414,3 +414,72 @@ def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
     assert not [f for f in os.listdir(w.dir) if f.endswith(".tun2xray.json")]
     # no core left running
     assert not netlab._proc_listening(w.lab.cli_ns, "tcp", 10808)
+
+
+# --- doctor ---------------------------------------------------------------------------
+
+def doctor(w, *extra):
+    argv = T2X + ["doctor", "--control", w.ctl, "--tcp", f"{TARGET4}:{ECHO_PORT}",
+                  "--tcp", f"[{TARGET6}]:{ECHO_PORT}", "--udp", f"{TARGET4}:{ECHO_PORT}",
+                  "--udp", f"[{TARGET6}]:{ECHO_PORT}", "--dns", f"web.e2.test@{DNS4}",
+                  "--timeout", "2", *extra]
+    r = w.lab.cli_run(argv, timeout=60)
+    return r.returncode, r.stdout.decode().splitlines(), r.stderr.decode()
+
+
+@pytest.mark.deadline(150)
+def test_doctor_passes_then_names_a_loop_and_a_stopped_core(world):
+    w = world
+    w.select("a")
+    w.start("--auto-route", route=False)
+    try:
+        rc, lines, err = doctor(w)
+        assert rc == 0, "\n".join(lines) + err + w.log()
+        names = [ln.split(": ", 1)[0] for ln in lines[:-1]]
+        assert all(ln.startswith("[PASS] ") for ln in lines[:-1]), lines
+        for want in ("[PASS] control", "[PASS] tun", "[PASS] routes/ipv4", "[PASS] routes/ipv6",
+                     "[PASS] loop", "[PASS] core", "[PASS] inbound socks", "[PASS] inbound dns",
+                     "[PASS] dns web.e2.test", f"[PASS] tcp/ipv4 through {TARGET4}:{ECHO_PORT}",
+                     f"[PASS] tcp/ipv6 around [{TARGET6}]:{ECHO_PORT}",
+                     f"[PASS] udp/ipv4 through {TARGET4}:{ECHO_PORT}",
+                     f"[PASS] udp/ipv6 through [{TARGET6}]:{ECHO_PORT}"):
+            assert want in names, (want, lines)
+        assert lines[-1].endswith(" 0 failed")
+
+        # a deliberate loop: the far core's address routed into the TUN
+        w.lab.ip(w.lab.cli_ns, "route", "add", f"{FAR_A}/32", "dev", TUN)
+        try:
+            rc, lines, err = doctor(w)
+        finally:
+            w.lab.ip(w.lab.cli_ns, "route", "del", f"{FAR_A}/32", "dev", TUN)
+        fails = [ln for ln in lines if ln.startswith("[FAIL]")]
+        assert rc == 1 and len(fails) >= 1, lines
+        assert fails[0].startswith("[FAIL] loop: outbound server 10.201.0.2:10086 is routed into xrtun0"), fails
+        assert "hint:" in fails[0]
+
+        # a stopped core
+        pid = w.status()["xray"]["core"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            rc, lines, err = doctor(w)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        fails = [ln for ln in lines if ln.startswith("[FAIL]")]
+        assert rc == 1, lines
+        assert f"[FAIL] core: pid {pid} is stopped (state T)" in [f.split(" -- ")[0] for f in fails], fails
+        assert any(f.startswith("[FAIL] inbound socks") for f in fails), fails
+        # and healthy again
+        rc, lines, err = doctor(w)
+        assert rc == 0, lines
+    finally:
+        w.stop()
+
+
+@pytest.mark.deadline(30)
+def test_doctor_without_a_running_tun2xray(world):
+    r = world.lab.cli_run(T2X + ["doctor", "--control", "unix:///tmp/xr-nothing.sock",
+                                 "--device", f"tun://{TUN}"], timeout=20)
+    lines = r.stdout.decode().splitlines()
+    assert r.returncode == 1
+    assert lines[0].startswith("[FAIL] control: unix:///tmp/xr-nothing.sock")
+    assert lines[1].startswith(f"[FAIL] tun: no interface {TUN}")
