@@ -542,7 +542,7 @@ class TcpConnection:
             flags &= ~FIN
             drops["trimmed_to_window"] += 1
         if st == SYN_RECEIVED:
-            if ((ack - self.snd_una) & _M) - 1 < ((self.snd_max - self.snd_una) & _M):
+            if 0 < ((ack - self.snd_una) & _M) <= ((self.snd_max - self.snd_una) & _M):
                 # our SYN is acknowledged: the handshake is complete
                 self.state = st = FIN_WAIT_1 if self.fin_queued else ESTABLISHED
                 self.snd_wnd = wnd << self.snd_wscale

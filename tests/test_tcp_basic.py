@@ -231,6 +231,9 @@ def test_bad_ack_in_syn_received_gets_rst():
     c.send(ack=sa.seq + 100)
     c.recv("R", seq=sa.seq + 100, ack=False)
     assert conn.state == "SYN_RECEIVED" and c.stack.tcp_drops["bad_ack"] == 1
+    c.send(ack=sa.seq)                          # acks nothing (not our SYN)
+    c.recv("R", seq=sa.seq, ack=False)
+    assert conn.state == "SYN_RECEIVED" and c.stack.tcp_drops["bad_ack"] == 2
     c.send()
     assert conn.state == "ESTABLISHED"
 
@@ -365,3 +368,63 @@ def test_closed_event_exactly_once_and_status_counts_states():
     c.poll()
     c.send(flags="R")
     assert c.closed_reasons() == ["aborted"]
+
+
+def test_readable_is_edge_triggered_and_fin_always_announced():
+    c = Client()
+    conn = c.handshake()
+    c.send(b"a")
+    c.send(b"b")
+    assert len(c.take(events.TcpReadable)) == 1          # once until the host reads
+    assert conn.read(1) == b"a"
+    c.send(b"c")
+    assert len(c.take(events.TcpReadable)) == 1
+    c.send(flags="FA")                                     # unread data and then the FIN
+    assert len(c.take(events.TcpReadable)) == 1
+    assert conn.read() == b"bc" and conn.eof and conn.read() == b""
+
+
+def test_retransmitted_fin_restarts_time_wait():
+    c = Client(time_wait=2.0)
+    conn = c.handshake()
+    conn.shutdown()
+    c.recv("FA")
+    c.send(flags="FA")
+    c.recv("A")
+    c.poll(1.5)
+    c.seq = (c.seq - 1) & M
+    c.send(flags="FA")
+    c.recv("A")
+    c.poll(1.0)
+    assert conn.state == "TIME_WAIT"
+    c.poll(1.1)
+    assert c.closed_reasons() == ["closed"]
+
+
+def test_shutdown_before_accept_sends_fin_after_handshake():
+    c = Client()
+    conn = c.request()
+    conn.write(b"421 busy\r\n")
+    conn.shutdown()
+    conn.accept()
+    c.recv("SA")
+    c.recv_none()
+    c.send()
+    assert conn.state == "FIN_WAIT_1"
+    c.recv("FA", data=b"421 busy\r\n")
+    c.send()
+    assert conn.state == "FIN_WAIT_2"
+
+
+def test_host_misuse_raises_clear_errors():
+    c = Client()
+    conn = c.handshake()
+    with pytest.raises(TcpError):
+        conn.accept()
+    with pytest.raises(TcpError):
+        conn.reject()
+    conn.shutdown()
+    conn.shutdown()                             # idempotent
+    with pytest.raises(TcpError):
+        conn.write(b"x")
+    assert conn.send_space == 0
