@@ -646,7 +646,8 @@ def _malformed(rnd: random.Random, i: int):
 
 def test_100k_malformed_packets(socks):
     rnd = random.Random(7)
-    h = bridge.start(profile(socks), lambda p, q: None)
+    q = queue.Queue()
+    h = bridge.start(profile(socks), lambda p, pr: [q.put(x) for x in zip(p, pr)])
     try:
         total = 100_000
         batch = 500
@@ -654,7 +655,7 @@ def test_100k_malformed_packets(socks):
         sent = 0
         while sent < total:
             chunk = [pool[(sent + j) % len(pool)] for j in range(batch)]
-            bridge.submit_inbound_batch(h, [p for p, _ in chunk], [q for _, q in chunk])
+            bridge.submit_inbound_batch(h, [p for p, _ in chunk], [pr for _, pr in chunk])
             sent += batch
             # a host that paces itself (as readPackets does): never overflow
             while bridge._get(h).stats["rx_queued"] > 2000:
@@ -666,16 +667,16 @@ def test_100k_malformed_packets(socks):
         check_accounting(s)
         assert d["rx_family_mismatch"] > 0 and sum(s["stack"]["drops"].values()) > 0
         assert d["engine_errors"] == 0
-        assert s["stack"]["tcp_flows"] <= 65536
-        # still alive: a real conversation works after the flood
-        q = queue.Queue()
-        bridge.stop(h)
-        h = bridge.start(profile(socks), lambda p, pr: [q.put(x) for x in zip(p, pr)])
+        assert s["state"] in (state.CONNECTING, state.CONNECTED)
+        # the same engine still serves: a real conversation after the flood
+        while not q.empty():              # whatever the junk provoked (ICMP errors, RSTs)
+            q.get()
 
         class _H(Host):
             def __init__(self):
                 self.af6, self.out, self.poll_mode, self.handle = 30, q, False, h
         assert tcp_echo(_H(), 4, 45000, b"alive") == b"alive"
+        assert tcp_echo(_H(), 6, 45001, b"alive6") == b"alive6"
     finally:
         bridge.stop(h)
 
