@@ -223,23 +223,41 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     engine = Engine(device, settings.router, stack_config=cfg,
                     connect_timeout=settings.connect_timeout, recorder=recorder)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, engine.stop)
+    from . import state
+
+    lifecycle = state.Lifecycle()
+    lifecycle.set(state.CONNECTING, "starting")
     server = None
     status_fn = engine.status
     if xs is not None:
         xs.attach(engine, settings.router)
         status_fn = xs.wrap_status(engine.status)
+    engine_status = status_fn
+
+    def status_fn():
+        # the same shape as bridge.status(): state, reason, since, then counters
+        return state.compose(lifecycle, engine_status())
+
+    def stop():
+        lifecycle.set(state.DISCONNECTING)
+        engine.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    up = settings.router.default
+    watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
     if settings.control:
         from .control import control_path, serve_control
         try:
             server = await serve_control(settings.control, status_fn)
         except (ValueError, OSError) as e:
+            watcher.cancel()
             raise UsageError(f"--control: {e}") from None
     log.info("running on %s (mtu %d), proxy %s", device.name, device.mtu, settings.router.default_url)
     try:
         await engine.run()
     finally:
+        watcher.cancel()
         if xs is not None:
             xs.detach()
         if server is not None:
@@ -250,9 +268,11 @@ async def _serve(settings, device, recorder, xs=None) -> int:
             except OSError:
                 pass
     if engine.error:
+        lifecycle.set(state.ERROR, engine.error)
         log.error("stopped: %s", engine.error)
         print(f"tun2xray: error: {engine.error}", file=sys.stderr)
         return 1
+    lifecycle.set(state.DISCONNECTED)
     log.info("stopped")
     return 0
 
