@@ -932,8 +932,10 @@ class TcpConnection:
                 usable = _sdiff((una + w) & _M, nxt)
             off = (nxt - self._buf_seq) & _M
             if off < blen and usable > 0:
-                seg = self._gso or self._seg
                 seg1 = self._seg
+                if self.ooo.runs and self.sack_ok:
+                    seg1 -= self._sack_len()     # SACK blocks share the MSS (RFC 6691)
+                seg = self._gso or seg1
                 tsmax = self.max_snd_wnd >> 1
                 snd_max = self.snd_max
                 sb = self.scoreboard if (self.scoreboard and nxt != snd_max) else None
@@ -1022,6 +1024,8 @@ class TcpConnection:
         """Retransmit holes while in fast recovery; return the budget left for new data."""
         una = self.snd_una
         seg = self._seg
+        if self.ooo.runs and self.sack_ok:
+            seg -= self._sack_len()
         flight = (self.snd_max - una) & _M
         sb = self.scoreboard
         if not sb:
@@ -1146,8 +1150,14 @@ class TcpConnection:
         pkt = self.tpl.build(seq, self.rcv_nxt, flags, field, opt, payload)
         if self._gso and len(payload) > self._seg:
             pkt = GsoSegment(pkt)
-            pkt.gso_size = self._seg
+            pkt.gso_size = self._seg - len(opt) + (12 if self.ts_ok else 0)
         self.stack.output.append(pkt)
+
+    def _sack_len(self):
+        """Bytes the SACK option takes in our segments now."""
+        k = len(self.ooo.runs)
+        lim = 3 if self.ts_ok else 4
+        return 4 + 8 * (k if k < lim else lim)
 
     def _sack_opt(self, limit):
         base = self._rcv_off
@@ -1215,7 +1225,8 @@ class TcpConnection:
             # a small window the SWS rule refused to fill: send what fits now
             room = _sdiff((self.snd_una + self.snd_wnd) & _M, self.snd_nxt)
             off = (self.snd_nxt - self._buf_seq) & _M
-            n = min(room, len(self.snd_buf) - off, self._seg)
+            n = min(room, len(self.snd_buf) - off,
+                    self._seg - (self._sack_len() if self.ooo.runs and self.sack_ok else 0))
             if n > 0:
                 self._emit(self.snd_nxt, ACK | PSH, bytes(self.snd_buf[off:off + n]), now)
                 self.snd_nxt = (self.snd_nxt + n) & _M

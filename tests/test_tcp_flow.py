@@ -173,3 +173,17 @@ def test_mss_segmentation_without_gso():
     conn.write(b"m" * 3000)
     for n in (988, 988, 988, 36):              # 1000 - 12 bytes of timestamp option
         c.recv("A", length=n)
+
+
+@pytest.mark.parametrize("family,ts", [(4, False), (4, True), (6, False), (6, True)])
+def test_sack_blocks_never_push_a_segment_over_the_mtu(family, ts):
+    c = Client(family=family, mss=9000, sack=True, ts=ts, ws=7)
+    conn = c.handshake()
+    for k in range(5):                          # five holes: as many SACK blocks as fit
+        c.send(b"o" * 10, seq=c.seq + 100 * (k + 1), advance=False)
+    c.drain()
+    conn.write(b"d" * 20000)
+    segs = c.drain()
+    assert segs and all(s.opts.sack for s in segs)
+    assert all(len(s.raw) <= 1500 for s in segs)
+    assert max(len(s.raw) for s in segs) == 1500          # and still full-sized
