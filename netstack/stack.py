@@ -345,6 +345,10 @@ class Stack:
         if sport == 0 or dport == 0:
             drops["bad_udp_port"] += 1
             return
+        if (dst[0] >= 224 or dst == _BCAST4) if family == 4 else dst[0] == 0xFF:
+            # multicast / limited broadcast (mDNS, SSDP, DHCP): no proxy can carry it
+            drops["udp_multicast"] += 1
+            return
         key = (src, sport, dst, dport)
         flow = self.udp.get(key)
         if flow is None:
@@ -393,6 +397,7 @@ _HEAP_SLACK = 4096               # stale timer entries tolerated before a compac
 _EXT6 = frozenset((0, 43, 60))   # hop-by-hop, routing, destination options
 _MAX_EXT6 = 8
 _ZERO4 = bytes(4)
+_BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)
 
 try:

@@ -263,3 +263,13 @@ def test_fragments_of_different_flows_never_share_an_ident():
         s.take_events()[0].flow.send(bytes(3000))
         outs.append(s.take_output())
     assert outs[0] == outs[1]
+
+
+def test_multicast_and_broadcast_destinations_are_dropped():
+    st = mkstack()
+    st.input(udp_packet(A4, bytes([224, 0, 0, 251]), 5353, 5353, b"mdns"), 1.0)
+    st.input(udp_packet(A4, bytes([239, 255, 255, 250]), 1900, 1900, b"ssdp"), 1.0)
+    st.input(udp_packet(A4, b"\xff\xff\xff\xff", 68, 67, b"dhcp"), 1.0)
+    st.input(udp_packet(A6, bytes([0xFF, 0x02]) + bytes(13) + b"\xfb", 5353, 5353, b"mdns"), 1.0)
+    assert st.drops["udp_multicast"] == 4 and not st.udp and st.take_events() == []
+    assert accounting_ok(st)
