@@ -226,6 +226,7 @@ class Bench:
             self.say(f"    (python client {mode}: {j['errors']} errors, first: {j['first_error']})")
         if not j["ok"]:
             raise MeasureError(f"python client {mode}: no request completed")
+        self._lat = f"   latency p50 {_fmt(j['p50_ms'])} p90 {_fmt(j['p90_ms'])} p99 {_fmt(j['p99_ms'])} ms"
         return j["ok"] / j["secs"]
 
     def cps_runs(self) -> None:
@@ -238,6 +239,7 @@ class Bench:
                          ("python socks", lambda: self.pyclient("socks")),
                          ("python tunnel", lambda: self.pyclient("tun"))):
             pid = self.tunnel_pid()
+            self._lat = ""
             c0 = cpu_seconds(pid)
             t0 = time.monotonic()
             try:
@@ -246,7 +248,7 @@ class Bench:
                 self.fail(f"cps {name}", str(e))
                 rates[name] = NAN
             busy = (cpu_seconds(pid) - c0) / max(time.monotonic() - t0, 1e-9)
-            extra = f"   tun2xray busy {busy * 100:.0f}%" if "tunnel" in name else ""
+            extra = self._lat + (f"   tun2xray busy {busy * 100:.0f}%" if "tunnel" in name else "")
             self.say(f"  {name:<26} {_fmt(rates[name], 4):>9}/s{extra}")
         self.say(f"  ratio wrk tunnel/direct {_fmt(_ratio(rates['wrk tunnel'], rates['wrk direct']))}; "
                  f"python tunnel/direct {_fmt(_ratio(rates['python tunnel'], rates['python direct']))}, "
@@ -395,18 +397,25 @@ async def _cps_main(mode: str, conns: int, secs: float) -> dict:
     t0 = time.monotonic()
     deadline = t0 + secs
 
+    lat = []
+
     async def worker():
         nonlocal ok, errors, first
         while time.monotonic() < deadline:
+            t = time.monotonic()
             try:
                 await asyncio.wait_for(_one_request(mode), 10)
                 ok += 1
+                lat.append(time.monotonic() - t)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                     asyncio.TimeoutError, ConnectionError) as e:
                 errors += 1
                 first = first or repr(e)
     await asyncio.gather(*(worker() for _ in range(conns)))
-    return {"ok": ok, "errors": errors, "first_error": first, "secs": time.monotonic() - t0}
+    lat.sort()
+    pct = {f"p{q}_ms": lat[min(len(lat) - 1, len(lat) * q // 100)] * 1e3 if lat else NAN
+           for q in (50, 90, 99)}
+    return {"ok": ok, "errors": errors, "first_error": first, "secs": time.monotonic() - t0, **pct}
 
 
 def cps_client(argv) -> int:
