@@ -103,3 +103,23 @@ def test_interrupted_bench_cleans_up(root):
             p.wait()
     assert rc == 130, p.stderr.read()[-2000:]
     assert not _netns_left()
+
+
+def test_tunnel_that_cannot_start_is_reported_not_hidden(root, tmp_path):
+    # a checkout whose tun2xray exits at once: the bench must say so, print
+    # nan figures, exit 1 and still clean up
+    pkg = tmp_path / "tun2xray"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text("import sys\nprint('broken on purpose', file=sys.stderr)\n"
+                                "sys.exit(3)\n")
+    r = subprocess.run([sys.executable, BENCH, "--quick", "--prefix", PREFIX,
+                        "--repo", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout
+    assert "tunnel at MTU 1500: FAILED" in out and "tunnel at MTU 9000: FAILED" in out, out
+    assert "broken on purpose" in out
+    last = out.strip().splitlines()[-1]
+    figures = dict(kv.split("=", 1) for kv in last.split()[1:])
+    assert tuple(figures) == KEYS and all(v == "nan" for v in figures.values()), last
+    assert not _netns_left()

@@ -57,6 +57,10 @@ class MeasureError(Exception):
     """One measurement failed (the bench goes on with the next one)."""
 
 
+PHASE_ERRORS = (MeasureError, OSError, RuntimeError, TimeoutError, ValueError, KeyError,
+                subprocess.SubprocessError)
+
+
 def _ratio(a: float, b: float) -> float:
     if b and not math.isnan(a) and not math.isnan(b):
         return a / b
@@ -338,20 +342,26 @@ class Bench:
                  f" tun2xray from {self.lab.repo}"
                  f"{'; QUICK mode' if a.quick else ''}")
         self.say("(figures from a shared machine are noisy; compare ratios from the same run)")
-        self.lab.set_veth_mtu(1500)
-        self.lab.start_tunnel(1500, self.query)
         # memory first, on a fresh process: later runs grow its heap
-        self.rss_idle()
-        self.rss_held()
-        self.tcp_runs(1500, parallel_too=True)
-        self.udp_runs()
-        self.cps_runs()
-        self.counters()
-        self.lab.stop_tunnel()
-        self.lab.set_veth_mtu(9000)
-        self.lab.start_tunnel(9000, self.query)
-        self.tcp_runs(9000, parallel_too=False)
-        self.counters()
+        plan = ((1500, (("rss idle", self.rss_idle), ("rss held", self.rss_held),
+                        ("tcp 1500", lambda: self.tcp_runs(1500, parallel_too=True)),
+                        ("udp", self.udp_runs), ("cps", self.cps_runs),
+                        ("counters", self.counters))),
+                (9000, (("tcp 9000", lambda: self.tcp_runs(9000, parallel_too=False)),
+                        ("counters", self.counters))))
+        for mtu, steps in plan:
+            try:
+                self.lab.stop_tunnel()
+                self.lab.set_veth_mtu(mtu)
+                self.lab.start_tunnel(mtu, self.query)
+            except PHASE_ERRORS as e:
+                self.fail(f"tunnel at MTU {mtu}", str(e))
+                continue
+            for name, step in steps:
+                try:
+                    step()
+                except PHASE_ERRORS as e:
+                    self.fail(name, str(e))
         self.say("")
         if self.failed:
             self.say(f"FAILED: {', '.join(self.failed)}")
