@@ -24,6 +24,8 @@ import logging
 import socket
 
 log = logging.getLogger("tun2xray.autoroute")
+# pyroute2 logs every netlink message at debug level: not ours to show
+logging.getLogger("pyroute2").setLevel(logging.INFO)
 
 TABLE = 7478
 PRIORITY = 9470

@@ -965,9 +965,16 @@ class XraySession:
         if self.mark is None:
             return
         from .autoroute import AutoRoute
+        from .autoroute import default_egress
         ar = AutoRoute(tun, mark=self.mark, excluded=self.excluded_routes())
         self.autoroute = ar
         ar.up()
+        # (pyroute2 runs its own asyncio loop: call it here, before ours
+        # runs, and later only from executor threads)
+        try:
+            self._egress = default_egress()
+        except Exception as e:                      # netlink trouble: no watching
+            log.warning("cannot read the default route: %s", e)
 
     # -- with the engine
 
@@ -975,12 +982,6 @@ class XraySession:
         import asyncio
         self.engine = engine
         self.router = router
-        if self.autoroute is not None:
-            from .autoroute import default_egress
-            try:
-                self._egress = default_egress()
-            except Exception as e:                  # netlink trouble: no watching
-                log.warning("cannot read the default route: %s", e)
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
