@@ -248,42 +248,47 @@ def _rel(x, base) -> int:
 
 
 class Stream:
-    """A byte stream assembled from segments at relative offsets."""
-    __slots__ = ("buf", "filled", "conflicts")
+    """A byte stream assembled from segments at relative offsets.  Segments
+    are kept as given (a corrupt capture cannot make it allocate 4 GB); the
+    contiguous bytes are assembled on demand."""
+    __slots__ = ("segs", "conflicts", "_same_offset_conflicts", "_cache")
+
+    LIMIT = 1 << 30     # offsets beyond this are not part of any plausible stream
 
     def __init__(self):
-        self.buf = bytearray()
-        self.filled = []      # sorted disjoint [start, end) runs
-        self.conflicts = 0
+        self.segs = {}        # offset -> bytes (the longest seen at that offset)
+        self.conflicts = 0    # overlapping segments whose bytes differ
+        self._same_offset_conflicts = 0
+        self._cache = None
 
     def put(self, off: int, data) -> None:
-        if not data:
+        if not data or off >= self.LIMIT:
             return
-        end = off + len(data)
-        if end > len(self.buf):
-            self.buf.extend(bytes(end - len(self.buf)))
-        # compare with what overlaps already-filled runs
-        for s, e in self.filled:
-            lo, hi = max(s, off), min(e, end)
-            if lo < hi and self.buf[lo:hi] != data[lo - off:hi - off]:
-                self.conflicts += 1
-        self.buf[off:end] = data
-        runs = self.filled + [(off, end)]
-        runs.sort()
-        merged = []
-        for s, e in runs:
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
-        self.filled = merged
+        old = self.segs.get(off)
+        if old is not None and bytes(data[:len(old)]) != old[:len(data)]:
+            self._same_offset_conflicts += 1
+        if old is None or len(data) > len(old):
+            self.segs[off] = bytes(data)
+            self._cache = None
 
     def contiguous(self) -> bytes:
-        """The bytes from offset 0 up to the first hole."""
-        if not self.filled or self.filled[0][0] != 0:
-            return b""
-        return bytes(self.buf[:self.filled[0][1]])
+        """The bytes from offset 0 up to the first hole (and counts conflicts)."""
+        if self._cache is not None:
+            return self._cache
+        out = bytearray()
+        conflicts = self._same_offset_conflicts
+        for off in sorted(self.segs):
+            data = self.segs[off]
+            n = len(out)
+            if off > n:
+                break
+            overlap = min(n - off, len(data))
+            if out[off:off + overlap] != data[:overlap]:
+                conflicts += 1
+            out += data[overlap:]
+        self.conflicts = conflicts
+        self._cache = bytes(out)
+        return self._cache
 
 
 # ------------------------------------------------------------------ flows
