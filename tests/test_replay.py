@@ -472,3 +472,27 @@ def test_damaged_captures_never_break_the_stack_or_the_replay(seed):
             if f.proto == 6:
                 for ack, client_sent in f.stack_acks:
                     assert ack <= client_sent
+
+
+def test_a_reused_four_tuple_is_a_second_connection():
+    # the refused SYN again, later, from the same port with a new ISN, this
+    # time answered: two flows, the first refused, the second completed
+    packets = rp.read_pcap(os.path.join(ROOT, "pcaps", "tcp-refused.pcap"))[:2]
+    syn = rp.parse_ip(0, packets[0][1])
+    get = rp.read_pcap(os.path.join(ROOT, "pcaps", "http-get-v4.pcap"))
+    g = rp.parse_ip(0, get[0][1])
+    t0 = packets[-1][0] + 1 - get[0][0]
+    # move the GET's packets onto the refused connection's 4-tuple
+    moved = []
+    for ts, raw in get:
+        buf = bytearray(raw)
+        p = rp.parse_ip(ts, raw)
+        if (p.src, p.sport) == (g.src, g.sport):
+            struct.pack_into("!HH", buf, p.l4, syn.sport, syn.dport)
+        else:
+            struct.pack_into("!HH", buf, p.l4, syn.dport, syn.sport)
+        rp._fix_tcp_checksum(buf, 4, p.l4)
+        moved.append((ts + t0, bytes(buf)))
+    r = rp.Replay(packets + moved).run()
+    assert [f.outcome for f in r.flows] == ["refused", "completed"]
+    assert bytes(r.flows[1].received) == r.flows[1].client_stream

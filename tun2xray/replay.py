@@ -389,9 +389,12 @@ def split_flows(packets):
         fwd = (p.proto, p.src, p.sport, p.dst, p.dport)
         rev = (p.proto, p.dst, p.dport, p.src, p.sport)
         f = flows.get(fwd)
-        if f is not None:
+        if f is not None and not (p.proto == 6 and (p.flags & (SYN | ACK)) == SYN and p.seq != f.client_isn):
             seq.append((p, f, True))
             continue
+        if f is not None:
+            del flows[fwd]      # a new SYN on a used 4-tuple: a new connection (port reuse)
+            f = None
         f = flows.get(rev)
         if f is not None:
             seq.append((p, f, False))
@@ -480,8 +483,11 @@ class Replay:
         self.packets = [parse_ip(ts, raw) for ts, raw in packets]
         self.flows, self.sequence, self.stray = split_flows(self.packets)
         self.stack = Stack(config or StackConfig(verify_checksums=True), rng=random.Random(seed))
-        self.by_key = {f.key: f for f in self.flows}
-        self.by_reply_key = {(f.proto, f.key[2], f.key[3], f.key[0], f.key[1]): f for f in self.flows}
+        self.by_key = {}              # 4-tuple -> its current flow (a capture may reuse one)
+        self.by_reply_key = {}
+        for f in reversed(self.flows):
+            self.by_key[f.key] = f
+            self.by_reply_key[(f.proto, f.key[2], f.key[3], f.key[0], f.key[1])] = f
         self.bad_output = 0           # stack packets that are not well-formed (checksums, lengths)
         self.unmatched_output = 0     # stack packets for no recorded flow
         self.output = []              # every packet the stack emitted: (ts, bytes)
@@ -497,7 +503,12 @@ class Replay:
             self.now = now = max(self.now, p.ts)     # a capture's clock may step back: ours does not
             if f is None:
                 st.input(p.raw, now)      # the stack must cope (counts a drop)
-            elif from_client:
+                self._settle()
+                continue
+            if self.by_key[f.key] is not f:    # the 4-tuple's next connection (port reuse)
+                self.by_key[f.key] = f
+                self.by_reply_key[(f.proto, f.key[2], f.key[3], f.key[0], f.key[1])] = f
+            if from_client:
                 if f.proto == 6:
                     self._feed_tcp(f, p, now)
                 else:
@@ -764,11 +775,11 @@ class Replay:
 
 def _fix_tcp_checksum(buf, family, l4):
     buf[l4 + 16:l4 + 18] = b"\x00\x00"
-    seglen = len(buf) - l4
     if family == 4:
         seglen = int.from_bytes(buf[2:4], "big") - l4
         ps = ck.pseudo4(bytes(buf[12:16]), bytes(buf[16:20]), 6, seglen)
     else:
+        seglen = 40 + int.from_bytes(buf[4:6], "big") - l4
         ps = ck.pseudo6(bytes(buf[8:24]), bytes(buf[24:40]), 6, seglen)
     struct.pack_into("!H", buf, l4 + 16, ck.checksum(memoryview(buf)[l4:l4 + seglen], ps))
 
