@@ -496,3 +496,17 @@ def test_a_reused_four_tuple_is_a_second_connection():
     r = rp.Replay(packets + moved).run()
     assert [f.outcome for f in r.flows] == ["refused", "completed"]
     assert bytes(r.flows[1].received) == r.flows[1].client_stream
+
+
+def test_cli_json_output(capsys):
+    import json
+    from tun2xray.cli import main
+    assert main(["replay", "--json", *PCAPS]) == 0
+    docs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [d["file"] for d in docs] == PCAPS
+    for d in docs:
+        assert d["ok"] and d["bad_output"] == 0 and d["flows"]
+        for fl in d["flows"]:
+            assert fl["ok"] and fl["outcome"] in ("completed", "refused")
+            if fl["proto"] == "tcp" and fl["outcome"] == "completed" and fl["expected"] == "closed":
+                assert fl["up"] == fl["up_recorded"] and fl["down"] == fl["down_recorded"]

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
+    rp.add_argument("--json", action="store_true", help="one JSON object per capture instead of text")
 
     from . import doctor, nodes
     nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))

@@ -907,7 +907,23 @@ def report(path, r: Replay, out=None) -> bool:
     return n_ok == len(r.flows) and not r.bad_output
 
 
+def flow_dict(f) -> dict:
+    """One flow's result as plain data (for --json)."""
+    d = {"proto": "tcp" if f.proto == 6 else "udp",
+         "client": _ip_text(f.family, f.key[0], f.key[1]), "server": _ip_text(f.family, f.key[2], f.key[3]),
+         "outcome": f.outcome, "ok": f.ok, "close_reason": f.close_reason}
+    if f.proto == 6:
+        d.update(expected=f.expected, up=len(f.received), up_recorded=len(f.client_stream),
+                 down=len(f.stack_stream.contiguous()), down_recorded=len(f.server_stream),
+                 acks_lowered=f.lowered, acks_synthesized=f.synthesized)
+    else:
+        d.update(datagrams_up=len(f.host_datagrams), datagrams_up_recorded=len(f.client_datagrams),
+                 datagrams_down=len(f.stack_datagrams), datagrams_down_recorded=len(f.server_datagrams))
+    return d
+
+
 def main(args) -> int:
+    as_json = getattr(args, "json", False)
     status = 0
     for path in args.pcap:
         try:
@@ -923,6 +939,14 @@ def main(args) -> int:
             traceback.print_exc(file=sys.stderr)
             status = 1
             continue
-        if not report(path, r) and status == 0:
+        if as_json:
+            import json
+            ok = all(f.ok for f in r.flows) and not r.bad_output
+            print(json.dumps({"file": path, "ok": ok, "flows": [flow_dict(f) for f in r.flows],
+                              "stray_packets": r.stray, "bad_output": r.bad_output,
+                              "stack": r.stack.status()}, default=str))
+        else:
+            ok = report(path, r)
+        if not ok and status == 0:
             status = 1
     return status
