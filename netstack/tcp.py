@@ -1174,8 +1174,16 @@ class TcpConnection:
         if self.snd_una == self.snd_max:
             return
         cfg = self.stack.config
-        self.retries += 1
-        if self.retries > cfg.max_retries:
+        shrunk = self.snd_wnd == 0 and self.state != SYN_RECEIVED
+        if shrunk:
+            # the receiver closed its window over data in flight: keep probing
+            # while it answers (like a persist timer); give up when it is silent
+            self._ka_n += 1
+            over = self._ka_n > cfg.max_retries
+        else:
+            self.retries += 1
+            over = self.retries > cfg.max_retries
+        if over:
             self.stack.tcp_drops["retransmit_timeout"] += 1
             self._send_rst()
             self._remove("timeout")
@@ -1197,7 +1205,10 @@ class TcpConnection:
             self.scoreboard = []
             self.sacked = 0
             self.snd_nxt = self.snd_una                  # go back N
-            self._output(now)
+            if shrunk:
+                self._send_old(self.snd_una, seg, now)   # the first segment, window or not
+            else:
+                self._output(now)
         self.rto_at = None
         self._arm_at(now + self.rto, "rto_at")
 

@@ -187,3 +187,37 @@ def test_sack_blocks_never_push_a_segment_over_the_mtu(family, ts):
     assert segs and all(s.opts.sack for s in segs)
     assert all(len(s.raw) <= 1500 for s in segs)
     assert max(len(s.raw) for s in segs) == 1500          # and still full-sized
+
+
+def test_window_shrunk_to_zero_over_data_in_flight():
+    c = small(max_retries=3, wnd=4000)
+    conn = c.handshake()
+    conn.write(b"f" * 3000)
+    segs = c.drain()
+    assert len(segs) == 3
+    c.rcv = (segs[0].seq + 1000) & 0xFFFFFFFF
+    c.send(wnd=0)                               # acks one segment, window closed over the rest
+    for _ in range(6):                          # keeps probing as long as the peer answers
+        c.run_until(c.now + conn.rto + 0.001)
+        probe = c.drain()
+        assert [s.seq for s in probe] == [c.rcv] and len(probe[0].payload) == 1000
+        c.send(wnd=0)
+    assert not conn.closed
+    c.send(wnd=4000)                            # opens: the rest flows again
+    c.run_until(c.now + conn.rto + 0.001)
+    got = c.drain()
+    assert got and got[0].seq == c.rcv
+    c.rcv = (c.rcv + 2000) & 0xFFFFFFFF
+    c.send()
+    assert conn.snd_una == conn.snd_max
+
+
+def test_window_shrunk_peer_silent_gives_up():
+    c = small(max_retries=3, wnd=4000)
+    conn = c.handshake()
+    conn.write(b"f" * 3000)
+    segs = c.drain()
+    c.rcv = (segs[0].seq + 1000) & 0xFFFFFFFF
+    c.send(wnd=0)
+    c.run_until(c.now + 1000)
+    assert c.closed_reasons() == ["timeout"]
