@@ -84,7 +84,7 @@ def check_node(path: str, binary: str | None = None) -> None:
         if binary:
             raise
         return                       # no core here: our own check only
-    xray.test_config(core, path)
+    xray.check_config(core, path)
 
 
 def use_node(config: str, name: str, nodes: str | None = None, binary: str | None = None) -> str:

@@ -28,6 +28,7 @@ a ``CoreError`` whose message is one line holding the core's own reason.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import ctypes
 import errno
@@ -439,19 +440,11 @@ def write_runtime(source: str, cfg: dict) -> str:
             os.replace(tmp, path)
             return path
         except OSError as e:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
             log.warning("cannot write the runtime config %s: %s", path, e.strerror)
     raise XrayConfigError(f"{source}: cannot write a runtime config beside it or in "
                           f"{tempfile.gettempdir()}")
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 def outbound_servers(cfg: dict) -> list:
@@ -470,7 +463,7 @@ def outbound_servers(cfg: dict) -> list:
                     servers.append((srv["address"], port or 0))
         if isinstance(s.get("address"), str):          # newer flat form
             servers.append((s["address"], _port(s.get("port")) or 0))
-    # freedom with a redirect, wireguard peers
+    # wireguard peers
     for ob in cfg.get("outbounds") or []:
         if isinstance(ob, dict) and isinstance(ob.get("settings"), dict):
             for peer in ob["settings"].get("peers") or []:
@@ -865,7 +858,7 @@ class Core:
                     log.exception("on_restart callback failed")
 
 
-def test_config(binary: str, path: str, timeout: float = 15.0) -> None:
+def check_config(binary: str, path: str, timeout: float = 15.0) -> None:
     """Ask the core whether it accepts ``path`` (``-test``); CoreError with the
     core's own reason when it does not."""
     argv = core_command(binary, path)
@@ -912,6 +905,7 @@ class XraySession:
         self._egress = None
         self._task = None
         self._runtime_paths = set()
+        self.extra_excluded = []        # the profile's excluded_routes
 
     # -- before the engine
 
@@ -1032,7 +1026,7 @@ class XraySession:
     def _reload_blocking(self) -> Derived:
         d = self._derive()
         cfg = self._core_config(d)
-        test_config(self.binary, cfg)
+        check_config(self.binary, cfg)
         self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
         if self.autoroute is not None:
             self.autoroute.set_excluded(self.excluded_routes(d))
@@ -1041,8 +1035,6 @@ class XraySession:
 
     def excluded_routes(self, d: Derived | None = None) -> list:
         return list(self.extra_excluded) + [ipaddress.ip_network(a) for a in self.server_addresses(d)]
-
-    extra_excluded = ()
 
     def status(self) -> dict:
         d = self.derived
@@ -1075,7 +1067,7 @@ class XraySession:
             self.core.stop()
             self.core = None
         for p in self._runtime_paths:
-            with _suppress():
+            with contextlib.suppress(OSError):
                 os.unlink(p)
         self._runtime_paths.clear()
 

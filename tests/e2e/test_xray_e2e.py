@@ -539,3 +539,39 @@ def test_auto_route_after_sigkill_next_run_cleans_up(world, tmp_path):
             p.wait(15)
         w.stop()
     assert_same_tables(w.rules_snapshot(), before)
+
+
+@pytest.mark.deadline(120)
+def test_auto_route_follows_a_new_egress(world):
+    """The default route moves to another interface: the core is reloaded
+    (its sockets rebound) and traffic keeps flowing over the new path."""
+    w = world
+    lab = w.lab
+    w.select("a")
+    lab.ip(None, "link", "add", "xrv2", "netns", lab.cli_ns, "type", "veth", "peer", "name", "xrv3",
+           "netns", lab.srv_ns)
+    try:
+        lab.ip(lab.cli_ns, "addr", "add", "10.202.0.1/30", "dev", "xrv2")
+        lab.ip(lab.srv_ns, "addr", "add", "10.202.0.2/30", "dev", "xrv3")
+        lab.ip(lab.cli_ns, "link", "set", "xrv2", "up")
+        lab.ip(lab.srv_ns, "link", "set", "xrv3", "up")
+        p = w.start("--auto-route", route=False)
+        try:
+            pid = w.status()["xray"]["core"]["pid"]
+            lab.ip(lab.cli_ns, "route", "replace", "default", "via", "10.202.0.2", "dev", "xrv2")
+            netlab.wait_until(lambda: w.status()["xray"]["switches"] >= 1, 15, "the egress reload")
+            st = w.status()["xray"]
+            assert st["core"]["alive"] and st["core"]["pid"] != pid
+            assert "default route moved" in lab.log("t2x")
+            assert route_dev(w, FAR_A) == "xrv2" and route_dev(w, TARGET4) == TUN
+            netlab.wait_until(lambda: w.echo(b"new path", timeout=2, quiet=True) == b"new path", 15,
+                              "an echo over the new egress", interval=0.2)
+            ss = lab.cli_run(["ss", "-tnH", "src", "10.202.0.1", "dst", FAR_A], timeout=10).stdout
+            assert ss.strip(), "the core's connection does not use the new egress"
+        finally:
+            p.send_signal(signal.SIGTERM)
+            p.wait(15)
+            w.stop()
+    finally:
+        lab.ip(lab.cli_ns, "route", "replace", "default", "via", netlab.VETH_SRV4)
+        lab.ip(lab.cli_ns, "link", "del", "xrv2")
