@@ -87,6 +87,7 @@ INITIAL_RTO = 1.0          # RFC 6298 §2.1
 DELACK = 0.04              # delayed-ACK timer for a lone segment
 CHALLENGE_ACKS_PER_SEC = 10  # RFC 5961 §7, per connection (no global side channel)
 MAX_SACK_BLOCKS = 16       # scoreboard entries kept
+MIN_MSS = 88               # floor for the peer's MSS and PMTU updates (as Linux)
 DEFAULT_MSS = {4: 536, 6: 1220}   # RFC 9293 §3.7.1 / RFC 8200 §5 when the SYN has no MSS option
 
 
@@ -155,7 +156,7 @@ class TcpConnection:
         self._snd_cap = cfg.snd_buf
         self.fin_queued = False
         hdr = 40 if family == 4 else 60
-        self.rcv_mss = max(cfg.mtu - hdr, 64)
+        self.rcv_mss = max(cfg.mtu - hdr, MIN_MSS)
         self.snd_mss = self._seg = DEFAULT_MSS[family]
         self._gso = 0
         self.irs = None
@@ -382,8 +383,8 @@ class TcpConnection:
         if self.closed:
             return
         mss = mtu - (40 if self.family == 4 else 60)
-        if mss < 64:
-            mss = 64
+        if mss < MIN_MSS:
+            mss = MIN_MSS
         if mss >= self.snd_mss:
             return
         self.snd_mss = mss
@@ -659,6 +660,8 @@ class TcpConnection:
                 self.ts_recent = opts.ts_val
         if not peer_mss:
             peer_mss = DEFAULT_MSS[self.family]
+        elif peer_mss < MIN_MSS:
+            peer_mss = MIN_MSS                # tiny MSS: many tiny segments (cf. CVE-2019-11479)
         mss = self.rcv_mss if self.rcv_mss < peer_mss else peer_mss
         self.snd_mss = mss
         self._seg = mss - (12 if self.ts_ok else 0)

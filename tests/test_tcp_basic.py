@@ -428,3 +428,16 @@ def test_host_misuse_raises_clear_errors():
     with pytest.raises(TcpError):
         conn.write(b"x")
     assert conn.send_space == 0
+
+
+@pytest.mark.parametrize("mss", [1, 40, 87])
+def test_tiny_peer_mss_is_floored(mss):
+    c = Client(mss=mss, sack=True, ts=True)
+    conn = c.handshake()
+    assert conn.snd_mss == 88
+    c.send(b"x", seq=c.seq + 10, advance=False)       # out of order: SACK blocks in our segments
+    c.drain()
+    conn.write(b"y" * 1000)
+    segs = c.drain()
+    assert segs and all(len(s.payload) == 88 - 12 - 12 for s in segs)   # minus TS and one SACK block
+    assert 10 * conn._seg - 64 < sum(len(s.payload) for s in segs) <= 10 * conn._seg   # initial cwnd
