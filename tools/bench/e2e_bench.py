@@ -244,15 +244,20 @@ class Bench:
                          ("python tunnel", lambda: self.pyclient("tun"))):
             pid = self.tunnel_pid()
             self._lat = ""
-            c0 = cpu_seconds(pid)
+            vpid = self.v2ray_pid()
+            c0, v0 = cpu_seconds(pid), cpu_seconds(vpid)
             t0 = time.monotonic()
             try:
                 rates[name] = fn()
             except (MeasureError, OSError, RuntimeError, subprocess.TimeoutExpired) as e:
                 self.fail(f"cps {name}", str(e))
                 rates[name] = NAN
-            busy = (cpu_seconds(pid) - c0) / max(time.monotonic() - t0, 1e-9)
+            wall = max(time.monotonic() - t0, 1e-9)
+            busy = (cpu_seconds(pid) - c0) / wall
+            vbusy = (cpu_seconds(vpid) - v0) / wall
             extra = self._lat + (f"   tun2xray busy {busy * 100:.0f}%" if "tunnel" in name else "")
+            if "direct" not in name:
+                extra += f"   v2ray busy {vbusy * 100:.0f}%"
             self.say(f"  {name:<26} {_fmt(rates[name], 4):>9}/s{extra}")
         self.say(f"  ratio wrk tunnel/direct {_fmt(_ratio(rates['wrk tunnel'], rates['wrk direct']))}; "
                  f"python tunnel/direct {_fmt(_ratio(rates['python tunnel'], rates['python direct']))}, "
