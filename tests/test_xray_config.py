@@ -197,3 +197,48 @@ def test_core_reason_is_one_line():
              "", "goroutine 1 [running]:", "\tv2ray.com/core/common/common.go:26"]
     assert xray.core_reason(panic) == 'serial: failed to read config file > invalid port range: "abc"'
     assert xray.core_reason([]) == "exited without a message"
+
+
+def test_interface_binding_is_set_beside_the_mark(tmp_path):
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS], "outbounds": OUT}), interface="eth9")
+    so = [ob.get("streamSettings", {}).get("sockopt") for ob in d.config["outbounds"]]
+    assert so == [{"interface": "eth9"}, {"interface": "eth9"}, None]
+
+
+def test_password_in_proxy_url_is_quoted_and_parses_back(tmp_path):
+    from tun2xray.upstream.url import parse_upstream
+    s = {"port": 1080, "protocol": "socks", "listen": "127.0.0.1",
+         "settings": {"auth": "password", "udp": True, "accounts": [{"user": "u@x", "pass": "p:w/@"}]}}
+    d = xray.derive(write(tmp_path, {"inbounds": [s]}))
+    assert parse_upstream(d.proxy_url) == SocksUpstream("127.0.0.1", 1080, "u@x", "p:w/@")
+
+
+# --- `run` flags: errors before anything is opened ---------------------------------
+
+def run_cli(*args):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "tun2xray", "run", "--device", "tun://xrunit0", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize("make, flags, needle", [
+    (None, ["--auto-route"], "--auto-route needs --xray-config"),
+    ("dangling", [], "dangling link to nodes/gone.json"),
+    ("badjson", [], "not valid JSON"),
+    ("ok", ["--xray-bin", "/nonexistent/v2ray"], "--xray-bin /nonexistent/v2ray: not found"),
+])
+def test_run_xray_errors_are_one_line(tmp_path, make, flags, needle):
+    args = list(flags)
+    if make == "dangling":
+        os.symlink("nodes/gone.json", tmp_path / "config.json")
+        args += ["--xray-config", str(tmp_path / "config.json")]
+    elif make == "badjson":
+        args += ["--xray-config", write(tmp_path, '{"inbounds": [}')]
+    elif make == "ok":
+        args += ["--xray-config", write(tmp_path, {"inbounds": [SOCKS]})]
+    r = run_cli(*args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("tun2xray: error:") and needle in lines[0], lines[0]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tun2xray.json")]

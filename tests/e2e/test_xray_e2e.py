@@ -381,6 +381,13 @@ def test_auto_route_is_loop_free_and_cleaned_up(world):
         assert TARGET4 in w.far_log("b")[before_b:]
         st = w.status()
         assert st["engine"]["tcp_opened"] >= 3
+        # a crash of the core: restarted, and the exit below still cleans up
+        pid = st["xray"]["core"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        netlab.wait_until(lambda: w.status()["xray"]["core"]["pid"] not in (None, pid), 15,
+                          "the core's restart")
+        netlab.wait_until(lambda: w.echo(b"after crash", timeout=2, quiet=True) == b"after crash",
+                          15, "an echo after the core's restart", interval=0.2)
     finally:
         p.send_signal(signal.SIGTERM)
         try:
