@@ -182,6 +182,7 @@ def test_fixture_replays_like_the_recording(path, replays):
         client, server = _stream(rec.client), _stream(rec.server)
         got, sent = bytes(f.received), f.stack_stream.contiguous()
         assert f.stack_stream.conflicts == 0
+        assert f.window_violations == 0, "the stack sent beyond the client's window"
         # the stack never acknowledges beyond what the client had sent
         for ack, client_sent in f.stack_acks:
             assert ack <= client_sent, (ack, client_sent)
@@ -510,3 +511,28 @@ def test_cli_json_output(capsys):
             assert fl["ok"] and fl["outcome"] in ("completed", "refused")
             if fl["proto"] == "tcp" and fl["outcome"] == "completed" and fl["expected"] == "closed":
                 assert fl["up"] == fl["up_recorded"] and fl["down"] == fl["down_recorded"]
+
+
+def test_stack_respects_a_small_client_window():
+    # the download's client advertises 4 KiB (window field 4 << 10) instead of
+    # ~64 KiB+: the stack may keep at most that much unacknowledged, so it
+    # needs many more round trips (ACKs lowered, then synthesized) but sends
+    # every byte, in order, and never beyond the window
+    path = os.path.join(ROOT, "pcaps", "iperf3-reverse-v4.pcap")
+    packets = rp.read_pcap(path)
+    parsed = [rp.parse_ip(ts, raw) for ts, raw in packets]
+    data_syn = [p for p in parsed if p.proto == 6 and p.flags & rp.SYN and not p.flags & rp.ACK][1]
+    out = []
+    for (ts, raw), p in zip(packets, parsed):
+        if (p.src, p.sport) == (data_syn.src, data_syn.sport) and not p.flags & rp.SYN:
+            buf = bytearray(raw)
+            struct.pack_into("!H", buf, p.l4 + 14, 4)
+            rp._fix_tcp_checksum(buf, 4, p.l4)
+            raw = bytes(buf)
+        out.append((ts, raw))
+    r = rp.Replay(out).run()
+    f = next(f for f in r.flows if f.key[1] == data_syn.sport)
+    assert f.ok, (f.outcome, f.detail)
+    assert f.wscale == 10 and f.window_violations == 0
+    assert f.stack_stream.contiguous() == f.server_stream and len(f.server_stream) == 512 * 1024
+    assert f.synthesized > 20

@@ -217,7 +217,8 @@ def _quoted(q):
 
 
 def tcp_options(opts) -> dict:
-    """{kind: (offset, value)} for the options the replay looks at (5 SACK, 8 TS)."""
+    """{kind: (offset, value)} for the options the replay looks at (3 window
+    scale, 5 SACK, 8 timestamps)."""
     out = {}
     i, n = 0, len(opts)
     while i < n:
@@ -232,6 +233,8 @@ def tcp_options(opts) -> dict:
         ln = opts[i + 1]
         if kind == 8 and ln == 10:
             out[8] = (i, struct.unpack_from("!II", opts, i + 2))
+        elif kind == 3 and ln == 3:
+            out[3] = (i, min(opts[i + 2], 14))
         elif kind == 5 and ln >= 10 and (ln - 2) % 8 == 0:
             out[5] = (i, [struct.unpack_from("!II", opts, j) for j in range(i + 2, i + ln, 8)])
         i += ln
@@ -338,6 +341,10 @@ class Flow:
         self.stack_sacks = []         # (ack, SACK blocks, client's sent-so-far) relative to the client ISN
         self.stack_tsval = None
         self.stack_segments = 0
+        self.client_wscale = None     # from the client's SYN
+        self.wscale = 0               # shift applied to the client's windows (both sides sent the option)
+        self.right_edge = 0           # highest ack + window the client advertised to the stack (stack-relative)
+        self.window_violations = 0    # stack segments beyond that edge
         self.client_sent = 0          # highest client seq fed so far, relative (SYN = 1)
         self.acked_to_stack = 0       # highest ack fed to the stack, relative to stack_isn
         self.ack_target = 0           # highest ack the recorded client sent, relative to server ISN
@@ -650,6 +657,7 @@ class Replay:
         if p.flags & SYN:
             f.last_client = p
             f.client_sent = max(f.client_sent, 1)
+            f.client_wscale = tcp_options(p.opts).get(3, (0, None))[1]
             self.stack.input(p.raw, now)
             return
         raw = self._translate(f, p)
@@ -689,7 +697,13 @@ class Replay:
                 rr = min(_rel(right, f.server_isn), f.snd_max)
                 struct.pack_into("!II", buf, base + i + 2 + 8 * j, (f.stack_isn + lr) & M32, (f.stack_isn + rr) & M32)
         _fix_tcp_checksum(buf, p.family, l4)
+        self._advertised(f, ack_rel, p.wnd)
         return bytes(buf)
+
+    def _advertised(self, f, ack_rel, wnd):
+        edge = ack_rel + (wnd << f.wscale)
+        if edge > f.right_edge:
+            f.right_edge = edge
 
     def _synthesize_acks(self) -> bool:
         """Acknowledge, for the client, stack bytes the recording shows the
@@ -704,6 +718,7 @@ class Replay:
                 continue
             f.acked_to_stack = want
             f.synthesized += 1
+            self._advertised(f, want, f.last_client.wnd)
             self.stack.input(self._client_ack(f, want), self.now)
             fed = True
         return fed
@@ -747,6 +762,9 @@ class Replay:
             f.stack_isn = p.seq
             f.syn_ack = (p.seq, p.ack if p.flags & ACK else None)
             f.snd_max = max(f.snd_max, 1)
+            if f.client_wscale is not None and 3 in tcp_options(p.opts):
+                f.wscale = f.client_wscale
+            f.right_edge = max(f.right_edge, 1 + f.last_client.wnd if f.last_client is not None else 1)
         if p.flags & RST:
             f.stack_rst.append((p.seq, p.ack, p.flags))
         if f.stack_isn is None:
@@ -766,6 +784,10 @@ class Replay:
             return
         f.stack_stream.put(rel - 1, bytes(p.payload))
         end = rel + len(p.payload)
+        # flow control: nothing beyond the window the client offered (a
+        # one-byte probe of a closed window is allowed, RFC 9293 3.8.6.1)
+        if len(p.payload) and end > f.right_edge + (1 if len(p.payload) == 1 else 0):
+            f.window_violations += 1
         if p.flags & FIN:
             f.stack_fin = end - 1
             end += 1
@@ -851,6 +873,9 @@ def judge(f) -> None:
         return
     if f.stack_stream.conflicts:
         _incomplete(f, "stack retransmitted different bytes")
+        return
+    if f.window_violations:
+        _incomplete(f, f"stack sent {f.window_violations} segments beyond the client's window")
         return
     if f.expected == "reset":
         # the recording ends in a RST: everything the client sent before it
