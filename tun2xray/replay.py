@@ -486,10 +486,10 @@ def _unreachable(icmp) -> str | None:
 class Replay:
     """Replays one capture.  After run(): flows, stack, stray, drops."""
 
-    def __init__(self, packets, config: StackConfig | None = None, seed: int = 0):
+    def __init__(self, packets, config: StackConfig | None = None, seed: int = 0, rng=None):
         self.packets = [parse_ip(ts, raw) for ts, raw in packets]
         self.flows, self.sequence, self.stray = split_flows(self.packets)
-        self.stack = Stack(config or StackConfig(verify_checksums=True), rng=random.Random(seed))
+        self.stack = Stack(config or StackConfig(verify_checksums=True), rng=rng or random.Random(seed))
         self.by_key = {}              # 4-tuple -> its current flow (a capture may reuse one)
         self.by_reply_key = {}
         for f in reversed(self.flows):
