@@ -21,7 +21,7 @@ segment = st.tuples(
                      b"\x02\x04\x00\x01", b"\x05\x02\x00\x00", b"\x03\x03\x0e\x00", b"\xff" * 4,
                      b"\x01\x01\x05\x12" + b"\x00" * 16]),
     st.floats(0, 3),                     # time step
-    st.sampled_from(["none", "read", "write", "shutdown", "abort", "read1"]),
+    st.sampled_from(["none", "read", "write", "shutdown", "abort", "read1", "pmtu"]),
 )
 
 
@@ -38,9 +38,10 @@ class Alarm:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.booleans(), st.booleans(), st.lists(segment, max_size=40))
-def test_random_segments_never_break_the_stack(sack, ts, segs):
-    c = Client(mtu=1040, mss=1000, sack=sack, ts=ts, rcv_buf=20000, snd_buf=20000, keepalive=5.0)
+@given(st.booleans(), st.booleans(), st.integers(1, 9000), st.one_of(st.none(), st.integers(0, 20)),
+       st.lists(segment, max_size=40))
+def test_random_segments_never_break_the_stack(sack, ts, mss, ws, segs):
+    c = Client(mtu=1040, mss=mss, ws=ws, sack=sack, ts=ts, rcv_buf=20000, snd_buf=20000, keepalive=5.0)
     conn = c.handshake()
     rnd = random.Random(len(segs))
     closed = 0
@@ -62,6 +63,8 @@ def test_random_segments_never_break_the_stack(sack, ts, segs):
                     conn.shutdown()
                 elif op == "abort":
                     conn.abort()
+                elif op == "pmtu":
+                    conn.on_pmtu(rnd.choice((0, 68, 576, 1000, 1280)), c.now)
             c.poll(dt)
             c.drain()
             assert len(conn.rcv_buf) <= 20000 and conn.ooo.nbytes <= 20000
