@@ -95,6 +95,7 @@ class Bench:
         p = self.lab.tunnel
         if p is None or p.poll() is not None:
             code = None if p is None else p.returncode
+            self.failed.append(f"tun2xray died (exit {code})")
             self.say(f"  (tun2xray not running, exit {code}; restarting it)"
                      + (f"\n  log tail: {self.lab.log('tun2xray')[-600:]!r}" if p else ""))
             return self.lab.start_tunnel(self.lab.tunnel_mtu or 1500, self.query)
@@ -155,7 +156,7 @@ class Bench:
         for path, target in (("direct", DIRECT_TARGET), ("tunnel", TUN_TARGET)):
             try:
                 res[path] = self.iperf(target, **kw)
-            except (MeasureError, OSError, RuntimeError, TimeoutError) as e:
+            except PHASE_ERRORS as e:
                 self.fail(f"{label} {path}", str(e))
                 res[path] = None
         d, t = res["direct"], res["tunnel"]
@@ -249,7 +250,7 @@ class Bench:
             t0 = time.monotonic()
             try:
                 rates[name] = fn()
-            except (MeasureError, OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+            except PHASE_ERRORS as e:
                 self.fail(f"cps {name}", str(e))
                 rates[name] = NAN
             wall = max(time.monotonic() - t0, 1e-9)
