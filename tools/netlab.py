@@ -850,7 +850,10 @@ class _LateReplyHandler(socketserver.BaseRequestHandler):
             if not c:
                 return
             line += c
-        n = min(int(line.strip() or b"0"), 64 << 20)
+        try:
+            n = min(int(line.strip() or b"0"), 64 << 20)
+        except ValueError:
+            return                      # not a request: just close
         time.sleep(0.3)
         s.sendall(late_reply_payload(n))
         with contextlib.suppress(OSError):
