@@ -40,6 +40,29 @@ Host-facing handle API (the engine and tests use only this):
   bytes_in, bytes_out, created
 Host calls never send directly: they touch the connection, and the next
 stack.poll(now) flushes (so one batch yields one ACK).
+
+HOW IT IS BUILT (one file, in this order):
+  host API -> stack contract (flush / on_timer / on_pmtu) -> segment_arrives:
+  a header-prediction fast path for ESTABLISHED in-order data and pure ACKs,
+  else `_slow`, which follows RFC 9293 §3.10.7.4 step by step (PAWS, sequence
+  check, RST and SYN per RFC 5961, ACK, text, FIN) -> receiver (`_deliver`,
+  out-of-order runs in netstack.assembler, SACK option, window with SWS
+  avoidance in `_prep`) -> sender (`_new_ack`: RTT (RFC 6298 / 7323), cwnd,
+  NewReno (RFC 6582) and SACK recovery (RFC 6675, scoreboard) ; `_output`:
+  one burst per flush with one window/option block, GSO super-segments,
+  FIN piggybacked) -> timers (RTO with backoff and Karn's rule, persist,
+  delayed ACK, keepalive, TIME_WAIT, connect timeout) -> closing -> demux.
+
+  Sequence arithmetic is modulo 2**32 everywhere: the helpers of netstack.seq,
+  written inline (`(a - b) & _M < _HALF`) on the per-segment paths.
+  Timers: one deadline per connection (`poll_at`).  Arming a timer only ever
+  lowers poll_at; a timer pushed later (the RTO restarted by every ACK) is
+  noticed when poll_at fires early and is recomputed exactly (`_arm`), so the
+  stack's heap sees one entry per connection, not one per ACK.
+  Receive buffer: a bytearray (read() = bytes + del); the window we accept
+  is what we advertised or the free buffer, whichever is larger, so memory
+  stays bounded by config.rcv_buf.  Send buffer: a bytearray trimmed on ACK,
+  segments sliced out of one memoryview per burst.
 """
 
 from __future__ import annotations
