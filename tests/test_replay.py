@@ -34,7 +34,7 @@ class Rec:
         self.client_fin = None    # relative sequence number (ISN = 0) of the FIN
         self.server_fin = None
         self.refused = False
-        self.rst = False
+        self.rst = None           # "client" / "server": who reset the connection
         self.up = []              # UDP datagrams
         self.down = []
         self.icmp = None          # (type, code, quote) of the server's ICMP error
@@ -94,7 +94,7 @@ def recorded_flows(path):
                     rec.client_isn = l4.seq
                     continue
                 if rst:
-                    rec.rst = True
+                    rec.rst = rec.rst or "client"
                     continue
                 off = (l4.seq - rec.client_isn - 1) & M32
                 if l4.data:
@@ -109,7 +109,7 @@ def recorded_flows(path):
                     if rec.server_isn is None:
                         rec.refused = True
                     else:
-                        rec.rst = True
+                        rec.rst = rec.rst or "server"
                     continue
                 off = (l4.seq - rec.server_isn - 1) & M32
                 if l4.data:
@@ -125,7 +125,7 @@ def test_fixtures_exist():
     names = {os.path.basename(p) for p in PCAPS}
     for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
                  "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap",
-                 "http-post-loss-v4.pcap"):
+                 "http-post-loss-v4.pcap", "tcp-client-reset-v4.pcap"):
         assert want in names
     for p in PCAPS:
         assert os.path.getsize(p) < 2 << 20
@@ -187,8 +187,14 @@ def test_fixture_replays_like_the_recording(path, replays):
         for ack, client_sent in f.stack_acks:
             assert ack <= client_sent, (ack, client_sent)
         if rec.rst:
-            assert f.close_reason in ("reset", "aborted")
+            # a client's RST closes the connection ("reset"); the recorded
+            # server's RST is mirrored by the host's abort() ("aborted")
+            assert f.close_reason == ("reset" if rec.rst == "client" else "aborted")
             assert client.startswith(got) and server.startswith(sent)
+            if rec.rst == "server":
+                assert got == client     # the server had read it all before its RST
+            else:
+                assert f.stack_rst == [], "no RST answers a RST"
             continue
         assert got == client, "every client byte reaches the host, in order"
         assert sent == server, "the stack sends exactly the recorded server's bytes"

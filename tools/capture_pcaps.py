@@ -175,7 +175,8 @@ def start_servers(tmp: str) -> list:
     with open(script, "w") as f:
         f.write(HTTP_SERVER)
     for addr in (SRV4, SRV6):
-        procs.append(subprocess.Popen(in_ns(SRV_NS, f"{sys.executable} {script} {addr} {HTTP_PORT}").split()))
+        procs.append(subprocess.Popen(in_ns(SRV_NS, f"{sys.executable} {script} {addr} {HTTP_PORT}").split(),
+                                      stderr=subprocess.DEVNULL))
     procs.append(subprocess.Popen(in_ns(SRV_NS, (
         "dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --user=root "
         f"--pid-file --listen-address={SRV4} --listen-address={SRV6} "
@@ -199,7 +200,24 @@ def wait_tcp(ns: str, addr: str, port: int, timeout: float = 5.0) -> None:
 
 # ---------------------------------------------------------------- scenarios
 
+# A client that reads the start of a reply and then aborts (SO_LINGER 0:
+# the kernel sends a RST instead of a FIN).
+ABORTING_CLIENT = r'''
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"GET /blob?size=300000 HTTP/1.0\r\nHost: x\r\n\r\n")
+got = 0
+while got < 20000:
+    got += len(s.recv(65536))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+'''
+
+
 def scenarios(tmp: str) -> dict:
+    aborting = os.path.join(tmp, "aborting_client.py")
+    with open(aborting, "w") as f:
+        f.write(ABORTING_CLIENT)
     upload = os.path.join(tmp, "upload.bin")
     with open(upload, "wb") as f:
         f.write(bytes((i * 7 + (i >> 8)) & 0xFF for i in range(100_000)))
@@ -213,6 +231,7 @@ def scenarios(tmp: str) -> dict:
         # the client's retransmissions, so a replay sees out-of-order data
         "http-post-loss-v4": [f"{curl} -H Expect: --data-binary @{upload} http://{SRV4}:{HTTP_PORT}/upload"],
         "http-post-v6": [f"{curl} -H Expect: --data-binary @{upload} http://[{SRV6}]:{HTTP_PORT}/upload"],
+        "tcp-client-reset-v4": [f"{sys.executable} {aborting} {SRV4} {HTTP_PORT}"],
         "iperf3-v4": [f"iperf3 -c {SRV4} -p {IPERF_PORT} -n 512K"],
         "iperf3-reverse-v4": [f"iperf3 -c {SRV4} -p {IPERF_PORT} -n 512K -R"],
         "dns-v4": [f"dig +tries=1 +time=2 @{SRV4} www.example.test A",
