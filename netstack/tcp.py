@@ -259,7 +259,8 @@ class TcpConnection:
             data = bytes(buf)
             buf.clear()
         else:
-            data = bytes(buf[:n])
+            with memoryview(buf) as mv:
+                data = bytes(mv[:n])      # one copy (a bytearray slice would be two)
             del buf[:n]
         if not self.closed and self.state in _RECV_STATES:
             # window update when the window opens by >= 2*MSS or half the buffer
