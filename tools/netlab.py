@@ -91,6 +91,7 @@ DEFAULT_FILES = {
 }
 
 CLONE_NEWNET = 0x40000000
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def blob(size: int, seed: int) -> bytes:
@@ -721,6 +722,44 @@ class Lab:
     def in_srv(self):
         return netns(self.srv_ns)
 
+    def start_tun2xray(self, tun: str | None = None, args=(), name: str = "tun2xray",
+                       timeout: float = 20.0) -> subprocess.Popen:
+        """Start ``tun2xray run`` on TUN ``tun`` (default PREFIXtun0) in e2-cli,
+        socks to the local core and udp/53 to its dokodemo inbound, route the
+        targets through the TUN and wait until a TCP echo crosses it. For
+        benchmarks and manual runs; the acceptance tests spell their own
+        command line out."""
+        tun = tun or f"{self.prefix}tun0"
+        argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{tun}",
+                "--proxy", f"socks5://127.0.0.1:{SOCKS_PORT}",
+                "--map", f"udp:53=dokodemo://127.0.0.1:{DOKODEMO_PORT}", *args]
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = self.cli_popen(name, argv, cwd=REPO, env=env)
+
+        def alive():
+            if p.poll() is not None:
+                raise RuntimeError(f"tun2xray exited with {p.returncode}: "
+                                   f"{self.log(name).strip()[-500:]}")
+            return True
+
+        wait_until(lambda: alive() and link_exists(self.cli_ns, tun), timeout, f"TUN {tun}")
+        self.route_via(tun, timeout)
+
+        def echo():
+            alive()
+            try:
+                with self.in_cli():
+                    s = socket.socket()
+                with s:
+                    s.settimeout(2)
+                    s.connect((TARGET4, ECHO_PORT))
+                    s.sendall(b"ping")
+                    return s.recv(4) == b"ping"
+            except OSError:
+                return False
+        wait_until(echo, timeout, f"a TCP echo through {tun}", interval=0.2)
+        return p
+
     def state(self) -> dict:
         return {"prefix": self.prefix, "workdir": self.workdir,
                 "pids": {k: p.pid for k, p in self.procs.items()},
@@ -906,9 +945,18 @@ def _cmd_up(args) -> int:
     except BaseException:
         lab.close()
         raise
+    if args.tun2xray is not None:
+        try:
+            lab.start_tun2xray(args=args.tun2xray.split())
+        except BaseException:
+            lab.close()
+            raise
     with open(os.path.join(workdir, "state.json"), "w") as f:
         json.dump(lab.state(), f, indent=1)
     print(f"lab {args.prefix} is up; workdir {workdir}")
+    if args.tun2xray is not None:
+        print(f"  tun2xray     : on {args.prefix}tun0, targets routed through it; "
+              f"log {workdir}/tun2xray.log")
     print(f"  client shell : ip netns exec {lab.cli_ns} bash")
     print(f"  socks        : 127.0.0.1:{SOCKS_PORT} (udp), dokodemo DNS 127.0.0.1:{DOKODEMO_PORT}")
     print(f"  targets      : {TARGET4} {TARGET6} (http :80, echo :7 tcp+udp, iperf3 :5201), "
@@ -941,7 +989,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="netlab", description=__doc__.split("\n", 1)[0])
     p.add_argument("--prefix", default="e2")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("up", help="build the lab and leave it running")
+    up = sub.add_parser("up", help="build the lab and leave it running")
+    up.add_argument("--tun2xray", nargs="?", const="", metavar="'EXTRA ARGS'",
+                    help="also run tun2xray on PREFIXtun0 and route the targets through it")
     sub.add_parser("down", help="stop everything and delete the namespaces")
     rp = sub.add_parser("route", help="route the targets in PREFIX-cli through a TUN")
     rp.add_argument("tun")
