@@ -515,6 +515,7 @@ def find_binary(explicit: str | None = None) -> str:
 
 
 _VERSION_CACHE: dict = {}
+_RTMGRP_LINK, _RTMGRP_IPV4_ROUTE, _RTMGRP_IPV6_ROUTE = 0x1, 0x40, 0x400
 
 
 def core_command(binary: str, config: str) -> list:
@@ -906,6 +907,9 @@ class XraySession:
         self._task = None
         self._runtime_paths = set()
         self.extra_excluded = []        # the profile's excluded_routes
+        self._nl = None                 # netlink socket: route/link change events
+        self._nl_loop = None
+        self._route_dirty = False
 
     # -- before the engine
 
@@ -974,9 +978,32 @@ class XraySession:
 
     def attach(self, engine, router) -> None:
         import asyncio
+        loop = asyncio.get_running_loop()
         self.engine = engine
         self.router = router
-        self._task = asyncio.get_running_loop().create_task(self._watch())
+        if self.autoroute is not None and self._egress is not None:
+            # route and link changes arrive as netlink multicast messages; a
+            # lookup of the default route follows only when something changed
+            try:
+                s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)   # NETLINK_ROUTE
+                s.setblocking(False)
+                s.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_ROUTE | _RTMGRP_IPV6_ROUTE))
+            except OSError as e:
+                log.warning("cannot watch the default route: %s", e)
+            else:
+                self._nl = s
+                self._nl_loop = loop
+                loop.add_reader(s.fileno(), self._on_route_event)
+        self._task = loop.create_task(self._watch())
+
+    def _on_route_event(self) -> None:
+        s = self._nl
+        try:
+            while s.recv(65536):
+                pass
+        except OSError:              # drained (EAGAIN), or ENOBUFS after a burst: check anyway
+            pass
+        self._route_dirty = True
 
     async def _watch(self) -> None:
         import asyncio
@@ -992,11 +1019,13 @@ class XraySession:
                     continue
                 await self.switch(loop)
                 continue
-            if self.autoroute is not None and self._egress is not None:
+            if self._route_dirty and self.autoroute is not None:
+                self._route_dirty = False
                 from .autoroute import default_egress
                 try:
                     eg = await loop.run_in_executor(None, default_egress)
-                except Exception:
+                except Exception as e:                 # netlink trouble: try at the next event
+                    log.warning("cannot read the default route: %s", e)
                     continue
                 if eg and eg != self._egress:
                     log.info("default route moved from %s to %s: reloading the core", self._egress, eg)
@@ -1054,6 +1083,11 @@ class XraySession:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._nl is not None:
+            with contextlib.suppress(Exception):
+                self._nl_loop.remove_reader(self._nl.fileno())
+            self._nl.close()
+            self._nl = None
 
     def close(self) -> None:
         self.detach()
