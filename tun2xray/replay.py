@@ -1,18 +1,23 @@
 """`tun2xray replay`: feed a capture's client-side packets to a Stack offline.
 
-    tun2xray replay capture.pcap [more.pcap ...]
+    tun2xray replay [--json] capture.pcap [more.pcap ...]
 
-The capture is split into flows; the client of a flow is the side that sent
-the SYN (TCP) or the first datagram (UDP).  Every client packet goes to a
+The capture (pcap or pcapng; raw IP, Ethernet, Linux cooked v1/v2 or BSD
+loopback framing) is split into flows; the client of a flow is the side that
+sent the SYN (TCP) or the first datagram (UDP); a new SYN on a used 4-tuple
+starts a new flow.  Every client packet goes to a
 `Stack(StackConfig(verify_checksums=True), rng=random.Random(0))` at its
 recorded time (a fake clock: `poll(now)` runs the stack's timers between
-packets), and this module plays the host, mirroring the recorded server:
+packets; after the last packet the clock runs on through the stack's
+deadlines), and this module plays the host, mirroring the recorded server:
 
-- TCP: accept each connect request, or reject it with a RST when the recorded
-  server refused the SYN; read everything the client sends; write the bytes
-  the recorded server had sent by then; shut down once the recorded server's
-  FIN has come and all its bytes are written; abort where it sent a RST.
-- UDP: hand the stack the recorded server's datagrams as replies.
+- TCP: accept each connect request, or reject it as the recorded server
+  refused the SYN (RST, or the ICMP unreachable it sent); read everything the
+  client sends; write the bytes the recorded server had sent by then; shut
+  down once the recorded server's FIN has come and all its bytes are
+  written; abort where it sent a RST.
+- UDP: hand the stack the recorded server's datagrams as replies, or reject
+  the flow where the recording shows an ICMP port unreachable.
 
 The client's packets acknowledge the recorded server's sequence space, so
 their ACK numbers, SACK edges and timestamp echoes are translated into the
@@ -22,6 +27,11 @@ to what it has sent, and the rest is acknowledged by an extra pure ACK from
 the client as soon as the stack sends those bytes ("synthesized" in the
 report); without that, a slower sender would see its data acked from the
 future and its segments dropped (RFC 9293 3.10.7.4).
+
+Besides the streams, the replay checks what the stack put on the wire:
+checksums and lengths of every packet, a SYN-ACK acking ISN+1, no ACK
+beyond what the client had sent, no segment beyond the window the client
+advertised, the same bytes on every retransmission, a FIN after the last byte.
 
 Exit status: 0 when every flow completed (a refused or reset flow counts
 when the recording shows the same), 1 when some did not, 2 when a file is
