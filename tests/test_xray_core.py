@@ -59,7 +59,7 @@ def started(tmp_path):
         core.stop()
 
 
-def test_start_waits_for_every_inbound_and_forwards_logs(started, caplog):
+def test_start_waits_for_every_inbound(started):
     core, d = started
     assert core.alive
     for host, port, proto in d.ready_checks():

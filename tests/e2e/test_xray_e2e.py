@@ -20,9 +20,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
