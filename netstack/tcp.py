@@ -519,7 +519,9 @@ class TcpConnection:
             rwnd = 0
         d = _sdiff(seq, self.rcv_nxt)
         if seglen == 0:
-            ok = d == 0 if rwnd == 0 else 0 <= d < rwnd
+            # like Linux (tcp_sequence), an ACK exactly at the right edge is
+            # accepted: a sender that filled our window sends its ACKs there
+            ok = 0 <= d <= rwnd
         else:
             ok = rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)
         if not ok:
@@ -529,7 +531,12 @@ class TcpConnection:
                 drops["syn_challenge"] += 1
                 self._challenge_ack(now)
             else:
-                drops["out_of_window"] += 1
+                # one below rcv_nxt with at most one byte: a keepalive or a
+                # zero-window probe, answered with an ACK like any stray segment
+                if d + seglen <= 0:
+                    drops["probe_answered" if d == -1 and seglen <= 1 else "duplicate"] += 1
+                else:
+                    drops["out_of_window"] += 1
                 self._owe_ack()
                 if st is TIME_WAIT and flags & FIN:
                     self.tw_at = now + stack.config.time_wait   # a retransmitted FIN restarts 2MSL
