@@ -203,6 +203,8 @@ class Host:
                 assert e.flow.closed and e.flow.id not in self.udp_closed, "UdpClosed twice"
                 self.udp_closed.add(e.flow.id)
             elif isinstance(e, events.TcpConnectRequest):
+                if e.conn.closed:
+                    continue      # the client reset it in the same batch: its TcpClosed follows
                 act = draw(st.sampled_from(["accept", "accept", "accept", "rst", "icmp-port", "drop", "later"]))
                 if act == "accept":
                     e.conn.accept()
