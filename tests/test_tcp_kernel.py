@@ -19,11 +19,11 @@ pytun = pytest.importorskip("pytun")
 
 CLIENT_SCRIPT = r"""
 import hashlib, socket, sys, threading
-n, conns = int(sys.argv[1]), int(sys.argv[2])
+n, conns, host = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 errors = []
 def one(i):
     try:
-        s = socket.create_connection(("10.123.0.2", 7000 + i), timeout=20)
+        s = socket.create_connection((host, 7000 + i), timeout=20)
         data = bytes((j * 131 + i) & 255 for j in range(4096)) * (n // 4096)
         def send():
             s.sendall(data)
@@ -63,6 +63,7 @@ def tunns():
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "set", ifname, "netns", ns)
         sh("ip", "-n", ns, "addr", "add", "10.123.0.1/24", "dev", ifname)
+        sh("ip", "-n", ns, "-6", "addr", "add", "fd00:7474::1/64", "dev", ifname, "nodad")
         sh("ip", "-n", ns, "link", "set", ifname, "up")
         sh("ip", "-n", ns, "link", "set", "lo", "up")
         yield ns, tun
@@ -71,18 +72,23 @@ def tunns():
         sh("ip", "netns", "del", ns, check=False)
 
 
-def run_echo(ns, tun, nbytes, conns, loss, seed=1, limit=60.0):
+def run_echo(ns, tun, nbytes, conns, loss, seed=1, limit=60.0, host="10.123.0.2"):
     rnd = random.Random(seed)
     stack = Stack(StackConfig(mtu=1500, rcv_buf=256 << 10, snd_buf=256 << 10), rng=random.Random(seed))
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT, str(nbytes), str(conns)],
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT, str(nbytes), str(conns), host],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fd = tun.fileno()
     os.set_blocking(fd, False)
     t0 = time.monotonic()
     closed = []
     try:
-        while proc.poll() is None and time.monotonic() - t0 < limit:
+        done_at = None
+        while time.monotonic() - t0 < limit:
             now = time.monotonic() - t0
+            if done_at is None and proc.poll() is not None:
+                done_at = now
+            if done_at is not None and (not stack.tcp or now - done_at > 2.0):
+                break                  # the client is gone: let the last ACKs land
             dl = stack.next_deadline()
             timeout = 0.05 if dl is None else max(0.0, min(0.05, dl - now))
             r, _, _ = select.select([fd], [], [], timeout)
@@ -125,10 +131,13 @@ def run_echo(ns, tun, nbytes, conns, loss, seed=1, limit=60.0):
     return out.strip(), err, stack, closed
 
 
-@pytest.mark.parametrize("loss,nbytes,conns", [(0.0, 2 << 20, 1), (0.0, 512 << 10, 8), (0.03, 512 << 10, 2)])
-def test_linux_client_echo(tunns, loss, nbytes, conns):
+@pytest.mark.parametrize("loss,nbytes,conns,host", [(0.0, 2 << 20, 1, "10.123.0.2"), (0.0, 512 << 10, 8, "10.123.0.2"),
+                                                   (0.03, 512 << 10, 2, "10.123.0.2"), (0.0, 1 << 20, 2, "fd00:7474::2"),
+                                                   (0.03, 512 << 10, 1, "fd00:7474::2")])
+def test_linux_client_echo(tunns, loss, nbytes, conns, host):
     ns, tun = tunns
-    out, err, stack, closed = run_echo(ns, tun, nbytes, conns, loss)
+    out, err, stack, closed = run_echo(ns, tun, nbytes, conns, loss, host=host)
     assert out == "OK", (out, err, stack.status())
+    assert closed == ["closed"] * conns, closed
     if loss == 0.0:
         assert not stack.tcp_drops.get("out_of_window"), stack.status()
