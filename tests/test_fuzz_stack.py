@@ -30,7 +30,7 @@ from netstack import Stack, StackConfig, events  # noqa: E402
 from netstack.stack import _HEAP_SLACK  # noqa: E402
 from netstack.wire.tcp import build_options  # noqa: E402
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
 CLIENTS = {4: [A4, bytes([10, 7, 0, 3])], 6: [A6, A6[:-1] + b"\x09"]}
 SERVERS = {4: [B4, bytes([198, 18, 0, 53])], 6: [B6, B6[:-1] + b"\x35"]}
 PORTS = [1000, 1001, 40000, 65535]
