@@ -544,7 +544,8 @@ class TcpConnection:
         # --- step 2: RST (RFC 5961 §3.2: exact match resets, else challenge ACK)
         if flags & RST:
             if d == 0:
-                self._remove("reset")
+                # in TIME_WAIT both sides were done: it only ends the wait early
+                self._remove("closed" if st is TIME_WAIT else "reset")
             else:
                 drops["rst_challenge"] += 1
                 self._challenge_ack(now)

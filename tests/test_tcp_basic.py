@@ -441,3 +441,14 @@ def test_tiny_peer_mss_is_floored(mss):
     segs = c.drain()
     assert segs and all(len(s.payload) == 88 - 12 - 12 for s in segs)   # minus TS and one SACK block
     assert 10 * conn._seg - 64 < sum(len(s.payload) for s in segs) <= 10 * conn._seg   # initial cwnd
+
+
+def test_rst_in_time_wait_ends_it_as_closed():
+    c = Client()
+    conn = c.handshake()
+    conn.shutdown()
+    c.recv("FA")
+    c.send(flags="FA")
+    c.recv("A")
+    c.send(flags="R", ack=0)
+    assert c.closed_reasons() == ["closed"] and c.stack.tcp == {}
