@@ -321,3 +321,112 @@ def test_sequence_numbers_wrap(sack):
     c.send(flags="FA")
     c.recv("A")
     assert conn.state == "TIME_WAIT"
+
+
+# ------------------------------------------------------- more edge cases
+
+def test_data_beyond_the_window_is_trimmed():
+    c = mk(rcv_buf=3000)
+    conn = c.handshake()
+    c.send(b"t" * 5000, advance=False)
+    assert conn.readable == 3000 and c.stack.tcp_drops["trimmed_to_window"] == 1
+    c.seq = (c.seq + 3000) & M
+    c.recv("A", wnd=0)
+
+
+def test_old_ack_far_below_snd_una_dropped():
+    c = mk()
+    conn = c.handshake()
+    c.send(b"x", ack=(c.rcv - 3_000_000) & M, advance=False)
+    assert c.stack.tcp_drops["old_ack"] == 1 and conn.readable == 0
+    c.recv("A")
+    c.send(b"y", ack=(c.rcv - 10) & M)      # slightly old: the data is still taken
+    assert conn.read() == b"y"
+
+
+def test_data_after_their_fin_is_dropped():
+    c = mk()
+    conn = c.handshake()
+    c.send(flags="FA")
+    c.recv("A")
+    c.send(b"late", seq=c.seq, advance=False)
+    assert c.stack.tcp_drops["data_after_fin"] == 1 and conn.read() == b""
+    c.recv("A")
+
+
+def test_newreno_dupacks_inflate_and_release_new_data():
+    c = mk(wnd=60000)
+    conn = established(c)
+    conn.write(b"n" * 20000)
+    segs = [c.recv("A", length=1000, update=False) for _ in range(10)]
+    base = segs[0].seq
+    for _ in range(3):
+        c.send()                                 # seg 0 lost: dup ACKs of the handshake ACK
+    assert conn.in_recovery and conn.cwnd == conn.ssthresh + 3000
+    assert c.recv("A", length=1000, update=False).seq == base
+    c.recv_none()
+    for _ in range(3):
+        c.send()                                 # more dup ACKs: cwnd inflates past the flight
+    new = c.drain()
+    assert new and all(s.seq == (base + 10000 + 1000 * i) & M for i, s in enumerate(new))
+
+
+def test_persist_fills_a_small_window_the_sws_rule_held_back():
+    c = mk(wnd=1500)
+    conn = established(c)
+    conn.write(b"s" * 3000)
+    c.recv("A", length=1000)
+    c.send(wnd=400)                              # acks it; 400 < MSS and < max window / 2
+    c.recv_none()
+    c.poll(conn.rto + 0.001)
+    c.recv("A", length=400)                      # the persist timer overrides SWS avoidance
+
+
+def _time_wait(c):
+    conn = c.handshake()
+    conn.shutdown()
+    c.recv("FA")
+    c.send(flags="FA")
+    c.recv("A")
+    assert conn.state == "TIME_WAIT"
+    return conn
+
+
+def test_time_wait_reuse_with_timestamps():
+    c = mk(ts=True)
+    conn = _time_wait(c)
+    new = Client(c.stack, isn=c.seq - 5000, mss=1000, ts=True)    # older ISN, but a newer timestamp
+    new.tsval = c.tsval + 100
+    new.syn()
+    assert len(new.take(events.TcpConnectRequest)) == 1 and conn.closed
+
+
+def test_time_wait_no_reuse_for_an_old_timestamp():
+    c = mk(ts=True)
+    c.tsval = 1000
+    conn = _time_wait(c)
+    old = Client(c.stack, isn=c.seq + 5000, mss=1000, ts=True)
+    old.tsval = 10                                # older than what TIME_WAIT remembers
+    old.syn()
+    assert old.take() == [] and conn.state == "TIME_WAIT"
+    assert c.stack.tcp_drops["paws"] + c.stack.tcp_drops["syn_challenge"] == 1
+
+
+def test_flow_limit_resets_new_syns():
+    c = mk(max_flows=1)
+    c.handshake()
+    c2 = Client(c.stack, client=("10.0.0.9", 5555))
+    c2.syn()
+    assert c2.take() == [] and c.stack.drops["flow_limit"] == 1
+    c2.recv("RA", seq=0, ack=c2.isn + 1)
+
+
+def test_gso_retransmissions_are_mss_sized():
+    c = Client(gso_max=30000, mss=1000, mtu=1040, ws=7)
+    conn = c.handshake()
+    conn.write(b"g" * 10000)
+    big = c.recv("A", length=10000, update=False)       # one super-segment (initial cwnd)
+    assert big.raw_obj.gso_size == 1000
+    c.poll(conn.rto + 0.001)
+    r = c.recv("A", update=False)
+    assert len(r.payload) == 1000 and r.seq == big.seq  # retransmitted as one plain segment
