@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import ACK, FIN, RST, SYN, Client, M
+from helpers import RST, Client, M
 from netstack import events
 from netstack.tcp import TcpError
 
@@ -78,11 +78,8 @@ def test_syn_to_no_flow_with_ack_gets_rst():
 
 # ------------------------------------------------------------------ handshake
 
-class RecStack:
-    """A Stack subclass recording icmp_unreachable calls (the stack owner builds the packet)."""
-
-
 def _rec_stack(**cfg):
+    """A Stack subclass recording icmp_unreachable calls (the stack owner builds the packet)."""
     import random
     from netstack import Stack, StackConfig
 

@@ -3,7 +3,6 @@ namespace talks through a TUN to our Stack, run by this test (echo host).
 Window scaling, SACK, timestamps, delayed ACKs and loss recovery meet a real
 implementation here, with 0% and 3% packet loss added by the test."""
 
-import hashlib
 import os
 import random
 import select

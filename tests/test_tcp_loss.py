@@ -245,7 +245,7 @@ def test_segment_without_ack_dropped_and_bad_checksum_counted():
 
 def test_keepalive_probes_and_timeout():
     c = mk(keepalive=10.0, keepalive_interval=2.0, keepalive_count=3)
-    conn = c.handshake()
+    c.handshake()
     c.poll(9.9)
     c.recv_none()
     c.poll(0.2)
