@@ -242,3 +242,61 @@ def test_run_xray_errors_are_one_line(tmp_path, make, flags, needle):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("tun2xray: error:") and needle in lines[0], lines[0]
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tun2xray.json")]
+
+
+# --- hostile input ------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_PIECES = st.sampled_from(['{', '}', '[', ']', '"', '\\', '//', '/*', '*/', '#', ',', ':', '\n',
+                           '"inbounds"', '"socks"', '1', 'true', ' ', 'é', '\x00'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_PIECES, max_size=60).map("".join))
+def test_any_text_parses_or_gives_one_line_error(text):
+    try:
+        data = xray.parse_config_text(text)
+    except xray.XrayConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(data, dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                        ["inbounds", "outbounds", "protocol", "listen", "port", "settings", "udp",
+                         "address", "network", "vnext", "servers", "tag", "auth", "accounts"]),
+                        c, max_size=4), max_leaves=20))
+def test_any_json_shape_derives_or_gives_one_line_error(tmp_path_factory, shape):
+    cfg = {"inbounds": shape} if not isinstance(shape, dict) else shape
+    path = tmp_path_factory.mktemp("h") / "c.json"
+    path.write_text(json.dumps(cfg))
+    try:
+        d = xray.derive(str(path), mark=1)
+    except xray.XrayConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert d.proxy.host in ("127.0.0.1", "::1") and 0 < d.proxy.port < 65536
+    assert all(isinstance(ib.tag, str) for ib in d.inbounds)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(
+                        ["outbounds", "settings", "vnext", "servers", "peers", "address", "port",
+                         "endpoint"]), c, max_size=4), max_leaves=25))
+def test_outbound_servers_of_any_shape(shape):
+    cfg = shape if isinstance(shape, dict) else {"outbounds": shape}
+    for host, port in xray.outbound_servers(cfg):
+        assert isinstance(host, str) and 0 <= port < 65536
+
+
+def test_deep_nesting_and_huge_files(tmp_path):
+    with pytest.raises(xray.XrayConfigError, match="nested too deeply"):
+        xray.parse_config_text("[" * 100_000 + "]" * 100_000)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (xray.MAX_CONFIG + 1))
+    with pytest.raises(xray.XrayConfigError, match="larger than 16 MB"):
+        xray.load_config(str(big))

@@ -56,6 +56,8 @@ core_log = logging.getLogger("tun2xray.core")
 DEFAULT_MARK = 0x7478          # "tx": the firewall mark --auto-route gives the core's sockets
 SNIFFING = {"enabled": True, "destOverride": ["http", "tls"]}
 RUNTIME_SUFFIX = ".tun2xray.json"
+MAX_CONFIG = 16 << 20          # bytes; core configs are kilobytes
+HOLD_LINES = 500               # core output held while it starts (bounded)
 
 
 class XrayError(Exception):
@@ -122,11 +124,15 @@ def parse_config_text(text: str, name: str = "config") -> dict:
     stripped = strip_comments(text)
     try:
         data = json.loads(stripped)
+    except RecursionError:
+        raise XrayConfigError(f"{name}: nested too deeply") from None
     except json.JSONDecodeError:
         # Xray's reader also tolerates a trailing comma; a second try with
         # them removed (the first error is the one reported)
         try:
             data = json.loads(_strip_trailing_commas(stripped))
+        except RecursionError:
+            raise XrayConfigError(f"{name}: nested too deeply") from None
         except json.JSONDecodeError as e:
             raise XrayConfigError(f"{name}: not valid JSON: {e.msg} at line {e.lineno} "
                                   f"column {e.colno}") from None
@@ -149,9 +155,11 @@ def load_config(path: str) -> dict:
         raise XrayConfigError(f"{path}: dangling link to {os.readlink(path)}")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG + 1)
     except OSError as e:
         raise XrayConfigError(f"{path}: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG:
+        raise XrayConfigError(f"{path}: larger than {MAX_CONFIG >> 20} MB: not a core config")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -248,8 +256,13 @@ class Derived:
         return checks
 
 
+def _tag(ib: dict, i: int) -> str:
+    tag = ib.get("tag")
+    return tag if isinstance(tag, str) and tag else f"inbounds[{i}]"
+
+
 def _socks_inbound(i: int, ib: dict, notes: list):
-    tag = ib.get("tag") or f"inbounds[{i}]"
+    tag = _tag(ib, i)
     host = _loopback_host(ib.get("listen"))
     port = _port(ib.get("port"))
     settings = ib.get("settings") if isinstance(ib.get("settings"), dict) else {}
@@ -275,7 +288,7 @@ def _socks_inbound(i: int, ib: dict, notes: list):
 
 
 def _dokodemo_inbound(i: int, ib: dict, notes: list):
-    tag = ib.get("tag") or f"inbounds[{i}]"
+    tag = _tag(ib, i)
     settings = ib.get("settings") if isinstance(ib.get("settings"), dict) else {}
     host = _loopback_host(ib.get("listen"))
     port = _port(ib.get("port"))
@@ -370,7 +383,8 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
         out = copy.deepcopy(data) if out is data else out
         port = _free_loopback_port()
         tag = "tun2xray-socks"
-        tags = {ib.get("tag") for ib in inbounds if isinstance(ib, dict)}
+        tags = {ib.get("tag") for ib in inbounds
+                if isinstance(ib, dict) and isinstance(ib.get("tag"), str)}
         while tag in tags:
             tag += "-1"
         new = {"tag": tag, "listen": "127.0.0.1", "port": port, "protocol": "socks",
@@ -448,28 +462,27 @@ def write_runtime(source: str, cfg: dict) -> str:
 
 
 def outbound_servers(cfg: dict) -> list:
-    """(host, port) of every proxy server the config's outbounds dial."""
+    """(host, port) of every proxy server the config's outbounds dial:
+    ``vnext``/``servers`` entries, the newer flat ``address``, WireGuard
+    ``peers`` endpoints."""
     servers = []
-    for ob in cfg.get("outbounds") or []:
-        if not isinstance(ob, dict):
-            continue
-        s = ob.get("settings")
+    outs = cfg.get("outbounds")
+    for ob in outs if isinstance(outs, list) else ():
+        s = ob.get("settings") if isinstance(ob, dict) else None
         if not isinstance(s, dict):
             continue
         for key in ("vnext", "servers"):
-            for srv in s.get(key) or []:
+            entries = s.get(key)
+            for srv in entries if isinstance(entries, list) else ():
                 if isinstance(srv, dict) and isinstance(srv.get("address"), str):
-                    port = _port(srv.get("port"))
-                    servers.append((srv["address"], port or 0))
-        if isinstance(s.get("address"), str):          # newer flat form
+                    servers.append((srv["address"], _port(srv.get("port")) or 0))
+        if isinstance(s.get("address"), str):
             servers.append((s["address"], _port(s.get("port")) or 0))
-    # wireguard peers
-    for ob in cfg.get("outbounds") or []:
-        if isinstance(ob, dict) and isinstance(ob.get("settings"), dict):
-            for peer in ob["settings"].get("peers") or []:
-                if isinstance(peer, dict) and isinstance(peer.get("endpoint"), str):
-                    host, _, port = peer["endpoint"].rpartition(":")
-                    servers.append((host.strip("[]"), _port(port) or 0))
+        peers = s.get("peers")
+        for peer in peers if isinstance(peers, list) else ():
+            if isinstance(peer, dict) and isinstance(peer.get("endpoint"), str):
+                host, _, port = peer["endpoint"].rpartition(":")
+                servers.append((host.strip("[]"), _port(port) or 0))
     return servers
 
 
@@ -694,7 +707,7 @@ class Core:
         lines = self._lines
         # lines are held until the core is ready: a rejected config is one
         # error line, not the core's banner and stack trace
-        p._t2x_hold = []
+        p._t2x_hold = collections.deque(maxlen=HOLD_LINES)
         p._t2x_lock = threading.Lock()
         t = threading.Thread(target=self._forward, args=(p, lines), name="xray-log", daemon=True)
         t.start()
