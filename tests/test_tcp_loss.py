@@ -97,7 +97,8 @@ def test_fast_retransmit_and_newreno_partial_ack():
         c.send()                               # dup ACKs as segs 2, 3, 5 arrive
     r = c.recv("A", length=1000, update=False)
     assert r.seq == (base + 1000) & M and conn.in_recovery
-    assert conn.ssthresh == max((conn.recover - conn.snd_una) & M, 0) // 2 or conn.ssthresh >= 2000
+    flight = (conn.recover - (base + 1000)) & M          # what was in flight at the third dup ACK
+    assert flight == 11000 and conn.ssthresh == flight // 2 and conn.cwnd == conn.ssthresh + 3000
     c.drain()
     c.rcv = (base + 4000) & M                  # partial ACK: up to the second hole
     c.send()
