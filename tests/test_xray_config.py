@@ -300,3 +300,34 @@ def test_deep_nesting_and_huge_files(tmp_path):
     big.write_bytes(b" " * (xray.MAX_CONFIG + 1))
     with pytest.raises(xray.XrayConfigError, match="larger than 16 MB"):
         xray.load_config(str(big))
+
+
+# --- an added DNS inbound ------------------------------------------------------------
+
+@pytest.mark.parametrize("servers, want", [
+    (["https://1.1.1.1/dns-query", "localhost", "fakedns", "9.9.9.9"], ("9.9.9.9", 53)),
+    ([{"address": "2001:db8::53", "port": 5353}], ("2001:db8::53", 5353)),
+    (["udp://[2001:db8::1]:53"], ("2001:db8::1", 53)),
+    (["8.8.4.4:5300"], ("8.8.4.4", 5300)),
+    (["dns.google", {"address": "x", "port": 53}], None),
+])
+def test_dns_server_of_the_config(servers, want):
+    assert xray._dns_server({"dns": {"servers": servers}}) == want
+
+
+def test_a_client_config_without_inbounds_gets_socks_and_dns(tmp_path):
+    cfg = {"dns": {"servers": ["10.99.0.53"]}, "outbounds": OUT}
+    path = write(tmp_path, cfg)
+    d = xray.derive(path)
+    assert d.added == ["tun2xray-socks", "tun2xray-dns"]
+    socks, dns = json.load(open(d.runtime_path))["inbounds"]
+    assert dns["protocol"] == "dokodemo-door" and dns["listen"] == "127.0.0.1"
+    assert dns["settings"] == {"address": "10.99.0.53", "port": 53, "network": "tcp,udp"}
+    assert dns["port"] != socks["port"]
+    [rule] = d.rules
+    assert rule.to == DokodemoUpstream("127.0.0.1", dns["port"]) and rule.ports == (53, 53)
+    assert rule.matches("udp", ipaddress.ip_address("198.18.0.2"), 53)
+    assert ("127.0.0.1", dns["port"], "udp") in d.ready_checks()
+    # a config with its own DNS dokodemo-door gets no second one
+    d2 = xray.derive(write(tmp_path, dict(cfg, inbounds=[SOCKS, DNS]), "own.json"))
+    assert d2.added == [] and d2.runtime_path is None

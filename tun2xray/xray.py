@@ -12,11 +12,15 @@ Deriving.  ``derive()`` looks for the tunnel-side inbounds:
   a fixed target: a rule sends flows to that target there.  A target on port
   53 takes every DNS flow of its networks (DNS hijack, as ``--map
   udp:53=...``); any other target takes only flows to its own address:port.
-When the socks inbound is missing (or not usable: not on loopback, UDP off)
-or the core must mark its sockets (``--auto-route``), it writes a *runtime*
-config beside the user's file -- never editing the user's file -- that adds a
-loopback socks inbound (UDP on, sniffing on so Xray's domain routing keeps
-working) and sets ``streamSettings.sockopt.mark`` on every outbound.
+When a tunnel-side inbound is missing or the core must mark its sockets
+(``--auto-route``), it writes a *runtime* config beside the user's file --
+never editing the user's file -- that adds what is missing and sets
+``streamSettings.sockopt.mark`` on every outbound:
+- no usable socks inbound (none, not on loopback, UDP off): a loopback
+  socks inbound, UDP on, sniffing on so Xray's domain routing keeps working;
+- no DNS dokodemo-door but a plain DNS server address in the config's
+  ``dns.servers``: a loopback dokodemo-door to that server, and DNS flows
+  go there.
 
 Supervising.  ``Core`` starts ``xray`` (else ``v2ray``) on one long-lived
 thread, waits until the inbounds accept connections, forwards the core's
@@ -320,14 +324,16 @@ def _dokodemo_inbound(i: int, ib: dict, notes: list):
     return Inbound(i, tag, "dokodemo-door", host, port, nets, (address, tport)), rule
 
 
-def _free_loopback_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
+def _free_loopback_port(avoid=()) -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 (and not in ``avoid``)."""
     for _ in range(64):
         t = socket.socket()
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             t.bind(("127.0.0.1", 0))
             port = t.getsockname()[1]
+            if port in avoid:
+                continue
             try:
                 u.bind(("127.0.0.1", port))
             except OSError:
@@ -378,25 +384,44 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
                 doks.append(d)
     out = data
     added = []
-    changed = False
-    if socks is None:
+    used_ports = set()
+    tags = {ib.get("tag") for ib in inbounds
+            if isinstance(ib, dict) and isinstance(ib.get("tag"), str)}
+
+    def add_inbound(tag, protocol, settings, extra=None):
+        nonlocal out
         out = copy.deepcopy(data) if out is data else out
-        port = _free_loopback_port()
-        tag = "tun2xray-socks"
-        tags = {ib.get("tag") for ib in inbounds
-                if isinstance(ib, dict) and isinstance(ib.get("tag"), str)}
         while tag in tags:
             tag += "-1"
-        new = {"tag": tag, "listen": "127.0.0.1", "port": port, "protocol": "socks",
-               "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"},
-               "sniffing": dict(SNIFFING)}
-        out.setdefault("inbounds", [])
-        out["inbounds"] = list(out["inbounds"] or []) + [new]
+        tags.add(tag)
+        port = _free_loopback_port(avoid=used_ports)
+        used_ports.add(port)
+        new = {"tag": tag, "listen": "127.0.0.1", "port": port, "protocol": protocol,
+               "settings": settings, **(extra or {})}
+        out["inbounds"] = list(out.get("inbounds") or []) + [new]
+        added.append(tag)
+        return tag, port
+
+    if socks is None:
+        tag, port = add_inbound("tun2xray-socks", "socks",
+                                {"auth": "noauth", "udp": True, "ip": "127.0.0.1"},
+                                {"sniffing": dict(SNIFFING)})
         socks = (Inbound(len(out["inbounds"]) - 1, tag, "socks", "127.0.0.1", port,
                          frozenset({"tcp", "udp"})),
                  SocksUpstream("127.0.0.1", port))
-        added.append(tag)
-        changed = True
+    if not any(r.ports == (53, 53) for _, r in doks):
+        server = _dns_server(data)
+        if server is not None:
+            # DNS flows to the core's own DNS server, as a DNS inbound would
+            addr, sport = server
+            tag, port = add_inbound("tun2xray-dns", "dokodemo-door",
+                                    {"address": addr, "port": sport, "network": "tcp,udp"})
+            nets = frozenset({"tcp", "udp"})
+            up53 = DokodemoUpstream("127.0.0.1", port)
+            doks.append((Inbound(len(out["inbounds"]) - 1, tag, "dokodemo-door", "127.0.0.1",
+                                 port, nets, (addr, sport)),
+                         Rule(networks=nets, ports=(53, 53), to=up53, url=f"dokodemo://127.0.0.1:{port}")))
+    changed = out is not data
     if mark is not None or interface:
         out = copy.deepcopy(data) if out is data else out
         _mark_outbounds(out, mark, interface, name)
@@ -411,6 +436,37 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
     if changed and write:
         d.runtime_path = write_runtime(source, out)
     return d
+
+
+def _dns_server(cfg: dict):
+    """(address, port) of the config's first plain DNS server given as an IP
+    address (``"dns": {"servers": ["1.1.1.1", {"address": ..., "port": ...}]}``);
+    DoH/DoT URLs, names, "localhost" and "fakedns" do not count."""
+    dns = cfg.get("dns")
+    servers = dns.get("servers") if isinstance(dns, dict) else None
+    for srv in servers if isinstance(servers, list) else ():
+        port = 53
+        if isinstance(srv, dict):
+            port = _port(srv.get("port", 53))
+            srv = srv.get("address")
+        if not isinstance(srv, str) or port is None:
+            continue
+        addr = srv[len("udp://"):] if srv.startswith("udp://") else srv
+        host, p = addr, None
+        if addr.startswith("[") and "]:" in addr:
+            host, p = addr[1:].split("]:", 1)
+        elif addr.count(":") == 1:
+            host, p = addr.split(":", 1)
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            continue
+        if p is not None:
+            port = _port(p)
+            if port is None:
+                continue
+        return str(ip), port
+    return None
 
 
 def _mark_outbounds(cfg: dict, mark, interface, name) -> None:

@@ -45,15 +45,18 @@ def policy():
                              "downlinkOnly": 30, "bufferSize": 512}}}
 
 
-def node_config(uid: str, far: str, logdir: str, name: str, socks: bool = True) -> str:
+def node_config(uid: str, far: str, logdir: str, name: str, socks: bool = True,
+                dns_inbound: bool = True) -> str:
     inbounds = []
     if socks:
         inbounds.append({"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
                          "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}})
-    inbounds.append({"tag": "dns", "listen": "127.0.0.1", "port": 10853, "protocol": "dokodemo-door",
-                     "settings": {"address": DNS4, "port": 53, "network": "udp"}})
+    if dns_inbound:
+        inbounds.append({"tag": "dns", "listen": "127.0.0.1", "port": 10853,
+                         "protocol": "dokodemo-door",
+                         "settings": {"address": DNS4, "port": 53, "network": "udp"}})
     cfg = {"log": {"loglevel": "warning", "access": os.path.join(logdir, f"node-{name}.access")},
-           "policy": policy(), "inbounds": inbounds,
+           "policy": policy(), "inbounds": inbounds, "dns": {"servers": [DNS4]},
            "outbounds": [{"tag": "far", "protocol": "vmess",
                           "settings": {"vnext": [{"address": far, "port": FAR_PORT,
                                                   "users": [{"id": uid, "alterId": 0,
@@ -91,9 +94,11 @@ class World:
             p = lab.spawn(f"far-{name}", lab.srv_ns, netlab.core_cmd(lab.core, path))
             netlab.wait_port(lab.srv_ns, FAR_PORT, "tcp", proc=p)
         os.makedirs(self.nodes)
-        for name, far, socks in (("a", FAR_A, True), ("b", FAR_B, False)):
+        # a: every inbound; b: no socks inbound; c: no inbounds at all
+        for name, far, socks, dns in (("a", FAR_A, True, True), ("b", FAR_B, False, True),
+                                      ("c", FAR_A, False, False)):
             with open(os.path.join(self.nodes, f"{name}.json"), "w") as f:
-                f.write(node_config(lab.user_id, far, lab.workdir, name, socks))
+                f.write(node_config(lab.user_id, far, lab.workdir, name, socks, dns))
         self.select("a")
 
     def select(self, name):
@@ -296,7 +301,7 @@ def test_node_use_switches_mid_run(running):
     assert w.status()["engine"]["flows_reset"] >= 1
     # the user's node files are untouched; list marks b
     r = w.lab.cli_run(T2X + ["node", "list", "--xray-config", w.link], timeout=10)
-    assert r.stdout.decode().splitlines() == ["  a", "* b"]
+    assert r.stdout.decode().splitlines() == ["  a", "* b", "  c"]
 
 
 @pytest.mark.deadline(60)
@@ -580,3 +585,27 @@ def test_auto_route_follows_a_new_egress(world):
     finally:
         lab.ip(lab.cli_ns, "route", "replace", "default", "via", netlab.VETH_SRV4)
         lab.ip(lab.cli_ns, "link", "del", "xrv2")
+
+
+@pytest.mark.deadline(90)
+def test_client_config_without_inbounds(world):
+    """Node c has outbounds and a DNS server only: tun2xray adds a socks
+    inbound and a DNS dokodemo-door to that server in its runtime config."""
+    w = world
+    w.select("c")
+    w.start()
+    try:
+        st = w.status()["xray"]
+        rt = json.load(open(st["runtime_config"]))
+        assert [(ib["tag"], ib["protocol"]) for ib in rt["inbounds"]] == [
+            ("tun2xray-socks", "socks"), ("tun2xray-dns", "dokodemo-door")]
+        r = dig(w, qtype="AAAA")
+        assert r.stdout.decode().split() == [TARGET6], r.stdout + r.stderr + w.log().encode()
+        flows = w.status()["flows"]
+        dns_port = rt["inbounds"][1]["port"]
+        assert any(f["inbound"] == f"dokodemo://127.0.0.1:{dns_port}" for f in flows), flows
+        assert w.echo(b"node c") == b"node c"
+    finally:
+        w.stop()
+        w.select("a")
+    assert not os.path.exists(st["runtime_config"])           # removed on exit
