@@ -76,7 +76,8 @@ class Client:
         return b"".join((iph, tcph, options, payload))
 
     def syn(self):
-        opts = struct.pack("!BBHBBBBBB", 2, 4, self.mss, 1, 3, 3, self.wscale, 1, 1) + b"\x01\x01\x04\x02"
+        # MSS, NOP WS, NOP NOP SACK-permitted: 4 + 4 + 4 = 12 bytes
+        opts = struct.pack("!BBHBBBB", 2, 4, self.mss, 1, 3, 3, self.wscale) + b"\x01\x01\x04\x02"
         p = self.seg(SYN, options=opts)
         self.snd_nxt = (self.snd_nxt + 1) & M32
         return p
@@ -222,6 +223,8 @@ def bench_conns(count, verify):
         for e in stack.take_events():
             if type(e) is ev.TcpConnectRequest:
                 e.conn.accept()
+            elif type(e) is ev.TcpClosed:
+                done += 1
         stack.poll(now)
         for p in stack.take_output():
             client.take(p)
@@ -233,6 +236,8 @@ def bench_conns(count, verify):
                 c.read()
                 c.write(response)
                 c.shutdown()
+            elif type(e) is ev.TcpClosed:
+                done += 1
         stack.poll(now)
         for p in stack.take_output():
             client.take(p)
