@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import pytest
 
@@ -274,9 +275,11 @@ def test_node_use_switches_mid_run(running):
     assert old.recv(100) == b"hello a"
     assert w.status()["xray"]["node"].endswith("a.json")
     before_b = w.far_log("b")
+    t0 = time.monotonic()
     r = w.lab.cli_run(T2X + ["node", "use", "b", "--xray-config", w.link, "--control", w.ctl],
                       timeout=40)
     assert r.returncode == 0, r.stderr.decode() + w.log()
+    print(f"node use b -> switched: {time.monotonic() - t0:.2f} s")
     assert os.readlink(w.link) == "nodes/b.json"
     st = w.status()["xray"]
     assert st["node"] == os.path.join(w.nodes, "b.json") and st["switches"] == 1
