@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
     r.add_argument("--auto-route", action="store_true",
                    help="route everything through the TUN (policy routing; needs --xray-config)")
+    r.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes, one per queue of a multi-queue tun:// device (default 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
     s.add_argument("--control", default=DEFAULT_CONTROL)
@@ -184,6 +186,10 @@ def _cmd_run(args, xs) -> int:
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
+    from .workers import run_supervised, worker_count
+    n = worker_count(args)
+    if n > 1:
+        return run_supervised(args, settings, xs, n)
     try:
         device = open_device(args.device, mtu=settings.mtu,
                              addresses=[settings.address, settings.address6])

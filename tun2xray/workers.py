@@ -1,0 +1,722 @@
+"""Many cores: one worker process per queue of a multi-queue TUN (``--workers N``).
+
+The supervisor is the ``tun2xray run`` process. It creates the TUN with
+``IFF_MULTI_QUEUE`` (MTU, addresses and link up once), keeps the first queue
+as a *keeper* that it detaches at once (``TUNSETQUEUE`` / ``IFF_DETACH_QUEUE``:
+the interface stays while a detached queue is open, but the kernel steers no
+packets to it), and starts N workers::
+
+    tun2xray run (supervisor)            keeper fd (detached queue)
+      ├── python -m tun2xray.workers     queue fd 0, its own Stack + Engine + upstreams
+      └── python -m tun2xray.workers     queue fd 1, ...
+
+Each worker gets a fresh queue fd (``keeper.open_queue()`` in the supervisor,
+inherited through ``pass_fds``; the supervisor closes its copy, so a queue
+lives exactly as long as its worker) and one end of a socketpair, the
+*channel*. The kernel keeps each flow on one queue (by hash, then by the
+queue that last wrote the flow's packets), so each flow lives in one
+worker's stack.
+
+Channel messages are length-prefixed pickles of small dicts, between a
+parent and its own child only: the first one carries the worker's spec
+(device fd, router, stack settings), the worker answers ``{"ready": pid}``
+(or ``{"error": reason}``), then requests ``{"id": n, "cmd": "status"}`` or
+``{"id": n, "cmd": "router", "router": ...}`` (node switch: new router,
+reset every flow) get one reply each carrying the same ``id``.
+
+The supervisor's ``--control`` socket answers with `aggregate()`: counters
+summed over the workers, flows concatenated with a ``worker`` id, and a
+``workers`` list (pid, alive, restarts). A worker that dies is restarted with
+backoff (and counted); its counters restart from zero with it.
+
+Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
+(SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
+its last queue. Workers ask for SIGTERM when the supervisor dies
+(``PR_SET_PDEATHSIG``) and also stop when the channel reaches EOF, so no
+worker outlives it. Workers ignore SIGINT (a Ctrl-C reaches the whole
+process group; the supervisor decides).
+
+This module's top level imports little: a worker's RSS is what it imports
+plus its flows (no argparse, no pyroute2 in workers).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import time
+
+TUNSETQUEUE = 0x400454D9        # _IOW('T', 217, int)
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+PR_SET_PDEATHSIG = 1
+
+MAX_WORKERS = 64
+MAX_MESSAGE = 64 << 20          # a status with many flows is far below this
+READY_TIMEOUT = 20.0
+REQUEST_TIMEOUT = 3.0
+STOP_GRACE = 5.0
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 30.0             # a worker that ran this long restarts at the first delay
+
+_LEN = struct.Struct("!I")
+
+
+class WorkerError(Exception):
+    """A worker could not start (one line, for the CLI)."""
+
+
+# --------------------------------------------------------------------------
+# framing on the channel (blocking side: the supervisor; non-blocking: workers)
+
+def frame(msg: dict) -> bytes:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LEN.pack(len(body)) + body
+
+
+def unframe(buf: bytearray) -> list:
+    """Take every complete message off the front of buf."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = _LEN.unpack_from(buf)
+        if n > MAX_MESSAGE:
+            raise ValueError(f"channel message of {n} bytes")
+        if len(buf) < 4 + n:
+            break
+        out.append(pickle.loads(bytes(memoryview(buf)[4:4 + n])))
+        del buf[:4 + n]
+    return out
+
+
+def detach_queue(fd: int) -> None:
+    """Stop the kernel from steering packets to this queue; the fd (and with
+    it the interface) stays."""
+    import fcntl
+
+    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH22x", b"", IFF_DETACH_QUEUE))
+
+
+# --------------------------------------------------------------------------
+# aggregation (pure: unit-tested)
+
+def _sum_into(acc: dict, d: dict) -> None:
+    """Add d's numbers into acc, recursing into dicts; other values: the
+    first one seen wins (names, MTUs)."""
+    for k, v in d.items():
+        if isinstance(v, bool):
+            acc.setdefault(k, v)
+        elif isinstance(v, (int, float)):
+            cur = acc.get(k)
+            if isinstance(cur, (int, float)) and not isinstance(cur, bool):
+                acc[k] = cur + v
+            elif cur is None:
+                acc[k] = v
+        elif isinstance(v, dict):
+            sub = acc.get(k)
+            if not isinstance(sub, dict):
+                sub = acc[k] = {}
+            _sum_into(sub, v)
+        else:
+            acc.setdefault(k, v)
+
+
+_FIXED = ("name", "mtu")   # device keys that are the same in every worker, not summed
+
+
+def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu: int = 0) -> dict:
+    """One engine-shaped status from the workers' statuses.
+
+    ``workers``: list of dicts ``{"id", "pid", "alive", "restarts",
+    "status"}`` where status is the worker's ``Engine.status()`` or None
+    (dead or unresponsive). Counters are summed, flows concatenated with
+    their worker id, and a ``workers`` list tells each worker's share."""
+    device = {"name": device_name, "mtu": mtu}
+    stack: dict = {}
+    engine: dict = {}
+    flows = []
+    assocs = 0
+    summary = []
+    for w in workers:
+        st = w.get("status")
+        row = {"id": w["id"], "pid": w.get("pid"), "alive": bool(w.get("alive")),
+               "restarts": w.get("restarts", 0), "responding": st is not None}
+        if st is not None:
+            for k, v in st.get("device", {}).items():
+                if k in _FIXED:
+                    continue
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    device[k] = device.get(k, 0) + v
+            _sum_into(stack, st.get("stack", {}))
+            _sum_into(engine, st.get("engine", {}))
+            assocs += st.get("udp_associations", 0)
+            wf = st.get("flows", [])
+            for f in wf:
+                f = dict(f)
+                f["worker"] = w["id"]
+                flows.append(f)
+            e = st.get("engine", {})
+            row.update(uptime=st.get("uptime", 0.0), flows=len(wf),
+                       tcp_opened=e.get("tcp_opened", 0), udp_opened=e.get("udp_opened", 0),
+                       rx_packets=st.get("device", {}).get("rx_packets", 0))
+        summary.append(row)
+    return {
+        "uptime": round(uptime, 3),
+        "device": device,
+        "stack": stack,
+        "engine": engine,
+        "udp_associations": assocs,
+        "flows": flows,
+        "workers": summary,
+        "worker_restarts": sum(r["restarts"] for r in summary),
+    }
+
+
+def next_backoff(delay: float, ran_for: float) -> float:
+    """The wait before the next restart: doubled after a short life, reset
+    after a stable one."""
+    if ran_for >= STABLE_AFTER or delay <= 0:
+        return BACKOFF_FIRST
+    return min(delay * 2, BACKOFF_MAX)
+
+
+# --------------------------------------------------------------------------
+# CLI glue
+
+def default_workers() -> int:
+    """The default when --workers is not given: 1 (see the module report:
+    the number of cores only once multi-queue passes the whole e2e suite)."""
+    return 1
+
+
+def worker_count(args) -> int:
+    """--workers from the flags, checked; raises the CLI's UsageError."""
+    from .cli import UsageError
+
+    n = getattr(args, "workers", None)
+    if n is None:
+        return default_workers()
+    if not 1 <= n <= MAX_WORKERS:
+        raise UsageError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
+    if n > 1:
+        if not args.device.lower().startswith("tun://"):
+            raise UsageError(f"--workers {n}: needs a tun:// device (one queue per worker)")
+        if args.record:
+            raise UsageError(f"--workers {n}: --record needs --workers 1 (one capture, one stack)")
+    return n
+
+
+def multiqueue_url(url: str) -> str:
+    """tun://NAME[?opts] with multiqueue=1 set."""
+    from urllib.parse import parse_qsl, urlencode
+
+    base, _, query = url.partition("?")
+    opts = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "multiqueue"]
+    opts.append(("multiqueue", "1"))
+    return base + "?" + urlencode(opts)
+
+
+def run_supervised(args, settings, xs, n: int) -> int:
+    """`tun2xray run --workers N` (N > 1): open the multi-queue TUN, serve
+    with N workers until SIGINT/SIGTERM. Exit status as cmd_run's."""
+    from .cli import UsageError, _run_loop
+    from .device import DeviceError, open_device
+
+    url = multiqueue_url(args.device)
+    try:
+        keeper = open_device(url, mtu=settings.mtu, addresses=[settings.address, settings.address6])
+    except DeviceError as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    sup = None
+    try:
+        detach_queue(keeper.fileno())
+        if xs is not None:
+            xs.route_up(keeper.name)
+        sup = Supervisor(keeper, settings, n, log_level=args.log_level)
+        return _run_loop(sup.serve(xs))
+    finally:
+        if sup is not None:
+            sup.kill_all()
+        keeper.close()
+
+
+# --------------------------------------------------------------------------
+# supervisor
+
+class WorkerHandle:
+    """The supervisor's view of one worker slot (it survives restarts)."""
+
+    __slots__ = ("id", "proc", "chan", "buf", "req", "restarts", "started", "delay",
+                 "restart_at", "last_exit")
+
+    def __init__(self, wid: int):
+        self.id = wid
+        self.proc = None
+        self.chan = None
+        self.buf = bytearray()
+        self.req = 0
+        self.restarts = 0
+        self.started = 0.0
+        self.delay = 0.0
+        self.restart_at = None
+        self.last_exit = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def close_channel(self) -> None:
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
+        self.buf.clear()
+
+    def _read_until(self, want, timeout: float):
+        """Blocking read of messages until want(msg); None on EOF/timeout.
+        Messages before the wanted one (late replies, a restart's "ready")
+        are dropped; those after it stay for the next call."""
+        chan = self.chan
+        deadline = time.monotonic() + timeout
+        while True:
+            msgs = unframe(self.buf)
+            for i, m in enumerate(msgs):
+                if want(m):
+                    self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
+                    return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            chan.settimeout(left)
+            try:
+                data = chan.recv(1 << 20)
+            except (TimeoutError, socket.timeout):
+                return None
+            if not data:
+                return None
+            self.buf += data
+
+    def request(self, msg: dict, timeout: float = REQUEST_TIMEOUT):
+        """Send msg, return the reply with its id (None if the worker is
+        gone or slow; a late reply is skipped by the next request)."""
+        if self.chan is None or not self.alive:
+            return None
+        self.req += 1
+        rid = msg["id"] = self.req
+        try:
+            self.chan.settimeout(timeout)
+            self.chan.sendall(frame(msg))
+            return self._read_until(lambda m: m.get("id") == rid, timeout)
+        except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+            return None
+
+
+class Supervisor:
+    def __init__(self, keeper, settings, n: int, *, log_level: str = "info"):
+        import logging
+
+        self.log = logging.getLogger("tun2xray.workers")
+        self.keeper = keeper
+        self.settings = settings
+        self.n = n
+        self.log_level = log_level
+        self.workers = [WorkerHandle(i) for i in range(n)]
+        self.started = time.time()
+        self.stopping = False
+        self.loop = None
+        self._stop = None
+
+    # -- workers
+
+    def spec(self, w: WorkerHandle, dev_fd: int) -> dict:
+        s = self.settings
+        k = self.keeper
+        return {
+            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": k.url,
+            "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
+            "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
+            "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
+            "log_level": self.log_level,
+        }
+
+    def spawn(self, w: WorkerHandle) -> None:
+        """Start worker w on a fresh queue (blocking until the spec is sent)."""
+        import subprocess
+
+        q = self.keeper.open_queue()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            dev_fd, ch_fd = q.fileno(), theirs.fileno()
+            argv = [sys.executable, "-m", "tun2xray.workers", "--channel", str(ch_fd),
+                    "--parent", str(os.getpid())]
+            env = dict(os.environ)
+            # the child must import this same tree (a source checkout run with -m)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd), stdin=subprocess.DEVNULL, env=env)
+        finally:
+            # the queue and the far end now live in the child only
+            q.close()
+            theirs.close()
+        w.chan = ours
+        w.buf.clear()
+        w.started = time.monotonic()
+        w.restart_at = None
+        try:
+            ours.settimeout(5)
+            ours.sendall(frame(self.spec(w, dev_fd)))
+        except OSError:
+            pass    # it died at once: the monitor sees it
+
+    def start_all(self) -> None:
+        """Start every worker and wait until each serves (WorkerError if not)."""
+        for w in self.workers:
+            self.spawn(w)
+        for w in self.workers:
+            m = w._read_until(lambda m: "ready" in m or "error" in m, READY_TIMEOUT) if w.chan else None
+            if m is None or "error" in m:
+                why = m["error"] if m else (f"exited with {w.proc.poll()}" if not w.alive
+                                            else f"not ready within {READY_TIMEOUT:g}s")
+                raise WorkerError(f"worker {w.id}: {why}")
+
+    def kill_all(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every worker, wait, SIGKILL stragglers (blocking; idempotent)."""
+        live = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
+        for w in live:
+            try:
+                w.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for w in live:
+            try:
+                w.proc.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                w.proc.kill()
+                w.proc.wait()
+        for w in self.workers:
+            w.close_channel()
+
+    async def _monitor(self) -> None:
+        import asyncio
+
+        while not self.stopping:
+            now = time.monotonic()
+            for w in self.workers:
+                if self.stopping:
+                    break
+                if w.proc is not None and w.restart_at is None and w.proc.poll() is not None:
+                    ran = now - w.started
+                    w.last_exit = w.proc.returncode
+                    w.close_channel()
+                    w.delay = next_backoff(w.delay, ran)
+                    w.restart_at = now + w.delay
+                    self.log.warning("worker %d (pid %d) exited with %s after %.1fs; restart in %.1fs",
+                                     w.id, w.proc.pid, w.proc.returncode, ran, w.delay)
+                elif w.restart_at is not None and now >= w.restart_at:
+                    w.restarts += 1
+                    try:
+                        self.spawn(w)
+                    except Exception as e:          # no queue now (interface trouble): retry later
+                        w.delay = next_backoff(w.delay, 0.0)
+                        w.restart_at = now + w.delay
+                        self.log.error("worker %d restart failed: %s; retry in %.1fs", w.id, e, w.delay)
+                    else:
+                        self.log.info("worker %d restarted (pid %d)", w.id, w.proc.pid)
+            await asyncio.sleep(0.2)
+
+    # -- status and control
+
+    def worker_status(self) -> list:
+        out = []
+        for w in self.workers:
+            rep = w.request({"cmd": "status"})
+            out.append({"id": w.id, "pid": w.proc.pid if w.proc is not None else None,
+                        "alive": w.alive, "restarts": w.restarts,
+                        "status": rep.get("status") if rep else None})
+        return out
+
+    def status(self) -> dict:
+        st = aggregate(self.worker_status(), uptime=time.time() - self.started,
+                       device_name=self.keeper.name, mtu=self.keeper.mtu)
+        return st
+
+    def reset_flows(self) -> int:
+        """For XraySession.switch(): every worker takes the router as it is
+        now and resets its flows; returns how many flows were reset."""
+        total = 0
+        for w in self.workers:
+            rep = w.request({"cmd": "router", "router": self.settings.router})
+            if rep:
+                total += rep.get("reset", 0)
+        return total
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self._stop is not None and not self._stop.done():
+            self._stop.set_result(None)
+
+    async def serve(self, xs=None) -> int:
+        import asyncio
+
+        from . import state
+        from .cli import UsageError
+
+        self.loop = loop = asyncio.get_running_loop()
+        self._stop = loop.create_future()
+        lifecycle = state.Lifecycle()
+        lifecycle.set(state.CONNECTING, "starting")
+        try:
+            self.start_all()
+        except WorkerError as e:
+            lifecycle.set(state.ERROR, str(e))
+            print(f"tun2xray: error: {e}", file=sys.stderr)
+            return 1
+        status_fn = self.status
+        if xs is not None:
+            # the session resets flows through us (engine.reset_flows()) on a node switch
+            xs.attach(self, self.settings.router)
+            status_fn = xs.wrap_status(status_fn)
+        inner = status_fn
+
+        def composed():
+            return state.compose(lifecycle, inner())
+
+        def on_signal():
+            lifecycle.set(state.DISCONNECTING)
+            self.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+        up = self.settings.router.default
+        watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+        monitor = loop.create_task(self._monitor())
+        server = None
+        ctl = self.settings.control
+        if ctl:
+            from .control import serve_control
+            try:
+                server = await serve_control(ctl, composed)
+            except (ValueError, OSError) as e:
+                watcher.cancel()
+                monitor.cancel()
+                raise UsageError(f"--control: {e}") from None
+        self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
+                      self.keeper.mtu, self.n, self.settings.router.default_url)
+        try:
+            await self._stop
+        finally:
+            self.stopping = True
+            watcher.cancel()
+            monitor.cancel()
+            if xs is not None:
+                xs.detach()
+            await loop.run_in_executor(None, self.kill_all)
+            if server is not None:
+                server.close()
+                from .control import control_path
+                try:
+                    os.unlink(control_path(ctl))
+                except OSError:
+                    pass
+        lifecycle.set(state.DISCONNECTED)
+        self.log.info("stopped")
+        return 0
+
+
+# --------------------------------------------------------------------------
+# worker
+
+class _QueueFd:
+    """What TunDevice wants from a pytun object: the inherited queue fd."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pdeathsig(parent: int) -> None:
+    """SIGTERM to us when the supervisor dies; gone already: exit now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _read_spec(chan: socket.socket, timeout: float = 10.0) -> dict:
+    chan.settimeout(timeout)
+    buf = bytearray()
+    while True:
+        msgs = unframe(buf)
+        if msgs:
+            return msgs[0]
+        data = chan.recv(1 << 16)
+        if not data:
+            raise EOFError("the supervisor closed the channel")
+        buf += data
+
+
+def worker_device(spec: dict):
+    if spec["offload"]:
+        from .device.offload import OffloadTunDevice as cls
+    else:
+        from .device.linux_tun import TunDevice as cls
+    os.set_blocking(spec["fd"], False)
+    return cls(_QueueFd(spec["fd"]), name=spec["name"], mtu=spec["mtu"], url=spec["url"],
+               created=False, flags=spec["flags"])
+
+
+class WorkerChannel:
+    """The worker's end of the channel, on its event loop."""
+
+    def __init__(self, chan: socket.socket, engine, loop):
+        self.chan = chan
+        self.engine = engine
+        self.loop = loop
+        self.buf = bytearray()
+        self.out = bytearray()
+        chan.setblocking(False)
+        loop.add_reader(chan.fileno(), self._readable)
+
+    def send(self, msg: dict) -> None:
+        self.out += frame(msg)
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            while self.out:
+                n = self.chan.send(self.out)
+                del self.out[:n]
+        except BlockingIOError:
+            self.loop.add_writer(self.chan.fileno(), self._writable)
+            return
+        except OSError:
+            self.out.clear()
+            return
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.chan.fileno())
+        self._flush()
+
+    def _readable(self) -> None:
+        try:
+            data = self.chan.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            # the supervisor is gone (or closed us): stop
+            self.close()
+            self.engine.stop()
+            return
+        self.buf += data
+        try:
+            msgs = unframe(self.buf)
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            self.close()
+            self.engine.stop()
+            return
+        for m in msgs:
+            self.handle(m)
+
+    def handle(self, m: dict) -> None:
+        cmd = m.get("cmd")
+        rid = m.get("id")
+        if cmd == "status":
+            self.send({"id": rid, "status": self.engine.status()})
+        elif cmd == "router":
+            self.engine.router = m["router"]
+            self.send({"id": rid, "reset": self.engine.reset_flows()})
+        else:
+            self.send({"id": rid, "error": f"unknown command {cmd!r}"})
+
+    def close(self) -> None:
+        try:
+            self.loop.remove_reader(self.chan.fileno())
+            self.loop.remove_writer(self.chan.fileno())
+        except (ValueError, OSError):
+            pass
+
+
+async def _worker_serve(spec: dict, chan: socket.socket) -> int:
+    import asyncio
+
+    from netstack import StackConfig
+
+    from .engine import Engine
+
+    loop = asyncio.get_running_loop()
+    try:
+        device = worker_device(spec)
+    except Exception as e:
+        chan.sendall(frame({"error": f"cannot use queue fd {spec.get('fd')}: {e}"}))
+        return 1
+    try:
+        cfg = StackConfig(mtu=device.mtu, udp_timeout=spec["udp_timeout"], max_flows=spec["max_flows"],
+                          icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
+        engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"])
+        loop.add_signal_handler(signal.SIGTERM, engine.stop)
+        ch = WorkerChannel(chan, engine, loop)
+        task = loop.create_task(engine.run())
+        await asyncio.sleep(0)
+        ch.send({"ready": os.getpid()})
+        await task
+        ch.close()
+    finally:
+        device.close()
+    if engine.error:
+        import logging
+        logging.getLogger("tun2xray.workers").error("worker %d stopped: %s", spec["id"], engine.error)
+        return 1
+    return 0
+
+
+def worker_main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tun2xray.workers",
+                                description="one tun2xray worker (started by `tun2xray run --workers N`)")
+    p.add_argument("--channel", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    a = p.parse_args(argv)
+    del argparse, p
+    _pdeathsig(a.parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    chan = socket.socket(fileno=a.channel)
+    try:
+        spec = _read_spec(chan)
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
+        return 1
+    import logging
+
+    logging.basicConfig(level=getattr(logging, str(spec["log_level"]).upper(), logging.INFO),
+                        stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec['id']}]: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+        return asyncio.run(_worker_serve(spec, chan))
+    return uvloop.run(_worker_serve(spec, chan))
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
