@@ -187,19 +187,25 @@ def next_backoff(delay: float, ran_for: float) -> float:
 # --------------------------------------------------------------------------
 # CLI glue
 
-def default_workers() -> int:
-    """The default when --workers is not given: 1 (see the module report:
-    the number of cores only once multi-queue passes the whole e2e suite)."""
-    return 1
+DEFAULT_WORKERS = 1             # without --workers and without TUN2XRAY_WORKERS
 
 
 def worker_count(args) -> int:
-    """--workers from the flags, checked; raises the CLI's UsageError."""
+    """--workers from the flags (else the TUN2XRAY_WORKERS environment
+    variable, else DEFAULT_WORKERS), checked; raises the CLI's UsageError."""
     from .cli import UsageError
 
     n = getattr(args, "workers", None)
     if n is None:
-        return default_workers()
+        env = os.environ.get("TUN2XRAY_WORKERS", "").strip()
+        if not env:
+            return DEFAULT_WORKERS
+        try:
+            n = int(env)
+        except ValueError:
+            raise UsageError(f"TUN2XRAY_WORKERS={env!r}: not a number") from None
+        if n > 1 and (args.record or not args.device.lower().startswith("tun://")):
+            return 1        # a default for every run: only where it can apply
     if not 1 <= n <= MAX_WORKERS:
         raise UsageError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
     if n > 1:

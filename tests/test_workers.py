@@ -1,0 +1,273 @@
+"""tun2xray.workers without processes: channel framing, status aggregation,
+restart backoff, --workers parsing, and both ends of the channel (the
+supervisor's blocking requests against a worker's loop in a thread)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import threading
+
+import pytest
+
+from tun2xray import workers
+from tun2xray.cli import UsageError
+from tun2xray.workers import (BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER, WorkerChannel,
+                              WorkerHandle, aggregate, frame, multiqueue_url, next_backoff,
+                              unframe, worker_count)
+
+
+# --- framing -------------------------------------------------------------------
+
+def test_frame_roundtrip_in_pieces():
+    msgs = [{"id": 1, "cmd": "status"}, {"ready": 42}, {"id": 2, "status": {"flows": [1] * 100}}]
+    wire = b"".join(frame(m) for m in msgs)
+    buf = bytearray()
+    got = []
+    for i in range(0, len(wire), 7):         # arrives in odd-sized chunks
+        buf += wire[i:i + 7]
+        got += unframe(buf)
+    assert got == msgs
+    assert buf == b""
+
+
+def test_unframe_keeps_a_partial_message():
+    wire = frame({"a": 1})
+    buf = bytearray(wire[:-1])
+    assert unframe(buf) == []
+    assert len(buf) == len(wire) - 1
+    buf += wire[-1:]
+    assert unframe(buf) == [{"a": 1}]
+
+
+def test_unframe_refuses_a_huge_length():
+    buf = bytearray(b"\xff\xff\xff\xff" + b"x" * 10)
+    with pytest.raises(ValueError):
+        unframe(buf)
+
+
+# --- aggregation ---------------------------------------------------------------
+
+def engine_status(tcp_opened, flows, rx, drops, states, assocs=0):
+    return {
+        "uptime": 5.0,
+        "device": {"name": "wk0", "mtu": 1500, "rx_packets": rx, "tx_packets": rx * 2},
+        "stack": {"tcp_flows": len(flows), "drops": drops, "tcp_states": states, "pending": 0},
+        "engine": {"tcp_opened": tcp_opened, "udp_opened": 1},
+        "udp_associations": assocs,
+        "flows": [{"proto": "tcp", "src": f"198.18.0.1:{p}", "dst": "10.0.0.1:80"} for p in flows],
+    }
+
+
+def test_aggregate_sums_counters_and_tags_flows():
+    w = [
+        {"id": 0, "pid": 100, "alive": True, "restarts": 0,
+         "status": engine_status(3, [1000, 1001], 10, {"bad_checksum": 1}, {"ESTABLISHED": 2}, 1)},
+        {"id": 1, "pid": 101, "alive": True, "restarts": 2,
+         "status": engine_status(5, [2000], 7, {"bad_checksum": 2, "no_flow": 4},
+                                 {"ESTABLISHED": 1, "TIME_WAIT": 3}, 2)},
+    ]
+    st = aggregate(w, uptime=9.5, device_name="wk0", mtu=1500)
+    assert st["device"] == {"name": "wk0", "mtu": 1500, "rx_packets": 17, "tx_packets": 34}
+    assert st["engine"] == {"tcp_opened": 8, "udp_opened": 2}
+    assert st["stack"]["drops"] == {"bad_checksum": 3, "no_flow": 4}
+    assert st["stack"]["tcp_states"] == {"ESTABLISHED": 3, "TIME_WAIT": 3}
+    assert st["stack"]["tcp_flows"] == 3
+    assert st["udp_associations"] == 3
+    assert [(f["src"], f["worker"]) for f in st["flows"]] == [
+        ("198.18.0.1:1000", 0), ("198.18.0.1:1001", 0), ("198.18.0.1:2000", 1)]
+    assert [(r["id"], r["pid"], r["flows"], r["tcp_opened"], r["restarts"]) for r in st["workers"]] == [
+        (0, 100, 2, 3, 0), (1, 101, 1, 5, 2)]
+    assert st["worker_restarts"] == 2
+    assert st["uptime"] == 9.5
+    # the inputs are not modified (flows are copied before tagging)
+    assert "worker" not in w[0]["status"]["flows"][0]
+
+
+def test_aggregate_with_a_dead_worker():
+    w = [
+        {"id": 0, "pid": 100, "alive": True, "restarts": 1,
+         "status": engine_status(3, [1000], 10, {}, {"ESTABLISHED": 1})},
+        {"id": 1, "pid": 101, "alive": False, "restarts": 1, "status": None},
+    ]
+    st = aggregate(w, device_name="wk0", mtu=9000)
+    assert st["engine"]["tcp_opened"] == 3
+    assert st["device"]["mtu"] == 9000 and st["device"]["rx_packets"] == 10
+    assert st["workers"][1] == {"id": 1, "pid": 101, "alive": False, "restarts": 1, "responding": False}
+    assert st["worker_restarts"] == 2
+    assert len(st["flows"]) == 1
+
+
+def test_aggregate_of_nothing_has_the_engine_shape():
+    st = aggregate([], device_name="wk0", mtu=1500)
+    for key in ("uptime", "device", "stack", "engine", "udp_associations", "flows"):
+        assert key in st
+    assert st["flows"] == [] and st["engine"] == {}
+
+
+# --- restart backoff -----------------------------------------------------------
+
+def test_backoff_doubles_caps_and_resets():
+    d = next_backoff(0.0, 0.1)
+    assert d == BACKOFF_FIRST
+    seen = [d]
+    for _ in range(12):
+        d = next_backoff(d, 0.1)
+        seen.append(d)
+    assert seen[1] == 2 * BACKOFF_FIRST
+    assert max(seen) == BACKOFF_MAX and seen[-1] == BACKOFF_MAX
+    assert next_backoff(BACKOFF_MAX, STABLE_AFTER) == BACKOFF_FIRST
+
+
+# --- flags ---------------------------------------------------------------------
+
+def args(device="tun://wk0", workers=None, record=None):
+    return argparse.Namespace(device=device, workers=workers, record=record)
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.delenv("TUN2XRAY_WORKERS", raising=False)
+    assert worker_count(args()) == workers.DEFAULT_WORKERS
+    assert worker_count(args(workers=3)) == 3
+    assert worker_count(args(device="unix:///tmp/x", workers=1)) == 1
+    for bad, needle in ((args(workers=0), "between"), (args(workers=65), "between"),
+                        (args(device="fd://3", workers=2), "tun://"),
+                        (args(workers=2, record="x.pcap"), "--record")):
+        with pytest.raises(UsageError, match=needle):
+            worker_count(bad)
+
+
+def test_worker_count_from_environment(monkeypatch):
+    monkeypatch.setenv("TUN2XRAY_WORKERS", "2")
+    assert worker_count(args()) == 2
+    assert worker_count(args(workers=1)) == 1                 # the flag wins
+    assert worker_count(args(device="unix:///tmp/x")) == 1    # a default only where it applies
+    assert worker_count(args(record="x.pcap")) == 1
+    monkeypatch.setenv("TUN2XRAY_WORKERS", "two")
+    with pytest.raises(UsageError, match="TUN2XRAY_WORKERS"):
+        worker_count(args())
+
+
+def test_multiqueue_url():
+    assert multiqueue_url("tun://wk0") == "tun://wk0?multiqueue=1"
+    assert multiqueue_url("tun://wk0?offload=1") == "tun://wk0?offload=1&multiqueue=1"
+    assert multiqueue_url("tun://wk0?multiqueue=0&offload=1") == "tun://wk0?offload=1&multiqueue=1"
+
+
+def test_cli_accepts_workers_flag():
+    from tun2xray.cli import build_parser
+    a = build_parser().parse_args(["run", "--device", "tun://wk0", "--proxy", "socks5://127.0.0.1:1",
+                                   "--workers", "2"])
+    assert a.workers == 2
+
+
+# --- the channel, both ends ----------------------------------------------------
+
+class FakeEngine:
+    def __init__(self):
+        self.router = "old"
+        self.stopped = threading.Event()
+        self.resets = 0
+
+    def status(self):
+        return {"engine": {"tcp_opened": 7}, "flows": []}
+
+    def reset_flows(self):
+        self.resets += 1
+        return 5
+
+    def stop(self):
+        self.stopped.set()
+
+
+class AliveProc:
+    pid = 1
+
+    def poll(self):
+        return None
+
+
+@pytest.fixture
+def channel():
+    """A worker channel on a loop in a thread, and the supervisor's handle."""
+    ours, theirs = socket.socketpair()
+    eng = FakeEngine()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box = {}
+
+    def run():
+        asyncio.set_event_loop(loop)
+        box["ch"] = WorkerChannel(theirs, eng, loop)
+        ready.set()
+        loop.run_forever()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    ready.wait(5)
+    w = WorkerHandle(0)
+    w.proc = AliveProc()
+    w.chan = ours
+    try:
+        yield w, eng, box["ch"], loop
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+        ours.close()
+        theirs.close()
+
+
+def test_status_and_router_requests(channel):
+    w, eng, ch, loop = channel
+    rep = w.request({"cmd": "status"}, timeout=5)
+    assert rep == {"id": 1, "status": {"engine": {"tcp_opened": 7}, "flows": []}}
+    rep = w.request({"cmd": "router", "router": "new"}, timeout=5)
+    assert rep == {"id": 2, "reset": 5}
+    assert eng.router == "new" and eng.resets == 1
+    rep = w.request({"cmd": "bogus"}, timeout=5)
+    assert rep["id"] == 3 and "unknown command" in rep["error"]
+
+
+def test_unsolicited_and_late_messages_are_skipped(channel):
+    w, eng, ch, loop = channel
+    # a restart's "ready" and a reply to a request that timed out earlier
+    loop.call_soon_threadsafe(ch.send, {"ready": 99})
+    loop.call_soon_threadsafe(ch.send, {"id": 0, "status": "stale"})
+    rep = w.request({"cmd": "status"}, timeout=5)
+    assert rep["id"] == 1 and rep["status"]["engine"] == {"tcp_opened": 7}
+
+
+def test_request_to_a_dead_worker_is_none(channel):
+    w, eng, ch, loop = channel
+
+    class Dead:
+        pid = 1
+
+        def poll(self):
+            return 1
+    w.proc = Dead()
+    assert w.request({"cmd": "status"}, timeout=1) is None
+
+
+def test_request_times_out_without_a_reply():
+    ours, theirs = socket.socketpair()
+    try:
+        w = WorkerHandle(0)
+        w.proc = AliveProc()
+        w.chan = ours
+        assert w.request({"cmd": "status"}, timeout=0.2) is None
+        # the worker answers late: the next request skips that reply
+        theirs.sendall(frame({"id": 1, "status": "late"}) + frame({"id": 2, "status": "fresh"}))
+        assert w.request({"cmd": "status"}, timeout=1) == {"id": 2, "status": "fresh"}
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_worker_stops_when_the_supervisor_goes(channel):
+    w, eng, ch, loop = channel
+    w.chan.close()
+    w.chan = None
+    assert eng.stopped.wait(5), "EOF on the channel did not stop the engine"
