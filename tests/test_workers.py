@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from tun2xray import workers
-from tun2xray.cli import UsageError
+from tun2xray.workers import WorkerError
 from tun2xray.workers import (BACKOFF_FIRST, BACKOFF_MAX, STABLE_AFTER, WorkerChannel,
                               WorkerHandle, aggregate, frame, multiqueue_url, next_backoff,
                               unframe, worker_count)
@@ -134,7 +134,7 @@ def test_worker_count(monkeypatch):
     for bad, needle in ((args(workers=0), "between"), (args(workers=65), "between"),
                         (args(device="fd://3", workers=2), "tun://"),
                         (args(workers=2, record="x.pcap"), "--record")):
-        with pytest.raises(UsageError, match=needle):
+        with pytest.raises(WorkerError, match=needle):
             worker_count(bad)
 
 
@@ -145,7 +145,7 @@ def test_worker_count_from_environment(monkeypatch):
     assert worker_count(args(device="unix:///tmp/x")) == 1    # a default only where it applies
     assert worker_count(args(record="x.pcap")) == 1
     monkeypatch.setenv("TUN2XRAY_WORKERS", "two")
-    with pytest.raises(UsageError, match="TUN2XRAY_WORKERS"):
+    with pytest.raises(WorkerError, match="TUN2XRAY_WORKERS"):
         worker_count(args())
 
 

@@ -186,10 +186,13 @@ def _cmd_run(args, xs) -> int:
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
-    from .workers import run_supervised, worker_count
-    n = worker_count(args)
-    if n > 1:
-        return run_supervised(args, settings, xs, n)
+    from .workers import WorkerError, run_supervised, worker_count
+    try:
+        n = worker_count(args)
+        if n > 1:
+            return run_supervised(args, settings, xs, n)
+    except WorkerError as e:
+        raise UsageError(str(e)) from None
     try:
         device = open_device(args.device, mtu=settings.mtu,
                              addresses=[settings.address, settings.address6])

@@ -68,7 +68,8 @@ _LEN = struct.Struct("!I")
 
 
 class WorkerError(Exception):
-    """A worker could not start (one line, for the CLI)."""
+    """A bad --workers setup or a worker that could not start: one line,
+    which the CLI prints as its error (exit status 2)."""
 
 
 # --------------------------------------------------------------------------
@@ -192,9 +193,7 @@ DEFAULT_WORKERS = 1             # without --workers and without TUN2XRAY_WORKERS
 
 def worker_count(args) -> int:
     """--workers from the flags (else the TUN2XRAY_WORKERS environment
-    variable, else DEFAULT_WORKERS), checked; raises the CLI's UsageError."""
-    from .cli import UsageError
-
+    variable, else DEFAULT_WORKERS), checked; raises WorkerError."""
     n = getattr(args, "workers", None)
     if n is None:
         env = os.environ.get("TUN2XRAY_WORKERS", "").strip()
@@ -203,16 +202,16 @@ def worker_count(args) -> int:
         try:
             n = int(env)
         except ValueError:
-            raise UsageError(f"TUN2XRAY_WORKERS={env!r}: not a number") from None
+            raise WorkerError(f"TUN2XRAY_WORKERS={env!r}: not a number") from None
         if n > 1 and (args.record or not args.device.lower().startswith("tun://")):
             return 1        # a default for every run: only where it can apply
     if not 1 <= n <= MAX_WORKERS:
-        raise UsageError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
+        raise WorkerError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
     if n > 1:
         if not args.device.lower().startswith("tun://"):
-            raise UsageError(f"--workers {n}: needs a tun:// device (one queue per worker)")
+            raise WorkerError(f"--workers {n}: needs a tun:// device (one queue per worker)")
         if args.record:
-            raise UsageError(f"--workers {n}: --record needs --workers 1 (one capture, one stack)")
+            raise WorkerError(f"--workers {n}: --record needs --workers 1 (one capture, one stack)")
     return n
 
 
@@ -228,22 +227,27 @@ def multiqueue_url(url: str) -> str:
 
 def run_supervised(args, settings, xs, n: int) -> int:
     """`tun2xray run --workers N` (N > 1): open the multi-queue TUN, serve
-    with N workers until SIGINT/SIGTERM. Exit status as cmd_run's."""
-    from .cli import UsageError, _run_loop
+    with N workers until SIGINT/SIGTERM. Exit status as cmd_run's; bad
+    setup raises WorkerError."""
     from .device import DeviceError, open_device
 
     url = multiqueue_url(args.device)
     try:
         keeper = open_device(url, mtu=settings.mtu, addresses=[settings.address, settings.address6])
     except DeviceError as e:
-        raise UsageError(f"--device {args.device}: {e}") from None
+        raise WorkerError(f"--device {args.device}: {e}") from None
     sup = None
     try:
         detach_queue(keeper.fileno())
         if xs is not None:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level)
-        return _run_loop(sup.serve(xs))
+        try:
+            import uvloop
+        except ImportError:
+            import asyncio
+            return asyncio.run(sup.serve(xs))
+        return uvloop.run(sup.serve(xs))
     finally:
         if sup is not None:
             sup.kill_all()
@@ -469,7 +473,6 @@ class Supervisor:
         import asyncio
 
         from . import state
-        from .cli import UsageError
 
         self.loop = loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
@@ -509,7 +512,7 @@ class Supervisor:
             except (ValueError, OSError) as e:
                 watcher.cancel()
                 monitor.cancel()
-                raise UsageError(f"--control: {e}") from None
+                raise WorkerError(f"--control: {e}") from None
         self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
                       self.keeper.mtu, self.n, self.settings.router.default_url)
         try:
