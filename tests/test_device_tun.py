@@ -467,12 +467,12 @@ if V6:
     subprocess.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
     SRC, DST = "fd00:70::2", "fd00:71::2"
     a = open_device("tun://dvtun10?offload=1", mtu=1500, addresses=["fd00:70::1/64"])
-    b = open_device("tun://dvtun11", mtu=1500, addresses=["fd00:71::1/64"])
+    b = open_device("tun://dvtun11?offload=0", mtu=1500, addresses=["fd00:71::1/64"])
 else:
     subprocess.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], check=True)
     SRC, DST = "10.70.0.2", "10.71.0.2"
     a = open_device("tun://dvtun10?offload=1", mtu=1500, addresses=["10.70.0.1/24"])
-    b = open_device("tun://dvtun11", mtu=1500, addresses=["10.71.0.1/24"])
+    b = open_device("tun://dvtun11?offload=0", mtu=1500, addresses=["10.71.0.1/24"])
 sip, dip = ipaddress.ip_address(SRC).packed, ipaddress.ip_address(DST).packed
 time.sleep(0.1)
 b.read_batch(1000)

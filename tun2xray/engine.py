@@ -201,6 +201,10 @@ class Engine:
         if getattr(device, "offload", False):
             # the device takes TCP super-segments and segments/checksums them
             cfg.gso_max = device.gso_max
+            if hasattr(device, "tx_csum_partial"):
+                # ... and completes every TCP/UDP checksum (no sum in Python)
+                cfg.checksum_offload = True
+                device.tx_csum_partial = True
         self.stack = Stack(cfg)
         self.connect_timeout = connect_timeout
         self.recorder = recorder

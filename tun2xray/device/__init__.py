@@ -21,9 +21,13 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     TUN (e.g. made persistent by ``ip tuntap add``) is attached to and left in
     place. MTU and addresses (IPv4 and IPv6 CIDR strings) are applied and the
     link brought up over rtnetlink (pyroute2). ``tun://`` with no name lets the
-    kernel pick one (``tun0``, ...). ``tun://NAME?offload=1`` adds IFF_VNET_HDR
-    and TCP segmentation offload: 64 KB TCP super-segments both ways (see
-    offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
+    kernel pick one (``tun0``, ...). Offloads are on by default: IFF_VNET_HDR
+    and TCP segmentation/checksum offload, 64 KB TCP super-segments both ways
+    (see offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
+    When the kernel refuses them the TUN is opened plainly instead
+    (``Device.offload`` is then False and ``Device.offload_refused`` says
+    why). ``?offload=0`` forces the plain TUN; ``?offload=1`` requires
+    offloads (an error when the kernel refuses).
     ``tun://NAME?multiqueue=1`` sets IFF_MULTI_QUEUE: ``dev.open_queue()`` (or
     the same URL opened in another process) attaches another queue; the
     kernel spreads flows over the queues, one worker per queue.
@@ -115,7 +119,8 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
         from .linux_tun import open_tun
 
         return open_tun(url, name, mtu=mtu, addresses=list(addresses),
-                        offload=opts.get("offload") == "1", multiqueue=opts.get("multiqueue") == "1")
+                        offload={"1": True, "0": False}.get(opts.get("offload"), "auto"),
+                        multiqueue=opts.get("multiqueue") == "1")
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":

@@ -124,6 +124,8 @@ class TunDevice(Device):
     # EIO: the link is down (someone ran `ip link set NAME down`); packets are
     # dropped and counted until it is up again, the device stays usable.
     rejected_errnos = _REJECTED | {errno.EIO}
+    # why the kernel refused offloads when they were only wanted (tun:// default)
+    offload_refused = None
 
     def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool, flags: int = 0):
         super().__init__(tun.fileno(), name=name, mtu=mtu, url=url, trusted_checksums=True)
@@ -194,15 +196,35 @@ def _attach(url: str, name: str, flags: int, *, existed: bool):
         raise DeviceError(f"{url}: cannot open TUN: {why}") from None
 
 
-def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: bool = False,
+class _OffloadRefused(Exception):
+    """TUNSETOFFLOAD failed while offloads were only wanted, not required."""
+
+
+def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=False,
              multiqueue: bool = False) -> TunDevice:
+    """Open tun://NAME. ``offload``: True (required: an error when the kernel
+    refuses), False (plain TUN) or "auto" (offloads when the kernel takes
+    them, else a plain TUN whose ``offload_refused`` says why)."""
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
     try:
-        import pytun
+        import pytun  # noqa: F401
     except ImportError:
         raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
+    if offload == "auto":
+        try:
+            return _open(url, name, mtu, addrs, True, multiqueue, required=False)
+        except _OffloadRefused as exc:
+            dev = _open(url, name, mtu, addrs, False, multiqueue, required=False)
+            dev.offload_refused = str(exc)
+            return dev
+    return _open(url, name, mtu, addrs, bool(offload), multiqueue, required=True)
+
+
+def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
+    import pytun
+
     existed = bool(name) and _ifindex(name) != 0
     flags = pytun.IFF_TUN | pytun.IFF_NO_PI
     if offload:
@@ -220,10 +242,13 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload: 
             try:
                 enable_offloads(tun.fileno())
             except OSError as exc:
-                raise DeviceError(f"{url}: the kernel refused TUN offloads: {os.strerror(exc.errno)}") from None
+                why = f"the kernel refused TUN offloads: {os.strerror(exc.errno)}"
+                if not required:
+                    raise _OffloadRefused(why) from None
+                raise DeviceError(f"{url}: {why}") from None
         _in_thread(lambda: _configure(real_name, mtu, addrs, created))
         dev_mtu = _read_mtu(real_name)
-    except DeviceError:
+    except (DeviceError, _OffloadRefused):
         tun.close()
         raise
     except Exception as exc:

@@ -1,4 +1,4 @@
-"""tun://NAME?offload=1: a Linux TUN with IFF_VNET_HDR and TCP segmentation offload.
+"""tun://NAME (offload on by default): a Linux TUN with IFF_VNET_HDR and TCP segmentation offload.
 
 Every packet on the fd is preceded by a 10-byte ``struct virtio_net_hdr``
 (host byte order, little-endian here)::
@@ -25,6 +25,13 @@ pseudo-header sum) so the kernel cuts it into wire-sized segments wherever it
 goes; the stack may therefore emit segments of up to ``Device.gso_max``
 payload bytes (``StackConfig.gso_max``). Other packets larger than the MTU
 are written plainly; locally delivered, the kernel takes them whole.
+
+With ``tx_csum_partial`` (set by the engine together with
+``StackConfig.checksum_offload``) the stack leaves every TCP/UDP checksum
+to the kernel: those packets go out NEEDS_CSUM (the field already holds the
+pseudo-header sum), super-segments with gso_size = the segment size the
+stack chose (``GsoSegment.gso_size``: the client's MSS less options), with
+no copy and no checksum work in Python.
 
 Packets read may carry partial transport checksums (NEEDS_CSUM), so a pcap
 recorded from this device shows "bad" checksums for them: replay such a
@@ -112,6 +119,10 @@ class OffloadTunDevice(TunDevice):
 
     offload = True
     gso_max = GSO_MAX
+    # Set by the engine when the stack leaves TCP/UDP checksums to the device
+    # (StackConfig.checksum_offload): every TCP/UDP packet then goes out
+    # NEEDS_CSUM, super-segments without a copy.
+    tx_csum_partial = False
 
     def __init__(self, tun, *, name: str, mtu: int, url: str, created: bool, flags: int = 0):
         super().__init__(tun, name=name, mtu=mtu, url=url, created=created, flags=flags)
@@ -155,6 +166,8 @@ class OffloadTunDevice(TunDevice):
         fd = self._fd
         mtu = self.mtu
         zero = _ZERO
+        partial = self.tx_csum_partial
+        csum_hdrs = _CSUM_HDRS
         done = written = nbytes = rejected = gso = 0
         total = len(packets)
         fatal = None
@@ -163,7 +176,24 @@ class OffloadTunDevice(TunDevice):
             p = packets[done]
             n = len(p)
             hdr = zero
-            if n > mtu:
+            if partial:
+                # transport checksums hold the pseudo-header sum: the kernel
+                # completes them (NEEDS_CSUM); fragments and ICMP are complete
+                b0 = p[0]
+                if b0 == 0x45:
+                    key = (20, p[9]) if not ((p[6] & 0x3F) or p[7]) else None
+                elif b0 >> 4 == 6:
+                    key = (40, p[6])
+                else:
+                    key = ((b0 & 15) * 4, p[9]) if b0 >> 4 == 4 and not ((p[6] & 0x3F) or p[7]) else None
+                if key is not None:
+                    if n > mtu and key[1] == 6:
+                        g = _gso_partial(p, key[0], mtu)
+                        if g is not None:
+                            hdr = g
+                    else:
+                        hdr = csum_hdrs.get(key, zero)
+            elif n > mtu:
                 g = gso_header(p, mtu)
                 if g is not None:
                     hdr, p = g
@@ -182,7 +212,30 @@ class OffloadTunDevice(TunDevice):
             written += 1
             nbytes += n
             done += 1
-            if hdr is not zero:
+            if hdr[1]:
                 gso += 1
         self.stats["tx_gso"] += gso
         return self._count_tx(total, done, written, nbytes, rejected, fatal)
+
+
+# NEEDS_CSUM headers by (IP header length, protocol): TCP field at +16, UDP at +6
+_CSUM_HDRS = {}
+for _iphl in range(20, 64, 4):
+    _CSUM_HDRS[(_iphl, 6)] = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, _iphl, 16)
+    _CSUM_HDRS[(_iphl, 17)] = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, _iphl, 6)
+
+
+def _gso_partial(p, iphl: int, mtu: int):
+    """vnet header for a TCP super-segment whose checksum field already holds
+    the pseudo-header sum (the stack's checksum offload): no copy, no sum.
+    gso_size is the segment size the stack chose (the client's MSS less
+    options) when it says, else what the MTU leaves."""
+    tcphl = (p[iphl + 12] >> 4) * 4
+    hdr_len = iphl + tcphl
+    gso_size = getattr(p, "gso_size", 0) or mtu - hdr_len
+    if hdr_len + gso_size > mtu:
+        gso_size = mtu - hdr_len
+    if tcphl < 20 or len(p) <= hdr_len or gso_size < 8:
+        return None
+    gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if p[0] >> 4 == 6 else VIRTIO_NET_HDR_GSO_TCPV4
+    return _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, iphl, 16)
