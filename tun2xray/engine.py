@@ -27,8 +27,9 @@ from netstack import events as ev
 
 from .device import DeviceError
 from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
-from .upstream.socks5 import SocksUdpAssociation, socks5_connect
-from .upstream.url import DokodemoUpstream
+from .upstream._net import literal_family
+from .upstream.socks5 import SocksUdpAssociation, encode_address_port, reply_text, socks5_connect
+from .upstream.url import DokodemoUpstream, SocksUpstream
 
 log = logging.getLogger("tun2xray.engine")
 
@@ -49,9 +50,9 @@ class TcpRelay(asyncio.Protocol):
     """Carries one TCP connection's bytes between the stack and an upstream socket."""
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
-                 "up_eof", "eof_sent", "bytes_up", "bytes_down")
+                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer")
 
-    def __init__(self, engine, conn, url):
+    def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
         self.conn = conn
         self.url = url
@@ -62,12 +63,84 @@ class TcpRelay(asyncio.Protocol):
         self.eof_sent = False
         self.bytes_up = 0
         self.bytes_down = 0
+        # SOCKS5 handshake still running on this transport (pipelined dial):
+        # the request bytes to send, then the replies read so far
+        self.hs = hs
+        self.hs_timer = None
 
     # asyncio.Protocol
     def connection_made(self, transport):
         self.transport = transport
+        if self.hs is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
+            # greeting and CONNECT in one segment: one round trip, not two
+            transport.write(self.hs)
+            self.hs = b""
+            self.hs_timer = self.engine.loop.call_later(self.engine.connect_timeout, self._hs_failed,
+                                                        "no SOCKS reply in time")
+
+    def _hs_data(self, data):
+        """Replies to the pipelined greeting + CONNECT: 05 00, then
+        05 REP 00 ATYP ADDR PORT.  Bytes after them are stream data."""
+        buf = self.hs + data
+        if len(buf) < 2:
+            self.hs = buf
+            return
+        if buf[0] != 5 or buf[1] != 0:
+            self._hs_failed("proxy requires authentication" if buf[0] == 5 else "not a SOCKS5 proxy")
+            return
+        if len(buf) < 7:
+            self.hs = buf
+            return
+        if buf[2] != 5:
+            self._hs_failed(f"malformed CONNECT reply (version {buf[2]})")
+            return
+        if buf[3] != 0:
+            self._hs_failed(f"CONNECT failed: {reply_text(buf[3])}")
+            return
+        atyp = buf[5]
+        if atyp == 1:
+            end = 2 + 4 + 4 + 2
+        elif atyp == 4:
+            end = 2 + 4 + 16 + 2
+        elif atyp == 3:
+            end = 2 + 4 + 1 + buf[6] + 2
+        else:
+            self._hs_failed(f"malformed CONNECT reply (address type {atyp})")
+            return
+        if len(buf) < end:
+            self.hs = buf
+            return
+        self.hs = None
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        self.engine._tcp_established(self.conn, self)
+        if len(buf) > end:
+            self.data_received(buf[end:])
+
+    def _hs_failed(self, why):
+        if self.hs is None:
+            return
+        self.hs = None
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
+        t = self.transport
+        self.transport = None
+        if t is not None:
+            t.abort()
+        self.engine._tcp_dial_failed(self.conn, self.url, why)
 
     def data_received(self, data):
+        if self.hs is not None:
+            self._hs_data(data)
+            return
         conn = self.conn
         if conn.closed:
             return
@@ -83,11 +156,17 @@ class TcpRelay(asyncio.Protocol):
         self.engine.kick()
 
     def eof_received(self):
+        if self.hs is not None:
+            self._hs_failed("proxy closed the connection during the handshake")
+            return False
         self.up_eof = True
         self._upstream_done()
         return True   # keep our write side open: half-close
 
     def connection_lost(self, exc):
+        if self.hs is not None:
+            self._hs_failed(f"connection lost during the handshake ({exc})")
+            return
         self.transport = None
         if not self.up_eof or exc is not None:
             self.up_eof = True
@@ -153,6 +232,10 @@ class TcpRelay(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def close(self):
+        self.hs = None
+        if self.hs_timer is not None:
+            self.hs_timer.cancel()
+            self.hs_timer = None
         t = self.transport
         if t is not None:
             self.transport = None
@@ -219,6 +302,7 @@ class Engine:
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
         self._packed = {}          # host string -> packed address (reply lookups)
+        self._literal = _Literals()  # host string -> is an IP literal (pipelined SOCKS dial)
         self._pollable = True
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
@@ -424,7 +508,50 @@ class Engine:
     def _tcp_request(self, conn) -> None:
         up, url = self.router.route("tcp", conn.dst, conn.dport)
         self.counters["tcp_requests"] += 1
-        self._spawn(self._tcp_dial(conn, up, url))
+        if type(up) is SocksUpstream and up.username is None and up.host in self._literal:
+            # the common case: a no-auth SOCKS inbound at an IP address
+            self._spawn(self._tcp_dial_pipelined(conn, up, url))
+        else:
+            self._spawn(self._tcp_dial(conn, up, url))
+
+    async def _tcp_dial_pipelined(self, conn, up, url) -> None:
+        """SOCKS5 CONNECT with the greeting and the request in one write and
+        the replies parsed by the relay itself: one connect, one round trip,
+        no socket hand-over (the relay is the transport's protocol from the
+        start)."""
+        relay = TcpRelay(self, conn, url, hs=b"\x05\x01\x00\x05\x01\x00" + encode_address_port(conn.dst, conn.dport))
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.loop.create_connection(lambda: relay, up.host, up.port)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            relay.hs = None
+            self._tcp_dial_failed(conn, url, e)
+            return
+        if conn.closed:
+            relay.close()
+
+    def _tcp_dial_failed(self, conn, url, why) -> None:
+        self.counters["upstream_connect_failed"] += 1
+        if not conn.closed:
+            log.info("tcp %s -> %s via %s refused: %s", _fmt(conn.src, conn.sport),
+                     _fmt(conn.dst, conn.dport), url, why)
+            conn.reject(self.reject_with)
+            self.kick()
+
+    def _tcp_established(self, conn, relay) -> None:
+        """The upstream is connected: answer the connect request (SYN-ACK)."""
+        if conn.closed:
+            relay.close()
+            return
+        conn.user = relay
+        conn.accept()
+        self.counters["tcp_opened"] += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info("tcp open %s -> %s via %s", _fmt(conn.src, conn.sport), _fmt(conn.dst, conn.dport),
+                     relay.url)
+        self.kick()
 
     async def _tcp_dial(self, conn, up, url) -> None:
         try:
@@ -456,14 +583,7 @@ class Engine:
                 conn.reject(self.reject_with)
                 self.kick()
             return
-        if conn.closed:
-            relay.close()
-            return
-        conn.user = relay
-        conn.accept()
-        self.counters["tcp_opened"] += 1
-        log.info("tcp open %s -> %s via %s", _fmt(conn.src, conn.sport), _fmt(conn.dst, conn.dport), url)
-        self.kick()
+        self._tcp_established(conn, relay)
 
     def _tcp_closed(self, conn, reason) -> None:
         relay = conn.user
@@ -476,8 +596,9 @@ class Engine:
             else:
                 relay.close()
             self.counters["tcp_closed"] += 1
-            log.info("tcp close %s -> %s (%s) up=%d down=%d", _fmt(conn.src, conn.sport),
-                     _fmt(conn.dst, conn.dport), reason, relay.bytes_up, relay.bytes_down)
+            if log.isEnabledFor(logging.INFO):
+                log.info("tcp close %s -> %s (%s) up=%d down=%d", _fmt(conn.src, conn.sport),
+                         _fmt(conn.dst, conn.dport), reason, relay.bytes_up, relay.bytes_down)
         conn.user = None
 
     # ----------------------------------------------------------------------- UDP
@@ -667,3 +788,13 @@ class Engine:
 class _Counter(dict):
     def __missing__(self, key):
         return 0
+
+
+class _Literals(dict):
+    """``host in literals``: is host an IP literal (cached per host string)."""
+
+    def __contains__(self, host):
+        v = self.get(host)
+        if v is None:
+            v = self[host] = literal_family(host) is not None
+        return v
