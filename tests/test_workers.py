@@ -41,6 +41,22 @@ def test_unframe_keeps_a_partial_message():
     assert unframe(buf) == [{"a": 1}]
 
 
+def test_spec_then_an_early_request_in_one_read():
+    # the supervisor may ask a restarted worker for its status before that
+    # worker has read its spec: the request must not be lost
+    a, b = socket.socketpair()
+    try:
+        a.sendall(frame({"id": 0, "fd": 5}) + frame({"id": 1, "cmd": "status"}) + frame({"id": 2})[:3])
+        spec, rest = workers._read_spec(b)
+        assert spec == {"id": 0, "fd": 5}
+        rest = bytearray(rest)
+        assert unframe(rest) == [{"id": 1, "cmd": "status"}]
+        assert len(rest) == 3
+    finally:
+        a.close()
+        b.close()
+
+
 def test_unframe_refuses_a_huge_length():
     buf = bytearray(b"\xff\xff\xff\xff" + b"x" * 10)
     with pytest.raises(ValueError):
@@ -262,6 +278,22 @@ def test_request_times_out_without_a_reply():
         theirs.sendall(frame({"id": 1, "status": "late"}) + frame({"id": 2, "status": "fresh"}))
         assert w.request({"cmd": "status"}, timeout=1) == {"id": 2, "status": "fresh"}
     finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_request_that_came_with_the_spec_is_answered():
+    ours, theirs = socket.socketpair()
+    loop = asyncio.new_event_loop()
+    try:
+        eng = FakeEngine()
+        WorkerChannel(theirs, eng, loop, pending=frame({"id": 7, "cmd": "status"}))
+        loop.run_until_complete(asyncio.sleep(0.05))
+        ours.settimeout(2)
+        buf = bytearray(ours.recv(65536))
+        assert unframe(buf) == [{"id": 7, "status": eng.status()}]
+    finally:
+        loop.close()
         ours.close()
         theirs.close()
 

@@ -478,16 +478,8 @@ class Supervisor:
         self._stop = loop.create_future()
         lifecycle = state.Lifecycle()
         lifecycle.set(state.CONNECTING, "starting")
-        try:
-            self.start_all()
-        except WorkerError as e:
-            lifecycle.set(state.ERROR, str(e))
-            print(f"tun2xray: error: {e}", file=sys.stderr)
-            return 1
         status_fn = self.status
         if xs is not None:
-            # the session resets flows through us (engine.reset_flows()) on a node switch
-            xs.attach(self, self.settings.router)
             status_fn = xs.wrap_status(status_fn)
         inner = status_fn
 
@@ -500,9 +492,8 @@ class Supervisor:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
-        up = self.settings.router.default
-        watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
-        monitor = loop.create_task(self._monitor())
+        # the control socket exists before the first worker serves a flow
+        # (while the workers start, a status request waits for them)
         server = None
         ctl = self.settings.control
         if ctl:
@@ -510,17 +501,30 @@ class Supervisor:
             try:
                 server = await serve_control(ctl, composed)
             except (ValueError, OSError) as e:
-                watcher.cancel()
-                monitor.cancel()
                 raise WorkerError(f"--control: {e}") from None
-        self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
-                      self.keeper.mtu, self.n, self.settings.router.default_url)
+        watcher = monitor = None
         try:
+            try:
+                self.start_all()
+            except WorkerError as e:
+                lifecycle.set(state.ERROR, str(e))
+                self.log.error("%s", e)
+                print(f"tun2xray: error: {e}", file=sys.stderr)
+                return 1
+            if xs is not None:
+                # the session resets flows through us (engine.reset_flows()) on a node switch
+                xs.attach(self, self.settings.router)
+            up = self.settings.router.default
+            watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+            monitor = loop.create_task(self._monitor())
+            self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
+                          self.keeper.mtu, self.n, self.settings.router.default_url)
             await self._stop
         finally:
             self.stopping = True
-            watcher.cancel()
-            monitor.cancel()
+            for t in (watcher, monitor):
+                if t is not None:
+                    t.cancel()
             if xs is not None:
                 xs.detach()
             await loop.run_in_executor(None, self.kill_all)
@@ -568,13 +572,20 @@ def _pdeathsig(parent: int) -> None:
         os._exit(1)
 
 
-def _read_spec(chan: socket.socket, timeout: float = 10.0) -> dict:
+def _read_spec(chan: socket.socket, timeout: float = 10.0):
+    """The first message (the spec), and the bytes that came after it (a
+    request the supervisor sent before we were up)."""
     chan.settimeout(timeout)
     buf = bytearray()
     while True:
-        msgs = unframe(buf)
-        if msgs:
-            return msgs[0]
+        if len(buf) >= 4:
+            (n,) = _LEN.unpack_from(buf)
+            if n > MAX_MESSAGE:
+                raise ValueError(f"channel message of {n} bytes")
+            if len(buf) >= 4 + n:
+                spec = pickle.loads(bytes(memoryview(buf)[4:4 + n]))
+                del buf[:4 + n]
+                return spec, buf
         data = chan.recv(1 << 16)
         if not data:
             raise EOFError("the supervisor closed the channel")
@@ -594,14 +605,16 @@ def worker_device(spec: dict):
 class WorkerChannel:
     """The worker's end of the channel, on its event loop."""
 
-    def __init__(self, chan: socket.socket, engine, loop):
+    def __init__(self, chan: socket.socket, engine, loop, pending: bytes = b""):
         self.chan = chan
         self.engine = engine
         self.loop = loop
-        self.buf = bytearray()
+        self.buf = bytearray(pending)
         self.out = bytearray()
         chan.setblocking(False)
         loop.add_reader(chan.fileno(), self._readable)
+        if pending:
+            loop.call_soon(self._dispatch)
 
     def send(self, msg: dict) -> None:
         self.out += frame(msg)
@@ -636,6 +649,9 @@ class WorkerChannel:
             self.engine.stop()
             return
         self.buf += data
+        self._dispatch()
+
+    def _dispatch(self) -> None:
         try:
             msgs = unframe(self.buf)
         except (ValueError, pickle.UnpicklingError, EOFError):
@@ -664,7 +680,7 @@ class WorkerChannel:
             pass
 
 
-async def _worker_serve(spec: dict, chan: socket.socket) -> int:
+async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
     import asyncio
 
     from netstack import StackConfig
@@ -682,7 +698,7 @@ async def _worker_serve(spec: dict, chan: socket.socket) -> int:
                           icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
         engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"])
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
-        ch = WorkerChannel(chan, engine, loop)
+        ch = WorkerChannel(chan, engine, loop, pending)
         task = loop.create_task(engine.run())
         await asyncio.sleep(0)
         ch.send({"ready": os.getpid()})
@@ -710,7 +726,7 @@ def worker_main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     chan = socket.socket(fileno=a.channel)
     try:
-        spec = _read_spec(chan)
+        spec, pending = _read_spec(chan)
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
         return 1
@@ -723,8 +739,8 @@ def worker_main(argv=None) -> int:
         import uvloop
     except ImportError:
         import asyncio
-        return asyncio.run(_worker_serve(spec, chan))
-    return uvloop.run(_worker_serve(spec, chan))
+        return asyncio.run(_worker_serve(spec, chan, pending))
+    return uvloop.run(_worker_serve(spec, chan, pending))
 
 
 if __name__ == "__main__":
