@@ -264,15 +264,20 @@ class TcpConnection:
             del buf[:n]
         if not self.closed and self.state in _RECV_STATES:
             # window update when the window opens by >= 2*MSS or half the buffer
-            # (receiver SWS avoidance, RFC 9293 §3.8.6.2.2)
+            # (receiver SWS avoidance, RFC 9293 §3.8.6.2.2) -- and only while
+            # the window the peer holds may stall it (less than 4 segments).
+            # A larger window is raised by the next ACK: no extra packet per
+            # request just because the SYN-ACK could not offer more than 64 KB.
             adv = _sdiff(self.rcv_adv, self.rcv_nxt)
-            free = self._rcv_cap - len(buf)
-            th = self._rcv_cap >> 1
-            if 2 * self.rcv_mss < th:
-                th = 2 * self.rcv_mss
-            if free - adv >= th:
-                self._ack_owed = 2
-                self.stack._touch(self)
+            mss = self.rcv_mss
+            if adv < 4 * mss:
+                free = self._rcv_cap - len(buf)
+                th = self._rcv_cap >> 1
+                if 2 * mss < th:
+                    th = 2 * mss
+                if free - adv >= th:
+                    self._ack_owed = 2
+                    self.stack._touch(self)
         return data
 
     @property
