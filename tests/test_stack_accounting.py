@@ -168,3 +168,26 @@ def test_status_is_plain_json():
     assert json.loads(json.dumps(s)) == s
     assert s["rx_packets"] == 4 and s["udp_flows"] == 2 and s["drops"] == {"truncated": 1}
     assert s["delivered"] == 3 and s["tx_packets"] == 1 and s["tx_bytes"] == 28
+
+
+def test_fragmented_tcp_syn_reaches_tcp():
+    from netstack import events
+    from netstack.wire.tcp import build_options
+    for a, b in ((A6, B6), (A4, B4)):
+        st = mkstack()
+        syn = tcp_packet(a, b, 1000, 443, 5, 0, 0x02, options=build_options(mss=1460, sack_perm=True, ts=(1, 0)))
+        # the first fragment must hold the whole TCP header (RFC 1858): 24 bytes do
+        fr = frag4(syn, 24) if len(a) == 4 else frag6(syn, 24)
+        assert len(fr) == 2
+        fr.reverse()
+        for p in fr:
+            st.input(p, 1.0)
+        evs = st.take_events()
+        assert [type(e) for e in evs] == [events.TcpConnectRequest]
+        assert evs[0].conn.key == (a, 1000, b, 443)
+        assert st.frag_held == 1 and st.delivered == 1 and accounting_ok(st)
+    # a first fragment too small for the TCP header is held and then discarded
+    st = mkstack()
+    for p in frag4(syn, 8):
+        st.input(p, 1.0)
+    assert st.take_events() == [] and st.frag_drops["frag_tiny"] >= 1 and accounting_ok(st)
