@@ -142,27 +142,65 @@ def args(device="tun://wk0", workers=None, record=None):
     return argparse.Namespace(device=device, workers=workers, record=record)
 
 
-def test_worker_count(monkeypatch):
+@pytest.fixture
+def two_cores(monkeypatch):
     monkeypatch.delenv("TUN2XRAY_WORKERS", raising=False)
-    assert worker_count(args()) == workers.DEFAULT_WORKERS
+    monkeypatch.setattr(workers, "_cores", lambda: 2)
+    flags = {}                                  # interface name -> TUN flags (absent: no such interface)
+    monkeypatch.setattr(workers, "_tun_flags", lambda name: flags.get(name))
+    return flags
+
+
+def test_default_is_one_worker_per_core_where_possible(two_cores, monkeypatch):
+    flags = two_cores
+    assert worker_count(args()) == 2                       # a TUN we create
+    assert worker_count(args(device="tun://")) == 2        # the kernel names it
+    assert worker_count(args(device="TUN://wk0?offload=1")) == 2
+    assert worker_count(args(device="tun://wk0?multiqueue=0")) == 1
+    assert worker_count(args(device="fd://3")) == 1
+    assert worker_count(args(device="unix:///tmp/x")) == 1
+    assert worker_count(args(record="x.pcap")) == 1
+    flags["wk0"] = 0x0001 | 0x1000                         # an existing single-queue TUN
+    assert worker_count(args()) == 1
+    flags["wk0"] = 0x0001 | 0x1000 | 0x0100                # an existing multi-queue one
+    assert worker_count(args()) == 2
+    flags["wk0"] = -1                                      # a name taken by something else
+    assert worker_count(args()) == 1
+    monkeypatch.setattr(workers, "_cores", lambda: 1)
+    flags.clear()
+    assert worker_count(args()) == 1
+    monkeypatch.setattr(workers, "_cores", lambda: 500)
+    assert worker_count(args()) == workers.MAX_WORKERS
+
+
+def test_worker_count_flag(two_cores):
     assert worker_count(args(workers=3)) == 3
+    assert worker_count(args(workers=1)) == 1
     assert worker_count(args(device="unix:///tmp/x", workers=1)) == 1
     for bad, needle in ((args(workers=0), "between"), (args(workers=65), "between"),
                         (args(device="fd://3", workers=2), "tun://"),
+                        (args(device="tun://wk0?multiqueue=0", workers=2), "multiqueue=0"),
                         (args(workers=2, record="x.pcap"), "--record")):
         with pytest.raises(WorkerError, match=needle):
             worker_count(bad)
 
 
-def test_worker_count_from_environment(monkeypatch):
-    monkeypatch.setenv("TUN2XRAY_WORKERS", "2")
-    assert worker_count(args()) == 2
+def test_worker_count_from_environment(two_cores, monkeypatch):
+    monkeypatch.setenv("TUN2XRAY_WORKERS", "3")
+    assert worker_count(args()) == 3
     assert worker_count(args(workers=1)) == 1                 # the flag wins
     assert worker_count(args(device="unix:///tmp/x")) == 1    # a default only where it applies
     assert worker_count(args(record="x.pcap")) == 1
+    monkeypatch.setenv("TUN2XRAY_WORKERS", "1")
+    assert worker_count(args()) == 1
     monkeypatch.setenv("TUN2XRAY_WORKERS", "two")
     with pytest.raises(WorkerError, match="TUN2XRAY_WORKERS"):
         worker_count(args())
+
+
+def test_tun_flags_of_real_interfaces():
+    assert workers._tun_flags("wk-no-such-if") is None
+    assert workers._tun_flags("lo") == -1                     # exists, not a TUN
 
 
 def test_multiqueue_url():

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--auto-route", action="store_true",
                    help="route everything through the TUN (policy routing; needs --xray-config)")
     r.add_argument("--workers", type=int, metavar="N",
-                   help="worker processes, one per queue of a multi-queue tun:// device (default 1)")
+                   help="worker processes, one per queue of a multi-queue tun:// device "
+                   "(default: one per core for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
     s.add_argument("--control", default=DEFAULT_CONTROL)

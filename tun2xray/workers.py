@@ -188,28 +188,83 @@ def next_backoff(delay: float, ran_for: float) -> float:
 # --------------------------------------------------------------------------
 # CLI glue
 
-DEFAULT_WORKERS = 1             # without --workers and without TUN2XRAY_WORKERS
+IFF_MULTI_QUEUE = 0x0100
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _tun_flags(name: str):
+    """An existing interface's TUN flags (None: no such interface; -1: not a TUN)."""
+    if not os.path.exists(f"/sys/class/net/{name}"):
+        return None
+    try:
+        with open(f"/sys/class/net/{name}/tun_flags") as f:
+            return int(f.read().strip(), 16)
+    except (OSError, ValueError):
+        return -1
+
+
+def _tun_parts(url: str):
+    """(NAME, query) of a tun:// URL, None for other devices."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() != "tun":
+        return None
+    name, _, query = rest.partition("?")
+    return name, query
+
+
+def multiqueue_possible(device: str, record=None) -> bool:
+    """Can this run be served by workers? Not for fd:// or unix:// devices,
+    a --record run, ``?multiqueue=0``, an existing single-queue TUN
+    (attaching to it as multi-queue would fail), or off Linux."""
+    parts = _tun_parts(device)
+    if parts is None or record or not sys.platform.startswith("linux"):
+        return False
+    name, query = parts
+    if "multiqueue=0" in query.split("&"):
+        return False
+    if name:
+        flags = _tun_flags(name)
+        if flags is not None and (flags < 0 or not flags & IFF_MULTI_QUEUE):
+            return False
+    return True
+
+
+def default_workers(device: str, record=None) -> int:
+    """Without --workers: one worker per core where workers are possible,
+    else 1 (the single-process path)."""
+    if not multiqueue_possible(device, record):
+        return 1
+    return max(1, min(_cores(), MAX_WORKERS))
 
 
 def worker_count(args) -> int:
-    """--workers from the flags (else the TUN2XRAY_WORKERS environment
-    variable, else DEFAULT_WORKERS), checked; raises WorkerError."""
+    """--workers from the flags, else the TUN2XRAY_WORKERS environment
+    variable, else default_workers(); checked; raises WorkerError."""
     n = getattr(args, "workers", None)
     if n is None:
         env = os.environ.get("TUN2XRAY_WORKERS", "").strip()
         if not env:
-            return DEFAULT_WORKERS
+            return default_workers(args.device, args.record)
         try:
             n = int(env)
         except ValueError:
             raise WorkerError(f"TUN2XRAY_WORKERS={env!r}: not a number") from None
-        if n > 1 and (args.record or not args.device.lower().startswith("tun://")):
+        if n > 1 and not multiqueue_possible(args.device, args.record):
             return 1        # a default for every run: only where it can apply
     if not 1 <= n <= MAX_WORKERS:
         raise WorkerError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
     if n > 1:
-        if not args.device.lower().startswith("tun://"):
+        parts = _tun_parts(args.device)
+        if parts is None:
             raise WorkerError(f"--workers {n}: needs a tun:// device (one queue per worker)")
+        if "multiqueue=0" in parts[1].split("&"):
+            raise WorkerError(f"--workers {n}: needs a multi-queue TUN (not ?multiqueue=0)")
         if args.record:
             raise WorkerError(f"--workers {n}: --record needs --workers 1 (one capture, one stack)")
     return n
