@@ -24,6 +24,12 @@ parent and its own child only: the first one carries the worker's spec
 ``{"id": n, "cmd": "router", "router": ...}`` (node switch: new router,
 reset every flow) get one reply each carrying the same ``id``.
 
+How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
+variable, else one per core (``sched_getaffinity``) when the device can be a
+multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
+fd://, unix:// or --record run) is the single-process path of cli.py: no
+supervisor, no extra process.
+
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
 ``workers`` list (pid, alive, restarts). A worker that dies is restarted with
@@ -439,7 +445,10 @@ class Supervisor:
     def start_all(self) -> None:
         """Start every worker and wait until each serves (WorkerError if not)."""
         for w in self.workers:
-            self.spawn(w)
+            try:
+                self.spawn(w)
+            except Exception as e:            # no queue (DeviceError), no fork (OSError)
+                raise WorkerError(f"worker {w.id}: cannot start: {e}") from None
         for w in self.workers:
             m = w._read_until(lambda m: "ready" in m or "error" in m, READY_TIMEOUT) if w.chan else None
             if m is None or "error" in m:
