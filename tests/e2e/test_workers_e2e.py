@@ -272,9 +272,19 @@ def test_status_aggregates_both_workers(sup):
 @pytest.mark.deadline(60)
 def test_killed_worker_is_restarted(sup):
     lab = sup
+    held = []
+    for _ in range(20):
+        s = cli_socket(lab, timeout=5)
+        s.connect((TARGET4, ECHO_PORT))
+        s.sendall(b"x")
+        assert recv_n(s, 1) == b"x"
+        held.append(s)
     st = status(lab)
     victim = st["workers"][0]
     restarts = st["worker_restarts"]
+    on_victim = {f["src"] for f in st["flows"] if f["worker"] == 0 and f["state"] == "ESTABLISHED"}
+    orphans = [s for s in held if f"198.18.0.1:{s.getsockname()[1]}" in on_victim]
+    assert orphans, "no held connection on worker 0"
     os.kill(victim["pid"], signal.SIGKILL)
 
     def replaced():
@@ -291,6 +301,20 @@ def test_killed_worker_is_restarted(sup):
     after = status(lab)["workers"][0]["tcp_opened"]
     assert after > before, "the restarted worker carried no flow"
     assert "worker 0" in lab.log("tun2xray") and "restarted" in lab.log("tun2xray")
+    # the dead worker's connections end (their packets now reach a stack
+    # that does not know them): the client learns it, no hang
+    for s in orphans:
+        try:
+            s.sendall(b"y")
+            s.settimeout(5)
+            got = s.recv(10)
+            assert got == b"", f"an orphaned connection got {got!r}"
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+        except (TimeoutError, socket.timeout):
+            pytest.fail("a connection of the killed worker hangs" + logs(lab))
+    for s in held:
+        s.close()
 
 
 # --- bad flags -----------------------------------------------------------------
