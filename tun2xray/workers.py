@@ -381,7 +381,10 @@ class WorkerHandle:
             self.chan.settimeout(timeout)
             self.chan.sendall(frame(msg))
             return self._read_until(lambda m: m.get("id") == rid, timeout)
-        except (OSError, ValueError, pickle.UnpicklingError, EOFError):
+        except OSError:
+            return None
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            self.buf.clear()            # a garbled stream: start afresh at the next reply
             return None
 
 
