@@ -290,7 +290,7 @@ def test_killed_worker_is_restarted(sup):
     def replaced():
         w = status(lab)["workers"][0]
         return w["alive"] and w["responding"] and w["pid"] != victim["pid"] and w
-    w = netlab.wait_until(replaced, 15, "worker 0 to be restarted", interval=0.2)
+    netlab.wait_until(replaced, 15, "worker 0 to be restarted", interval=0.2)
     st = status(lab)
     assert st["worker_restarts"] == restarts + 1, st["workers"]
     assert st["workers"][0]["restarts"] == victim["restarts"] + 1
