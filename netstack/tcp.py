@@ -33,7 +33,8 @@ CONTRACT between Stack and TcpConnection (stack.py relies on it):
 
 Host-facing handle API (the engine and tests use only this):
   accept(), reject(how="rst"|"icmp-port"|"icmp-host"|"icmp-net"|"icmp-admin"|"drop")
-  read(n=-1) -> bytes, readable (int), eof (bool: FIN received and all read)
+  read(n=-1) -> bytes, read_buffer() -> bytearray (all, no copy),
+  readable (int), eof (bool: FIN received and all read)
   write(data) -> int accepted, send_space (int)
   shutdown()  FIN after queued data;   abort()  RST now
   family, src, sport, dst, dport, key, state (RFC name), user (host slot),
@@ -262,6 +263,22 @@ class TcpConnection:
             with memoryview(buf) as mv:
                 data = bytes(mv[:n])      # one copy (a bytearray slice would be two)
             del buf[:n]
+        self._read_done(buf)
+        return data
+
+    def read_buffer(self) -> bytearray:
+        """Everything readable, without a copy: the receive buffer itself is
+        handed over (the caller owns it) and a fresh one takes its place.
+        Same window updates and events as read()."""
+        buf = self.rcv_buf
+        self._rd_ev = False
+        if not buf:
+            return bytearray()
+        self.rcv_buf = bytearray()
+        self._read_done(self.rcv_buf)
+        return buf
+
+    def _read_done(self, buf) -> None:
         if not self.closed and self.state in _RECV_STATES:
             # window update when the window opens by >= 2*MSS or half the buffer
             # (receiver SWS avoidance, RFC 9293 §3.8.6.2.2) -- and only while
@@ -278,7 +295,6 @@ class TcpConnection:
                 if free - adv >= th:
                     self._ack_owed = 2
                     self.stack._touch(self)
-        return data
 
     @property
     def readable(self) -> int:

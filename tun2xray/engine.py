@@ -33,7 +33,6 @@ from .upstream.url import DokodemoUpstream, SocksUpstream
 
 log = logging.getLogger("tun2xray.engine")
 
-READ_CHUNK = 256 * 1024       # bytes taken from a connection per read
 UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
 
@@ -207,10 +206,9 @@ class TcpRelay(asyncio.Protocol):
         t = self.transport
         if t is None or conn.closed:
             return
-        while not self.up_paused:
-            data = conn.read(READ_CHUNK)
-            if not data:
-                break
+        if not self.up_paused and conn.readable:
+            # the whole receive buffer, no copy (bounded by the window)
+            data = conn.read_buffer()
             self.bytes_up += len(data)
             t.write(data)
         if conn.eof and not conn.readable and not self.eof_sent:
