@@ -54,21 +54,53 @@ TUN = "ebtun0"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` from /proc/PID/stat, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(") ", 1)[1].split()
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a supervisor's worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_one(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except OSError:
+        return 0.0
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its descendants (workers), in seconds."""
+    return sum(_cpu_one(p) for p in process_tree(pid))
+
+
+def _rss_one(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MB (VmRSS)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size of ``pid`` and its descendants in MB (VmRSS summed)."""
+    total = sum(_rss_one(p) for p in process_tree(pid))
+    if total == 0.0:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
 
 
 def socks_core_config(log_dir: str) -> dict:
@@ -119,9 +151,11 @@ class BenchLab(netlab.Lab):
     are gone after the block, also on an exception or Ctrl-C.
     """
 
-    def __init__(self, prefix: str = "eb", workdir: str | None = None, repo: str = REPO):
+    def __init__(self, prefix: str = "eb", workdir: str | None = None, repo: str = REPO,
+                 workers: int = 1):
         super().__init__(prefix=prefix, workdir=workdir, files={}, start=False)
         self.repo = os.path.abspath(repo)     # the checkout whose tun2xray runs
+        self.workers = workers                # TUN2XRAY_WORKERS for tun2xray run
         self.tun = f"{prefix}tun0"
         self.ctl = os.path.join(self.workdir, "ctl.sock")
         self.tunnel_mtu = None
@@ -190,6 +224,8 @@ class BenchLab(netlab.Lab):
                 "--proxy", f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "--mtu", str(mtu),
                 "--control", f"unix://{self.ctl}", "--log-level", "warning"]
         env = dict(os.environ, PYTHONPATH=self.repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # one process unless asked: the figures are per engine (workers: --workers N)
+        env["TUN2XRAY_WORKERS"] = str(self.workers)
         p = self.spawn("tun2xray", self.cli_ns, argv, cwd=self.repo, env=env)
         wait_until(lambda: p.poll() is not None or netlab.link_exists(self.cli_ns, self.tun),
                    15, f"{self.tun} to appear")

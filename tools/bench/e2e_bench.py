@@ -468,6 +468,8 @@ def main(argv=None) -> int:
     p.add_argument("--udp-len", type=int, default=1400, help="UDP payload bytes (default 1400)")
     p.add_argument("--device-query", default="",
                    help="options for the tun:// URL, e.g. offload=1")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tun2xray worker processes (default 1: per-engine figures; CPU and RSS sum all)")
     p.add_argument("--repo", default=benchlab.REPO,
                    help="checkout whose tun2xray is benchmarked (default: this one)")
     p.add_argument("--prefix", default="eb", help=argparse.SUPPRESS)
@@ -477,7 +479,7 @@ def main(argv=None) -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with benchlab.BenchLab(prefix=args.prefix, repo=args.repo) as lab:
+        with benchlab.BenchLab(prefix=args.prefix, repo=args.repo, workers=args.workers) as lab:
             return Bench(lab, args).run()
     except KeyboardInterrupt:
         print("e2e_bench: interrupted; cleaned up", file=sys.stderr)
