@@ -127,6 +127,7 @@ class TcpRelay(asyncio.Protocol):
         if self.hs is None:
             return
         self.hs = None
+        pass  # XX
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
@@ -488,9 +489,12 @@ class Engine:
                 if relay is not None:
                     relay.pump_down()
             elif t is ev.UdpDatagram:
-                self._udp_datagram(e.flow, e.data, e.new)
+                # a flow can close later in the same batch (host reject, limits)
+                if not e.flow.closed:
+                    self._udp_datagram(e.flow, e.data, e.new)
             elif t is ev.TcpConnectRequest:
-                self._tcp_request(e.conn)
+                if not e.conn.closed:
+                    self._tcp_request(e.conn)
             elif t is ev.TcpClosed:
                 self._tcp_closed(e.conn, e.reason)
             elif t is ev.UdpClosed:
