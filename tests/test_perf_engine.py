@@ -106,4 +106,5 @@ def test_failures_reset_the_client(strict, host, mode, reply):
     assert time.monotonic() - t0 < 3                 # silent: the 1 s connect timeout
     st = bridge.status(host.handle)
     assert st["engine"]["upstream_connect_failed"] == 1 and st["engine"].get("tcp_opened", 0) == 0
+    assert st["engine"].get("upstream_closed_empty", 0) == 0      # counted once, as a failed dial
     assert st["stack"]["tcp_flows"] == 0

@@ -127,7 +127,7 @@ class TcpRelay(asyncio.Protocol):
         if self.hs is None:
             return
         self.hs = None
-        pass  # XX
+        self.up_eof = True              # connection_lost has nothing left to report
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
