@@ -24,6 +24,7 @@ import time
 
 from netstack import Stack, StackConfig
 from netstack import events as ev
+from netstack.wire import checksum as _ck
 
 from .device import DeviceError
 from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
@@ -280,10 +281,15 @@ class Engine:
         cfg = stack_config or StackConfig(mtu=device.mtu)
         if getattr(device, "trusted_checksums", False):
             cfg.verify_checksums = False
+        self._rec_fix = False
         if getattr(device, "offload", False):
             # the device takes TCP super-segments and segments/checksums them
             cfg.gso_max = device.gso_max
-            if hasattr(device, "tx_csum_partial"):
+            if recorder is not None:
+                # a capture must replay (tun2xray replay verifies checksums):
+                # complete ours, and the kernel's partial ones in the copy recorded
+                self._rec_fix = True
+            elif hasattr(device, "tx_csum_partial"):
                 # ... and completes every TCP/UDP checksum (no sum in Python)
                 cfg.checksum_offload = True
                 device.tx_csum_partial = True
@@ -407,8 +413,9 @@ class Engine:
                 break
             if rec is not None:
                 wall = time.time()
+                fix = self._rec_fix
                 for p in pkts:
-                    rec.write(p, wall)
+                    rec.write(_complete_checksum(p) if fix else p, wall)
             stack.input_batch(pkts, now)
             if len(pkts) < DEVICE_BATCH:
                 break
@@ -790,6 +797,46 @@ class Engine:
 class _Counter(dict):
     def __missing__(self, key):
         return 0
+
+
+def _complete_checksum(p):
+    """A copy of an offload TUN's packet with its TCP/UDP checksum complete
+    (the kernel may hand over only the pseudo-header sum: NEEDS_CSUM); other
+    packets as they are."""
+    n = len(p)
+    if n < 1:
+        return p
+    v = p[0] >> 4
+    if v == 4:
+        hl = (p[0] & 15) * 4
+        if n < hl + 8 or (p[6] & 0x3F) or p[7]:
+            return p
+        proto = p[9]
+        ps = _ck.pseudo4(p[12:16], p[16:20], proto, n - hl)
+    elif v == 6:
+        hl = 40
+        if n < 48:
+            return p
+        proto = p[6]
+        ps = _ck.pseudo6(p[8:24], p[24:40], proto, n - hl)
+    else:
+        return p
+    if proto == 6:
+        off = hl + 16
+        if n < hl + 20:
+            return p
+    elif proto == 17:
+        off = hl + 6
+    else:
+        return p
+    b = bytearray(p)
+    b[off] = b[off + 1] = 0
+    c = _ck.checksum(memoryview(b)[hl:], ps)
+    if proto == 17 and c == 0:
+        c = 0xFFFF
+    b[off] = c >> 8
+    b[off + 1] = c & 0xFF
+    return bytes(b)
 
 
 class _Literals(dict):
