@@ -169,3 +169,21 @@ def test_partial_checksums_are_completed_by_the_kernel(netns, v6):
     assert res["written"] == 1 and res["stats"]["tx_gso"] == 1
     assert res["tcp_ok"] is True
     assert res["stats"]["tx_dropped"] == 0 and res["stats"]["tx_errors"] == 0
+
+
+def test_created_tun_queues_4096_packets_an_existing_one_is_left_alone(netns):
+    res = run_child(netns, """
+        def qlen(name):
+            r = subprocess.run(["ip", "-j", "link", "show", name], capture_output=True, text=True)
+            return json.loads(r.stdout)[0]["txqlen"]
+        dev = open_device("tun://pftun4?offload=0", addresses=["10.84.0.1/24"])
+        result["created"] = qlen("pftun4")
+        dev.close()
+        subprocess.run(["ip", "tuntap", "add", "dev", "pftun5", "mode", "tun"], check=True)
+        subprocess.run(["ip", "link", "set", "pftun5", "txqueuelen", "777"], check=True)
+        dev = open_device("tun://pftun5", addresses=["10.85.0.1/24"])
+        result["existing"] = qlen("pftun5")
+        dev.close()
+        subprocess.run(["ip", "link", "del", "pftun5"], check=True)
+    """)
+    assert res == {"created": 4096, "existing": 777}
