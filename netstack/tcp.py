@@ -170,7 +170,7 @@ class TcpConnection:
         self.created = now
         self.syn_quote = syn_quote
         self.tpl = TcpTemplate(family, self.dst, self.src, self.dport, self.sport, cfg)
-        self._ps = (_ck.pseudo4 if family == 4 else _ck.pseudo6)(self.src, self.dst, _PROTO_TCP, 0)
+        self._ps = self.tpl._ps      # the pseudo-header sum is the same both ways
         iss = self.iss = stack.rng.getrandbits(32)
         self.snd_una = self.snd_nxt = self.snd_max = iss
         self.snd_wnd = self.max_snd_wnd = 0
