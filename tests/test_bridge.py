@@ -99,9 +99,10 @@ class SocksEcho:
         except OSError:
             pass
         finally:
+            # close before leaving the set: tests wait on the set, then count fds
+            c.close()
             with self._lock:
                 self.conns.discard(c)
-            c.close()
 
     def close(self):
         self._stop = True
