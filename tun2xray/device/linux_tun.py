@@ -1,4 +1,4 @@
-"""tun://NAME: a Linux TUN device (python-pytun for the fd, pyroute2 for setup).
+"""tun://NAME: a Linux TUN device (python-pytun for the fd, ioctls for setup).
 
 Opening: ``TUNSETIFF`` with ``IFF_TUN | IFF_NO_PI`` on NAME attaches to an
 existing TUN of that name (a persistent one made by ``ip tuntap add``) or
@@ -8,11 +8,14 @@ persistent, so closing its fd makes the kernel delete it; ``close()`` checks
 and deletes it over netlink if it is somehow still there. A pre-existing TUN
 is left as it was (addresses we added stay; it is not brought down).
 
-Setup over rtnetlink (pyroute2): MTU, addresses (``IFA_F_NODAD`` for IPv6 so
-they are usable at once), a transmit queue of TX_QUEUE_LEN packets on a TUN
-we create (the default 500 drops bursts of several plain-TUN flows), link up. pyroute2 0.9's synchronous ``IPRoute``
-drives its own asyncio loop and fails inside a running one (the engine's), so
-the netlink work runs in a short-lived thread.
+Setup with interface ioctls (SIOCSIFMTU, SIOCSIFADDR, ...): MTU, addresses
+(IPv6 without duplicate address detection, so they are usable at once), a
+transmit queue of TX_QUEUE_LEN packets on a TUN we create (the default 500
+drops bursts of several plain-TUN flows), link up.  No netlink library stays
+in the process: pyroute2 costs ~20 MB of RSS.  The rare netlink deletion in
+close() imports it then; pyroute2 0.9's synchronous ``IPRoute`` drives its
+own asyncio loop and fails inside a running one (the engine's), so that
+work runs in a short-lived thread.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import threading
 from ._base import _REJECTED, Device, DeviceError
 
 IFNAMSIZ = 16
-IFA_F_NODAD = 0x02
 TX_QUEUE_LEN = 4096     # packets the kernel queues for us on a TUN we create
 
 
@@ -76,35 +78,71 @@ def _quiet_ipv6(name: str) -> None:
         pass  # IPv6 off, or /proc/sys read-only: harmless
 
 
+SIOCSIFFLAGS, SIOCGIFFLAGS = 0x8914, 0x8913
+SIOCSIFMTU, SIOCSIFTXQLEN = 0x8922, 0x8943
+SIOCSIFADDR, SIOCSIFNETMASK = 0x8916, 0x891C
+IFF_UP = 0x1
+
+
 def _configure(name: str, mtu: int | None, addrs: list, created: bool = False) -> None:
+    """MTU, queue length, addresses and link up with plain ioctls: no netlink
+    library in the long-running process (pyroute2 alone costs ~20 MB RSS,
+    which a Network-Extension-sized budget cannot spare)."""
+    import fcntl
+    import struct
+
     if created:
         _quiet_ipv6(name)
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    ifn = name.encode()
 
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=name)
-        if not found:
-            raise DeviceError(f"tun://{name}: interface vanished during setup")
-        index = found[0]
+    def ioctl(sock, req, arg, what):
+        try:
+            return fcntl.ioctl(sock.fileno(), req, arg)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise DeviceError(f"tun://{name}: interface vanished during setup") from None
+            raise DeviceError(f"tun://{name}: cannot set {what}: {exc.strerror}") from None
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s4:
         if mtu is not None:
-            ipr.link("set", index=index, mtu=mtu)
+            ioctl(s4, SIOCSIFMTU, struct.pack("16si", ifn, mtu), f"MTU {mtu}")
         if created:
             # the kernel's queue towards us: 500 packets overflow as soon as a
             # few plain-TUN flows each have a 1 MB window in flight (measured:
             # 4 iperf3 streams lost 10% of their packets there, and 30% of
             # their throughput to the retransmissions)
-            ipr.link("set", index=index, txqlen=TX_QUEUE_LEN)
+            ioctl(s4, SIOCSIFTXQLEN, struct.pack("16si", ifn, TX_QUEUE_LEN), "the queue length")
         for iface in addrs:
-            kw = {"index": index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
-            if iface.version == 6:
-                kw["flags"] = IFA_F_NODAD
+            if iface.version != 4:
+                continue
+            sin = struct.pack("16sHH4s8x", ifn, socket.AF_INET, 0, iface.ip.packed)
+            ioctl(s4, SIOCSIFADDR, sin, f"address {iface}")
+            mask = struct.pack("16sHH4s8x", ifn, socket.AF_INET, 0, iface.network.netmask.packed)
+            ioctl(s4, SIOCSIFNETMASK, mask, f"netmask of {iface}")
+        v6 = [i for i in addrs if i.version == 6]
+        if v6:
+            # no duplicate address detection: the address is usable at once
+            # (netlink's IFA_F_NODAD has no ioctl spelling)
             try:
-                ipr.addr("add", **kw)
-            except NetlinkError as exc:
-                if exc.code != errno.EEXIST:  # already there: fine
-                    raise DeviceError(f"tun://{name}: cannot add address {iface}: {os.strerror(exc.code)}") from None
-        ipr.link("set", index=index, state="up")
+                with open(f"/proc/sys/net/ipv6/conf/{name}/accept_dad", "w") as f:
+                    f.write("0")
+            except OSError:
+                pass
+            index = _ifindex(name)
+            try:
+                s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            except OSError as exc:
+                raise DeviceError(f"tun://{name}: cannot add {v6[0]}: IPv6 unavailable ({exc.strerror})") from None
+            with s6:
+                for iface in v6:
+                    req = struct.pack("16sIi", iface.ip.packed, iface.network.prefixlen, index)
+                    try:
+                        fcntl.ioctl(s6.fileno(), SIOCSIFADDR, req)
+                    except OSError as exc:
+                        if exc.errno != errno.EEXIST:  # already there: fine
+                            raise DeviceError(f"tun://{name}: cannot add address {iface}: {exc.strerror}") from None
+        flags = struct.unpack("16sh", ioctl(s4, SIOCGIFFLAGS, struct.pack("16sh", ifn, 0), "flags"))[1]
+        ioctl(s4, SIOCSIFFLAGS, struct.pack("16sh", ifn, flags | IFF_UP), "link up")
 
 
 def _delete_link(name: str) -> None:
@@ -254,7 +292,7 @@ def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
                 if not required:
                     raise _OffloadRefused(why) from None
                 raise DeviceError(f"{url}: {why}") from None
-        _in_thread(lambda: _configure(real_name, mtu, addrs, created))
+        _configure(real_name, mtu, addrs, created)
         dev_mtu = _read_mtu(real_name)
     except (DeviceError, _OffloadRefused):
         tun.close()
