@@ -412,10 +412,7 @@ class Engine:
             if not pkts:
                 break
             if rec is not None:
-                wall = time.time()
-                fix = self._rec_fix
-                for p in pkts:
-                    rec.write(_complete_checksum(p) if fix else p, wall)
+                self._record(pkts, self._rec_fix)
             stack.input_batch(pkts, now)
             if len(pkts) < DEVICE_BATCH:
                 break
@@ -423,11 +420,8 @@ class Engine:
 
     def feed(self, packets) -> None:
         """Packets from a push-style host (the bridge), on the engine's loop."""
-        rec = self.recorder
-        if rec is not None:
-            wall = time.time()
-            for p in packets:
-                rec.write(p, wall)
+        if self.recorder is not None:
+            self._record(packets, False)
         self.stack.input_batch(packets, self.loop.time())
         self._service()
 
@@ -447,12 +441,18 @@ class Engine:
                 break
         self._arm(stack.next_deadline())
 
-    def _write(self, out) -> None:
+    def _record(self, packets, fix: bool) -> None:
+        """Copy packets crossing the device to the pcap recorder (--record);
+        fix: complete the partial checksums an offload TUN hands over."""
         rec = self.recorder
-        if rec is not None:
-            wall = time.time()
-            for p in out:
-                rec.write(p, wall)
+        wall = time.time()
+        for p in packets:
+            rec.write(_complete_checksum(p) if fix else p, wall)
+
+    def _write(self, out) -> None:
+        if self.recorder is not None:
+            # our own packets carry full checksums whenever we record
+            self._record(out, False)
         try:
             self.device.write_batch(out)
         except DeviceError as e:
