@@ -571,12 +571,7 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
-            self.counters["upstream_connect_failed"] += 1
-            if not conn.closed:
-                log.info("tcp %s -> %s via %s refused: %s", _fmt(conn.src, conn.sport),
-                         _fmt(conn.dst, conn.dport), url, e)
-                conn.reject(self.reject_with)
-                self.kick()
+            self._tcp_dial_failed(conn, url, e)
             return
         if conn.closed:
             sock.close()
@@ -586,11 +581,7 @@ class Engine:
             await self.loop.connect_accepted_socket(lambda: relay, sock=sock)
         except OSError as e:
             sock.close()
-            self.counters["upstream_connect_failed"] += 1
-            if not conn.closed:
-                log.info("tcp %s: upstream socket failed: %s", _fmt(conn.dst, conn.dport), e)
-                conn.reject(self.reject_with)
-                self.kick()
+            self._tcp_dial_failed(conn, url, f"upstream socket failed: {e}")
             return
         self._tcp_established(conn, relay)
 
