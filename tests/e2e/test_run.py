@@ -38,6 +38,10 @@ RUN = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{TUN}",
        "--address", "198.18.0.1/15", "--address6", "fd00:7478::1/64",
        "--control", f"unix://{CTL}"]
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# Every test that uses the running engine runs in two modes: the default
+# (TUN offloads on, one worker per core on a multi-queue TUN) and the plain
+# path (?offload=0, one process: what a Darwin-like device gets).
+MODES = {"default": ("", None), "plain-single": ("?offload=0", "1")}
 
 
 # --- helpers ---------------------------------------------------------------
@@ -120,7 +124,12 @@ def ended(sock: socket.socket, timeout: float) -> tuple[bool, str]:
 
 
 def start_engine(lab):
-    p = lab.cli_popen("tun2xray", RUN, cwd=REPO, env=ENV)
+    query, workers = MODES[lab.t2x_mode]
+    argv = [a + query if a == f"tun://{TUN}" else a for a in RUN]
+    env = dict(ENV)
+    if workers is not None:
+        env["TUN2XRAY_WORKERS"] = workers
+    p = lab.cli_popen("tun2xray", argv, cwd=REPO, env=env)
     try:
         netlab.wait_until(lambda: p.poll() is not None or netlab.link_exists(lab.cli_ns, TUN),
                           15, f"{TUN} to appear")
@@ -141,8 +150,9 @@ def start_engine(lab):
     return p
 
 
-@pytest.fixture(scope="module")
-def engine_mod(lab):
+@pytest.fixture(scope="module", params=list(MODES))
+def engine_mod(lab, request):
+    lab.t2x_mode = request.param
     start_engine(lab)
     yield lab
     lab.stop("tun2xray")
