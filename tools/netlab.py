@@ -725,25 +725,30 @@ class Lab:
     def start_tun2xray(self, tun: str | None = None, args=(), name: str = "tun2xray",
                        timeout: float = 20.0) -> subprocess.Popen:
         """Start ``tun2xray run`` on TUN ``tun`` (default PREFIXtun0) in e2-cli,
-        socks to the local core and udp/53 to its dokodemo inbound, route the
-        targets through the TUN and wait until a TCP echo crosses it. For
-        benchmarks and manual runs; the acceptance tests spell their own
-        command line out."""
+        socks to the local core and udp/53 to its dokodemo inbound (see
+        run_tun2xray). For benchmarks and manual runs; the acceptance tests
+        spell their own command line out."""
         tun = tun or f"{self.prefix}tun0"
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{tun}",
                 "--proxy", f"socks5://127.0.0.1:{SOCKS_PORT}",
                 "--map", f"udp:53=dokodemo://127.0.0.1:{DOKODEMO_PORT}", *args]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return self.run_tun2xray(argv, tun, name=name, timeout=timeout)
+
+    def run_tun2xray(self, argv: list[str], tun: str, *, name: str = "tun2xray", env=None,
+                     timeout: float = 20.0, describe=None) -> subprocess.Popen:
+        """Start ``argv`` (a ``tun2xray run`` command line) in e2-cli, wait for
+        TUN ``tun``, route the targets through it and wait until a TCP echo
+        crosses it. On failure the process is stopped, the routes are removed
+        and the error says why, with ``describe()`` (default: the log's tail)."""
+        if env is None:
+            env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         p = self.cli_popen(name, argv, cwd=REPO, env=env)
 
         def alive():
             if p.poll() is not None:
-                raise RuntimeError(f"tun2xray exited with {p.returncode}: "
-                                   f"{self.log(name).strip()[-500:]}")
+                why = describe() if describe is not None else self.log(name).strip()[-500:]
+                raise RuntimeError(f"tun2xray exited with {p.returncode}: {why}")
             return True
-
-        wait_until(lambda: alive() and link_exists(self.cli_ns, tun), timeout, f"TUN {tun}")
-        self.route_via(tun, timeout)
 
         def echo():
             alive()
@@ -757,7 +762,15 @@ class Lab:
                     return s.recv(4) == b"ping"
             except OSError:
                 return False
-        wait_until(echo, timeout, f"a TCP echo through {tun}", interval=0.2)
+
+        try:
+            wait_until(lambda: alive() and link_exists(self.cli_ns, tun), timeout, f"TUN {tun}")
+            self.route_via(tun, timeout)
+            wait_until(echo, timeout, f"a TCP echo through {tun}", interval=0.2)
+        except BaseException:
+            self.stop(name)
+            self.unroute()
+            raise
         return p
 
     def state(self) -> dict:

@@ -69,20 +69,8 @@ def engine(request, pflab):
             "--map", f"udp:53=dokodemo://127.0.0.1:{netlab.DOKODEMO_PORT}",
             "--address", "198.18.0.1/15", "--address6", "fd00:7478::1/64",
             "--mtu", "1500", "--control", f"unix://{ctl}", "--log-level", "warning"]
-    p = pflab.cli_popen("tun2xray", argv, cwd=REPO, env=ENV)
     try:
-        netlab.wait_until(lambda: p.poll() is not None or netlab.link_exists(pflab.cli_ns, TUN),
-                          15, f"{TUN} to appear")
-        assert p.poll() is None, f"tun2xray exited: {pflab.log('tun2xray')[-2000:]}"
-        pflab.route_via(TUN)
-
-        def echo_works():
-            assert p.poll() is None, f"tun2xray exited: {pflab.log('tun2xray')[-2000:]}"
-            try:
-                return tcp_echo(pflab, (TARGET4, ECHO_PORT), b"ready?", timeout=2) == b"ready?"
-            except OSError:
-                return False
-        netlab.wait_until(echo_works, 20, "a TCP echo through the TUN", interval=0.2)
+        p = pflab.run_tun2xray(argv, TUN, env=ENV, describe=lambda: pflab.log("tun2xray")[-2000:])
         yield {"mode": mode, "ctl": ctl, "proc": p, "lab": pflab}
         assert p.poll() is None, f"tun2xray died during the tests: {pflab.log('tun2xray')[-2000:]}"
     finally:

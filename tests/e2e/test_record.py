@@ -26,11 +26,7 @@ def test_record_is_readable_and_replays(tmp_path, offload):
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{TUN}?offload={offload}",
                 "--proxy", f"socks5://127.0.0.1:{netlab.SOCKS_PORT}",
                 "--map", f"udp:53=dokodemo://127.0.0.1:{netlab.DOKODEMO_PORT}", "--record", str(pcap)]
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = lab.cli_popen("tun2xray", argv, cwd=REPO, env=env)
-        netlab.wait_until(lambda: p.poll() is not None or netlab.link_exists(lab.cli_ns, TUN), 20, TUN)
-        assert p.poll() is None, lab.log("tun2xray")
-        lab.route_via(TUN)
+        lab.run_tun2xray(argv, TUN)
         r = lab.cli_run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
                          lab.url("small.bin")], timeout=30)
         assert r.returncode == 0 and r.stdout.split() == [b"200", b"100000"], (r, lab.log("tun2xray"))

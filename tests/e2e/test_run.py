@@ -129,25 +129,7 @@ def start_engine(lab):
     env = dict(ENV)
     if workers is not None:
         env["TUN2XRAY_WORKERS"] = workers
-    p = lab.cli_popen("tun2xray", argv, cwd=REPO, env=env)
-    try:
-        netlab.wait_until(lambda: p.poll() is not None or netlab.link_exists(lab.cli_ns, TUN),
-                          15, f"{TUN} to appear")
-        assert p.poll() is None, f"tun2xray exited with {p.returncode}" + engine_log(lab)
-        lab.route_via(TUN)
-
-        def echo_works():
-            assert p.poll() is None, f"tun2xray exited with {p.returncode}" + engine_log(lab)
-            try:
-                return echo_once(lab, (TARGET4, ECHO_PORT), b"ready?", timeout=2) == b"ready?"
-            except OSError:
-                return False
-        netlab.wait_until(echo_works, 20, "a TCP echo through the TUN", interval=0.2)
-    except BaseException:
-        lab.stop("tun2xray")
-        lab.unroute()
-        raise
-    return p
+    return lab.run_tun2xray(argv, TUN, env=env, describe=lambda: engine_log(lab))
 
 
 @pytest.fixture(scope="module", params=list(MODES))

@@ -106,25 +106,7 @@ def memory_mb(pid: int) -> tuple:
 
 
 def start(lab, workers=2):
-    p = lab.cli_popen("tun2xray", run_argv(workers), cwd=REPO, env=ENV)
-    try:
-        netlab.wait_until(lambda: p.poll() is not None or netlab.link_exists(lab.cli_ns, TUN),
-                          15, f"{TUN} to appear")
-        assert p.poll() is None, f"tun2xray exited with {p.returncode}" + logs(lab)
-        lab.route_via(TUN)
-
-        def ready():
-            assert p.poll() is None, f"tun2xray exited with {p.returncode}" + logs(lab)
-            try:
-                return echo_once(lab, b"ready?", timeout=2) == b"ready?"
-            except OSError:
-                return False
-        netlab.wait_until(ready, 20, "a TCP echo through the TUN", interval=0.2)
-    except BaseException:
-        lab.stop("tun2xray")
-        lab.unroute()
-        raise
-    return p
+    return lab.run_tun2xray(run_argv(workers), TUN, env=ENV, describe=lambda: logs(lab))
 
 
 @pytest.fixture(scope="module")
