@@ -13,7 +13,6 @@ Own lab (prefix ``pf``): these tests run beside the other e2e modules.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -22,6 +21,7 @@ import threading
 import pytest
 
 import netlab
+from tun2xray import control
 from netlab import DNS4, ECHO_PORT, TARGET4, TARGET6
 
 pytestmark = pytest.mark.e2e
@@ -43,20 +43,7 @@ def pflab():
 
 
 def status(ctl: str) -> dict:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    try:
-        s.connect(ctl)
-        s.sendall(b"status\n")
-        chunks = []
-        while True:
-            b = s.recv(1 << 16)
-            if not b:
-                break
-            chunks.append(b)
-    finally:
-        s.close()
-    return json.loads(b"".join(chunks))
+    return control.query(f"unix://{ctl}")
 
 
 @pytest.fixture(scope="module", params=["1", "0"], ids=["offload", "plain"])
