@@ -239,11 +239,10 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     lifecycle = state.Lifecycle()
     lifecycle.set(state.CONNECTING, "starting")
     server = None
-    status_fn = engine.status
+    engine_status = engine.status
     if xs is not None:
         xs.attach(engine, settings.router)
-        status_fn = xs.wrap_status(engine.status)
-    engine_status = status_fn
+        engine_status = xs.wrap_status(engine.status)
 
     def status_fn():
         # the same shape as bridge.status(): state, reason, since, then counters
