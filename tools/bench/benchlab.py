@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import netlab  # noqa: E402  (tools/ is not a package)
-from netlab import VETH_CLI4, VETH_SRV4, wait_port, wait_until  # noqa: E402
+from netlab import VETH_SRV4, wait_port, wait_until  # noqa: E402
 
 TUN_TARGET = netlab.TARGET4          # 10.99.0.10, routed through the TUN
 TUN_NET = netlab.TARGET_NET4
