@@ -300,6 +300,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
     sup = None
     try:
         detach_queue(keeper.fileno())
+        _routes_up(settings, keeper.name)
         if xs is not None:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level)
@@ -312,7 +313,17 @@ def run_supervised(args, settings, xs, n: int) -> int:
     finally:
         if sup is not None:
             sup.kill_all()
+        settings.net.down()
         keeper.close()
+
+
+def _routes_up(settings, ifname: str) -> None:
+    """The profile's routes on the TUN (tun2xray.tunroutes)."""
+    from .tunroutes import RouteError
+    try:
+        settings.net.up(ifname)
+    except RouteError as e:
+        raise WorkerError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -548,6 +559,7 @@ class Supervisor:
         status_fn = self.status
         if xs is not None:
             status_fn = xs.wrap_status(status_fn)
+        status_fn = self.settings.net.wrap_status(status_fn)
         inner = status_fn
 
         def composed():
