@@ -231,7 +231,8 @@ def _bool(v, path, key):
 
 def _enum(v, path, key):
     if v not in key.choices or not isinstance(v, str):
-        raise ProfileError(f"{path}: {json.dumps(v)} is not " + " or ".join(f'"{c}"' for c in key.choices))
+        names = [f'"{c}"' for c in key.choices]
+        raise ProfileError(f"{path}: {json.dumps(v)} is not " + ", ".join(names[:-1]) + " or " + names[-1])
     return v
 
 
@@ -281,11 +282,18 @@ def _prefixes(version):
             try:
                 net = ipaddress.ip_network(n)
             except (ValueError, TypeError):
-                raise ProfileError(f"{path}[{i}]: {json.dumps(n)} is not a prefix") from None
+                raise ProfileError(f"{path}[{i}]: {json.dumps(n)} is not a prefix{_host_bits(n)}") from None
             if net.version != version:
                 raise ProfileError(f"{path}[{i}]: {json.dumps(n)} is not IPv{version}")
         return list(v)
     return check
+
+
+def _host_bits(n) -> str:
+    try:
+        return f" (host bits set; {ipaddress.ip_network(n, strict=False)}?)"
+    except (ValueError, TypeError):
+        return ""
 
 
 def _ips(v, path, key):
@@ -332,7 +340,7 @@ def _rule_obj(d: dict, path: str = "rules[]") -> Rule:
             try:
                 out.append(ipaddress.ip_network(c))
             except (ValueError, TypeError):
-                raise ProfileError(f"{path}.cidr[{i}]: {json.dumps(c)} is not a prefix") from None
+                raise ProfileError(f"{path}.cidr[{i}]: {json.dumps(c)} is not a prefix{_host_bits(c)}") from None
         cidrs = tuple(out)
     ports = None
     if "port" in d:
