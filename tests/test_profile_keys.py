@@ -204,10 +204,18 @@ def test_bridge_rejects_run_only_keys(path):
         bridge.start(text)
 
 
-def test_bridge_requires_proxy_even_with_xray_config():
+def test_bridge_requires_proxy_run_takes_it_from_flag_key_or_core(tmp_path):
     with pytest.raises(ProfileError, match="^proxy: is required$"):
         load_profile({"mtu": 1400}, bridge=True)
     assert load_profile({"xray": {"config": "c.json"}}).proxy is None
+    args, s = settings_for(tmp_path, {"device": "tun://prkey0"}, "--proxy", PROXY)
+    assert s.router.default_url == PROXY
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"device": "tun://prkey0"}))
+    args = build_parser().parse_args(["run", "--config", str(path)])
+    apply_profile(args)
+    with pytest.raises(UsageError, match="^--proxy is required"):
+        RunSettings(args)
 
 
 def test_bridge_network_status_reports_the_profile_for_the_host():
@@ -253,8 +261,10 @@ def test_schema_command_prints_it():
 
 
 GOOD = [
+    {},
     {"proxy": PROXY},
     {"xray": {"config": "/etc/tun2xray/config.json"}},
+    {"mtu": 1500, "xray": {"bin": "v2ray"}},
     {"proxy": "socks5h://u:p@[::1]:1080", "mtu": 576, "icmp_echo": "drop", "udp_timeout": 0.5 + 1,
      "tcp_connect_timeout": 0.1, "max_flows": 1},
     {"proxy": PROXY, "ipv4": {"address": "10.0.0.1", "routes": ["0.0.0.0/0", "10.0.0.0/8"],
@@ -271,8 +281,6 @@ GOOD = [
 ]
 
 BAD = [
-    {},
-    {"mtu": 1500},
     {"proxy": 1},
     {"proxy": "http://127.0.0.1:80"},
     {"proxy": "socks5://127.0.0.1"},
@@ -315,7 +323,6 @@ BAD = [
     {"proxy": PROXY, "xray": {"config": 5}},
     {"proxy": PROXY, "xray": {"auto_route": "yes"}},
     {"proxy": PROXY, "xray": {"confg": "c.json"}},
-    {"xray": {"bin": "v2ray"}},
 ]
 
 

@@ -43,7 +43,8 @@ class Key:
 
 KEYS: tuple = (
     Key("proxy", "url", None, "the default route: the Xray socks inbound (socks5://[user:pass@]host:port); "
-        "required unless xray.config names a config whose socks inbound becomes the proxy", flag="proxy"),
+        "required by the bridge; `run` takes it from --proxy, this key or the xray config's socks inbound",
+        flag="proxy"),
     Key("mtu", "int", 1500, "device MTU (run: set on a tun:// device; the stack's MSS follows it)",
         flag="mtu", lo=576, hi=65535),
     Key("ipv4.address", "iface4", "198.18.0.1/15", "the TUN's IPv4 address/prefix", flag="address"),
@@ -150,7 +151,8 @@ class Profile:
 def load_profile(source, *, bridge: bool = False) -> Profile:
     """Check and load a profile; *source* is JSON text, bytes or a decoded
     dict.  bridge=True: also reject the keys only `run` reads and require
-    proxy (the bridge starts no core)."""
+    proxy (the bridge starts no core).  `run` checks that it has a proxy
+    after merging flags: --proxy, proxy, or xray.config's socks inbound."""
     if isinstance(source, (str, bytes, bytearray)):
         try:
             data = json.loads(source)
@@ -167,8 +169,8 @@ def load_profile(source, *, bridge: bool = False) -> Profile:
             if KEY_BY_PATH[path].run_only:
                 raise ProfileError(f"{path}: only `tun2xray run` reads this key; the bridge's host "
                                    "owns the device, the core and the logs")
-    if "proxy" not in values and (bridge or "xray.config" not in values):
-        raise ProfileError("proxy: is required" + ("" if bridge else " (or xray.config)"))
+    if bridge and "proxy" not in values:
+        raise ProfileError("proxy: is required")
     return _build(values)
 
 
@@ -421,8 +423,6 @@ def json_schema() -> dict:
          "title": "tun2xray profile",
          "description": "tun2xray run --config / bridge config_json; reference: docs/profile.md"}
     s.update(_schema_for(""))
-    s["anyOf"] = [{"required": ["proxy"]},
-                  {"required": ["xray"], "properties": {"xray": {"required": ["config"]}}}]
     return s
 
 
