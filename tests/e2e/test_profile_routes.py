@@ -203,3 +203,54 @@ def test_host_owned_device_reports_routes_and_applies_none(plab):
         assert after == before
     finally:
         lab.stop("tun2xray-unix")
+
+
+def route_get(lab, addr: str) -> str:
+    r = lab.cli_run(["ip", "route", "get", addr], timeout=10)
+    return r.stdout.decode() if r.returncode == 0 else ""
+
+
+@pytest.mark.deadline(120)
+def test_auto_route_uses_the_profiles_routes(plab):
+    """A profile alone with "xray": {"config", "auto_route"}: the core is
+    started, and auto-route sends only the profile's routes (and DNS hosts)
+    into the TUN; everything it added is gone on exit."""
+    lab = plab
+    tun = "prtun3"
+    cfg = netlab.local_core_config(lab.user_id, lab.workdir)
+    for inb, port in zip(cfg["inbounds"], (11808, 11853)):     # beside the lab's own core
+        inb["port"] = port
+    core_path = write_profile(lab, "pr-xray.json", cfg)
+    ctl = "/tmp/pr-ctl-auto.sock"
+    profile = base_profile(tun, ctl)
+    del profile["proxy"]                                    # the config's socks inbound
+    profile["rules"][0]["to"] = "dokodemo://127.0.0.1:11853"
+    profile.update(workers=1, xray={"config": core_path, "auto_route": True, "bin": lab.core})
+    path = write_profile(lab, "profile-auto.json", profile)
+    p = lab.cli_popen("tun2xray-auto", [sys.executable, "-m", "tun2xray.cli", "run", "--config", path],
+                      cwd=REPO, env=ENV)
+    try:
+        def up():
+            if p.poll() is not None:
+                raise AssertionError(f"run exited {p.returncode}: {lab.log('tun2xray-auto')[-1500:]}")
+            return f"dev {tun}" in route_get(lab, TARGET4)
+        netlab.wait_until(up, 30, f"auto-route through {tun}")
+        for addr in (TARGET4, NOWHERE4, TARGET6, NOWHERE6):
+            assert f"dev {tun}" in route_get(lab, addr), (addr, route_get(lab, addr))
+        for addr in ("10.99.0.53", "fd99::53"):             # in the lab's prefixes, not in the profile
+            assert f"dev {tun}" not in route_get(lab, addr), (addr, route_get(lab, addr))
+        netlab.wait_until(lambda: up() and echo_ok(lab), 20, "a TCP echo through auto-route", interval=0.2)
+        _, size, sha = lab.files["small.bin"]
+        r = lab.cli_run(["curl", "-sS", "--max-time", "20", "-o", "-", lab.url("small.bin")], timeout=30)
+        assert r.returncode == 0 and hashlib.sha256(r.stdout).hexdigest() == sha, r.stderr.decode()
+        r = lab.cli_run(["dig", f"@{NOWHERE4}", "web.e2.test", "A", "+short", "+time=3", "+tries=2"],
+                        timeout=30)
+        assert r.stdout.decode().split() == [DNS_NAMES["web.e2.test"][0]], (r.stdout, r.stderr)
+        with lab.in_cli():
+            net = query(f"unix://{ctl}")["network"]
+        assert net["routes_applied_by"] == "auto-route" and net["routes_added"] == []
+    finally:
+        rc = lab.stop("tun2xray-auto", timeout=10)
+    assert rc == 0, lab.log("tun2xray-auto")[-1500:]
+    assert "947" not in lab.ip(lab.cli_ns, "rule", "show")
+    assert lab.ip(lab.cli_ns, "route", "show", "table", "7478").strip() == ""
