@@ -285,6 +285,7 @@ BAD = [
     {"proxy": "http://127.0.0.1:80"},
     {"proxy": "socks5://127.0.0.1"},
     {"proxy": "socks5://127.0.0.1:70000"},
+    {"proxy": "dokodemo://127.0.0.1:53"},
     {"proxy": PROXY, "mtu": 575},
     {"proxy": PROXY, "mtu": 65536},
     {"proxy": PROXY, "mtu": "1500"},

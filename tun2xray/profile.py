@@ -42,7 +42,7 @@ class Key:
 
 
 KEYS: tuple = (
-    Key("proxy", "url", None, "the default route: the Xray socks inbound (socks5://[user:pass@]host:port); "
+    Key("proxy", "socks_url", None, "the default route: the Xray socks inbound (socks5://[user:pass@]host:port); "
         "required by the bridge; `run` takes it from --proxy, this key or the xray config's socks inbound",
         flag="proxy"),
     Key("mtu", "int", 1500, "device MTU (run: set on a tun:// device; the stack's MSS follows it)",
@@ -248,6 +248,15 @@ def _url(v, path, key=None):
     return v
 
 
+def _socks_url(v, path, key):
+    _url(v, path)
+    if not v.strip().lower().startswith(("socks5://", "socks5h://")):
+        scheme = v.strip().partition("://")[0]
+        raise ProfileError(f"{path}: the default route must be a socks5:// inbound, not {scheme}:// "
+                           "(a dokodemo inbound has one fixed destination: use it in a rule)")
+    return v
+
+
 def _path(v, path, key):
     if not isinstance(v, str) or not v or "\0" in v:
         raise ProfileError(f"{path}: {json.dumps(v)} is not a file path")
@@ -354,7 +363,7 @@ def _rule_obj(d: dict, path: str = "rules[]") -> Rule:
 
 
 _CHECKS = {
-    "url": _url, "int": _int, "number": _num, "bool": _bool, "enum": _enum, "path": _path,
+    "url": _url, "socks_url": _socks_url, "int": _int, "number": _num, "bool": _bool, "enum": _enum, "path": _path,
     "device": _device, "control": _control, "iface4": _iface(4), "iface6": _iface(6),
     "prefixes4": _prefixes(4), "prefixes6": _prefixes(6), "ips": _ips, "rules": _rules,
 }
@@ -372,9 +381,11 @@ _LEN4 = r"(3[0-2]|[12]?[0-9])"
 _LEN6 = r"(12[0-8]|1[01][0-9]|[1-9]?[0-9])"
 _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
 _URL = rf"^(socks5|socks5h|dokodemo|dokodemo-door|tunnel)://[^\s/?#]+:{_PORT}/?$"
+_SOCKS_URL = rf"^(socks5|socks5h)://[^\s/?#]+:{_PORT}/?$"
 
 _SCHEMAS = {
     "url": lambda k: {"type": "string", "pattern": _URL},
+    "socks_url": lambda k: {"type": "string", "pattern": _SOCKS_URL},
     "int": lambda k: {"type": "integer", "minimum": k.lo, "maximum": k.hi},
     "number": lambda k: {"type": "number", "minimum": k.lo, "maximum": k.hi},
     "bool": lambda k: {"type": "boolean"},
