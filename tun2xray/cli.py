@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
     rp.add_argument("--json", action="store_true", help="one JSON object per capture instead of text")
+    rp.add_argument("--checksums", choices=["auto", "verify", "ignore"], default="auto",
+                    help="client TCP/UDP checksums: auto (default) completes them where the capture was "
+                    "taken with checksum offload (and says so), verify feeds them as captured, ignore "
+                    "completes every wrong one")
+    rp.add_argument("--ladder", metavar="FLOW", help="draw flow FLOW (its number in the report, or "
+                    "addr:port-addr:port) as a ladder diagram; needs --svg and one capture")
+    rp.add_argument("--svg", metavar="FILE", help="where --ladder writes its SVG")
 
     from . import doctor, nodes
     nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
