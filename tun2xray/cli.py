@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
     r.add_argument("--control", help="serve JSON status on unix:///path")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
+    r.add_argument("--record-wire", action="store_true",
+                   help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
+    r.add_argument("--record-max-mb", type=float, metavar="N",
+                   help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
+                   "(default 256, 0 = no cap)")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
@@ -194,6 +199,11 @@ def _cmd_run(args, xs) -> int:
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
+    from .record import RecordOptions
+    try:
+        settings.record = RecordOptions.from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     from .workers import WorkerError, run_supervised, worker_count
     try:
         n = worker_count(args)
@@ -208,12 +218,13 @@ def _cmd_run(args, xs) -> int:
         raise UsageError(f"--device {args.device}: {e}") from None
     recorder = None
     try:
-        if args.record:
-            from .device.pcap import PcapRecorder
+        if settings.record is not None:
+            from . import record
             try:
-                recorder = PcapRecorder(args.record)
+                recorder = record.recorder(settings.record, device.mtu)
             except OSError as e:
                 raise UsageError(f"--record {args.record}: {e.strerror}") from None
+            record.notice(settings.record, bool(getattr(device, "offload", False)))
         if xs is not None:
             xs.route_up(device.name)
         return _run_loop(_serve(settings, device, recorder, xs))
