@@ -212,3 +212,21 @@ def test_record_options():
                         (_args(record="x", record_max_mb=0.001), "below 4 KB")):
         with pytest.raises(ValueError, match=needle):
             record.RecordOptions.from_args(bad)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--record-wire"], "--record-wire needs --record FILE.pcap"),
+    (["--record-max-mb", "3"], "--record-max-mb needs --record FILE.pcap"),
+    (["--record", "/tmp/rr-never.pcap", "--record-max-mb", "-2"], "--record-max-mb -2: must be 0"),
+    (["--record", "/tmp/rr-never.pcap", "--record-max-mb", "lots"], "invalid float value"),
+])
+def test_run_rejects_record_flags_in_one_line(extra, needle):
+    import subprocess
+    import sys
+    # checked before anything is opened or dialled (the proxy here does not exist)
+    r = subprocess.run([sys.executable, "-m", "tun2xray", "run", "--device", "tun://rrnever0",
+                        "--proxy", "socks5://127.0.0.1:9", *extra], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert not os.path.exists("/tmp/rr-never.pcap")

@@ -193,17 +193,17 @@ def cmd_run(args) -> int:
 
 def _cmd_run(args, xs) -> int:
     settings = RunSettings(args)
+    from .record import RecordOptions
+    try:
+        settings.record = RecordOptions.from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
-    from .record import RecordOptions
-    try:
-        settings.record = RecordOptions.from_args(args)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     from .workers import WorkerError, run_supervised, worker_count
     try:
         n = worker_count(args)
