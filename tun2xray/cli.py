@@ -232,6 +232,8 @@ def _cmd_run(args, xs) -> int:
         device.close()
         if recorder is not None:
             recorder.close()
+            from .record import closed
+            closed(recorder)
 
 
 def _run_loop(coro) -> int:

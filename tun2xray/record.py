@@ -93,6 +93,14 @@ def notice(opts: RecordOptions, offload: bool, workers: int = 1) -> None:
                  opts.path)
 
 
+def closed(rec) -> None:
+    """The log line when a single-process run's capture is closed."""
+    extra = f", {rec.rotations} rotations (previous file: {rec.path}.1)" if rec.rotations else ""
+    if rec.dropped:
+        extra += f", {rec.dropped} packets not written ({rec.error})"
+    log.info("--record: %d packets written to %s%s", rec.packets, rec.path, extra)
+
+
 # ------------------------------------------------------------ worker parts
 
 def part_path(path: str, wid: int) -> str:
