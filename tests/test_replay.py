@@ -131,7 +131,7 @@ def test_fixtures_exist():
     names = {os.path.basename(p) for p in PCAPS}
     for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
                  "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap",
-                 "http-post-loss-v4.pcap", "tcp-client-reset-v4.pcap"):
+                 "http-post-loss-v4.pcap", "tcp-client-reset-v4.pcap", "offload-v4.pcap"):
         assert want in names
     for p in PCAPS:
         assert os.path.getsize(p) < 2 << 20

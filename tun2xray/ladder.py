@@ -120,7 +120,7 @@ def ladder_svg(f, title: str) -> str:
         ty = TOP + i * ROW          # label baseline; the arrow runs just below it
         y0, y1 = ty + 5, ty + 5 + ROW * 0.5
         x0, x1 = (LEFT, RIGHT) if from_client else (RIGHT, LEFT)
-        if "dropped" in note:
+        if "dropped" in note or "discarded" in note:
             kind, color, dash = "x", "#c0392b", ' stroke-dasharray="6,4"'
         elif from_client:
             kind, color, dash = "c", "#1f5fbf", ' stroke-dasharray="3,3"' if note else ""

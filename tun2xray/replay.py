@@ -819,10 +819,15 @@ class Replay:
         """Feed one client packet to the stack, noting it (and whether the
         stack dropped it on arrival) in the flow's ladder."""
         st = self.stack
-        before = sum(st.drops.values())
+        d0, t0 = dict(st.drops), dict(st.tcp_drops)
         st.input(raw, now)
-        if sum(st.drops.values()) != before:
-            note = (note + ", " if note else "") + "dropped by the stack"
+        why = _grown(d0, st.drops)
+        if why:
+            note = (note + ", " if note else "") + "dropped by the stack: " + why
+        else:
+            why = _grown(t0, st.tcp_drops)
+            if why:
+                note = (note + ", " if note else "") + "discarded by the connection: " + why
         f.ladder.append((now, True, p if raw is p.raw else parse_ip(now, raw), note))
 
     def _translate(self, f, p) -> bytes:
@@ -956,6 +961,11 @@ class Replay:
             end += 1
         if end > f.snd_max:
             f.snd_max = end
+
+
+def _grown(before: dict, after: dict) -> str:
+    """The counters that grew, by name ("" if none)."""
+    return ", ".join(k for k, v in after.items() if v > before.get(k, 0))
 
 
 def _fix_tcp_checksum(buf, family, l4):
@@ -1113,7 +1123,7 @@ def checksum_hint(r: Replay) -> str | None:
     what = ", ".join(x for x in (f"{tcp} packets had bad TCP checksums" if tcp else "",
                                  f"{udp} {'had' if tcp else 'packets had'} bad UDP checksums" if udp else "") if x)
     if r.checksums.mode == "ignore":
-        return f"hint: {what} (IP header checksums bad too: a damaged capture?)"
+        return f"hint: {what} even with --checksums ignore: a damaged capture?"
     return f"hint: {what}: capture taken with checksum offload? try --checksums ignore"
 
 
@@ -1145,9 +1155,10 @@ def report(path, r: Replay, out=None) -> bool:
     return c["not_completed"] == 0 and not r.bad_output
 
 
-def flow_dict(f) -> dict:
-    """One flow's result as plain data (for --json)."""
-    d = {"proto": "tcp" if f.proto == 6 else "udp",
+def flow_dict(f, number: int = 0) -> dict:
+    """One flow's result as plain data (for --json); number: as in the text
+    report and --ladder."""
+    d = {"flow": number, "proto": "tcp" if f.proto == 6 else "udp",
          "client": _ip_text(f.family, f.key[0], f.key[1]), "server": _ip_text(f.family, f.key[2], f.key[3]),
          "outcome": f.outcome, "ok": f.ok, "close_reason": f.close_reason}
     if f.proto == 6:
@@ -1196,7 +1207,7 @@ def main(args) -> int:
         if as_json:
             import json
             ok = all(f.ok for f in r.flows) and not r.bad_output
-            print(json.dumps({"file": path, "ok": ok, "flows": [flow_dict(f) for f in r.flows],
+            print(json.dumps({"file": path, "ok": ok, "flows": [flow_dict(f, i) for i, f in enumerate(r.flows, 1)],
                               "summary": summary(r), "checksums": r.checksums.as_dict(),
                               "drops": stack_drops(r), "hint": checksum_hint(r),
                               "stray_packets": r.stray, "bad_output": r.bad_output,
