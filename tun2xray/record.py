@@ -65,7 +65,9 @@ class RecordOptions:
         return cls(path, wire, max_mb)
 
     def cap_text(self) -> str:
-        return "no size cap" if not self.max_bytes else f"rotated at {self.max_bytes / MB:g} MB (one previous file kept as .1)"
+        if not self.max_bytes:
+            return "no size cap"
+        return f"rotated at {self.max_bytes / MB:g} MB (one previous file kept as .1)"
 
 
 def recorder(opts: RecordOptions, mtu: int, *, path: str | None = None, max_bytes: int | None = None,

@@ -329,7 +329,7 @@ class Flow:
         self.received = bytearray()   # bytes the host read from the stack
         self.rec_icmp = None          # (type, code) of the recorded server's ICMP error, if any
         self.stack_icmp = []          # (type, code) of the stack's ICMP errors about this flow
-        self.ladder = []              # (ts, from_client, Pkt, note) in time order: what the client fed, what the stack sent
+        self.ladder = []              # (ts, from_client, Pkt, note): client packets fed, stack packets sent
         if proto == 6:
             self._init_tcp()
         else:
