@@ -167,3 +167,122 @@ def test_core_dies_with_its_supervisor(tmp_path):
         if p.poll() is None:
             p.kill()
         p.stdout.close()
+
+
+# --- the core's JSON reader and ours agree; its rejections name the user's file
+
+def _core_accepts(tmp_path, text: str) -> bool:
+    p = tmp_path / "probe.json"
+    p.write_text(text)
+    try:
+        xray.check_config(_core_binary(), str(p))
+        return True
+    except xray.CoreError:
+        return False
+
+
+def _ours_accepts(text: str) -> bool:
+    try:
+        xray.parse_config_text(text)
+        return True
+    except xray.XrayConfigError:
+        return False
+
+
+_BASE = {"log": {"loglevel": "warning"},
+         "inbounds": [{"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
+                       "settings": {"auth": "noauth", "udp": True}}],
+         "outbounds": [{"protocol": "freedom", "tag": "a//b#c/*d*/"}], "x": [1, {"y": None}]}
+_INSERTS = ["// c\n", "# c\n", "/* c */", "/* two\nlines */", "/**/", "/* ** */", "/* a // b # c */",
+            "// \"quote\n", "# 'single\n", ",", " ", "\n", "/", "*/", "\\", "'", "NaN", "\ufeff"]
+
+
+def _mutations(seed: int, n: int):
+    """Texts the core might or might not accept: a real config with comments,
+    commas and stray characters inserted between tokens."""
+    import random
+    rng = random.Random(seed)
+    for _ in range(n):
+        text = json.dumps(_BASE, indent=rng.choice([None, 1]))
+        # positions outside strings: between tokens
+        gaps, inside, esc = [0], False, False
+        for i, c in enumerate(text):
+            if inside:
+                esc = not esc and c == "\\"
+                if c == '"' and not esc:
+                    inside = False
+                    gaps.append(i + 1)
+            elif c == '"':
+                inside = True
+            elif c in "{}[],:":
+                gaps += [i, i + 1]
+        for pos in sorted(rng.sample(gaps, rng.randint(1, 3)), reverse=True):
+            text = text[:pos] + rng.choice(_INSERTS) + text[pos:]
+        yield text
+
+
+def test_our_reader_accepts_exactly_what_the_core_accepts(tmp_path):
+    """Differential: the same texts through `v2ray -test` and our reader."""
+    seen = {True: 0, False: 0}
+    for text in _mutations(9, 250):
+        core = _core_accepts(tmp_path, text)
+        assert _ours_accepts(text) == core, (core, text)
+        seen[core] += 1
+    assert seen[True] >= 50 and seen[False] >= 50, seen        # both verdicts were exercised
+
+
+def test_trailing_comma_is_rejected_like_the_core_with_file_line_column(tmp_path):
+    text = json.dumps(_BASE, indent=1).replace('"freedom",', '"freedom",\n  // the old tag\n', 1)
+    text = text.replace('"tag": "a//b#c/*d*/"', '"tag": "a",', 1)
+    path = tmp_path / "node.json"
+    path.write_text(text)
+    line = text.splitlines().index('   "tag": "a",') + 1
+    with pytest.raises(xray.CoreError, match="failed to read config file"):
+        xray.check_config(_core_binary(), str(path))           # the core rejects it
+    with pytest.raises(xray.XrayConfigError) as e:
+        xray.derive(str(path))                                 # and so do we, saying where
+    assert str(e.value) == (f"{path}: line {line} column 14: trailing comma before '}}' "
+                            f"(Xray and v2ray reject it)")
+
+
+def test_core_rejection_names_the_users_file_line_and_column(tmp_path):
+    # the core's position counts without the comments; ours is the file's
+    path = tmp_path / "node.json"
+    path.write_text('// my node\n{"log": /* quiet */ {"loglevel": 5},\n'
+                    ' "outbounds": [{"protocol": "freedom"}]}')
+    with pytest.raises(xray.CoreError) as e:
+        xray.check_config(_core_binary(), str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{os.path.basename(_core_binary())} rejected {path}: ")
+    assert "at line 2 column 34 > json: cannot unmarshal number" in msg, msg
+
+
+def test_runtime_config_rejection_names_the_users_file(tmp_path):
+    """No socks inbound: tun2xray runs a runtime copy with one added; the
+    core's rejection still names the user's file and its line."""
+    path = tmp_path / "config.json"
+    path.write_text('{\n "log": {"loglevel": "warning"},\n "inbounds": [\n'
+                    '  {"port": 1080, "protocol": "nosuch"}],\n "outbounds": [{"protocol": "freedom"}]}')
+    xs = xray.XraySession(str(path), binary=_core_binary())
+    d = xs.prepare()
+    assert d.runtime_path and d.runtime_path != str(path)
+    try:
+        with pytest.raises(xray.CoreError) as e:
+            xs.start()
+    finally:
+        xs.close()
+    msg = str(e.value)
+    assert str(path) in msg and "nosuch" in msg and xray.RUNTIME_SUFFIX not in msg, msg
+    # a type error: the position is the user's line, not the runtime copy's
+    path.write_text('{\n "log": {"loglevel": "warning"},\n "inbounds": [\n'
+                    '  {"port": 1080, /* c */ "tag": 5, "protocol": "socks"}],\n'
+                    ' "outbounds": [{"protocol": "freedom"}]}')
+    xs = xray.XraySession(str(path), binary=_core_binary())
+    xs.prepare()
+    try:
+        with pytest.raises(xray.CoreError) as e:
+            xs.start()
+    finally:
+        xs.close()
+    msg = str(e.value)
+    assert str(path) in msg and xray.RUNTIME_SUFFIX not in msg and "at line 4 column 33 >" in msg, msg

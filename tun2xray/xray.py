@@ -31,6 +31,7 @@ a ``CoreError`` whose message is one line holding the core's own reason.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import copy
@@ -73,84 +74,188 @@ class XrayConfigError(XrayError, ValueError):
 
 
 class CoreError(XrayError, RuntimeError):
-    """The core could not be started (missing binary, rejected config, ...)."""
+    """The core could not be started (missing binary, rejected config, ...).
+
+    ``path`` and ``reason``: the config the core was given and its own reason,
+    when it rejected one."""
+
+    def __init__(self, msg: str, path: str | None = None, reason: str | None = None):
+        super().__init__(msg)
+        self.path = path
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------
 # reading
+#
+# What the core reads is what Go's encoding/json decodes after the core's
+# comment filter (Xray's and v2ray's infra/conf/json reader): comments are
+# removed outside double- and single-quoted strings, newlines inside them are
+# kept (so line numbers match the file), and nothing else is relaxed -- no
+# trailing commas, no NaN, no byte order mark.  Go's decoder reads the first
+# JSON value and ignores whatever follows it.  The filter below is a port of
+# that state machine, so a config we accept is one the core accepts, and a
+# position in the filtered text maps back to the user's file.
+
+_SPECIAL = {"content": re.compile(r"""["'\\#/]"""), "dq": re.compile(r'["\\]'),
+            "sq": re.compile(r"['\\]"), "comment": re.compile(r"\n"),
+            "mlc": re.compile(r"[*\n]")}
+
+
+def _filter_comments(text: str) -> tuple:
+    """(filtered text, [(filtered_pos, original_pos)] at each jump) the way
+    the core's reader filters: comments dropped, their newlines kept."""
+    out = []
+    jumps = [(0, 0)]
+    o = 0                       # length of out so far
+    i, n = 0, len(text)
+    state = "content"
+
+    def emit(s: str, at: int) -> None:
+        nonlocal o
+        fp, op = jumps[-1]
+        if at - op != o - fp:
+            jumps.append((o, at))
+        out.append(s)
+        o += len(s)
+
+    while i < n:
+        pat = _SPECIAL.get(state)
+        if pat is not None:
+            m = pat.search(text, i)
+            j = n if m is None else m.start()
+            if j > i:
+                if state not in ("comment", "mlc"):
+                    emit(text[i:j], i)
+                i = j
+                if m is None:
+                    break
+        c = text[i]
+        if state == "content":
+            if c in "\"'":
+                state = "dq" if c == '"' else "sq"
+                emit(c, i)
+            elif c == "\\":
+                state = "escape"
+            elif c == "#":
+                state = "comment"
+            elif c == "/":
+                state = "slash"
+            else:
+                emit(c, i)
+        elif state in ("escape", "dqesc", "sqesc"):
+            emit("\\" + c, i - 1)
+            state = {"escape": "content", "dqesc": "dq", "sqesc": "sq"}[state]
+        elif state in ("dq", "sq"):
+            if c == "\\":
+                state += "esc"
+            else:
+                if c == ('"' if state == "dq" else "'"):
+                    state = "content"
+                emit(c, i)
+        elif state == "comment":            # c is the newline
+            state = "content"
+            emit(c, i)
+        elif state == "slash":
+            if c == "/":
+                state = "comment"
+            elif c == "*":
+                state = "mlc"
+            else:
+                # the core emits "/x" and stays in this state (its quirk,
+                # kept: such text is invalid JSON either way)
+                emit("/" + c, i - 1)
+        elif state == "mlc":
+            if c == "*":
+                state = "mlcstar"
+            else:
+                emit(c, i)                  # a newline
+        elif state == "mlcstar":
+            if c == "/":
+                state = "content"
+            elif c == "\n":
+                emit(c, i)                  # (the core stays in this state)
+            elif c != "*":
+                state = "mlc"
+        i += 1
+    return "".join(out), jumps
+
 
 def strip_comments(text: str) -> str:
-    """Remove ``//``, ``#`` and ``/* */`` comments outside JSON strings.
-
-    Comments are replaced by spaces (newlines kept) so decode errors still
-    point at the right line and column.
-    """
-    out = []
-    i, n = 0, len(text)
-    start = 0
-    while i < n:
-        c = text[i]
-        if c == '"':
-            i += 1
-            while i < n:
-                d = text[i]
-                if d == "\\":
-                    i += 2
-                    continue
-                i += 1
-                if d == '"':
-                    break
-            continue
-        if c == "#" or (c == "/" and i + 1 < n and text[i + 1] == "/"):
-            j = text.find("\n", i)
-            j = n if j < 0 else j
-            out.append(text[start:i])
-            out.append(" " * (j - i))
-            i = start = j
-            continue
-        if c == "/" and i + 1 < n and text[i + 1] == "*":
-            j = text.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            out.append(text[start:i])
-            out.append(re.sub(r"[^\n]", " ", text[i:j]))
-            i = start = j
-            continue
-        i += 1
-    out.append(text[start:])
-    return "".join(out)
+    """The text the core's JSON decoder sees (comments removed)."""
+    return _filter_comments(text)[0]
 
 
-_TRAILING_COMMA = re.compile(r",(\s*[\]}])")
+def _original_pos(jumps, pos: int) -> int:
+    k = bisect.bisect_right(jumps, (pos, float("inf"))) - 1
+    fp, op = jumps[max(k, 0)]
+    return op + (pos - fp)
+
+
+def _line_col(text: str, pos: int) -> tuple:
+    pos = max(0, min(pos, len(text)))
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 def parse_config_text(text: str, name: str = "config") -> dict:
-    """Decode an Xray JSON config (comments allowed); XrayConfigError on failure."""
-    stripped = strip_comments(text)
+    """Decode an Xray JSON config exactly as the core does (comments allowed,
+    no trailing commas); XrayConfigError naming line and column otherwise."""
+    if text.startswith("\ufeff"):
+        raise XrayConfigError(f"{name}: line 1 column 1: a byte order mark (BOM) "
+                              f"before the JSON (the core rejects it: save the file without it)")
+    filtered, jumps = _filter_comments(text)
+    start = _WS.match(filtered).end()
+    if start == len(filtered):
+        raise XrayConfigError(f"{name}: empty: no JSON value")
     try:
-        data = json.loads(stripped)
+        data, _end = _DECODER.raw_decode(filtered, start)   # text after the value: ignored, as the core does
     except RecursionError:
         raise XrayConfigError(f"{name}: nested too deeply") from None
-    except json.JSONDecodeError:
-        # Xray's reader also tolerates a trailing comma; a second try with
-        # them removed (the first error is the one reported)
-        try:
-            data = json.loads(_strip_trailing_commas(stripped))
-        except RecursionError:
-            raise XrayConfigError(f"{name}: nested too deeply") from None
-        except json.JSONDecodeError as e:
-            raise XrayConfigError(f"{name}: not valid JSON: {e.msg} at line {e.lineno} "
-                                  f"column {e.colno}") from None
+    except json.JSONDecodeError as e:
+        raise XrayConfigError(_syntax_message(name, text, filtered, jumps, e.pos, e.msg)) from None
+    except ValueError as e:            # NaN, Infinity
+        pos = filtered.find(str(e), start)
+        raise XrayConfigError(_syntax_message(name, text, filtered, jumps, pos,
+                                              f"{e} is not JSON")) from None
+    if data is None:
+        data = {}                      # the core decodes null into an empty config
     if not isinstance(data, dict):
         raise XrayConfigError(f"{name}: the config must be a JSON object")
     return data
 
 
-def _strip_trailing_commas(text: str) -> str:
-    # only outside strings: split on strings, edit the gaps
-    parts = re.split(r'("(?:[^"\\]|\\.)*")', text)
-    for k in range(0, len(parts), 2):
-        parts[k] = _TRAILING_COMMA.sub(r"\1", parts[k])
-    return "".join(parts)
+def _syntax_message(name, text, filtered, jumps, pos, msg) -> str:
+    back = len(filtered[:pos].rstrip(" \t\n\r"))
+    if pos < len(filtered) and filtered[pos] in "]}" and back and filtered[back - 1] == ",":
+        line, col = _line_col(text, _original_pos(jumps, back - 1))
+        return (f"{name}: line {line} column {col}: trailing comma before "
+                f"'{filtered[pos]}' (Xray and v2ray reject it)")
+    line, col = _line_col(text, _original_pos(jumps, pos))
+    return f"{name}: line {line} column {col}: not valid JSON: {msg}"
+
+
+def core_position(text: str, line: int, char: int) -> tuple:
+    """The core reports "at line L char C" in the filtered text (C counts
+    bytes before the offending offset on that line); the (line, column) in
+    the user's file."""
+    filtered, jumps = _filter_comments(text)
+    starts = [0] + [m.end() for m in re.finditer("\n", filtered)]
+    if not 1 <= line <= len(starts):
+        return line, char
+    ls = starts[line - 1]
+    le = starts[line] - 1 if line < len(starts) else len(filtered)
+    raw = filtered[ls:le].encode()
+    ncols = len(raw[:max(char - 1, 0)].decode(errors="ignore"))
+    return _line_col(text, _original_pos(jumps, ls + ncols))
 
 
 def load_config(path: str) -> dict:
@@ -165,10 +270,11 @@ def load_config(path: str) -> dict:
     if len(raw) > MAX_CONFIG:
         raise XrayConfigError(f"{path}: larger than {MAX_CONFIG >> 20} MB: not a core config")
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise XrayConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config_text(text, path)
+    # name the file the user edits: a node, not the config.json link to it
+    return parse_config_text(text, os.path.realpath(path) if os.path.islink(path) else path)
 
 
 # --------------------------------------------------------------------------
@@ -799,9 +905,9 @@ class Core:
         while True:
             if p.poll() is not None:
                 p._t2x_reader.join(2)
-                reason = core_reason(self._lines)
+                reason = file_reason(core_reason(self._lines), self.config_path)
                 return CoreError(f"{os.path.basename(self.binary)} rejected "
-                                 f"{self.config_path}: {reason}")
+                                 f"{self.config_path}: {reason}", self.config_path, reason)
             pending = [c for c in pending if not inbound_listening(*c)]
             if not pending:
                 return None
@@ -930,7 +1036,8 @@ class Core:
 
 def check_config(binary: str, path: str, timeout: float = 15.0) -> None:
     """Ask the core whether it accepts ``path`` (``-test``); CoreError with the
-    core's own reason when it does not."""
+    core's own reason (positions given as the file's line and column) when
+    it does not."""
     argv = core_command(binary, path)
     argv.insert(-2, "-test")      # [bin, -test, -config, X] / [bin, run, -test, -c, X]
     try:
@@ -941,8 +1048,40 @@ def check_config(binary: str, path: str, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         raise CoreError(f"{os.path.basename(binary)} -test {path}: no answer within {timeout:g}s") from None
     if r.returncode != 0:
-        reason = core_reason((r.stdout + "\n" + r.stderr).splitlines())
-        raise CoreError(f"{os.path.basename(binary)} rejected {path}: {reason}")
+        reason = file_reason(core_reason((r.stdout + "\n" + r.stderr).splitlines()), path)
+        raise CoreError(f"{os.path.basename(binary)} rejected {path}: {reason}", path, reason)
+
+
+_CORE_POS = re.compile(r"at line (\d+) char (\d+)")
+
+
+def file_reason(reason: str, path: str) -> str:
+    """The core's reason with its "at line L char C" (counted in the text
+    after its comment filter) turned into the line and column of ``path``."""
+    m = _CORE_POS.search(reason)
+    if m is None:
+        return reason
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG).decode("utf-8", errors="replace")
+    except OSError:
+        return reason
+    line, col = core_position(text, int(m.group(1)), int(m.group(2)))
+    return f"{reason[:m.start()]}at line {line} column {col}{reason[m.end():]}"
+
+
+def user_rejection(binary: str, d: Derived, err: CoreError) -> CoreError:
+    """A rejection of the runtime config, told about the user's file: when
+    the core rejects the user's file too, its own reason and line there;
+    otherwise the reason with the user's file named first."""
+    if d.runtime_path is None or err.path != d.runtime_path:
+        return err
+    try:
+        check_config(binary, d.real_source)
+    except CoreError as own:
+        return own
+    return CoreError(f"{os.path.basename(binary)} rejected {d.real_source} (run as tun2xray's "
+                     f"runtime copy {d.runtime_path}): {err.reason}", d.real_source, err.reason)
 
 
 # --------------------------------------------------------------------------
@@ -1000,7 +1139,10 @@ class XraySession:
     def start(self) -> None:
         d = self.derived
         self.core = Core(self.binary, self._core_config(d), d.ready_checks())
-        self.core.start()
+        try:
+            self.core.start()
+        except CoreError as e:
+            raise user_rejection(self.binary, d, e) from None
         log.info("core %s running (pid %d) on %s; socks %s%s", os.path.basename(self.binary),
                  self.core.proc.pid, self.core.config_path, format_hostport(d.proxy.host, d.proxy.port),
                  f"; added inbounds {', '.join(d.added)}" if d.added else "")
@@ -1124,8 +1266,11 @@ class XraySession:
     def _reload_blocking(self) -> Derived:
         d = self._derive()
         cfg = self._core_config(d)
-        check_config(self.binary, cfg)
-        self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
+        try:
+            check_config(self.binary, cfg)
+            self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
+        except CoreError as e:
+            raise user_rejection(self.binary, d, e) from None
         if self.autoroute is not None:
             self.autoroute.set_excluded(self.excluded_routes(d))
         self.derived = d
