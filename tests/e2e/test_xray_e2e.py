@@ -477,6 +477,9 @@ def test_doctor_passes_then_names_a_loop_and_a_stopped_core(world):
                      f"[PASS] udp/ipv6 through [{TARGET6}]:{ECHO_PORT}"):
             assert want in names, (want, lines)
         assert lines[-1].endswith(" 0 failed")
+        # "around" is looked up with the core's mark: the veth, not the TUN
+        around = [ln for ln in lines if " around " in ln]
+        assert around and all(ln.endswith(f"via {w.lab.veth_cli}") for ln in around), around
 
         # a deliberate loop: the far core's address routed into the TUN
         w.lab.ip(w.lab.cli_ns, "route", "add", f"{FAR_A}/32", "dev", TUN)
