@@ -73,6 +73,10 @@ class XrayConfigError(XrayError, ValueError):
     """The config cannot be used; the message is one line."""
 
 
+class NotAnObjectError(XrayConfigError):
+    """Valid JSON, but not an object: no config at all (a list, a number)."""
+
+
 class CoreError(XrayError, RuntimeError):
     """The core could not be started (missing binary, rejected config, ...).
 
@@ -229,7 +233,7 @@ def parse_config_text(text: str, name: str = "config") -> dict:
     if data is None:
         data = {}                      # the core decodes null into an empty config
     if not isinstance(data, dict):
-        raise XrayConfigError(f"{name}: the config must be a JSON object")
+        raise NotAnObjectError(f"{name}: the config must be a JSON object")
     return data
 
 

@@ -312,7 +312,8 @@ def test_node_use_bad_input_leaves_the_link(world):
     w = world
     w.select("a")
     with open(os.path.join(w.nodes, "broken.json"), "w") as f:
-        json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}]}, f)
+        json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}],
+                   "outbounds": [{"protocol": "freedom"}]}, f)
     try:
         for name, needle in (("nosuch-node", 'no node "nosuch-node"'), ("broken", "nosuch")):
             r = w.lab.cli_run(T2X + ["node", "use", name, "--xray-config", w.link], timeout=30)
