@@ -60,13 +60,20 @@ def _server(handler):
 
 
 def test_probe_socks_inbound():
+    got = []
+
     def socks(c):
-        c.recv(16)
+        got.append(c.recv(3))
         c.sendall(b"\x05\x00")
+        got.append(c.recv(10))
+        c.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x12\x34")
+        got.append(c.recv(1))
     s = _server(socks)
     ib = xray.Inbound(0, "socks", "socks", "127.0.0.1", s.getsockname()[1], frozenset({"tcp"}))
     assert doctor._probe_inbound(ib, 2.0) is None
     s.close()
+    # the greeting, then a UDP ASSOCIATE it closes (which the core does not log)
+    assert got[:2] == [b"\x05\x01\x00", b"\x05\x03\x00\x01" + bytes(6)]
 
     silent = _server(lambda c: c.recv(16) and threading.Event().wait(2))
     ib = xray.Inbound(0, "socks", "socks", "127.0.0.1", silent.getsockname()[1], frozenset({"tcp"}))

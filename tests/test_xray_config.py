@@ -112,7 +112,7 @@ def test_socks_and_dokodemo_found_no_runtime_config(tmp_path):
     [rule] = d.rules
     assert rule.to == DokodemoUpstream("127.0.0.1", 10853)
     assert rule.networks == {"tcp", "udp"} and rule.ports == (53, 53) and rule.cidrs == ()
-    assert sorted(d.ready_checks()) == [("127.0.0.1", 10808, "tcp"), ("127.0.0.1", 10808, "udp"),
+    assert sorted(d.ready_checks()) == [("127.0.0.1", 10808, "socks"), ("127.0.0.1", 10808, "udp"),
                                         ("127.0.0.1", 10853, "tcp"), ("127.0.0.1", 10853, "udp")]
     assert os.listdir(tmp_path) == ["config.json"]
 

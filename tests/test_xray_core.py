@@ -92,6 +92,8 @@ def test_a_dead_core_is_restarted_with_backoff(started):
     wait(lambda: core.restarts == 1 and core.alive, 10, "the first restart")
     assert core.proc.pid != first and seen == [core.proc.pid]
     assert core.status()["last_exit"] == -signal.SIGKILL
+    assert core.status()["last_reason"] == "killed by SIGKILL"
+    assert (core.status()["restarts"], core.status()["reloads"]) == (1, 0)
     # the second death waits longer (backoff doubles)
     t0 = time.monotonic()
     os.kill(core.proc.pid, signal.SIGKILL)
@@ -116,6 +118,9 @@ def test_reload_switches_config(started, tmp_path):
     old_pid = core.proc.pid
     core.reload(other, d2.ready_checks(), timeout=15)
     assert core.alive and core.proc.pid != old_pid and core.config_path == other
+    # a switch is a reload, not a restart (restarts count the core's deaths)
+    assert (core.status()["reloads"], core.status()["restarts"]) == (1, 0)
+    assert core.health() == (True, None)
     assert xray.inbound_listening("127.0.0.1", d2.proxy.port, "tcp")
     assert not xray.inbound_listening("127.0.0.1", d.proxy.port, "tcp")
 
@@ -286,3 +291,111 @@ def test_runtime_config_rejection_names_the_users_file(tmp_path):
         xs.close()
     msg = str(e.value)
     assert str(path) in msg and xray.RUNTIME_SUFFIX not in msg and "at line 4 column 33 >" in msg, msg
+
+
+# --- readiness probes that speak the protocol; what the log shows ---------------
+
+def _info_config(tmp_path, target_port):
+    """socks + a TCP dokodemo-door to ``target_port``; info level and the
+    access log on stdout (the core's default), so every probe would show."""
+    socks, dok = free_port(), free_port()
+    cfg = {"log": {"loglevel": "info"},
+           "inbounds": [
+               {"tag": "socks", "listen": "127.0.0.1", "port": socks, "protocol": "socks",
+                "settings": {"auth": "noauth", "udp": True}},
+               {"tag": "fwd", "listen": "127.0.0.1", "port": dok, "protocol": "dokodemo-door",
+                "settings": {"address": "127.0.0.1", "port": target_port, "network": "tcp,udp"}}],
+           "outbounds": [{"protocol": "freedom"}]}
+    p = tmp_path / "info.json"
+    p.write_text(json.dumps(cfg))
+    return str(p), socks, dok
+
+
+def _marker(port):
+    """A SOCKS5 client offering only user/password to a noauth inbound: the
+    core logs it as "rejected ... no matching auth method" with our port."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\x05\x01\x02")
+        assert s.recv(2) == b"\x05\xff"
+        return s.getsockname()[1]
+
+
+def test_a_normal_start_logs_no_probe_and_one_timestamp(tmp_path, caplog):
+    import socket
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    path, socks, _ = _info_config(tmp_path, target.getsockname()[1])
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks())
+    with caplog.at_level(logging.DEBUG, logger="tun2xray.core"):
+        core.start()
+        try:
+            mine = _marker(socks)
+            wait(lambda: any(f"127.0.0.1:{mine} rejected" in r.getMessage() for r in caplog.records),
+                 10, "the marker's access-log line")
+        finally:
+            core.stop()
+            target.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tun2xray.core"]
+    assert any("started" in ln for ln in lines), lines
+    # the readiness probes left no trace: every rejection is the marker's
+    assert not [ln for ln in lines if "insufficient header" in ln or "failed to read request >" in ln
+                and "no matching auth" not in ln], lines
+    assert all(f":{mine} " in ln for ln in lines if " rejected " in ln), lines
+    # one timestamp per line: ours (the record's), not the core's as well
+    import re
+    assert not [ln for ln in lines if re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d", ln)], lines
+
+
+def test_dokodemo_target_sees_no_connection_from_the_probe(tmp_path):
+    import socket
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    target.settimeout(10)
+    path, _, dok = _info_config(tmp_path, target.getsockname()[1])
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks())
+    core.start()
+    try:
+        # our own connection through the inbound, after the start; any
+        # connection that reaches the target before it came from the probes
+        with socket.create_connection(("127.0.0.1", dok), timeout=5) as c:
+            c.sendall(b"marker")
+            before = []
+            while True:
+                conn, _ = target.accept()
+                with conn:
+                    conn.settimeout(5)
+                    data = conn.recv(6)
+                if data == b"marker":
+                    break
+                before.append(data)
+        assert before == []
+    finally:
+        core.stop()
+        target.close()
+
+
+def test_sigkill_is_the_reason_not_an_access_log_line(tmp_path, caplog):
+    path, socks, _ = _info_config(tmp_path, 9)
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks(),
+                     min_backoff=30.0)
+    with caplog.at_level(logging.INFO):
+        core.start()
+        try:
+            mine = _marker(socks)         # an access-log line with "failed" in it, just before
+            wait(lambda: any(f":{mine} rejected" in r.getMessage() for r in caplog.records), 10,
+                 "the marker's access-log line")
+            assert core.health() == (True, None)
+            os.kill(core.proc.pid, signal.SIGKILL)
+            wait(lambda: "restarting in" in (core.health()[1] or ""), 10, "the core's death to show")
+            ok, reason = core.health()
+            assert not ok and reason.startswith("core exited: killed by SIGKILL, restarting in "), reason
+            assert core.status()["last_reason"] == "killed by SIGKILL"
+        finally:
+            core.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tun2xray.xray"
+                and r.levelno == logging.WARNING]
+    assert "core exited: killed by SIGKILL; restarting in 30.0s" in warnings, warnings
+    assert core.health() == (False, "core stopped")

@@ -361,11 +361,16 @@ class Derived:
     mark: int | None = None
 
     def ready_checks(self) -> list:
-        """(host, port, proto) the core listens on once it is up."""
+        """(host, port, proto) the core listens on once it is up; proto
+        "socks" (the socks inbound without a password) is checked by
+        speaking SOCKS5 to it, "tcp"/"udp" by its listening socket."""
         checks = []
+        quiet_socks = self.proxy is not None and self.proxy.password is None
         for ib in self.inbounds:
             nets = ib.networks or frozenset({"tcp"})
             for proto in sorted(nets):
+                if ib.protocol == "socks" and proto == "tcp" and quiet_socks:
+                    proto = "socks"
                 checks.append((ib.host, ib.port, proto))
         return checks
 
@@ -721,7 +726,8 @@ _NOISE = ("A unified platform", "A unified platform for anti-censorship.")
 
 def core_reason(lines) -> str:
     """The core's own reason for failing, as one line."""
-    lines = [ln.strip() for ln in lines if ln.strip()]
+    # access-log lines ("... rejected ...") are traffic, not the core's reason
+    lines = [ln.strip() for ln in lines if ln.strip() and not _ACCESS.match(_drop_stamp(ln.strip()))]
     for ln in lines:
         if ln.startswith("panic: "):
             return ln[len("panic: "):]
@@ -732,6 +738,20 @@ def core_reason(lines) -> str:
     body = [ln for ln in lines if not ln.startswith(("V2Ray ", "Xray ")) and ln not in _NOISE
             and not ln.startswith("goroutine ") and not ln.startswith("\t")]
     return _drop_stamp(body[-1]) if body else "exited without a message"
+
+
+def exit_reason(code: int | None, lines) -> str:
+    """Why the core ended: the signal that killed it, else its exit status
+    with its own last words."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}: {core_reason(lines)}"
+
+
+_ACCESS = re.compile(r"^(?:tcp:|udp:)?\[?[0-9A-Fa-f.:]+\]?:\d+ (?:accepted|rejected) ")
 
 
 def _drop_stamp(line: str) -> str:
@@ -758,8 +778,17 @@ def _pdeathsig():
         pass
 
 
-def inbound_listening(host: str, port: int, proto: str) -> bool:
-    """Does something accept on host:port (TCP connect / UDP port taken)?"""
+def inbound_listening(host: str, port: int, proto: str, pid: int | None = None) -> bool:
+    """Is the inbound up?  "socks": it answers SOCKS5 (socks_probe); "tcp" /
+    "udp": a socket listens on ``port`` (owned by process ``pid`` when
+    given), read from /proc without connecting, so a dokodemo-door inbound
+    does not dial its target for a probe."""
+    if proto == "socks":
+        return socks_probe(host, port) is None
+    found = proc_listening(port, proto, pid)
+    if found is not None:
+        return found
+    # no /proc to read: a UDP bind test; TCP connect (as a last resort)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     if proto == "tcp":
         s = socket.socket(fam, socket.SOCK_STREAM)
@@ -779,6 +808,98 @@ def inbound_listening(host: str, port: int, proto: str) -> bool:
         return e.errno == errno.EADDRINUSE
     finally:
         s.close()
+
+
+def _socket_inodes(pid: int) -> set | None:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    out = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def proc_listening(port: int, proto: str, pid: int | None = None) -> bool | None:
+    """A TCP socket in LISTEN / a bound unconnected UDP socket on ``port``
+    (of process ``pid``: its network namespace, a socket among its fds);
+    None when /proc cannot tell."""
+    base = f"/proc/{pid}/net" if pid else "/proc/self/net"
+    inodes = None
+    if pid:
+        inodes = _socket_inodes(pid)
+        if inodes is None:
+            return None
+    state = "0A" if proto == "tcp" else "07"       # TCP_LISTEN; UDP unconnected (TCP_CLOSE)
+    want = f":{port:04X}"
+    readable = False
+    for fam in ("", "6"):
+        try:
+            f = open(f"{base}/{proto}{fam}")
+        except OSError:
+            continue
+        readable = True
+        with f:
+            next(f, None)
+            for row in f:
+                parts = row.split()
+                if (len(parts) > 9 and parts[1].endswith(want) and parts[3] == state
+                        and (inodes is None or parts[9] in inodes)):
+                    return True
+    return False if readable else None
+
+
+_ASSOCIATE_ANY = b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"      # UDP ASSOCIATE 0.0.0.0:0
+
+
+def socks_probe(host: str, port: int, timeout: float = 0.5) -> str | None:
+    """Speak SOCKS5 to an inbound without auth: the greeting (05 01 00,
+    expecting 05 00), then a UDP ASSOCIATE that the client closes.  The
+    core logs nothing for that, where a bare connect is logged as "rejected
+    ... insufficient header" and a session ending after the greeting as
+    "rejected ... failed to read request".  None when it answered as SOCKS5,
+    else what went wrong."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        s.sendall(b"\x05\x01\x00")
+        reply = _recv_exact(s, 2)
+        if reply != b"\x05\x00":
+            return f"not a SOCKS5 answer to the greeting: {reply.hex(' ') or 'closed'}"
+        s.sendall(_ASSOCIATE_ANY)
+        reply = _recv_exact(s, 4)
+        if len(reply) < 2 or reply[0] != 5:
+            return f"not a SOCKS5 answer to UDP ASSOCIATE: {reply.hex(' ') or 'closed'}"
+        if reply[1] != 0:
+            return f"UDP ASSOCIATE refused (reply {reply[1]}): is UDP on?"
+        # read the bound address too: closing with unread bytes would be a reset
+        rest = {1: 6, 4: 18}.get(reply[3]) if len(reply) == 4 else None
+        if rest is None and len(reply) == 4 and reply[3] == 3:
+            rest = (_recv_exact(s, 1) or b"\x00")[0] + 2
+        _recv_exact(s, rest or 0)
+        return None
+    except OSError as e:
+        return f"no SOCKS5 answer ({e.strerror or e})"
+    finally:
+        s.close()
+
+
+def _recv_exact(s, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 class Core:
@@ -803,7 +924,10 @@ class Core:
         self.stable = stable
         self.on_restart = on_restart          # called (on the supervisor thread) after a restart
         self.proc = None
-        self.restarts = 0
+        self.restarts = 0                     # after the core died on its own
+        self.reloads = 0                      # on another config (node switch, new egress)
+        self.retry_at = None                  # monotonic time of the next start after a death
+        self.reloading = False
         self.started_at = None
         self.last_exit = None
         self.last_reason = ""
@@ -855,10 +979,29 @@ class Core:
         p = self.proc
         return {"binary": self.binary, "config": self.config_path,
                 "pid": p.pid if p is not None and p.poll() is None else None,
-                "alive": self.alive, "restarts": self.restarts,
+                "alive": self.alive, "restarts": self.restarts, "reloads": self.reloads,
                 "uptime": round(time.monotonic() - self.started_at, 3)
                 if self.started_at is not None and self.alive else 0.0,
                 "last_exit": self.last_exit, "last_reason": self.last_reason}
+
+    def health(self) -> tuple:
+        """(ok, reason): ok while the core runs; else why not, e.g. "core
+        exited: killed by SIGKILL, restarting in 2s"."""
+        if self.alive and self.retry_at is None and not self.reloading:
+            return True, None
+        if self._thread is None or not self._thread.is_alive():
+            return False, "core stopped"
+        at = self.retry_at
+        if at is None and self.reloading:
+            return False, f"core restarting on {self.config_path}"
+        p = self.proc
+        if at is None and p is not None and p.poll() is not None:
+            # just died: the supervisor thread is about to say so
+            return False, f"core exited: {exit_reason(p.returncode, list(self._lines))}, restarting"
+        why = f"core exited: {self.last_reason or 'no reason given'}"
+        if at is not None and at > time.monotonic():
+            return False, f"{why}, restarting in {max(1, round(at - time.monotonic()))}s"
+        return False, f"{why}, restarting"
 
     # ---- supervisor thread
 
@@ -892,7 +1035,7 @@ class Core:
                 if p._t2x_hold is not None:
                     p._t2x_hold.append(line)
                     continue
-            core_log.log(_level(line), "%s", line)
+            core_log.log(_level(line), "%s", _drop_stamp(line))
         p.stdout.close()
 
     @staticmethod
@@ -901,7 +1044,7 @@ class Core:
         with p._t2x_lock:
             held, p._t2x_hold = p._t2x_hold, None
             for line in held or ():
-                core_log.log(_level(line), "%s", line)
+                core_log.log(_level(line), "%s", _drop_stamp(line))
 
     def _wait_ready(self, p) -> CoreError | None:
         deadline = time.monotonic() + self.ready_timeout
@@ -912,7 +1055,7 @@ class Core:
                 reason = file_reason(core_reason(self._lines), self.config_path)
                 return CoreError(f"{os.path.basename(self.binary)} rejected "
                                  f"{self.config_path}: {reason}", self.config_path, reason)
-            pending = [c for c in pending if not inbound_listening(*c)]
+            pending = [c for c in pending if not inbound_listening(*c, pid=p.pid)]
             if not pending:
                 return None
             if time.monotonic() > deadline:
@@ -977,6 +1120,7 @@ class Core:
                 if pending_result is not None:
                     pending_result["done"].set()
                 _, path, checks, pending_result = cmd
+                self.reloading = True
                 self._terminate(p)
                 self.config_path = path
                 if checks is not None:
@@ -988,13 +1132,14 @@ class Core:
                 self.last_exit = p.returncode if p is not None else None
                 if p is not None:
                     p._t2x_reader.join(2)
-                    self.last_reason = core_reason(self._lines)
+                    self.last_reason = exit_reason(p.returncode, self._lines)
                     up = time.monotonic() - (self.started_at or 0)
                     if up >= self.stable:
                         backoff = self.min_backoff
-                    log.warning("core exited with status %s (%s); restarting in %.1fs",
-                                p.returncode, self.last_reason, backoff)
+                    log.warning("core exited: %s; restarting in %.1fs", self.last_reason, backoff)
                 delay = backoff
+                self.retry_at = time.monotonic() + delay
+                self.reloading = False
                 backoff = min(backoff * 2, self.max_backoff)
             self.proc = None
             p = None
@@ -1026,7 +1171,12 @@ class Core:
                 continue
             self.started_at = time.monotonic()
             self._release(p)
-            self.restarts += 1
+            if self.reloading:
+                self.reloads += 1
+            else:
+                self.restarts += 1
+            self.reloading = False
+            self.retry_at = None
             log.info("core running (pid %d, %s)", p.pid, self.config_path)
             if pending_result is not None:
                 pending_result["done"].set()
@@ -1289,6 +1439,13 @@ class XraySession:
                 "runtime_config": d.runtime_path if d else None, "switches": self.switches,
                 "mark": self.mark, "auto_route": self.autoroute is not None,
                 "core": self.core.status() if self.core is not None else None}
+
+    def health(self) -> tuple:
+        """(ok, reason) of the core for the state: ok while it runs; else
+        e.g. (False, "core exited: killed by SIGKILL, restarting in 2s")."""
+        if self.core is None:
+            return False, "core not started"
+        return self.core.health()
 
     def wrap_status(self, status_fn):
         def status():
