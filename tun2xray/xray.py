@@ -1,8 +1,9 @@
 """Xray integration: read a core's config.json, derive what `run` needs, and
 supervise the core process.
 
-Reading.  Xray (and v2ray) accept comments in JSON (``//``, ``/* */`` and
-``#``), so ``load_config`` strips them (outside strings) before decoding.
+Reading.  ``load_config`` reads a config exactly as the core does: its
+comment filter (``//``, ``/* */`` and ``#`` outside strings), then strict
+JSON (no trailing commas); errors name the file, line and column.
 
 Deriving.  ``derive()`` looks for the tunnel-side inbounds:
 - a ``socks`` inbound reachable on loopback with UDP enabled: the default
@@ -23,10 +24,13 @@ never editing the user's file -- that adds what is missing and sets
   go there.
 
 Supervising.  ``Core`` starts ``xray`` (else ``v2ray``) on one long-lived
-thread, waits until the inbounds accept connections, forwards the core's
-log lines to the ``tun2xray.core`` logger, restarts it with exponential
-backoff when it dies, and stops it on exit.  A config the core rejects gives
-a ``CoreError`` whose message is one line holding the core's own reason.
+thread, waits until the inbounds are up (probes that speak SOCKS5 or read
+the listening sockets from /proc: nothing for the core to log or dial),
+forwards the core's log lines to the ``tun2xray.core`` logger, restarts it
+with exponential backoff when it dies (saying why: the signal, or the
+core's own last error), and stops it on exit.  A config the core rejects
+gives a ``CoreError`` whose message is one line holding the core's own
+reason and the user's file and line.
 """
 
 from __future__ import annotations
