@@ -144,8 +144,8 @@ def list_nodes(config: str, nodes: str | None = None) -> list:
 
 
 def node_path(config: str, name: str, nodes: str | None = None) -> str:
-    base = name[:-5] if name.endswith(".json") else name
-    rows, skipped = scan(config, nodes)
+    base = name.removesuffix(".json")
+    rows, _ = scan(config, nodes)
     known = ", ".join(n for n, _, _ in rows) or "none"
     exact = [p for n, p, _ in rows if n == base]
     if exact:

@@ -845,17 +845,16 @@ def proc_listening(port: int, proto: str, pid: int | None = None) -> bool | None
     readable = False
     for fam in ("", "6"):
         try:
-            f = open(f"{base}/{proto}{fam}")
+            with open(f"{base}/{proto}{fam}") as f:
+                rows = f.read().splitlines()[1:]
         except OSError:
             continue
         readable = True
-        with f:
-            next(f, None)
-            for row in f:
-                parts = row.split()
-                if (len(parts) > 9 and parts[1].endswith(want) and parts[3] == state
-                        and (inodes is None or parts[9] in inodes)):
-                    return True
+        for row in rows:
+            parts = row.split()
+            if (len(parts) > 9 and parts[1].endswith(want) and parts[3] == state
+                    and (inodes is None or parts[9] in inodes)):
+                return True
     return False if readable else None
 
 

@@ -261,10 +261,11 @@ def test_killed_core_is_restarted(running):
     os.kill(pid, signal.SIGKILL)
     netlab.wait_until(lambda: (w.status()["xray"]["core"]["restarts"] >= 1
                                and w.status()["xray"]["core"]["alive"]), 15, "the core's restart")
-    assert w.status()["xray"]["core"]["pid"] != pid
+    core = w.status()["xray"]["core"]
+    assert core["pid"] != pid and core["last_reason"] == "killed by SIGKILL" and core["reloads"] == 0
     netlab.wait_until(lambda: w.echo(b"again", timeout=2, quiet=True) == b"again", 15,
                       "an echo after the restart", interval=0.2)
-    assert "restarting" in w.lab.log("t2x")
+    assert "core exited: killed by SIGKILL; restarting in" in w.lab.log("t2x")
 
 
 @pytest.mark.deadline(120)
@@ -283,6 +284,8 @@ def test_node_use_switches_mid_run(running):
     assert os.readlink(w.link) == "nodes/b.json"
     st = w.status()["xray"]
     assert st["node"] == os.path.join(w.nodes, "b.json") and st["switches"] == 1
+    # a switch is a reload of the core, not a restart (restarts count its deaths)
+    assert (st["core"]["reloads"], st["core"]["restarts"]) == (1, 0), st["core"]
     # node b has no socks inbound: the runtime config beside the link adds one
     assert st["runtime_config"] == os.path.join(w.dir, ".config.tun2xray.json")
     rt = json.load(open(st["runtime_config"]))
@@ -479,7 +482,8 @@ def test_doctor_passes_then_names_a_loop_and_a_stopped_core(world):
             assert want in names, (want, lines)
         assert lines[-1].endswith(" 0 failed")
         # "around" is looked up with the core's mark: the veth, not the TUN
-        around = [ln for ln in lines if " around " in ln]
+        around = [ln for ln in lines if ln.split(" ")[1] in ("tcp/ipv4", "tcp/ipv6", "udp/ipv4", "udp/ipv6")
+                  and " around " in ln]
         assert around and all(ln.endswith(f"via {w.lab.veth_cli}") for ln in around), around
 
         # a deliberate loop: the far core's address routed into the TUN
