@@ -231,7 +231,7 @@ def parse_config_text(text: str, name: str = "config") -> dict:
     except json.JSONDecodeError as e:
         raise XrayConfigError(_syntax_message(name, text, filtered, jumps, e.pos, e.msg)) from None
     except ValueError as e:            # NaN, Infinity
-        pos = filtered.find(str(e), start)
+        pos = _find_outside_strings(filtered, str(e), start)
         raise XrayConfigError(_syntax_message(name, text, filtered, jumps, pos,
                                               f"{e} is not JSON")) from None
     if data is None:
@@ -239,6 +239,19 @@ def parse_config_text(text: str, name: str = "config") -> dict:
     if not isinstance(data, dict):
         raise NotAnObjectError(f"{name}: the config must be a JSON object")
     return data
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _find_outside_strings(text: str, token: str, start: int) -> int:
+    i = start
+    while True:
+        j = text.find(token, i)
+        m = _STRING.search(text, i)
+        if j < 0 or m is None or j < m.start():
+            return j
+        i = m.end()
 
 
 def _syntax_message(name, text, filtered, jumps, pos, msg) -> str:

@@ -413,7 +413,7 @@ def test_auto_route_is_loop_free_and_cleaned_up(world):
 
 
 @pytest.mark.deadline(90)
-@pytest.mark.parametrize("case", ["rejected", "no-binary", "dangling", "no-inbound"])
+@pytest.mark.parametrize("case", ["rejected", "no-binary", "dangling", "no-inbound", "trailing-comma"])
 def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
     w = world
     w.select("a")
@@ -435,16 +435,33 @@ def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
             os.unlink(link)
         os.symlink("nodes/gone.json", link)
         needle = "dangling link to nodes/gone.json"
-    else:
+    elif case == "no-inbound":
         path = os.path.join(w.dir, "noinbound.json")
         with open(path, "w") as f:
             json.dump({"inbounds": {"socks": 1080}}, f)
         link, needle = path, "no usable socks inbound and no way to add one"
+    else:
+        # the core rejects a trailing comma, so tun2xray does, naming the
+        # node's file (not the link), line and column
+        path = os.path.join(w.nodes, "trailing.json")
+        with open(path, "w") as f:
+            f.write('// a node\n{"outbounds": [\n  {"protocol": "freedom"},\n]}\n')
+        link = os.path.join(w.dir, "trailing-link.json")
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink("nodes/trailing.json", link)
+        needle = f"{path}: line 3 column 26: trailing comma before ']'"
+        from tun2xray.xray import CoreError, check_config
+        with pytest.raises(CoreError, match="failed to read config file"):
+            check_config(w.lab.core, path)                 # the core's own verdict
     argv = T2X + ["run", "--device", f"tun://{TUN}", "--xray-config", link, *extra]
     r = w.lab.cli_run(argv, timeout=40)
     lines = r.stderr.decode().strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("tun2xray: error:") and needle in lines[0], lines
+    assert ".tun2xray.json" not in lines[0]          # the user's file, never the runtime copy
+    if case == "rejected":
+        assert f"rejected {path}:" in lines[0], lines
     assert_same_tables(w.rules_snapshot(), before)
     assert not netlab.link_exists(w.lab.cli_ns, TUN)
     assert not [f for f in os.listdir(w.dir) if f.endswith(".tun2xray.json")]
