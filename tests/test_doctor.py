@@ -127,9 +127,14 @@ def marked_routes():
     ``fwmark 0x99 lookup 7777`` -- the shape --auto-route gives the core."""
     if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace); CI runs as root")
+    import fcntl
+    import tempfile
+    # one user of the namespace name at a time (two test runs queue here)
+    lock = os.open(os.path.join(tempfile.gettempdir(), f"netlab-{NS}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     netlab.delete_netns(NS)
-    subprocess.run(["ip", "netns", "add", NS], check=True, timeout=10)
     try:
+        subprocess.run(["ip", "netns", "add", NS], check=True, timeout=10)
         _ip("link", "set", "lo", "up")
         _ip("tuntap", "add", "dev", "xntun0", "mode", "tun")
         _ip("link", "add", "xnv0", "type", "veth", "peer", "name", "xnv1")
@@ -142,6 +147,7 @@ def marked_routes():
         yield
     finally:
         netlab.delete_netns(NS)
+        os.close(lock)
 
 
 def test_route_dev_follows_the_mark(marked_routes):
