@@ -54,6 +54,8 @@ EFFECTS = {
     "device": ("tun://prkey7", lambda a, s: a.device == "tun://prkey7" and s.net.owner == "tun2xray"),
     "control": ("unix:///tmp/pr-key.sock", lambda a, s: s.control == "unix:///tmp/pr-key.sock"),
     "record": ("/tmp/pr-key.pcap", lambda a, s: a.record == "/tmp/pr-key.pcap"),
+    "record_wire": (True, lambda a, s: a.record_wire is True),
+    "record_max_mb": (16, lambda a, s: a.record_max_mb == 16),
     "log_level": ("debug", lambda a, s: a.log_level == "debug"),
     "workers": (3, lambda a, s: a.workers == 3),
     "xray.config": ("/etc/pr/config.json", lambda a, s: a.xray_config == "/etc/pr/config.json"),
@@ -86,6 +88,8 @@ def test_every_key_has_an_effect_test():
 def test_key_takes_effect_in_run(tmp_path, path):
     value, check = EFFECTS[path]
     base = {"proxy": PROXY, "device": "tun://prkey0"}
+    if path.startswith("record_"):
+        base["record"] = "/tmp/pr-key.pcap"     # they need a capture
     args, s = settings_for(tmp_path, merge(base, nest(path, value)))
     assert check(args, s)
     # and without the key, the check fails: the key made the difference
@@ -151,12 +155,16 @@ def test_flag_wins_over_key(tmp_path, path):
              "ipv4.address": ["--address", "10.5.0.1/16"], "ipv6.address": ["--address6", "fd55::1/64"],
              "device": ["--device", "tun://prflag0"], "control": ["--control", "unix:///tmp/pr-flag.sock"],
              "record": ["--record", "/tmp/pr-flag.pcap"], "log_level": ["--log-level", "error"],
+             "record_wire": ["--record-wire"], "record_max_mb": ["--record-max-mb", "2.5"],
              "workers": ["--workers", "1"], "xray.config": ["--xray-config", "/tmp/pr-flag.json"],
              "xray.bin": ["--xray-bin", "/tmp/pr-flag-bin"], "xray.auto_route": ["--auto-route"]}[path]
     assert other[0] == flag
     base = {"proxy": PROXY, "device": "tun://prkey0"}
-    args, _ = settings_for(tmp_path, merge(base, nest(path, value if path != "xray.auto_route" else False)),
-                           *other)
+    if key.kind == "bool":
+        value = False
+    if path.startswith("record_"):
+        base["record"] = "/tmp/pr-key.pcap"
+    args, _ = settings_for(tmp_path, merge(base, nest(path, value)), *other)
     expect = True if len(other) == 1 else other[1]
     got = getattr(args, key.flag)
     assert (str(got) if not isinstance(got, bool) else got) == expect
@@ -276,6 +284,7 @@ GOOD = [
                                 "to": "tunnel://127.0.0.1:1"},
                                {"network": "udp", "port": 0, "to": "socks5://127.0.0.1:1"}]},
     {"proxy": PROXY, "device": "tun://tun0?offload=0", "control": "unix:///run/t.sock", "record": "c.pcap",
+     "record_wire": True, "record_max_mb": 0.5,
      "log_level": "warning", "workers": 64, "xray": {"config": "c.json", "bin": "v2ray", "auto_route": True}},
     {"proxy": PROXY, "device": "fd://3?header=af"},
 ]
@@ -321,6 +330,8 @@ BAD = [
     {"proxy": PROXY, "log_level": "trace"},
     {"proxy": PROXY, "workers": 0},
     {"proxy": PROXY, "workers": 65},
+    {"proxy": PROXY, "record_max_mb": -1},
+    {"proxy": PROXY, "record_wire": 1},
     {"proxy": PROXY, "xray": {"config": 5}},
     {"proxy": PROXY, "xray": {"auto_route": "yes"}},
     {"proxy": PROXY, "xray": {"confg": "c.json"}},
