@@ -14,7 +14,14 @@ import pytest
 
 from tun2xray import bridge
 from tun2xray.cli import RunSettings, UsageError, apply_profile, build_parser
-from tun2xray.profile import KEYS, ProfileError, json_schema, load_profile, schema_path, schema_text
+from tun2xray.profile import (
+    KEYS,
+    ProfileError,
+    json_schema,
+    load_profile,
+    schema_path,
+    schema_text,
+)
 from tun2xray.tunroutes import Network, subtract
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +105,10 @@ def test_key_takes_effect_in_run(tmp_path, path):
 
 
 def test_excluded_routes_are_cut_out_of_the_routes(tmp_path):
-    args, s = settings_for(tmp_path, {"proxy": PROXY, "device": "tun://prkey0",
-                                      "ipv4": {"routes": ["198.51.100.0/24"],
-                                               "excluded_routes": ["198.51.100.0/25"]},
-                                      "ipv6": {"routes": ["fd99::/64"], "excluded_routes": ["fd99::/65"]}})
+    _, s = settings_for(tmp_path, {"proxy": PROXY, "device": "tun://prkey0",
+                                   "ipv4": {"routes": ["198.51.100.0/24"],
+                                            "excluded_routes": ["198.51.100.0/25"]},
+                                   "ipv6": {"routes": ["fd99::/64"], "excluded_routes": ["fd99::/65"]}})
     assert [str(n) for n, _ in s.net.planned()] == ["198.51.100.128/25", "fd99::8000:0:0:0/65"]
 
 
@@ -198,7 +205,7 @@ def test_run_reports_a_bad_run_key_with_its_path(tmp_path):
     p = tmp_path / "p.json"
     p.write_text(json.dumps({"proxy": PROXY, "device": "tun://prkey0", "workers": 0}))
     r = subprocess.run([sys.executable, "-m", "tun2xray", "run", "--config", str(p)], capture_output=True,
-                       text=True, timeout=20, env=dict(os.environ, PYTHONPATH=REPO))
+                       text=True, timeout=20, env=dict(os.environ, PYTHONPATH=REPO), check=False)
     assert r.returncode == 2
     assert r.stderr.strip() == f"tun2xray: error: --config {p}: workers: 0 is not an integer in 1..64"
 
@@ -264,7 +271,7 @@ def test_checked_in_schema_is_the_generated_one():
 
 def test_schema_command_prints_it():
     r = subprocess.run([sys.executable, "-m", "tun2xray.profile", "--schema"], capture_output=True, text=True,
-                       timeout=20, env=dict(os.environ, PYTHONPATH=REPO))
+                       timeout=20, env=dict(os.environ, PYTHONPATH=REPO), check=False)
     assert r.returncode == 0 and json.loads(r.stdout) == json_schema()
 
 

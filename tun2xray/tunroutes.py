@@ -155,10 +155,12 @@ class Network:
     def _add(self, ipr, oif: int, net, src: str) -> None:
         import socket
         fam = socket.AF_INET if net.version == 4 else socket.AF_INET6
-        kw = dict(family=fam, dst=str(net.network_address), dst_len=net.prefixlen, oif=oif, table=MAIN)
+        from pyroute2.netlink.exceptions import NetlinkError
+        kw = {"family": fam, "dst": str(net.network_address), "dst_len": net.prefixlen, "oif": oif,
+              "table": MAIN}
         try:
             ipr.route("add", **kw)
-        except Exception as e:                  # pyroute2's NetlinkError and friends
+        except (NetlinkError, OSError) as e:
             code = getattr(e, "code", None)
             if code == errno.EEXIST and self._ours_already(ipr, kw):
                 return                          # left by a killed run on a kept TUN: fine, not ours
@@ -192,11 +194,12 @@ class Network:
             ipr.close()
 
     def _down(self, ipr) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
         while self.added:
             kw, _ = self.added.pop()
             try:
                 ipr.route("del", **kw)
-            except Exception as e:
+            except (NetlinkError, OSError) as e:
                 if getattr(e, "code", None) not in (errno.ENOENT, errno.ESRCH, errno.ENODEV):
                     log.warning("cannot remove route %s/%s: %s", kw["dst"], kw["dst_len"], e)
 

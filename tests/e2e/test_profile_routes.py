@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
-import pytest
-
 import netlab
+import pytest
 from netlab import DNS_NAMES, DOKODEMO_PORT, ECHO_PORT, SOCKS_PORT, TARGET4, TARGET6
 
 from tun2xray.control import query
@@ -240,7 +238,7 @@ def test_auto_route_uses_the_profiles_routes(plab):
         for addr in ("10.99.0.53", "fd99::53"):             # in the lab's prefixes, not in the profile
             assert f"dev {tun}" not in route_get(lab, addr), (addr, route_get(lab, addr))
         netlab.wait_until(lambda: up() and echo_ok(lab), 20, "a TCP echo through auto-route", interval=0.2)
-        _, size, sha = lab.files["small.bin"]
+        _, _, sha = lab.files["small.bin"]
         r = lab.cli_run(["curl", "-sS", "--max-time", "20", "-o", "-", lab.url("small.bin")], timeout=30)
         assert r.returncode == 0 and hashlib.sha256(r.stdout).hexdigest() == sha, r.stderr.decode()
         r = lab.cli_run(["dig", f"@{NOWHERE4}", "web.e2.test", "A", "+short", "+time=3", "+tries=2"],
