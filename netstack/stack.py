@@ -43,6 +43,7 @@ from collections import defaultdict
 
 from . import events as ev
 from .config import StackConfig
+from .host import StackHost
 from .icmp import icmp4_input, icmp6_input
 from .icmp import unreachable as icmp_unreachable
 from .udp import QUOTE_DATA, UdpFlow
@@ -64,7 +65,7 @@ class Stack:
     __slots__ = (
         "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
-        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id",
+        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -87,6 +88,7 @@ class Stack:
         self.pending = 0          # TCP connect requests not yet answered
         self._frag = None         # fragment reassembler (netstack.wire.frag), created lazily
         self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
+        self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
 
     # ------------------------------------------------------------------ host API
 
@@ -165,17 +167,22 @@ class Stack:
 
     def take_output(self) -> list:
         out = self.output
-        if out:
-            self.output = []
-            self.tx_packets += len(out)
-            self.tx_bytes += sum(map(len, out))
-        return out
+        if not out:
+            return []
+        # copy and clear, never replace: flows hold the list's bound append
+        taken = out[:]
+        out.clear()
+        self.tx_packets += len(taken)
+        self.tx_bytes += sum(map(len, taken))
+        return taken
 
     def take_events(self) -> list:
         evs = self.events
-        if evs:
-            self.events = []
-        return evs
+        if not evs:
+            return []
+        taken = evs[:]
+        evs.clear()
+        return taken
 
     def status(self) -> dict:
         tcp_states: dict = defaultdict(int)
@@ -305,8 +312,8 @@ class Stack:
             self._dispatch(whole, now)
 
     # ---------------------------------------------------------------- TCP
-    # The TCP demux (`_tcp_in`) lives in netstack.tcp as tcp_input(stack, family,
-    # src, dst, mv, off, now); it is bound below.
+    # The TCP demux (`_tcp_in`) is netstack.tcp.demux.tcp_input(stack, family,
+    # src, dst, mv, off, now), bound below.
 
     def _tcp_remove(self, conn, reason: str) -> None:
         """Called by a connection when it leaves the flow table."""
@@ -409,6 +416,6 @@ try:
 except ImportError:
     _Reassembler = None
 
-from .tcp import tcp_input  # noqa: E402  (netstack.tcp imports this module's constants)
+from .tcp.demux import tcp_input  # noqa: E402
 
 Stack._tcp_in = tcp_input

@@ -1,0 +1,58 @@
+"""The narrow interface between a flow (TcpConnection, UdpFlow) and the
+Stack that holds it.  A flow never reaches into the stack: everything it may
+do to its surroundings goes through its `host`.
+
+    host.config            the StackConfig (read only)
+    host.rng               the injected random source (ISNs, timestamps)
+    host.next_id()         a fresh flow id (timer-heap tie breaker)
+    host.emit(packet)      queue a packet for the device
+    host.event(ev)         queue an event for the application
+    host.drop(reason)      count a segment the flow discarded (tcp_drops)
+    host.touch(flow)       the flow owes output: flush it at the next poll
+    host.request(conn)     a new connect request (counts it as pending and
+                           raises TcpConnectRequest)
+    host.answered(conn)    the request was accepted, rejected or timed out
+    host.icmp_unreachable(quote, kind)   an ICMP error quoting a packet
+    host.closed(flow, reason)  the flow left the table (called exactly once)
+
+`emit` and `event` are the bound `append` of the stack's output and event
+lists (taken by `take_output` / `take_events` without replacing them), so the
+per-packet path costs what `stack.output.append` cost.
+"""
+
+from __future__ import annotations
+
+from . import events as _ev
+
+
+class StackHost:
+    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops")
+
+    def __init__(self, stack):
+        self._stack = stack
+        self.config = stack.config
+        self.next_id = stack._next_id
+        self.emit = stack.output.append
+        self.event = stack.events.append
+        self.touch = stack._touch
+        self._drops = stack.tcp_drops
+
+    @property
+    def rng(self):
+        return self._stack.rng          # read at use: a test may inject its own after construction
+
+    def drop(self, reason: str) -> None:
+        self._drops[reason] += 1
+
+    def request(self, conn) -> None:
+        self._stack.pending += 1
+        self.event(_ev.TcpConnectRequest(conn))
+
+    def answered(self, conn) -> None:
+        self._stack.pending -= 1
+
+    def icmp_unreachable(self, quote, kind: str) -> None:
+        self._stack.icmp_unreachable(quote, kind)
+
+    def closed(self, flow, reason: str) -> None:
+        self._stack._tcp_remove(flow, reason)
