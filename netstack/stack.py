@@ -46,9 +46,11 @@ from .config import StackConfig
 from .host import StackHost
 from .icmp import icmp4_input, icmp6_input
 from .icmp import unreachable as icmp_unreachable
+from .reassembly import Reassembler as _Reassembler
 from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
 from .wire.errors import WireError
+from .wire.ipv6 import walk as _walk6
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -86,7 +88,7 @@ class Stack:
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
-        self._frag = None         # fragment reassembler (netstack.wire.frag), created lazily
+        self._frag = None         # fragment reassembler (netstack.reassembly), created lazily
         self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
         self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
 
@@ -299,9 +301,6 @@ class Stack:
     def _fragment(self, mv, now):
         """An IPv4 or IPv6 fragment: held until its datagram is whole, which
         then goes through input() again (it counts as that last fragment)."""
-        if _Reassembler is None:
-            self.drops["fragment"] += 1
-            return
         fr = self._frag
         if fr is None:
             fr = self._frag = _Reassembler(self.config, self.frag_drops)
@@ -376,45 +375,10 @@ class Stack:
         self.delivered += 1
 
 
-def _walk6_local(mv):
-    """Skip IPv6 extension headers: (protocol, transport offset, is_fragment).
-    Used until netstack.wire.ipv6.walk exists."""
-    nxt = mv[6]
-    off = 40
-    n = len(mv)
-    for _ in range(_MAX_EXT6):
-        if nxt in _EXT6:
-            if off + 8 > n:
-                raise WireError("bad_ext_header", "truncated")
-            hlen = (mv[off + 1] + 1) << 3
-            if off + hlen > n:
-                raise WireError("bad_ext_header", "length")
-            nxt = mv[off]
-            off += hlen
-        elif nxt == PROTO_FRAG6:
-            if off + 8 > n:
-                raise WireError("bad_ext_header", "truncated fragment header")
-            return mv[off], off + 8, True
-        else:
-            return nxt, off, False
-    raise WireError("bad_ext_header", "too many extension headers")
-
-
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
-_EXT6 = frozenset((0, 43, 60))   # hop-by-hop, routing, destination options
-_MAX_EXT6 = 8
 _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)
-
-try:
-    from .wire.ipv6 import walk as _walk6
-except ImportError:
-    _walk6 = _walk6_local
-try:
-    from .wire.frag import Reassembler as _Reassembler
-except ImportError:
-    _Reassembler = None
 
 from .tcp.demux import tcp_input  # noqa: E402
 
