@@ -11,7 +11,7 @@ do to its surroundings goes through its `host`.
     host.touch(flow)       the flow owes output: flush it at the next poll
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
-    host.answered(conn)    the request was accepted, rejected or timed out
+    host.answered(conn)    the request was accepted, rejected, shed or timed out
     host.icmp_unreachable(quote, kind)   an ICMP error quoting a packet
     host.closed(flow, reason)  the flow left the table (called exactly once)
 
@@ -26,7 +26,7 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops")
+    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
@@ -36,6 +36,7 @@ class StackHost:
         self.event = stack.events.append
         self.touch = stack._touch
         self._drops = stack.tcp_drops
+        self._admission = stack.admission
 
     @property
     def rng(self):
@@ -46,10 +47,12 @@ class StackHost:
 
     def request(self, conn) -> None:
         self._stack.pending += 1
+        self._admission.add(conn)
         self.event(_ev.TcpConnectRequest(conn))
 
     def answered(self, conn) -> None:
         self._stack.pending -= 1
+        self._admission.remove(conn)
 
     def icmp_unreachable(self, quote, kind: str) -> None:
         self._stack.icmp_unreachable(quote, kind)

@@ -29,8 +29,9 @@ inside a TCP connection (out of window, PAWS, ...) are in `tcp_drops`, on
 top of the `delivered` of their segment.
 
 Memory is bounded by configuration: flows (TCP + UDP) by max_flows, pending
-requests by max_pending, reassembly by frag_max_*, and the timer heap holds
-one live entry per flow plus stale entries that are compacted away.
+requests by max_pending (per destination and per source too: see
+netstack.admission), reassembly by frag_max_*, and the timer heap holds one
+live entry per flow plus stale entries that are compacted away.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import struct
 from collections import defaultdict
 
 from . import events as ev
+from .admission import Admission
 from .config import StackConfig
 from .host import StackHost
 from .icmp import icmp4_input, icmp6_input
@@ -67,7 +69,7 @@ class Stack:
     __slots__ = (
         "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
-        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host",
+        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -90,6 +92,7 @@ class Stack:
         self.pending = 0          # TCP connect requests not yet answered
         self._frag = None         # fragment reassembler (netstack.reassembly), created lazily
         self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
+        self.admission = Admission(self.config)  # which connect requests may wait (fairness)
         self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
 
     # ------------------------------------------------------------------ host API
@@ -194,7 +197,7 @@ class Stack:
             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
             "tcp_flows": len(self.tcp), "udp_flows": len(self.udp),
-            "tcp_states": dict(tcp_states), "pending": self.pending,
+            "tcp_states": dict(tcp_states), "pending": self.pending, "pending_shed": self.admission.shed,
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),

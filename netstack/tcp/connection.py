@@ -149,6 +149,15 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self._pending_close = ("rejected", how)
         self.host.touch(self)
 
+    def shed(self) -> None:
+        """Admission control (netstack.admission): this unanswered request
+        gives way to a newer one.  A RST answers its SYN now and it closes
+        ("shed"); the host's dial for it, if any, is no longer wanted."""
+        if self.state != LISTEN or self.closed:
+            return
+        self._send_rst_to_syn()
+        self._remove("shed")
+
     def shutdown(self) -> None:
         """Half-close: our FIN follows the queued data.  Idempotent."""
         if self.closed or self._pending_close is not None or self.fin_queued:

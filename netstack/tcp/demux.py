@@ -78,9 +78,13 @@ def _tcp_new(stack, family, key, flags, seq, ack, mv, off, datalen, now):
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
         return None
     cfg = stack.config
-    if stack.pending >= cfg.max_pending:
-        stack.drops["tcp_backlog_full"] += 1
+    src, _, dst, dport = key
+    why, victim = stack.admission.check(src, dst, dport, stack.pending)
+    if why is not None:
+        stack.drops[why] += 1
         return None
+    if victim is not None:
+        victim.shed()
     if len(stack.tcp) + len(stack.udp) >= cfg.max_flows:
         stack.drops["flow_limit"] += 1
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
