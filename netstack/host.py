@@ -11,13 +11,15 @@ do to its surroundings goes through its `host`.
     host.touch(flow)       the flow owes output: flush it at the next poll
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
-    host.answered(conn)    the request was accepted, rejected, shed or timed out
+    host.answered(conn)    the request was accepted (conn.state is then
+                           SYN_RECEIVED: half open), rejected, shed or timed out
+    host.synchronized(conn)  a half-open connection completed its handshake or closed
     host.icmp_unreachable(quote, kind)   an ICMP error quoting a packet
     host.closed(flow, reason)  the flow left the table (called exactly once)
 
-`emit` and `event` are the bound `append` of the stack's output and event
-lists (taken by `take_output` / `take_events` without replacing them), so the
-per-packet path costs what `stack.output.append` cost.
+`emit` and `event` are the bound `append` of the stack's current output and
+event lists (the stack rebinds them when `take_output` / `take_events` hand
+a list over), so the per-packet path costs what `stack.output.append` cost.
 """
 
 from __future__ import annotations
@@ -52,7 +54,15 @@ class StackHost:
 
     def answered(self, conn) -> None:
         self._stack.pending -= 1
-        self._admission.remove(conn)
+        adm = self._admission
+        adm.remove(conn)
+        if conn.state == "SYN_RECEIVED":
+            victim = adm.add_half_open(conn)
+            if victim is not None:
+                victim.shed()
+
+    def synchronized(self, conn) -> None:
+        self._admission.half_open.pop(conn, None)
 
     def icmp_unreachable(self, quote, kind: str) -> None:
         self._stack.icmp_unreachable(quote, kind)

@@ -172,22 +172,20 @@ class Stack:
 
     def take_output(self) -> list:
         out = self.output
-        if not out:
-            return []
-        # copy and clear, never replace: flows hold the list's bound append
-        taken = out[:]
-        out.clear()
-        self.tx_packets += len(taken)
-        self.tx_bytes += sum(map(len, taken))
-        return taken
+        if out:
+            # a fresh list; the flows' host appends to it from now on
+            self.output = fresh = []
+            self.tcp_host.emit = fresh.append
+            self.tx_packets += len(out)
+            self.tx_bytes += sum(map(len, out))
+        return out
 
     def take_events(self) -> list:
         evs = self.events
-        if not evs:
-            return []
-        taken = evs[:]
-        evs.clear()
-        return taken
+        if evs:
+            self.events = fresh = []
+            self.tcp_host.event = fresh.append
+        return evs
 
     def status(self) -> dict:
         tcp_states: dict = defaultdict(int)

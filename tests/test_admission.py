@@ -95,6 +95,9 @@ def test_per_source_bound():
     assert st.pending == 3 and st.drops["tcp_pending_per_source"] == 2
     flood(st, 1, src=addr("10.0.0.9"))                  # another client is not bound by it
     assert st.pending == 4
+    assert {k: len(v) for k, v in st.admission.by_src.items()} == {CLIENT: 3, addr("10.0.0.9"): 1}
+    st.poll(1.0 + st.config.connect_timeout + 0.1)     # timeouts release every slot
+    assert st.pending == 0 and st.admission.by_src == {} and st.admission.by_dst == {}
 
 
 def test_shed_request_is_gone_from_every_table():
@@ -104,8 +107,55 @@ def test_shed_request_is_gone_from_every_table():
     assert st.admission.shed == 1 and st.pending == 2
     by_dst = {k: len(v) for k, v in st.admission.by_dst.items()}
     assert by_dst == {(FLOOD, 443): 1, (addr("198.51.100.1"), 443): 1}
-    assert sum(len(v) for v in st.admission.by_src.values()) == 2
+    assert st.admission.by_src is None          # per_src >= max_pending: that bound cannot bind
     assert len(st.tcp) == 2
     # timeouts release their slots too
     st.poll(1.0 + st.config.connect_timeout + 0.1)
-    assert st.pending == 0 and not st.admission.by_dst and not st.admission.by_src
+    assert st.pending == 0 and not st.admission.by_dst
+
+
+def test_half_open_connections_are_bounded():
+    # a spoofed SYN flood whose upstream answers: accepted, SYN-ACK sent, no ACK ever
+    st = Stack(StackConfig(max_half_open=3), rng=random.Random(6))
+    flood(st, 5)
+    held = requests(st)
+    for conn in held:
+        conn.accept()
+    assert [c.closed for c in held] == [True, True, False, False, False]
+    assert st.admission.shed == 2 and len(st.admission.half_open) == 3
+    st.poll(1.0)
+    out = [parse_packet(p) for p in st.take_output()]
+    rsts = sorted(x.dport for x in out if x.flags & 0x04)
+    synacks = sorted(x.dport for x in out if x.flags & 0x02)
+    assert rsts == [held[0].sport, held[1].sport] and synacks == [c.sport for c in held[2:]]
+    closed = [(e.conn, e.reason) for e in st.take_events() if isinstance(e, events.TcpClosed)]
+    assert closed == [(held[0], "shed"), (held[1], "shed")]
+    # one more accepted connection sheds the oldest half-open one (held[2]);
+    # when it completes its handshake it leaves the set, and so does a closed one
+    c = Client(st, client=("10.0.0.5", 40000), server=("198.51.100.9", 80))
+    c.now = 1.0
+    conn = c.request()
+    conn.accept()
+    assert held[2].closed and st.admission.shed == 3
+    out = c.drain()
+    assert sorted((x.dport, x.flags & 0x16) for x in out) == sorted([(held[2].sport, 0x14), (40000, 0x12)])
+    c.rcv = [x for x in out if x.dport == 40000][0].seq + 1
+    c.send(flags="A")
+    assert conn.state == "ESTABLISHED"
+    assert conn not in st.admission.half_open and set(st.admission.half_open) == {held[3], held[4]}
+    held[3].abort()
+    st.poll(1.0)
+    assert set(st.admission.half_open) == {held[4]}
+
+
+def test_synack_retries_bound_a_half_open_connection():
+    st = Stack(StackConfig(synack_retries=2, max_retries=10), rng=random.Random(7))
+    c = Client(st)
+    conn = c.request()
+    conn.accept()
+    c.recv("SA")
+    c.run_until(30.0)
+    # RTO 1 s then 2 s: the SYN-ACK twice more, then a RST (not ten retries over minutes)
+    assert [x.flags & 0x16 for x in c.drain()] == [0x12, 0x12, 0x14]
+    assert conn.closed and c.closed_reasons() == ["timeout"]
+    assert st.tcp_drops["retransmit_timeout"] == 1 and not st.admission.half_open

@@ -150,12 +150,17 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.host.touch(self)
 
     def shed(self) -> None:
-        """Admission control (netstack.admission): this unanswered request
-        gives way to a newer one.  A RST answers its SYN now and it closes
-        ("shed"); the host's dial for it, if any, is no longer wanted."""
-        if self.state != LISTEN or self.closed:
+        """Admission control (netstack.admission): this unanswered request,
+        or this half-open connection, gives way to a newer one.  A RST goes
+        out now and it closes ("shed")."""
+        if self.closed:
             return
-        self._send_rst_to_syn()
+        if self.state == LISTEN:
+            self._send_rst_to_syn()
+        elif self.state == SYN_RECEIVED:
+            self._send_rst()
+        else:
+            return
         self._remove("shed")
 
     def shutdown(self) -> None:
@@ -268,7 +273,15 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         ts_val = opts.ts_val if opts is not None else None
         if ts_val is not None and self.ts_ok and not flags & RST and self._paws_rejects(ts_val):
             return
-        rwnd = self._acceptable_window()
+        # step 1's window: what we advertised, or the free buffer if larger --
+        # bytes we have room for are never thrown away (the buffer still
+        # bounds memory)
+        rwnd = _sdiff(self.rcv_adv, self.rcv_nxt)
+        free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
+        if rwnd < free:
+            rwnd = free
+        if rwnd < 0:
+            rwnd = 0
         d = _sdiff(seq, self.rcv_nxt)
         if not self._step1_acceptable(st, d, seglen, rwnd, flags, now):
             return
@@ -338,16 +351,6 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             return True
         return False
 
-    def _acceptable_window(self) -> int:
-        """The receive window of step 1: what we advertised, or the free buffer
-        if larger -- bytes we have room for are never thrown away (the buffer
-        still bounds memory)."""
-        rwnd = _sdiff(self.rcv_adv, self.rcv_nxt)
-        free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
-        if rwnd < free:
-            rwnd = free
-        return rwnd if rwnd > 0 else 0
-
     def _step1_acceptable(self, st, d, seglen, rwnd, flags, now) -> bool:
         """Step 1: sequence number acceptability.  An unacceptable segment is
         answered (ACK, challenge ACK) or dropped here; False then."""
@@ -391,6 +394,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self.host.drop("bad_ack")
             self.host.emit(self.tpl.build(ack, 0, RST, 0, b"", b""))
             return False
+        self.host.synchronized(self)
         self.state = FIN_WAIT_1 if self.fin_queued else ESTABLISHED
         self.snd_wnd = wnd << self.snd_wscale
         self.max_snd_wnd = self.snd_wnd
@@ -547,6 +551,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             return
         if self.state == LISTEN:
             self.host.answered(self)
+        elif self.state == SYN_RECEIVED:
+            self.host.synchronized(self)
         self.closed = True
         self.state = CLOSED
         self.poll_at = None

@@ -74,7 +74,10 @@ class TcpTimers:
             over = self._ka_n > cfg.max_retries
         else:
             self.retries += 1
-            over = self.retries > cfg.max_retries
+            limit = cfg.max_retries
+            if self.state == SYN_RECEIVED and cfg.synack_retries < limit:
+                limit = cfg.synack_retries         # a half-open connection holds an upstream socket
+            over = self.retries > limit
         if over:
             self.host.drop("retransmit_timeout")
             self._send_rst()
