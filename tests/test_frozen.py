@@ -53,6 +53,17 @@ def test_bundle_path_without_a_user_path_is_dropped(monkeypatch, bundle):
     assert bundle == {"LD_LIBRARY_PATH": "/tmp/_MEIabc"}
 
 
+def test_bootloader_variables_go_to_the_workers_only(monkeypatch, bundle):
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setenv("_PYI_APPLICATION_HOME_DIR", "/tmp/_MEIabc")
+    monkeypatch.setenv("_PYI_PARENT_PROCESS_LEVEL", "1")
+    monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
+    frozen._restore_library_path()
+    assert not [k for k in os.environ if k.startswith("_PYI_")]
+    _, env = frozen.worker_command([])
+    assert env["_PYI_APPLICATION_HOME_DIR"] == "/tmp/_MEIabc" and env["_PYI_PARENT_PROCESS_LEVEL"] == "1"
+
+
 def test_no_library_path_is_left_alone(monkeypatch, bundle):
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
     frozen._restore_library_path()

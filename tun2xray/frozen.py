@@ -11,9 +11,16 @@ the bundled libraries. Since PyInstaller 6.9 a process started from it
 through ``sys.executable`` with the inherited ``_PYI_*`` variables reuses
 that directory (no second unpacking, nothing left behind), so workers keep
 the environment as it is. Programs that are not ours (the Xray core, ``ip``)
-must see the user's library path, not the bundle's: `main` restores it in
-``os.environ`` at start-up (the running process keeps the search path its
-loader read at exec) and keeps the bundle's for the workers.
+must see the user's library path, not the bundle's, and none of the
+bootloader's private ``_PYI_*`` variables (another PyInstaller program would
+take itself for our child): `main` restores them in ``os.environ`` at
+start-up (the running process keeps the search path its loader read at exec)
+and keeps the bundle's for the workers.
+
+The bootloader forwards signals to the program and removes the unpacked
+files when it ends. Killed with SIGKILL it can do neither, so the program
+asks for SIGTERM when the bootloader dies (a clean stop: workers, TUN) and
+then removes the unpacked files itself.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import sys
 
 WORKER_ARG = "_worker"
+PR_SET_PDEATHSIG = 1
 
 _bundle_env: dict = {}      # the variables the bootloader set, for our own children
 
@@ -31,6 +39,9 @@ def frozen() -> bool:
 
 
 def _restore_library_path() -> None:
+    """os.environ as the user gave it; the bootloader's variables kept for our workers."""
+    for name in [k for k in os.environ if k.startswith("_PYI_")]:
+        _bundle_env[name] = os.environ.pop(name)
     path = os.environ.get("LD_LIBRARY_PATH")
     if path is None:
         return
@@ -41,6 +52,39 @@ def _restore_library_path() -> None:
     else:
         _bundle_env["LD_LIBRARY_PATH_ORIG"] = orig
         os.environ["LD_LIBRARY_PATH"] = orig
+
+
+def _follow_bootloader() -> None:
+    """In a onefile program (its parent is the same binary, its files in a
+    ``_MEI*`` directory): SIGTERM to us when the bootloader dies, and remove
+    the unpacked files at exit if it is gone by then."""
+    ppid = os.getppid()
+    home = getattr(sys, "_MEIPASS", "")
+    try:
+        same = os.readlink(f"/proc/{ppid}/exe") == os.readlink("/proc/self/exe")
+    except OSError:
+        same = False
+    if not same or not os.path.basename(home).startswith("_MEI"):
+        return
+    import atexit
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    # commands without their own handler exit through atexit on SIGTERM too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    atexit.register(_remove_orphaned_files, ppid, home)
+    if os.getppid() != ppid:                # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _remove_orphaned_files(ppid: int, home: str) -> None:
+    if os.getppid() != ppid:
+        import shutil
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def worker_command(args: list) -> tuple:
@@ -64,5 +108,7 @@ def main(argv=None) -> int:
     if argv[:1] == [WORKER_ARG]:
         from .workers import worker_main
         return worker_main(argv[1:])
+    if frozen():
+        _follow_bootloader()
     from .cli import main as cli_main
     return cli_main(argv)

@@ -147,7 +147,7 @@ def run_argv(binary):
 
 
 def tree(pid: int) -> list:
-    """pid and its descendants."""
+    """pid and its descendants, parents first."""
     parent = {}
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -157,11 +157,11 @@ def tree(pid: int) -> list:
             except (FileNotFoundError, ProcessLookupError, IndexError):
                 pass
     out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
+    while todo:                 # breadth first: pid, its children, theirs
+        p = todo.pop(0)
         out.append(p)
-        todo += [c for c, pp in parent.items() if pp == p]
-    return sorted(out)
+        todo += sorted(c for c, pp in parent.items() if pp == p)
+    return out
 
 
 def rss_mb(pid: int) -> float:
@@ -348,3 +348,24 @@ def test_sigterm_stops_every_process_and_removes_the_unpacked_files(frozen_run, 
     assert not netlab.link_exists(lab.cli_ns, TUN)
     assert unpacked(home) == [], "the unpacked files outlived the run"
     assert "Traceback" not in lab.log("tun2xray"), logs(lab)
+
+
+@pytest.mark.deadline(90)
+@pytest.mark.parametrize("victim", ["supervisor", "bootloader"])
+def test_sigkill_leaves_no_process_tun_or_unpacked_files(blab, binary, home, victim):
+    """SIGKILL to the program (the bootloader's child) or to the bootloader
+    itself: the workers stop, the TUN goes, the unpacked files go."""
+    lab = blab
+    p = lab.run_tun2xray(run_argv(binary), TUN, env=clean_env(home), cwd=home,
+                         describe=lambda: logs(lab))
+    try:
+        procs = tree(p.pid)
+        assert len(procs) == 4 and len(unpacked(home)) == 1
+        os.kill(procs[1] if victim == "supervisor" else procs[0], signal.SIGKILL)
+        netlab.wait_until(lambda: not any(os.path.exists(f"/proc/{q}") for q in procs[1:]), 20,
+                          "every process of the run gone")
+        netlab.wait_until(lambda: not netlab.link_exists(lab.cli_ns, TUN), 10, f"{TUN} removed")
+        netlab.wait_until(lambda: unpacked(home) == [], 10, "the unpacked files removed")
+    finally:
+        lab.stop("tun2xray")
+        lab.unroute()
