@@ -53,10 +53,9 @@ if ! "$VENV/bin/python" -c 'import pip' 2>/dev/null; then
 fi
 pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input "$@"; }
 pip install "$PYINSTALLER"
-# the project itself, not editable, always rebuilt from this checkout; its
-# dependencies only when they are missing
+# the project, not editable: pip rebuilds a local folder on every install (so
+# the bundle holds this checkout); its dependencies only when they are missing
 pip install .
-pip install --no-deps --force-reinstall .
 
 PYI_CONFIG_DIR=$PWD/build/pyinstaller-cache
 export PYINSTALLER_CONFIG_DIR=$PYI_CONFIG_DIR
@@ -70,6 +69,7 @@ start=$(date +%s)
 "$VENV/bin/python" -m PyInstaller --noconfirm --log-level WARN --onefile --strip --name tun2xray \
     --distpath "$OUT" --workpath "$WORK" --specpath "$WORK" \
     --collect-submodules tun2xray --collect-submodules netstack \
+    --collect-data tun2xray --copy-metadata tun2xray \
     --collect-submodules uvloop --collect-submodules dpkt \
     --additional-hooks-dir tools/pyinstaller-hooks --exclude-module tkinter --exclude-module test \
     "${optional[@]}" \
