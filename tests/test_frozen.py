@@ -35,7 +35,7 @@ def test_frozen_worker_is_the_binary_with_the_bundle_library_path(monkeypatch, b
     monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEIabc:/opt/lib")
     monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/lib")
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    frozen._restore_library_path()
+    frozen._restore_user_environment()
     assert os.environ["LD_LIBRARY_PATH"] == "/opt/lib"          # what the core and ip see
     assert "LD_LIBRARY_PATH_ORIG" not in os.environ
     argv, env = frozen.worker_command(["--channel", "5"])
@@ -48,7 +48,7 @@ def test_frozen_worker_is_the_binary_with_the_bundle_library_path(monkeypatch, b
 def test_bundle_path_without_a_user_path_is_dropped(monkeypatch, bundle):
     monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEIabc")
     monkeypatch.delenv("LD_LIBRARY_PATH_ORIG", raising=False)
-    frozen._restore_library_path()
+    frozen._restore_user_environment()
     assert "LD_LIBRARY_PATH" not in os.environ
     assert bundle == {"LD_LIBRARY_PATH": "/tmp/_MEIabc"}
 
@@ -58,7 +58,7 @@ def test_bootloader_variables_go_to_the_workers_only(monkeypatch, bundle):
     monkeypatch.setenv("_PYI_APPLICATION_HOME_DIR", "/tmp/_MEIabc")
     monkeypatch.setenv("_PYI_PARENT_PROCESS_LEVEL", "1")
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
-    frozen._restore_library_path()
+    frozen._restore_user_environment()
     assert not [k for k in os.environ if k.startswith("_PYI_")]
     _, env = frozen.worker_command([])
     assert env["_PYI_APPLICATION_HOME_DIR"] == "/tmp/_MEIabc" and env["_PYI_PARENT_PROCESS_LEVEL"] == "1"
@@ -66,7 +66,7 @@ def test_bootloader_variables_go_to_the_workers_only(monkeypatch, bundle):
 
 def test_no_library_path_is_left_alone(monkeypatch, bundle):
     monkeypatch.delenv("LD_LIBRARY_PATH", raising=False)
-    frozen._restore_library_path()
+    frozen._restore_user_environment()
     assert "LD_LIBRARY_PATH" not in os.environ and bundle == {}
 
 

@@ -38,7 +38,7 @@ def frozen() -> bool:
     return bool(getattr(sys, "frozen", False))
 
 
-def _restore_library_path() -> None:
+def _restore_user_environment() -> None:
     """os.environ as the user gave it; the bootloader's variables kept for our workers."""
     for name in [k for k in os.environ if k.startswith("_PYI_")]:
         _bundle_env[name] = os.environ.pop(name)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     """The binary's entry point: a worker, or the ordinary command line."""
     argv = sys.argv[1:] if argv is None else argv
     if frozen():
-        _restore_library_path()
+        _restore_user_environment()
     if argv[:1] == [WORKER_ARG]:
         from .workers import worker_main
         return worker_main(argv[1:])

@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tomllib
 
 import pytest
 
@@ -34,7 +35,8 @@ DIST = os.path.join(REPO, "dist", "tun2xray")
 TUN = "bntun0"
 CTL = "/tmp/bn-ctl.sock"
 PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-SOURCES = ("tun2xray", "netstack", "tools/binary_entry.py", "tools/build-binary.sh", "pyproject.toml")
+SOURCES = ("tun2xray", "netstack", "tools/binary_entry.py", "tools/build-binary.sh", "tools/pyinstaller-hooks",
+           "pyproject.toml")
 # where Python packages live on a machine: nothing the binary maps may come from these
 FOREIGN = ("/usr/lib/python3", "/usr/local/lib/python", "site-packages", "dist-packages",
            "/.pyenv/", "/.venv/", "/binary-venv/", REPO + "/")
@@ -113,8 +115,11 @@ def test_help_and_version(binary, home):
     for command in ("run", "status", "replay", "node", "doctor"):
         assert command in r.stdout
     if "--version" in r.stdout:          # the packaging work adds it
+        with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+            version = tomllib.load(f)["project"]["version"]
         v = run_bin(binary, home, "--version")
-        assert v.returncode == 0 and "tun2xray" in v.stdout + v.stderr, v
+        assert v.returncode == 0 and version in v.stdout + v.stderr, v
+        no_traceback(v)
     no_traceback(r)
     assert unpacked(home) == [], "a finished run left its unpacked files behind"
 
@@ -268,10 +273,13 @@ def test_status_json_and_workers_are_the_frozen_binary(frozen_run, binary, home)
     procs = tree(p.pid)
     # the onefile bootloader, the supervisor (its child) and one process per worker
     assert len(procs) == 4, [open(f"/proc/{q}/cmdline").read() for q in procs]
-    for q in procs:
+    for i, q in enumerate(procs):
         assert os.readlink(f"/proc/{q}/exe") == binary
-        foreign = sorted(m for m in mapped_files(q) if any(f in m for f in FOREIGN))
+        maps = mapped_files(q)
+        foreign = sorted(m for m in maps if any(f in m for f in FOREIGN))
         assert not foreign, f"pid {q} maps files of a Python install: {foreign}"
+        if i:                   # the supervisor and the workers run on the bundled uvloop
+            assert any(m.startswith(unpacked(home)[0]) and "/uvloop/loop." in m for m in maps), q
     for w in workers:
         assert w["pid"] in procs
         with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
