@@ -142,6 +142,38 @@ def test_bad_flag_is_one_line(binary, home):
     assert len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, r.stderr
 
 
+def test_runs_in_an_empty_root_with_only_glibc(binary, home, root):
+    """A root file system holding the binary, the C library (what ldd names,
+    plus libm and librt) and nothing else: no Python anywhere."""
+    top = os.path.join(home, "root")
+    os.makedirs(os.path.join(top, "tmp"))
+    r = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True)
+    libs = [w for w in r.stdout.split() if w.startswith("/")]
+    libc = next(x for x in libs if os.path.basename(x) == "libc.so.6")
+    libs += [os.path.join(os.path.dirname(libc), x) for x in ("libm.so.6", "librt.so.1")]
+    for lib in libs:
+        os.makedirs(os.path.dirname(top + lib), exist_ok=True)
+        shutil.copy(lib, top + lib)                     # follows links: the file itself
+    shutil.copy(binary, os.path.join(top, "tun2xray"))
+    shutil.copytree(os.path.join(REPO, "pcaps"), os.path.join(top, "pcaps"))
+    pcaps = sorted(os.path.basename(p) for p in glob.glob(os.path.join(top, "pcaps", "*.pcap")))
+    everything = sorted(os.path.relpath(os.path.join(d, f), top)
+                        for d, _, files in os.walk(top) for f in files)
+    assert not [f for f in everything if "python" in f], everything
+
+    def chrooted(*args):
+        return subprocess.run([shutil.which("chroot", path=PATH), top, "/tun2xray", *args], env={"PATH": "/"},
+                              capture_output=True, text=True, timeout=120)
+
+    h = chrooted("--help")
+    assert h.returncode == 0 and "replay" in h.stdout, h.stderr
+    r = chrooted("replay", *[f"/pcaps/{p}" for p in pcaps])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    no_traceback(r)
+    assert all(f"/pcaps/{p}:" in r.stdout for p in pcaps)
+    assert os.listdir(os.path.join(top, "tmp")) == []
+
+
 # --- run --workers 2 in a lab ---------------------------------------------------
 
 def run_argv(binary):
