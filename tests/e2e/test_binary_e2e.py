@@ -377,6 +377,27 @@ def test_doctor_runs_against_the_frozen_instance(frozen_run, binary, home):
 
 
 @pytest.mark.deadline(60)
+def test_killed_worker_is_restarted_from_the_same_files(frozen_run, binary, home):
+    lab, _ = frozen_run
+    victim = status(lab, binary, home)["workers"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def replaced():
+        w = status(lab, binary, home)["workers"][0]
+        return w["alive"] and w["responding"] and w["pid"] != victim["pid"] and w
+
+    w = netlab.wait_until(replaced, 20, "worker 0 restarted", interval=0.2)
+    assert w["restarts"] == victim["restarts"] + 1
+    with open(f"/proc/{w['pid']}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[:2] == [binary.encode(), b"_worker"]
+    assert len(unpacked(home)) == 1, unpacked(home)
+    for i in range(10):                     # flows on both queues still work
+        r = lab.cli_run(["curl", "-sS", "--fail", "--max-time", "10", lab.url("small.bin")], timeout=20)
+        assert r.returncode == 0 and hashlib.sha256(r.stdout).hexdigest() == lab.files["small.bin"][2], \
+            r.stderr.decode() + logs(lab)
+
+
+@pytest.mark.deadline(60)
 def test_sigterm_stops_every_process_and_removes_the_unpacked_files(frozen_run, home):
     lab, p = frozen_run
     procs = tree(p.pid)
