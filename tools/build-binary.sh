@@ -56,6 +56,7 @@ pip() { "$VENV/bin/python" -m pip -q --disable-pip-version-check --no-input "$@"
 pip install "$PYINSTALLER"
 # the project, not editable: pip rebuilds a local folder on every install (so
 # the bundle holds this checkout); its dependencies only when they are missing
+rm -rf build/lib build/bdist.*      # setuptools' staging: a module removed here must not linger in the wheel
 pip install .
 
 PYI_CONFIG_DIR=$PWD/build/pyinstaller-cache
