@@ -235,10 +235,9 @@ def test_bridge_requires_proxy_run_takes_it_from_flag_key_or_core(tmp_path):
 
 def test_bridge_network_status_reports_the_profile_for_the_host():
     import socket as so
-    srv = so.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(4)
-    port = srv.getsockname()[1]
+    with so.socket() as probe:           # a closed port: the bridge serves, "connecting"
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     h = bridge.start(json.dumps({"proxy": f"socks5://127.0.0.1:{port}", "mtu": 1400,
                                  "ipv4": {"routes": ["10.0.0.0/8"], "excluded_routes": ["10.1.0.0/16"]},
                                  "dns": {"servers": ["10.0.0.53"]}}))
@@ -246,7 +245,6 @@ def test_bridge_network_status_reports_the_profile_for_the_host():
         net = bridge.status(h)["network"]
     finally:
         bridge.stop(h)
-        srv.close()
     assert net["owner"] == "host" and net["mtu"] == 1400 and net["routes_applied_by"] == "host"
     assert net["ipv4"] == {"address": "198.18.0.1/15", "routes": ["10.0.0.0/8"], "excluded_routes": ["10.1.0.0/16"]}
     assert net["ipv6"]["routes"] == ["::/0"] and net["dns"] == {"servers": ["10.0.0.53"]}
