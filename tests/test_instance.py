@@ -30,6 +30,11 @@ time.sleep(60)
 """
 
 
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TUN2XRAY_RUN_DIR", str(tmp_path))
@@ -76,16 +81,16 @@ def test_lock_of_a_killed_run_is_taken_over(run_dir, holders):
     p = hold("tun://isnone1", run_dir)
     holders.append(p)
     path = os.path.join(run_dir, "isnone1.lock")
-    assert json.load(open(path))["pid"] == p.pid
+    assert read_json(path)["pid"] == p.pid
     assert [i["pid"] for i in instance.list_instances()] == [p.pid]
     p.send_signal(signal.SIGKILL)
     p.wait(5)
     assert os.path.exists(path)                      # left behind by the killed run ...
     assert instance.list_instances() == []           # ... and seen as stale
     assert instance.find_instance() is None
-    lock, url, ctl = instance.claim("tun://isnone1", None)
+    lock, _, ctl = instance.claim("tun://isnone1", None)
     try:
-        assert json.load(open(path))["pid"] == os.getpid()
+        assert read_json(path)["pid"] == os.getpid()
         assert ctl == f"unix://{run_dir}/isnone1.sock"
     finally:
         lock.release()
@@ -160,3 +165,16 @@ def test_status_carries_the_instance():
     st = state.compose(lc, None, info)
     assert st["instance"] == info and st["state"] == "disconnected"
     assert "instance" not in state.compose(lc, None)
+
+
+def test_where_for_root_other_users_and_the_override(monkeypatch):
+    monkeypatch.delenv("TUN2XRAY_RUN_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert instance.base_dir() == "/run/tun2xray"
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert instance.base_dir() == "/run/user/1000/tun2xray"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert instance.base_dir() == "/tmp/tun2xray-1000"
+    monkeypatch.setenv("TUN2XRAY_RUN_DIR", "/srv/t2x")
+    assert instance.base_dir() == "/srv/t2x"

@@ -20,7 +20,8 @@ attaching to a multi-queue TUN someone else serves would silently take part
 of its flows.  The supervisor's own workers attach their queues later,
 without this check, so worker restarts keep working.
 
-Where (``RUN_DIR``): ``/run/tun2xray`` (``$TUN2XRAY_RUN_DIR`` to move it);
+Where (``RUN_DIR``): ``/run/tun2xray`` (``$TUN2XRAY_RUN_DIR`` to move it;
+other users than root: ``$XDG_RUNTIME_DIR/tun2xray``, else ``/tmp/tun2xray-UID``);
 interface names are per network namespace, so a run in a named one (``ip
 netns``) uses ``RUN_DIR/netns/NSNAME``.  Names per device URL: ``tun://NAME`` -> NAME (``tun://``
 alone -> the first free ``tunN``); ``fd://N`` -> the TUN's interface name
@@ -40,7 +41,6 @@ import fcntl
 import json
 import os
 import re
-import socket
 import time
 
 RUN_DIR = "/run/tun2xray"
@@ -83,9 +83,21 @@ def _netns_tag() -> str | None:
     return None
 
 
+def base_dir() -> str:
+    """$TUN2XRAY_RUN_DIR, else /run/tun2xray for root; other users (a
+    unix:// or fd:// device needs no privileges) get their own folder."""
+    env = os.environ.get("TUN2XRAY_RUN_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return RUN_DIR
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "tun2xray") if xdg else f"/tmp/tun2xray-{os.geteuid()}"
+
+
 def run_dir() -> str:
     """This network namespace's folder of locks and control sockets."""
-    base = os.environ.get("TUN2XRAY_RUN_DIR") or RUN_DIR
+    base = base_dir()
     tag = _netns_tag()
     return base if tag is None else os.path.join(base, "netns", tag)
 
@@ -133,7 +145,7 @@ def _free_tun_name() -> str:
 def device_name(url: str) -> tuple:
     """(name, url): the instance name of a device URL, and the URL to open
     (``tun://`` alone gets the name chosen here)."""
-    scheme, sep, rest = url.partition("://")
+    scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme == "tun":
         name, q, query = rest.partition("?")
@@ -260,7 +272,7 @@ def acquire(name: str, info: dict, where: str | None = None) -> InstanceLock:
     """Take the device's lock or raise InstanceError naming its holder."""
     where = where or run_dir()
     try:
-        os.makedirs(where, mode=0o755, exist_ok=True)
+        os.makedirs(where, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
     except OSError as e:
         raise InstanceError(f"cannot make {where}: {e.strerror}") from None
     path = lock_path(name, where)
@@ -416,15 +428,3 @@ def find_control(control: str | None = None, device: str | None = None) -> str:
                             "serves no control socket (it runs with --control none)")
     return info["control"]
 
-
-def socket_answers(url: str, timeout: float = 1.0) -> bool:
-    path = url[len("unix://"):] if url.startswith("unix://") else url
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

@@ -23,10 +23,17 @@ import signal
 import sys
 import threading
 
-import pytest
-
 import netlab
-from netlab import DNS4, DOKODEMO_PORT, ECHO_PORT, SOCKS_PORT, TARGET4, VETH_SRV4, VMESS_PORT
+import pytest
+from netlab import (
+    DNS4,
+    DOKODEMO_PORT,
+    ECHO_PORT,
+    SOCKS_PORT,
+    TARGET4,
+    VETH_SRV4,
+    VMESS_PORT,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -37,6 +44,11 @@ ENV.pop("TUN2XRAY_RUN_DIR", None)
 T2X = [sys.executable, "-m", "tun2xray"]
 RUN_DIR = "/run/tun2xray/netns/is-cli"
 FILE = "5M.bin"
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
 
 
 def ctl_of(tun: str) -> str:
@@ -196,13 +208,13 @@ def test_lock_and_socket_of_a_killed_run_are_replaced(lab):
     lab.unroute()
     lock, sock = f"{RUN_DIR}/{tun}.lock", f"{RUN_DIR}/{tun}.sock"
     assert os.path.exists(lock) and os.path.exists(sock)
-    assert json.load(open(lock))["pid"] == p.pid
+    assert read_json(lock)["pid"] == p.pid
     r = t2x(lab, "status")
     assert r.returncode == 1 and "no running tun2xray found" in one_line(r)
     q = start(lab, tun)
     st = status(lab)
     assert st["instance"]["pid"] == q.pid and st["instance"]["control"] == ctl_of(tun)
-    assert json.load(open(lock))["pid"] == q.pid
+    assert read_json(lock)["pid"] == q.pid
     netlab.wait_until(lambda: status(lab)["state"] == "connected", 10, "connected")
     _, res = curls(lab, 1)
     _[0].join(60)
