@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -122,9 +123,30 @@ def tun_fd_pids(name: str) -> set:
 
 
 def curl(lab, results: list) -> None:
-    r = lab.cli_run(["curl", "-sS", "--max-time", "30", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-                     lab.url(FILE)], timeout=40)
+    r = lab.cli_run(["curl", "-sS", "--max-time", "40", "-o", "/dev/null",
+                     "-w", "%{http_code} %{size_download}", lab.url(FILE)], timeout=50)
     results.append(r.stdout.decode() if r.returncode == 0 else f"rc {r.returncode}: {r.stderr.decode()}")
+
+
+def recv_n(s, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def echo_conn(lab):
+    """A TCP connection through the TUN to the echo server, checked once."""
+    with lab.in_cli():
+        s = socket.socket()
+    s.settimeout(10)
+    s.connect((TARGET4, ECHO_PORT))
+    s.sendall(b"before")
+    assert recv_n(s, 6) == b"before"
+    return s
 
 
 def curls(lab, n: int) -> list:
@@ -152,8 +174,16 @@ def test_second_run_on_the_same_tun_is_refused_and_the_first_keeps_its_flows(lab
 
     size = lab.files[FILE][1]
     for extra in ((), ("--workers", "1")):
-        threads, during = curls(lab, 8)                    # flows in flight during the attempt
+        # 8 open connections through the first, and 8 downloads started
+        # as the second run starts: a queue taken by the second would move
+        # some of their packets to a stack that does not know them
+        conns = [echo_conn(lab) for _ in range(8)]
+        threads, during = curls(lab, 8)
         r = t2x(lab, *run_argv(tun, *extra)[len(T2X):])
+        for i, c in enumerate(conns):
+            with c:
+                c.sendall(b"after %d" % i)
+                assert recv_n(c, len(b"after %d" % i)) == b"after %d" % i
         line = one_line(r)
         assert r.returncode == 1
         assert f"pid {first.pid}" in line and f"control {ctl_of(tun)}" in line, line
