@@ -178,3 +178,22 @@ def test_where_for_root_other_users_and_the_override(monkeypatch):
     assert instance.base_dir() == "/tmp/tun2xray-1000"
     monkeypatch.setenv("TUN2XRAY_RUN_DIR", "/srv/t2x")
     assert instance.base_dir() == "/srv/t2x"
+
+
+def test_doctor_checks_the_config_the_core_runs(tmp_path):
+    from tun2xray.doctor import config_to_check
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    (nodes / "a.json").write_text("{}")
+    link = tmp_path / "config.json"
+    link.symlink_to("nodes/a.json")
+    runtime = str(tmp_path / ".config.tun2xray.json")
+    xst = {"config": str(link), "node": str(nodes / "a.json"), "runtime_config": runtime,
+           "core": {"config": runtime}}
+    assert config_to_check(None, xst) == runtime                     # no flag: what runs
+    assert config_to_check(str(link), xst) == runtime                # the instance's own link
+    assert config_to_check(str(nodes / "a.json"), xst) == runtime    # ... or its node
+    other = str(tmp_path / "other.json")
+    assert config_to_check(other, xst) == other                      # another config: as given
+    assert config_to_check(None, {}) is None                         # no instance, no flag
+    assert config_to_check(other, {}) == other

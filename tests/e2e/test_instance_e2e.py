@@ -244,6 +244,12 @@ def test_lock_and_socket_of_a_killed_run_are_replaced(lab):
     assert read_json(lock)["pid"] == p.pid
     r = t2x(lab, "status")
     assert r.returncode == 1 and "no running tun2xray found" in one_line(r)
+    # doctor without an instance checks what its flags name (no error line)
+    r = t2x(lab, "doctor", "--device", f"tun://{tun}")
+    out = r.stdout.decode().splitlines()
+    assert r.returncode == 1 and r.stderr == b"", r.stderr
+    assert out[0].startswith(f"[FAIL] tun: no interface {tun}") and out[-1].startswith("0 passed"), out
+    assert not any(ln.startswith("[PASS] control") for ln in out), out
     q = start(lab, tun)
     st = status(lab)
     assert st["instance"]["pid"] == q.pid and st["instance"]["control"] == ctl_of(tun)
