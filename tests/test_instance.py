@@ -197,3 +197,20 @@ def test_doctor_checks_the_config_the_core_runs(tmp_path):
     assert config_to_check(other, xst) == other                      # another config: as given
     assert config_to_check(None, {}) is None                         # no instance, no flag
     assert config_to_check(other, {}) == other
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="TUN devices need root")
+def test_a_tun_fd_is_named_by_its_interface_and_its_holder_is_seen():
+    pytun = pytest.importorskip("pytun")
+    t = pytun.TunTapDevice(name="isfd0", flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE)
+    try:
+        assert instance.device_name(f"fd://{t.fileno()}")[0] == "isfd0"
+        # another process looking for holders of isfd0 finds us (and only us)
+        code = "from tun2xray import instance; print(instance.tun_holders('isfd0'))"
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             timeout=20, check=True).stdout
+        assert out.strip() == f"[{os.getpid()}]"
+        assert instance.tun_holders("isfd0") == []       # ourselves excluded
+    finally:
+        t.close()
