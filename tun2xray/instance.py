@@ -41,6 +41,7 @@ import fcntl
 import json
 import os
 import re
+import socket
 import time
 
 RUN_DIR = "/run/tun2xray"
@@ -134,10 +135,18 @@ def tun_name_of_fd(fd: int) -> str | None:
     return name or None
 
 
+def _link_exists(name: str) -> bool:
+    """In this network namespace (/sys may show another one's after a setns)."""
+    try:
+        return socket.if_nametoindex(name) > 0
+    except OSError:
+        return False
+
+
 def _free_tun_name() -> str:
     for i in range(4096):
         name = f"tun{i}"
-        if not os.path.exists(f"/sys/class/net/{name}"):
+        if not _link_exists(name):
             return name
     raise InstanceError("no free tunN interface name: give tun://NAME")
 
@@ -314,7 +323,7 @@ def claim(device_url: str, control: str | None) -> tuple:
         control = None
     lock = acquire(name, {"device": device_url, "control": control}, where)
     try:
-        if device_url.lower().startswith("tun://") and os.path.exists(f"/sys/class/net/{name}"):
+        if device_url.lower().startswith("tun://") and _link_exists(name):
             holders = tun_holders(name)
             if holders:
                 who = ", ".join(f"pid {p} ({_comm(p)})" for p in holders[:4])
