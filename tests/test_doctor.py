@@ -1,15 +1,22 @@
-"""tun2xray.doctor pieces that need no namespace: target parsing, the DNS
-query it sends, inbound probes and the report lines (the whole doctor runs
-against real setups in tests/e2e/test_xray_e2e.py)."""
+"""tun2xray.doctor pieces: target parsing, the DNS query it sends, inbound
+probes, the report lines, and the loop check on real marked routes in a
+namespace of its own (the whole doctor runs against real setups in
+tests/e2e/test_xray_e2e.py)."""
 
 import io
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from tun2xray import doctor, xray
+from tun2xray import autoroute, doctor, xray
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+import netlab  # (tools/ is not a package)
 
 
 def test_hostport():
@@ -53,13 +60,20 @@ def _server(handler):
 
 
 def test_probe_socks_inbound():
+    got = []
+
     def socks(c):
-        c.recv(16)
+        got.append(c.recv(3))
         c.sendall(b"\x05\x00")
+        got.append(c.recv(10))
+        c.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x12\x34")
+        got.append(c.recv(1))
     s = _server(socks)
     ib = xray.Inbound(0, "socks", "socks", "127.0.0.1", s.getsockname()[1], frozenset({"tcp"}))
     assert doctor._probe_inbound(ib, 2.0) is None
     s.close()
+    # the greeting, then a UDP ASSOCIATE it closes (which the core does not log)
+    assert got[:2] == [b"\x05\x01\x00", b"\x05\x03\x00\x01" + bytes(6)]
 
     silent = _server(lambda c: c.recv(16) and threading.Event().wait(2))
     ib = xray.Inbound(0, "socks", "socks", "127.0.0.1", silent.getsockname()[1], frozenset({"tcp"}))
@@ -93,3 +107,74 @@ def test_udp_probe_expects_its_echo():
     threading.Thread(target=echo, daemon=True).start()
     assert doctor._probe("udp", "127.0.0.1", u.getsockname()[1], None, 2.0) is None
     u.close()
+
+
+# --- the loop check on real routes, in a namespace of its own ------------------
+
+NS = "xn-doctor"
+MARK = 0x99
+
+
+def _ip(*args):
+    r = subprocess.run(["ip", "-n", NS, *args], capture_output=True, text=True, timeout=10, check=False)
+    assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+
+
+@pytest.fixture
+def marked_routes():
+    """xn-doctor: TUN xntun0 (main table: 10.232.0.0/24 into it) and a veth
+    xnv0 (table 7777: the same prefix via its peer), with a policy rule
+    ``fwmark 0x99 lookup 7777`` -- the shape --auto-route gives the core."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a network namespace); CI runs as root")
+    import fcntl
+    import tempfile
+    # one user of the namespace name at a time (two test runs queue here)
+    lock = os.open(os.path.join(tempfile.gettempdir(), f"netlab-{NS}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    netlab.delete_netns(NS)
+    try:
+        subprocess.run(["ip", "netns", "add", NS], check=True, timeout=10)
+        _ip("link", "set", "lo", "up")
+        _ip("tuntap", "add", "dev", "xntun0", "mode", "tun")
+        _ip("link", "add", "xnv0", "type", "veth", "peer", "name", "xnv1")
+        _ip("addr", "add", "10.231.0.1/30", "dev", "xnv0")
+        for dev in ("xntun0", "xnv0", "xnv1"):
+            _ip("link", "set", dev, "up")
+        _ip("route", "add", "10.232.0.0/24", "dev", "xntun0")
+        _ip("route", "add", "10.232.0.0/24", "via", "10.231.0.2", "dev", "xnv0", "table", "7777")
+        _ip("rule", "add", "fwmark", hex(MARK), "lookup", "7777", "priority", "100")
+        yield
+    finally:
+        netlab.delete_netns(NS)
+        os.close(lock)
+
+
+def test_route_dev_follows_the_mark(marked_routes):
+    with netlab.netns(NS):
+        assert autoroute.route_dev("10.232.0.5") == "xntun0"
+        assert autoroute.route_dev("10.232.0.5", mark=MARK) == "xnv0"
+        assert autoroute.route_dev("10.232.0.5", mark=MARK + 1) == "xntun0"     # another mark: main
+
+
+def test_loop_check_on_a_real_auto_route(marked_routes):
+    """--auto-route's own rules and table (no server excluded): the core's
+    marked sockets go around the TUN, so doctor finds no loop; the same
+    server looked up without the mark would be one."""
+    _ip("route", "add", "default", "via", "10.231.0.2", "dev", "xnv0")
+    cfg = {"outbounds": [{"protocol": "vmess", "settings": {"vnext": [
+        {"address": "10.233.0.7", "port": 443, "users": []}]}}]}
+    with netlab.netns(NS):
+        ar = autoroute.AutoRoute("xntun0", mark=MARK, families=(4,))
+        ar.up()
+        try:
+            assert autoroute.route_dev("10.233.0.7") == "xntun0"
+            out = io.StringIO()
+            rep = doctor.Report(out)
+            doctor.check_loop(rep, "xntun0", cfg, MARK)
+            doctor.check_loop(rep, "xntun0", cfg, None)
+        finally:
+            ar.down()
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[PASS] loop: outbound servers go around the TUN: 10.233.0.7:443 via xnv0", lines
+    assert lines[1].startswith("[FAIL] loop: outbound server 10.233.0.7:443 is routed into xntun0"), lines

@@ -5,8 +5,10 @@ the captures themselves (read independently here with dpkt), plus the
 from __future__ import annotations
 
 import glob
+import ipaddress
 import io
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -56,7 +58,11 @@ def recorded_flows(path):
     the client's packets in order, read with dpkt (not with the replay's reader)."""
     flows = {}
     with open(path, "rb") as f:
-        for _ts, buf in dpkt.pcap.Reader(f):
+        reader = dpkt.pcap.Reader(f)
+        ethernet = reader.datalink() == dpkt.pcap.DLT_EN10MB    # tcpdump on a veth (offload-v4)
+        for _ts, buf in reader:
+            if ethernet:
+                buf = bytes(dpkt.ethernet.Ethernet(buf).data)
             ip = dpkt.ip.IP(buf) if buf[0] >> 4 == 4 else dpkt.ip6.IP6(buf)
             l4 = ip.data
             if isinstance(l4, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)):
@@ -125,7 +131,7 @@ def test_fixtures_exist():
     names = {os.path.basename(p) for p in PCAPS}
     for want in ("http-get-v4.pcap", "http-get-v6.pcap", "http-post-v4.pcap", "iperf3-v4.pcap",
                  "iperf3-reverse-v4.pcap", "dns-v4.pcap", "dns-v6.pcap", "tcp-refused.pcap", "udp-closed.pcap",
-                 "http-post-loss-v4.pcap", "tcp-client-reset-v4.pcap"):
+                 "http-post-loss-v4.pcap", "tcp-client-reset-v4.pcap", "offload-v4.pcap"):
         assert want in names
     for p in PCAPS:
         assert os.path.getsize(p) < 2 << 20
@@ -209,10 +215,21 @@ def test_every_fixture_through_the_cli(capsys):
     from tun2xray.cli import main
     assert main(["replay", *PCAPS]) == 0
     out = capsys.readouterr().out
-    lines = [ln for ln in out.splitlines() if ln.lstrip().startswith(("tcp ", "udp "))]
+    lines = [ln for ln in out.splitlines() if re.match(r"\s+\d+ (tcp|udp) ", ln)]
     assert len(lines) == sum(len(recorded_flows(p)) for p in PCAPS)
     for ln in lines:
-        assert "  completed  " in ln or "  refused  " in ln, ln
+        assert re.search(r"  (completed|refused as recorded|reset as recorded)  \(", ln), ln
+    # a refusal is not summarised as a completion
+    assert re.search(r"^  2 flows: 0 completed, 2 refused as recorded, 0 not completed$", out, re.M), out
+    assert re.search(r"^  2 flows: 1 completed, 1 reset as recorded, 0 not completed$", out, re.M), out
+    # the stack's drops as a sorted summary, not a Python dict
+    assert "{" not in out
+    drops = re.findall(r"^  drops: (.*)$", out, re.M)
+    assert len(drops) == len(PCAPS)
+    for d in drops:
+        assert d == "none" or re.fullmatch(r"[a-z0-9_.]+ \d+(, [a-z0-9_.]+ \d+)*", d), d
+    # the client's RSTs for segments in flight after its abort find no flow any more
+    assert re.search(r"^  drops: tcp_rst_no_flow \d+$", out, re.M), out
 
 
 def test_reset_flow_is_reported_as_recorded(replays):
@@ -514,7 +531,7 @@ def test_cli_json_output(capsys):
     for d in docs:
         assert d["ok"] and d["bad_output"] == 0 and d["flows"]
         for fl in d["flows"]:
-            assert fl["ok"] and fl["outcome"] in ("completed", "refused")
+            assert fl["ok"] and fl["outcome"] in ("completed", "refused", "reset")
             if fl["proto"] == "tcp" and fl["outcome"] == "completed" and fl["expected"] == "closed":
                 assert fl["up"] == fl["up_recorded"] and fl["down"] == fl["down_recorded"]
 
@@ -599,3 +616,199 @@ def test_sequence_numbers_wrapping_past_2_32(name):
     if "loss" in name:
         assert f.stack_sacks and all(ack < left < right <= sent for ack, blocks, sent in f.stack_sacks
                                      for left, right in blocks)
+
+
+# ------------------------------------------- captures with offloaded checksums
+
+OFFLOAD = os.path.join(ROOT, "pcaps", "offload-v4.pcap")
+
+
+def _offloaded_client_packets(path):
+    """(TCP, UDP) counts of the client's packets whose transport checksum is
+    wrong, and how many of those hold exactly the pseudo-header sum, read
+    with dpkt (which recomputes a checksum when the field is zeroed)."""
+    bad = {6: 0, 17: 0}
+    partial = 0
+    client = None
+    with open(path, "rb") as fh:
+        for _ts, frame in dpkt.pcap.Reader(fh):
+            ip = dpkt.ethernet.Ethernet(frame).data
+            l4 = ip.data
+            if client is None:
+                client = ip.src       # the capture starts with the client's SYN
+            if ip.src != client or not isinstance(l4, (dpkt.tcp.TCP, dpkt.udp.UDP)):
+                continue
+            field = l4.sum
+            l4.sum = 0
+            ip.sum = 0
+            ip.data = l4
+            good = dpkt.ip.IP(bytes(ip)).data.sum
+            if field != good:
+                bad[ip.p] += 1
+                seg_len = len(bytes(l4))
+                ps = sum(struct.unpack("!HHHH", ip.src + ip.dst)) + ip.p + seg_len
+                while ps > 0xFFFF:
+                    ps = (ps & 0xFFFF) + (ps >> 16)
+                partial += field == ps
+    return bad[6], bad[17], partial
+
+
+def test_offloaded_fixture_is_what_tcpdump_wrote_with_offloads_on():
+    with open(OFFLOAD, "rb") as fh:
+        rd = dpkt.pcap.Reader(fh)
+        assert rd.datalink() == dpkt.pcap.DLT_EN10MB       # tcpdump on the veth, not our writer
+        sizes = [len(dpkt.ethernet.Ethernet(buf).data) for _, buf in rd]
+    tcp, udp, partial = _offloaded_client_packets(OFFLOAD)
+    # every client packet left the stack with only the pseudo-header sum (tx
+    # checksum offload), and the server's segments came as GRO/TSO super-segments
+    assert tcp >= 5 and udp == 1 and partial == tcp + udp
+    assert max(sizes) > 1500
+
+
+def test_offloaded_capture_replays_in_auto_mode(capsys):
+    r = rp.replay_file(OFFLOAD)
+    tcp, udp, _ = _offloaded_client_packets(OFFLOAD)
+    assert [f.proto for f in r.flows] == [6, 17]
+    assert all(f.ok and f.outcome == "completed" for f in r.flows), [(f.outcome, f.detail) for f in r.flows]
+    assert r.checksums.completed == tcp + udp and r.checksums.partial == tcp + udp
+    assert r.checksums.offloaded == [bytes(r.flows[0].key[0])]
+    assert not any(v for k, v in r.stack.drops.items() if "checksum" in k)
+    http, dns = r.flows
+    assert http.client_stream.startswith(b"GET /blob?size=60000 ") and len(http.server_stream) > 60000
+    from tun2xray.cli import main
+    assert main(["replay", OFFLOAD]) == 0
+    out = capsys.readouterr().out
+    assert "2 flows: 2 completed, 0 not completed" in out
+    # the report says what it did to the capture
+    assert (f"checksums (auto): {tcp} TCP and {udp} UDP client packets had offloaded (pseudo-header sum "
+            f"only) checksums; {tcp + udp} completed before the replay") in out
+    assert "  drops: none" in out and "hint" not in out
+
+
+def test_offloaded_capture_fails_with_a_hint_under_verify():
+    tcp, udp, _ = _offloaded_client_packets(OFFLOAD)
+    r = _run_cli("--checksums", "verify", OFFLOAD)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "no SYN-ACK from the stack" in r.stdout
+    assert f"  drops: bad_tcp_checksum {tcp}, bad_udp_checksum {udp}\n" in r.stdout
+    assert (f"  hint: {tcp} packets had bad TCP checksums, {udp} had bad UDP checksums: capture taken with "
+            "checksum offload? try --checksums ignore\n") in r.stdout
+    assert _run_cli("--checksums", "ignore", OFFLOAD).returncode == 0
+    js = _run_cli("--json", "--checksums", "verify", OFFLOAD)
+    import json
+    d = json.loads(js.stdout)
+    assert d["checksums"]["mode"] == "verify" and d["checksums"]["bad_tcp"] == tcp and not d["ok"]
+    assert d["drops"] == {"bad_tcp_checksum": tcp, "bad_udp_checksum": udp} and "--checksums ignore" in d["hint"]
+
+
+def test_auto_mode_leaves_stray_damage_alone():
+    # one client data segment with a flipped payload byte (checksum now
+    # wrong, IP header right) in an otherwise clean capture is damage, not
+    # offload: auto feeds it as captured, the stack drops it and the upload
+    # cannot complete; ignore completes it, and the byte reaches the host
+    packets = rp.read_pcap(os.path.join(ROOT, "pcaps", "http-post-v4.pcap"))
+    parsed = [rp.parse_ip(ts, raw) for ts, raw in packets]
+    client = parsed[0].src
+    i = [k for k, p in enumerate(parsed) if p.proto == 6 and p.src == client and len(p.payload) > 100][5]
+    buf = bytearray(packets[i][1])
+    buf[-1] ^= 0x55
+    packets[i] = (packets[i][0], bytes(buf))
+    auto = rp.Replay(packets).run()
+    assert auto.checksums.bad_tcp == 1 and auto.checksums.completed == 0 and auto.checksums.offloaded == []
+    assert auto.stack.drops["bad_tcp_checksum"] == 1
+    (f,) = auto.flows
+    assert not f.ok and "client bytes" in f.outcome
+    ignore = rp.Replay(packets, checksums="ignore").run()
+    assert ignore.checksums.completed == 1 and ignore.stack.drops["bad_tcp_checksum"] == 0
+    (f,) = ignore.flows
+    assert f.ok and bytes(f.received) == f.client_stream
+    end = (parsed[i].seq - f.client_isn - 1 + len(parsed[i].payload)) & M32
+    assert f.received[end - 1] == parsed[i].payload[-1] ^ 0x55
+
+
+def test_checksum_mode_is_checked():
+    with pytest.raises(ValueError):
+        rp.Replay([], checksums="maybe")
+    r = _run_cli("--checksums", "maybe", OFFLOAD)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_drops_text():
+    assert rp.drops_text({}) == "drops: none"
+    assert rp.drops_text({"truncated": 2, "bad_tcp_checksum": 12, "bad_length": 2}) == \
+        "drops: bad_tcp_checksum 12, bad_length 2, truncated 2"
+
+
+# ------------------------------------------------------------- ladder diagram
+
+def _ladder(tmp_path, flow, path=OFFLOAD, *extra):
+    svg = tmp_path / "out.svg"
+    r = _run_cli("--ladder", flow, "--svg", str(svg), *extra, path)
+    return r, svg
+
+
+def _arrows(svg):
+    import xml.etree.ElementTree as ET
+    root = ET.parse(svg).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = [e for e in root.iter(ns + "line") if e.get("class", "").startswith("pkt")]
+    labels = [e.text for e in root.iter(ns + "text") if e.get("class") == "label"]
+    return lines, labels
+
+
+def test_ladder_draws_every_packet_of_a_flow(tmp_path):
+    r, svg = _ladder(tmp_path, "1")
+    assert r.returncode == 0, r.stderr
+    lines, labels = _arrows(svg)
+    rep = rp.replay_file(OFFLOAD)
+    f = rep.flows[0]
+    c, cport, s, sport = (bytes(x) if isinstance(x, (bytes, memoryview)) else x for x in f.key)
+    # what the capture's client sent (read with dpkt), what the stack sent back
+    with open(OFFLOAD, "rb") as fh:
+        sent = sum(1 for _, fr in dpkt.pcap.Reader(fh)
+                   if (lambda ip: ip.src == c and isinstance(ip.data, dpkt.tcp.TCP) and ip.data.sport == cport)(
+                       dpkt.ethernet.Ethernet(fr).data))
+    answered = [q for q in (rp.parse_ip(0, raw) for _, raw in rep.output)
+                if q.proto == 6 and (q.src, q.sport, q.dst, q.dport) == (s, sport, c, cport)]
+    assert len(lines) == len(labels) == sent + f.synthesized + len(answered)
+    assert sum(e.get("class") == "pkt c2s" for e in lines) == sent + f.synthesized
+    assert sum(e.get("class") == "pkt s2c" for e in lines) == len(answered)
+    # the handshake and the close, with relative sequence numbers
+    assert labels[0].startswith("SYN seq=0 win=") and labels[1].startswith("SYN,ACK seq=0 ack=1 ")
+    assert any(lb.startswith("FIN,") for lb in labels)
+    assert f"{len(lines)} packets) written to {svg}" in r.stdout
+
+
+def test_ladder_by_endpoints_and_udp(tmp_path):
+    rep = rp.replay_file(OFFLOAD)
+    dns = rep.flows[1]
+    c = f"{ipaddress.ip_address(bytes(dns.key[0]))}:{dns.key[1]}"
+    s = f"{ipaddress.ip_address(bytes(dns.key[2]))}:{dns.key[3]}"
+    r, svg = _ladder(tmp_path, f"{s}-{c}")
+    assert r.returncode == 0, r.stderr
+    lines, labels = _arrows(svg)
+    assert [e.get("class") for e in lines] == ["pkt c2s", "pkt s2c"]
+    assert labels[0].startswith("UDP len=")
+
+
+def test_ladder_of_a_refused_flow_shows_the_rst(tmp_path):
+    r, svg = _ladder(tmp_path, "2", os.path.join(ROOT, "pcaps", "tcp-refused.pcap"))
+    assert r.returncode == 0, r.stderr
+    _, labels = _arrows(svg)
+    assert labels[0].startswith("SYN ") and labels[1].startswith("RST,ACK ")
+
+
+@pytest.mark.parametrize("flow", ["3", "0", "10.0.0.1:1-10.0.0.2:2", "nonsense"])
+def test_ladder_unknown_flow_is_one_line(tmp_path, flow):
+    r, svg = _ladder(tmp_path, flow)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"--ladder {flow}" in lines[0] and "flows 1-2" in lines[0]
+    assert not svg.exists()
+
+
+def test_ladder_needs_svg_and_one_capture(tmp_path):
+    r = _run_cli("--ladder", "1", OFFLOAD)
+    assert r.returncode == 2 and "--svg" in r.stderr
+    r = _run_cli("--ladder", "1", "--svg", str(tmp_path / "x.svg"), OFFLOAD, OFFLOAD)
+    assert r.returncode == 2 and "one" in r.stderr

@@ -159,7 +159,7 @@ def test_default_is_one_worker_per_core_where_possible(two_cores, monkeypatch):
     assert worker_count(args(device="tun://wk0?multiqueue=0")) == 1
     assert worker_count(args(device="fd://3")) == 1
     assert worker_count(args(device="unix:///tmp/x")) == 1
-    assert worker_count(args(record="x.pcap")) == 1
+    assert worker_count(args(record="x.pcap")) == 2         # workers record too (parts, merged)
     flags["wk0"] = 0x0001 | 0x1000                         # an existing single-queue TUN
     assert worker_count(args()) == 1
     flags["wk0"] = 0x0001 | 0x1000 | 0x0100                # an existing multi-queue one
@@ -179,10 +179,10 @@ def test_worker_count_flag(two_cores):
     assert worker_count(args(device="unix:///tmp/x", workers=1)) == 1
     for bad, needle in ((args(workers=0), "between"), (args(workers=65), "between"),
                         (args(device="fd://3", workers=2), "tun://"),
-                        (args(device="tun://wk0?multiqueue=0", workers=2), "multiqueue=0"),
-                        (args(workers=2, record="x.pcap"), "--record")):
+                        (args(device="tun://wk0?multiqueue=0", workers=2), "multiqueue=0")):
         with pytest.raises(WorkerError, match=needle):
             worker_count(bad)
+    assert worker_count(args(workers=2, record="x.pcap")) == 2
 
 
 def test_worker_count_from_environment(two_cores, monkeypatch):
@@ -190,7 +190,7 @@ def test_worker_count_from_environment(two_cores, monkeypatch):
     assert worker_count(args()) == 3
     assert worker_count(args(workers=1)) == 1                 # the flag wins
     assert worker_count(args(device="unix:///tmp/x")) == 1    # a default only where it applies
-    assert worker_count(args(record="x.pcap")) == 1
+    assert worker_count(args(record="x.pcap")) == 3
     monkeypatch.setenv("TUN2XRAY_WORKERS", "1")
     assert worker_count(args()) == 1
     monkeypatch.setenv("TUN2XRAY_WORKERS", "two")

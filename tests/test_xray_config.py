@@ -33,11 +33,44 @@ def test_comments_are_stripped_outside_strings():
       // line comment
       "a": "http://x//y#z", # hash comment
       /* block
-         comment */ "b": [1, 2,],
+         comment */ "b": [1, 2],
       "c": "/* not a comment */"
     }"""
     assert xray.parse_config_text(text) == {"a": "http://x//y#z", "b": [1, 2],
                                             "c": "/* not a comment */"}
+
+
+def test_comments_are_removed_as_the_core_removes_them():
+    # dropped, not blanked: tokens around a comment join (as in the core's reader)
+    assert xray.parse_config_text('{"a": tr/**/ue, "b": 1/* x */2}') == {"a": True, "b": 12}
+    # newlines inside comments are kept, so lines match the file
+    assert xray.strip_comments("{ # one\n /* two\n three */ }") == "{ \n \n }"
+    # what follows the first JSON value is ignored, as Go's decoder does
+    assert xray.parse_config_text('{"a": 1} trailing words') == {"a": 1}
+    assert xray.parse_config_text("null") == {}
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ('{"a": [1, 2,]}', "line 1 column 12", "trailing comma before ']'"),
+    ('{\n "x": 1, /* c */\n "b": [1,\n  2,\n ]\n}', "line 4 column 4", "trailing comma before ']'"),
+    ('{\n  "a": 1, # c\n}', "line 2 column 9", "trailing comma before '}'"),
+    ('{"a": NaN}', "line 1 column 7", "NaN is not JSON"),
+    ('/* x */ {"a": 1 "b": 2}', "line 1 column 17", "Expecting ',' delimiter"),
+    ('\ufeff{}', "line 1 column 1", "byte order mark"),
+])
+def test_what_the_core_rejects_is_rejected_with_line_and_column(text, where, what):
+    with pytest.raises(xray.XrayConfigError) as e:
+        xray.parse_config_text(text, "cfg.json")
+    msg = str(e.value)
+    assert msg.startswith(f"cfg.json: {where}") and what in msg and "\n" not in msg, msg
+
+
+def test_core_positions_map_back_to_the_file():
+    # the core counts in the comment-free text ("at line 1 char 23", "line 3
+    # char 16" are v2ray 4.34's words for these two); the user reads the file
+    text = '/* a */ {"log": {"loglevel": 5},\n  # x\n  "inbounds": /* é */ 7}'
+    assert xray.core_position(text, 1, 23) == (1, 30)
+    assert xray.core_position(text, 3, 16) == (3, 23)
 
 
 def test_escaped_quote_in_string_does_not_end_it():
@@ -79,7 +112,7 @@ def test_socks_and_dokodemo_found_no_runtime_config(tmp_path):
     [rule] = d.rules
     assert rule.to == DokodemoUpstream("127.0.0.1", 10853)
     assert rule.networks == {"tcp", "udp"} and rule.ports == (53, 53) and rule.cidrs == ()
-    assert sorted(d.ready_checks()) == [("127.0.0.1", 10808, "tcp"), ("127.0.0.1", 10808, "udp"),
+    assert sorted(d.ready_checks()) == [("127.0.0.1", 10808, "socks"), ("127.0.0.1", 10808, "udp"),
                                         ("127.0.0.1", 10853, "tcp"), ("127.0.0.1", 10853, "udp")]
     assert os.listdir(tmp_path) == ["config.json"]
 

@@ -92,6 +92,8 @@ def test_a_dead_core_is_restarted_with_backoff(started):
     wait(lambda: core.restarts == 1 and core.alive, 10, "the first restart")
     assert core.proc.pid != first and seen == [core.proc.pid]
     assert core.status()["last_exit"] == -signal.SIGKILL
+    assert core.status()["last_reason"] == "killed by SIGKILL"
+    assert (core.status()["restarts"], core.status()["reloads"]) == (1, 0)
     # the second death waits longer (backoff doubles)
     t0 = time.monotonic()
     os.kill(core.proc.pid, signal.SIGKILL)
@@ -116,6 +118,9 @@ def test_reload_switches_config(started, tmp_path):
     old_pid = core.proc.pid
     core.reload(other, d2.ready_checks(), timeout=15)
     assert core.alive and core.proc.pid != old_pid and core.config_path == other
+    # a switch is a reload, not a restart (restarts count the core's deaths)
+    assert (core.status()["reloads"], core.status()["restarts"]) == (1, 0)
+    assert core.health() == (True, None)
     assert xray.inbound_listening("127.0.0.1", d2.proxy.port, "tcp")
     assert not xray.inbound_listening("127.0.0.1", d.proxy.port, "tcp")
 
@@ -167,3 +172,230 @@ def test_core_dies_with_its_supervisor(tmp_path):
         if p.poll() is None:
             p.kill()
         p.stdout.close()
+
+
+# --- the core's JSON reader and ours agree; its rejections name the user's file
+
+def _core_accepts(tmp_path, text: str) -> bool:
+    p = tmp_path / "probe.json"
+    p.write_text(text)
+    try:
+        xray.check_config(_core_binary(), str(p))
+        return True
+    except xray.CoreError:
+        return False
+
+
+def _ours_accepts(text: str) -> bool:
+    try:
+        xray.parse_config_text(text)
+        return True
+    except xray.XrayConfigError:
+        return False
+
+
+_BASE = {"log": {"loglevel": "warning"},
+         "inbounds": [{"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
+                       "settings": {"auth": "noauth", "udp": True}}],
+         "outbounds": [{"protocol": "freedom", "tag": "a//b#c/*d*/"}], "x": [1, {"y": None}]}
+_INSERTS = ["// c\n", "# c\n", "/* c */", "/* two\nlines */", "/**/", "/* ** */", "/* a // b # c */",
+            "// \"quote\n", "# 'single\n", ",", " ", "\n", "/", "*/", "\\", "'", "NaN", "\ufeff"]
+
+
+def _mutations(seed: int, n: int):
+    """Texts the core might or might not accept: a real config with comments,
+    commas and stray characters inserted between tokens."""
+    import random
+    rng = random.Random(seed)
+    for _ in range(n):
+        text = json.dumps(_BASE, indent=rng.choice([None, 1]))
+        # positions outside strings: between tokens
+        gaps, inside, esc = [0], False, False
+        for i, c in enumerate(text):
+            if inside:
+                esc = not esc and c == "\\"
+                if c == '"' and not esc:
+                    inside = False
+                    gaps.append(i + 1)
+            elif c == '"':
+                inside = True
+            elif c in "{}[],:":
+                gaps += [i, i + 1]
+        for pos in sorted(rng.sample(gaps, rng.randint(1, 3)), reverse=True):
+            text = text[:pos] + rng.choice(_INSERTS) + text[pos:]
+        yield text
+
+
+def test_our_reader_accepts_exactly_what_the_core_accepts(tmp_path):
+    """Differential: the same texts through `v2ray -test` and our reader."""
+    seen = {True: 0, False: 0}
+    for text in _mutations(9, 250):
+        core = _core_accepts(tmp_path, text)
+        assert _ours_accepts(text) == core, (core, text)
+        seen[core] += 1
+    assert seen[True] >= 50 and seen[False] >= 50, seen        # both verdicts were exercised
+
+
+def test_trailing_comma_is_rejected_like_the_core_with_file_line_column(tmp_path):
+    text = json.dumps(_BASE, indent=1).replace('"freedom",', '"freedom",\n  // the old tag\n', 1)
+    text = text.replace('"tag": "a//b#c/*d*/"', '"tag": "a",', 1)
+    path = tmp_path / "node.json"
+    path.write_text(text)
+    line = text.splitlines().index('   "tag": "a",') + 1
+    with pytest.raises(xray.CoreError, match="failed to read config file"):
+        xray.check_config(_core_binary(), str(path))           # the core rejects it
+    with pytest.raises(xray.XrayConfigError) as e:
+        xray.derive(str(path))                                 # and so do we, saying where
+    assert str(e.value) == (f"{path}: line {line} column 14: trailing comma before '}}' "
+                            f"(Xray and v2ray reject it)")
+
+
+def test_core_rejection_names_the_users_file_line_and_column(tmp_path):
+    # the core's position counts without the comments; ours is the file's
+    path = tmp_path / "node.json"
+    path.write_text('// my node\n{"log": /* quiet */ {"loglevel": 5},\n'
+                    ' "outbounds": [{"protocol": "freedom"}]}')
+    with pytest.raises(xray.CoreError) as e:
+        xray.check_config(_core_binary(), str(path))
+    msg = str(e.value)
+    assert msg.startswith(f"{os.path.basename(_core_binary())} rejected {path}: ")
+    assert "at line 2 column 34 > json: cannot unmarshal number" in msg, msg
+
+
+def test_runtime_config_rejection_names_the_users_file(tmp_path):
+    """No socks inbound: tun2xray runs a runtime copy with one added; the
+    core's rejection still names the user's file and its line."""
+    path = tmp_path / "config.json"
+    path.write_text('{\n "log": {"loglevel": "warning"},\n "inbounds": [\n'
+                    '  {"port": 1080, "protocol": "nosuch"}],\n "outbounds": [{"protocol": "freedom"}]}')
+    xs = xray.XraySession(str(path), binary=_core_binary())
+    d = xs.prepare()
+    assert d.runtime_path and d.runtime_path != str(path)
+    try:
+        with pytest.raises(xray.CoreError) as e:
+            xs.start()
+    finally:
+        xs.close()
+    msg = str(e.value)
+    assert str(path) in msg and "nosuch" in msg and xray.RUNTIME_SUFFIX not in msg, msg
+    # a type error: the position is the user's line, not the runtime copy's
+    path.write_text('{\n "log": {"loglevel": "warning"},\n "inbounds": [\n'
+                    '  {"port": 1080, /* c */ "tag": 5, "protocol": "socks"}],\n'
+                    ' "outbounds": [{"protocol": "freedom"}]}')
+    xs = xray.XraySession(str(path), binary=_core_binary())
+    xs.prepare()
+    try:
+        with pytest.raises(xray.CoreError) as e:
+            xs.start()
+    finally:
+        xs.close()
+    msg = str(e.value)
+    assert str(path) in msg and xray.RUNTIME_SUFFIX not in msg and "at line 4 column 33 >" in msg, msg
+
+
+# --- readiness probes that speak the protocol; what the log shows ---------------
+
+def _info_config(tmp_path, target_port):
+    """socks + a TCP dokodemo-door to ``target_port``; info level and the
+    access log on stdout (the core's default), so every probe would show."""
+    socks, dok = free_port(), free_port()
+    cfg = {"log": {"loglevel": "info"},
+           "inbounds": [
+               {"tag": "socks", "listen": "127.0.0.1", "port": socks, "protocol": "socks",
+                "settings": {"auth": "noauth", "udp": True}},
+               {"tag": "fwd", "listen": "127.0.0.1", "port": dok, "protocol": "dokodemo-door",
+                "settings": {"address": "127.0.0.1", "port": target_port, "network": "tcp,udp"}}],
+           "outbounds": [{"protocol": "freedom"}]}
+    p = tmp_path / "info.json"
+    p.write_text(json.dumps(cfg))
+    return str(p), socks, dok
+
+
+def _marker(port):
+    """A SOCKS5 client offering only user/password to a noauth inbound: the
+    core logs it as "rejected ... no matching auth method" with our port."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\x05\x01\x02")
+        assert s.recv(2) == b"\x05\xff"
+        return s.getsockname()[1]
+
+
+def test_a_normal_start_logs_no_probe_and_one_timestamp(tmp_path, caplog):
+    import socket
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    path, socks, _ = _info_config(tmp_path, target.getsockname()[1])
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks())
+    with caplog.at_level(logging.DEBUG, logger="tun2xray.core"):
+        core.start()
+        try:
+            mine = _marker(socks)
+            wait(lambda: any(f"127.0.0.1:{mine} rejected" in r.getMessage() for r in caplog.records),
+                 10, "the marker's access-log line")
+        finally:
+            core.stop()
+            target.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "tun2xray.core"]
+    assert any("started" in ln for ln in lines), lines
+    # the readiness probes left no trace: every rejection is the marker's
+    assert not [ln for ln in lines if "insufficient header" in ln or "failed to read request >" in ln
+                and "no matching auth" not in ln], lines
+    assert all(f":{mine} " in ln for ln in lines if " rejected " in ln), lines
+    # one timestamp per line: ours (the record's), not the core's as well
+    import re
+    assert not [ln for ln in lines if re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d", ln)], lines
+
+
+def test_dokodemo_target_sees_no_connection_from_the_probe(tmp_path):
+    import socket
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(8)
+    target.settimeout(10)
+    path, _, dok = _info_config(tmp_path, target.getsockname()[1])
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks())
+    core.start()
+    try:
+        # our own connection through the inbound, after the start; any
+        # connection that reaches the target before it came from the probes
+        with socket.create_connection(("127.0.0.1", dok), timeout=5) as c:
+            c.sendall(b"marker")
+            before = []
+            while True:
+                conn, _ = target.accept()
+                with conn:
+                    conn.settimeout(5)
+                    data = conn.recv(6)
+                if data == b"marker":
+                    break
+                before.append(data)
+        assert before == []
+    finally:
+        core.stop()
+        target.close()
+
+
+def test_sigkill_is_the_reason_not_an_access_log_line(tmp_path, caplog):
+    path, socks, _ = _info_config(tmp_path, 9)
+    core = xray.Core(_core_binary(), path, xray.derive(path, write=False).ready_checks(),
+                     min_backoff=30.0)
+    with caplog.at_level(logging.INFO):
+        core.start()
+        try:
+            mine = _marker(socks)         # an access-log line with "failed" in it, just before
+            wait(lambda: any(f":{mine} rejected" in r.getMessage() for r in caplog.records), 10,
+                 "the marker's access-log line")
+            assert core.health() == (True, None)
+            os.kill(core.proc.pid, signal.SIGKILL)
+            wait(lambda: "restarting in" in (core.health()[1] or ""), 10, "the core's death to show")
+            ok, reason = core.health()
+            assert not ok and reason.startswith("core exited: killed by SIGKILL, restarting in "), reason
+            assert core.status()["last_reason"] == "killed by SIGKILL"
+        finally:
+            core.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tun2xray.xray"
+                and r.levelno == logging.WARNING]
+    assert "core exited: killed by SIGKILL; restarting in 30.0s" in warnings, warnings
+    assert core.health() == (False, "core stopped")

@@ -18,6 +18,14 @@ their namespaces.  The forwarder copies packets between them and writes each
 one, as the client's TUN sees it, to the current scenario's pcap (linktype
 RAW, 101).  Only packets between the two test prefixes are forwarded and
 recorded, so router solicitations and MLD reports stay out of the fixtures.
+
+One scenario is recorded differently, the way a user records on an ordinary
+host: `offload-v4` runs curl and dig across a veth pair (namespaces rp-vcli
+and rp-vsrv, veth rpv0/rpv1) with the veth's checksum and segmentation
+offloads left ON, and tcpdump captures on the client's veth.  The client's
+packets then carry only the pseudo-header sum in their TCP/UDP checksum
+field (the NIC, here the veth, would finish it) and TCP segments may be
+larger than the MTU: what `tun2xray replay --checksums auto` must recognise.
 """
 
 from __future__ import annotations
@@ -245,6 +253,86 @@ def scenarios(tmp: str) -> dict:
     }
 
 
+# ------------------------------------------------ a capture with offloads on
+
+V_CLI_NS, V_SRV_NS = "rp-vcli", "rp-vsrv"
+V_CLI_IF, V_SRV_IF = "rpv0", "rpv1"
+V_CLI4, V_SRV4 = "10.78.1.2", "10.78.1.10"
+OFFLOAD_MAX_PACKETS = 2000
+
+
+def capture_offloaded(tmp: str, path: str) -> int:
+    """The `offload-v4` scenario: curl (GET of 60,000 bytes) and dig over a
+    veth pair with tx checksum offload and TSO on, captured with tcpdump on
+    the client's veth.  Returns the number of packets written."""
+    script = os.path.join(tmp, "http_server.py")
+    with open(script, "w") as f:
+        f.write(HTTP_SERVER)
+    procs = []
+    _veth_cleanup()
+    try:
+        sh(f"ip netns add {V_CLI_NS} && ip netns add {V_SRV_NS}")
+        sh(f"ip link add {V_CLI_IF} netns {V_CLI_NS} type veth peer name {V_SRV_IF} netns {V_SRV_NS}")
+        for ns, dev, addr in ((V_CLI_NS, V_CLI_IF, V_CLI4), (V_SRV_NS, V_SRV_IF, V_SRV4)):
+            sh(f"ip -n {ns} link set lo up && ip -n {ns} link set {dev} up")
+            sh(f"ip -n {ns} addr add {addr}/24 dev {dev}")
+            # the point of this capture: offloads as a stock host has them
+            sh(in_ns(ns, f"ethtool -K {dev} tx on tso on gso on"), stdout=subprocess.DEVNULL)
+        procs.append(subprocess.Popen(in_ns(V_SRV_NS, f"{sys.executable} {script} {V_SRV4} {HTTP_PORT}").split(),
+                                      stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen(in_ns(V_SRV_NS, (
+            "dnsmasq --no-daemon --no-resolv --no-hosts --bind-interfaces --user=root "
+            f"--pid-file --listen-address={V_SRV4} --host-record=www.example.test,10.78.0.99")).split(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_tcp(V_CLI_NS, V_SRV4, HTTP_PORT)
+        time.sleep(0.5)     # the probe's closing packets are over before the capture starts
+        dump = subprocess.Popen(in_ns(V_CLI_NS, (
+            f"tcpdump -i {V_CLI_IF} --immediate-mode -U -n -s 0 -c {OFFLOAD_MAX_PACKETS} -w {path} "
+            f"host {V_SRV4} and (tcp port {HTTP_PORT} or udp port 53)")).split(),
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        procs.append(dump)
+        _wait_listening(dump)
+        for cmd in (f"curl -sS --max-time 10 -o /dev/null http://{V_SRV4}:{HTTP_PORT}/blob?size=60000",
+                    f"dig +tries=1 +time=2 @{V_SRV4} www.example.test A"):
+            sh(in_ns(V_CLI_NS, cmd), stdout=subprocess.DEVNULL)
+        time.sleep(0.5)     # closing handshakes
+        dump.send_signal(signal.SIGINT)
+        dump.wait(5)
+        return sum(1 for _ in dpkt.pcap.Reader(open(path, "rb")))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        _veth_cleanup()
+
+
+def _wait_listening(dump, timeout: float = 5.0) -> None:
+    """tcpdump says "listening on" on stderr once it captures."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(dump.stderr, selectors.EVENT_READ)
+    deadline = time.time() + timeout
+    seen = b""
+    while time.time() < deadline and b"listening on" not in seen:
+        if sel.select(deadline - time.time()):
+            chunk = os.read(dump.stderr.fileno(), 4096)
+            if not chunk:
+                break
+            seen += chunk
+    if b"listening on" not in seen:
+        raise RuntimeError(f"tcpdump did not start: {seen.decode(errors='replace').strip()}")
+
+
+def _veth_cleanup() -> None:
+    for ns in (V_CLI_NS, V_SRV_NS):
+        sh(f"ip netns del {ns}", check=False, stderr=subprocess.DEVNULL)
+
+
 def setup(tmp: str):
     import pytun
     cleanup()
@@ -281,12 +369,22 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("capture_pcaps: must run as root (TUN devices, network namespaces)", file=sys.stderr)
         return 2
-    for tool in ("curl", "iperf3", "dig", "dnsmasq", "ethtool"):
+    for tool in ("curl", "iperf3", "dig", "dnsmasq", "ethtool", "tcpdump"):
         if shutil.which(tool) is None:
             print(f"capture_pcaps: {tool} not found (bash tools/install.sh)", file=sys.stderr)
             return 2
     os.makedirs(args.out, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="rp-capture-")
+    if args.only is None or "offload-v4" in args.only:
+        path = os.path.join(args.out, "offload-v4.pcap")
+        try:
+            n = capture_offloaded(tmp, path)
+        finally:
+            if args.only is not None and not set(args.only) - {"offload-v4"}:
+                shutil.rmtree(tmp, ignore_errors=True)
+        print(f"offload-v4: {n} packets, {os.path.getsize(path)} bytes -> {os.path.relpath(path)}")
+        if args.only is not None and not set(args.only) - {"offload-v4"}:
+            return 0
     procs, tuns, fwd = [], [], None
     old_term = signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))
     try:

@@ -264,7 +264,7 @@ def route_dev(addr, mark: int | None = None) -> str | None:
     try:
         kw = dict(dst=str(ip), family=_fam(ip.version))
         if mark is not None:
-            kw["fwmark"] = mark
+            kw["mark"] = mark          # (pyroute2 ignores "fwmark" here: RTA_MARK is "mark")
         try:
             r = ipr.route("get", **kw)
         except Exception:

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--control", help="serve JSON status on unix:///path (default: "
                    "unix:///run/tun2xray/NAME.sock, per device; none: no socket)")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
+    r.add_argument("--record-wire", action="store_true",
+                   help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
+    r.add_argument("--record-max-mb", type=float, metavar="N",
+                   help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
+                   "(default 256, 0 = no cap)")
     r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
@@ -57,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
     rp.add_argument("--json", action="store_true", help="one JSON object per capture instead of text")
+    rp.add_argument("--checksums", choices=["auto", "verify", "ignore"], default="auto",
+                    help="client TCP/UDP checksums: auto (default) completes them where the capture was "
+                    "taken with checksum offload (and says so), verify feeds them as captured, ignore "
+                    "completes every wrong one")
+    rp.add_argument("--ladder", metavar="FLOW", help="draw flow FLOW (its number in the report, or "
+                    "addr:port-addr:port) as a ladder diagram; needs --svg and one capture")
+    rp.add_argument("--svg", metavar="FILE", help="where --ladder writes its SVG")
 
     from . import doctor, nodes
     nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
@@ -206,6 +218,11 @@ def cmd_run(args) -> int:
 
 def _cmd_run(args, xs) -> int:
     settings = RunSettings(args)
+    from .record import RecordOptions
+    try:
+        settings.record = RecordOptions.from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
@@ -226,12 +243,13 @@ def _cmd_run(args, xs) -> int:
         raise UsageError(f"--device {args.device}: {e}") from None
     recorder = None
     try:
-        if args.record:
-            from .device.pcap import PcapRecorder
+        if settings.record is not None:
+            from . import record
             try:
-                recorder = PcapRecorder(args.record)
+                recorder = record.recorder(settings.record, device.mtu)
             except OSError as e:
                 raise UsageError(f"--record {args.record}: {e.strerror}") from None
+            record.notice(settings.record, bool(getattr(device, "offload", False)))
         if xs is not None:
             xs.route_up(device.name)
         return _run_loop(_serve(settings, device, recorder, xs))
@@ -239,6 +257,8 @@ def _cmd_run(args, xs) -> int:
         device.close()
         if recorder is not None:
             recorder.close()
+            from .record import closed
+            closed(recorder)
 
 
 def _run_loop(coro) -> int:

@@ -10,7 +10,8 @@ anything failed (2 on bad flags):
 - loop      no outbound server of the core is routed into the TUN (with the
             core's firewall mark, as its sockets are)
 - core      the core process is alive (not stopped) and each inbound answers
-            (SOCKS5 greeting on the socks inbound, connect on dokodemo-door)
+            (SOCKS5 greeting on the socks inbound; a dokodemo-door's
+            listening socket, without connecting: the core would dial its target)
 - dns       NAME@SERVER resolves, through the tunnel when SERVER is routed there
 - tcp/udp   a connectivity matrix against the addresses given (IPv4 and
             IPv6 as given), through the tunnel and around it (a socket with
@@ -211,37 +212,27 @@ def check_core(rep: Report, core: dict | None, inbounds, timeout: float) -> None
             rep.fail("core", f"pid {pid} is stopped (state T)", "kill -CONT it, or restart tun2xray")
         else:
             rep.ok("core", f"{os.path.basename(core.get('binary', ''))} pid {pid} running, "
-                   f"{core.get('restarts')} restarts")
+                   f"{core.get('restarts')} restarts, {core.get('reloads', 0)} reloads")
     for ib in inbounds:
         name = f"inbound {ib.tag}"
         where = f"{ib.protocol} {ib.host}:{ib.port}"
-        err = _probe_inbound(ib, timeout)
+        err = _probe_inbound(ib, timeout, (core or {}).get("pid"))
         if err:
             rep.fail(name, f"{where}: {err}", "is the core running and listening there?")
         else:
             rep.ok(name, f"{where} answers")
 
 
-def _probe_inbound(ib, timeout: float) -> str | None:
-    from .xray import inbound_listening
-    fam = socket.AF_INET6 if ":" in ib.host else socket.AF_INET
+def _probe_inbound(ib, timeout: float, pid: int | None = None) -> str | None:
+    """A SOCKS5 greeting (and a UDP ASSOCIATE it closes) for socks; for
+    dokodemo-door its listening sockets, read from /proc: a connection
+    would make the core dial the inbound's target."""
+    from .xray import inbound_listening, socks_probe
     if ib.protocol == "socks":
-        s = socket.socket(fam, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect((ib.host, ib.port))
-            s.sendall(b"\x05\x02\x00\x02")
-            reply = s.recv(2)
-        except OSError as e:
-            return f"no SOCKS5 answer ({e.strerror or e})"
-        finally:
-            s.close()
-        if len(reply) != 2 or reply[0] != 5:
-            return f"not a SOCKS5 answer: {reply!r}"
-        return None
+        return socks_probe(ib.host, ib.port, timeout)
     nets = ib.networks or {"tcp"}
     for proto in sorted(nets):
-        if not inbound_listening(ib.host, ib.port, proto):
+        if not inbound_listening(ib.host, ib.port, proto, pid=pid):
             return f"nothing listens on {proto}"
     return None
 

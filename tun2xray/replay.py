@@ -1,6 +1,7 @@
 """`tun2xray replay`: feed a capture's client-side packets to a Stack offline.
 
-    tun2xray replay [--json] capture.pcap [more.pcap ...]
+    tun2xray replay [--json] [--checksums auto|verify|ignore] capture.pcap [more.pcap ...]
+    tun2xray replay --ladder FLOW --svg out.svg capture.pcap
 
 The capture (pcap or pcapng; raw IP, Ethernet, Linux cooked v1/v2 or BSD
 loopback framing) is split into flows; the client of a flow is the side that
@@ -33,9 +34,16 @@ checksums and lengths of every packet, a SYN-ACK acking ISN+1, no ACK
 beyond what the client had sent, no segment beyond the window the client
 advertised, the same bytes on every retransmission, a FIN after the last byte.
 
+Captures taken on the sending host with checksum offload hold the client's
+packets with partial TCP/UDP checksums; `--checksums` says what to do with
+them (see ChecksumReport; the default, auto, completes them when they look
+offloaded and says so).  `--ladder FLOW --svg F` draws one flow's packets
+(tun2xray.ladder).
+
 Exit status: 0 when every flow completed (a refused or reset flow counts
-when the recording shows the same), 1 when some did not, 2 when a file is
-missing or malformed (one line on stderr).
+when the recording shows the same: "refused as recorded", "reset as
+recorded"), 1 when some did not, 2 when a file is missing or malformed, or
+FLOW names no flow (one line on stderr).
 """
 
 from __future__ import annotations
@@ -162,11 +170,12 @@ class Pkt:
     """One IP packet of the capture, with the fields the replay needs."""
     __slots__ = ("ts", "raw", "family", "proto", "src", "dst", "sport", "dport",
                  "l4", "seq", "ack", "flags", "wnd", "doff", "payload", "opts",
-                 "icmp", "inner")
+                 "icmp", "inner", "csum_bad")
 
     def __init__(self, ts, raw):
         self.ts, self.raw = ts, raw
         self.proto = None
+        self.csum_bad = False     # a client packet whose bad TCP/UDP checksum is fed as captured
         self.payload = b""
         self.icmp = None          # (type, code) of an ICMP/ICMPv6 message
         self.inner = None         # (proto, src, sport, dst, dport) an ICMP error quotes
@@ -320,6 +329,7 @@ class Flow:
         self.received = bytearray()   # bytes the host read from the stack
         self.rec_icmp = None          # (type, code) of the recorded server's ICMP error, if any
         self.stack_icmp = []          # (type, code) of the stack's ICMP errors about this flow
+        self.ladder = []              # (ts, from_client, Pkt, note): client packets fed, stack packets sent
         if proto == 6:
             self._init_tcp()
         else:
@@ -491,14 +501,142 @@ def _unreachable(icmp) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------ checksums
+
+CHECKSUM_MODES = ("auto", "verify", "ignore")
+
+
+class ChecksumReport:
+    """What the replay did about the client's TCP/UDP checksums.
+
+    A capture taken on the sending host with checksum offload on (the
+    default on most NICs and on veth) holds the client's packets as the
+    kernel handed them to the driver: the TCP/UDP checksum field carries
+    only the pseudo-header sum ("partial"), the NIC finishes it on the wire.
+    The IP header checksum is always complete there.  Modes:
+
+    - verify: feed the packets as captured (the stack drops bad ones);
+    - ignore: complete every client TCP/UDP checksum that is wrong while
+      the IP header checksum is right;
+    - auto (default): do that for a client address whose packets look
+      offloaded: at least one carries exactly the partial sum, or at least
+      half of its TCP/UDP packets are wrong with a right IP header.  Stray
+      damage elsewhere is fed as captured (and dropped by the stack).
+    """
+
+    __slots__ = ("mode", "bad_tcp", "bad_udp", "partial", "completed", "offloaded")
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.bad_tcp = 0          # client TCP packets with a wrong checksum (IP header right)
+        self.bad_udp = 0
+        self.partial = 0          # ... of them carrying exactly the pseudo-header sum
+        self.completed = 0        # checksums completed before feeding the stack
+        self.offloaded = []       # client addresses treated as offloaded (auto)
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "bad_tcp": self.bad_tcp, "bad_udp": self.bad_udp,
+                "partial": self.partial, "completed": self.completed,
+                "offloaded_clients": [str(ipaddress.ip_address(a)) for a in self.offloaded]}
+
+    def text(self) -> str | None:
+        """One line for the report, None when every checksum was right."""
+        bad = self.bad_tcp + self.bad_udp
+        if not bad:
+            return None
+        what = _count_text(self.bad_tcp, "TCP") + (" and " if self.bad_tcp and self.bad_udp else "") + \
+            _count_text(self.bad_udp, "UDP")
+        if self.completed:
+            how = ("offloaded (pseudo-header sum only)" if self.partial == bad else
+                   f"wrong ({self.partial} pseudo-header sum only)")
+            return (f"checksums ({self.mode}): {what} client packets had {how} checksums; "
+                    f"{self.completed} completed before the replay"
+                    + (" (--checksums verify to refuse them)" if self.mode == "auto" else ""))
+        return f"checksums ({self.mode}): {what} client packets had bad checksums, fed as captured"
+
+
+def _count_text(n, proto) -> str:
+    return f"{n} {proto}" if n else ""
+
+
+def _l4_checksum(p):
+    """(field, correct value, pseudo-header sum) of a TCP/UDP packet's
+    checksum, or None (UDP over IPv4 without a checksum, bad IPv4 header)."""
+    raw = p.raw
+    off = p.l4 + (16 if p.proto == 6 else 6)
+    field = int.from_bytes(raw[off:off + 2], "big")
+    if p.family == 4:
+        if ck.sum16(raw[:p.l4]) != 0xFFFF:
+            return None
+        end = int.from_bytes(raw[2:4], "big")
+        ps = ck.pseudo4(p.src, p.dst, p.proto, end - p.l4)
+    else:
+        end = 40 + int.from_bytes(raw[4:6], "big")
+        ps = ck.pseudo6(p.src, p.dst, p.proto, end - p.l4)
+    if p.proto == 17 and field == 0:
+        return None if p.family == 4 else (field, -1, ps)
+    seg = bytearray(raw[p.l4:end])
+    seg[off - p.l4:off - p.l4 + 2] = b"\x00\x00"
+    good = ck.checksum(seg, ps)
+    if p.proto == 17 and good == 0:
+        good = 0xFFFF
+    return field, good, ck.fold(ps)
+
+
+def prepare_checksums(sequence, rep: ChecksumReport) -> None:
+    """Count the client's bad TCP/UDP checksums and, as the mode says,
+    complete them in place (Pkt.raw) before the replay feeds them."""
+    bad_by_src: dict = {}
+    total_by_src: dict = {}
+    for p, f, from_client in sequence:
+        if f is None or not from_client or p.proto not in (6, 17):
+            continue
+        total_by_src[p.src] = total_by_src.get(p.src, 0) + 1
+        c = _l4_checksum(p)
+        if c is None or c[0] == c[1]:
+            continue
+        field, good, ps = c
+        partial = field == ps or field == (~ps & 0xFFFF)
+        if p.proto == 6:
+            rep.bad_tcp += 1
+        else:
+            rep.bad_udp += 1
+        rep.partial += partial
+        p.csum_bad = True
+        entry = bad_by_src.setdefault(p.src, [0, []])
+        entry[0] += partial
+        entry[1].append((p, good))
+    if rep.mode == "verify":
+        return
+    for src, (partial, pkts) in bad_by_src.items():
+        if rep.mode == "auto":
+            if not partial and 2 * len(pkts) < total_by_src[src]:
+                continue
+            rep.offloaded.append(bytes(src))
+        for p, good in pkts:
+            if good < 0:
+                continue          # IPv6 UDP without a checksum: not ours to invent
+            buf = bytearray(p.raw)
+            off = p.l4 + (16 if p.proto == 6 else 6)
+            struct.pack_into("!H", buf, off, good)
+            p.raw = bytes(buf)
+            p.csum_bad = False
+            rep.completed += 1
+
+
 # ------------------------------------------------------------------ the replay
 
 class Replay:
     """Replays one capture.  After run(): flows, stack, stray, drops."""
 
-    def __init__(self, packets, config: StackConfig | None = None, seed: int = 0, rng=None):
+    def __init__(self, packets, config: StackConfig | None = None, seed: int = 0, rng=None,
+                 checksums: str = "auto"):
+        if checksums not in CHECKSUM_MODES:
+            raise ValueError(f"checksums: {checksums!r} is not one of {', '.join(CHECKSUM_MODES)}")
         self.packets = [parse_ip(ts, raw) for ts, raw in packets]
         self.flows, self.sequence, self.stray = split_flows(self.packets)
+        self.checksums = ChecksumReport(checksums)
+        prepare_checksums(self.sequence, self.checksums)
         self.stack = Stack(config or StackConfig(verify_checksums=True), rng=rng or random.Random(seed))
         self.by_key = {}              # 4-tuple -> its current flow (a capture may reuse one)
         self.by_reply_key = {}
@@ -529,7 +667,7 @@ class Replay:
                 if f.proto == 6:
                     self._feed_tcp(f, p, now)
                 else:
-                    st.input(p.raw, now)
+                    self._input(f, p.raw, now, p)
             else:
                 self._server_acts(f, p)
             self._settle()
@@ -668,14 +806,29 @@ class Replay:
             f.last_client = p
             f.client_sent = max(f.client_sent, 1)
             f.client_wscale = tcp_options(p.opts).get(3, (0, None))[1]
-            self.stack.input(p.raw, now)
+            self._input(f, p.raw, now, p)
             return
         raw = self._translate(f, p)
         end = _rel(p.seq, f.client_isn) + len(p.payload) + (1 if p.flags & FIN else 0)
         if end > f.client_sent and end < 1 << 31:
             f.client_sent = end
         f.last_client = p
-        self.stack.input(raw, now)
+        self._input(f, raw, now, p)
+
+    def _input(self, f, raw, now, p, note=""):
+        """Feed one client packet to the stack, noting it (and whether the
+        stack dropped it on arrival) in the flow's ladder."""
+        st = self.stack
+        d0, t0 = dict(st.drops), dict(st.tcp_drops)
+        st.input(raw, now)
+        why = _grown(d0, st.drops)
+        if why:
+            note = (note + ", " if note else "") + "dropped by the stack: " + why
+        else:
+            why = _grown(t0, st.tcp_drops)
+            if why:
+                note = (note + ", " if note else "") + "discarded by the connection: " + why
+        f.ladder.append((now, True, p if raw is p.raw else parse_ip(now, raw), note))
 
     def _translate(self, f, p) -> bytes:
         """The client packet with its ACK, SACK edges and TS echo moved from
@@ -707,6 +860,8 @@ class Replay:
                 rr = min(_rel(right, f.server_isn), f.snd_max)
                 struct.pack_into("!II", buf, base + i + 2 + 8 * j, (f.stack_isn + lr) & M32, (f.stack_isn + rr) & M32)
         _fix_tcp_checksum(buf, p.family, l4)
+        if p.csum_bad:
+            buf[l4 + 17] ^= 1         # rewritten, it stays as wrong as captured (--checksums verify)
         self._advertised(f, ack_rel, p.wnd)
         return bytes(buf)
 
@@ -729,7 +884,8 @@ class Replay:
             f.acked_to_stack = want
             f.synthesized += 1
             self._advertised(f, want, f.last_client.wnd)
-            self.stack.input(self._client_ack(f, want), self.now)
+            raw = self._client_ack(f, want)
+            self._input(f, raw, self.now, parse_ip(self.now, raw), "synthesized")
             fed = True
         return fed
 
@@ -759,11 +915,13 @@ class Replay:
                 self.unmatched_output += 1
             else:
                 f.stack_icmp.append(p.icmp)
+                f.ladder.append((self.now, False, p, ""))
             return
         f = self.by_reply_key.get((p.proto, p.src, p.sport, p.dst, p.dport))
         if f is None:
             self.unmatched_output += 1
             return
+        f.ladder.append((self.now, False, p, ""))
         if f.proto == 17:
             f.stack_datagrams.append(bytes(p.payload))
             return
@@ -803,6 +961,11 @@ class Replay:
             end += 1
         if end > f.snd_max:
             f.snd_max = end
+
+
+def _grown(before: dict, after: dict) -> str:
+    """The counters that grew, by name ("" if none)."""
+    return ", ".join(k for k, v in after.items() if v > before.get(k, 0))
 
 
 def _fix_tcp_checksum(buf, family, l4):
@@ -846,7 +1009,6 @@ def judge(f) -> None:
             want = f.rec_icmp
             if f.close_reason == "rejected" and f.stack_icmp[:1] == [want] and f.host_datagrams == f.client_datagrams[:1]:
                 f.outcome, f.ok = "refused", True
-                f.detail += ", refused as recorded"
             else:
                 _incomplete(f, f"recorded as refused (ICMP {want}), stack sent {f.stack_icmp or 'no ICMP'}")
         elif f.host_datagrams != f.client_datagrams:
@@ -864,14 +1026,12 @@ def judge(f) -> None:
     if f.expected == "refused" and f.rec_icmp is not None:
         if f.close_reason == "rejected" and f.stack_icmp[:1] == [f.rec_icmp]:
             f.outcome, f.ok = "refused", True
-            f.detail += ", refused as recorded"
         else:
             _incomplete(f, f"recorded as refused (ICMP {f.rec_icmp}), stack sent {f.stack_icmp or 'no ICMP'}")
         return
     if f.expected == "refused":
         if f.close_reason == "rejected" and any(a == (f.client_isn + 1) & M32 and fl & RST for _, a, fl in f.stack_rst):
             f.outcome, f.ok = "refused", True
-            f.detail += ", refused as recorded"
         else:
             _incomplete(f, f"recorded as refused, stack {'closed: ' + f.close_reason if f.close_reason else 'sent no RST'}")
         return
@@ -897,8 +1057,8 @@ def judge(f) -> None:
         elif not ss.startswith(sent):
             _incomplete(f, "stack bytes differ from the server's")
         else:
-            f.outcome, f.ok = "completed", True
-            f.detail += f", reset by the {f.rec_rst} as recorded"
+            f.outcome, f.ok = "reset", True
+            f.detail += f", reset by the {f.rec_rst}"
         return
     if got != cs:
         where = next((i for i, (a, b) in enumerate(zip(got, cs)) if a != b), min(len(got), len(cs)))
@@ -922,29 +1082,83 @@ def _incomplete(f, why):
 
 # ------------------------------------------------------------------ CLI
 
-def replay_file(path, config: StackConfig | None = None) -> Replay:
-    return Replay(read_pcap(path), config).run()
+def replay_file(path, config: StackConfig | None = None, checksums: str = "auto") -> Replay:
+    return Replay(read_pcap(path), config, checksums=checksums).run()
+
+
+# how a flow that did what the recording shows is named in the text report
+OUTCOME_TEXT = {"completed": "completed", "refused": "refused as recorded", "reset": "reset as recorded"}
+
+
+def summary(r: Replay) -> dict:
+    """Counts of the flows' outcomes: completed / refused / reset (each as
+    recorded) and not_completed."""
+    out = {"completed": 0, "refused": 0, "reset": 0, "not_completed": 0}
+    for f in r.flows:
+        out[f.outcome if f.ok else "not_completed"] += 1
+    return out
+
+
+def stack_drops(r: Replay) -> dict:
+    """The stack's non-zero drop counters (TCP ones prefixed "tcp.")."""
+    drops = {k: v for k, v in r.stack.drops.items() if v}
+    drops.update({"tcp." + k: v for k, v in r.stack.tcp_drops.items() if v})
+    return drops
+
+
+def drops_text(drops: dict) -> str:
+    """"drops: bad_tcp_checksum 12, truncated 2" (largest first), or "drops: none"."""
+    if not drops:
+        return "drops: none"
+    items = sorted(drops.items(), key=lambda kv: (-kv[1], kv[0]))
+    return "drops: " + ", ".join(f"{k} {v}" for k, v in items)
+
+
+def checksum_hint(r: Replay) -> str | None:
+    """Why flows failed, when bad client checksums are the likely cause."""
+    drops = r.stack.drops
+    tcp, udp = drops.get("bad_tcp_checksum", 0), drops.get("bad_udp_checksum", 0)
+    if not (tcp or udp) or all(f.ok for f in r.flows):
+        return None
+    what = ", ".join(x for x in (f"{tcp} packets had bad TCP checksums" if tcp else "",
+                                 f"{udp} {'had' if tcp else 'packets had'} bad UDP checksums" if udp else "") if x)
+    if r.checksums.mode == "ignore":
+        return f"hint: {what} even with --checksums ignore: a damaged capture?"
+    return f"hint: {what}: capture taken with checksum offload? try --checksums ignore"
 
 
 def report(path, r: Replay, out=None) -> bool:
     out = out or sys.stdout
     print(f"{path}:", file=out)
-    for f in r.flows:
-        print(f"  {f.text():52s} {f.outcome}  ({f.detail})", file=out)
-    n_ok = sum(f.ok for f in r.flows)
-    drops = {k: v for k, v in r.stack.drops.items() if v}
-    drops.update({"tcp." + k: v for k, v in r.stack.tcp_drops.items() if v})
+    width = len(str(len(r.flows)))
+    for i, f in enumerate(r.flows, 1):
+        label = OUTCOME_TEXT.get(f.outcome, f.outcome) if f.ok else f.outcome
+        print(f"  {i:>{width}} {f.text():52s} {label}  ({f.detail})", file=out)
+    c = summary(r)
+    parts = [f"{c['completed']} completed"]
+    if c["refused"]:
+        parts.append(f"{c['refused']} refused as recorded")
+    if c["reset"]:
+        parts.append(f"{c['reset']} reset as recorded")
+    parts.append(f"{c['not_completed']} not completed")
     extra = f", {r.stray} packets outside flows" if r.stray else ""
     if r.bad_output:
         extra += f", {r.bad_output} malformed packets from the stack"
-    print(f"  {len(r.flows)} flows, {n_ok} completed, {len(r.flows) - n_ok} not{extra}"
-          f"{'; stack drops ' + str(drops) if drops else ''}", file=out)
-    return n_ok == len(r.flows) and not r.bad_output
+    print(f"  {len(r.flows)} flows: {', '.join(parts)}{extra}", file=out)
+    line = r.checksums.text()
+    if line:
+        print(f"  {line}", file=out)
+    print(f"  {drops_text(stack_drops(r))}", file=out)
+    hint = checksum_hint(r)
+    if hint:
+        print(f"  {hint}", file=out)
+    return c["not_completed"] == 0 and not r.bad_output
 
 
-def flow_dict(f) -> dict:
-    """One flow's result as plain data (for --json)."""
-    d = {"proto": "tcp" if f.proto == 6 else "udp",
+def flow_dict(f, number: int = 0) -> dict:
+    """One flow's result as plain data (for --json); number: as in the text
+    report and --ladder."""
+    d = {"flow": number, "proto": "tcp" if f.proto == 6 else "udp",
          "client": _ip_text(f.family, f.key[0], f.key[1]), "server": _ip_text(f.family, f.key[2], f.key[3]),
          "outcome": f.outcome, "ok": f.ok, "close_reason": f.close_reason}
     if f.proto == 6:
@@ -959,6 +1173,14 @@ def flow_dict(f) -> dict:
 
 def main(args) -> int:
     as_json = getattr(args, "json", False)
+    mode = getattr(args, "checksums", None) or "auto"
+    ladder, svg = getattr(args, "ladder", None), getattr(args, "svg", None)
+    if (ladder is None) != (svg is None):
+        print("tun2xray replay: --ladder FLOW and --svg FILE go together", file=sys.stderr)
+        return 2
+    if ladder is not None and len(args.pcap) != 1:
+        print("tun2xray replay: --ladder draws a flow of one capture (give one file)", file=sys.stderr)
+        return 2
     status = 0
     for path in args.pcap:
         try:
@@ -968,20 +1190,39 @@ def main(args) -> int:
             status = 2
             continue
         try:
-            r = Replay(packets).run()
+            r = Replay(packets, checksums=mode).run()
         except Exception as e:  # a stack bug: say where, keep the other files going
             print(f"tun2xray replay: {path}: stack raised {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             status = 1
             continue
+        target = None
+        if ladder is not None:
+            from .ladder import LadderError, find_flow
+            try:
+                target = find_flow(r.flows, ladder)
+            except LadderError as e:
+                print(f"tun2xray replay: {path}: {e}", file=sys.stderr)
+                return 2
         if as_json:
             import json
             ok = all(f.ok for f in r.flows) and not r.bad_output
-            print(json.dumps({"file": path, "ok": ok, "flows": [flow_dict(f) for f in r.flows],
+            print(json.dumps({"file": path, "ok": ok, "flows": [flow_dict(f, i) for i, f in enumerate(r.flows, 1)],
+                              "summary": summary(r), "checksums": r.checksums.as_dict(),
+                              "drops": stack_drops(r), "hint": checksum_hint(r),
                               "stray_packets": r.stray, "bad_output": r.bad_output,
                               "stack": r.stack.status()}, default=str))
         else:
             ok = report(path, r)
         if not ok and status == 0:
             status = 1
+        if target is not None:
+            from .ladder import write_ladder
+            try:
+                i, f, n = write_ladder(target, svg, path)
+            except OSError as e:
+                print(f"tun2xray replay: --svg {svg}: {e.strerror or e}", file=sys.stderr)
+                return 2
+            print(f"ladder of flow {i} ({f.text()}, {n} packets) written to {svg}",
+                  file=sys.stderr if as_json else sys.stdout)
     return status

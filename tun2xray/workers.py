@@ -27,8 +27,12 @@ reset every flow) get one reply each carrying the same ``id``.
 How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
 variable, else one per core (``sched_getaffinity``) when the device can be a
 multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
-fd://, unix:// or --record run) is the single-process path of cli.py: no
+fd:// or unix:// run) is the single-process path of cli.py: no
 supervisor, no extra process.
+
+``--record``: each worker records its own packets to a part file and the
+supervisor merges the parts into the one capture when it ends (see
+tun2xray.record).
 
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
@@ -226,10 +230,11 @@ def _tun_parts(url: str):
 
 def multiqueue_possible(device: str, record=None) -> bool:
     """Can this run be served by workers? Not for fd:// or unix:// devices,
-    a --record run, ``?multiqueue=0``, an existing single-queue TUN
-    (attaching to it as multi-queue would fail), or off Linux."""
+    ``?multiqueue=0``, an existing single-queue TUN (attaching to it as
+    multi-queue would fail), or off Linux.  (``record`` is accepted for old
+    callers and ignored: workers record too.)"""
     parts = _tun_parts(device)
-    if parts is None or record or not sys.platform.startswith("linux"):
+    if parts is None or not sys.platform.startswith("linux"):
         return False
     name, query = parts
     if "multiqueue=0" in query.split("&"):
@@ -271,8 +276,6 @@ def worker_count(args) -> int:
             raise WorkerError(f"--workers {n}: needs a tun:// device (one queue per worker)")
         if "multiqueue=0" in parts[1].split("&"):
             raise WorkerError(f"--workers {n}: needs a multi-queue TUN (not ?multiqueue=0)")
-        if args.record:
-            raise WorkerError(f"--workers {n}: --record needs --workers 1 (one capture, one stack)")
     return n
 
 
@@ -298,8 +301,16 @@ def run_supervised(args, settings, xs, n: int) -> int:
     except DeviceError as e:
         raise WorkerError(f"--device {args.device}: {e}") from None
     sup = None
+    rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
+        if rec is not None:
+            from . import record
+            try:
+                record.start_parts(rec)
+            except OSError as e:
+                raise WorkerError(f"--record {rec.path}: {e.strerror or e}") from None
+            record.notice(rec, bool(getattr(keeper, "offload", False)), n)
         if xs is not None:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level)
@@ -312,6 +323,9 @@ def run_supervised(args, settings, xs, n: int) -> int:
     finally:
         if sup is not None:
             sup.kill_all()
+            if rec is not None:
+                from . import record
+                record.merge_parts(rec, n)
         keeper.close()
 
 
@@ -413,8 +427,16 @@ class Supervisor:
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "log_level": self.log_level,
+            "log_level": self.log_level, "record": self._record_spec(w),
         }
+
+    def _record_spec(self, w: WorkerHandle):
+        rec = getattr(self.settings, "record", None)
+        if rec is None:
+            return None
+        from .record import part_cap, part_path
+        return {"path": rec.path, "wire": rec.wire, "part": part_path(rec.path, w.id),
+                "cap": part_cap(rec, self.n)}
 
     def spawn(self, w: WorkerHandle) -> None:
         """Start worker w on a fresh queue (blocking until the spec is sent)."""
@@ -761,9 +783,16 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         chan.sendall(frame({"error": f"cannot use queue fd {spec.get('fd')}: {e}"}))
         return 1
     try:
+        recorder = _worker_recorder(spec, device)
+    except OSError as e:
+        device.close()
+        chan.sendall(frame({"error": f"--record {spec['record']['part']}: {e.strerror or e}"}))
+        return 1
+    try:
         cfg = StackConfig(mtu=device.mtu, udp_timeout=spec["udp_timeout"], max_flows=spec["max_flows"],
                           icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
-        engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"])
+        engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"],
+                        recorder=recorder)
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
         ch = WorkerChannel(chan, engine, loop, pending)
         task = loop.create_task(engine.run())
@@ -773,11 +802,25 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         ch.close()
     finally:
         device.close()
+        if recorder is not None:
+            recorder.close()
     if engine.error:
         import logging
         logging.getLogger("tun2xray.workers").error("worker %d stopped: %s", spec["id"], engine.error)
         return 1
     return 0
+
+
+def _worker_recorder(spec: dict, device):
+    """This worker's part of the --record capture (appended to after a
+    restart), or None."""
+    r = spec.get("record")
+    if not r:
+        return None
+    from .record import RecordOptions, recorder
+
+    return recorder(RecordOptions(r["path"], r["wire"], 0), device.mtu, path=r["part"],
+                    max_bytes=r["cap"], append=True)
 
 
 def worker_main(argv=None) -> int:

@@ -1,8 +1,9 @@
 """Xray integration: read a core's config.json, derive what `run` needs, and
 supervise the core process.
 
-Reading.  Xray (and v2ray) accept comments in JSON (``//``, ``/* */`` and
-``#``), so ``load_config`` strips them (outside strings) before decoding.
+Reading.  ``load_config`` reads a config exactly as the core does: its
+comment filter (``//``, ``/* */`` and ``#`` outside strings), then strict
+JSON (no trailing commas); errors name the file, line and column.
 
 Deriving.  ``derive()`` looks for the tunnel-side inbounds:
 - a ``socks`` inbound reachable on loopback with UDP enabled: the default
@@ -23,14 +24,18 @@ never editing the user's file -- that adds what is missing and sets
   go there.
 
 Supervising.  ``Core`` starts ``xray`` (else ``v2ray``) on one long-lived
-thread, waits until the inbounds accept connections, forwards the core's
-log lines to the ``tun2xray.core`` logger, restarts it with exponential
-backoff when it dies, and stops it on exit.  A config the core rejects gives
-a ``CoreError`` whose message is one line holding the core's own reason.
+thread, waits until the inbounds are up (probes that speak SOCKS5 or read
+the listening sockets from /proc: nothing for the core to log or dial),
+forwards the core's log lines to the ``tun2xray.core`` logger, restarts it
+with exponential backoff when it dies (saying why: the signal, or the
+core's own last error), and stops it on exit.  A config the core rejects
+gives a ``CoreError`` whose message is one line holding the core's own
+reason and the user's file and line.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import copy
@@ -72,85 +77,206 @@ class XrayConfigError(XrayError, ValueError):
     """The config cannot be used; the message is one line."""
 
 
+class NotAnObjectError(XrayConfigError):
+    """Valid JSON, but not an object: no config at all (a list, a number)."""
+
+
 class CoreError(XrayError, RuntimeError):
-    """The core could not be started (missing binary, rejected config, ...)."""
+    """The core could not be started (missing binary, rejected config, ...).
+
+    ``path`` and ``reason``: the config the core was given and its own reason,
+    when it rejected one."""
+
+    def __init__(self, msg: str, path: str | None = None, reason: str | None = None):
+        super().__init__(msg)
+        self.path = path
+        self.reason = reason
 
 
 # --------------------------------------------------------------------------
 # reading
+#
+# What the core reads is what Go's encoding/json decodes after the core's
+# comment filter (Xray's and v2ray's infra/conf/json reader): comments are
+# removed outside double- and single-quoted strings, newlines inside them are
+# kept (so line numbers match the file), and nothing else is relaxed -- no
+# trailing commas, no NaN, no byte order mark.  Go's decoder reads the first
+# JSON value and ignores whatever follows it.  The filter below is a port of
+# that state machine, so a config we accept is one the core accepts, and a
+# position in the filtered text maps back to the user's file.
+
+_SPECIAL = {"content": re.compile(r"""["'\\#/]"""), "dq": re.compile(r'["\\]'),
+            "sq": re.compile(r"['\\]"), "comment": re.compile(r"\n"),
+            "mlc": re.compile(r"[*\n]")}
+
+
+def _filter_comments(text: str) -> tuple:
+    """(filtered text, [(filtered_pos, original_pos)] at each jump) the way
+    the core's reader filters: comments dropped, their newlines kept."""
+    out = []
+    jumps = [(0, 0)]
+    o = 0                       # length of out so far
+    i, n = 0, len(text)
+    state = "content"
+
+    def emit(s: str, at: int) -> None:
+        nonlocal o
+        fp, op = jumps[-1]
+        if at - op != o - fp:
+            jumps.append((o, at))
+        out.append(s)
+        o += len(s)
+
+    while i < n:
+        pat = _SPECIAL.get(state)
+        if pat is not None:
+            m = pat.search(text, i)
+            j = n if m is None else m.start()
+            if j > i:
+                if state not in ("comment", "mlc"):
+                    emit(text[i:j], i)
+                i = j
+                if m is None:
+                    break
+        c = text[i]
+        if state == "content":
+            if c in "\"'":
+                state = "dq" if c == '"' else "sq"
+                emit(c, i)
+            elif c == "\\":
+                state = "escape"
+            elif c == "#":
+                state = "comment"
+            elif c == "/":
+                state = "slash"
+            else:
+                emit(c, i)
+        elif state in ("escape", "dqesc", "sqesc"):
+            emit("\\" + c, i - 1)
+            state = {"escape": "content", "dqesc": "dq", "sqesc": "sq"}[state]
+        elif state in ("dq", "sq"):
+            if c == "\\":
+                state += "esc"
+            else:
+                if c == ('"' if state == "dq" else "'"):
+                    state = "content"
+                emit(c, i)
+        elif state == "comment":            # c is the newline
+            state = "content"
+            emit(c, i)
+        elif state == "slash":
+            if c == "/":
+                state = "comment"
+            elif c == "*":
+                state = "mlc"
+            else:
+                # the core emits "/x" and stays in this state (its quirk,
+                # kept: such text is invalid JSON either way)
+                emit("/" + c, i - 1)
+        elif state == "mlc":
+            if c == "*":
+                state = "mlcstar"
+            else:
+                emit(c, i)                  # a newline
+        elif state == "mlcstar":
+            if c == "/":
+                state = "content"
+            elif c == "\n":
+                emit(c, i)                  # (the core stays in this state)
+            elif c != "*":
+                state = "mlc"
+        i += 1
+    return "".join(out), jumps
+
 
 def strip_comments(text: str) -> str:
-    """Remove ``//``, ``#`` and ``/* */`` comments outside JSON strings.
-
-    Comments are replaced by spaces (newlines kept) so decode errors still
-    point at the right line and column.
-    """
-    out = []
-    i, n = 0, len(text)
-    start = 0
-    while i < n:
-        c = text[i]
-        if c == '"':
-            i += 1
-            while i < n:
-                d = text[i]
-                if d == "\\":
-                    i += 2
-                    continue
-                i += 1
-                if d == '"':
-                    break
-            continue
-        if c == "#" or (c == "/" and i + 1 < n and text[i + 1] == "/"):
-            j = text.find("\n", i)
-            j = n if j < 0 else j
-            out.append(text[start:i])
-            out.append(" " * (j - i))
-            i = start = j
-            continue
-        if c == "/" and i + 1 < n and text[i + 1] == "*":
-            j = text.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            out.append(text[start:i])
-            out.append(re.sub(r"[^\n]", " ", text[i:j]))
-            i = start = j
-            continue
-        i += 1
-    out.append(text[start:])
-    return "".join(out)
+    """The text the core's JSON decoder sees (comments removed)."""
+    return _filter_comments(text)[0]
 
 
-_TRAILING_COMMA = re.compile(r",(\s*[\]}])")
+def _original_pos(jumps, pos: int) -> int:
+    k = bisect.bisect_right(jumps, (pos, float("inf"))) - 1
+    fp, op = jumps[max(k, 0)]
+    return op + (pos - fp)
+
+
+def _line_col(text: str, pos: int) -> tuple:
+    pos = max(0, min(pos, len(text)))
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_WS = re.compile(r"[ \t\n\r]*")
 
 
 def parse_config_text(text: str, name: str = "config") -> dict:
-    """Decode an Xray JSON config (comments allowed); XrayConfigError on failure."""
-    stripped = strip_comments(text)
+    """Decode an Xray JSON config exactly as the core does (comments allowed,
+    no trailing commas); XrayConfigError naming line and column otherwise."""
+    if text.startswith("\ufeff"):
+        raise XrayConfigError(f"{name}: line 1 column 1: a byte order mark (BOM) "
+                              f"before the JSON (the core rejects it: save the file without it)")
+    filtered, jumps = _filter_comments(text)
+    start = _WS.match(filtered).end()
+    if start == len(filtered):
+        raise XrayConfigError(f"{name}: empty: no JSON value")
     try:
-        data = json.loads(stripped)
+        data, _end = _DECODER.raw_decode(filtered, start)   # text after the value: ignored, as the core does
     except RecursionError:
         raise XrayConfigError(f"{name}: nested too deeply") from None
-    except json.JSONDecodeError:
-        # Xray's reader also tolerates a trailing comma; a second try with
-        # them removed (the first error is the one reported)
-        try:
-            data = json.loads(_strip_trailing_commas(stripped))
-        except RecursionError:
-            raise XrayConfigError(f"{name}: nested too deeply") from None
-        except json.JSONDecodeError as e:
-            raise XrayConfigError(f"{name}: not valid JSON: {e.msg} at line {e.lineno} "
-                                  f"column {e.colno}") from None
+    except json.JSONDecodeError as e:
+        raise XrayConfigError(_syntax_message(name, text, filtered, jumps, e.pos, e.msg)) from None
+    except ValueError as e:            # NaN, Infinity
+        pos = _find_outside_strings(filtered, str(e), start)
+        raise XrayConfigError(_syntax_message(name, text, filtered, jumps, pos,
+                                              f"{e} is not JSON")) from None
+    if data is None:
+        data = {}                      # the core decodes null into an empty config
     if not isinstance(data, dict):
-        raise XrayConfigError(f"{name}: the config must be a JSON object")
+        raise NotAnObjectError(f"{name}: the config must be a JSON object")
     return data
 
 
-def _strip_trailing_commas(text: str) -> str:
-    # only outside strings: split on strings, edit the gaps
-    parts = re.split(r'("(?:[^"\\]|\\.)*")', text)
-    for k in range(0, len(parts), 2):
-        parts[k] = _TRAILING_COMMA.sub(r"\1", parts[k])
-    return "".join(parts)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _find_outside_strings(text: str, token: str, start: int) -> int:
+    i = start
+    while True:
+        j = text.find(token, i)
+        m = _STRING.search(text, i)
+        if j < 0 or m is None or j < m.start():
+            return j
+        i = m.end()
+
+
+def _syntax_message(name, text, filtered, jumps, pos, msg) -> str:
+    back = len(filtered[:pos].rstrip(" \t\n\r"))
+    if pos < len(filtered) and filtered[pos] in "]}" and back and filtered[back - 1] == ",":
+        line, col = _line_col(text, _original_pos(jumps, back - 1))
+        return (f"{name}: line {line} column {col}: trailing comma before "
+                f"'{filtered[pos]}' (Xray and v2ray reject it)")
+    line, col = _line_col(text, _original_pos(jumps, pos))
+    return f"{name}: line {line} column {col}: not valid JSON: {msg}"
+
+
+def core_position(text: str, line: int, char: int) -> tuple:
+    """The core reports "at line L char C" in the filtered text (C counts
+    bytes before the offending offset on that line); the (line, column) in
+    the user's file."""
+    filtered, jumps = _filter_comments(text)
+    starts = [0] + [m.end() for m in re.finditer("\n", filtered)]
+    if not 1 <= line <= len(starts):
+        return line, char
+    ls = starts[line - 1]
+    le = starts[line] - 1 if line < len(starts) else len(filtered)
+    raw = filtered[ls:le].encode()
+    ncols = len(raw[:max(char - 1, 0)].decode(errors="ignore"))
+    return _line_col(text, _original_pos(jumps, ls + ncols))
 
 
 def load_config(path: str) -> dict:
@@ -165,10 +291,11 @@ def load_config(path: str) -> dict:
     if len(raw) > MAX_CONFIG:
         raise XrayConfigError(f"{path}: larger than {MAX_CONFIG >> 20} MB: not a core config")
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise XrayConfigError(f"{path}: not UTF-8 text") from None
-    return parse_config_text(text, path)
+    # name the file the user edits: a node, not the config.json link to it
+    return parse_config_text(text, os.path.realpath(path) if os.path.islink(path) else path)
 
 
 # --------------------------------------------------------------------------
@@ -251,11 +378,16 @@ class Derived:
     mark: int | None = None
 
     def ready_checks(self) -> list:
-        """(host, port, proto) the core listens on once it is up."""
+        """(host, port, proto) the core listens on once it is up; proto
+        "socks" (the socks inbound without a password) is checked by
+        speaking SOCKS5 to it, "tcp"/"udp" by its listening socket."""
         checks = []
+        quiet_socks = self.proxy is not None and self.proxy.password is None
         for ib in self.inbounds:
             nets = ib.networks or frozenset({"tcp"})
             for proto in sorted(nets):
+                if ib.protocol == "socks" and proto == "tcp" and quiet_socks:
+                    proto = "socks"
                 checks.append((ib.host, ib.port, proto))
         return checks
 
@@ -611,7 +743,8 @@ _NOISE = ("A unified platform", "A unified platform for anti-censorship.")
 
 def core_reason(lines) -> str:
     """The core's own reason for failing, as one line."""
-    lines = [ln.strip() for ln in lines if ln.strip()]
+    # access-log lines ("... rejected ...") are traffic, not the core's reason
+    lines = [ln.strip() for ln in lines if ln.strip() and not _ACCESS.match(_drop_stamp(ln.strip()))]
     for ln in lines:
         if ln.startswith("panic: "):
             return ln[len("panic: "):]
@@ -622,6 +755,20 @@ def core_reason(lines) -> str:
     body = [ln for ln in lines if not ln.startswith(("V2Ray ", "Xray ")) and ln not in _NOISE
             and not ln.startswith("goroutine ") and not ln.startswith("\t")]
     return _drop_stamp(body[-1]) if body else "exited without a message"
+
+
+def exit_reason(code: int | None, lines) -> str:
+    """Why the core ended: the signal that killed it, else its exit status
+    with its own last words."""
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}: {core_reason(lines)}"
+
+
+_ACCESS = re.compile(r"^(?:tcp:|udp:)?\[?[0-9A-Fa-f.:]+\]?:\d+ (?:accepted|rejected) ")
 
 
 def _drop_stamp(line: str) -> str:
@@ -648,8 +795,17 @@ def _pdeathsig():
         pass
 
 
-def inbound_listening(host: str, port: int, proto: str) -> bool:
-    """Does something accept on host:port (TCP connect / UDP port taken)?"""
+def inbound_listening(host: str, port: int, proto: str, pid: int | None = None) -> bool:
+    """Is the inbound up?  "socks": it answers SOCKS5 (socks_probe); "tcp" /
+    "udp": a socket listens on ``port`` (owned by process ``pid`` when
+    given), read from /proc without connecting, so a dokodemo-door inbound
+    does not dial its target for a probe."""
+    if proto == "socks":
+        return socks_probe(host, port) is None
+    found = proc_listening(port, proto, pid)
+    if found is not None:
+        return found
+    # no /proc to read: a UDP bind test; TCP connect (as a last resort)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     if proto == "tcp":
         s = socket.socket(fam, socket.SOCK_STREAM)
@@ -669,6 +825,97 @@ def inbound_listening(host: str, port: int, proto: str) -> bool:
         return e.errno == errno.EADDRINUSE
     finally:
         s.close()
+
+
+def _socket_inodes(pid: int) -> set | None:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    out = set()
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def proc_listening(port: int, proto: str, pid: int | None = None) -> bool | None:
+    """A TCP socket in LISTEN / a bound unconnected UDP socket on ``port``
+    (of process ``pid``: its network namespace, a socket among its fds);
+    None when /proc cannot tell."""
+    base = f"/proc/{pid}/net" if pid else "/proc/self/net"
+    inodes = None
+    if pid:
+        inodes = _socket_inodes(pid)
+        if inodes is None:
+            return None
+    state = "0A" if proto == "tcp" else "07"       # TCP_LISTEN; UDP unconnected (TCP_CLOSE)
+    want = f":{port:04X}"
+    readable = False
+    for fam in ("", "6"):
+        try:
+            with open(f"{base}/{proto}{fam}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            parts = row.split()
+            if (len(parts) > 9 and parts[1].endswith(want) and parts[3] == state
+                    and (inodes is None or parts[9] in inodes)):
+                return True
+    return False if readable else None
+
+
+_ASSOCIATE_ANY = b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"      # UDP ASSOCIATE 0.0.0.0:0
+
+
+def socks_probe(host: str, port: int, timeout: float = 0.5) -> str | None:
+    """Speak SOCKS5 to an inbound without auth: the greeting (05 01 00,
+    expecting 05 00), then a UDP ASSOCIATE that the client closes.  The
+    core logs nothing for that, where a bare connect is logged as "rejected
+    ... insufficient header" and a session ending after the greeting as
+    "rejected ... failed to read request".  None when it answered as SOCKS5,
+    else what went wrong."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect((host, port))
+        s.sendall(b"\x05\x01\x00")
+        reply = _recv_exact(s, 2)
+        if reply != b"\x05\x00":
+            return f"not a SOCKS5 answer to the greeting: {reply.hex(' ') or 'closed'}"
+        s.sendall(_ASSOCIATE_ANY)
+        reply = _recv_exact(s, 4)
+        if len(reply) < 2 or reply[0] != 5:
+            return f"not a SOCKS5 answer to UDP ASSOCIATE: {reply.hex(' ') or 'closed'}"
+        if reply[1] != 0:
+            return f"UDP ASSOCIATE refused (reply {reply[1]}): is UDP on?"
+        # read the bound address too: closing with unread bytes would be a reset
+        rest = {1: 6, 4: 18}.get(reply[3]) if len(reply) == 4 else None
+        if rest is None and len(reply) == 4 and reply[3] == 3:
+            rest = (_recv_exact(s, 1) or b"\x00")[0] + 2
+        _recv_exact(s, rest or 0)
+        return None
+    except OSError as e:
+        return f"no SOCKS5 answer ({e.strerror or e})"
+    finally:
+        s.close()
+
+
+def _recv_exact(s, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 class Core:
@@ -693,7 +940,10 @@ class Core:
         self.stable = stable
         self.on_restart = on_restart          # called (on the supervisor thread) after a restart
         self.proc = None
-        self.restarts = 0
+        self.restarts = 0                     # after the core died on its own
+        self.reloads = 0                      # on another config (node switch, new egress)
+        self.retry_at = None                  # monotonic time of the next start after a death
+        self.reloading = False
         self.started_at = None
         self.last_exit = None
         self.last_reason = ""
@@ -745,10 +995,29 @@ class Core:
         p = self.proc
         return {"binary": self.binary, "config": self.config_path,
                 "pid": p.pid if p is not None and p.poll() is None else None,
-                "alive": self.alive, "restarts": self.restarts,
+                "alive": self.alive, "restarts": self.restarts, "reloads": self.reloads,
                 "uptime": round(time.monotonic() - self.started_at, 3)
                 if self.started_at is not None and self.alive else 0.0,
                 "last_exit": self.last_exit, "last_reason": self.last_reason}
+
+    def health(self) -> tuple:
+        """(ok, reason): ok while the core runs; else why not, e.g. "core
+        exited: killed by SIGKILL, restarting in 2s"."""
+        if self.alive and self.retry_at is None and not self.reloading:
+            return True, None
+        if self._thread is None or not self._thread.is_alive():
+            return False, "core stopped"
+        at = self.retry_at
+        if at is None and self.reloading:
+            return False, f"core restarting on {self.config_path}"
+        p = self.proc
+        if at is None and p is not None and p.poll() is not None:
+            # just died: the supervisor thread is about to say so
+            return False, f"core exited: {exit_reason(p.returncode, list(self._lines))}, restarting"
+        why = f"core exited: {self.last_reason or 'no reason given'}"
+        if at is not None and at > time.monotonic():
+            return False, f"{why}, restarting in {max(1, round(at - time.monotonic()))}s"
+        return False, f"{why}, restarting"
 
     # ---- supervisor thread
 
@@ -782,7 +1051,7 @@ class Core:
                 if p._t2x_hold is not None:
                     p._t2x_hold.append(line)
                     continue
-            core_log.log(_level(line), "%s", line)
+            core_log.log(_level(line), "%s", _drop_stamp(line))
         p.stdout.close()
 
     @staticmethod
@@ -791,7 +1060,7 @@ class Core:
         with p._t2x_lock:
             held, p._t2x_hold = p._t2x_hold, None
             for line in held or ():
-                core_log.log(_level(line), "%s", line)
+                core_log.log(_level(line), "%s", _drop_stamp(line))
 
     def _wait_ready(self, p) -> CoreError | None:
         deadline = time.monotonic() + self.ready_timeout
@@ -799,10 +1068,10 @@ class Core:
         while True:
             if p.poll() is not None:
                 p._t2x_reader.join(2)
-                reason = core_reason(self._lines)
+                reason = file_reason(core_reason(self._lines), self.config_path)
                 return CoreError(f"{os.path.basename(self.binary)} rejected "
-                                 f"{self.config_path}: {reason}")
-            pending = [c for c in pending if not inbound_listening(*c)]
+                                 f"{self.config_path}: {reason}", self.config_path, reason)
+            pending = [c for c in pending if not inbound_listening(*c, pid=p.pid)]
             if not pending:
                 return None
             if time.monotonic() > deadline:
@@ -867,6 +1136,7 @@ class Core:
                 if pending_result is not None:
                     pending_result["done"].set()
                 _, path, checks, pending_result = cmd
+                self.reloading = True
                 self._terminate(p)
                 self.config_path = path
                 if checks is not None:
@@ -878,13 +1148,14 @@ class Core:
                 self.last_exit = p.returncode if p is not None else None
                 if p is not None:
                     p._t2x_reader.join(2)
-                    self.last_reason = core_reason(self._lines)
+                    self.last_reason = exit_reason(p.returncode, self._lines)
                     up = time.monotonic() - (self.started_at or 0)
                     if up >= self.stable:
                         backoff = self.min_backoff
-                    log.warning("core exited with status %s (%s); restarting in %.1fs",
-                                p.returncode, self.last_reason, backoff)
+                    log.warning("core exited: %s; restarting in %.1fs", self.last_reason, backoff)
                 delay = backoff
+                self.retry_at = time.monotonic() + delay
+                self.reloading = False
                 backoff = min(backoff * 2, self.max_backoff)
             self.proc = None
             p = None
@@ -916,7 +1187,12 @@ class Core:
                 continue
             self.started_at = time.monotonic()
             self._release(p)
-            self.restarts += 1
+            if self.reloading:
+                self.reloads += 1
+            else:
+                self.restarts += 1
+            self.reloading = False
+            self.retry_at = None
             log.info("core running (pid %d, %s)", p.pid, self.config_path)
             if pending_result is not None:
                 pending_result["done"].set()
@@ -930,7 +1206,8 @@ class Core:
 
 def check_config(binary: str, path: str, timeout: float = 15.0) -> None:
     """Ask the core whether it accepts ``path`` (``-test``); CoreError with the
-    core's own reason when it does not."""
+    core's own reason (positions given as the file's line and column) when
+    it does not."""
     argv = core_command(binary, path)
     argv.insert(-2, "-test")      # [bin, -test, -config, X] / [bin, run, -test, -c, X]
     try:
@@ -941,8 +1218,40 @@ def check_config(binary: str, path: str, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         raise CoreError(f"{os.path.basename(binary)} -test {path}: no answer within {timeout:g}s") from None
     if r.returncode != 0:
-        reason = core_reason((r.stdout + "\n" + r.stderr).splitlines())
-        raise CoreError(f"{os.path.basename(binary)} rejected {path}: {reason}")
+        reason = file_reason(core_reason((r.stdout + "\n" + r.stderr).splitlines()), path)
+        raise CoreError(f"{os.path.basename(binary)} rejected {path}: {reason}", path, reason)
+
+
+_CORE_POS = re.compile(r"at line (\d+) char (\d+)")
+
+
+def file_reason(reason: str, path: str) -> str:
+    """The core's reason with its "at line L char C" (counted in the text
+    after its comment filter) turned into the line and column of ``path``."""
+    m = _CORE_POS.search(reason)
+    if m is None:
+        return reason
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_CONFIG).decode("utf-8", errors="replace")
+    except OSError:
+        return reason
+    line, col = core_position(text, int(m.group(1)), int(m.group(2)))
+    return f"{reason[:m.start()]}at line {line} column {col}{reason[m.end():]}"
+
+
+def user_rejection(binary: str, d: Derived, err: CoreError) -> CoreError:
+    """A rejection of the runtime config, told about the user's file: when
+    the core rejects the user's file too, its own reason and line there;
+    otherwise the reason with the user's file named first."""
+    if d.runtime_path is None or err.path != d.runtime_path:
+        return err
+    try:
+        check_config(binary, d.real_source)
+    except CoreError as own:
+        return own
+    return CoreError(f"{os.path.basename(binary)} rejected {d.real_source} (run as tun2xray's "
+                     f"runtime copy {d.runtime_path}): {err.reason}", d.real_source, err.reason)
 
 
 # --------------------------------------------------------------------------
@@ -1000,7 +1309,10 @@ class XraySession:
     def start(self) -> None:
         d = self.derived
         self.core = Core(self.binary, self._core_config(d), d.ready_checks())
-        self.core.start()
+        try:
+            self.core.start()
+        except CoreError as e:
+            raise user_rejection(self.binary, d, e) from None
         log.info("core %s running (pid %d) on %s; socks %s%s", os.path.basename(self.binary),
                  self.core.proc.pid, self.core.config_path, format_hostport(d.proxy.host, d.proxy.port),
                  f"; added inbounds {', '.join(d.added)}" if d.added else "")
@@ -1124,8 +1436,11 @@ class XraySession:
     def _reload_blocking(self) -> Derived:
         d = self._derive()
         cfg = self._core_config(d)
-        check_config(self.binary, cfg)
-        self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
+        try:
+            check_config(self.binary, cfg)
+            self.core.reload(cfg, d.ready_checks(), timeout=self.core.ready_timeout + 10)
+        except CoreError as e:
+            raise user_rejection(self.binary, d, e) from None
         if self.autoroute is not None:
             self.autoroute.set_excluded(self.excluded_routes(d))
         self.derived = d
@@ -1141,6 +1456,13 @@ class XraySession:
                 "switches": self.switches,
                 "mark": self.mark, "auto_route": self.autoroute is not None,
                 "core": self.core.status() if self.core is not None else None}
+
+    def health(self) -> tuple:
+        """(ok, reason) of the core for the state: ok while it runs; else
+        e.g. (False, "core exited: killed by SIGKILL, restarting in 2s")."""
+        if self.core is None:
+            return False, "core not started"
+        return self.core.health()
 
     def wrap_status(self, status_fn):
         def status():

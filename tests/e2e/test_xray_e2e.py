@@ -261,10 +261,11 @@ def test_killed_core_is_restarted(running):
     os.kill(pid, signal.SIGKILL)
     netlab.wait_until(lambda: (w.status()["xray"]["core"]["restarts"] >= 1
                                and w.status()["xray"]["core"]["alive"]), 15, "the core's restart")
-    assert w.status()["xray"]["core"]["pid"] != pid
+    core = w.status()["xray"]["core"]
+    assert core["pid"] != pid and core["last_reason"] == "killed by SIGKILL" and core["reloads"] == 0
     netlab.wait_until(lambda: w.echo(b"again", timeout=2, quiet=True) == b"again", 15,
                       "an echo after the restart", interval=0.2)
-    assert "restarting" in w.lab.log("t2x")
+    assert "core exited: killed by SIGKILL; restarting in" in w.lab.log("t2x")
 
 
 @pytest.mark.deadline(120)
@@ -283,6 +284,8 @@ def test_node_use_switches_mid_run(running):
     assert os.readlink(w.link) == "nodes/b.json"
     st = w.status()["xray"]
     assert st["node"] == os.path.join(w.nodes, "b.json") and st["switches"] == 1
+    # a switch is a reload of the core, not a restart (restarts count its deaths)
+    assert (st["core"]["reloads"], st["core"]["restarts"]) == (1, 0), st["core"]
     # node b has no socks inbound: the runtime config beside the link adds one
     assert st["runtime_config"] == os.path.join(w.dir, ".config.tun2xray.json")
     rt = json.load(open(st["runtime_config"]))
@@ -312,7 +315,8 @@ def test_node_use_bad_input_leaves_the_link(world):
     w = world
     w.select("a")
     with open(os.path.join(w.nodes, "broken.json"), "w") as f:
-        json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}]}, f)
+        json.dump({"inbounds": [{"port": 1080, "protocol": "nosuch"}],
+                   "outbounds": [{"protocol": "freedom"}]}, f)
     try:
         for name, needle in (("nosuch-node", 'no node "nosuch-node"'), ("broken", "nosuch")):
             r = w.lab.cli_run(T2X + ["node", "use", name, "--xray-config", w.link], timeout=30)
@@ -409,7 +413,7 @@ def test_auto_route_is_loop_free_and_cleaned_up(world):
 
 
 @pytest.mark.deadline(90)
-@pytest.mark.parametrize("case", ["rejected", "no-binary", "dangling", "no-inbound"])
+@pytest.mark.parametrize("case", ["rejected", "no-binary", "dangling", "no-inbound", "trailing-comma"])
 def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
     w = world
     w.select("a")
@@ -431,16 +435,33 @@ def test_bad_input_is_one_line_and_leaves_no_routes(world, case):
             os.unlink(link)
         os.symlink("nodes/gone.json", link)
         needle = "dangling link to nodes/gone.json"
-    else:
+    elif case == "no-inbound":
         path = os.path.join(w.dir, "noinbound.json")
         with open(path, "w") as f:
             json.dump({"inbounds": {"socks": 1080}}, f)
         link, needle = path, "no usable socks inbound and no way to add one"
+    else:
+        # the core rejects a trailing comma, so tun2xray does, naming the
+        # node's file (not the link), line and column
+        path = os.path.join(w.nodes, "trailing.json")
+        with open(path, "w") as f:
+            f.write('// a node\n{"outbounds": [\n  {"protocol": "freedom"},\n]}\n')
+        link = os.path.join(w.dir, "trailing-link.json")
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink("nodes/trailing.json", link)
+        needle = f"{path}: line 3 column 26: trailing comma before ']'"
+        from tun2xray.xray import CoreError, check_config
+        with pytest.raises(CoreError, match="failed to read config file"):
+            check_config(w.lab.core, path)                 # the core's own verdict
     argv = T2X + ["run", "--device", f"tun://{TUN}", "--xray-config", link, *extra]
     r = w.lab.cli_run(argv, timeout=40)
     lines = r.stderr.decode().strip().splitlines()
     assert r.returncode == 2, r.stderr
     assert len(lines) == 1 and lines[0].startswith("tun2xray: error:") and needle in lines[0], lines
+    assert ".tun2xray.json" not in lines[0]          # the user's file, never the runtime copy
+    if case == "rejected":
+        assert f"rejected {path}:" in lines[0], lines
     assert_same_tables(w.rules_snapshot(), before)
     assert not netlab.link_exists(w.lab.cli_ns, TUN)
     assert not [f for f in os.listdir(w.dir) if f.endswith(".tun2xray.json")]
@@ -477,6 +498,10 @@ def test_doctor_passes_then_names_a_loop_and_a_stopped_core(world):
                      f"[PASS] udp/ipv6 through [{TARGET6}]:{ECHO_PORT}"):
             assert want in names, (want, lines)
         assert lines[-1].endswith(" 0 failed")
+        # "around" is looked up with the core's mark: the veth, not the TUN
+        around = [ln for ln in lines if ln.split(" ")[1] in ("tcp/ipv4", "tcp/ipv6", "udp/ipv4", "udp/ipv6")
+                  and " around " in ln]
+        assert around and all(ln.endswith(f"via {w.lab.veth_cli}") for ln in around), around
 
         # a deliberate loop: the far core's address routed into the TUN
         w.lab.ip(w.lab.cli_ns, "route", "add", f"{FAR_A}/32", "dev", TUN)
