@@ -242,8 +242,10 @@ def _read_info(path: str) -> dict:
 
 
 def _describe(info: dict) -> str:
+    if "pid" not in info:
+        return "starting just now"      # its lock file is being written
     ctl = info.get("control") or "no control socket"
-    return f"pid {info.get('pid', '?')}, control {ctl}"
+    return f"pid {info['pid']}, control {ctl}"
 
 
 class InstanceLock:
@@ -259,8 +261,8 @@ class InstanceLock:
         if self.fd is None:
             return
         try:
-            # unlink while still holding it: a run waiting on this inode
-            # re-checks the path after it gets the lock
+            # unlink while still holding it: a run that opened this inode
+            # before and locks it after us sees that the path moved on
             if _same_file(self.fd, self.path):
                 os.unlink(self.path)
         except OSError:
