@@ -384,7 +384,9 @@ def main(args) -> int:
     if tun is None and st:
         tun = st.get("device", {}).get("name")
     if tun is None:
-        rep.fail("tun", "which TUN?", "give --device tun://NAME or --control of a running tun2xray")
+        from .instance import run_dir
+        why = "which TUN?" if url else f"which TUN? (no tun2xray runs here: none in {run_dir()})"
+        rep.fail("tun", why, "give --device tun://NAME or --control of a running tun2xray")
     else:
         mtu = args.mtu if args.mtu is not None else (st or {}).get("device", {}).get("mtu")
         check_tun(rep, tun, mtu, [args.address, args.address6])

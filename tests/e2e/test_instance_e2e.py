@@ -250,6 +250,9 @@ def test_lock_and_socket_of_a_killed_run_are_replaced(lab):
     assert r.returncode == 1 and r.stderr == b"", r.stderr
     assert out[0].startswith(f"[FAIL] tun: no interface {tun}") and out[-1].startswith("0 passed"), out
     assert not any(ln.startswith("[PASS] control") for ln in out), out
+    r = t2x(lab, "doctor")
+    assert r.returncode == 1 and r.stderr == b"", r.stderr
+    assert r.stdout.decode().startswith(f"[FAIL] tun: which TUN? (no tun2xray runs here: none in {RUN_DIR})")
     q = start(lab, tun)
     st = status(lab)
     assert st["instance"]["pid"] == q.pid and st["instance"]["control"] == ctl_of(tun)
