@@ -19,7 +19,11 @@ class StackConfig:
     # TCP
     rcv_buf: int = 1 << 20          # per-connection receive buffer (advertised window)
     snd_buf: int = 1 << 20          # per-connection send buffer
-    max_pending: int = 1024         # connect requests the host has not answered yet
+    max_pending: int = 1024         # connect requests the host has not answered yet (netstack.admission)
+    max_pending_per_dst: int = 512  # ... of them towards one (address, port)
+    max_pending_per_src: int = 1024 # ... of them from one client address (a router's LAN clients)
+    max_half_open: int = 4096       # accepted, SYN-ACK sent, no ACK yet (SYN_RECEIVED)
+    synack_retries: int = 5         # SYN-ACK retransmissions before a half-open connection is dropped
     connect_timeout: float = 10.0   # a request unanswered this long is reset
     time_wait: float = 4.0          # shorter than 2*MSL: flows are local; bounds memory
     keepalive: float | None = None  # idle seconds before keepalive probes, None = off

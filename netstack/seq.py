@@ -16,9 +16,11 @@ def seq_add(a: int, n: int) -> int:
 
 
 def seq_sub(a: int, b: int) -> int:
-    """Signed distance a - b, in (-2**31, 2**31]."""
+    """Signed distance a - b, in [-2**31, 2**31): the 32-bit two's complement
+    reading Linux uses ((s32)(a - b)).  Exactly 2**31 apart, neither number
+    is ahead (seq_lt and seq_gt are both false) and the distance reads -2**31."""
     d = (a - b) & MASK
-    return d - 0x100000000 if d > HALF else d
+    return d - 0x100000000 if d >= HALF else d
 
 
 def seq_lt(a: int, b: int) -> bool:

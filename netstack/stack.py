@@ -29,8 +29,9 @@ inside a TCP connection (out of window, PAWS, ...) are in `tcp_drops`, on
 top of the `delivered` of their segment.
 
 Memory is bounded by configuration: flows (TCP + UDP) by max_flows, pending
-requests by max_pending, reassembly by frag_max_*, and the timer heap holds
-one live entry per flow plus stale entries that are compacted away.
+requests by max_pending (per destination and per source too: see
+netstack.admission), reassembly by frag_max_*, and the timer heap holds one
+live entry per flow plus stale entries that are compacted away.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ import struct
 from collections import defaultdict
 
 from . import events as ev
+from .admission import Admission
 from .config import StackConfig
+from .host import StackHost
 from .icmp import icmp4_input, icmp6_input
 from .icmp import unreachable as icmp_unreachable
+from .reassembly import Reassembler as _Reassembler
 from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
 from .wire.errors import WireError
+from .wire.ipv6 import walk as _walk6
 
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -64,7 +69,7 @@ class Stack:
     __slots__ = (
         "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
-        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id",
+        "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -85,8 +90,10 @@ class Stack:
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
-        self._frag = None         # fragment reassembler (netstack.wire.frag), created lazily
+        self._frag = None         # fragment reassembler (netstack.reassembly), created lazily
         self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
+        self.admission = Admission(self.config)  # which connect requests may wait (fairness)
+        self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
 
     # ------------------------------------------------------------------ host API
 
@@ -166,7 +173,9 @@ class Stack:
     def take_output(self) -> list:
         out = self.output
         if out:
-            self.output = []
+            # a fresh list; the flows' host appends to it from now on
+            self.output = fresh = []
+            self.tcp_host.emit = fresh.append
             self.tx_packets += len(out)
             self.tx_bytes += sum(map(len, out))
         return out
@@ -174,7 +183,8 @@ class Stack:
     def take_events(self) -> list:
         evs = self.events
         if evs:
-            self.events = []
+            self.events = fresh = []
+            self.tcp_host.event = fresh.append
         return evs
 
     def status(self) -> dict:
@@ -185,7 +195,7 @@ class Stack:
             "rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes,
             "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes,
             "tcp_flows": len(self.tcp), "udp_flows": len(self.udp),
-            "tcp_states": dict(tcp_states), "pending": self.pending,
+            "tcp_states": dict(tcp_states), "pending": self.pending, "pending_shed": self.admission.shed,
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
@@ -292,9 +302,6 @@ class Stack:
     def _fragment(self, mv, now):
         """An IPv4 or IPv6 fragment: held until its datagram is whole, which
         then goes through input() again (it counts as that last fragment)."""
-        if _Reassembler is None:
-            self.drops["fragment"] += 1
-            return
         fr = self._frag
         if fr is None:
             fr = self._frag = _Reassembler(self.config, self.frag_drops)
@@ -305,8 +312,8 @@ class Stack:
             self._dispatch(whole, now)
 
     # ---------------------------------------------------------------- TCP
-    # The TCP demux (`_tcp_in`) lives in netstack.tcp as tcp_input(stack, family,
-    # src, dst, mv, off, now); it is bound below.
+    # The TCP demux (`_tcp_in`) is netstack.tcp.demux.tcp_input(stack, family,
+    # src, dst, mv, off, now), bound below.
 
     def _tcp_remove(self, conn, reason: str) -> None:
         """Called by a connection when it leaves the flow table."""
@@ -369,46 +376,11 @@ class Stack:
         self.delivered += 1
 
 
-def _walk6_local(mv):
-    """Skip IPv6 extension headers: (protocol, transport offset, is_fragment).
-    Used until netstack.wire.ipv6.walk exists."""
-    nxt = mv[6]
-    off = 40
-    n = len(mv)
-    for _ in range(_MAX_EXT6):
-        if nxt in _EXT6:
-            if off + 8 > n:
-                raise WireError("bad_ext_header", "truncated")
-            hlen = (mv[off + 1] + 1) << 3
-            if off + hlen > n:
-                raise WireError("bad_ext_header", "length")
-            nxt = mv[off]
-            off += hlen
-        elif nxt == PROTO_FRAG6:
-            if off + 8 > n:
-                raise WireError("bad_ext_header", "truncated fragment header")
-            return mv[off], off + 8, True
-        else:
-            return nxt, off, False
-    raise WireError("bad_ext_header", "too many extension headers")
-
-
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
-_EXT6 = frozenset((0, 43, 60))   # hop-by-hop, routing, destination options
-_MAX_EXT6 = 8
 _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)
 
-try:
-    from .wire.ipv6 import walk as _walk6
-except ImportError:
-    _walk6 = _walk6_local
-try:
-    from .wire.frag import Reassembler as _Reassembler
-except ImportError:
-    _Reassembler = None
-
-from .tcp import tcp_input  # noqa: E402  (netstack.tcp imports this module's constants)
+from .tcp.demux import tcp_input  # noqa: E402
 
 Stack._tcp_in = tcp_input

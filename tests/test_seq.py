@@ -38,3 +38,11 @@ def test_ahead_is_greater(a, d):
 def test_equal(a):
     assert seq_le(a, a) and seq_ge(a, a) and not seq_lt(a, a) and not seq_gt(a, a)
     assert seq_sub(a, a) == 0
+
+
+@given(st.integers(0, M - 1))
+def test_half_way_round_is_negative(a):
+    # the one ambiguous distance: TCP's window arithmetic reads it as behind
+    b = (a + 2**31) % M
+    assert seq_sub(b, a) == -2**31 and seq_sub(a, b) == -2**31
+    assert not seq_lt(a, b) and not seq_gt(b, a)

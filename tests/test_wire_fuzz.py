@@ -12,7 +12,7 @@ from netstack.config import StackConfig
 from netstack.wire import checksum as ck
 from netstack.wire import ipv4, ipv6, tcp
 from netstack.wire.errors import WireError
-from netstack.wire.frag import Reassembler
+from netstack.reassembly import Reassembler
 
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -735,14 +735,14 @@ class Lab:
         return self.run_tun2xray(argv, tun, name=name, timeout=timeout)
 
     def run_tun2xray(self, argv: list[str], tun: str, *, name: str = "tun2xray", env=None,
-                     timeout: float = 20.0, describe=None) -> subprocess.Popen:
+                     timeout: float = 20.0, describe=None, cwd: str = REPO) -> subprocess.Popen:
         """Start ``argv`` (a ``tun2xray run`` command line) in e2-cli, wait for
         TUN ``tun``, route the targets through it and wait until a TCP echo
         crosses it. On failure the process is stopped, the routes are removed
         and the error says why, with ``describe()`` (default: the log's tail)."""
         if env is None:
             env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        p = self.cli_popen(name, argv, cwd=REPO, env=env)
+        p = self.cli_popen(name, argv, cwd=cwd, env=env)
 
         def alive():
             if p.poll() is not None:

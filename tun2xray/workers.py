@@ -446,12 +446,9 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
-            argv = [sys.executable, "-m", "tun2xray.workers", "--channel", str(ch_fd),
-                    "--parent", str(os.getpid())]
-            env = dict(os.environ)
-            # the child must import this same tree (a source checkout run with -m)
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
+            from .frozen import worker_command
+            argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
             w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd), stdin=subprocess.DEVNULL, env=env)
         finally:
             # the queue and the far end now live in the child only

@@ -106,7 +106,7 @@ def walk(mv) -> tuple[int, int, bool]:
         header starts;
       * a fragment header: is_fragment is True, proto is the fragment
         header's next header and offset is where the fragment's data starts
-        (hand the whole packet to netstack.wire.frag.Reassembler).
+        (hand the whole packet to netstack.reassembly.Reassembler).
     The packet must already be trimmed to 40 + payload length (len(mv) is
     the bound for every header).  Raises WireError on a truncated or
     malformed chain (see walk_ext).

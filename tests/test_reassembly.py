@@ -9,7 +9,7 @@ import pytest
 
 from netstack.config import StackConfig
 from netstack.wire import ipv4, ipv6
-from netstack.wire.frag import FRAG_OVERHEAD, Reassembler
+from netstack.reassembly import FRAG_OVERHEAD, Reassembler
 
 SRC4, DST4 = bytes([198, 18, 0, 2]), bytes([93, 184, 216, 34])
 SRC6 = bytes.fromhex("fd007478000000000000000000000002")

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from . import ipv6 as _ip6
-from .checksum import sum16
-from .errors import WireError
+from .wire import ipv6 as _ip6
+from .wire.checksum import sum16
+from .wire.errors import WireError
 
 # Memory charged per stored fragment on top of its data, so that floods of
 # tiny fragments hit frag_max_bytes long before they hit the host's memory.

@@ -1,0 +1,7 @@
+"""Entry script of the standalone binary (tools/build-binary.sh freezes it)."""
+
+import sys
+
+from tun2xray.frozen import main
+
+sys.exit(main())
