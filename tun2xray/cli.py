@@ -10,8 +10,6 @@ import signal
 import socket
 import sys
 
-from .control import DEFAULT_CONTROL
-
 log = logging.getLogger("tun2xray")
 
 
@@ -38,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
                    help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
     r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
-    r.add_argument("--control", help="serve JSON status on unix:///path")
+    r.add_argument("--control", help="serve JSON status on unix:///path (default: "
+                   "unix:///run/tun2xray/NAME.sock, per device; none: no socket)")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
     r.add_argument("--record-wire", action="store_true",
                    help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
@@ -56,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: one per core for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
-    s.add_argument("--control", default=DEFAULT_CONTROL)
+    s.add_argument("--control", help="unix:///path (default: the running tun2xray's, found "
+                   "under /run/tun2xray/)")
+    s.add_argument("--device", help="NAME or tun://NAME: the instance on that device, when several run")
 
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
@@ -86,21 +87,31 @@ def main(argv=None) -> int:
         from . import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
+        from .instance import InstanceError
         from .xray import XrayError
         try:
-            return cmd_run(args)
+            return cmd_run_claimed(args)
         except (UsageError, XrayError) as e:
             print(f"tun2xray: error: {e}", file=sys.stderr)
             return 2
+        except InstanceError as e:          # the device is another instance's
+            print(f"tun2xray: error: {e}", file=sys.stderr)
+            return 1
     return 2
 
 
 def cmd_status(args) -> int:
     from .control import query
+    from .instance import InstanceError, find_control
     try:
-        reply = query(args.control)
+        url = find_control(args.control, args.device)
+    except InstanceError as e:
+        print(f"tun2xray: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        reply = query(url)
     except (OSError, ValueError) as e:
-        print(f"tun2xray: error: cannot reach {args.control}: {e}", file=sys.stderr)
+        print(f"tun2xray: error: cannot reach {url}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(reply, indent=2))
     return 0
@@ -164,6 +175,7 @@ class RunSettings:
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
         self.control = args.control
+        self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
             from .control import control_path
             try:
@@ -177,6 +189,19 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
         socket.create_connection((up.host, up.port), timeout=timeout).close()
     except OSError as e:
         raise UsageError(f"proxy {up.host}:{up.port} is unreachable: {e.strerror or e}") from None
+
+
+def cmd_run_claimed(args) -> int:
+    """cmd_run holding the device's instance lock: a second run on the same
+    device fails here (InstanceError), before the core starts or the device
+    opens; the control socket defaults to the device's own."""
+    from .instance import claim
+    lock, args.device, args.control = claim(args.device, args.control)
+    args.instance = lock.info
+    try:
+        return cmd_run(args)
+    finally:
+        lock.release()
 
 
 def cmd_run(args) -> int:
@@ -266,7 +291,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
 
     def status_fn():
         # the same shape as bridge.status(): state, reason, since, then counters
-        return state.compose(lifecycle, engine_status())
+        return state.compose(lifecycle, engine_status(), settings.instance)
 
     def stop():
         lifecycle.set(state.DISCONNECTING)

@@ -13,6 +13,9 @@ Both the bridge (`bridge.status(handle)`) and the CLI's control socket
       "engine": {...},               # engine counters
       "udp_associations": 0,
       "flows": [...],
+      "instance": {...},             # `tun2xray run` only: pid, name, device, control
+      "xray": {...},                 # with --xray-config: config link, node, runtime
+                                     # config, binary, core
     }
 
 Transitions (anything else is a bug in the caller and raises):
@@ -99,10 +102,14 @@ def empty_engine_status(device_name: str = "", mtu: int = 0, device_stats: dict 
     }
 
 
-def compose(lifecycle: Lifecycle, engine_status: dict | None) -> dict:
+def compose(lifecycle: Lifecycle, engine_status: dict | None, instance: dict | None = None) -> dict:
     """The status dictionary: state first, then the engine's own status.
-    The lifecycle's keys win over same-named keys in *engine_status*."""
+    The lifecycle's keys win over same-named keys in *engine_status*.
+    *instance* (a `tun2xray run`'s claim: pid, name, device URL, control
+    URL, see instance.py) is added as "instance"."""
     out = lifecycle.as_dict()
+    if instance is not None:
+        out["instance"] = dict(instance)
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
         if k not in out:
             out[k] = v

@@ -570,7 +570,7 @@ class Supervisor:
         inner = status_fn
 
         def composed():
-            return state.compose(lifecycle, inner())
+            return state.compose(lifecycle, inner(), getattr(self.settings, "instance", None))
 
         def on_signal():
             lifecycle.set(state.DISCONNECTING)

@@ -1451,8 +1451,9 @@ class XraySession:
 
     def status(self) -> dict:
         d = self.derived
-        return {"config": self.source, "node": d.real_source if d else None,
-                "runtime_config": d.runtime_path if d else None, "switches": self.switches,
+        return {"config": os.path.abspath(self.source), "node": d.real_source if d else None,
+                "runtime_config": d.runtime_path if d else None, "binary": self.binary,
+                "switches": self.switches,
                 "mark": self.mark, "auto_route": self.autoroute is not None,
                 "core": self.core.status() if self.core is not None else None}
 
