@@ -581,6 +581,28 @@ def handles() -> list:
         return sorted(_registry)
 
 
+def set_log_level(level) -> None:
+    """The level of tun2xray's loggers ("debug", "info", "warning", "error"
+    or a logging number) for every handle, live ones included. "debug" adds
+    each flow's life (rule, dial, SOCKS reply, close) and rate-limited drop
+    summaries. No handler is installed and the root logger is left alone:
+    records go wherever the host's logging sends them."""
+    from . import logs
+    try:
+        logs.set_level(level)
+    except ValueError as e:
+        raise BridgeError(str(e)) from None
+    with _registry_lock:
+        tunnels = list(_registry.values())
+    for t in tunnels:
+        engine = t.engine
+        if engine is not None and not t._down:
+            try:
+                t.loop.call_soon_threadsafe(engine.refresh_log_level)
+            except RuntimeError:        # its loop closed meanwhile: nothing to refresh
+                pass
+
+
 def loop_kind(handle: int) -> str:
     """"uvloop" or "asyncio": the loop this handle's engine runs on."""
     return _get(handle).loop_kind
@@ -588,4 +610,4 @@ def loop_kind(handle: int) -> str:
 
 __all__ = ["AF_INET", "AF_INET6_DARWIN", "AF_INET6_LINUX", "BridgeError", "InvalidHandle",
            "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "reset_flows",
-           "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]
+           "set_log_level", "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]

@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
     r.add_argument("--control", help="serve JSON status on unix:///path")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
+    r.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: one timestamped line per record; json: one JSON object per line")
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
@@ -75,10 +78,12 @@ def main(argv=None) -> int:
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
         from .xray import XrayError
+        from . import logs
+        logs.setup(args.log_level, args.log_format)
         try:
             return cmd_run(args)
         except (UsageError, XrayError) as e:
-            print(f"tun2xray: error: {e}", file=sys.stderr)
+            logs.error_line(str(e))
             return 2
     return 2
 
@@ -181,8 +186,6 @@ def cmd_run(args) -> int:
 
 def _cmd_run(args, xs) -> int:
     settings = RunSettings(args)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
@@ -248,12 +251,16 @@ async def _serve(settings, device, recorder, xs=None) -> int:
         # the same shape as bridge.status(): state, reason, since, then counters
         return state.compose(lifecycle, engine_status())
 
-    def stop():
+    ended = []       # why the run ends: a signal's name, else the engine's error
+
+    def stop(sig=None):
+        if sig is not None and not ended:
+            ended.append(signal.Signals(sig).name)
         lifecycle.set(state.DISCONNECTING)
         engine.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, stop, sig)
     up = settings.router.default
     watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
     if settings.control:
@@ -268,6 +275,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
         await engine.run()
     finally:
         watcher.cancel()
+        _exit_summary(engine_status, engine.error or (ended[0] if ended else "stopped"))
         if xs is not None:
             xs.detach()
         if server is not None:
@@ -280,11 +288,25 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     if engine.error:
         lifecycle.set(state.ERROR, engine.error)
         log.error("stopped: %s", engine.error)
-        print(f"tun2xray: error: {engine.error}", file=sys.stderr)
+        from . import logs
+        if logs.current_format() == "text":
+            print(f"tun2xray: error: {engine.error}", file=sys.stderr)
         return 1
     lifecycle.set(state.DISCONNECTED)
     log.info("stopped")
     return 0
+
+
+def _exit_summary(status_fn, reason: str) -> None:
+    """The one info line on exit (uptime, flows, bytes, refusals, drops,
+    core restarts, why); a status that fails must not hide the exit."""
+    from . import logs
+    try:
+        st = status_fn()
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        log.warning("no exit summary: %s", e)
+        return
+    logs.exit_summary(log, st, reason)
 
 
 if __name__ == "__main__":
