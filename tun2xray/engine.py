@@ -372,6 +372,7 @@ class Engine:
                 counters["bytes_up"] += relay.bytes_up
                 counters["bytes_down"] += relay.bytes_down
                 relay.close()
+                conn.user = None          # counted: status() must not add it again
             if not conn.closed:
                 conn.abort()
         for flow in list(stack.udp.values()):
@@ -917,10 +918,30 @@ class Engine:
             "uptime": round(time.time() - self.started, 3),
             "device": {"name": self.device.name, "mtu": self.device.mtu, **dict(self.device.stats)},
             "stack": st,
-            "engine": dict(self.counters),
+            "engine": self._engine_counters(),
             "udp_associations": len(self._assocs),
             "flows": flows,
         }
+
+
+    def _engine_counters(self) -> dict:
+        """The counters, with bytes_up/bytes_down over every flow carried:
+        the closed ones (counted at their close) and the live ones so far."""
+        c = dict(self.counters)
+        up = c.get("bytes_up", 0)
+        down = c.get("bytes_down", 0)
+        for conn in self.stack.tcp.values():
+            relay = conn.user
+            if relay is not None:
+                up += relay.bytes_up
+                down += relay.bytes_down
+        for flow in self.stack.udp.values():
+            if flow.user is not None:
+                up += flow.bytes_in
+                down += flow.bytes_out
+        c["bytes_up"] = up
+        c["bytes_down"] = down
+        return c
 
 
 def _route_rule(router, network, dst, port):
