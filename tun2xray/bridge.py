@@ -9,6 +9,7 @@ wireguard-go's mobile bridge)::
     bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
     bridge.status(handle) -> dict            # same shape as the CLI's control socket
     bridge.stop(handle)
+    bridge.set_log_level("debug")            # tun2xray's loggers only; no handler added
 
 Threads: each handle owns one engine thread running its own event loop
 (uvloop when importable, else asyncio; `start(..., loop="asyncio")` forces
