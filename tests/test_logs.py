@@ -283,3 +283,14 @@ def test_exit_summary_numbers_from_a_status():
     assert rec.getMessage() == ("summary: uptime 12.3s, flows tcp=5 udp=2, bytes up=100 down=2000, "
                                 "refused=3, drops=7, core restarts=1, workers=2 restarts=0; exit: SIGTERM")
     assert rec.summary == f
+
+
+def test_run_log_flags_are_checked():
+    from tun2xray.cli import build_parser
+    args = build_parser().parse_args(["run", "--device", "tun://x", "--log-format", "json"])
+    assert args.log_format == "json" and args.log_level == "info"
+    assert build_parser().parse_args(["run", "--device", "tun://x"]).log_format == "text"
+    for bad in (["--log-format", "xml"], ["--log-level", "loud"]):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["run", "--device", "tun://x", *bad])
+        assert e.value.code == 2
