@@ -77,8 +77,8 @@ def main(argv=None) -> int:
         from . import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
-        from .xray import XrayError
         from . import logs
+        from .xray import XrayError
         logs.setup(args.log_level, args.log_format)
         try:
             return cmd_run(args)

@@ -619,11 +619,10 @@ class Engine:
 
     def _log_socks_reply(self, conn, code: int, bound) -> None:
         f = self._flow_fields(conn, "tcp", socks_reply=code)
-        where = ""
         if bound is not None:
-            f["bound"] = where = _hostport(*bound)
-            where = f", bound {where}"
-        log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code), where, extra=f)
+            f["bound"] = _hostport(*bound)
+        log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
+                  f", bound {f['bound']}" if bound is not None else "", extra=f)
 
     async def _tcp_dial_pipelined(self, conn, up, url) -> None:
         """SOCKS5 CONNECT with the greeting and the request in one write and
@@ -922,7 +921,6 @@ class Engine:
             "udp_associations": len(self._assocs),
             "flows": flows,
         }
-
 
     def _engine_counters(self) -> dict:
         """The counters, with bytes_up/bytes_down over every flow carried:

@@ -58,7 +58,7 @@ def _stamp(created: float) -> str:
 
 def short_name(name: str) -> str:
     """tun2xray.engine -> engine (the package prefix says nothing here)."""
-    return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+    return name.removeprefix(_PREFIX)
 
 
 def fields(record: logging.LogRecord) -> dict:
@@ -153,7 +153,7 @@ class DropSummary:
     the clock time at which a check should run again because counts are
     still unreported (None: nothing pending)."""
 
-    __slots__ = ("log", "interval", "clock", "last", "next_at", "lines")
+    __slots__ = ("clock", "interval", "last", "lines", "log", "next_at")
 
     def __init__(self, log: logging.Logger, interval: float = 1.0, clock=time.monotonic):
         self.log = log
