@@ -294,3 +294,82 @@ def test_run_log_flags_are_checked():
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(["run", "--device", "tun://x", *bad])
         assert e.value.code == 2
+
+
+# --- SOCKS replies in the debug lines (a strict SOCKS5 server, the bridge) ----
+
+@pytest.fixture
+def strict():
+    import threading
+
+    from upstream_fixtures import StrictSocks
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    srv = asyncio.run_coroutine_threadsafe(StrictSocks().start(), loop).result(5)
+    try:
+        yield srv
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+
+
+def dial_once(proxy_url, sport):
+    """One SYN through a bridge at debug level; the engine's records once
+    the flow's fate (SYN-ACK or RST) is out."""
+    import queue
+
+    from helpers import parse_packet, tcp_options
+    out = queue.Queue()
+    cap = Capture()
+    elog = logging.getLogger("tun2xray.engine")
+    elog.addHandler(cap)
+    bridge.set_log_level("debug")
+    h = bridge.start(json.dumps({"proxy": proxy_url, "tcp_connect_timeout": 2}),
+                     lambda pkts, _: [out.put(p) for p in pkts])
+    try:
+        bridge.submit_inbound(h, build_packet(4, addr("10.0.0.2"), addr("93.184.216.34"), sport, 80, 1000, 0,
+                                              "S", 65535, tcp_options(mss=1400)), bridge.AF_INET)
+        while True:
+            s = parse_packet(out.get(timeout=5))
+            if s.dport == sport and s.flags & 0x06:
+                break
+    finally:
+        bridge.stop(h)
+        elog.removeHandler(cap)
+    return s, [r for r in cap.records if getattr(r, "flow", None) is not None]
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["pipelined", "handshake"])
+def test_socks_success_reply_names_the_bound_address(strict, restore_logging, auth):
+    strict.bnd = b"\x01" + bytes([192, 0, 2, 7]) + (4321).to_bytes(2, "big")
+    url = f"socks5://127.0.0.1:{strict.port}"
+    if auth:
+        strict.auth = ("u", "p")
+        url = f"socks5://u:p@127.0.0.1:{strict.port}"
+    seg, recs = dial_once(url, 42000)
+    assert seg.flags & 0x12 == 0x12
+    (reply,) = [r for r in recs if hasattr(r, "socks_reply")]
+    assert reply.getMessage().endswith("socks reply 0 (succeeded), bound 192.0.2.7:4321")
+    assert reply.bound == "192.0.2.7:4321" and reply.src == "10.0.0.2:42000"
+    (dial,) = [r for r in recs if "dialing" in r.getMessage()]
+    assert dial.rule == "default" and dial.upstream == url
+    assert ("greeting and request in one write" in dial.getMessage()) is not auth
+
+
+@pytest.mark.parametrize("auth", [False, True], ids=["pipelined", "handshake"])
+def test_socks_failure_reply_code_and_the_refusal(strict, restore_logging, auth):
+    strict.reply = 5
+    url = f"socks5://127.0.0.1:{strict.port}"
+    if auth:
+        strict.auth = ("u", "p")
+        url = f"socks5://u:p@127.0.0.1:{strict.port}"
+    seg, recs = dial_once(url, 42001)
+    assert seg.flags & 0x04
+    (reply,) = [r for r in recs if hasattr(r, "socks_reply")]
+    assert reply.socks_reply == 5 and "socks reply 5 (connection refused)" in reply.getMessage()
+    (refused,) = [r for r in recs if r.levelno == logging.INFO]
+    assert "refused" in refused.getMessage() and "reply 5" in refused.reason
+    assert not [r for r in recs if "accepted" in r.getMessage()]
