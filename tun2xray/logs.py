@@ -108,9 +108,10 @@ _state = {"format": "text"}
 
 
 def setup(level="info", fmt: str = "text", *, worker=None, stream=None) -> None:
-    """Configure this process's logging: the root logger at ``level``, one
-    handler to ``stream`` (stderr) in ``fmt`` ("text" or "json"); worker:
-    this process's worker id (tag in text, field in JSON)."""
+    """Configure this process's logging: tun2xray's loggers at ``level``
+    (other libraries' at info or above), one handler on the root logger to
+    ``stream`` (stderr) in ``fmt`` ("text" or "json"); worker: this
+    process's worker id (tag in text, field in JSON)."""
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: expected text or json")
     root = logging.getLogger()
@@ -120,7 +121,11 @@ def setup(level="info", fmt: str = "text", *, worker=None, stream=None) -> None:
     h = _Handler(stream if stream is not None else sys.stderr)
     h.setFormatter(JsonFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root.addHandler(h)
-    root.setLevel(level_number(level))
+    n = level_number(level)
+    # debug is for tun2xray's own records: other libraries (asyncio,
+    # pyroute2) stay at info and above
+    root.setLevel(max(n, logging.INFO))
+    logging.getLogger("tun2xray").setLevel(n)
     _state["format"] = fmt
 
 
