@@ -256,3 +256,17 @@ def test_core_lines_go_through_the_same_json_format(lglab):
         lab.stop("tun2xray")
         lab.unroute()
         lab.start_local_core()
+
+
+@pytest.mark.deadline(60)
+def test_summary_names_the_error_that_ended_the_run(lglab, run):
+    """The TUN deleted under a single-process run: it exits non-zero, and
+    its summary says why (the device error), not a signal."""
+    lab = lglab
+    p = run("--log-level", "info", "--workers", "1")
+    curl(lab)
+    lab.ip(lab.cli_ns, "link", "del", TUN)
+    assert p.wait(20) == 1, tail(lab)
+    lines = summary_lines(lab.log("tun2xray"))
+    assert len(lines) == 1, tail(lab)
+    assert re.search(rf"flows tcp=2 .*; exit: device {TUN}: ", lines[0]), lines[0]
