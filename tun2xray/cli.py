@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--record-max-mb", type=float, metavar="N",
                    help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
                    "(default 256, 0 = no cap)")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
+    r.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text: one timestamped line per record; json: one JSON object per line")
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
@@ -87,15 +90,17 @@ def main(argv=None) -> int:
         from . import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
+        from . import logs
         from .instance import InstanceError
         from .xray import XrayError
+        logs.setup(args.log_level, args.log_format)
         try:
             return cmd_run_claimed(args)
         except (UsageError, XrayError) as e:
-            print(f"tun2xray: error: {e}", file=sys.stderr)
+            logs.error_line(str(e))
             return 2
         except InstanceError as e:          # the device is another instance's
-            print(f"tun2xray: error: {e}", file=sys.stderr)
+            logs.error_line(str(e))
             return 1
     return 2
 
@@ -223,8 +228,6 @@ def _cmd_run(args, xs) -> int:
         settings.record = RecordOptions.from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
@@ -293,12 +296,16 @@ async def _serve(settings, device, recorder, xs=None) -> int:
         # the same shape as bridge.status(): state, reason, since, then counters
         return state.compose(lifecycle, engine_status(), settings.instance)
 
-    def stop():
+    ended = []       # why the run ends: a signal's name, else the engine's error
+
+    def stop(sig=None):
+        if sig is not None and not ended:
+            ended.append(signal.Signals(sig).name)
         lifecycle.set(state.DISCONNECTING)
         engine.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, stop, sig)
     up = settings.router.default
     watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
     if settings.control:
@@ -313,6 +320,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
         await engine.run()
     finally:
         watcher.cancel()
+        _exit_summary(engine_status, engine.error or (ended[0] if ended else "stopped"))
         if xs is not None:
             xs.detach()
         if server is not None:
@@ -325,11 +333,25 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     if engine.error:
         lifecycle.set(state.ERROR, engine.error)
         log.error("stopped: %s", engine.error)
-        print(f"tun2xray: error: {engine.error}", file=sys.stderr)
+        from . import logs
+        if logs.current_format() == "text":
+            print(f"tun2xray: error: {engine.error}", file=sys.stderr)
         return 1
     lifecycle.set(state.DISCONNECTED)
     log.info("stopped")
     return 0
+
+
+def _exit_summary(status_fn, reason: str) -> None:
+    """The one info line on exit (uptime, flows, bytes, refusals, drops,
+    core restarts, why); a status that fails must not hide the exit."""
+    from . import logs
+    try:
+        st = status_fn()
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        log.warning("no exit summary: %s", e)
+        return
+    logs.exit_summary(log, st, reason)
 
 
 if __name__ == "__main__":

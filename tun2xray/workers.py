@@ -313,7 +313,8 @@ def run_supervised(args, settings, xs, n: int) -> int:
             record.notice(rec, bool(getattr(keeper, "offload", False)), n)
         if xs is not None:
             xs.route_up(keeper.name)
-        sup = Supervisor(keeper, settings, n, log_level=args.log_level)
+        sup = Supervisor(keeper, settings, n, log_level=args.log_level,
+                         log_format=getattr(args, "log_format", "text"))
         try:
             import uvloop
         except ImportError:
@@ -403,7 +404,7 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keeper, settings, n: int, *, log_level: str = "info"):
+    def __init__(self, keeper, settings, n: int, *, log_level: str = "info", log_format: str = "text"):
         import logging
 
         self.log = logging.getLogger("tun2xray.workers")
@@ -411,6 +412,8 @@ class Supervisor:
         self.settings = settings
         self.n = n
         self.log_level = log_level
+        self.log_format = log_format
+        self.ended = None        # why serve() ends: a signal's name
         self.workers = [WorkerHandle(i) for i in range(n)]
         self.started = time.time()
         self.stopping = False
@@ -427,7 +430,7 @@ class Supervisor:
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "log_level": self.log_level, "record": self._record_spec(w),
+            "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
         }
 
     def _record_spec(self, w: WorkerHandle):
@@ -524,6 +527,17 @@ class Supervisor:
                         self.log.info("worker %d restarted (pid %d)", w.id, w.proc.pid)
             await asyncio.sleep(0.2)
 
+    def _exit_summary(self, status_fn) -> None:
+        import logging
+
+        from . import logs
+        try:
+            st = status_fn()
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            self.log.warning("no exit summary: %s", e)
+            return
+        logs.exit_summary(logging.getLogger("tun2xray"), st, self.ended or "stopped")
+
     # -- status and control
 
     def worker_status(self) -> list:
@@ -572,12 +586,14 @@ class Supervisor:
         def composed():
             return state.compose(lifecycle, inner(), getattr(self.settings, "instance", None))
 
-        def on_signal():
+        def on_signal(sig):
+            if self.ended is None:
+                self.ended = signal.Signals(sig).name
             lifecycle.set(state.DISCONNECTING)
             self.stop()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         # the control socket exists before the first worker serves a flow
         # (while the workers start, a status request waits for them)
         server = None
@@ -595,7 +611,9 @@ class Supervisor:
             except WorkerError as e:
                 lifecycle.set(state.ERROR, str(e))
                 self.log.error("%s", e)
-                print(f"tun2xray: error: {e}", file=sys.stderr)
+                from . import logs
+                if logs.current_format() == "text":
+                    print(f"tun2xray: error: {e}", file=sys.stderr)
                 return 1
             if xs is not None:
                 # the session resets flows through us (engine.reset_flows()) on a node switch
@@ -606,6 +624,8 @@ class Supervisor:
             self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
                           self.keeper.mtu, self.n, self.settings.router.default_url)
             await self._stop
+            # one summary over every worker, asked before they are stopped
+            await loop.run_in_executor(None, self._exit_summary, status_fn)
         finally:
             self.stopping = True
             for t in (watcher, monitor):
@@ -837,11 +857,9 @@ def worker_main(argv=None) -> int:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
         return 1
-    import logging
+    from . import logs
 
-    logging.basicConfig(level=getattr(logging, str(spec["log_level"]).upper(), logging.INFO),
-                        stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec['id']}]: %(message)s")
+    logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
     try:
         import uvloop
     except ImportError:
