@@ -254,8 +254,11 @@ async def _serve(settings, device, recorder, xs=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    up = settings.router.default
-    watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+    watch = state.UpstreamWatch(lifecycle, settings.router.default.host, settings.router.default.port,
+                                auth=settings.router.default.username is not None,
+                                health=xs.health if xs is not None else None)
+    engine.on_upstream_failed = watch.poke
+    watcher = loop.create_task(watch.run())
     if settings.control:
         from .control import control_path, serve_control
         try:

@@ -32,8 +32,15 @@ supervisor, no extra process.
 
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
-``workers`` list (pid, alive, restarts). A worker that dies is restarted with
-backoff (and counted); its counters restart from zero with it.
+``workers`` list (pid, alive, restarts), rates summed, and the newest closed
+flows of all workers. A worker that dies is restarted with backoff (and
+counted); its counters restart from zero with it.
+
+A deleted TUN ends the run: the supervisor watches the interface's index,
+and when it is gone (or a new interface has its name) it stops the workers
+and exits with status 1 and the one-line error a worker reports (the
+single-process run's words). A restart never re-creates the TUN: opening a
+queue by name would make a bare one (down, no addresses, no routes).
 
 Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
 (SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
@@ -69,6 +76,8 @@ STOP_GRACE = 5.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0             # a worker that ran this long restarts at the first delay
+CLOSED_HISTORY = 128            # closed flows in the aggregate (engine.CLOSED_HISTORY per worker)
+DEVICE_GONE_WAIT = 2.0          # how long a lost device waits for a worker to say why
 
 _LEN = struct.Struct("!I")
 
@@ -146,6 +155,8 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
     stack: dict = {}
     engine: dict = {}
     flows = []
+    closed = []
+    rate = {"up": 0.0, "down": 0.0}
     assocs = 0
     summary = []
     for w in workers:
@@ -166,6 +177,12 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
                 f = dict(f)
                 f["worker"] = w["id"]
                 flows.append(f)
+            for k, v in st.get("rate", {}).items():
+                rate[k] = round(rate.get(k, 0.0) + v, 1)
+            for f in st.get("closed_flows", []):
+                f = dict(f)
+                f["worker"] = w["id"]
+                closed.append(f)
             e = st.get("engine", {})
             row.update(uptime=st.get("uptime", 0.0), flows=len(wf),
                        tcp_opened=e.get("tcp_opened", 0), udp_opened=e.get("udp_opened", 0),
@@ -177,7 +194,10 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
         "stack": stack,
         "engine": engine,
         "udp_associations": assocs,
+        "rate": rate,
         "flows": flows,
+        # the newest closed flows of all workers, as many as one engine keeps
+        "closed_flows": sorted(closed, key=lambda f: f.get("ended_epoch", 0))[-CLOSED_HISTORY:],
         "workers": summary,
         "worker_restarts": sum(r["restarts"] for r in summary),
     }
@@ -202,6 +222,13 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
 
 
 def _tun_flags(name: str):
@@ -402,6 +429,8 @@ class Supervisor:
         self.stopping = False
         self.loop = None
         self._stop = None
+        self.fatal = None               # why the run ends on its own (the device is gone)
+        self.ifindex = _ifindex(keeper.name)
 
     # -- workers
 
@@ -416,11 +445,25 @@ class Supervisor:
             "log_level": self.log_level,
         }
 
+    def device_gone(self) -> bool:
+        """Is our TUN gone (deleted, or replaced by another of the same name)?"""
+        return _ifindex(self.keeper.name) != self.ifindex
+
     def spawn(self, w: WorkerHandle) -> None:
-        """Start worker w on a fresh queue (blocking until the spec is sent)."""
+        """Start worker w on a fresh queue (blocking until the spec is sent).
+        Never re-creates a deleted TUN: opening a queue by name would make a
+        bare one (no addresses, no routes, down), so the queue must belong
+        to the interface the run started with."""
         import subprocess
 
+        from .device import DeviceError
+
+        if self.device_gone():
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         q = self.keeper.open_queue()
+        if self.device_gone():
+            q.close()       # we just made a new TUN of that name: its only queue closes it
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
@@ -477,10 +520,61 @@ class Supervisor:
         for w in self.workers:
             w.close_channel()
 
+    def _fatal_from(self, w: WorkerHandle):
+        """A worker's last word ({"fatal": why}) if it is on the channel."""
+        if w.chan is None:
+            return None
+        try:
+            w.chan.setblocking(False)
+            while True:
+                data = w.chan.recv(1 << 16)
+                if not data:
+                    break
+                w.buf += data
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return None
+        try:
+            msgs = unframe(w.buf)
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            w.buf.clear()
+            return None
+        for m in msgs:
+            if "fatal" in m:
+                return m["fatal"]
+        return None
+
+    async def _device_lost(self) -> str:
+        """Why the device is gone, in the words of the worker that saw it (the
+        single-process run's error line), waiting a little for one to say it."""
+        import asyncio
+
+        deadline = time.monotonic() + DEVICE_GONE_WAIT
+        while True:
+            for w in self.workers:
+                why = self._fatal_from(w)
+                if why:
+                    return why
+            if time.monotonic() > deadline:
+                name = self.keeper.name
+                return f"device {name}: tun://{name}: the interface is gone"
+            await asyncio.sleep(0.05)
+
+    def fail(self, why: str) -> None:
+        """End the run with an error (exit status 1)."""
+        if self.fatal is None:
+            self.fatal = why
+        self.stop()
+
     async def _monitor(self) -> None:
         import asyncio
 
         while not self.stopping:
+            if self.device_gone():
+                # no restart can help (and must not re-create a bare TUN): end the run
+                self.fail(await self._device_lost())
+                return
             now = time.monotonic()
             for w in self.workers:
                 if self.stopping:
@@ -582,7 +676,9 @@ class Supervisor:
                 # the session resets flows through us (engine.reset_flows()) on a node switch
                 xs.attach(self, self.settings.router)
             up = self.settings.router.default
-            watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+            watch = state.UpstreamWatch(lifecycle, up.host, up.port, auth=up.username is not None,
+                                        health=xs.health if xs is not None else None)
+            watcher = loop.create_task(watch.run())
             monitor = loop.create_task(self._monitor())
             self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
                           self.keeper.mtu, self.n, self.settings.router.default_url)
@@ -602,6 +698,12 @@ class Supervisor:
                     os.unlink(control_path(ctl))
                 except OSError:
                     pass
+        if self.fatal:
+            # as the single-process run ends when its device fails
+            lifecycle.set(state.ERROR, self.fatal)
+            self.log.error("stopped: %s", self.fatal)
+            print(f"tun2xray: error: {self.fatal}", file=sys.stderr)
+            return 1
         lifecycle.set(state.DISCONNECTED)
         self.log.info("stopped")
         return 0
@@ -770,6 +872,8 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         await asyncio.sleep(0)
         ch.send({"ready": os.getpid()})
         await task
+        if engine.error:
+            ch.send({"fatal": engine.error})    # the supervisor ends the run with these words
         ch.close()
     finally:
         device.close()

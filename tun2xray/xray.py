@@ -697,6 +697,7 @@ class Core:
         self.started_at = None
         self.last_exit = None
         self.last_reason = ""
+        self.restart_at = None                # monotonic time of the next restart after a death
         self._cv = threading.Condition()
         self._cmd = None                      # ("reload", path, checks, result) | ("stop",)
         self._thread = None
@@ -885,6 +886,7 @@ class Core:
                     log.warning("core exited with status %s (%s); restarting in %.1fs",
                                 p.returncode, self.last_reason, backoff)
                 delay = backoff
+                self.restart_at = time.monotonic() + delay
                 backoff = min(backoff * 2, self.max_backoff)
             self.proc = None
             p = None
@@ -1140,6 +1142,26 @@ class XraySession:
                 "runtime_config": d.runtime_path if d else None, "switches": self.switches,
                 "mark": self.mark, "auto_route": self.autoroute is not None,
                 "core": self.core.status() if self.core is not None else None}
+
+    def health(self) -> tuple:
+        """(True, None) while the core runs, else (False, why), e.g.
+        "core exited (SIGKILL), restarting in 2s"."""
+        c = self.core
+        if c is None or c.alive:
+            return True, None
+        code = c.last_exit
+        if code is None:
+            return False, "core restarting"
+        if code < 0:
+            try:
+                how = signal.Signals(-code).name
+            except ValueError:
+                how = f"signal {-code}"
+        else:
+            how = f"status {code}"
+        left = (c.restart_at or 0) - time.monotonic()
+        return False, (f"core exited ({how}), restarting in {left:.0f}s" if left > 0.5
+                       else f"core exited ({how}), restarting")
 
     def wrap_status(self, status_fn):
         def status():
