@@ -133,7 +133,7 @@ def compose(lifecycle: Lifecycle, engine_status: dict | None) -> dict:
 PROBE_PERIOD = 2.0       # seconds between proxy probes while it answers
 PROBE_RETRY = 0.5        # ... and while it does not
 PROBE_TIMEOUT = 3.0
-CORE_CHECK = 0.5         # how often a supervised core's health is read
+CORE_CHECK = 0.1         # how often a supervised core's health is read (attributes, a waitpid)
 DEGRADED_AFTER = 2       # failed probes in a row before "connected" becomes "degraded"
 
 

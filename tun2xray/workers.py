@@ -186,7 +186,8 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
             e = st.get("engine", {})
             row.update(uptime=st.get("uptime", 0.0), flows=len(wf),
                        tcp_opened=e.get("tcp_opened", 0), udp_opened=e.get("udp_opened", 0),
-                       rx_packets=st.get("device", {}).get("rx_packets", 0))
+                       rx_packets=st.get("device", {}).get("rx_packets", 0),
+                       rate=dict(st.get("rate", {})))
         summary.append(row)
     return {
         "uptime": round(uptime, 3),
@@ -329,7 +330,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
         detach_queue(keeper.fileno())
         if xs is not None:
             xs.route_up(keeper.name)
-        sup = Supervisor(keeper, settings, n, log_level=args.log_level)
+        sup = Supervisor(keeper, settings, n, log_level=args.log_level, url=args.device)
         try:
             import uvloop
         except ImportError:
@@ -416,7 +417,7 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keeper, settings, n: int, *, log_level: str = "info"):
+    def __init__(self, keeper, settings, n: int, *, log_level: str = "info", url: str | None = None):
         import logging
 
         self.log = logging.getLogger("tun2xray.workers")
@@ -430,6 +431,7 @@ class Supervisor:
         self.loop = None
         self._stop = None
         self.fatal = None               # why the run ends on its own (the device is gone)
+        self.url = url or keeper.url    # the device as the user named it (in workers' messages)
         self.ifindex = _ifindex(keeper.name)
 
     # -- workers
@@ -438,7 +440,7 @@ class Supervisor:
         s = self.settings
         k = self.keeper
         return {
-            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": k.url,
+            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,

@@ -1149,7 +1149,8 @@ class XraySession:
         c = self.core
         if c is None or c.alive:
             return True, None
-        code = c.last_exit
+        p = c.proc                  # dead but not yet seen by the core's thread: its code
+        code = p.returncode if p is not None and p.returncode is not None else c.last_exit
         if code is None:
             return False, "core restarting"
         if code < 0:
