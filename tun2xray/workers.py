@@ -340,6 +340,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
     finally:
         if sup is not None:
             sup.kill_all()
+            sup.close_poke()
         keeper.close()
 
 
@@ -431,6 +432,10 @@ class Supervisor:
         self.loop = None
         self._stop = None
         self.fatal = None               # why the run ends on its own (the device is gone)
+        # workers write a byte here when a dial to an upstream fails: the
+        # proxy watch checks at once (non-blocking both ends; a full pipe
+        # already says it)
+        self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.url = url or keeper.url    # the device as the user named it (in workers' messages)
         self.ifindex = _ifindex(keeper.name)
 
@@ -444,7 +449,7 @@ class Supervisor:
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "log_level": self.log_level,
+            "log_level": self.log_level, "poke_fd": self.poke_w,
         }
 
     def device_gone(self) -> bool:
@@ -475,7 +480,8 @@ class Supervisor:
             # the child must import this same tree (a source checkout run with -m)
             root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd), stdin=subprocess.DEVNULL, env=env)
+            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL,
+                                      env=env)
         finally:
             # the queue and the far end now live in the child only
             q.close()
@@ -503,6 +509,22 @@ class Supervisor:
                 why = m["error"] if m else (f"exited with {w.proc.poll()}" if not w.alive
                                             else f"not ready within {READY_TIMEOUT:g}s")
                 raise WorkerError(f"worker {w.id}: {why}")
+
+    def _on_poke(self, watch) -> None:
+        try:
+            while os.read(self.poke_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        watch.poke()
+
+    def close_poke(self) -> None:
+        for fd in (self.poke_r, self.poke_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.poke_r = self.poke_w = -1
 
     def kill_all(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM every worker, wait, SIGKILL stragglers (blocking; idempotent)."""
@@ -681,6 +703,7 @@ class Supervisor:
             watch = state.UpstreamWatch(lifecycle, up.host, up.port, auth=up.username is not None,
                                         health=xs.health if xs is not None else None)
             watcher = loop.create_task(watch.run())
+            loop.add_reader(self.poke_r, self._on_poke, watch)
             monitor = loop.create_task(self._monitor())
             self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
                           self.keeper.mtu, self.n, self.settings.router.default_url)
@@ -690,6 +713,7 @@ class Supervisor:
             for t in (watcher, monitor):
                 if t is not None:
                     t.cancel()
+            loop.remove_reader(self.poke_r)
             if xs is not None:
                 xs.detach()
             await loop.run_in_executor(None, self.kill_all)
@@ -851,6 +875,20 @@ class WorkerChannel:
             pass
 
 
+def _poker(fd):
+    """engine.on_upstream_failed for a worker: one byte to the supervisor's
+    proxy watch (a full pipe has said it already)."""
+    if fd is None:
+        return None
+
+    def poke():
+        try:
+            os.write(fd, b"!")
+        except OSError:
+            pass
+    return poke
+
+
 async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
     import asyncio
 
@@ -869,6 +907,7 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
                           icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
         engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"])
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
+        engine.on_upstream_failed = _poker(spec.get("poke_fd"))
         ch = WorkerChannel(chan, engine, loop, pending)
         task = loop.create_task(engine.run())
         await asyncio.sleep(0)
