@@ -77,20 +77,40 @@ def test_compose_shape_and_precedence():
 
 
 class _Greeter:
-    """A SOCKS5 server's first step only: answers the greeting 05 01 00
-    with 05 00 (or, as *reply*, whatever a broken server says)."""
+    """Enough of a SOCKS5 server for the probe: the method choice (or, as
+    *reply*, whatever a broken server says), the RFC 1929 login when it has
+    *login*, and a success reply to UDP ASSOCIATE."""
 
-    def __init__(self, reply=b"\x05\x00"):
+    def __init__(self, reply=None, login=None):
         self.reply = reply
-        self.greetings = 0
+        self.login = login
+        self.associates = 0
         self.server = None
 
     async def _client(self, r, w):
         try:
-            hello = await r.readexactly(3)
-            if hello == b"\x05\x01\x00":
-                self.greetings += 1
-            w.write(self.reply)
+            ver, n = await r.readexactly(2)
+            methods = await r.readexactly(n)
+            if self.reply is not None:
+                w.write(self.reply)
+            elif self.login is not None:
+                assert 2 in methods
+                w.write(b"\x05\x02")
+                _, ulen = await r.readexactly(2)
+                user = await r.readexactly(ulen)
+                pw = await r.readexactly((await r.readexactly(1))[0])
+                ok = (user.decode(), pw.decode()) == self.login
+                w.write(b"\x01\x00" if ok else b"\x01\x01")
+                if not ok:
+                    raise ConnectionResetError
+            else:
+                w.write(b"\x05\x00")
+            if self.reply is None:
+                req = await r.readexactly(10)
+                if req[:4] == b"\x05\x03\x00\x01":
+                    self.associates += 1
+                w.write(b"\x05\x00\x00\x01\x7f\x00\x00\x01\x30\x39")
+                await r.read()                   # the association lives until the client closes
             await w.drain()
         except (asyncio.IncompleteReadError, OSError):
             pass
@@ -131,7 +151,7 @@ def test_watch_proxy_follows_the_proxy_both_ways():
         g = _Greeter()
         await g.start(port)
         await _until(lambda: lc.state == st.CONNECTED, "connected")
-        assert g.greetings >= 1 and lc.reason is None
+        assert g.associates >= 1 and lc.reason is None
         await g.stop()
         await _until(lambda: lc.state == st.DEGRADED, "degraded after the proxy went")
         assert f"proxy 127.0.0.1:{port} unreachable" in lc.reason
@@ -155,10 +175,42 @@ def test_watch_proxy_wants_socks_not_just_a_listener():
         assert lc.state == st.CONNECTING
         g.reply = b"\x05\xff"                  # wants authentication we do not offer
         await _until(lambda: "method" in lc.reason, "a refused method")
-        g.reply = b"\x05\x00"
+        g.reply = None
         await _until(lambda: lc.state == st.CONNECTED, "connected")
         task.cancel()
         await g.stop()
+
+    asyncio.run(main())
+
+
+def test_watch_logs_in_and_follows_the_router():
+    """With a username the probe logs in (a wrong password is the reason);
+    with a router it follows router.default (a node switch moves it)."""
+    from tun2xray.rules import Router
+    from tun2xray.upstream.url import parse_upstream
+
+    lc = st.Lifecycle()
+    lc.set(st.CONNECTING)
+
+    async def main():
+        g = _Greeter(login=("u", "right"))
+        port = await g.start()
+        url = f"socks5://u:wrong@127.0.0.1:{port}"
+        router = Router(default=parse_upstream(url), default_url=url, rules=[])
+        task = asyncio.ensure_future(st.UpstreamWatch(lc, router=router, period=0.05, retry=0.02).run())
+        await _until(lambda: lc.reason and "username/password" in lc.reason, "a refused login")
+        url = f"socks5://u:right@127.0.0.1:{port}"
+        router.default = parse_upstream(url)
+        await _until(lambda: lc.state == st.CONNECTED, "connected with the right password")
+        assert g.associates >= 1
+        g2 = _Greeter()
+        port2 = await g2.start()
+        await g.stop()
+        router.default = parse_upstream(f"socks5://127.0.0.1:{port2}")
+        n = g2.associates
+        await _until(lambda: g2.associates > n and lc.state == st.CONNECTED, "connected through the new inbound")
+        task.cancel()
+        await g2.stop()
 
     asyncio.run(main())
 

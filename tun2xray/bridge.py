@@ -218,8 +218,7 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        watch = st.UpstreamWatch(self.lifecycle, self.proxy.host, self.proxy.port,
-                                 auth=getattr(self.proxy, "username", None) is not None)
+        watch = st.UpstreamWatch(self.lifecycle, router=self.router)
         engine.on_upstream_failed = watch.poke
         self._probe_task = self.loop.create_task(watch.run())
         with self._lock:

@@ -254,9 +254,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    watch = state.UpstreamWatch(lifecycle, settings.router.default.host, settings.router.default.port,
-                                auth=settings.router.default.username is not None,
-                                health=xs.health if xs is not None else None)
+    watch = state.UpstreamWatch(lifecycle, router=settings.router, health=xs.health if xs is not None else None)
     engine.on_upstream_failed = watch.poke
     watcher = loop.create_task(watch.run())
     if settings.control:

@@ -137,17 +137,37 @@ CORE_CHECK = 0.1         # how often a supervised core's health is read (attribu
 DEGRADED_AFTER = 2       # failed probes in a row before "connected" becomes "degraded"
 
 
-async def socks_probe(host: str, port: int, *, auth: bool = False, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """Does a SOCKS5 server answer at host:port?  Sends the greeting (05 01 00,
-    or 05 02 00 02 with user/password) and reads the method choice; no
-    request follows, so the proxy dials nothing.  None when it answered,
-    else why not."""
+_ASSOCIATE = b"\x05\x03\x00\x01" + bytes(6)     # UDP ASSOCIATE from 0.0.0.0:0
+
+
+async def socks_probe(host: str, port: int, *, username: str | None = None, password: str | None = None,
+                      timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Does a SOCKS5 server answer at host:port?  None when it does, else why not.
+
+    The greeting (05 01 00, or 05 02 00 02 with a username), the RFC 1929
+    login when the server picks it, then a UDP ASSOCIATE request: a core
+    answers it without dialing anything and without an access-log line (a
+    bare greeting followed by a close makes Xray/v2ray log "rejected ...
+    failed to read request" every time).  Any SOCKS5 reply to the request,
+    even "command not supported" from an inbound with UDP off, means the
+    server is there."""
     import asyncio
     w = None
     try:
         async with asyncio.timeout(timeout):
             r, w = await asyncio.open_connection(host, port)
-            w.write(b"\x05\x02\x00\x02" if auth else b"\x05\x01\x00")
+            w.write(b"\x05\x02\x00\x02" if username is not None else b"\x05\x01\x00")
+            reply = await r.readexactly(2)
+            if reply[0] != 5:
+                return "not a SOCKS5 server"
+            if reply[1] == 2 and username is not None:
+                u, p = username.encode(), (password or "").encode()
+                w.write(bytes((1, len(u))) + u + bytes((len(p),)) + p)
+                if (await r.readexactly(2))[1] != 0:
+                    return "the proxy refused the username/password"
+            elif reply[1] != 0:
+                return "refused every offered SOCKS5 method"
+            w.write(_ASSOCIATE)
             reply = await r.readexactly(2)
     except asyncio.IncompleteReadError:
         return "closed the connection without a SOCKS5 reply"
@@ -159,17 +179,16 @@ async def socks_probe(host: str, port: int, *, auth: bool = False, timeout: floa
             w.close()
     if reply[0] != 5:
         return "not a SOCKS5 server"
-    if reply[1] not in ((0, 2) if auth else (0,)):
-        return "refused every offered SOCKS5 method"
     return None
 
 
 class UpstreamWatch:
     """Keeps a Lifecycle true to the upstream for as long as it runs.
 
-    The proxy inbound is probed with a SOCKS5 greeting every PROBE_PERIOD
+    The proxy inbound is probed (`socks_probe`) every PROBE_PERIOD
     (PROBE_RETRY while it fails) and at once after `poke()` (the engine
-    calls it when a dial to the upstream fails).  *health*, when given,
+    calls it when a dial to the upstream fails).  With *router*, the probe
+    follows ``router.default`` (a node switch may move the inbound).  *health*, when given,
     returns (ok, reason) for a core tun2xray supervises; it is read every
     CORE_CHECK seconds.  Before the first good probe the state is
     "connecting" with the reason; afterwards a core that is down, or
@@ -177,12 +196,15 @@ class UpstreamWatch:
     reason, and the next good probe with a healthy core "connected" again.
     Run `run()` as a task next to the engine; cancel it on stop."""
 
-    def __init__(self, lifecycle: Lifecycle, host: str, port: int, *, auth: bool = False, health=None,
-                 period: float = PROBE_PERIOD, retry: float = PROBE_RETRY, timeout: float = PROBE_TIMEOUT):
+    def __init__(self, lifecycle: Lifecycle, host: str = "", port: int = 0, *, username=None, password=None,
+                 router=None, health=None, period: float = PROBE_PERIOD, retry: float = PROBE_RETRY,
+                 timeout: float = PROBE_TIMEOUT):
         self.lifecycle = lifecycle
         self.host = host
         self.port = port
-        self.auth = auth
+        self.username = username
+        self.password = password
+        self.router = router
         self.health = health
         self.period = period
         self.retry = retry
@@ -215,16 +237,21 @@ class UpstreamWatch:
         self._wake = wake = asyncio.Event()
         loop = asyncio.get_running_loop()
         next_probe = loop.time()
-        where = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
         last_probe = None
         while True:
+            if self.router is not None:
+                up = self.router.default
+                self.host, self.port, self.username, self.password = (
+                    up.host, up.port, getattr(up, "username", None), getattr(up, "password", None))
+            where = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
             if wake.is_set():
                 wake.clear()
                 # probe now, but not more often than every `retry` however many dials fail
                 soon = loop.time() if last_probe is None else last_probe + self.retry
                 next_probe = min(next_probe, max(soon, loop.time()))
             if loop.time() >= next_probe:
-                why = await socks_probe(self.host, self.port, auth=self.auth, timeout=self.timeout)
+                why = await socks_probe(self.host, self.port, username=self.username, password=self.password,
+                                        timeout=self.timeout)
                 last_probe = loop.time()
                 self.probes += 1
                 self.failures = 0 if why is None else self.failures + 1

@@ -699,8 +699,7 @@ class Supervisor:
             if xs is not None:
                 # the session resets flows through us (engine.reset_flows()) on a node switch
                 xs.attach(self, self.settings.router)
-            up = self.settings.router.default
-            watch = state.UpstreamWatch(lifecycle, up.host, up.port, auth=up.username is not None,
+            watch = state.UpstreamWatch(lifecycle, router=self.settings.router,
                                         health=xs.health if xs is not None else None)
             watcher = loop.create_task(watch.run())
             loop.add_reader(self.poke_r, self._on_poke, watch)
