@@ -501,7 +501,7 @@ def _get(handle) -> _Tunnel:
 def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
     """Start an engine for the profile *config_json* (DESIGN.md "Profile");
     returns its handle once the engine serves (state "connecting" until the
-    proxy inbound answers a SOCKS5 greeting, then "connected"; "degraded"
+    proxy inbound answers in SOCKS5, then "connected"; "degraded"
     with the reason while it stops answering later; see tun2xray.state).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,

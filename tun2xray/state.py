@@ -188,9 +188,9 @@ class UpstreamWatch:
     The proxy inbound is probed (`socks_probe`) every PROBE_PERIOD
     (PROBE_RETRY while it fails) and at once after `poke()` (the engine
     calls it when a dial to the upstream fails).  With *router*, the probe
-    follows ``router.default`` (a node switch may move the inbound).  *health*, when given,
-    returns (ok, reason) for a core tun2xray supervises; it is read every
-    CORE_CHECK seconds.  Before the first good probe the state is
+    follows ``router.default`` (a node switch may move the inbound).
+    *health*, when given, returns (ok, reason) for a core tun2xray
+    supervises; it is read every CORE_CHECK seconds.  Before the first good probe the state is
     "connecting" with the reason; afterwards a core that is down, or
     DEGRADED_AFTER failed probes in a row, make it "degraded" with the
     reason, and the next good probe with a healthy core "connected" again.
