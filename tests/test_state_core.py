@@ -46,7 +46,7 @@ def wait(pred, timeout, what):
 @pytest.fixture
 def core(tmp_path):
     path, port = _config(tmp_path)
-    c = xray.Core(_core_binary(), path, xray.derive(path).ready_checks(), min_backoff=1.0, max_backoff=2.0)
+    c = xray.Core(_core_binary(), path, xray.derive(path).ready_checks(), min_backoff=2.0, max_backoff=4.0)
     c.start()
     try:
         yield c, port
