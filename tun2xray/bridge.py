@@ -219,8 +219,9 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        self._probe_task = self.loop.create_task(
-            st.watch_proxy(self.lifecycle, self.proxy.host, self.proxy.port))
+        watch = st.UpstreamWatch(self.lifecycle, router=self.router)
+        engine.on_upstream_failed = watch.poke
+        self._probe_task = self.loop.create_task(watch.run())
         with self._lock:
             pending = bool(self._inq) and not self._wake
             if pending:
@@ -501,7 +502,8 @@ def _get(handle) -> _Tunnel:
 def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
     """Start an engine for the profile *config_json* (DESIGN.md "Profile");
     returns its handle once the engine serves (state "connecting" until the
-    proxy inbound answers, then "connected").
+    proxy inbound answers in SOCKS5, then "connected"; "degraded"
+    with the reason while it stops answering later; see tun2xray.state).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""

@@ -306,8 +306,9 @@ async def _serve(settings, device, recorder, xs=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
-    up = settings.router.default
-    watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+    watch = state.UpstreamWatch(lifecycle, router=settings.router, health=xs.health if xs is not None else None)
+    engine.on_upstream_failed = watch.poke
+    watcher = loop.create_task(watch.run())
     if settings.control:
         from .control import control_path, serve_control
         try:

@@ -17,6 +17,7 @@ Backpressure, both ways, with bounded memory per flow:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import socket
@@ -38,6 +39,8 @@ log = logging.getLogger("tun2xray.engine")
 
 UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
+RATE_PERIOD = 1.0             # seconds between byte-counter samples (flow and total rates)
+CLOSED_HISTORY = 128          # recently closed flows kept for status()
 
 
 def _addr(b: bytes) -> str:
@@ -52,7 +55,7 @@ class TcpRelay(asyncio.Protocol):
     """Carries one TCP connection's bytes between the stack and an upstream socket."""
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
-                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer")
+                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -69,6 +72,7 @@ class TcpRelay(asyncio.Protocol):
         # the request bytes to send, then the replies read so far
         self.hs = hs
         self.hs_timer = None
+        self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -167,6 +171,8 @@ class TcpRelay(asyncio.Protocol):
             self._hs_failed("proxy closed the connection during the handshake")
             return False
         self.up_eof = True
+        if self.fin_from is None:
+            self.fin_from = "upstream"
         self._upstream_done()
         return True   # keep our write side open: half-close
 
@@ -181,8 +187,11 @@ class TcpRelay(asyncio.Protocol):
             if not conn.closed:
                 if exc is not None:
                     self.engine.counters["upstream_reset"] += 1
+                    self.engine.close_why(conn, "upstream reset", str(exc))
                     conn.abort()
                 else:
+                    if self.fin_from is None:
+                        self.fin_from = "upstream"
                     self._upstream_done()
         self.engine.kick()
 
@@ -203,6 +212,7 @@ class TcpRelay(asyncio.Protocol):
             # A SOCKS core that answered CONNECT before dialing closes at once
             # when the destination refuses: tell the client with a RST.
             self.engine.counters["upstream_closed_empty"] += 1
+            self.engine.close_why(conn, "upstream refused", "closed before sending any data")
             conn.abort()
         elif not self.pending:
             conn.shutdown()
@@ -221,6 +231,8 @@ class TcpRelay(asyncio.Protocol):
             t.write(data)
         if conn.eof and not conn.readable and not self.eof_sent:
             self.eof_sent = True
+            if self.fin_from is None:
+                self.fin_from = "client"
             if t.can_write_eof():
                 t.write_eof()
 
@@ -323,6 +335,16 @@ class Engine:
         self._drop_log = logs.DropSummary(log, clock=log_clock or time.monotonic)
         self._drop_seen = 0        # drops (all reasons) when the summary last looked
         self._drop_timer = None
+        self.on_upstream_failed = None  # called (no arguments) when a dial to an upstream fails
+        self.closed_flows = collections.deque(maxlen=CLOSED_HISTORY)
+        self._why = {}             # conn/flow -> (reason, detail): why the engine ends it
+        self._rates = {}           # conn/flow -> (bytes_in, bytes_out) at the last sample
+        self._flow_rate = {}       # conn/flow -> (up, down) bytes/s over the last period
+        self._rate = (0.0, 0.0)    # all flows, bytes/s
+        self._closed_bytes = [0, 0]  # bytes of flows gone (keeps the total rate exact)
+        self._total_at = (0, 0)
+        self._sample_at = None
+        self._sampler = None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -334,6 +356,8 @@ class Engine:
         self.refresh_log_level()
         if self._pollable:
             self.loop.add_reader(self.device.fileno(), self._on_device)
+        self._sample_at = self.loop.time()
+        self._sampler = self.loop.call_later(RATE_PERIOD, self._sample)
         if self._started_cb is not None:
             self._started_cb(self)
         try:
@@ -362,6 +386,9 @@ class Engine:
         if self._drop_timer is not None:
             self._drop_timer.cancel()
             self._drop_timer = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         for t in list(self._tasks):
             t.cancel()
         stack = self.stack
@@ -400,11 +427,13 @@ class Engine:
             if isinstance(relay, TcpRelay):
                 relay.close()
             if not conn.closed:
+                self._why[conn] = ("reset by reset_flows", None)
                 conn.abort()
                 n += 1
         for flow in list(stack.udp.values()):
             self._udp_release(flow)
             if not flow.closed:
+                self._why[flow] = ("reset by reset_flows", None)
                 flow.close()
                 n += 1
         for a in list(self._assocs.values()):
@@ -644,12 +673,21 @@ class Engine:
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self.counters["upstream_connect_failed"] += 1
+        self._upstream_failed()
         if not conn.closed:
             f = self._flow_fields(conn, "tcp", upstream=url, reason=str(why))
             log.info("tcp flow %d %s -> %s via %s refused: %s", conn.id, f["src"], f["dst"], url, why,
                      extra=f)
+            timeout = isinstance(why, (TimeoutError, asyncio.TimeoutError)) or why == "no SOCKS reply in time"
+            self._why[conn] = ("connect timeout" if timeout else "upstream refused",
+                               f"{url}: {str(why) or type(why).__name__}")
             conn.reject(self.reject_with)
             self.kick()
+
+    def _upstream_failed(self) -> None:
+        cb = self.on_upstream_failed
+        if cb is not None:
+            cb()
 
     def _tcp_established(self, conn, relay) -> None:
         """The upstream is connected: answer the connect request (SYN-ACK)."""
@@ -714,6 +752,7 @@ class Engine:
                                       bytes_up=relay.bytes_up, bytes_down=relay.bytes_down)
                 log.debug("tcp flow %d closed (%s): %s -> %s up=%d down=%d bytes", conn.id, reason,
                           f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
+        self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
         conn.user = None
 
     # ----------------------------------------------------------------------- UDP
@@ -759,7 +798,9 @@ class Engine:
             self.counters["upstream_connect_failed"] += 1
             log.info("udp flow %d %s: dokodemo %s failed: %s", flow.id, _fmt(flow.dst, flow.dport), relay.url, e,
                      extra=self._flow_fields(flow, "udp", upstream=relay.url, reason=str(e)))
+            self._upstream_failed()
             if not flow.closed:
+                self._why[flow] = ("upstream refused", f"{relay.url}: {e}")
                 flow.reject("port")
                 self.kick()
             return
@@ -787,11 +828,14 @@ class Engine:
             self.counters["upstream_connect_failed"] += 1
             log.info("udp association for %s failed: %s", _fmt(*a.key), e,
                      extra={"src": _fmt(*a.key), "reason": str(e)})
+            self._upstream_failed()
             a.closed = True
             if self._assocs.get(a.key) is a:
                 del self._assocs[a.key]
             for flow in list(a.flows):
                 if not flow.closed:
+                    self._why[flow] = ("connect timeout" if isinstance(e, TimeoutError) else "upstream refused",
+                                       f"UDP ASSOCIATE: {str(e) or type(e).__name__}")
                     flow.reject("port")
             self.kick()
             return
@@ -850,6 +894,7 @@ class Engine:
             if relay is not None:
                 relay.assoc = None
             if not flow.closed:
+                self._why[flow] = ("upstream closed", "the UDP association ended")
                 flow.close()
         a.flows.clear()
         self.kick()
@@ -882,14 +927,92 @@ class Engine:
                     a.assoc.close()
 
     def _udp_closed(self, flow, reason) -> None:
-        if flow.user is not None:
+        relay = flow.user
+        if relay is not None:
             self.counters["udp_closed"] += 1
             if self._debug:
                 f = self._flow_fields(flow, "udp", upstream=flow.user.url, reason=reason,
                                       bytes_up=flow.bytes_in, bytes_down=flow.bytes_out)
                 log.debug("udp flow %d closed (%s): %s -> %s up=%d down=%d bytes", flow.id, reason,
                           f["src"], f["dst"], flow.bytes_in, flow.bytes_out, extra=f)
+        why = self._why.pop(flow, None)
+        if why is None:
+            why = ("idle timeout" if reason == "idle" else reason, None)
+        self._remember("udp", flow, relay, why)
         self._udp_release(flow)
+
+    # ------------------------------------------------------- closed flows, rates
+
+    def close_why(self, obj, reason: str, detail: str | None = None) -> None:
+        """Say why the engine is about to end a flow (before abort/reject/close)."""
+        self._why[obj] = (reason, detail)
+
+    def _tcp_close_reason(self, conn, relay, reason):
+        why = self._why.pop(conn, None)
+        if why is not None:
+            return why
+        if reason == "closed":
+            fin = relay.fin_from if isinstance(relay, TcpRelay) else None
+            return ("upstream closed" if fin == "upstream" else "client FIN", None)
+        if reason == "reset":
+            return ("client RST", None)
+        if reason == "timeout":
+            # a connection still waiting for its SYN-ACK timed out in the stack
+            return ("timeout" if isinstance(relay, TcpRelay) else "connect timeout", None)
+        return (reason, None)
+
+    def _remember(self, proto, f, relay, why) -> None:
+        """Add a closed flow to the bounded history; keep the total rate exact."""
+        bi, bo = f.bytes_in, f.bytes_out
+        self._rates.pop(f, None)
+        self._flow_rate.pop(f, None)
+        cb = self._closed_bytes
+        cb[0] += bi
+        cb[1] += bo
+        now = self.loop.time() if self.loop is not None else f.created
+        self.closed_flows.append((proto, f.src, f.sport, f.dst, f.dport,
+                                  getattr(relay, "url", None), why[0], why[1], bi, bo,
+                                  now - f.created, time.time()))
+
+    def _sample(self) -> None:
+        """Every RATE_PERIOD: bytes/s per flow and in total from the byte
+        counters (no per-packet work)."""
+        loop = self.loop
+        now = loop.time()
+        dt = now - self._sample_at
+        self._sample_at = now
+        self._sampler = loop.call_later(RATE_PERIOD, self._sample)
+        if dt <= 0:
+            return
+        old = self._rates
+        rates = {}
+        flow_rate = {}
+        tot_in, tot_out = self._closed_bytes
+        stack = self.stack
+        for table in (stack.tcp, stack.udp):
+            for f in table.values():
+                bi, bo = f.bytes_in, f.bytes_out
+                tot_in += bi
+                tot_out += bo
+                p = old.get(f)
+                pi, po = p if p is not None else (0, 0)
+                rates[f] = (bi, bo)
+                if bi != pi or bo != po:
+                    flow_rate[f] = ((bi - pi) / dt, (bo - po) / dt)
+        self._rates = rates
+        self._flow_rate = flow_rate
+        ti, to = self._total_at
+        self._total_at = (tot_in, tot_out)
+        self._rate = ((tot_in - ti) / dt, (tot_out - to) / dt)
+
+    def _closed_status(self) -> list:
+        from .state import utc_text
+        out = []
+        for (proto, src, sport, dst, dport, url, reason, detail, bi, bo, dur, ended) in self.closed_flows:
+            out.append({"proto": proto, "src": _fmt(src, sport), "dst": _fmt(dst, dport), "inbound": url,
+                        "reason": reason, "detail": detail, "bytes_up": bi, "bytes_down": bo,
+                        "duration": round(dur, 3), "ended": utc_text(ended), "ended_epoch": round(ended, 3)})
+        return out
 
     # -------------------------------------------------------------------- status
 
@@ -897,20 +1020,26 @@ class Engine:
         now = self.loop.time() if self.loop is not None else 0.0
         st = self.stack.status()
         flows = []
+        rate = self._flow_rate
+        still = (0.0, 0.0)
         for conn in list(self.stack.tcp.values()):
             relay = conn.user
+            ru, rd = rate.get(conn, still)
             flows.append({
                 "proto": "tcp", "src": _fmt(conn.src, conn.sport), "dst": _fmt(conn.dst, conn.dport),
                 "inbound": relay.url if relay is not None else None, "state": conn.state,
                 "bytes_up": conn.bytes_in, "bytes_down": conn.bytes_out,
+                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
                 "age": round(now - conn.created, 3),
             })
         for flow in list(self.stack.udp.values()):
             relay = flow.user
+            ru, rd = rate.get(flow, still)
             flows.append({
                 "proto": "udp", "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
                 "inbound": relay.url if relay is not None else None, "state": "open",
                 "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
+                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
                 "age": round(now - flow.created, 3),
             })
         return {
@@ -919,7 +1048,9 @@ class Engine:
             "stack": st,
             "engine": self._engine_counters(),
             "udp_associations": len(self._assocs),
+            "rate": {"up": round(self._rate[0], 1), "down": round(self._rate[1], 1)},
             "flows": flows,
+            "closed_flows": self._closed_status(),
         }
 
     def _engine_counters(self) -> dict:

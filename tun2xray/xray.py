@@ -947,6 +947,7 @@ class Core:
         self.started_at = None
         self.last_exit = None
         self.last_reason = ""
+        self.restart_at = None                # monotonic time of the next restart after a death
         self._cv = threading.Condition()
         self._cmd = None                      # ("reload", path, checks, result) | ("stop",)
         self._thread = None
