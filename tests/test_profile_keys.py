@@ -64,6 +64,7 @@ EFFECTS = {
     "record_wire": (True, lambda a, s: a.record_wire is True),
     "record_max_mb": (16, lambda a, s: a.record_max_mb == 16),
     "log_level": ("debug", lambda a, s: a.log_level == "debug"),
+    "log_format": ("json", lambda a, s: a.log_format == "json"),
     "workers": (3, lambda a, s: a.workers == 3),
     "xray.config": ("/etc/pr/config.json", lambda a, s: a.xray_config == "/etc/pr/config.json"),
     "xray.bin": ("/opt/pr/v2ray", lambda a, s: a.xray_bin == "/opt/pr/v2ray"),
@@ -162,6 +163,7 @@ def test_flag_wins_over_key(tmp_path, path):
              "ipv4.address": ["--address", "10.5.0.1/16"], "ipv6.address": ["--address6", "fd55::1/64"],
              "device": ["--device", "tun://prflag0"], "control": ["--control", "unix:///tmp/pr-flag.sock"],
              "record": ["--record", "/tmp/pr-flag.pcap"], "log_level": ["--log-level", "error"],
+             "log_format": ["--log-format", "text"],
              "record_wire": ["--record-wire"], "record_max_mb": ["--record-max-mb", "2.5"],
              "workers": ["--workers", "1"], "xray.config": ["--xray-config", "/tmp/pr-flag.json"],
              "xray.bin": ["--xray-bin", "/tmp/pr-flag-bin"], "xray.auto_route": ["--auto-route"]}[path]
@@ -289,9 +291,9 @@ GOOD = [
                                 "to": "tunnel://127.0.0.1:1"},
                                {"network": "udp", "port": 0, "to": "socks5://127.0.0.1:1"}]},
     {"proxy": PROXY, "device": "tun://tun0?offload=0", "control": "unix:///run/t.sock", "record": "c.pcap",
-     "record_wire": True, "record_max_mb": 0.5,
+     "record_wire": True, "record_max_mb": 0.5, "log_format": "json",
      "log_level": "warning", "workers": 64, "xray": {"config": "c.json", "bin": "v2ray", "auto_route": True}},
-    {"proxy": PROXY, "device": "fd://3?header=af"},
+    {"proxy": PROXY, "device": "fd://3?header=af", "control": "none"},
 ]
 
 BAD = [
@@ -333,6 +335,7 @@ BAD = [
     {"proxy": PROXY, "control": "/tmp/x.sock"},
     {"proxy": PROXY, "record": ""},
     {"proxy": PROXY, "log_level": "trace"},
+    {"proxy": PROXY, "log_format": "xml"},
     {"proxy": PROXY, "workers": 0},
     {"proxy": PROXY, "workers": 65},
     {"proxy": PROXY, "record_max_mb": -1},

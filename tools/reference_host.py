@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bridge.set_log_level(args.log_level)     # the host's logging, tun2xray's level
     try:
         with open(args.config) as f:
             text = f.read()

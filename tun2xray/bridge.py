@@ -9,6 +9,7 @@ wireguard-go's mobile bridge)::
     bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
     bridge.status(handle) -> dict            # same shape as the CLI's control socket
     bridge.stop(handle)
+    bridge.set_log_level("debug")            # tun2xray's loggers only; no handler added
 
 Threads: each handle owns one engine thread running its own event loop
 (uvloop when importable, else asyncio; `start(..., loop="asyncio")` forces
@@ -222,8 +223,9 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        self._probe_task = self.loop.create_task(
-            st.watch_proxy(self.lifecycle, self.proxy.host, self.proxy.port))
+        watch = st.UpstreamWatch(self.lifecycle, router=self.router)
+        engine.on_upstream_failed = watch.poke
+        self._probe_task = self.loop.create_task(watch.run())
         with self._lock:
             pending = bool(self._inq) and not self._wake
             if pending:
@@ -506,7 +508,8 @@ def _get(handle) -> _Tunnel:
 def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
     """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
-    proxy inbound answers, then "connected").
+    proxy inbound answers in SOCKS5, then "connected"; "degraded"
+    with the reason while it stops answering later; see tun2xray.state).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""
@@ -587,6 +590,28 @@ def handles() -> list:
         return sorted(_registry)
 
 
+def set_log_level(level) -> None:
+    """The level of tun2xray's loggers ("debug", "info", "warning", "error"
+    or a logging number) for every handle, live ones included. "debug" adds
+    each flow's life (rule, dial, SOCKS reply, close) and rate-limited drop
+    summaries. No handler is installed and the root logger is left alone:
+    records go wherever the host's logging sends them."""
+    from . import logs
+    try:
+        logs.set_level(level)
+    except ValueError as e:
+        raise BridgeError(str(e)) from None
+    with _registry_lock:
+        tunnels = list(_registry.values())
+    for t in tunnels:
+        engine = t.engine
+        if engine is not None and not t._down:
+            try:
+                t.loop.call_soon_threadsafe(engine.refresh_log_level)
+            except RuntimeError:        # its loop closed meanwhile: nothing to refresh
+                pass
+
+
 def loop_kind(handle: int) -> str:
     """"uvloop" or "asyncio": the loop this handle's engine runs on."""
     return _get(handle).loop_kind
@@ -594,4 +619,4 @@ def loop_kind(handle: int) -> str:
 
 __all__ = ["AF_INET", "AF_INET6_DARWIN", "AF_INET6_LINUX", "BridgeError", "InvalidHandle",
            "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "reset_flows",
-           "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]
+           "set_log_level", "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]

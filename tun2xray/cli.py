@@ -10,8 +10,6 @@ import signal
 import socket
 import sys
 
-from .control import DEFAULT_CONTROL
-
 log = logging.getLogger("tun2xray")
 
 
@@ -40,14 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
     r.add_argument("--config", help="profile JSON (docs/profile.md): every run flag has a key; flags "
                    "override keys")
-    r.add_argument("--control", help="serve JSON status on unix:///path")
+    r.add_argument("--control", help="serve JSON status on unix:///path (default: "
+                   "unix:///run/tun2xray/NAME.sock, per device; none: no socket)")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
     r.add_argument("--record-wire", action="store_true", default=None,
                    help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
     r.add_argument("--record-max-mb", type=float, metavar="N",
                    help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
                    "(default 256, 0 = no cap)")
-    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info; debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
+    r.add_argument("--log-format", choices=["text", "json"],
+                   help="text (default): one timestamped line per record; json: one JSON object per line")
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
@@ -58,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: one per core for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
-    s.add_argument("--control", default=DEFAULT_CONTROL)
+    s.add_argument("--control", help="unix:///path (default: the running tun2xray's, found "
+                   "under /run/tun2xray/)")
+    s.add_argument("--device", help="NAME or tun://NAME: the instance on that device, when several run")
 
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
@@ -88,21 +92,39 @@ def main(argv=None) -> int:
         from . import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
+        from . import logs
+        from .instance import InstanceError
         from .xray import XrayError
         try:
-            return cmd_run(args)
-        except (UsageError, XrayError) as e:
-            print(f"tun2xray: error: {e}", file=sys.stderr)
+            apply_profile(args)             # profile keys fill unset flags (log_level, log_format too)
+        except UsageError as e:
+            logs.setup("info", args.log_format or "text")
+            logs.error_line(str(e))
             return 2
+        logs.setup(args.log_level, args.log_format)
+        try:
+            return cmd_run_claimed(args)
+        except (UsageError, XrayError) as e:
+            logs.error_line(str(e))
+            return 2
+        except InstanceError as e:          # the device is another instance's
+            logs.error_line(str(e))
+            return 1
     return 2
 
 
 def cmd_status(args) -> int:
     from .control import query
+    from .instance import InstanceError, find_control
     try:
-        reply = query(args.control)
+        url = find_control(args.control, args.device)
+    except InstanceError as e:
+        print(f"tun2xray: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        reply = query(url)
     except (OSError, ValueError) as e:
-        print(f"tun2xray: error: cannot reach {args.control}: {e}", file=sys.stderr)
+        print(f"tun2xray: error: cannot reach {url}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(reply, indent=2))
     return 0
@@ -169,6 +191,7 @@ class RunSettings:
         self.net = Network(profile, args.device, [self.address, self.address6],
                            auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)
         self.control = args.control
+        self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
             from .control import control_path
             try:
@@ -187,7 +210,9 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
 def apply_profile(args):
     """Read --config (if any) and fill every run flag left unset from its
     key (tun2xray.profile.KEYS: one entry per flag), else the key's default.
-    Keeps the loaded profile on args.profile."""
+    Keeps the loaded profile on args.profile; a second call does nothing."""
+    if getattr(args, "profile_applied", False):
+        return args.profile
     from .profile import ProfileError, apply_to_args, load_profile
     profile = None
     if getattr(args, "config", None):
@@ -202,9 +227,24 @@ def apply_profile(args):
             raise UsageError(f"--config {args.config}: {e}") from None
     apply_to_args(profile, args)
     args.profile = profile
+    args.profile_applied = True
     if not args.device:
         raise UsageError('--device is required (or "device" in the --config profile)')
     return profile
+
+
+def cmd_run_claimed(args) -> int:
+    """cmd_run holding the device's instance lock: a second run on the same
+    device fails here (InstanceError), before the core starts or the device
+    opens; the control socket defaults to the device's own."""
+    from .instance import claim
+    apply_profile(args)                     # device and control may come from the profile
+    lock, args.device, args.control = claim(args.device, args.control)
+    args.instance = lock.info
+    try:
+        return cmd_run(args)
+    finally:
+        lock.release()
 
 
 def cmd_run(args) -> int:
@@ -227,8 +267,6 @@ def _cmd_run(args, xs) -> int:
         settings.record = RecordOptions.from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
@@ -307,16 +345,21 @@ async def _serve(settings, device, recorder, xs=None) -> int:
 
     def status_fn():
         # the same shape as bridge.status(): state, reason, since, then counters
-        return state.compose(lifecycle, engine_status())
+        return state.compose(lifecycle, engine_status(), settings.instance)
 
-    def stop():
+    ended = []       # why the run ends: a signal's name, else the engine's error
+
+    def stop(sig=None):
+        if sig is not None and not ended:
+            ended.append(signal.Signals(sig).name)
         lifecycle.set(state.DISCONNECTING)
         engine.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-    up = settings.router.default
-    watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+        loop.add_signal_handler(sig, stop, sig)
+    watch = state.UpstreamWatch(lifecycle, router=settings.router, health=xs.health if xs is not None else None)
+    engine.on_upstream_failed = watch.poke
+    watcher = loop.create_task(watch.run())
     if settings.control:
         from .control import control_path, serve_control
         try:
@@ -329,6 +372,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
         await engine.run()
     finally:
         watcher.cancel()
+        _exit_summary(engine_status, engine.error or (ended[0] if ended else "stopped"))
         if xs is not None:
             xs.detach()
         if server is not None:
@@ -341,11 +385,25 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     if engine.error:
         lifecycle.set(state.ERROR, engine.error)
         log.error("stopped: %s", engine.error)
-        print(f"tun2xray: error: {engine.error}", file=sys.stderr)
+        from . import logs
+        if logs.current_format() == "text":
+            print(f"tun2xray: error: {engine.error}", file=sys.stderr)
         return 1
     lifecycle.set(state.DISCONNECTED)
     log.info("stopped")
     return 0
+
+
+def _exit_summary(status_fn, reason: str) -> None:
+    """The one info line on exit (uptime, flows, bytes, refusals, drops,
+    core restarts, why); a status that fails must not hide the exit."""
+    from . import logs
+    try:
+        st = status_fn()
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        log.warning("no exit summary: %s", e)
+        return
+    logs.exit_summary(log, st, reason)
 
 
 if __name__ == "__main__":

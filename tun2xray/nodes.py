@@ -48,8 +48,10 @@ def add_arguments(p) -> None:
                            "(default: xray, else v2ray, on PATH; skipped when none)")
             s.add_argument("--control", help="wait until the tun2xray serving unix:///path has switched")
             s.add_argument("--wait", type=float, default=20.0, help="seconds to wait with --control")
-        s.add_argument("--xray-config", default=DEFAULT_CONFIG,
-                       help=f"the config.json link (default {DEFAULT_CONFIG}, or $TUN2XRAY_XRAY_CONFIG)")
+        s.add_argument("--xray-config", default=None,
+                       help="the config.json link (default: the running tun2xray's, else "
+                       f"{DEFAULT_CONFIG} or $TUN2XRAY_XRAY_CONFIG)")
+        s.add_argument("--device", help="NAME: the tun2xray on that device, when several run")
         s.add_argument("--nodes", help="the folder of node configs (default: the link target's "
                        "folder, the link's folder and nodes/ beside the link)")
 
@@ -219,9 +221,36 @@ def wait_switched(control: str, node: str, timeout: float) -> dict:
         time.sleep(0.2)
 
 
+def running_link(args) -> tuple:
+    """(config link, control URL or None): --xray-config when given, else
+    the link the tun2xray running here was started with (and its control
+    socket, to wait for the switch), else DEFAULT_CONFIG."""
+    from .control import query
+    from .instance import find_instance
+    url = getattr(args, "control", None)    # (`node use` has --control)
+    if args.xray_config:
+        return args.xray_config, url
+    if not url:
+        info = find_instance(args.device)   # InstanceError: several, or none on --device
+        url = (info or {}).get("control")
+        if not url:
+            return DEFAULT_CONFIG, None     # none runs here (or it serves no socket)
+    try:
+        xst = query(url, timeout=3.0).get("xray") or {}
+    except (OSError, ValueError) as e:
+        raise NodeError(f"cannot ask the running tun2xray ({url}): {e}") from None
+    if not xst.get("config"):
+        return DEFAULT_CONFIG, None         # it runs without --xray-config
+    return xst["config"], url
+
+
 def main(args) -> int:
+    from .instance import InstanceError
     from .xray import XrayError
     try:
+        args.xray_config, control = running_link(args)
+        if args.node_command == "use":
+            args.control = control
         if args.node_command == "list":
             rows, skipped = scan(args.xray_config, args.nodes)
             for name, path, selected in rows:
@@ -238,6 +267,6 @@ def main(args) -> int:
             wait_switched(args.control, path, args.wait)
             print("switched")
         return 0
-    except (NodeError, XrayError) as e:
+    except (NodeError, XrayError, InstanceError) as e:
         print(f"tun2xray: error: {e}", file=sys.stderr)
         return 2

@@ -67,7 +67,8 @@ KEYS: tuple = (
     # ---- `run` only: the bridge's host owns the device, the core and the logs
     Key("device", "device", None, "tun://NAME, fd://N[?header=af] or unix:///path", flag="device",
         run_only=True),
-    Key("control", "control", None, "serve JSON status on unix:///path", flag="control", run_only=True),
+    Key("control", "control", None, "serve JSON status on unix:///path (default: unix:///run/tun2xray/NAME.sock, "
+        "per device; \"none\": no socket)", flag="control", run_only=True),
     Key("record", "path", None, "write every packet crossing the device to this pcap", flag="record",
         run_only=True),
     Key("record_wire", "bool", False, "record wire-sized packets (cut TCP super-segments to the MTU)",
@@ -76,6 +77,8 @@ KEYS: tuple = (
         flag="record_max_mb", run_only=True, lo=0, hi=9_999_999),
     Key("log_level", "enum", "info", "log level", flag="log_level", run_only=True,
         choices=("debug", "info", "warning", "error")),
+    Key("log_format", "enum", "text", "text: one timestamped line per record; json: one JSON object per line",
+        flag="log_format", run_only=True, choices=("text", "json")),
     Key("workers", "int", None, "worker processes (default: one per core for a tun:// device, else 1)",
         flag="workers", run_only=True, lo=1, hi=64),
     Key("xray.config", "path", None, "start and supervise the core with this config.json", flag="xray_config",
@@ -274,8 +277,8 @@ def _device(v, path, key):
 
 
 def _control(v, path, key):
-    if not isinstance(v, str) or not v.startswith("unix:///"):
-        raise ProfileError(f"{path}: {json.dumps(v)} is not unix:///path")
+    if not isinstance(v, str) or not (v.startswith("unix:///") or v.lower() in ("none", "off")):
+        raise ProfileError(f"{path}: {json.dumps(v)} is not unix:///path or \"none\"")
     return v
 
 
@@ -396,7 +399,7 @@ _SCHEMAS = {
     "enum": lambda k: {"enum": list(k.choices)},
     "path": lambda k: {"type": "string", "minLength": 1},
     "device": lambda k: {"type": "string", "pattern": "^(tun|fd|unix)://."},
-    "control": lambda k: {"type": "string", "pattern": "^unix:///"},
+    "control": lambda k: {"type": "string", "pattern": "^(unix:///|(?i:none|off)$)"},
     "iface4": lambda k: {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"},
     "iface6": lambda k: {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"},
     "prefixes4": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"}},

@@ -36,8 +36,15 @@ tun2xray.record).
 
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
-``workers`` list (pid, alive, restarts). A worker that dies is restarted with
-backoff (and counted); its counters restart from zero with it.
+``workers`` list (pid, alive, restarts), rates summed, and the newest closed
+flows of all workers. A worker that dies is restarted with backoff (and
+counted); its counters restart from zero with it.
+
+A deleted TUN ends the run: the supervisor watches the interface's index,
+and when it is gone (or a new interface has its name) it stops the workers
+and exits with status 1 and the one-line error a worker reports (the
+single-process run's words). A restart never re-creates the TUN: opening a
+queue by name would make a bare one (down, no addresses, no routes).
 
 Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
 (SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
@@ -73,6 +80,8 @@ STOP_GRACE = 5.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0             # a worker that ran this long restarts at the first delay
+CLOSED_HISTORY = 128            # closed flows in the aggregate (engine.CLOSED_HISTORY per worker)
+DEVICE_GONE_WAIT = 2.0          # how long a lost device waits for a worker to say why
 
 _LEN = struct.Struct("!I")
 
@@ -150,6 +159,8 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
     stack: dict = {}
     engine: dict = {}
     flows = []
+    closed = []
+    rate = {"up": 0.0, "down": 0.0}
     assocs = 0
     summary = []
     for w in workers:
@@ -170,10 +181,17 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
                 f = dict(f)
                 f["worker"] = w["id"]
                 flows.append(f)
+            for k, v in st.get("rate", {}).items():
+                rate[k] = round(rate.get(k, 0.0) + v, 1)
+            for f in st.get("closed_flows", []):
+                f = dict(f)
+                f["worker"] = w["id"]
+                closed.append(f)
             e = st.get("engine", {})
             row.update(uptime=st.get("uptime", 0.0), flows=len(wf),
                        tcp_opened=e.get("tcp_opened", 0), udp_opened=e.get("udp_opened", 0),
-                       rx_packets=st.get("device", {}).get("rx_packets", 0))
+                       rx_packets=st.get("device", {}).get("rx_packets", 0),
+                       rate=dict(st.get("rate", {})))
         summary.append(row)
     return {
         "uptime": round(uptime, 3),
@@ -181,7 +199,10 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
         "stack": stack,
         "engine": engine,
         "udp_associations": assocs,
+        "rate": rate,
         "flows": flows,
+        # the newest closed flows of all workers, as many as one engine keeps
+        "closed_flows": sorted(closed, key=lambda f: f.get("ended_epoch", 0))[-CLOSED_HISTORY:],
         "workers": summary,
         "worker_restarts": sum(r["restarts"] for r in summary),
     }
@@ -206,6 +227,13 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
 
 
 def _tun_flags(name: str):
@@ -314,7 +342,8 @@ def run_supervised(args, settings, xs, n: int) -> int:
             record.notice(rec, bool(getattr(keeper, "offload", False)), n)
         if xs is not None:
             xs.route_up(keeper.name)
-        sup = Supervisor(keeper, settings, n, log_level=args.log_level)
+        sup = Supervisor(keeper, settings, n, log_level=args.log_level,
+                         log_format=getattr(args, "log_format", "text"), url=args.device)
         try:
             import uvloop
         except ImportError:
@@ -324,6 +353,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
     finally:
         if sup is not None:
             sup.kill_all()
+            sup.close_poke()
             if rec is not None:
                 from . import record
                 record.merge_parts(rec, n)
@@ -414,7 +444,8 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keeper, settings, n: int, *, log_level: str = "info"):
+    def __init__(self, keeper, settings, n: int, *, log_level: str = "info", log_format: str = "text",
+                 url: str | None = None):
         import logging
 
         self.log = logging.getLogger("tun2xray.workers")
@@ -422,11 +453,20 @@ class Supervisor:
         self.settings = settings
         self.n = n
         self.log_level = log_level
+        self.log_format = log_format
+        self.ended = None        # why serve() ends: a signal's name
         self.workers = [WorkerHandle(i) for i in range(n)]
         self.started = time.time()
         self.stopping = False
         self.loop = None
         self._stop = None
+        self.fatal = None               # why the run ends on its own (the device is gone)
+        # workers write a byte here when a dial to an upstream fails: the
+        # proxy watch checks at once (non-blocking both ends; a full pipe
+        # already says it)
+        self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.url = url or keeper.url    # the device as the user named it (in workers' messages)
+        self.ifindex = _ifindex(keeper.name)
 
     # -- workers
 
@@ -434,11 +474,12 @@ class Supervisor:
         s = self.settings
         k = self.keeper
         return {
-            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": k.url,
+            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "log_level": self.log_level, "record": self._record_spec(w),
+            "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
+            "poke_fd": self.poke_w,
         }
 
     def _record_spec(self, w: WorkerHandle):
@@ -449,18 +490,32 @@ class Supervisor:
         return {"path": rec.path, "wire": rec.wire, "part": part_path(rec.path, w.id),
                 "cap": part_cap(rec, self.n)}
 
+    def device_gone(self) -> bool:
+        """Is our TUN gone (deleted, or replaced by another of the same name)?"""
+        return _ifindex(self.keeper.name) != self.ifindex
+
     def spawn(self, w: WorkerHandle) -> None:
-        """Start worker w on a fresh queue (blocking until the spec is sent)."""
+        """Start worker w on a fresh queue (blocking until the spec is sent).
+        Never re-creates a deleted TUN: opening a queue by name would make a
+        bare one (no addresses, no routes, down), so the queue must belong
+        to the interface the run started with."""
         import subprocess
 
+        from .device import DeviceError
+
+        if self.device_gone():
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         q = self.keeper.open_queue()
+        if self.device_gone():
+            q.close()       # we just made a new TUN of that name: its only queue closes it
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
             # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
             from .frozen import worker_command
             argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
-            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd), stdin=subprocess.DEVNULL, env=env)
+            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
         finally:
             # the queue and the far end now live in the child only
             q.close()
@@ -489,6 +544,22 @@ class Supervisor:
                                             else f"not ready within {READY_TIMEOUT:g}s")
                 raise WorkerError(f"worker {w.id}: {why}")
 
+    def _on_poke(self, watch) -> None:
+        try:
+            while os.read(self.poke_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        watch.poke()
+
+    def close_poke(self) -> None:
+        for fd in (self.poke_r, self.poke_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.poke_r = self.poke_w = -1
+
     def kill_all(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM every worker, wait, SIGKILL stragglers (blocking; idempotent)."""
         live = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
@@ -507,10 +578,63 @@ class Supervisor:
         for w in self.workers:
             w.close_channel()
 
+    def _fatal_from(self, w: WorkerHandle):
+        """A worker's last word ({"fatal": why}) if it is on the channel."""
+        if w.chan is None:
+            return None
+        try:
+            w.chan.setblocking(False)
+            while True:
+                data = w.chan.recv(1 << 16)
+                if not data:
+                    break
+                w.buf += data
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return None
+        try:
+            msgs = unframe(w.buf)
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            w.buf.clear()
+            return None
+        for m in msgs:
+            if "fatal" in m:
+                return m["fatal"]
+        return None
+
+    async def _device_lost(self) -> str:
+        """Why the device is gone, in the words of the worker that saw it (the
+        single-process run's error line), waiting a little for one to say it."""
+        import asyncio
+
+        deadline = time.monotonic() + DEVICE_GONE_WAIT
+        while True:
+            for w in self.workers:
+                why = self._fatal_from(w)
+                if why:
+                    return why
+            if time.monotonic() > deadline:
+                name = self.keeper.name
+                return f"device {name}: tun://{name}: the interface is gone"
+            await asyncio.sleep(0.05)
+
+    def fail(self, why: str) -> None:
+        """End the run with an error (exit status 1)."""
+        if self.fatal is None:
+            self.fatal = why
+        if self.ended is None:
+            self.ended = why            # the exit summary names it
+        self.stop()
+
     async def _monitor(self) -> None:
         import asyncio
 
         while not self.stopping:
+            if self.device_gone():
+                # no restart can help (and must not re-create a bare TUN): end the run
+                self.fail(await self._device_lost())
+                return
             now = time.monotonic()
             for w in self.workers:
                 if self.stopping:
@@ -534,6 +658,17 @@ class Supervisor:
                     else:
                         self.log.info("worker %d restarted (pid %d)", w.id, w.proc.pid)
             await asyncio.sleep(0.2)
+
+    def _exit_summary(self, status_fn) -> None:
+        import logging
+
+        from . import logs
+        try:
+            st = status_fn()
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            self.log.warning("no exit summary: %s", e)
+            return
+        logs.exit_summary(logging.getLogger("tun2xray"), st, self.ended or "stopped")
 
     # -- status and control
 
@@ -582,14 +717,16 @@ class Supervisor:
         inner = status_fn
 
         def composed():
-            return state.compose(lifecycle, inner())
+            return state.compose(lifecycle, inner(), getattr(self.settings, "instance", None))
 
-        def on_signal():
+        def on_signal(sig):
+            if self.ended is None:
+                self.ended = signal.Signals(sig).name
             lifecycle.set(state.DISCONNECTING)
             self.stop()
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         # the control socket exists before the first worker serves a flow
         # (while the workers start, a status request waits for them)
         server = None
@@ -607,22 +744,29 @@ class Supervisor:
             except WorkerError as e:
                 lifecycle.set(state.ERROR, str(e))
                 self.log.error("%s", e)
-                print(f"tun2xray: error: {e}", file=sys.stderr)
+                from . import logs
+                if logs.current_format() == "text":
+                    print(f"tun2xray: error: {e}", file=sys.stderr)
                 return 1
             if xs is not None:
                 # the session resets flows through us (engine.reset_flows()) on a node switch
                 xs.attach(self, self.settings.router)
-            up = self.settings.router.default
-            watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
+            watch = state.UpstreamWatch(lifecycle, router=self.settings.router,
+                                        health=xs.health if xs is not None else None)
+            watcher = loop.create_task(watch.run())
+            loop.add_reader(self.poke_r, self._on_poke, watch)
             monitor = loop.create_task(self._monitor())
             self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
                           self.keeper.mtu, self.n, self.settings.router.default_url)
             await self._stop
+            # one summary over every worker, asked before they are stopped
+            await loop.run_in_executor(None, self._exit_summary, status_fn)
         finally:
             self.stopping = True
             for t in (watcher, monitor):
                 if t is not None:
                     t.cancel()
+            loop.remove_reader(self.poke_r)
             if xs is not None:
                 xs.detach()
             await loop.run_in_executor(None, self.kill_all)
@@ -633,6 +777,12 @@ class Supervisor:
                     os.unlink(control_path(ctl))
                 except OSError:
                     pass
+        if self.fatal:
+            # as the single-process run ends when its device fails
+            lifecycle.set(state.ERROR, self.fatal)
+            self.log.error("stopped: %s", self.fatal)
+            print(f"tun2xray: error: {self.fatal}", file=sys.stderr)
+            return 1
         lifecycle.set(state.DISCONNECTED)
         self.log.info("stopped")
         return 0
@@ -778,6 +928,20 @@ class WorkerChannel:
             pass
 
 
+def _poker(fd):
+    """engine.on_upstream_failed for a worker: one byte to the supervisor's
+    proxy watch (a full pipe has said it already)."""
+    if fd is None:
+        return None
+
+    def poke():
+        try:
+            os.write(fd, b"!")
+        except OSError:
+            pass
+    return poke
+
+
 async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
     import asyncio
 
@@ -803,11 +967,14 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"],
                         recorder=recorder)
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
+        engine.on_upstream_failed = _poker(spec.get("poke_fd"))
         ch = WorkerChannel(chan, engine, loop, pending)
         task = loop.create_task(engine.run())
         await asyncio.sleep(0)
         ch.send({"ready": os.getpid()})
         await task
+        if engine.error:
+            ch.send({"fatal": engine.error})    # the supervisor ends the run with these words
         ch.close()
     finally:
         device.close()
@@ -849,11 +1016,9 @@ def worker_main(argv=None) -> int:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
         return 1
-    import logging
+    from . import logs
 
-    logging.basicConfig(level=getattr(logging, str(spec["log_level"]).upper(), logging.INFO),
-                        stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec['id']}]: %(message)s")
+    logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
     try:
         import uvloop
     except ImportError:

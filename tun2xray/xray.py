@@ -947,6 +947,7 @@ class Core:
         self.started_at = None
         self.last_exit = None
         self.last_reason = ""
+        self.restart_at = None                # monotonic time of the next restart after a death
         self._cv = threading.Condition()
         self._cmd = None                      # ("reload", path, checks, result) | ("stop",)
         self._thread = None
@@ -1455,8 +1456,9 @@ class XraySession:
 
     def status(self) -> dict:
         d = self.derived
-        return {"config": self.source, "node": d.real_source if d else None,
-                "runtime_config": d.runtime_path if d else None, "switches": self.switches,
+        return {"config": os.path.abspath(self.source), "node": d.real_source if d else None,
+                "runtime_config": d.runtime_path if d else None, "binary": self.binary,
+                "switches": self.switches,
                 "mark": self.mark, "auto_route": self.autoroute is not None,
                 "core": self.core.status() if self.core is not None else None}
 
