@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 
+import tun2xray
 from tun2xray import state as st
 
 
@@ -42,8 +43,9 @@ def test_compose_shape_and_precedence():
     lc = st.Lifecycle()
     lc.set(st.CONNECTING, "why")
     out = st.compose(lc, None)
-    assert list(out) == ["state", "reason", "since", "uptime", "device", "stack", "engine",
+    assert list(out) == ["state", "reason", "since", "version", "uptime", "device", "stack", "engine",
                          "udp_associations", "flows"]
+    assert out["version"] == tun2xray.__version__
     # an engine that reports its own state never overrides the host's lifecycle
     out = st.compose(lc, {"state": "connected", "reason": None, "uptime": 1.0, "flows": [1]})
     assert out["state"] == st.CONNECTING and out["reason"] == "why" and out["flows"] == [1]

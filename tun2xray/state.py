@@ -8,6 +8,7 @@ Both the bridge (`bridge.status(handle)`) and the CLI's control socket
       "reason": null,                # why, for "error" (and a "connecting" that waits)
       "since": 1700000000.123,       # wall time of the last state change
       "uptime": 12.5,                # seconds since the engine was made (0 before)
+      "version": "0.1.0",            # tun2xray's version
       "device": {...},               # the device's name, mtu and counters
       "stack": {...},                # netstack.Stack.status()
       "engine": {...},               # engine counters
@@ -103,6 +104,8 @@ def compose(lifecycle: Lifecycle, engine_status: dict | None) -> dict:
     """The status dictionary: state first, then the engine's own status.
     The lifecycle's keys win over same-named keys in *engine_status*."""
     out = lifecycle.as_dict()
+    from . import version
+    out["version"] = version()
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
         if k not in out:
             out[k] = v

@@ -1,4 +1,4 @@
-"""tun://NAME: a Linux TUN device (python-pytun for the fd, ioctls for setup).
+"""tun://NAME: a Linux TUN device (ioctls for the fd, see tunfd.py, and for setup).
 
 Opening: ``TUNSETIFF`` with ``IFF_TUN | IFF_NO_PI`` on NAME attaches to an
 existing TUN of that name (a persistent one made by ``ip tuntap add``) or
@@ -27,6 +27,7 @@ import socket
 import threading
 
 from ._base import _REJECTED, Device, DeviceError
+from .tunfd import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunFd
 
 IFNAMSIZ = 16
 TX_QUEUE_LEN = 4096     # packets the kernel queues for us on a TUN we create
@@ -181,9 +182,7 @@ class TunDevice(Device):
 
     @property
     def multiqueue(self) -> bool:
-        import pytun
-
-        return bool(self._flags & pytun.IFF_MULTI_QUEUE)
+        return bool(self._flags & IFF_MULTI_QUEUE)
 
     def open_queue(self) -> "TunDevice":
         """Attach one more queue of this multiqueue TUN (``?multiqueue=1``).
@@ -222,13 +221,11 @@ class TunDevice(Device):
 
 
 def _attach(url: str, name: str, flags: int, *, existed: bool):
-    """TUNSETIFF on NAME with flags: a pytun device, or DeviceError with why."""
-    import pytun
-
+    """TUNSETIFF on NAME with flags: a TunFd, or DeviceError with why."""
     try:
-        return pytun.TunTapDevice(name=name, flags=flags)
-    except pytun.Error as exc:
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        return TunFd.open(name, flags)
+    except OSError as exc:
+        code = exc.errno
         if code == errno.EPERM or code == errno.EACCES:
             why = "permission denied (needs root or CAP_NET_ADMIN)"
         elif code == errno.EBUSY:
@@ -238,7 +235,7 @@ def _attach(url: str, name: str, flags: int, *, existed: bool):
         elif code == errno.ENOENT:
             why = "/dev/net/tun is missing (no TUN support)"
         else:
-            why = exc.args[-1] if exc.args else str(exc)
+            why = exc.strerror or str(exc)
         raise DeviceError(f"{url}: cannot open TUN: {why}") from None
 
 
@@ -254,10 +251,6 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=F
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
-    try:
-        import pytun  # noqa: F401
-    except ImportError:
-        raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
     if offload == "auto":
         try:
             return _open(url, name, mtu, addrs, True, multiqueue, required=False)
@@ -269,16 +262,14 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=F
 
 
 def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
-    import pytun
-
     existed = bool(name) and _ifindex(name) != 0
-    flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+    flags = IFF_TUN | IFF_NO_PI
     if offload:
-        flags |= pytun.IFF_VNET_HDR
+        flags |= IFF_VNET_HDR
     if multiqueue:
-        flags |= pytun.IFF_MULTI_QUEUE
+        flags |= IFF_MULTI_QUEUE
     tun = _attach(url, name, flags, existed=existed)
-    real_name = tun.name.decode() if isinstance(tun.name, bytes) else tun.name
+    real_name = tun.name
     created = not existed
     try:
         os.set_blocking(tun.fileno(), False)
