@@ -113,7 +113,7 @@ if { [ "$have" = "$hash $spec" ] || [ "$have" = "$hash .[test]" ]; } \
     :   # same checkout, same pyproject.toml, same extras (or more): nothing to do
 else
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec" >>"$LOG" 2>&1 \
-        || fail "pip install -e '$spec' into .venv failed: $(grep -m1 -E '^ERROR|rror:' "$LOG" || tail -n1 "$LOG")"
+        || fail "pip install -e '$spec' into .venv failed: $(grep -E '^ *ERROR:' "$LOG" | tail -n1 | sed 's/^ *//')"
     echo "$hash $spec" >"$stamp"
 fi
 version=$("$VENV/bin/tun2xray" --version 2>&1) || fail "the installed tun2xray does not start: $version"
