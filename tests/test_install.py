@@ -126,3 +126,40 @@ def test_readme_install_command_on_the_system_python():
     # and the system Python got nothing
     after = system_python_imports_tun2xray()
     assert after.returncode != 0 and "No module named 'tun2xray'" in after.stderr, after.stdout
+
+
+OLD_PYTHON = """#!/bin/sh
+# stands in for an old Debian python3: it can make venvs, but it is 3.9
+case "$1" in
+    -V|--version) echo "Python 3.9.2"; exit 0 ;;
+    -c) case "$2" in *ensurepip*) exit 0 ;; esac ;;
+esac
+exit 1
+"""
+
+
+def test_too_old_python_is_one_clear_line(tmp_path):
+    """install.sh checks the version before it makes anything: with a 3.9
+    python3 in /usr/bin (bind-mounted over Debian's in a private mount
+    namespace) it stops with one line naming the Python and the need."""
+    (tmp_path / "tools").mkdir()
+    shutil.copy2(os.path.join(ROOT, "tools", "install.sh"), tmp_path / "tools" / "install.sh")
+    shutil.copy2(os.path.join(ROOT, "pyproject.toml"), tmp_path / "pyproject.toml")
+    fake = tmp_path / "python3.9"
+    fake.write_text(OLD_PYTHON)
+    fake.chmod(0o755)
+    script = (f"mount --bind {shlex.quote(str(fake))} {SYSTEM_PYTHON} || exit 97\n"
+              f"exec bash {shlex.quote(str(tmp_path / 'tools' / 'install.sh'))}")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+                       env=system_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines() == [
+        f"install.sh: error: tun2xray needs Python 3.11 or newer; {SYSTEM_PYTHON} is Python 3.9.2"], r.stderr
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_unknown_option_is_one_clear_line():
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "install.sh"), "--tset"], env=system_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "install.sh: error: unknown option '--tset' (usage: bash tools/install.sh [--test])\n"

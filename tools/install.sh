@@ -64,10 +64,16 @@ venv_ok() {  # a venv we can use: its python runs and is new enough
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
 }
 
+check_version() {  # before anything is installed for a Python we cannot use
+    "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null \
+        || die "tun2xray needs Python 3.11 or newer; $1 is $("$1" -V 2>&1)"
+}
+
 # --- system packages: a Python that can make a venv, and the test world ---
 debs=()
 PY=$(pick_python)
 if ! venv_ok; then
+    [ -z "$PY" ] || check_version "$PY"
     if [ -z "$PY" ]; then
         debs+=(python3 python3-venv)
     elif [ "$PY" = /usr/bin/python3 ] && ! "$PY" -c 'import ensurepip, venv' 2>/dev/null; then
@@ -82,6 +88,7 @@ if ((${#debs[@]})); then
     if ((ROOT_USER && APT)); then
         apt_install "${debs[@]}"
     elif [[ " ${debs[*]} " == *" python3"* ]]; then
+        ((APT)) || die "no python3 found: tun2xray needs Python 3.11 or newer (with its venv module)"
         die "missing Debian packages: ${debs[*]}; as root run: apt-get install ${debs[*]}"
     else
         say "warning: the tests need Debian packages that are missing (install them as root): ${debs[*]}" >&2
@@ -91,16 +98,13 @@ PY=$(pick_python)
 [ -n "$PY" ] || die "no python3 found: tun2xray needs Python 3.11 or newer"
 
 # --- the virtual environment ---
-if venv_ok; then
-    base=$("$VENV/bin/python" -c 'import sys; print(sys._base_executable)')
-else
-    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-        || die "tun2xray needs Python 3.11 or newer; $PY is $("$PY" -V 2>&1)"
+if ! venv_ok; then
+    check_version "$PY"
     rm -rf "$VENV"
     "$PY" -m venv "$VENV" >>"$LOG" 2>&1 || { rm -rf "$VENV"; fail "$PY -m venv .venv failed"; }
-    base=$PY
     say "made .venv with $PY ($("$PY" -V 2>&1))"
 fi
+base=$("$VENV/bin/python" -c 'import sys; print(sys._base_executable)')
 
 # --- the project (editable: the checkout is the code that runs) ---
 spec=.
