@@ -9,8 +9,9 @@ C compiler (the constants are those of <linux/if_tun.h>, the layout is
     q.name, q.flags, q.fileno()     # the name the kernel used, its flags
     q.close()
 
-Errors are ``OSError`` with the kernel's errno; ``linux_tun`` turns them into
-one-line ``DeviceError`` messages.
+Errors are ``OSError`` with the kernel's errno (``ValueError`` for a name the
+kernel could not hold); ``linux_tun`` checks names first and turns the
+errnos into one-line ``DeviceError`` messages.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TUNSETIFF = 0x400454CA      # _IOW('T', 202, int)
 TUNGETIFF = 0x800454D2      # _IOR('T', 210, unsigned int)
 
 TUN_PATH = "/dev/net/tun"
+IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")     # ifr_name, ifr_flags, rest of the union
 
 
@@ -47,9 +49,12 @@ class TunFd:
         TUN, or create it. OSError (errno set) when the kernel refuses."""
         import fcntl
 
+        raw = name.encode()
+        if len(raw) >= IFNAMSIZ:   # struct packing would cut it short silently
+            raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} bytes")
         fd = os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
         try:
-            req = _IFREQ.pack(name.encode(), flags & 0xFFFF)
+            req = _IFREQ.pack(raw, flags & 0xFFFF)
             got = fcntl.ioctl(fd, TUNSETIFF, req)
             real = got[:16].split(b"\0", 1)[0].decode()
             _, kflags = _IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, _IFREQ.pack(b"", 0)))
