@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The README's first command on a fresh, minimal Debian 12 (bookworm), as a
-# new user would run it: debootstrap a minbase system into a temporary
-# directory, copy this checkout into it (tracked files and new ones git does
-# not ignore) and run the command in a chroot as root.
+# The README's first command on a fresh, minimal Debian 12 (bookworm) or
+# Ubuntu 24.04 (noble), as a new user would run it: debootstrap a minbase
+# system into a temporary directory, copy this checkout into it (tracked files
+# and new ones git does not ignore) and run the command in a chroot as root.
 #
-#   bash tools/fresh-debian-check.sh [--with-python3] [--keep]
+#   bash tools/fresh-debian-check.sh [--ubuntu] [--with-python3] [--keep]
 #
+#   --ubuntu        Ubuntu 24.04 from archive.ubuntu.com instead of Debian 12
+#                   (Debian has no Ubuntu keyring: its Release file is not
+#                   checked, --no-check-gpg)
 #   --with-python3  install Debian's python3 (not python3-venv) first, as a
 #                   cloud image has it; without it the image has no Python
 #   --keep          leave the temporary system in place for a look
@@ -18,9 +21,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 SUITE=bookworm
 
-WITH_PY=0 KEEP=0
+WITH_PY=0 KEEP=0 UBUNTU=0
 for arg in "$@"; do
     case $arg in
+        --ubuntu) UBUNTU=1 ;;
         --with-python3) WITH_PY=1 ;;
         --keep) KEEP=1 ;;
         *) echo "fresh-debian-check: unknown option '$arg'" >&2; exit 2 ;;
@@ -52,11 +56,50 @@ trap done_ EXIT
 
 t0=$SECONDS
 MIRROR=$(mirror)
-echo "fresh-debian-check: debootstrap --variant=minbase $SUITE from $MIRROR"
-debootstrap --variant=minbase "$SUITE" "$SYS" "$MIRROR" >"$DIR/debootstrap.log" 2>&1 \
+opts=(--variant=minbase)
+script=()
+if ((UBUNTU)); then
+    SUITE=noble MIRROR=http://archive.ubuntu.com/ubuntu
+    opts+=(--no-check-gpg)
+    # this debootstrap may predate noble; every Ubuntu suite uses the same script
+    [ -e "/usr/share/debootstrap/scripts/$SUITE" ] || script=(/usr/share/debootstrap/scripts/gutsy)
+fi
+echo "fresh-debian-check: debootstrap ${opts[*]} $SUITE from $MIRROR"
+debootstrap "${opts[@]}" "$SUITE" "$SYS" "$MIRROR" "${script[@]}" >"$DIR/debootstrap.log" 2>&1 \
     || { echo "fresh-debian-check: debootstrap failed:" >&2; tail -n 5 "$DIR/debootstrap.log" >&2; exit 1; }
 echo "fresh-debian-check: base system in $((SECONDS - t0)) s"
 cp /etc/resolv.conf "$SYS/etc/resolv.conf"
+# the package sources a stock image has (debootstrap leaves only the release's main)
+rm -f "$SYS/etc/apt/sources.list"
+if ((UBUNTU)); then
+    cat >"$SYS/etc/apt/sources.list.d/ubuntu.sources" <<EOF
+Types: deb
+URIs: $MIRROR
+Suites: noble noble-updates noble-backports
+Components: main universe restricted multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+
+Types: deb
+URIs: http://security.ubuntu.com/ubuntu
+Suites: noble-security
+Components: main universe restricted multiverse
+Signed-By: /usr/share/keyrings/ubuntu-archive-keyring.gpg
+EOF
+else
+    cat >"$SYS/etc/apt/sources.list.d/debian.sources" <<EOF
+Types: deb
+URIs: $MIRROR
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: ${MIRROR%/debian}/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+fi
 # the machine's own local CAs (e.g. a TLS-inspecting egress proxy): Debian's
 # ca-certificates, pulled in with python3, adds them to the chroot's bundle
 if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then

@@ -51,9 +51,9 @@ missing_debs() {
 apt_install() {
     say "apt-get install $*"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >>"$LOG" 2>&1 || fail "apt-get update failed"
+    apt-get update -qq >>"$LOG" 2>&1 || fail "apt-get update failed: $(grep '^E:' "$LOG" | tail -n1)"
     apt-get install -y -qq --no-install-recommends "$@" >>"$LOG" 2>&1 \
-        || fail "apt-get install $* failed"
+        || fail "apt-get install $* failed: $(grep '^E:' "$LOG" | tail -n1)"
 }
 
 pick_python() {
