@@ -45,6 +45,7 @@ def _source_copy(dst: str) -> str:
 def built(tmp_path_factory):
     """sdist and wheel built from a copy of the checkout (the wheel from the sdist)."""
     pytest.importorskip("build", reason="the test extra (pip install -e '.[test]') has `build`")
+    pytest.importorskip("setuptools", minversion="77", reason="the test extra has setuptools>=77")
     tmp = tmp_path_factory.mktemp("pkg")
     src = _source_copy(str(tmp / "src"))
     out = tmp / "dist"

@@ -146,6 +146,37 @@ def _configure(name: str, mtu: int | None, addrs: list, created: bool = False) -
         ioctl(s4, SIOCSIFFLAGS, struct.pack("16sh", ifn, flags | IFF_UP), "link up")
 
 
+IFA_F_TENTATIVE = 0x40
+
+
+def _tentative(name: str, addrs: list) -> bool:
+    """Is any of our IPv6 addresses on NAME still tentative (/proc/net/if_inet6)?"""
+    ours = {i.ip.packed.hex() for i in addrs if i.version == 6}
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                # address ifindex prefixlen scope flags name
+                parts = line.split()
+                if len(parts) >= 6 and parts[5] == name and parts[0] in ours \
+                        and int(parts[4], 16) & IFA_F_TENTATIVE:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _wait_ipv6_usable(name: str, addrs: list, timeout: float = 2.0) -> None:
+    """Even without duplicate address detection the kernel clears an
+    address's tentative flag from a work queue after link up, and binding to
+    it fails until then (seen under load). Wait for that, bounded, so the
+    addresses are usable when the device is handed out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _tentative(name, addrs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _delete_link(name: str) -> None:
     from pyroute2 import IPRoute
 
@@ -284,6 +315,7 @@ def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
                     raise _OffloadRefused(why) from None
                 raise DeviceError(f"{url}: {why}") from None
         _configure(real_name, mtu, addrs, created)
+        _wait_ipv6_usable(real_name, addrs)
         dev_mtu = _read_mtu(real_name)
     except (DeviceError, _OffloadRefused):
         tun.close()
