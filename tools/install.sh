@@ -120,7 +120,8 @@ else
         || fail "pip install -e '$spec' into .venv failed: $(grep -E '^ *ERROR:' "$LOG" | tail -n1 | sed 's/^ *//')"
     echo "$hash $spec" >"$stamp"
 fi
-version=$("$VENV/bin/tun2xray" --version 2>&1) || fail "the installed tun2xray does not start: $version"
+version=$("$VENV/bin/tun2xray" --version 2>&1) \
+    || fail "the installed tun2xray does not start: $(tail -n1 <<<"$version")"
 extra=
 ((TEST)) && extra=", with the test tools"
 say "$version in $VENV (Python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())') from $base)$extra"
@@ -128,6 +129,7 @@ say "$version in $VENV (Python $("$VENV/bin/python" -c 'import platform; print(p
 # --- the command ---
 if ((ROOT_USER)); then
     if [ -L "$LINK" ] || [ ! -e "$LINK" ]; then
+        mkdir -p "${LINK%/*}"
         ln -sfn "$VENV/bin/tun2xray" "$LINK"
         say "command: $LINK -> $VENV/bin/tun2xray"
         found=$(type -P tun2xray || true)
