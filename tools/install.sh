@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 LINK=/usr/local/bin/tun2xray
-TEST_DEBS=(v2ray iperf3 curl dnsutils dnsmasq-base socat tcpdump iproute2 ethtool nginx-light wrk)
+TEST_DEBS=(v2ray iperf3 curl dnsutils dnsmasq-base socat tcpdump iproute2 ethtool nginx-light wrk debootstrap)
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/tun2xray-install.XXXXXX")
 trap 'rm -f "$LOG"' EXIT
