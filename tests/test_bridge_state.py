@@ -7,6 +7,7 @@ import asyncio
 import socket
 import threading
 
+import tun2xray
 from tun2xray import state as st
 
 
@@ -69,8 +70,9 @@ def test_compose_shape_and_precedence():
     lc = st.Lifecycle()
     lc.set(st.CONNECTING, "why")
     out = st.compose(lc, None)
-    assert list(out) == ["state", "reason", "since", "since_epoch", "uptime", "device", "stack", "engine",
-                         "udp_associations", "rate", "flows", "closed_flows"]
+    assert list(out) == ["state", "reason", "since", "since_epoch", "version", "uptime", "device", "stack",
+                         "engine", "udp_associations", "rate", "flows", "closed_flows"]
+    assert out["version"] == tun2xray.__version__
     # an engine that reports its own state never overrides the host's lifecycle
     out = st.compose(lc, {"state": "connected", "reason": None, "uptime": 1.0, "flows": [1]})
     assert out["state"] == st.CONNECTING and out["reason"] == "why" and out["flows"] == [1]

@@ -61,9 +61,9 @@ class TunHost:
     # ------------------------------------------------------------- interface
 
     def open_tun(self) -> None:
-        import pytun
+        from tun2xray.device.tunfd import IFF_NO_PI, IFF_TUN, TunFd
         p = self.profile
-        self.tun = pytun.TunTapDevice(name=self.args.tun, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        self.tun = TunFd.open(self.args.tun, IFF_TUN | IFF_NO_PI)
         self.fd = self.tun.fileno()
         os.set_blocking(self.fd, False)
         name = self.tun.name

@@ -25,6 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
+    from . import version
+    p.add_argument("--version", action="version", version=f"tun2xray {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="carry a TUN device's flows to Xray inbounds")

@@ -9,6 +9,7 @@ Both the bridge (`bridge.status(handle)`) and the CLI's control socket
       "since": "2026-12-04T22:51:03Z",  # UTC time of the last state change (readable)
       "since_epoch": 1796424663.123, # the same as seconds since the epoch
       "uptime": 12.5,                # seconds since the engine was made (0 before)
+      "version": "0.1.0",            # tun2xray's version
       "device": {...},               # the device's name, mtu and counters
       "stack": {...},                # netstack.Stack.status()
       "engine": {...},               # engine counters
@@ -129,6 +130,8 @@ def compose(lifecycle: Lifecycle, engine_status: dict | None, instance: dict | N
     *instance* (a `tun2xray run`'s claim: pid, name, device URL, control
     URL, see instance.py) is added as "instance"."""
     out = lifecycle.as_dict()
+    from . import version
+    out["version"] = version()
     if instance is not None:
         out["instance"] = dict(instance)
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
