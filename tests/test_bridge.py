@@ -321,7 +321,8 @@ def test_lifecycle_and_status_shape(socks, loop):
         # the shape the CLI's control socket shares (state.compose)
         assert list(s)[:3] == ["state", "reason", "since"]
         # every key, in the order the CLI's status has them (compose of a lifecycle and Engine.status())
-        assert list(s) == list(state.compose(state.Lifecycle(), None))
+        # (+ the network settings the host applies, docs/profile.md)
+        assert list(s) == list(state.compose(state.Lifecycle(), None)) + ["network"]
         assert s["since"].endswith("Z") and isinstance(s["since_epoch"], float)
         assert s["rate"] == {"up": 0.0, "down": 0.0} and s["closed_flows"] == []
         assert s["device"]["mtu"] == 1500

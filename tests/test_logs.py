@@ -290,10 +290,13 @@ def test_exit_summary_numbers_from_a_status():
 
 
 def test_run_log_flags_are_checked():
-    from tun2xray.cli import build_parser
+    from tun2xray.cli import apply_profile, build_parser
     args = build_parser().parse_args(["run", "--device", "tun://x", "--log-format", "json"])
+    apply_profile(args)                 # unset flags take the profile's keys, else the defaults
     assert args.log_format == "json" and args.log_level == "info"
-    assert build_parser().parse_args(["run", "--device", "tun://x"]).log_format == "text"
+    args = build_parser().parse_args(["run", "--device", "tun://x"])
+    apply_profile(args)
+    assert args.log_format == "text"
     for bad in (["--log-format", "xml"], ["--log-level", "loud"]):
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(["run", "--device", "tun://x", *bad])

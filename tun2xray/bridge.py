@@ -50,6 +50,7 @@ from netstack import StackConfig
 from . import state as st
 from .profile import Profile, ProfileError, load_profile
 from .rules import Router
+from .tunroutes import Network
 from .upstream.url import DokodemoUpstream, parse_upstream
 
 log = logging.getLogger("tun2xray.bridge")
@@ -152,6 +153,9 @@ class _Tunnel:
         self.on_outbound = on_outbound
         self.lifecycle = st.Lifecycle()
         self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
+        # the addresses, routes and DNS servers the host applies (status["network"])
+        self.network = Network(profile, "bridge://", [profile.ipv4.address, profile.ipv6.address],
+                               mtu=profile.mtu)
         self.stats = self.device.stats
         self._lock = threading.Lock()           # inbound queue + rx counters + flags
         self._inq: list = []
@@ -446,7 +450,9 @@ class _Tunnel:
             eng = None
         if eng is None:
             eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
-        return st.compose(self.lifecycle, eng)
+        out = st.compose(self.lifecycle, eng)
+        out["network"] = self.network.status()
+        return out
 
     def close(self) -> None:
         self.lifecycle.set(st.DISCONNECTING)
@@ -500,7 +506,7 @@ def _get(handle) -> _Tunnel:
 
 
 def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
-    """Start an engine for the profile *config_json* (DESIGN.md "Profile");
+    """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
     proxy inbound answers in SOCKS5, then "connected"; "degraded"
     with the reason while it stops answering later; see tun2xray.state).
@@ -511,7 +517,7 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
         raise BridgeError(f"config_json: expected JSON text, got {type(config_json).__name__}")
     if on_outbound is not None and not callable(on_outbound):
         raise BridgeError("on_outbound: must be callable or None")
-    profile = load_profile(config_json)
+    profile = load_profile(config_json, bridge=True)
     with _registry_lock:
         handle = next(_handles)
     t = _Tunnel(handle, profile, on_outbound, loop)

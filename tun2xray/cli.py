@@ -30,30 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="carry a TUN device's flows to Xray inbounds")
-    r.add_argument("--device", required=True, help="tun://NAME, fd://N[?header=af], unix:///path")
+    r.add_argument("--device", help="tun://NAME, fd://N[?header=af], unix:///path (required, here or as "
+                   "the profile's \"device\")")
     r.add_argument("--proxy", help="the Xray socks inbound: socks5://[user:pass@]host:port")
     r.add_argument("--address", help="IPv4 address/prefix for a tun:// device (default 198.18.0.1/15)")
     r.add_argument("--address6", help="IPv6 address/prefix for a tun:// device (default fd00:7478::1/64)")
     r.add_argument("--mtu", type=int, help="device MTU (default 1500)")
     r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
                    help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
-    r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
+    r.add_argument("--config", help="profile JSON (docs/profile.md): every run flag has a key; flags "
+                   "override keys")
     r.add_argument("--control", help="serve JSON status on unix:///path (default: "
                    "unix:///run/tun2xray/NAME.sock, per device; none: no socket)")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
-    r.add_argument("--record-wire", action="store_true",
+    r.add_argument("--record-wire", action="store_true", default=None,
                    help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
     r.add_argument("--record-max-mb", type=float, metavar="N",
                    help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
                    "(default 256, 0 = no cap)")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
-    r.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="text: one timestamped line per record; json: one JSON object per line")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info; debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
+    r.add_argument("--log-format", choices=["text", "json"],
+                   help="text (default): one timestamped line per record; json: one JSON object per line")
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
-    r.add_argument("--auto-route", action="store_true",
+    r.add_argument("--auto-route", action="store_true", default=None,
                    help="route everything through the TUN (policy routing; needs --xray-config)")
     r.add_argument("--workers", type=int, metavar="N",
                    help="worker processes, one per queue of a multi-queue tun:// device "
@@ -95,6 +97,12 @@ def main(argv=None) -> int:
         from . import logs
         from .instance import InstanceError
         from .xray import XrayError
+        try:
+            apply_profile(args)             # profile keys fill unset flags (log_level, log_format too)
+        except UsageError as e:
+            logs.setup("info", args.log_format or "text")
+            logs.error_line(str(e))
+            return 2
         logs.setup(args.log_level, args.log_format)
         try:
             return cmd_run_claimed(args)
@@ -132,8 +140,8 @@ class RunSettings:
         from .rules import Router, parse_map
         from .upstream.url import DokodemoUpstream, parse_upstream
 
-        profile = None
-        if args.config:
+        profile = getattr(args, "profile", None)
+        if profile is None and args.config:
             try:
                 with open(args.config, "rb") as f:
                     text = f.read()
@@ -181,6 +189,9 @@ class RunSettings:
         self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
+        from .tunroutes import Network
+        self.net = Network(profile, args.device, [self.address, self.address6],
+                           auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)
         self.control = args.control
         self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
@@ -198,11 +209,38 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
         raise UsageError(f"proxy {up.host}:{up.port} is unreachable: {e.strerror or e}") from None
 
 
+def apply_profile(args):
+    """Read --config (if any) and fill every run flag left unset from its
+    key (tun2xray.profile.KEYS: one entry per flag), else the key's default.
+    Keeps the loaded profile on args.profile; a second call does nothing."""
+    if getattr(args, "profile_applied", False):
+        return args.profile
+    from .profile import ProfileError, apply_to_args, load_profile
+    profile = None
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"--config {args.config}: {e.strerror}") from None
+        try:
+            profile = load_profile(text)
+        except ProfileError as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+    apply_to_args(profile, args)
+    args.profile = profile
+    args.profile_applied = True
+    if not args.device:
+        raise UsageError('--device is required (or "device" in the --config profile)')
+    return profile
+
+
 def cmd_run_claimed(args) -> int:
     """cmd_run holding the device's instance lock: a second run on the same
     device fails here (InstanceError), before the core starts or the device
     opens; the control socket defaults to the device's own."""
     from .instance import claim
+    apply_profile(args)                     # device and control may come from the profile
     lock, args.device, args.control = claim(args.device, args.control)
     args.instance = lock.info
     try:
@@ -212,6 +250,7 @@ def cmd_run_claimed(args) -> int:
 
 
 def cmd_run(args) -> int:
+    apply_profile(args)
     xs = None
     if args.xray_config or args.auto_route:
         from .xray import session_from_args
@@ -248,6 +287,7 @@ def _cmd_run(args, xs) -> int:
         raise UsageError(f"--device {args.device}: {e}") from None
     recorder = None
     try:
+        _routes_up(settings, device.name)
         if settings.record is not None:
             from . import record
             try:
@@ -259,11 +299,21 @@ def _cmd_run(args, xs) -> int:
             xs.route_up(device.name)
         return _run_loop(_serve(settings, device, recorder, xs))
     finally:
+        settings.net.down()
         device.close()
         if recorder is not None:
             recorder.close()
             from .record import closed
             closed(recorder)
+
+
+def _routes_up(settings, ifname: str) -> None:
+    """The profile's routes on a tun:// device (see tun2xray.tunroutes)."""
+    from .tunroutes import RouteError
+    try:
+        settings.net.up(ifname)
+    except RouteError as e:
+        raise UsageError(str(e)) from None
 
 
 def _run_loop(coro) -> int:
@@ -293,6 +343,7 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     if xs is not None:
         xs.attach(engine, settings.router)
         engine_status = xs.wrap_status(engine.status)
+    engine_status = settings.net.wrap_status(engine_status)
 
     def status_fn():
         # the same shape as bridge.status(): state, reason, since, then counters

@@ -332,6 +332,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
     rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
+        _routes_up(settings, keeper.name)
         if rec is not None:
             from . import record
             try:
@@ -356,7 +357,17 @@ def run_supervised(args, settings, xs, n: int) -> int:
             if rec is not None:
                 from . import record
                 record.merge_parts(rec, n)
+        settings.net.down()
         keeper.close()
+
+
+def _routes_up(settings, ifname: str) -> None:
+    """The profile's routes on the TUN (tun2xray.tunroutes)."""
+    from .tunroutes import RouteError
+    try:
+        settings.net.up(ifname)
+    except RouteError as e:
+        raise WorkerError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -702,6 +713,7 @@ class Supervisor:
         status_fn = self.status
         if xs is not None:
             status_fn = xs.wrap_status(status_fn)
+        status_fn = self.settings.net.wrap_status(status_fn)
         inner = status_fn
 
         def composed():

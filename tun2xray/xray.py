@@ -1286,6 +1286,7 @@ class XraySession:
         self._task = None
         self._runtime_paths = set()
         self.extra_excluded = []        # the profile's excluded_routes
+        self.route_prefixes = None      # the profile's routes and DNS hosts (None: default routes)
         self._nl = None                 # netlink socket: route/link change events
         self._nl_loop = None
         self._route_dirty = False
@@ -1338,6 +1339,9 @@ class XraySession:
         if profile is not None:
             self.extra_excluded = [ipaddress.ip_network(x, strict=False) for x in
                                    list(profile.ipv4.excluded_routes) + list(profile.ipv6.excluded_routes)]
+        net = getattr(settings, "net", None)
+        if net is not None:
+            self.route_prefixes = net.autoroute_prefixes()
         self.start()
 
     def route_up(self, tun: str) -> None:
@@ -1346,7 +1350,7 @@ class XraySession:
             return
         from .autoroute import AutoRoute
         from .autoroute import default_egress
-        ar = AutoRoute(tun, mark=self.mark, excluded=self.excluded_routes())
+        ar = AutoRoute(tun, mark=self.mark, excluded=self.excluded_routes(), routes=self.route_prefixes)
         self.autoroute = ar
         ar.up()
         # (pyroute2 runs its own asyncio loop: call it here, before ours
