@@ -110,10 +110,10 @@ def test_record_with_two_workers_gives_one_capture(tmp_path):
         d = lab.cli_run(["dig", "+short", "+time=3", "+tries=2", f"@{netlab.DNS4}", "web.e2.test"], timeout=20)
         assert d.stdout.strip() == netlab.TARGET4.encode(), d
         # a worker busy with its own flows may miss one status request (its row
-        # then has no counters): ask until both answer
+        # then says "responding": false): ask until both answer
         def both_answer():
             ws = _status()["workers"]
-            return ws if len(ws) == 2 and all("tcp_opened" in w for w in ws) else None
+            return ws if len(ws) == 2 and all(w["responding"] for w in ws) else None
         workers = netlab.wait_until(both_answer, 20, "both workers' status")
         assert all(w["tcp_opened"] > 0 for w in workers), workers
         opened = sum(w["tcp_opened"] for w in workers)
