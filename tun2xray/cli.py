@@ -284,9 +284,10 @@ def _cmd_run(args, xs) -> int:
                              addresses=[settings.address, settings.address6])
     except DeviceError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
+    from .host import routes_up
     recorder = None
     try:
-        _routes_up(settings, device.name)
+        routes_up(settings, device.name)
         if settings.record is not None:
             from . import record
             try:
@@ -304,15 +305,6 @@ def _cmd_run(args, xs) -> int:
             recorder.close()
             from .record import closed
             closed(recorder)
-
-
-def _routes_up(settings, ifname: str) -> None:
-    """The profile's routes on a tun:// device (see tun2xray.tunroutes)."""
-    from .tunroutes import RouteError
-    try:
-        settings.net.up(ifname)
-    except RouteError as e:
-        raise UsageError(str(e)) from None
 
 
 def _run_loop(coro) -> int:

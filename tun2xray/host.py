@@ -22,7 +22,8 @@ cli.RunSettings (or `EngineSettings.from_profile` for the bridge) holds
 them, and `stack_config` / `make_engine` build the stack and the engine
 from them.  `run` is the one event-loop runner (uvloop where importable,
 else asyncio) and `new_loop` the bridge's, which may insist on asyncio.
-`set_pdeathsig` asks the kernel for a signal when the parent dies.
+`set_pdeathsig` asks the kernel for a signal when the parent dies, and
+`routes_up` puts the profile's routes on a TUN tun2xray opened.
 
 Who uses it: cli (one process), workers (the supervisor's shell, the
 workers' engines and runner, the pdeathsig), bridge (settings, engine,
@@ -153,6 +154,16 @@ def make_engine(device, s, recorder=None):
 
     return Engine(device, s.router, stack_config=stack_config(s, device.mtu),
                   connect_timeout=s.connect_timeout, recorder=recorder)
+
+
+def routes_up(settings, ifname: str) -> None:
+    """The profile's routes on the device tun2xray opened (tun2xray.tunroutes;
+    settings.net.down() removes them); HostError when one cannot be added."""
+    from .tunroutes import RouteError
+    try:
+        settings.net.up(ifname)
+    except RouteError as e:
+        raise HostError(str(e)) from None
 
 
 # ---------------------------------------------------------------- watches

@@ -34,6 +34,12 @@ supervisor, no extra process.
 supervisor merges the parts into the one capture when it ends (see
 tun2xray.record).
 
+The supervisor is a backend of the host shell (tun2xray.host.Host: signals,
+control socket, proxy/core watch, Xray session, exit summary): `start()`
+starts the workers, `run()` restarts them until `stop()`, `finish()` stops
+them, and `status()` asks every worker at once on the loop, each within
+REQUEST_TIMEOUT, so a slow or stopped worker never blocks the loop.
+
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
 ``workers`` list (pid, alive, restarts), rates summed, and the newest closed
@@ -331,7 +337,8 @@ def run_supervised(args, settings, xs, n: int) -> int:
     rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
-        _routes_up(settings, keeper.name)
+        from .host import routes_up
+        routes_up(settings, keeper.name)
         if rec is not None:
             from . import record
             try:
@@ -356,15 +363,6 @@ def run_supervised(args, settings, xs, n: int) -> int:
                 record.merge_parts(rec, n)
         settings.net.down()
         keeper.close()
-
-
-def _routes_up(settings, ifname: str) -> None:
-    """The profile's routes on the TUN (tun2xray.tunroutes)."""
-    from .tunroutes import RouteError
-    try:
-        settings.net.up(ifname)
-    except RouteError as e:
-        raise WorkerError(str(e)) from None
 
 
 # --------------------------------------------------------------------------
@@ -501,7 +499,7 @@ class Supervisor:
         self.n = n
         self.log_level = log_level
         self.log_format = log_format
-        self.ended = None        # why serve() ends: a signal's name
+        self.ended = None        # why the run ends on its own (see fail())
         self.workers = [WorkerHandle(i) for i in range(n)]
         self.started = time.time()
         self.stopping = False
