@@ -140,7 +140,7 @@ def test_workers_are_asked_at_once_and_a_silent_one_is_not_responding(supervisor
     sup = supervisor
     for w in sup.workers:
         os.kill(w.proc.pid, signal.SIGSTOP)
-        _wait(lambda: _stopped(w.proc.pid), what="stopped worker")
+        _wait(lambda pid=w.proc.pid: _stopped(pid), what="stopped worker")
     sup.request_timeout = 120.0
 
     async def both_waiting():

@@ -99,7 +99,7 @@ class EngineSettings:
     attributes; the bridge builds this from a profile, and the supervisor
     hands it to each worker."""
 
-    __slots__ = ("router", "udp_timeout", "connect_timeout", "max_flows", "icmp_echo")
+    __slots__ = ("connect_timeout", "icmp_echo", "max_flows", "router", "udp_timeout")
 
     def __init__(self, router, *, udp_timeout: float = 60.0, connect_timeout: float = 10.0,
                  max_flows: int = 65536, icmp_echo: str = "reply"):
