@@ -39,7 +39,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-import struct
 from collections import defaultdict
 
 from . import events as ev
@@ -52,12 +51,11 @@ from .reassembly import Reassembler as _Reassembler
 from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
 from .wire.errors import WireError
+from .wire.ipv4 import header_ok as _ip4_header_ok
+from .wire.ipv4 import unpack as _ip4
+from .wire.ipv6 import unpack as _ip6
 from .wire.ipv6 import walk as _walk6
-
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
+from .wire.udp import parse as _udp
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -103,10 +101,6 @@ class Stack:
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
-        self._dispatch(packet, now)
-
-    def _dispatch(self, packet, now):
-        n = len(packet)
         if n == 0:
             self.drops["truncated"] += 1
             return
@@ -118,6 +112,15 @@ class Stack:
             self._input6(mv, n, now)
         else:
             self.drops["bad_version"] += 1
+
+    def _dispatch(self, packet, now):
+        """A reassembled datagram, through the same paths as input()."""
+        mv = memoryview(packet)
+        v = mv[0] >> 4
+        if v == 4:
+            self._input4(mv, len(mv), now)
+        else:
+            self._input6(mv, len(mv), now)
 
     def input_batch(self, packets, now: float) -> None:
         inp = self.input
@@ -227,18 +230,15 @@ class Stack:
     # --------------------------------------------------------------- IPv4
 
     def _input4(self, mv, n, now):
+        try:
+            ihl, tot, frag, proto, src, dst = _ip4(mv)
+        except WireError as e:
+            self.drops[e.reason] += 1
+            return
         drops = self.drops
-        if n < 20:
-            drops["truncated"] += 1
-            return
-        vihl, _tos, tot, _ident, frag, _ttl, proto, _hcs, src, dst = _IP4.unpack_from(mv)
-        ihl = (vihl & 15) << 2
-        if ihl < 20 or tot < ihl or tot > n:
-            drops["bad_length"] += 1
-            return
         if tot < n:
             mv = mv[:tot]
-        if self.config.verify_checksums and ck.sum16(mv[:ihl]) != 0xFFFF:
+        if self.config.verify_checksums and not _ip4_header_ok(mv, ihl):
             drops["bad_ip_checksum"] += 1
             return
         if src[0] >= 224 or src == _ZERO4:
@@ -260,14 +260,12 @@ class Stack:
     # --------------------------------------------------------------- IPv6
 
     def _input6(self, mv, n, now):
+        try:
+            plen, nxt, src, dst = _ip6(mv)
+        except WireError as e:
+            self.drops[e.reason] += 1
+            return
         drops = self.drops
-        if n < 40:
-            drops["truncated"] += 1
-            return
-        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(mv)
-        if 40 + plen > n:
-            drops["bad_length"] += 1
-            return
         if 40 + plen < n:
             mv = mv[:40 + plen]
         if src[0] == 0xFF or src == _ZERO6:
@@ -331,13 +329,10 @@ class Stack:
 
     def _udp_in(self, family, src, dst, mv, off, now):
         drops = self.drops
-        n = len(mv) - off
-        if n < 8:
-            drops["truncated"] += 1
-            return
-        sport, dport, ulen, csum = _UDP.unpack_from(mv, off)
-        if ulen < 8 or ulen > n:
-            drops["bad_udp_length"] += 1
+        try:
+            sport, dport, ulen, csum = _udp(mv, off)
+        except WireError as e:
+            drops[e.reason] += 1
             return
         if self.config.verify_checksums:
             if csum == 0:
@@ -345,8 +340,7 @@ class Stack:
                     drops["bad_udp_checksum"] += 1
                     return
             else:
-                ps = ck.pseudo4(src, dst, PROTO_UDP, ulen) if family == 4 else ck.pseudo6(src, dst, PROTO_UDP, ulen)
-                if ck.sum16(mv[off:off + ulen], ps) != 0xFFFF:
+                if ck.sum16(mv[off:off + ulen], ck.pseudo(src, dst, PROTO_UDP, ulen)) != 0xFFFF:
                     drops["bad_udp_checksum"] += 1
                     return
         if sport == 0 or dport == 0:

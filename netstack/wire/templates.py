@@ -20,13 +20,17 @@ import itertools
 import struct
 
 from . import checksum as ck
+from . import icmp as _icmp
+from . import ipv4 as _ipv4
+from . import ipv6 as _ipv6
+from . import udp as _udp
 
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
-_ICMP = struct.Struct("!BBHI")
-_FRAG6 = struct.Struct("!BBHI")
+_IP4 = _ipv4.HEADER
+_IP6 = _ipv6.HEADER
+_UDP = _udp.HEADER
+_ICMP = _icmp.HEADER
+_FRAG6 = _ipv6.FRAG
+# one pack for IP + transport header (the per-segment hot path)
 _IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
 _IP6TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
 _IP4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
@@ -100,6 +104,18 @@ def ip_packets(family: int, src: bytes, dst: bytes, proto: int, l4, ttl: int, mt
     return out
 
 
+class GsoSegment(bytes):
+    """A TCP packet whose payload is larger than one wire segment: the
+    device (TSO/GSO) cuts it into gso_size pieces.  It carries what the
+    device needs for that, so no device parses it again: family (4 or 6),
+    l4_off (where the TCP header starts), hdr_len (IP + TCP header bytes,
+    options included; 0 when not known: parse) and gso_size."""
+    family: int = 4
+    l4_off: int = 20
+    hdr_len: int = 0
+    gso_size: int = 0
+
+
 class TcpTemplate:
     """Builds TCP segments from (src, sport) to (dst, dport) for one flow.
     src/dst are the packet's own source/destination (the stack's side first).
@@ -121,6 +137,19 @@ class TcpTemplate:
         # pseudo-header + the ports: the constant part of the TCP sum
         self._hsum = self._ps + sport + dport
         self._ident = 0
+
+    def gso(self, pkt, options_len: int, gso_size: int) -> GsoSegment:
+        """*pkt* (built by build() with an option block of options_len
+        bytes) as a GsoSegment to be cut into gso_size payload pieces."""
+        g = GsoSegment(pkt)
+        g.gso_size = gso_size
+        if self.family == 4:
+            g.hdr_len = 40 + options_len
+        else:
+            g.family = 6
+            g.l4_off = 40
+            g.hdr_len = 60 + options_len
+        return g
 
     def build(self, seq, ack, flags, wnd, options, payload) -> bytes:
         hl = 20 + len(options)
