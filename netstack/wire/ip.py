@@ -40,3 +40,10 @@ def transport(mv):
             raise WireError("fragment")
         return 6, proto, off, end, src, dst
     raise WireError("bad_version", str(v))
+
+
+def addresses(mv, family: int):
+    """(src, dst) of the IPv4 (family 4) or IPv6 packet in *mv*, as bytes."""
+    if family == 4:
+        return bytes(mv[_v4.OFF_SRC:_v4.OFF_DST]), bytes(mv[_v4.OFF_DST:_v4.OFF_DST + 4])
+    return bytes(mv[_v6.OFF_SRC:_v6.OFF_DST]), bytes(mv[_v6.OFF_DST:_v6.OFF_DST + 16])
