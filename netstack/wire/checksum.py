@@ -109,22 +109,30 @@ def complete(p):
     packets whose field holds only the pseudo-header sum); *p* itself when
     it has no such checksum (fragments, other protocols, a transport header
     cut short, anything that does not parse)."""
+    b = bytearray(p)
+    return bytes(b) if fill(b) else p
+
+
+def fill(buf) -> bool:
+    """Compute the TCP or UDP checksum of the IPv4/IPv6 packet in the
+    bytearray *buf* in place.  False (buf untouched) when it has none to
+    compute: fragments, other protocols, a transport header cut short,
+    anything that does not parse."""
     try:
-        _family, proto, l4, end, src, dst = _ip.transport(p)
+        _family, proto, l4, end, src, dst = _ip.transport(buf)
     except WireError:
-        return p
+        return False
     off = CSUM_OFFSET.get(proto)
     if off is None or end - l4 < (20 if proto == 6 else 8):
-        return p
-    b = bytearray(p)
+        return False
     off += l4
-    b[off] = b[off + 1] = 0
-    c = checksum(memoryview(b)[l4:end], pseudo(src, dst, proto, end - l4))
+    buf[off] = buf[off + 1] = 0
+    c = checksum(memoryview(buf)[l4:end], pseudo(src, dst, proto, end - l4))
     if proto == 17 and c == 0:
         c = 0xFFFF
-    b[off] = c >> 8
-    b[off + 1] = c & 0xFF
-    return bytes(b)
+    buf[off] = c >> 8
+    buf[off + 1] = c & 0xFF
+    return True
 
 
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:
