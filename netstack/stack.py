@@ -96,31 +96,69 @@ class Stack:
     # ------------------------------------------------------------------ host API
 
     def input(self, packet, now: float) -> None:
-        """Process one raw IP packet (bytes-like) from the device."""
+        """Process one raw IP packet (bytes-like) from the device.
+
+        The common case, an unfragmented TCP or UDP packet, runs through
+        here without a method of its own: one netstack.wire parse per header
+        and one call into the demux (a Python call costs about as much as
+        parsing a header).  IPv6 extension headers, ICMPv6 and fragments
+        leave for _input6_ext and _fragment."""
         self.now = now
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
+        drops = self.drops
         if n == 0:
-            self.drops["truncated"] += 1
+            drops["truncated"] += 1
             return
         mv = memoryview(packet)
         v = mv[0] >> 4
         if v == 4:
-            self._input4(mv, n, now)
+            try:
+                off, tot, frag, proto, src, dst = _ip4(mv)
+            except WireError as e:
+                drops[e.reason] += 1
+                return
+            if tot < n:
+                mv = mv[:tot]
+            if self.config.verify_checksums and not _ip4_header_ok(mv, off):
+                drops["bad_ip_checksum"] += 1
+                return
+            if src[0] >= 224 or src == _ZERO4:
+                # multicast, reserved/broadcast or unspecified: no flow can answer it
+                drops["bad_source"] += 1
+                return
+            if frag & 0x3FFF:
+                self._fragment(mv, now)
+                return
+            family = 4
         elif v == 6:
-            self._input6(mv, n, now)
+            try:
+                plen, proto, src, dst = _ip6(mv)
+            except WireError as e:
+                drops[e.reason] += 1
+                return
+            if 40 + plen < n:
+                mv = mv[:40 + plen]
+            if src[0] == 0xFF or src == _ZERO6:
+                drops["bad_source"] += 1
+                return
+            if proto != PROTO_TCP and proto != PROTO_UDP:
+                self._input6_ext(src, dst, mv, now)
+                return
+            off = 40
+            family = 6
         else:
-            self.drops["bad_version"] += 1
-
-    def _dispatch(self, packet, now):
-        """A reassembled datagram, through the same paths as input()."""
-        mv = memoryview(packet)
-        v = mv[0] >> 4
-        if v == 4:
-            self._input4(mv, len(mv), now)
+            drops["bad_version"] += 1
+            return
+        if proto == PROTO_TCP:
+            self._tcp_in(family, src, dst, mv, off, now)
+        elif proto == PROTO_UDP:
+            self._udp_in(family, src, dst, mv, off, now)
+        elif proto == PROTO_ICMP:          # IPv4 only: IPv6's went to _input6_ext
+            icmp4_input(self, src, dst, mv, off, now)
         else:
-            self._input6(mv, len(mv), now)
+            drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
         inp = self.input
@@ -227,56 +265,13 @@ class Stack:
         i = self._ip_id = (self._ip_id + 1) & 0xFFFFFFFF
         return i
 
-    # --------------------------------------------------------------- IPv4
-
-    def _input4(self, mv, n, now):
-        try:
-            ihl, tot, frag, proto, src, dst = _ip4(mv)
-        except WireError as e:
-            self.drops[e.reason] += 1
-            return
-        drops = self.drops
-        if tot < n:
-            mv = mv[:tot]
-        if self.config.verify_checksums and not _ip4_header_ok(mv, ihl):
-            drops["bad_ip_checksum"] += 1
-            return
-        if src[0] >= 224 or src == _ZERO4:
-            # multicast, reserved/broadcast or unspecified: no flow can answer it
-            drops["bad_source"] += 1
-            return
-        if frag & 0x3FFF:
-            self._fragment(mv, now)
-            return
-        if proto == PROTO_TCP:
-            self._tcp_in(4, src, dst, mv, ihl, now)
-        elif proto == PROTO_UDP:
-            self._udp_in(4, src, dst, mv, ihl, now)
-        elif proto == PROTO_ICMP:
-            icmp4_input(self, src, dst, mv, ihl, now)
-        else:
-            drops["unsupported_protocol"] += 1
-
     # --------------------------------------------------------------- IPv6
 
-    def _input6(self, mv, n, now):
-        try:
-            plen, nxt, src, dst = _ip6(mv)
-        except WireError as e:
-            self.drops[e.reason] += 1
-            return
+    def _input6_ext(self, src, dst, mv, now):
+        """An IPv6 packet whose next header is not TCP or UDP: its extension
+        headers walked once (netstack.wire.ipv6.walk), then the transport,
+        ICMPv6, or the reassembler."""
         drops = self.drops
-        if 40 + plen < n:
-            mv = mv[:40 + plen]
-        if src[0] == 0xFF or src == _ZERO6:
-            drops["bad_source"] += 1
-            return
-        if nxt == PROTO_TCP:
-            self._tcp_in(6, src, dst, mv, 40, now)
-            return
-        if nxt == PROTO_UDP:
-            self._udp_in(6, src, dst, mv, 40, now)
-            return
         try:
             nxt, off, is_frag = _walk6(mv)
         except WireError as e:
@@ -307,7 +302,11 @@ class Stack:
         if whole is None:
             self.frag_held += 1
         else:
-            self._dispatch(whole, now)
+            # input() again, counted as the fragment that completed it (which
+            # input() already counted): take its own counts back first
+            self.rx_packets -= 1
+            self.rx_bytes -= len(whole)
+            self.input(whole, now)
 
     # ---------------------------------------------------------------- TCP
     # The TCP demux (`_tcp_in`) is netstack.tcp.demux.tcp_input(stack, family,
