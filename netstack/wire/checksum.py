@@ -36,13 +36,15 @@ hold).
 
 from __future__ import annotations
 
+from .errors import WireError
+
 _FOLD_BITS = 2048
 _MASKS: dict = {}
 
 
 def sum16(data, start: int = 0) -> int:
     """Folded one's complement sum of *data* (bytes-like) plus *start*
-    (a non-negative, possibly unfolded, accumulator such as pseudo4())."""
+    (a non-negative, possibly unfolded, accumulator such as pseudo())."""
     x = int.from_bytes(data, "little")
     bits = len(data) << 3
     if bits > _FOLD_BITS:
@@ -119,7 +121,7 @@ def fill(buf) -> bool:
     compute: fragments, other protocols, a transport header cut short,
     anything that does not parse."""
     try:
-        _family, proto, l4, end, src, dst = _ip.transport(buf)
+        _family, proto, l4, end, src, dst = _transport(buf)
     except WireError:
         return False
     off = CSUM_OFFSET.get(proto)
@@ -143,5 +145,9 @@ def update16(old_checksum: int, old_word: int, new_word: int) -> int:
     return ~x & 0xFFFF
 
 
-from . import ip as _ip  # noqa: E402  (ip's parsers use the sums above)
-from .errors import WireError  # noqa: E402
+def _transport(p):
+    """netstack.wire.ip.transport, imported at first use (ip's parsers
+    import this module): rebinds itself to it."""
+    global _transport
+    from .ip import transport as _transport
+    return _transport(p)

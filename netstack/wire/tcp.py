@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 
-from .checksum import pseudo4, pseudo6, sum16
+from .checksum import pseudo, sum16
 from .errors import WireError
 
 HEADER_LEN = 20
@@ -301,6 +301,4 @@ def build_header(h: TcpHeader, src: bytes | None = None, dst: bytes | None = Non
 
 
 def _pseudo(src, dst, length):
-    if len(src) == 4:
-        return pseudo4(src, dst, 6, length)
-    return pseudo6(src, dst, 6, length)
+    return pseudo(src, dst, 6, length)

@@ -127,12 +127,11 @@ class TcpTemplate:
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
         self.ttl = config.ttl
         self.offload = config.checksum_offload
+        self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
         if family == 4:
-            self._ps = ck.pseudo4(src, dst, PROTO_TCP, 0)
             # constant IPv4 header words: version/ihl/tos, DF, ttl/proto, addresses
             self._ip4_sum = 0x4500 + IP4_DF + ((self.ttl << 8) | PROTO_TCP) + _addr_sum(src) + _addr_sum(dst)
         else:
-            self._ps = ck.pseudo6(src, dst, PROTO_TCP, 0)
             self._ip4_sum = 0
         # pseudo-header + the ports: the constant part of the TCP sum
         self._hsum = self._ps + sport + dport
@@ -198,11 +197,10 @@ class UdpTemplate:
         self.ttl = config.ttl
         self.offload = config.checksum_offload
         self.mtu = max(config.mtu, MIN_MTU4 if family == 4 else MIN_MTU6)
+        ps = ck.pseudo(src, dst, PROTO_UDP, 0)
         if family == 4:
-            ps = ck.pseudo4(src, dst, PROTO_UDP, 0)
             self._ip4_sum = 0x4500 + ((self.ttl << 8) | PROTO_UDP) + _addr_sum(src) + _addr_sum(dst)
         else:
-            ps = ck.pseudo6(src, dst, PROTO_UDP, 0)
             self._ip4_sum = 0
         self._hsum = ps + sport + dport
 
@@ -248,7 +246,7 @@ def icmp4_message(type_: int, code: int, rest: int, body) -> bytes:
 
 
 def icmp6_message(src: bytes, dst: bytes, type_: int, code: int, rest: int, body) -> bytes:
-    ps = ck.pseudo6(src, dst, PROTO_ICMP6, 8 + len(body))
+    ps = ck.pseudo(src, dst, PROTO_ICMP6, 8 + len(body))
     s = ck.sum16(body, ps + (type_ << 8) + code + (rest >> 16) + (rest & 0xFFFF))
     return _ICMP.pack(type_, code, ~s & 0xFFFF, rest) + bytes(body)
 
