@@ -23,6 +23,7 @@ from . import checksum as ck
 from . import icmp as _icmp
 from . import ipv4 as _ipv4
 from . import ipv6 as _ipv6
+from . import tcp as _tcp
 from . import udp as _udp
 
 _IP4 = _ipv4.HEADER
@@ -30,11 +31,18 @@ _IP6 = _ipv6.HEADER
 _UDP = _udp.HEADER
 _ICMP = _icmp.HEADER
 _FRAG6 = _ipv6.FRAG
+
+
+def _joined(ip_hdr, l4_hdr):
+    """One Struct for an IP header followed by a transport header."""
+    return struct.Struct(ip_hdr.format + l4_hdr.format.lstrip("!"))
+
+
 # one pack for IP + transport header (the per-segment hot path)
-_IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
-_IP6TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
-_IP4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
-_IP6UDP = struct.Struct("!IHBB16s16sHHHH")
+_IP4TCP = _joined(_ipv4.HEADER, _tcp.HEADER)
+_IP6TCP = _joined(_ipv6.HEADER, _tcp.HEADER)
+_IP4UDP = _joined(_ipv4.HEADER, _udp.HEADER)
+_IP6UDP = _joined(_ipv6.HEADER, _udp.HEADER)
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6 = 1, 6, 17, 44, 58
 IP4_DF = 0x4000

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 from typing import Iterator
 
 _log = logging.getLogger("tun2xray.record")
@@ -34,7 +35,9 @@ PCAP_MAGIC_US = 0xA1B2C3D4
 SNAPLEN = 262144
 
 _file_header = struct.Struct("=IHHiIII")
-_record_header = struct.Struct("=IIII")
+# record header (ts_sec, ts_frac, caplen, origlen) in either byte order; ours are native
+_REC = {"<": struct.Struct("<IIII"), ">": struct.Struct(">IIII")}
+_record_header = _REC["<" if sys.byteorder == "little" else ">"]
 FILE_HEADER = _file_header       # for tun2xray.record's merge
 RECORD_HEADER = _record_header
 
@@ -317,7 +320,6 @@ def _ip_payload(linktype: int, buf: bytes, strict: bool = False) -> bytes | None
 
 _MAGICS = {b"\xd4\xc3\xb2\xa1": ("<", 1e6), b"\x4d\x3c\xb2\xa1": ("<", 1e9),
            b"\xa1\xb2\xc3\xd4": (">", 1e6), b"\xa1\xb2\x3c\x4d": (">", 1e9)}
-_REC = {"<": struct.Struct("<IIII"), ">": struct.Struct(">IIII")}
 
 
 def read_pcap(path: str, *, strict: bool = False) -> Iterator[tuple[float, bytes]]:
