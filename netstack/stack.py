@@ -170,7 +170,9 @@ class Stack:
         self.now = now
         if self._dirty:
             dirty = self._dirty
-            self._dirty = {}
+            # a fresh dict; the flows' host touches it from now on
+            self._dirty = fresh = {}
+            self.tcp_host.touch = fresh.setdefault
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
