@@ -259,16 +259,20 @@ def wire_segments(p, mtu: int) -> list:
 def _with_length(p):
     """*p*, or a copy whose IP length field says the buffer's length when a
     TSO packet left it 0 (the buffer is the packet)."""
+    from netstack.wire import ipv4, ipv6
+
     v = p[0] >> 4
-    if v == 4 and p[2] == 0 and p[3] == 0:
-        b = bytearray(p)
-        b[2:4] = min(len(p), 0xFFFF).to_bytes(2, "big")
-        return bytes(b)
-    if v == 6 and p[4] == 0 and p[5] == 0:
-        b = bytearray(p)
-        b[4:6] = min(len(p) - 40, 0xFFFF).to_bytes(2, "big")
-        return bytes(b)
-    return p
+    if v == 4:
+        off, length = ipv4.OFF_TOTAL_LEN, len(p)
+    elif v == 6:
+        off, length = ipv6.OFF_PAYLOAD_LEN, len(p) - ipv6.HEADER_LEN
+    else:
+        return p
+    if p[off] or p[off + 1]:
+        return p
+    b = bytearray(p)
+    b[off:off + 2] = min(length, 0xFFFF).to_bytes(2, "big")
+    return bytes(b)
 
 
 def _ip_from_ethernet(buf: bytes) -> bytes | None:
