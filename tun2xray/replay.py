@@ -128,7 +128,8 @@ def parse_ip(ts, raw) -> Pkt:
     try:
         if proto == 6:
             sport, dport, seq, ack, doff, flags, wnd = wtcp.unpack(seg, l4)
-            p.proto, p.sport, p.dport, p.seq, p.ack, p.flags, p.wnd, p.doff = 6, sport, dport, seq, ack, flags, wnd, doff
+            p.proto, p.sport, p.dport, p.seq, p.ack = 6, sport, dport, seq, ack
+            p.flags, p.wnd, p.doff = flags, wnd, doff
             p.opts = raw[l4 + 20:l4 + doff]
             p.payload = raw[l4 + doff:end]
         elif proto == 17:
