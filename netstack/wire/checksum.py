@@ -26,9 +26,17 @@ Conventions:
   checksum(data, start=0) -> value to store in a header (inverted sum)
 A received header or segment (with its pseudo-header sum as start) is
 valid when checksum(...) == 0, i.e. sum16(...) == 0xFFFF.
+
+This module is the one place for pseudo-header sums (`pseudo`, with the
+per-family names pseudo4/pseudo6 kept) and for finishing a checksum a
+device left partial (`complete`: a virtio NEEDS_CSUM packet's field holds
+only the pseudo-header sum; `partial`: the reverse, what such a field must
+hold).
 """
 
 from __future__ import annotations
+
+from .errors import WireError
 
 _FOLD_BITS = 2048
 _MASKS: dict = {}
@@ -36,7 +44,7 @@ _MASKS: dict = {}
 
 def sum16(data, start: int = 0) -> int:
     """Folded one's complement sum of *data* (bytes-like) plus *start*
-    (a non-negative, possibly unfolded, accumulator such as pseudo4())."""
+    (a non-negative, possibly unfolded, accumulator such as pseudo())."""
     x = int.from_bytes(data, "little")
     bits = len(data) << 3
     if bits > _FOLD_BITS:
@@ -75,16 +83,58 @@ def fold(x: int) -> int:
     return x
 
 
-def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv4 pseudo-header (RFC 793/768).  Each address
-    read as one integer is congruent to the sum of its 16-bit words; one
-    modulo for both keeps the result small."""
+def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Unfolded sum of the pseudo-header of IPv4 (RFC 793/768) or IPv6
+    (RFC 8200 §8.1): the addresses, the protocol and the transport length.
+    The two differ only in field widths, which a one's complement sum does
+    not see.  Each address read as one integer is congruent to the sum of
+    its 16-bit words; one modulo for both keeps the result small."""
     return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
 
 
-def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv6 pseudo-header (RFC 8200 §8.1)."""
-    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
+pseudo4 = pseudo6 = pseudo
+
+
+# where a transport's checksum field sits, from the start of its header
+CSUM_OFFSET = {6: 16, 17: 6}
+
+
+def partial(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """What a NEEDS_CSUM packet's checksum field holds: the folded, not
+    inverted, pseudo-header sum."""
+    return fold(pseudo(src, dst, proto, length))
+
+
+def complete(p):
+    """A copy of the IPv4/IPv6 packet *p* with its TCP or UDP checksum
+    computed in full, whatever the field held (an offload TUN hands over
+    packets whose field holds only the pseudo-header sum); *p* itself when
+    it has no such checksum (fragments, other protocols, a transport header
+    cut short, anything that does not parse)."""
+    b = bytearray(p)
+    return bytes(b) if fill(b) else p
+
+
+def fill(buf) -> bool:
+    """Compute the TCP or UDP checksum of the IPv4/IPv6 packet in the
+    bytearray *buf* in place.  False (buf untouched) when it has none to
+    compute: fragments, other protocols, a transport header cut short,
+    anything that does not parse."""
+    try:
+        _family, proto, l4, end, src, dst = _transport(buf)
+    except WireError:
+        return False
+    off = CSUM_OFFSET.get(proto)
+    if off is None or end - l4 < (20 if proto == 6 else 8):
+        return False
+    off += l4
+    buf[off] = buf[off + 1] = 0
+    c = checksum(memoryview(buf)[l4:end], pseudo(src, dst, proto, end - l4))
+    if proto == 17 and c == 0:
+        c = 0xFFFF
+    buf[off] = c >> 8
+    buf[off + 1] = c & 0xFF
+    return True
 
 
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:
@@ -93,3 +143,11 @@ def update16(old_checksum: int, old_word: int, new_word: int) -> int:
     x = (x & 0xFFFF) + (x >> 16)
     x = (x & 0xFFFF) + (x >> 16)
     return ~x & 0xFFFF
+
+
+def _transport(p):
+    """netstack.wire.ip.transport, imported at first use (ip's parsers
+    import this module): rebinds itself to it."""
+    global _transport
+    from .ip import transport as _transport
+    return _transport(p)
