@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from tun2xray import autoroute, doctor, xray
+from tun2xray import xray
+from tun2xray.xray import autoroute, doctor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import netlab  # (tools/ is not a package)

@@ -32,7 +32,7 @@ PRIORITY = 9470
 MAIN = 254
 
 
-from .xray import XrayError
+from .core import XrayError
 
 
 class AutoRouteError(XrayError):

@@ -56,8 +56,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from .rules import Rule
-from .upstream.url import DokodemoUpstream, SocksUpstream, format_hostport
+from ..rules import Rule
+from ..upstream.url import DokodemoUpstream, SocksUpstream, format_hostport
 
 log = logging.getLogger("tun2xray.xray")
 core_log = logging.getLogger("tun2xray.core")
