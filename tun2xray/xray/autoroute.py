@@ -32,7 +32,7 @@ PRIORITY = 9470
 MAIN = 254
 
 
-from .core import XrayError
+from .errors import XrayError
 
 
 class AutoRouteError(XrayError):

@@ -169,7 +169,8 @@ def _routes_via(tun: str) -> int:
 
 
 def check_loop(rep: Report, tun: str, cfg: dict, mark: int | None) -> None:
-    from . import autoroute, core as xray
+    from .. import xray
+    from . import autoroute
     servers = xray.outbound_servers(cfg)
     if not servers:
         rep.ok("loop", "the core has no outbound servers (direct only)")
@@ -227,7 +228,7 @@ def _probe_inbound(ib, timeout: float, pid: int | None = None) -> str | None:
     """A SOCKS5 greeting (and a UDP ASSOCIATE it closes) for socks; for
     dokodemo-door its listening sockets, read from /proc: a connection
     would make the core dial the inbound's target."""
-    from .core import inbound_listening, socks_probe
+    from .probe import inbound_listening, socks_probe
     if ib.protocol == "socks":
         return socks_probe(ib.host, ib.port, timeout)
     nets = ib.networks or {"tcp"}
@@ -365,7 +366,7 @@ def config_to_check(given: str | None, xst: dict) -> str | None:
 
 
 def main(args) -> int:
-    from . import core as xray
+    from .. import xray
     rep = Report()
     try:
         for spec in args.tcp + args.udp:

@@ -77,7 +77,7 @@ def node_problem(path: str) -> tuple | None:
     """None when ``path`` is a node config; else (unreadable, why): a file
     the core could not read either (unreadable=True: maybe a node with a
     typo), or JSON that is no node config."""
-    from . import core as xray
+    from .. import xray
     try:
         cfg = xray.load_config(path)
     except xray.NotAnObjectError as e:
@@ -93,7 +93,7 @@ def node_problem(path: str) -> tuple | None:
 def _candidates(config: str, nodes: str | None) -> list:
     """[(dir, file name)] of every *.json that may be a node (not the link,
     not hidden, not a runtime config)."""
-    from .core import RUNTIME_SUFFIX
+    from .config import RUNTIME_SUFFIX
     link = os.path.abspath(config)
     dirs = search_dirs(config, nodes)
     out = []
@@ -169,7 +169,7 @@ def node_path(config: str, name: str, nodes: str | None = None) -> str:
 
 def check_node(path: str, binary: str | None = None) -> None:
     """Our reader must find a usable setup; the core (when installed) must accept it."""
-    from . import core as xray
+    from .. import xray
     xray.derive(path, write=False)
     try:
         core = xray.find_binary(binary)
@@ -246,7 +246,7 @@ def running_link(args) -> tuple:
 
 def main(args) -> int:
     from ..instance import InstanceError
-    from .core import XrayError
+    from .errors import XrayError
     try:
         args.xray_config, control = running_link(args)
         if args.node_command == "use":
