@@ -176,3 +176,26 @@ def test_upstream_and_device_stay_below_the_engine(graph):
         return any(dep == a or dep.startswith(a + ".") for a in above)
 
     assert _violations(graph, ("tun2xray.upstream", "tun2xray.device"), upward) == []
+
+
+def test_the_xray_package_exports_its_rooms_names():
+    import importlib
+
+    from tun2xray import xray
+    for name in xray.__all__:
+        room = importlib.import_module(f"tun2xray.xray.{xray._HOME[name]}")
+        assert getattr(xray, name) is getattr(room, name), name
+    with pytest.raises(AttributeError):
+        xray.no_such_name
+
+
+def test_the_cli_parser_does_not_load_the_core_modules():
+    # `node` and `doctor` add their flags to every parser: that must not
+    # import the core's supervision and derivation (they load on first use)
+    code = ("import json, sys; from tun2xray.cli import build_parser; build_parser(); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('tun2xray.xray'))))")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == ["tun2xray.xray", "tun2xray.xray.doctor", "tun2xray.xray.nodes"]

@@ -14,21 +14,40 @@ One idea per module, each importing only those above it in this list:
 - ``session``: XraySession, the above around the engine; node switching.
 - ``nodes`` and ``doctor``: the `node` and `doctor` subcommands, users of
   the names re-exported here (so this file never imports them).
+
+The re-exports load on first use (PEP 562): ``tun2xray node`` and ``tun2xray
+doctor`` build their parsers without the core's modules, and a program that
+never runs a core never imports them.
 """
 
-from .config import (DEFAULT_MARK, RUNTIME_SUFFIX, SNIFFING, Derived, Inbound, derive,
-                     outbound_servers, resolve_servers, runtime_path_for, write_runtime)
-from .core import Core, check_config, core_command, core_reason, exit_reason, file_reason, find_binary
-from .errors import CoreError, NotAnObjectError, XrayConfigError, XrayError
-from .probe import inbound_listening, proc_listening, socks_probe
-from .reader import MAX_CONFIG, core_position, load_config, parse_config_text, strip_comments
-from .session import XraySession, session_from_args, user_rejection
+from __future__ import annotations
 
-__all__ = [
-    "CoreError", "Core", "DEFAULT_MARK", "Derived", "Inbound", "MAX_CONFIG", "NotAnObjectError",
-    "RUNTIME_SUFFIX", "SNIFFING", "XrayConfigError", "XrayError", "XraySession", "check_config",
-    "core_command", "core_position", "core_reason", "derive", "exit_reason", "file_reason",
-    "find_binary", "inbound_listening", "load_config", "outbound_servers", "parse_config_text",
-    "proc_listening", "resolve_servers", "runtime_path_for", "session_from_args", "socks_probe",
-    "strip_comments", "user_rejection", "write_runtime",
-]
+# module -> the names it exports through the package
+_EXPORTS = {
+    "errors": ("CoreError", "NotAnObjectError", "XrayConfigError", "XrayError"),
+    "reader": ("MAX_CONFIG", "core_position", "load_config", "parse_config_text", "strip_comments"),
+    "config": ("DEFAULT_MARK", "RUNTIME_SUFFIX", "SNIFFING", "Derived", "Inbound", "derive",
+               "outbound_servers", "resolve_servers", "runtime_path_for", "write_runtime"),
+    "probe": ("inbound_listening", "proc_listening", "socks_probe"),
+    "core": ("Core", "check_config", "core_command", "core_reason", "exit_reason", "file_reason",
+             "find_binary"),
+    "session": ("XraySession", "session_from_args", "user_rejection"),
+}
+_HOME = {name: mod for mod, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    mod = _HOME.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from . import config, core, errors, probe, reader, session
+    rooms = {"errors": errors, "reader": reader, "config": config, "probe": probe, "core": core,
+             "session": session}
+    value = getattr(rooms[mod], name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_HOME))
