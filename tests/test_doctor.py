@@ -1,4 +1,4 @@
-"""tun2xray.doctor pieces: target parsing, the DNS query it sends, inbound
+"""tun2xray.xray.doctor pieces: target parsing, the DNS query it sends, inbound
 probes, the report lines, and the loop check on real marked routes in a
 namespace of its own (the whole doctor runs against real setups in
 tests/e2e/test_xray_e2e.py)."""
