@@ -181,7 +181,7 @@ def test_where_for_root_other_users_and_the_override(monkeypatch):
 
 
 def test_doctor_checks_the_config_the_core_runs(tmp_path):
-    from tun2xray.doctor import config_to_check
+    from tun2xray.xray.doctor import config_to_check
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     (nodes / "a.json").write_text("{}")
