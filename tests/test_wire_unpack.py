@@ -139,13 +139,13 @@ def test_complete_and_fill_finish_partial_checksums(family):
     p, q = tp.build(7, 8, tcp.ACK, 100, b"", b"odd!x"), tf.build(7, 8, tcp.ACK, 100, b"", b"odd!x")
     hl = 20 if family == 4 else 40
     assert p[hl + 16:hl + 18] == ck.partial(a, b, 6, len(p) - hl).to_bytes(2, "big")
-    assert ck.complete(p)[hl:] == q[hl:] != p[hl:]
+    assert ip.complete(p)[hl:] == q[hl:] != p[hl:]
     buf = bytearray(p)
-    assert ck.fill(buf) and bytes(buf)[hl:] == q[hl:]
+    assert ip.fill(buf) and bytes(buf)[hl:] == q[hl:]
     u = UdpTemplate(family, a, b, 5, 6, part).build(b"x")[0]
-    assert ck.sum16(memoryview(ck.complete(u))[hl:], ck.pseudo(a, b, 17, len(u) - hl)) == 0xFFFF
+    assert ck.sum16(memoryview(ip.complete(u))[hl:], ck.pseudo(a, b, 17, len(u) - hl)) == 0xFFFF
     icmp_pkt = ip_packets(family, a, b, 1 if family == 4 else 58, bytes(8), 64, 1500, ident=1)[0]
-    assert ck.complete(icmp_pkt) is icmp_pkt and not ck.fill(bytearray(icmp_pkt))
+    assert ip.complete(icmp_pkt) is icmp_pkt and not ip.fill(bytearray(icmp_pkt))
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -174,4 +174,4 @@ def test_unpackers_raise_only_wire_error(data, off):
         except WireError as e:
             assert e.reason
     tcp.scan_options(data)
-    assert len(ck.complete(data)) == len(data)     # never raises, never changes the length
+    assert len(ip.complete(data)) == len(data)     # never raises, never changes the length

@@ -25,7 +25,7 @@ import time
 
 from netstack import Stack, StackConfig
 from netstack import events as ev
-from netstack.wire import checksum as _ck
+from netstack.wire import ip as _ip
 
 from . import logs
 from .device import DeviceError
@@ -546,7 +546,7 @@ class Engine:
         rec = self.recorder
         wall = time.time()
         for p in packets:
-            rec.write(_ck.complete(p) if fix else p, wall)
+            rec.write(_ip.complete(p) if fix else p, wall)
 
     def _write(self, out) -> None:
         if self.recorder is not None:

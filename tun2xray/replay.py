@@ -57,6 +57,7 @@ from netstack import Stack, StackConfig
 from netstack import events as ev
 from netstack.wire import checksum as ck
 from netstack.wire import icmp as wicmp
+from netstack.wire import ip as wip
 from netstack.wire import ipv4 as wip4
 from netstack.wire import ipv6 as wip6
 from netstack.wire import tcp as wtcp
@@ -867,7 +868,7 @@ def _grown(before: dict, after: dict) -> str:
 def _fix_tcp_checksum(buf, family, l4):
     """Recompute the TCP checksum of the packet in *buf* (a bytearray) in
     place (family and l4 are the packet's own; kept for the callers)."""
-    ck.fill(buf)
+    wip.fill(buf)
 
 
 def _checksum_ok(p) -> bool:

@@ -28,15 +28,15 @@ A received header or segment (with its pseudo-header sum as start) is
 valid when checksum(...) == 0, i.e. sum16(...) == 0xFFFF.
 
 This module is the one place for pseudo-header sums (`pseudo`, with the
-per-family names pseudo4/pseudo6 kept) and for finishing a checksum a
-device left partial (`complete`: a virtio NEEDS_CSUM packet's field holds
-only the pseudo-header sum; `partial`: the reverse, what such a field must
-hold).
+per-family names pseudo4/pseudo6 kept) and for what a NEEDS_CSUM field must
+hold (`partial`).  Finishing a checksum a device left partial needs the
+packet parsed first, so it lives beside the parser that finds the transport
+header: netstack.wire.ip.complete / fill (this module imports no parser, so
+the parsers can use its sums).
 """
 
 from __future__ import annotations
 
-from .errors import WireError
 
 _FOLD_BITS = 2048
 _MASKS: dict = {}
@@ -105,49 +105,9 @@ def partial(src: bytes, dst: bytes, proto: int, length: int) -> int:
     return fold(pseudo(src, dst, proto, length))
 
 
-def complete(p):
-    """A copy of the IPv4/IPv6 packet *p* with its TCP or UDP checksum
-    computed in full, whatever the field held (an offload TUN hands over
-    packets whose field holds only the pseudo-header sum); *p* itself when
-    it has no such checksum (fragments, other protocols, a transport header
-    cut short, anything that does not parse)."""
-    b = bytearray(p)
-    return bytes(b) if fill(b) else p
-
-
-def fill(buf) -> bool:
-    """Compute the TCP or UDP checksum of the IPv4/IPv6 packet in the
-    bytearray *buf* in place.  False (buf untouched) when it has none to
-    compute: fragments, other protocols, a transport header cut short,
-    anything that does not parse."""
-    try:
-        _family, proto, l4, end, src, dst = _transport(buf)
-    except WireError:
-        return False
-    off = CSUM_OFFSET.get(proto)
-    if off is None or end - l4 < (20 if proto == 6 else 8):
-        return False
-    off += l4
-    buf[off] = buf[off + 1] = 0
-    c = checksum(memoryview(buf)[l4:end], pseudo(src, dst, proto, end - l4))
-    if proto == 17 and c == 0:
-        c = 0xFFFF
-    buf[off] = c >> 8
-    buf[off + 1] = c & 0xFF
-    return True
-
-
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:
     """RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), for one 16-bit field change."""
     x = (~old_checksum & 0xFFFF) + (~old_word & 0xFFFF) + new_word
     x = (x & 0xFFFF) + (x >> 16)
     x = (x & 0xFFFF) + (x >> 16)
     return ~x & 0xFFFF
-
-
-def _transport(p):
-    """netstack.wire.ip.transport, imported at first use (ip's parsers
-    import this module): rebinds itself to it."""
-    global _transport
-    from .ip import transport as _transport
-    return _transport(p)

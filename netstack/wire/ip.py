@@ -1,8 +1,10 @@
 """Either IP family: where a packet's transport header is.
 
 `transport(mv)` is for the paths that take a whole packet without knowing
-its family (checksum completion, the recorder's segmenter, a device's
-fallback for packets it did not get from the stack): it dispatches on the
+its family (checksum completion -- `complete` / `fill`, here because they
+must find the transport header, so that checksum.py needs no parser -- the
+recorder's segmenter, a device's fallback for packets it did not get from
+the stack): it dispatches on the
 version nibble to ipv4.unpack / ipv6.unpack and, for IPv6, to ipv6.walk.
 The stack itself calls the per-family functions directly (it needs their
 drop reasons one by one).
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 from . import ipv4 as _v4
 from . import ipv6 as _v6
+from .checksum import CSUM_OFFSET, checksum, pseudo
 from .errors import WireError
 
 
@@ -47,3 +50,35 @@ def addresses(mv, family: int):
     if family == 4:
         return bytes(mv[_v4.OFF_SRC:_v4.OFF_DST]), bytes(mv[_v4.OFF_DST:_v4.OFF_DST + 4])
     return bytes(mv[_v6.OFF_SRC:_v6.OFF_DST]), bytes(mv[_v6.OFF_DST:_v6.OFF_DST + 16])
+
+
+def complete(p):
+    """A copy of the IPv4/IPv6 packet *p* with its TCP or UDP checksum
+    computed in full, whatever the field held (an offload TUN hands over
+    packets whose field holds only the pseudo-header sum); *p* itself when
+    it has no such checksum (fragments, other protocols, a transport header
+    cut short, anything that does not parse)."""
+    b = bytearray(p)
+    return bytes(b) if fill(b) else p
+
+
+def fill(buf) -> bool:
+    """Compute the TCP or UDP checksum of the IPv4/IPv6 packet in the
+    bytearray *buf* in place.  False (buf untouched) when it has none to
+    compute: fragments, other protocols, a transport header cut short,
+    anything that does not parse."""
+    try:
+        _family, proto, l4, end, src, dst = transport(buf)
+    except WireError:
+        return False
+    off = CSUM_OFFSET.get(proto)
+    if off is None or end - l4 < (20 if proto == 6 else 8):
+        return False
+    off += l4
+    buf[off] = buf[off + 1] = 0
+    c = checksum(memoryview(buf)[l4:end], pseudo(src, dst, proto, end - l4))
+    if proto == 17 and c == 0:
+        c = 0xFFFF
+    buf[off] = c >> 8
+    buf[off + 1] = c & 0xFF
+    return True
