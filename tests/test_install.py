@@ -112,7 +112,7 @@ def test_readme_install_command_on_the_system_python():
         pcaps = sorted(p for p in os.listdir(os.path.join(clone, "pcaps")) if p.endswith(".pcap"))
         for name in pcaps:
             assert f"pcaps/{name}:" in r.stdout, f"no flows printed for {name}:\n{r.stdout[-4000:]}"
-        completed = re.findall(r"^\s+(?:tcp|udp) \S+ -> \S+\s+completed\b", r.stdout, re.M)
+        completed = re.findall(r"^\s+(?:\d+ )?(?:tcp|udp) \S+ -> \S+\s+completed\b", r.stdout, re.M)
         assert len(completed) >= len(pcaps) - 2, r.stdout[-4000:]     # two captures are refusals
 
         # the command was the link into this copy's venv, made from Debian's python3

@@ -181,7 +181,7 @@ def test_where_for_root_other_users_and_the_override(monkeypatch):
 
 
 def test_doctor_checks_the_config_the_core_runs(tmp_path):
-    from tun2xray.doctor import config_to_check
+    from tun2xray.xray.doctor import config_to_check
     nodes = tmp_path / "nodes"
     nodes.mkdir()
     (nodes / "a.json").write_text("{}")
@@ -201,8 +201,8 @@ def test_doctor_checks_the_config_the_core_runs(tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="TUN devices need root")
 def test_a_tun_fd_is_named_by_its_interface_and_its_holder_is_seen():
-    pytun = pytest.importorskip("pytun")
-    t = pytun.TunTapDevice(name="isfd0", flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_MULTI_QUEUE)
+    from tun2xray.device import tunfd
+    t = tunfd.TunFd.open("isfd0", tunfd.IFF_TUN | tunfd.IFF_NO_PI | tunfd.IFF_MULTI_QUEUE)
     try:
         assert instance.device_name(f"fd://{t.fileno()}")[0] == "isfd0"
         # another process looking for holders of isfd0 finds us (and only us)

@@ -118,7 +118,7 @@ def test_recorded_copies_of_offload_packets_have_complete_checksums():
     # (tun2xray replay verifies checksums), so the recorded copy is completed.
     from netstack import StackConfig
     from netstack.wire.templates import TcpTemplate, UdpTemplate, ip_packets
-    from tun2xray.engine import _complete_checksum
+    from netstack.wire.ip import complete as _complete_checksum
 
     partial = StackConfig(checksum_offload=True)
     full = StackConfig()

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tun2xray import state, xray
+from tun2xray.xray.config import _free_loopback_port
 
 
 def _core_binary():
@@ -25,7 +26,7 @@ def _core_binary():
 
 
 def _config(tmp_path, udp=True):
-    port = xray._free_loopback_port()
+    port = _free_loopback_port()
     cfg = {"log": {"loglevel": "warning"},     # access lines go to stdout, which Core forwards
            "inbounds": [{"tag": "socks", "listen": "127.0.0.1", "port": port, "protocol": "socks",
                          "settings": {"auth": "noauth", "udp": udp}}],

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "addr:port-addr:port) as a ladder diagram; needs --svg and one capture")
     rp.add_argument("--svg", metavar="FILE", help="where --ladder writes its SVG")
 
-    from . import doctor, nodes
+    from .xray import doctor, nodes
     nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
     doctor.add_arguments(sub.add_parser("doctor", help="check a running setup: one line per check"))
     return p
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.command == "status":
         return cmd_status(args)
     if args.command in ("node", "doctor"):
-        from . import doctor, nodes
+        from .xray import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
         from . import logs

@@ -25,7 +25,7 @@ import time
 
 from netstack import Stack, StackConfig
 from netstack import events as ev
-from netstack.wire import checksum as _ck
+from netstack.wire import ip as _ip
 
 from . import logs
 from .device import DeviceError
@@ -546,7 +546,7 @@ class Engine:
         rec = self.recorder
         wall = time.time()
         for p in packets:
-            rec.write(_complete_checksum(p) if fix else p, wall)
+            rec.write(_ip.complete(p) if fix else p, wall)
 
     def _write(self, out) -> None:
         if self.recorder is not None:
@@ -1100,46 +1100,6 @@ def _bound(buf, off):
 class _Counter(dict):
     def __missing__(self, key):
         return 0
-
-
-def _complete_checksum(p):
-    """A copy of an offload TUN's packet with its TCP/UDP checksum complete
-    (the kernel may hand over only the pseudo-header sum: NEEDS_CSUM); other
-    packets as they are."""
-    n = len(p)
-    if n < 1:
-        return p
-    v = p[0] >> 4
-    if v == 4:
-        hl = (p[0] & 15) * 4
-        if n < hl + 8 or (p[6] & 0x3F) or p[7]:
-            return p
-        proto = p[9]
-        ps = _ck.pseudo4(p[12:16], p[16:20], proto, n - hl)
-    elif v == 6:
-        hl = 40
-        if n < 48:
-            return p
-        proto = p[6]
-        ps = _ck.pseudo6(p[8:24], p[24:40], proto, n - hl)
-    else:
-        return p
-    if proto == 6:
-        off = hl + 16
-        if n < hl + 20:
-            return p
-    elif proto == 17:
-        off = hl + 6
-    else:
-        return p
-    b = bytearray(p)
-    b[off] = b[off + 1] = 0
-    c = _ck.checksum(memoryview(b)[hl:], ps)
-    if proto == 17 and c == 0:
-        c = 0xFFFF
-    b[off] = c >> 8
-    b[off + 1] = c & 0xFF
-    return bytes(b)
 
 
 class _Literals(dict):

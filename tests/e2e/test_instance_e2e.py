@@ -206,9 +206,11 @@ def test_second_run_on_the_same_tun_is_refused_and_the_first_keeps_its_flows(lab
 @pytest.mark.deadline(60)
 def test_a_tun_held_by_another_process_is_named(lab):
     tun = "istun1"
-    code = ("import pytun, sys, time\n"
-            "t = pytun.TunTapDevice(name=sys.argv[1], flags=pytun.IFF_TUN | pytun.IFF_NO_PI"
-            " | pytun.IFF_MULTI_QUEUE | pytun.IFF_VNET_HDR)\n"
+    # a plain TUNSETIFF by a process that is not tun2xray (no tun2xray import)
+    code = ("import fcntl, os, struct, sys, time\n"
+            "fd = os.open('/dev/net/tun', os.O_RDWR)\n"
+            "fcntl.ioctl(fd, 0x400454CA, struct.pack('16sH22x', sys.argv[1].encode(),"
+            " 0x0001 | 0x1000 | 0x0100 | 0x4000))\n"
             "print('holding', flush=True)\n"
             "time.sleep(120)\n")
     holder = lab.cli_popen("holder", [sys.executable, "-c", code, tun])

@@ -2,7 +2,7 @@
 policy routing over netlink (pyroute2), loop-free.
 
 The core's own sockets carry a firewall mark (``streamSettings.sockopt.mark``,
-put in the derived config by tun2xray.xray) and a rule sends marked traffic
+put in the derived config by tun2xray.xray.config) and a rule sends marked traffic
 around the TUN.  Per family, at priorities PRIORITY..PRIORITY+3::
 
     PRIORITY+0  fwmark MARK             lookup main      the core's own traffic
@@ -32,7 +32,7 @@ PRIORITY = 9470
 MAIN = 254
 
 
-from .xray import XrayError
+from .errors import XrayError
 
 
 class AutoRouteError(XrayError):

@@ -27,7 +27,7 @@ import socket
 import struct
 import sys
 
-from .instance import InstanceError
+from ..instance import InstanceError
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
@@ -83,7 +83,7 @@ def _hostport(spec: str) -> tuple:
 # --------------------------------------------------------------------- checks
 
 def check_control(rep: Report, url: str | None, explicit: bool) -> dict | None:
-    from .control import query
+    from ..control import query
     try:
         st = query(url, timeout=3.0)
     except (OSError, ValueError) as e:
@@ -169,7 +169,8 @@ def _routes_via(tun: str) -> int:
 
 
 def check_loop(rep: Report, tun: str, cfg: dict, mark: int | None) -> None:
-    from . import autoroute, xray
+    from .. import xray
+    from . import autoroute
     servers = xray.outbound_servers(cfg)
     if not servers:
         rep.ok("loop", "the core has no outbound servers (direct only)")
@@ -227,7 +228,7 @@ def _probe_inbound(ib, timeout: float, pid: int | None = None) -> str | None:
     """A SOCKS5 greeting (and a UDP ASSOCIATE it closes) for socks; for
     dokodemo-door its listening sockets, read from /proc: a connection
     would make the core dial the inbound's target."""
-    from .xray import inbound_listening, socks_probe
+    from .probe import inbound_listening, socks_probe
     if ib.protocol == "socks":
         return socks_probe(ib.host, ib.port, timeout)
     nets = ib.networks or {"tcp"}
@@ -337,7 +338,7 @@ def running_control(args) -> str | None:
     """--control, else the control socket of the tun2xray running here (on
     --device when given); None when none runs (the checks go on without
     it). InstanceError when several run and none was chosen."""
-    from .instance import find_instance
+    from ..instance import find_instance
     if args.control:
         return args.control
     if args.device:
@@ -365,7 +366,7 @@ def config_to_check(given: str | None, xst: dict) -> str | None:
 
 
 def main(args) -> int:
-    from . import xray
+    from .. import xray
     rep = Report()
     try:
         for spec in args.tcp + args.udp:
@@ -384,7 +385,7 @@ def main(args) -> int:
     if tun is None and st:
         tun = st.get("device", {}).get("name")
     if tun is None:
-        from .instance import run_dir
+        from ..instance import run_dir
         why = "which TUN?" if url else f"which TUN? (no tun2xray runs here: none in {run_dir()})"
         rep.fail("tun", why, "give --device tun://NAME or --control of a running tun2xray")
     else:

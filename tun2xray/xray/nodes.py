@@ -77,7 +77,7 @@ def node_problem(path: str) -> tuple | None:
     """None when ``path`` is a node config; else (unreadable, why): a file
     the core could not read either (unreadable=True: maybe a node with a
     typo), or JSON that is no node config."""
-    from . import xray
+    from .. import xray
     try:
         cfg = xray.load_config(path)
     except xray.NotAnObjectError as e:
@@ -93,7 +93,7 @@ def node_problem(path: str) -> tuple | None:
 def _candidates(config: str, nodes: str | None) -> list:
     """[(dir, file name)] of every *.json that may be a node (not the link,
     not hidden, not a runtime config)."""
-    from .xray import RUNTIME_SUFFIX
+    from .config import RUNTIME_SUFFIX
     link = os.path.abspath(config)
     dirs = search_dirs(config, nodes)
     out = []
@@ -169,7 +169,7 @@ def node_path(config: str, name: str, nodes: str | None = None) -> str:
 
 def check_node(path: str, binary: str | None = None) -> None:
     """Our reader must find a usable setup; the core (when installed) must accept it."""
-    from . import xray
+    from .. import xray
     xray.derive(path, write=False)
     try:
         core = xray.find_binary(binary)
@@ -203,7 +203,7 @@ def use_node(config: str, name: str, nodes: str | None = None, binary: str | Non
 
 def wait_switched(control: str, node: str, timeout: float) -> dict:
     """Poll the running tun2xray until it runs ``node`` with a live core."""
-    from .control import query
+    from ..control import query
     want = os.path.realpath(node)
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -225,8 +225,8 @@ def running_link(args) -> tuple:
     """(config link, control URL or None): --xray-config when given, else
     the link the tun2xray running here was started with (and its control
     socket, to wait for the switch), else DEFAULT_CONFIG."""
-    from .control import query
-    from .instance import find_instance
+    from ..control import query
+    from ..instance import find_instance
     url = getattr(args, "control", None)    # (`node use` has --control)
     if args.xray_config:
         return args.xray_config, url
@@ -245,8 +245,8 @@ def running_link(args) -> tuple:
 
 
 def main(args) -> int:
-    from .instance import InstanceError
-    from .xray import XrayError
+    from ..instance import InstanceError
+    from .errors import XrayError
     try:
         args.xray_config, control = running_link(args)
         if args.node_command == "use":
