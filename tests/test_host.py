@@ -278,3 +278,11 @@ def test_settings_build_the_stack_and_engine_once():
     assert eng.router is t.router
     with pytest.raises(ValueError, match="must be a socks5"):
         EngineSettings.from_profile(load_profile('{"proxy": "dokodemo://127.0.0.1:53"}', bridge=True))
+
+
+def test_one_event_loop_runner():
+    """uvloop is chosen in one place (host.run / host.new_loop)."""
+    import pathlib
+    users = sorted(str(p.relative_to(REPO)) for p in pathlib.Path(REPO, "tun2xray").rglob("*.py")
+                   if "import uvloop" in p.read_text(encoding="utf-8"))
+    assert users == ["tun2xray/host.py"]
