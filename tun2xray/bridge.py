@@ -45,13 +45,10 @@ import sys
 import threading
 from collections import deque
 
-from netstack import StackConfig
-
 from . import state as st
+from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
 from .profile import Profile, ProfileError, load_profile
-from .rules import Router
 from .tunroutes import Network
-from .upstream.url import DokodemoUpstream, parse_upstream
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -87,29 +84,17 @@ class InvalidHandle(BridgeError):
 # ------------------------------------------------------------------ settings
 
 def engine_settings(profile: Profile):
-    """(router, stack_config, connect_timeout) for an engine serving *profile*.
-    Shared by the bridge and any other host that starts from a profile."""
-    up = parse_upstream(profile.proxy)
-    if isinstance(up, DokodemoUpstream):
-        raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
-    router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
-    cfg = StackConfig(mtu=profile.mtu, udp_timeout=profile.udp_timeout, max_flows=profile.max_flows,
-                      icmp_echo=profile.icmp_echo, connect_timeout=profile.tcp_connect_timeout + 5)
-    return router, cfg, profile.tcp_connect_timeout
+    """(router, stack_config, connect_timeout) for an engine serving *profile*
+    (built by tun2xray.host, as for `run`)."""
+    s = EngineSettings.from_profile(profile)
+    return s.router, stack_config(s, profile.mtu), s.connect_timeout
 
 
 def _new_loop(kind: str):
-    if kind not in ("auto", "uvloop", "asyncio"):
-        raise BridgeError(f'loop "{kind}": expected "auto", "uvloop" or "asyncio"')
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise BridgeError("loop \"uvloop\": uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop(), "uvloop"
-    return asyncio.new_event_loop(), "asyncio"
+    try:
+        return new_loop(kind)
+    except ValueError as e:
+        raise BridgeError(str(e)) from None
 
 
 # ------------------------------------------------------------------- device
@@ -148,7 +133,8 @@ class _Tunnel:
 
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
         self.handle = handle
-        self.router, self.stack_config, self.connect_timeout = engine_settings(profile)
+        self.settings = EngineSettings.from_profile(profile)
+        self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
         self.lifecycle = st.Lifecycle()
@@ -205,10 +191,8 @@ class _Tunnel:
                 self._started.set()
 
     async def _serve(self) -> None:
-        from .engine import Engine
         self.lifecycle.set(st.CONNECTING, "starting")
-        engine = Engine(self.device, self.router, stack_config=self.stack_config,
-                        connect_timeout=self.connect_timeout)
+        engine = make_engine(self.device, self.settings)
         engine._started_cb = self._on_started
         self.engine = engine
         await engine.run()
@@ -223,9 +207,7 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        watch = st.UpstreamWatch(self.lifecycle, router=self.router)
-        engine.on_upstream_failed = watch.poke
-        self._probe_task = self.loop.create_task(watch.run())
+        self._probe_task = watch_upstream(self.lifecycle, engine, self.router)
         with self._lock:
             pending = bool(self._inq) and not self._wake
             if pending:

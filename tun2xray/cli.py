@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import signal
 import socket
 import sys
 
@@ -95,6 +93,7 @@ def main(argv=None) -> int:
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
         from . import logs
+        from .host import HostError
         from .instance import InstanceError
         from .xray import XrayError
         try:
@@ -106,7 +105,7 @@ def main(argv=None) -> int:
         logs.setup(args.log_level, args.log_format)
         try:
             return cmd_run_claimed(args)
-        except (UsageError, XrayError) as e:
+        except (UsageError, HostError, XrayError) as e:
             logs.error_line(str(e))
             return 2
         except InstanceError as e:          # the device is another instance's
@@ -285,9 +284,10 @@ def _cmd_run(args, xs) -> int:
                              addresses=[settings.address, settings.address6])
     except DeviceError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
+    from .host import routes_up
     recorder = None
     try:
-        _routes_up(settings, device.name)
+        routes_up(settings, device.name)
         if settings.record is not None:
             from . import record
             try:
@@ -307,105 +307,18 @@ def _cmd_run(args, xs) -> int:
             closed(recorder)
 
 
-def _routes_up(settings, ifname: str) -> None:
-    """The profile's routes on a tun:// device (see tun2xray.tunroutes)."""
-    from .tunroutes import RouteError
-    try:
-        settings.net.up(ifname)
-    except RouteError as e:
-        raise UsageError(str(e)) from None
-
-
 def _run_loop(coro) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    from .host import run
+    return run(coro)
 
 
 async def _serve(settings, device, recorder, xs=None) -> int:
-    from netstack import StackConfig
+    """One process: the host shell (tun2xray.host) around one engine."""
+    from .host import Host, make_engine
 
-    from .engine import Engine
-
-    cfg = StackConfig(mtu=device.mtu, udp_timeout=settings.udp_timeout, max_flows=settings.max_flows,
-                      icmp_echo=settings.icmp_echo, connect_timeout=settings.connect_timeout + 5)
-    engine = Engine(device, settings.router, stack_config=cfg,
-                    connect_timeout=settings.connect_timeout, recorder=recorder)
-    loop = asyncio.get_running_loop()
-    from . import state
-
-    lifecycle = state.Lifecycle()
-    lifecycle.set(state.CONNECTING, "starting")
-    server = None
-    engine_status = engine.status
-    if xs is not None:
-        xs.attach(engine, settings.router)
-        engine_status = xs.wrap_status(engine.status)
-    engine_status = settings.net.wrap_status(engine_status)
-
-    def status_fn():
-        # the same shape as bridge.status(): state, reason, since, then counters
-        return state.compose(lifecycle, engine_status(), settings.instance)
-
-    ended = []       # why the run ends: a signal's name, else the engine's error
-
-    def stop(sig=None):
-        if sig is not None and not ended:
-            ended.append(signal.Signals(sig).name)
-        lifecycle.set(state.DISCONNECTING)
-        engine.stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
-    watch = state.UpstreamWatch(lifecycle, router=settings.router, health=xs.health if xs is not None else None)
-    engine.on_upstream_failed = watch.poke
-    watcher = loop.create_task(watch.run())
-    if settings.control:
-        from .control import control_path, serve_control
-        try:
-            server = await serve_control(settings.control, status_fn)
-        except (ValueError, OSError) as e:
-            watcher.cancel()
-            raise UsageError(f"--control: {e}") from None
-    log.info("running on %s (mtu %d), proxy %s", device.name, device.mtu, settings.router.default_url)
-    try:
-        await engine.run()
-    finally:
-        watcher.cancel()
-        _exit_summary(engine_status, engine.error or (ended[0] if ended else "stopped"))
-        if xs is not None:
-            xs.detach()
-        if server is not None:
-            server.close()
-            import os
-            try:
-                os.unlink(control_path(settings.control))
-            except OSError:
-                pass
-    if engine.error:
-        lifecycle.set(state.ERROR, engine.error)
-        log.error("stopped: %s", engine.error)
-        from . import logs
-        if logs.current_format() == "text":
-            print(f"tun2xray: error: {engine.error}", file=sys.stderr)
-        return 1
-    lifecycle.set(state.DISCONNECTED)
-    log.info("stopped")
-    return 0
-
-
-def _exit_summary(status_fn, reason: str) -> None:
-    """The one info line on exit (uptime, flows, bytes, refusals, drops,
-    core restarts, why); a status that fails must not hide the exit."""
-    from . import logs
-    try:
-        st = status_fn()
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        log.warning("no exit summary: %s", e)
-        return
-    logs.exit_summary(log, st, reason)
+    engine = make_engine(device, settings, recorder)
+    return await Host(engine, settings, xs).serve(
+        f"running on {device.name} (mtu {device.mtu}), proxy {settings.router.default_url}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ supervisor, no extra process.
 supervisor merges the parts into the one capture when it ends (see
 tun2xray.record).
 
+The supervisor is a backend of the host shell (tun2xray.host.Host: signals,
+control socket, proxy/core watch, Xray session, exit summary): `start()`
+starts the workers, `run()` restarts them until `stop()`, `finish()` stops
+them, and `status()` asks every worker at once on the loop, each within
+REQUEST_TIMEOUT, so a slow or stopped worker never blocks the loop.
+
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
 ``workers`` list (pid, alive, restarts), rates summed, and the newest closed
@@ -70,7 +76,6 @@ import time
 TUNSETQUEUE = 0x400454D9        # _IOW('T', 217, int)
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
-PR_SET_PDEATHSIG = 1
 
 MAX_WORKERS = 64
 MAX_MESSAGE = 64 << 20          # a status with many flows is far below this
@@ -332,7 +337,8 @@ def run_supervised(args, settings, xs, n: int) -> int:
     rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
-        _routes_up(settings, keeper.name)
+        from .host import routes_up
+        routes_up(settings, keeper.name)
         if rec is not None:
             from . import record
             try:
@@ -344,12 +350,10 @@ def run_supervised(args, settings, xs, n: int) -> int:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level,
                          log_format=getattr(args, "log_format", "text"), url=args.device)
-        try:
-            import uvloop
-        except ImportError:
-            import asyncio
-            return asyncio.run(sup.serve(xs))
-        return uvloop.run(sup.serve(xs))
+        from .host import Host, run
+        return run(Host(sup, settings, xs).serve(
+            f"running on {keeper.name} (mtu {keeper.mtu}) with {n} workers, proxy "
+            f"{settings.router.default_url}"))
     finally:
         if sup is not None:
             sup.kill_all()
@@ -361,15 +365,6 @@ def run_supervised(args, settings, xs, n: int) -> int:
         keeper.close()
 
 
-def _routes_up(settings, ifname: str) -> None:
-    """The profile's routes on the TUN (tun2xray.tunroutes)."""
-    from .tunroutes import RouteError
-    try:
-        settings.net.up(ifname)
-    except RouteError as e:
-        raise WorkerError(str(e)) from None
-
-
 # --------------------------------------------------------------------------
 # supervisor
 
@@ -377,7 +372,7 @@ class WorkerHandle:
     """The supervisor's view of one worker slot (it survives restarts)."""
 
     __slots__ = ("id", "proc", "chan", "buf", "req", "restarts", "started", "delay",
-                 "restart_at", "last_exit")
+                 "restart_at", "last_exit", "lock", "asking")
 
     def __init__(self, wid: int):
         self.id = wid
@@ -390,6 +385,8 @@ class WorkerHandle:
         self.delay = 0.0
         self.restart_at = None
         self.last_exit = None
+        self.lock = None                # asyncio.Lock: one async request at a time on the channel
+        self.asking = 0                 # async requests waiting for their reply
 
     @property
     def alive(self) -> bool:
@@ -408,11 +405,9 @@ class WorkerHandle:
         chan = self.chan
         deadline = time.monotonic() + timeout
         while True:
-            msgs = unframe(self.buf)
-            for i, m in enumerate(msgs):
-                if want(m):
-                    self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
-                    return m
+            m = self._take(want)
+            if m is not None:
+                return m
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -421,6 +416,56 @@ class WorkerHandle:
                 data = chan.recv(1 << 20)
             except (TimeoutError, socket.timeout):
                 return None
+            if not data:
+                return None
+            self.buf += data
+
+    def _take(self, want):
+        """The first buffered message with want(msg), or None; messages
+        before it are dropped, those after it stay."""
+        msgs = unframe(self.buf)
+        for i, m in enumerate(msgs):
+            if want(m):
+                self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
+                return m
+        return None
+
+    async def request_async(self, msg: dict, timeout: float = REQUEST_TIMEOUT):
+        """request() on the running loop: waits for the reply without
+        blocking the loop (None if the worker is gone or slow)."""
+        import asyncio
+
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        self.asking += 1
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.lock:
+                    return await self._exchange(msg)
+        except (TimeoutError, OSError):
+            return None
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            self.buf.clear()            # a garbled stream: start afresh at the next reply
+            return None
+        finally:
+            self.asking -= 1
+
+    async def _exchange(self, msg: dict):
+        import asyncio
+
+        chan = self.chan
+        if chan is None or not self.alive:
+            return None
+        loop = asyncio.get_running_loop()
+        self.req += 1
+        rid = msg["id"] = self.req
+        chan.setblocking(False)
+        await loop.sock_sendall(chan, frame(msg))
+        while True:
+            m = self._take(lambda m: m.get("id") == rid)
+            if m is not None:
+                return m
+            data = await loop.sock_recv(chan, 1 << 20)
             if not data:
                 return None
             self.buf += data
@@ -454,7 +499,7 @@ class Supervisor:
         self.n = n
         self.log_level = log_level
         self.log_format = log_format
-        self.ended = None        # why serve() ends: a signal's name
+        self.ended = None        # why the run ends on its own (see fail())
         self.workers = [WorkerHandle(i) for i in range(n)]
         self.started = time.time()
         self.stopping = False
@@ -467,17 +512,24 @@ class Supervisor:
         self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.url = url or keeper.url    # the device as the user named it (in workers' messages)
         self.ifindex = _ifindex(keeper.name)
+        self.request_timeout = REQUEST_TIMEOUT      # per worker, for a status request
+        self.on_upstream_failed = None  # the host shell's proxy watch (tun2xray.host)
+
+    @property
+    def error(self):
+        """Why the run ended on its own (the host shell's backend interface)."""
+        return self.fatal
 
     # -- workers
 
     def spec(self, w: WorkerHandle, dev_fd: int) -> dict:
         s = self.settings
         k = self.keeper
+        from .host import EngineSettings
         return {
             "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
-            "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
-            "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
+            "engine": EngineSettings.of(s),
             "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
             "poke_fd": self.poke_w,
         }
@@ -551,6 +603,11 @@ class Supervisor:
         except BlockingIOError:
             pass
         watch.poke()
+
+    def poke(self) -> None:
+        """A worker's dial failed: wake the host shell's proxy watch."""
+        if self.on_upstream_failed is not None:
+            self.on_upstream_failed()
 
     def close_poke(self) -> None:
         for fd in (self.poke_r, self.poke_w):
@@ -659,30 +716,24 @@ class Supervisor:
                         self.log.info("worker %d restarted (pid %d)", w.id, w.proc.pid)
             await asyncio.sleep(0.2)
 
-    def _exit_summary(self, status_fn) -> None:
-        import logging
-
-        from . import logs
-        try:
-            st = status_fn()
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            self.log.warning("no exit summary: %s", e)
-            return
-        logs.exit_summary(logging.getLogger("tun2xray"), st, self.ended or "stopped")
-
     # -- status and control
 
-    def worker_status(self) -> list:
+    async def worker_status(self) -> list:
+        """Every worker's status, asked of all at once on the loop (each
+        within request_timeout; one that does not answer has none)."""
+        import asyncio
+
+        reps = await asyncio.gather(*(w.request_async({"cmd": "status"}, self.request_timeout)
+                                      for w in self.workers))
         out = []
-        for w in self.workers:
-            rep = w.request({"cmd": "status"})
+        for w, rep in zip(self.workers, reps):
             out.append({"id": w.id, "pid": w.proc.pid if w.proc is not None else None,
                         "alive": w.alive, "restarts": w.restarts,
                         "status": rep.get("status") if rep else None})
         return out
 
-    def status(self) -> dict:
-        st = aggregate(self.worker_status(), uptime=time.time() - self.started,
+    async def status(self) -> dict:
+        st = aggregate(await self.worker_status(), uptime=time.time() - self.started,
                        device_name=self.keeper.name, mtu=self.keeper.mtu)
         return st
 
@@ -701,91 +752,40 @@ class Supervisor:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
 
-    async def serve(self, xs=None) -> int:
+    # -- the host shell's backend interface (tun2xray.host.Host)
+
+    def start(self) -> None:
+        """Start every worker and wait until each serves (HostError if not)."""
         import asyncio
 
-        from . import state
+        from .host import HostError
 
-        self.loop = loop = asyncio.get_running_loop()
-        self._stop = loop.create_future()
-        lifecycle = state.Lifecycle()
-        lifecycle.set(state.CONNECTING, "starting")
-        status_fn = self.status
-        if xs is not None:
-            status_fn = xs.wrap_status(status_fn)
-        status_fn = self.settings.net.wrap_status(status_fn)
-        inner = status_fn
-
-        def composed():
-            return state.compose(lifecycle, inner(), getattr(self.settings, "instance", None))
-
-        def on_signal(sig):
-            if self.ended is None:
-                self.ended = signal.Signals(sig).name
-            lifecycle.set(state.DISCONNECTING)
-            self.stop()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-        # the control socket exists before the first worker serves a flow
-        # (while the workers start, a status request waits for them)
-        server = None
-        ctl = self.settings.control
-        if ctl:
-            from .control import serve_control
-            try:
-                server = await serve_control(ctl, composed)
-            except (ValueError, OSError) as e:
-                raise WorkerError(f"--control: {e}") from None
-        watcher = monitor = None
+        self.loop = asyncio.get_running_loop()
+        self._stop = self.loop.create_future()
+        if self.stopping:
+            self._stop.set_result(None)
         try:
-            try:
-                self.start_all()
-            except WorkerError as e:
-                lifecycle.set(state.ERROR, str(e))
-                self.log.error("%s", e)
-                from . import logs
-                if logs.current_format() == "text":
-                    print(f"tun2xray: error: {e}", file=sys.stderr)
-                return 1
-            if xs is not None:
-                # the session resets flows through us (engine.reset_flows()) on a node switch
-                xs.attach(self, self.settings.router)
-            watch = state.UpstreamWatch(lifecycle, router=self.settings.router,
-                                        health=xs.health if xs is not None else None)
-            watcher = loop.create_task(watch.run())
-            loop.add_reader(self.poke_r, self._on_poke, watch)
-            monitor = loop.create_task(self._monitor())
-            self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
-                          self.keeper.mtu, self.n, self.settings.router.default_url)
+            self.start_all()
+        except WorkerError as e:
+            raise HostError(str(e)) from None
+
+    async def run(self) -> None:
+        """Serve (restart workers, watch the device) until stop()."""
+        loop = self.loop
+        loop.add_reader(self.poke_r, self._on_poke, self)
+        monitor = loop.create_task(self._monitor())
+        try:
             await self._stop
-            # one summary over every worker, asked before they are stopped
-            await loop.run_in_executor(None, self._exit_summary, status_fn)
         finally:
-            self.stopping = True
-            for t in (watcher, monitor):
-                if t is not None:
-                    t.cancel()
+            monitor.cancel()
             loop.remove_reader(self.poke_r)
-            if xs is not None:
-                xs.detach()
-            await loop.run_in_executor(None, self.kill_all)
-            if server is not None:
-                server.close()
-                from .control import control_path
-                try:
-                    os.unlink(control_path(ctl))
-                except OSError:
-                    pass
-        if self.fatal:
-            # as the single-process run ends when its device fails
-            lifecycle.set(state.ERROR, self.fatal)
-            self.log.error("stopped: %s", self.fatal)
-            print(f"tun2xray: error: {self.fatal}", file=sys.stderr)
-            return 1
-        lifecycle.set(state.DISCONNECTED)
-        self.log.info("stopped")
-        return 0
+
+    async def finish(self) -> None:
+        """After the exit summary: stop the workers."""
+        import asyncio
+
+        self.stopping = True
+        await asyncio.get_running_loop().run_in_executor(None, self.kill_all)
 
 
 # --------------------------------------------------------------------------
@@ -810,12 +810,9 @@ class _QueueFd:
 
 def _pdeathsig(parent: int) -> None:
     """SIGTERM to us when the supervisor dies; gone already: exit now."""
-    try:
-        import ctypes
+    from .host import set_pdeathsig
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -945,9 +942,7 @@ def _poker(fd):
 async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
     import asyncio
 
-    from netstack import StackConfig
-
-    from .engine import Engine
+    from .host import make_engine
 
     loop = asyncio.get_running_loop()
     try:
@@ -962,10 +957,7 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         chan.sendall(frame({"error": f"--record {spec['record']['part']}: {e.strerror or e}"}))
         return 1
     try:
-        cfg = StackConfig(mtu=device.mtu, udp_timeout=spec["udp_timeout"], max_flows=spec["max_flows"],
-                          icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
-        engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"],
-                        recorder=recorder)
+        engine = make_engine(device, spec["engine"], recorder)
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
         engine.on_upstream_failed = _poker(spec.get("poke_fd"))
         ch = WorkerChannel(chan, engine, loop, pending)
@@ -1019,12 +1011,8 @@ def worker_main(argv=None) -> int:
     from . import logs
 
     logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
-        return asyncio.run(_worker_serve(spec, chan, pending))
-    return uvloop.run(_worker_serve(spec, chan, pending))
+    from .host import run
+    return run(_worker_serve(spec, chan, pending))
 
 
 if __name__ == "__main__":
