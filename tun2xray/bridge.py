@@ -48,6 +48,7 @@ from collections import deque
 from netstack import StackConfig
 
 from . import state as st
+from .device import Capabilities
 from .profile import Profile, ProfileError, load_profile
 from .rules import Router
 from .tunroutes import Network
@@ -118,8 +119,8 @@ class _BridgeDevice:
     """What the engine sees: a device without an fd (packets are pushed with
     engine.feed) whose writes go to the tunnel's outbound side."""
 
-    pollable = False
-    trusted_checksums = False
+    # packets are pushed (engine.feed), checksums unchecked by any kernel
+    capabilities = Capabilities(pollable=False, framing="callback")
     __slots__ = ("name", "mtu", "url", "stats", "write_batch")
 
     def __init__(self, name, mtu, write_batch):

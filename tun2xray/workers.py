@@ -475,7 +475,7 @@ class Supervisor:
         k = self.keeper
         return {
             "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
-            "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
+            "flags": k._flags, "offload": k.capabilities.offload,
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
             "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
@@ -841,10 +841,9 @@ def _read_spec(chan: socket.socket, timeout: float = 10.0):
 
 
 def worker_device(spec: dict):
-    if spec["offload"]:
-        from .device.offload import OffloadTunDevice as cls
-    else:
-        from .device.linux_tun import TunDevice as cls
+    from .device import tun_class
+
+    cls = tun_class(spec["offload"])
     os.set_blocking(spec["fd"], False)
     return cls(_QueueFd(spec["fd"]), name=spec["name"], mtu=spec["mtu"], url=spec["url"],
                created=False, flags=spec["flags"])

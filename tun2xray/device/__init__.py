@@ -78,9 +78,20 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from ._base import Device, DeviceError
+from ._base import Capabilities, Device, DeviceError
+from .fd import AfHeaderFdDevice, FdDevice
+from .linux_tun import TunDevice, open_tun
+from .memory import MemoryDevice, memory_pair
+from .offload import OffloadTunDevice
+from .unix import UnixDevice
 
-__all__ = ["Device", "DeviceError", "open_device"]
+__all__ = ["Capabilities", "Device", "DeviceError", "open_device", "TunDevice", "OffloadTunDevice",
+           "FdDevice", "AfHeaderFdDevice", "UnixDevice", "MemoryDevice", "memory_pair", "tun_class"]
+
+
+def tun_class(offload: bool):
+    """The TUN device class for a queue with or without offloads."""
+    return OffloadTunDevice if offload else TunDevice
 
 
 def _query(url: str, query: str, allowed: set[str]) -> dict[str, str]:
@@ -116,11 +127,9 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
         for key, value in opts.items():
             if value not in ("0", "1"):
                 raise DeviceError(f"{url}: {key}={value!r} is not 0 or 1")
-        from .linux_tun import open_tun
-
         return open_tun(url, name, mtu=mtu, addresses=list(addresses),
                         offload={"1": True, "0": False}.get(opts.get("offload"), "auto"),
-                        multiqueue=opts.get("multiqueue") == "1")
+                        multiqueue=opts.get("multiqueue") == "1", offload_cls=OffloadTunDevice)
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":

@@ -18,11 +18,12 @@ anything else it is end-of-file.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
 
-from ._base import _FULL, _REJECTED, READ_SIZE, Device, DeviceError
+from ._base import READ_SIZE, Device, DeviceError
 
 AF_INET = 2
 AF_INET6_DARWIN = 30
@@ -46,11 +47,15 @@ class FdDevice(Device):
 class AfHeaderFdDevice(FdDevice):
     """IP packets with a 4-byte address-family header (Darwin utun framing)."""
 
+    framing = "af"
+
     def __init__(self, fd: int, *, name: str, mtu: int, url: str, empty_is_eof: bool, af6: int):
         super().__init__(fd, name=name, mtu=mtu, url=url, empty_is_eof=empty_is_eof)
         self.af6 = af6
         self._hdr4 = _af_header(AF_INET)
         self._hdr6 = _af_header(af6)
+        self._writev = os.writev
+        self._send = self._send_af
         # A good packet starts with one of these 5 bytes: the AF header and
         # a first IP byte whose version agrees with it.
         self._valid_prefixes = frozenset(
@@ -94,49 +99,17 @@ class AfHeaderFdDevice(FdDevice):
         stats["rx_dropped"] += runts
         return self._count_rx(out, nbytes)
 
-    def write_batch(self, packets) -> int:
-        self._check_usable()
-        writev = os.writev
-        fd = self._fd
-        hdr4 = self._hdr4
-        hdr6 = self._hdr6
-        done = 0
-        written = 0
-        nbytes = 0
-        rejected = 0
-        total = len(packets)
-        fatal = None
-        while done < total:
-            p = packets[done]
-            if not p:
-                rejected += 1
-                done += 1
-                continue
-            version = p[0] >> 4
-            if version == 4:
-                hdr = hdr4
-            elif version == 6:
-                hdr = hdr6
-            else:
-                rejected += 1  # no address family to put in front of it
-                done += 1
-                continue
-            try:
-                writev(fd, (hdr, p))
-            except OSError as exc:
-                code = exc.errno
-                if code in _FULL:
-                    break
-                if code in _REJECTED:
-                    rejected += 1
-                    done += 1
-                    continue
-                fatal = exc
-                break
-            written += 1
-            nbytes += len(p)
-            done += 1
-        return self._count_tx(total, done, written, nbytes, rejected, fatal)
+    def _send_af(self, p) -> None:
+        """The framing hook: the AF header for the packet's IP version, then
+        the packet. A packet that is neither IPv4 nor IPv6 has no address
+        family to carry: rejected (EINVAL) without reaching the fd."""
+        version = p[0] >> 4 if p else 0
+        if version == 4:
+            self._writev(self._fd, (self._hdr4, p))
+        elif version == 6:
+            self._writev(self._fd, (self._hdr6, p))
+        else:
+            raise OSError(errno.EINVAL, "not an IPv4 or IPv6 packet")
 
 
 def open_fd(url: str, number: str, opts: dict, *, mtu: int | None) -> FdDevice:
