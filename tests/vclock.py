@@ -75,13 +75,15 @@ def run_virtual(coro_fn):
 class EngineHarness:
     """A real Engine on the in-memory device, on the running (virtual) loop."""
 
-    def __init__(self, proxy_url: str, *, connect_timeout: float = 1.0, capacity=None, **dev):
+    def __init__(self, proxy_url: str, *, connect_timeout: float = 1.0, capacity=None,
+                 stack_config=None, **dev):
         self.dev, self.host = memory_pair(capacity=capacity, **dev)
         router = Router(default=parse_upstream(proxy_url), default_url=proxy_url, rules=[])
-        self.engine = Engine(self.dev, router, connect_timeout=connect_timeout)
+        self.engine = Engine(self.dev, router, connect_timeout=connect_timeout, stack_config=stack_config)
         self.written = asyncio.Event()
         self.host_notify()
         self.task = None
+        self._backlog = []        # packets read from the device, not yet matched
 
     def host_notify(self) -> None:
         """Wake expect() whenever the engine writes a packet."""
@@ -108,12 +110,14 @@ class EngineHarness:
 
     async def expect(self, pred, timeout: float = 5.0):
         """The first TCP/IPv4 packet from the engine that satisfies pred
-        (packets before it are dropped), or AssertionError at the virtual
-        deadline."""
+        (packets before it are dropped, packets after it kept for the next
+        call), or AssertionError at the virtual deadline."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            for p in self.host.read():
+            self._backlog += self.host.read()
+            while self._backlog:
+                p = self._backlog.pop(0)
                 if p[0] >> 4 == 4 and p[9] == 6:
                     s = parse_packet(p)
                     if pred(s):
