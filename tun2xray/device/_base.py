@@ -111,8 +111,11 @@ class Device:
         self._fd = fd
         self._closed = False
         self._pending_error: DeviceError | None = None
-        # the per-device framing hook: frame and send one packet, OSError on failure
+        # the per-device framing hooks: frame and send one packet (OSError on
+        # failure); read one frame; a frame -> a packet (None: dropped, counted)
         self._send = functools.partial(os.write, fd)
+        self._recv = functools.partial(os.read, fd, READ_SIZE)
+        self._unframe = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -184,21 +187,28 @@ class Device:
     # -- hot path ---------------------------------------------------------------
 
     def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        """Read up to ``max_packets`` packets, stopping early at EAGAIN."""
+        """Read up to ``max_packets`` packets, stopping early at EAGAIN.
+        ``self._recv`` reads one frame; ``self._unframe`` (None for raw
+        packets) turns it into a packet, or None for a frame it dropped and
+        counted."""
         self._check_usable()
         out: list[bytes] = []
         append = out.append
-        read = os.read
-        fd = self._fd
+        recv = self._recv
+        unframe = self._unframe
         nbytes = 0
         try:
             for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
+                p = recv()
                 if not p:
                     if self.empty_read_is_eof:
                         return self._read_failed(None, self._count_rx(out, nbytes))
                     self.stats["rx_dropped"] += 1
                     continue
+                if unframe is not None:
+                    p = unframe(p)
+                    if p is None:
+                        continue
                 append(p)
                 nbytes += len(p)
         except BlockingIOError:

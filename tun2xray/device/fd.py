@@ -23,7 +23,7 @@ import os
 import socket
 import stat
 
-from ._base import READ_SIZE, Device, DeviceError
+from ._base import Device, DeviceError
 
 AF_INET = 2
 AF_INET6_DARWIN = 30
@@ -56,6 +56,7 @@ class AfHeaderFdDevice(FdDevice):
         self._hdr6 = _af_header(af6)
         self._writev = os.writev
         self._send = self._send_af
+        self._unframe = self._strip_af
         # A good packet starts with one of these 5 bytes: the AF header and
         # a first IP byte whose version agrees with it.
         self._valid_prefixes = frozenset(
@@ -63,41 +64,13 @@ class AfHeaderFdDevice(FdDevice):
             + [_af_header(af) + bytes([0x60 | low]) for af in _AF6_ACCEPTED for low in range(16)]
         )
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        out: list[bytes] = []
-        append = out.append
-        read = os.read
-        fd = self._fd
-        valid = self._valid_prefixes
-        nbytes = 0
-        bad = 0
-        runts = 0
-        stats = self.stats
-        try:
-            for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
-                # header and version nibble in one set lookup (short reads miss too)
-                if p[:5] in valid:
-                    append(p[4:])
-                    nbytes += len(p) - 4
-                elif p:
-                    bad += 1
-                elif self.empty_read_is_eof:
-                    stats["rx_bad_header"] += bad
-                    stats["rx_dropped"] += runts
-                    return self._read_failed(None, self._count_rx(out, nbytes))
-                else:
-                    runts += 1
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            stats["rx_bad_header"] += bad
-            stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        stats["rx_bad_header"] += bad
-        stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
+    def _strip_af(self, p):
+        """The read framing hook: header and version nibble checked in one
+        set lookup (short frames miss too); disagreements are counted."""
+        if p[:5] in self._valid_prefixes:
+            return p[4:]
+        self.stats["rx_bad_header"] += 1
+        return None
 
     def _send_af(self, p) -> None:
         """The framing hook: the AF header for the packet's IP version, then

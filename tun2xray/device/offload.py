@@ -57,7 +57,7 @@ from netstack.wire import tcp as _tcp
 from netstack.wire.errors import WireError
 from netstack.wire.templates import GsoSegment
 
-from ._base import READ_SIZE, Capabilities
+from ._base import Capabilities
 from .linux_tun import TunDevice
 
 VNET_HDR_LEN = 10
@@ -136,6 +136,7 @@ class OffloadTunDevice(TunDevice):
         self.stats["tx_gso"] = 0
         self._writev = os.writev
         self._send = self._send_vnet
+        self._unframe = self._strip_vnet
 
     @property
     def capabilities(self) -> Capabilities:
@@ -151,36 +152,15 @@ class OffloadTunDevice(TunDevice):
         """Each queue of this TUN gets TUNSETOFFLOAD (OSError when refused)."""
         enable_offloads(fd)
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        out: list[bytes] = []
-        append = out.append
-        read = os.read
-        fd = self._fd
-        nbytes = 0
-        gso = 0
-        runts = 0
-        try:
-            for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
-                if len(p) <= VNET_HDR_LEN:
-                    runts += 1
-                    if not p:
-                        break
-                    continue
-                if p[1]:
-                    gso += 1
-                append(p[VNET_HDR_LEN:])
-                nbytes += len(p) - VNET_HDR_LEN
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            self.stats["rx_gso"] += gso
-            self.stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        self.stats["rx_gso"] += gso
-        self.stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
+    def _strip_vnet(self, p):
+        """The read framing hook: drop the vnet header (a runt without a
+        packet behind it is dropped and counted); count super-segments."""
+        if len(p) <= VNET_HDR_LEN:
+            self.stats["rx_dropped"] += 1
+            return None
+        if p[1]:
+            self.stats["rx_gso"] += 1
+        return p[VNET_HDR_LEN:]
 
     def _send_vnet(self, p) -> None:
         """The framing hook: a vnet header (see the module docstring), then

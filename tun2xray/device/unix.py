@@ -54,6 +54,8 @@ class UnixDevice(Device):
         self._fixed_peer = peer is not None
         self.peer = peer  # where write_batch sends; None until heard from
         self._send = self._send_to_peer
+        if not self._fixed_peer:
+            self._recv = self._recv_and_learn_peer
 
     def _release(self) -> None:
         self._sock.close()
@@ -64,37 +66,13 @@ class UnixDevice(Device):
             except OSError:
                 pass
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        if self._fixed_peer:
-            return Device.read_batch(self, max_packets)
-        out: list[bytes] = []
-        append = out.append
-        recvfrom = self._sock.recvfrom
-        nbytes = 0
-        runts = 0
-        peer = None
-        try:
-            for _ in range(max_packets):
-                p, addr = recvfrom(READ_SIZE)
-                if addr:
-                    peer = addr
-                if not p:
-                    runts += 1
-                    continue
-                append(p)
-                nbytes += len(p)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if peer is not None:
-                self.peer = peer
-            self.stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        if peer is not None:
-            self.peer = peer
-        self.stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
+    def _recv_and_learn_peer(self):
+        """The read hook without a fixed peer: the sender of the last
+        datagram is where write_batch sends."""
+        p, addr = self._sock.recvfrom(READ_SIZE)
+        if addr:
+            self.peer = addr
+        return p
 
     def write_batch(self, packets) -> int:
         if self.peer is None:
