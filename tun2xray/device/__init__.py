@@ -79,19 +79,35 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from ._base import Capabilities, Device, DeviceError
-from .fd import AfHeaderFdDevice, FdDevice
-from .linux_tun import TunDevice, open_tun
-from .memory import MemoryDevice, memory_pair
-from .offload import OffloadTunDevice
-from .unix import UnixDevice
 
 __all__ = ["Capabilities", "Device", "DeviceError", "open_device", "TunDevice", "OffloadTunDevice",
            "FdDevice", "AfHeaderFdDevice", "UnixDevice", "MemoryDevice", "memory_pair", "tun_class"]
 
+# The device classes, imported when first named: a host that never opens a
+# TUN (the bridge) does not pay for linux_tun/offload (and netstack.wire).
+_LAZY = {"TunDevice": "linux_tun", "OffloadTunDevice": "offload", "FdDevice": "fd",
+         "AfHeaderFdDevice": "fd", "UnixDevice": "unix", "MemoryDevice": "memory",
+         "memory_pair": "memory"}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
 
 def tun_class(offload: bool):
     """The TUN device class for a queue with or without offloads."""
-    return OffloadTunDevice if offload else TunDevice
+    if offload:
+        from .offload import OffloadTunDevice
+
+        return OffloadTunDevice
+    from .linux_tun import TunDevice
+
+    return TunDevice
 
 
 def _query(url: str, query: str, allowed: set[str]) -> dict[str, str]:
@@ -127,9 +143,11 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
         for key, value in opts.items():
             if value not in ("0", "1"):
                 raise DeviceError(f"{url}: {key}={value!r} is not 0 or 1")
+        from .linux_tun import open_tun
+
         return open_tun(url, name, mtu=mtu, addresses=list(addresses),
                         offload={"1": True, "0": False}.get(opts.get("offload"), "auto"),
-                        multiqueue=opts.get("multiqueue") == "1", offload_cls=OffloadTunDevice)
+                        multiqueue=opts.get("multiqueue") == "1", offload_cls=tun_class(True))
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":
