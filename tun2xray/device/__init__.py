@@ -23,7 +23,7 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     link brought up with interface ioctls. ``tun://`` with no name lets the
     kernel pick one (``tun0``, ...). Offloads are on by default: IFF_VNET_HDR
     and TCP segmentation/checksum offload, 64 KB TCP super-segments both ways
-    (see offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
+    (see offload.py; ``Device.capabilities`` tells the engine).
     When the kernel refuses them the TUN is opened plainly instead
     (``Device.offload`` is then False and ``Device.offload_refused`` says
     why). ``?offload=0`` forces the plain TUN; ``?offload=1`` requires
@@ -41,6 +41,10 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     (Linux numbering) with ``af6=10``. On read both 10 and 30 are accepted.
     The device takes ownership of N: ``close()`` closes it. N is switched to
     non-blocking mode.
+
+``memory_pair()`` (no URL)
+    Two ends in memory for tests: the engine reads and writes the device,
+    the test writes into and reads from the host end (memory.py).
 
 ``unix:///PATH`` and ``unix:///PATH?peer=/OTHER`` (``unix://@NAME``: abstract)
     One IP packet per datagram over an AF_UNIX SOCK_DGRAM socket. tun2xray
