@@ -322,6 +322,7 @@ class Engine:
         self.router = router
         caps = device.capabilities
         self.capabilities = caps
+        self._batch = caps.batch_size or DEVICE_BATCH   # packets per read_batch
         cfg, self._rec_fix = _device_stack_config(stack_config, device, caps, recorder is not None)
         self.stack = Stack(cfg)
         self.connect_timeout = connect_timeout
@@ -470,9 +471,10 @@ class Engine:
         stack = self.stack
         now = self.loop.time()
         rec = self.recorder
+        batch = self._batch
         while True:
             try:
-                pkts = dev.read_batch(DEVICE_BATCH)
+                pkts = dev.read_batch(batch)
             except DeviceError as e:
                 self._device_failed(e)
                 return
@@ -481,7 +483,7 @@ class Engine:
             if rec is not None:
                 self._record(pkts, self._rec_fix)
             stack.input_batch(pkts, now)
-            if len(pkts) < DEVICE_BATCH:
+            if len(pkts) < batch:
                 break
         self._service()
 
