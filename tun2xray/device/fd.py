@@ -36,6 +36,25 @@ def _af_header(af: int) -> bytes:
     return af.to_bytes(4, "big")
 
 
+def _af_sender(fd: int, hdr4: bytes, hdr6: bytes):
+    """The write framing hook: the AF header for the packet's IP version,
+    then the packet, in one writev. A packet that is neither IPv4 nor IPv6
+    has no address family to carry: rejected (EINVAL) without reaching the
+    fd. (A closure: the loop calls it per packet.)"""
+    writev = os.writev
+
+    def send(p) -> None:
+        version = p[0] >> 4 if p else 0
+        if version == 4:
+            writev(fd, (hdr4, p))
+        elif version == 6:
+            writev(fd, (hdr6, p))
+        else:
+            raise OSError(errno.EINVAL, "not an IPv4 or IPv6 packet")
+
+    return send
+
+
 class FdDevice(Device):
     """Raw IP packets over an inherited fd."""
 
@@ -54,8 +73,7 @@ class AfHeaderFdDevice(FdDevice):
         self.af6 = af6
         self._hdr4 = _af_header(AF_INET)
         self._hdr6 = _af_header(af6)
-        self._writev = os.writev
-        self._send = self._send_af
+        self._send = _af_sender(fd, self._hdr4, self._hdr6)
         self._unframe = self._strip_af
         # A good packet starts with one of these 5 bytes: the AF header and
         # a first IP byte whose version agrees with it.
@@ -71,19 +89,6 @@ class AfHeaderFdDevice(FdDevice):
             return p[4:]
         self.stats["rx_bad_header"] += 1
         return None
-
-    def _send_af(self, p) -> None:
-        """The framing hook: the AF header for the packet's IP version, then
-        the packet. A packet that is neither IPv4 nor IPv6 has no address
-        family to carry: rejected (EINVAL) without reaching the fd."""
-        version = p[0] >> 4 if p else 0
-        if version == 4:
-            self._writev(self._fd, (self._hdr4, p))
-        elif version == 6:
-            self._writev(self._fd, (self._hdr6, p))
-        else:
-            raise OSError(errno.EINVAL, "not an IPv4 or IPv6 packet")
-
 
 def open_fd(url: str, number: str, opts: dict, *, mtu: int | None) -> FdDevice:
     if not number.isdigit():
