@@ -131,3 +131,34 @@ def test_fd_and_unix_devices_declare_their_framing(tmp_path):
             x.close()
         for s in (a, b, c, d):
             s.close()
+
+
+def test_the_engine_reads_in_batches_of_the_declared_size_until_the_device_is_drained():
+    import asyncio
+
+    from vclock import run_virtual
+
+    dev, host = memory_pair(caps=Capabilities(batch_size=3))
+    asked = []
+    read = dev.read_batch
+    dev.read_batch = lambda n: (asked.append(n), read(n))[1]
+    bad = build_packet(4, addr("10.0.0.2"), addr("10.0.0.1"), 1000, 80, 1, 0, "S", 100, bad_checksum=True)
+    e = Engine(dev, _router())
+
+    async def main(loop):
+        task = asyncio.ensure_future(e.run())
+        await asyncio.sleep(0)
+        host.write([bad] * 10)
+        for _ in range(100):            # loop turns, not time: the pipe wakes the reader at once
+            if e.stack.rx_packets >= 10:
+                break
+            await asyncio.sleep(0)
+        e.stop()
+        await task
+
+    try:
+        run_virtual(main)
+    finally:
+        dev.close()
+    assert e.stack.drops["bad_tcp_checksum"] == 10
+    assert asked == [3, 3, 3, 3]          # 3+3+3+1: the short batch ends the wake-up
