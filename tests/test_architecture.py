@@ -24,9 +24,6 @@ PACKAGES = ("netstack", "tun2xray")
 # entry is the set of modules of one circle.  A circle found must lie within
 # one of these (a new module joining it, or a new circle, fails).
 KNOWN_CIRCLES = [
-    # device/linux_tun.py picks the offload device, device/offload.py
-    # subclasses the TUN device: device/__init__.py should choose instead
-    {"tun2xray.device.linux_tun", "tun2xray.device.offload"},
     # ladder.py takes replay._ip_text; replay.py draws its ladders with ladder.py
     {"tun2xray.ladder", "tun2xray.replay"},
     # the standalone binary's entry (frozen.py) starts the CLI and the workers,

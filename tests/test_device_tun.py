@@ -537,7 +537,7 @@ def test_offload_gso_write_is_segmented_correctly_when_forwarded(netns, v6):
 def test_bench_runs_and_moves_every_packet():
     # The throughput tool in its own namespace: all packets read and delivered.
     r = subprocess.run(
-        [sys.executable, "-m", "tun2xray.device.bench", "--packets", "3000"],
+        [sys.executable, os.path.join(REPO, "tools", "bench", "device_bench.py"), "--packets", "3000"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert r.returncode == 0, r.stderr
@@ -577,7 +577,7 @@ def test_multiqueue_spreads_flows_over_queues(netns):
                     seen.setdefault(str(sport), []).append(qi)
         result["seen"] = seen
         # either queue can write; the kernel takes it
-        from tun2xray.device.bench import _udp4
+        from tools.bench.device_bench import _udp4
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); rx.bind(("10.72.0.1", 7000)); rx.settimeout(2)
         q2.write_batch([_udp4(bytes([10, 72, 0, 2]), bytes([10, 72, 0, 1]), 4000, 7000, b"via-q2")])
         result["rx"] = rx.recv(100).decode()
@@ -608,7 +608,7 @@ def test_link_down_drops_writes_but_keeps_the_device(netns):
     res = run_child(
         netns,
         """
-        from tun2xray.device.bench import _udp4
+        from tools.bench.device_bench import _udp4
         for url in ("tun://dvtun14", "tun://dvtun15?offload=1"):
             dev = open_device(url, addresses=["10.73.0.1/24"] if "14" in url else ["10.74.0.1/24"])
             net = 73 if "14" in url else 74

@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 from tun2xray import engine as eng
+from tun2xray.device import Capabilities
 from tun2xray.rules import Router
 from tun2xray.upstream.url import parse_upstream
 
@@ -22,7 +23,7 @@ class _Loop:
 
 
 def _engine():
-    dev = types.SimpleNamespace(name="t0", mtu=1500, stats={}, fileno=lambda: -1)
+    dev = types.SimpleNamespace(name="t0", mtu=1500, stats={}, fileno=lambda: -1, capabilities=Capabilities())
     url = "socks5://127.0.0.1:1080"
     e = eng.Engine(dev, Router(default=parse_upstream(url), default_url=url, rules=[]))
     e.loop = _Loop()

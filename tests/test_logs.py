@@ -15,6 +15,7 @@ import pytest
 from helpers import addr, build_packet
 
 from tun2xray import bridge, logs
+from tun2xray.device import Capabilities
 from tun2xray.engine import Engine
 from tun2xray.rules import Router, parse_map
 from tun2xray.upstream.url import parse_upstream
@@ -171,7 +172,7 @@ def test_drop_summary_limits_lines_and_keeps_every_count():
 class PushDevice:
     """An engine device without an fd (packets pushed with engine.feed)."""
 
-    pollable = False
+    capabilities = Capabilities(pollable=False, framing="callback")
     name = "test0"
     mtu = 1500
     url = "test://"

@@ -1,115 +1,84 @@
 """The engine's pipelined SOCKS5 dial (greeting + CONNECT in one write, the
 replies parsed by the relay) against a strict, scriptable SOCKS5 server:
 success with data in the reply's segment, every failure reply, a proxy that
-hangs up or stays silent. The client side is raw packets through the bridge.
+hangs up or stays silent. The client side is raw packets through the
+in-memory device; engine and server share one loop on a virtual clock, so the
+silent proxy's 1 s connect timeout passes without waiting for it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import queue
-import threading
-import time
-
 import pytest
-from helpers import addr, build_packet, parse_packet, tcp_options
+from helpers import addr, build_packet, tcp_options
 from upstream_fixtures import StrictSocks
-
-from tun2xray import bridge
+from vclock import EngineHarness, run_virtual
 
 SRC, DST = addr("10.0.0.2"), addr("93.184.216.34")
 
 
-@pytest.fixture
-def strict():
-    """A StrictSocks on its own loop thread; yields (server, loop)."""
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    srv = asyncio.run_coroutine_threadsafe(StrictSocks().start(), loop).result(5)
-    try:
-        yield srv
-    finally:
-        asyncio.run_coroutine_threadsafe(srv.stop(), loop).result(5)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
+def with_engine(strict_setup, body):
+    """Run body(strict, host, loop) with a StrictSocks and an engine on one
+    virtual-clock loop (tcp_connect_timeout 1 s)."""
+    async def main(loop):
+        strict = await StrictSocks().start()
+        strict_setup(strict)
+        host = await EngineHarness(f"socks5://127.0.0.1:{strict.port}", connect_timeout=1).start()
+        try:
+            return await body(strict, host, loop)
+        finally:
+            await host.stop()
+            await strict.stop()
+    return run_virtual(main)
 
 
-class Host:
-    def __init__(self, port):
-        self.out = queue.Queue()
-        cfg = {"proxy": f"socks5://127.0.0.1:{port}", "tcp_connect_timeout": 1}
-        self.handle = bridge.start(json.dumps(cfg), self._on_outbound)
-
-    def _on_outbound(self, packets, protocols):
-        for p in packets:
-            self.out.put(p)
-
-    def send(self, pkt):
-        bridge.submit_inbound(self.handle, pkt, bridge.AF_INET)
-
-    def expect(self, pred, timeout=5.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError("no matching packet from the engine")
-            try:
-                p = self.out.get(timeout=left)
-            except queue.Empty:
-                continue
-            if p[0] >> 4 == 4 and p[9] == 6:
-                s = parse_packet(p)
-                if pred(s):
-                    return s
-
-    def stop(self):
-        bridge.stop(self.handle)
-
-
-@pytest.fixture
-def host(strict):
-    h = Host(strict.port)
-    yield h
-    h.stop()
-
-
-def syn(host, sport):
+async def syn(host, sport):
     host.send(build_packet(4, SRC, DST, sport, 80, 1000, 0, "S", 65535, tcp_options(mss=1400)))
-    return host.expect(lambda s: s.dport == sport and s.flags & 0x06)   # SYN-ACK or RST
+    return await host.expect(lambda s: s.dport == sport and s.flags & 0x06)   # SYN-ACK or RST
 
 
-def test_success_sends_one_request_and_data_after_the_reply_reaches_the_client(strict, host):
-    strict.after_reply = b"banner!"
-    s = syn(host, 41000)
-    assert s.flags & 0x12 == 0x12, s                 # SYN-ACK only once CONNECT succeeded
-    # (the proxy watch's probes are UDP ASSOCIATE requests: command 3)
-    assert [r for r in strict.requests if r[0] != 3] == [(1, b"\x01" + bytes([93, 184, 216, 34])
-                                                         + (80).to_bytes(2, "big"))]
-    host.send(build_packet(4, SRC, DST, 41000, 80, 1001, s.seq + 1, "A", 65535))
-    d = host.expect(lambda x: x.dport == 41000 and x.payload)
-    assert d.payload == b"banner!" and d.seq == s.seq + 1
-    st = bridge.status(host.handle)["engine"]
-    assert st["tcp_opened"] == 1 and st.get("upstream_connect_failed", 0) == 0
+def test_success_sends_one_request_and_data_after_the_reply_reaches_the_client():
+    def setup(strict):
+        strict.after_reply = b"banner!"
+
+    async def body(strict, host, loop):
+        s = await syn(host, 41000)
+        assert s.flags & 0x12 == 0x12, s                 # SYN-ACK only once CONNECT succeeded
+        # (the proxy watch's probes are UDP ASSOCIATE requests: command 3)
+        assert [r for r in strict.requests if r[0] != 3] == [(1, b"\x01" + bytes([93, 184, 216, 34])
+                                                             + (80).to_bytes(2, "big"))]
+        host.send(build_packet(4, SRC, DST, 41000, 80, 1001, s.seq + 1, "A", 65535))
+        d = await host.expect(lambda x: x.dport == 41000 and x.payload)
+        assert d.payload == b"banner!" and d.seq == s.seq + 1
+        st = host.status()["engine"]
+        assert st["tcp_opened"] == 1 and st.get("upstream_connect_failed", 0) == 0
+
+    with_engine(setup, body)
 
 
 @pytest.mark.parametrize("mode,reply", [("ok", 5), ("short_fail", 2), ("no_method", 0),
                                         ("close_after_greeting", 0), ("garbage", 0),
                                         ("close_mid_reply", 0), ("silent", 0)])
-def test_failures_reset_the_client(strict, host, mode, reply):
-    strict.mode = mode
-    strict.reply = reply
-    t0 = time.monotonic()
-    s = syn(host, 41001)
-    assert s.flags & 0x04, s                         # RST: the connect request is refused
-    assert s.ack == 1001
-    assert time.monotonic() - t0 < 3                 # silent: the 1 s connect timeout
-    st = bridge.status(host.handle)
-    assert st["engine"]["upstream_connect_failed"] == 1 and st["engine"].get("tcp_opened", 0) == 0
-    assert st["engine"].get("upstream_closed_empty", 0) == 0      # counted once, as a failed dial
-    assert st["stack"]["tcp_flows"] == 0
+def test_failures_reset_the_client(mode, reply):
+    def setup(strict):
+        strict.mode = mode
+        strict.reply = reply
+
+    async def body(strict, host, loop):
+        t0 = loop.time()
+        s = await syn(host, 41001)
+        assert s.flags & 0x04, s                         # RST: the connect request is refused
+        assert s.ack == 1001
+        assert loop.time() - t0 < 3                      # silent: the 1 s connect timeout (virtual clock)
+        st = host.status()
+        assert st["engine"]["upstream_connect_failed"] == 1 and st["engine"].get("tcp_opened", 0) == 0
+        assert st["engine"].get("upstream_closed_empty", 0) == 0      # counted once, as a failed dial
+        assert st["stack"]["tcp_flows"] == 0
+        return loop.time() - t0
+
+    elapsed = with_engine(setup, body)
+    if mode == "silent":
+        # the RST came from the connect timeout, not from anything earlier
+        assert elapsed >= 1.0
 
 
 def test_recorded_copies_of_offload_packets_have_complete_checksums():

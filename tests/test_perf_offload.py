@@ -187,3 +187,23 @@ def test_created_tun_queues_4096_packets_an_existing_one_is_left_alone(netns):
         subprocess.run(["ip", "link", "del", "pftun5"], check=True)
     """)
     assert res == {"created": 4096, "existing": 777}
+
+
+def test_tun_devices_declare_their_capabilities(netns):
+    res = run_child(netns, """
+        from tun2xray.device import Capabilities
+        for url in ("tun://pftun5", "tun://pftun5?offload=0", "tun://pftun5?multiqueue=1&offload=0"):
+            dev = open_device(url, mtu=1500, addresses=["10.85.0.1/24"])
+            result[url] = [dev.capabilities == c for c in (
+                Capabilities(offload=True, gso_max=65535 - 120, vouches_for_checksums=True,
+                             checksum_offload=True, framing="vnet"),
+                Capabilities(vouches_for_checksums=True),
+                Capabilities(vouches_for_checksums=True, multiqueue=True))]
+            if dev.capabilities.checksum_offload:
+                result["partial"] = [dev.tx_csum_partial, dev.use_checksum_offload(), dev.tx_csum_partial]
+            dev.close()
+    """)
+    assert res["tun://pftun5"] == [True, False, False]
+    assert res["tun://pftun5?offload=0"] == [False, True, False]
+    assert res["tun://pftun5?multiqueue=1&offload=0"] == [False, False, True]
+    assert res["partial"] == [False, True, True]

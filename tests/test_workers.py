@@ -354,9 +354,9 @@ def test_a_request_that_came_with_the_spec_is_answered():
     try:
         eng = FakeEngine()
         WorkerChannel(theirs, eng, loop, pending=frame({"id": 7, "cmd": "status"}))
-        loop.run_until_complete(asyncio.sleep(0.05))
-        ours.settimeout(2)
-        buf = bytearray(ours.recv(65536))
+        # run the loop until the answer arrives (an event, not a fixed wait)
+        ours.setblocking(False)
+        buf = bytearray(loop.run_until_complete(asyncio.wait_for(loop.sock_recv(ours, 65536), 5)))
         assert unframe(buf) == [{"id": 7, "status": eng.status()}]
     finally:
         loop.close()

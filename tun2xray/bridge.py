@@ -46,6 +46,7 @@ import threading
 from collections import deque
 
 from . import state as st
+from .device import Capabilities
 from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
@@ -103,8 +104,8 @@ class _BridgeDevice:
     """What the engine sees: a device without an fd (packets are pushed with
     engine.feed) whose writes go to the tunnel's outbound side."""
 
-    pollable = False
-    trusted_checksums = False
+    # packets are pushed (engine.feed), checksums unchecked by any kernel
+    capabilities = Capabilities(pollable=False, framing="callback")
     __slots__ = ("name", "mtu", "url", "stats", "write_batch")
 
     def __init__(self, name, mtu, write_batch):

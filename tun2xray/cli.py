@@ -294,7 +294,7 @@ def _cmd_run(args, xs) -> int:
                 recorder = record.recorder(settings.record, device.mtu)
             except OSError as e:
                 raise UsageError(f"--record {args.record}: {e.strerror}") from None
-            record.notice(settings.record, bool(getattr(device, "offload", False)))
+            record.notice(settings.record, device.capabilities.offload)
         if xs is not None:
             xs.route_up(device.name)
         return _run_loop(_serve(settings, device, recorder, xs))

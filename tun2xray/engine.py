@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -291,27 +292,38 @@ class SocksAssoc:
         self.closed = False
 
 
+def _device_stack_config(given: StackConfig | None, device, caps, recording: bool):
+    """The stack's settings for this device: a copy of ``given`` (the
+    caller's object is left as it was) adjusted to what the device declares.
+    Returns (config, whether recorded copies of read packets need their
+    checksums completed)."""
+    cfg = dataclasses.replace(given) if given is not None else StackConfig(mtu=device.mtu)
+    if caps.vouches_for_checksums:
+        cfg.verify_checksums = False
+    if not caps.offload:
+        return cfg, False
+    # the device takes TCP super-segments and segments/checksums them
+    cfg.gso_max = caps.gso_max
+    if recording:
+        # a capture must replay (tun2xray replay verifies checksums):
+        # complete ours, and the kernel's partial ones in the copy recorded
+        return cfg, True
+    if caps.checksum_offload and device.use_checksum_offload():
+        # ... and completes every TCP/UDP checksum (no sum in Python)
+        cfg.checksum_offload = True
+    return cfg, False
+
+
 class Engine:
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
                  connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
                  log_clock=None):
         self.device = device
         self.router = router
-        cfg = stack_config or StackConfig(mtu=device.mtu)
-        if getattr(device, "trusted_checksums", False):
-            cfg.verify_checksums = False
-        self._rec_fix = False
-        if getattr(device, "offload", False):
-            # the device takes TCP super-segments and segments/checksums them
-            cfg.gso_max = device.gso_max
-            if recorder is not None:
-                # a capture must replay (tun2xray replay verifies checksums):
-                # complete ours, and the kernel's partial ones in the copy recorded
-                self._rec_fix = True
-            elif hasattr(device, "tx_csum_partial"):
-                # ... and completes every TCP/UDP checksum (no sum in Python)
-                cfg.checksum_offload = True
-                device.tx_csum_partial = True
+        caps = device.capabilities
+        self.capabilities = caps
+        self._batch = caps.batch_size or DEVICE_BATCH   # packets per read_batch
+        cfg, self._rec_fix = _device_stack_config(stack_config, device, caps, recorder is not None)
         self.stack = Stack(cfg)
         self.connect_timeout = connect_timeout
         self.recorder = recorder
@@ -352,7 +364,7 @@ class Engine:
         """Serve until stop() is called."""
         self.loop = asyncio.get_running_loop()
         self._stopping = self.loop.create_future()
-        self._pollable = getattr(self.device, "pollable", True)
+        self._pollable = self.capabilities.pollable
         self.refresh_log_level()
         if self._pollable:
             self.loop.add_reader(self.device.fileno(), self._on_device)
@@ -459,9 +471,10 @@ class Engine:
         stack = self.stack
         now = self.loop.time()
         rec = self.recorder
+        batch = self._batch
         while True:
             try:
-                pkts = dev.read_batch(DEVICE_BATCH)
+                pkts = dev.read_batch(batch)
             except DeviceError as e:
                 self._device_failed(e)
                 return
@@ -470,7 +483,7 @@ class Engine:
             if rec is not None:
                 self._record(pkts, self._rec_fix)
             stack.input_batch(pkts, now)
-            if len(pkts) < DEVICE_BATCH:
+            if len(pkts) < batch:
                 break
         self._service()
 

@@ -345,7 +345,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
                 record.start_parts(rec)
             except OSError as e:
                 raise WorkerError(f"--record {rec.path}: {e.strerror or e}") from None
-            record.notice(rec, bool(getattr(keeper, "offload", False)), n)
+            record.notice(rec, keeper.capabilities.offload, n)
         if xs is not None:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level,
@@ -528,7 +528,7 @@ class Supervisor:
         from .host import EngineSettings
         return {
             "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
-            "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
+            "flags": k._flags, "offload": k.capabilities.offload,
             "engine": EngineSettings.of(s),
             "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
             "poke_fd": self.poke_w,
@@ -838,10 +838,9 @@ def _read_spec(chan: socket.socket, timeout: float = 10.0):
 
 
 def worker_device(spec: dict):
-    if spec["offload"]:
-        from .device.offload import OffloadTunDevice as cls
-    else:
-        from .device.linux_tun import TunDevice as cls
+    from .device import tun_class
+
+    cls = tun_class(spec["offload"])
     os.set_blocking(spec["fd"], False)
     return cls(_QueueFd(spec["fd"]), name=spec["name"], mtu=spec["mtu"], url=spec["url"],
                created=False, flags=spec["flags"])

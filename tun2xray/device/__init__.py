@@ -23,7 +23,7 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     link brought up with interface ioctls. ``tun://`` with no name lets the
     kernel pick one (``tun0``, ...). Offloads are on by default: IFF_VNET_HDR
     and TCP segmentation/checksum offload, 64 KB TCP super-segments both ways
-    (see offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).
+    (see offload.py; ``Device.capabilities`` tells the engine).
     When the kernel refuses them the TUN is opened plainly instead
     (``Device.offload`` is then False and ``Device.offload_refused`` says
     why). ``?offload=0`` forces the plain TUN; ``?offload=1`` requires
@@ -41,6 +41,10 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
     (Linux numbering) with ``af6=10``. On read both 10 and 30 are accepted.
     The device takes ownership of N: ``close()`` closes it. N is switched to
     non-blocking mode.
+
+``memory_pair()`` (no URL)
+    Two ends in memory for tests: the engine reads and writes the device,
+    the test writes into and reads from the host end (memory.py).
 
 ``unix:///PATH`` and ``unix:///PATH?peer=/OTHER`` (``unix://@NAME``: abstract)
     One IP packet per datagram over an AF_UNIX SOCK_DGRAM socket. tun2xray
@@ -78,9 +82,36 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from ._base import Device, DeviceError
+from ._base import Capabilities, Device, DeviceError
 
-__all__ = ["Device", "DeviceError", "open_device"]
+__all__ = ["Capabilities", "Device", "DeviceError", "open_device", "TunDevice", "OffloadTunDevice",
+           "FdDevice", "AfHeaderFdDevice", "UnixDevice", "MemoryDevice", "memory_pair", "tun_class"]
+
+# The device classes, imported when first named: a host that never opens a
+# TUN (the bridge) does not pay for linux_tun/offload (and netstack.wire).
+_LAZY = {"TunDevice": "linux_tun", "OffloadTunDevice": "offload", "FdDevice": "fd",
+         "AfHeaderFdDevice": "fd", "UnixDevice": "unix", "MemoryDevice": "memory",
+         "memory_pair": "memory"}
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
+
+def tun_class(offload: bool):
+    """The TUN device class for a queue with or without offloads."""
+    if offload:
+        from .offload import OffloadTunDevice
+
+        return OffloadTunDevice
+    from .linux_tun import TunDevice
+
+    return TunDevice
 
 
 def _query(url: str, query: str, allowed: set[str]) -> dict[str, str]:
@@ -120,7 +151,7 @@ def open_device(url: str, *, mtu: int | None = None, addresses=()) -> Device:
 
         return open_tun(url, name, mtu=mtu, addresses=list(addresses),
                         offload={"1": True, "0": False}.get(opts.get("offload"), "auto"),
-                        multiqueue=opts.get("multiqueue") == "1")
+                        multiqueue=opts.get("multiqueue") == "1", offload_cls=tun_class(True))
     # fd:// and unix://: the host owns the interface and its addressing, so
     # addresses are ignored (the CLI passes its defaults whatever the device).
     if scheme == "fd":

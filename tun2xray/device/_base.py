@@ -1,4 +1,12 @@
-"""Device base: counters, close, and the batched read/write loops over one fd.
+"""Device base: the interface, its capabilities, counters, close, and the
+batched read/write loops over one fd.
+
+Every device is a ``Device``: ``read_batch``, ``write_batch``, ``fileno``,
+``close``, ``stats`` and ``capabilities`` (a ``Capabilities`` record the
+engine reads instead of probing attributes). The one write loop lives here;
+a device frames and sends one packet in its ``_send`` hook (raw write, AF
+header, vnet header, sendto) and the loop classifies the errors the same way
+for all of them.
 
 The loops are the hot path: one ``os.read`` / ``os.write`` per packet, no
 per-packet logging or formatting, counters summed per batch. Measured on a
@@ -10,7 +18,9 @@ plus a copy out is slower (0.9-1.0 M/s), so every read allocates its packet.
 from __future__ import annotations
 
 import errno
+import functools
 import os
+from dataclasses import dataclass
 
 # Errors that mean "the device cannot take more right now": stop the batch.
 _FULL = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS})
@@ -20,6 +30,35 @@ _REJECTED = frozenset({errno.EINVAL, errno.EMSGSIZE, errno.EFAULT})
 # Big enough for any IP packet (and a 4-byte AF header, and a GSO super-
 # segment). Allocation size does not matter much: os.read shrinks the result.
 READ_SIZE = 65536 + 64
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a device declares about itself; the engine reads it once.
+
+    offload          TCP super-segments both ways (a TUN with IFF_VNET_HDR)
+    gso_max          largest TCP payload per packet it takes (0: the MTU's)
+    vouches_for_checksums  its packets were built by a kernel that checked
+                     them: the stack need not verify checksums
+    checksum_offload it can complete TCP/UDP checksums the stack leaves
+                     partial (``Device.use_checksum_offload()`` turns it on)
+    multiqueue       more queues can be attached (``open_queue``)
+    pollable         ``fileno()`` is a pollable fd; False: packets are pushed
+                     (``Engine.feed``)
+    batch_size       packets the engine asks for per ``read_batch``
+    framing          what surrounds a packet on the wire: "raw", "af"
+                     (4-byte address family), "vnet" (virtio-net header),
+                     "datagram" (one per AF_UNIX datagram), "memory"
+    """
+
+    offload: bool = False
+    gso_max: int = 0
+    vouches_for_checksums: bool = False
+    checksum_offload: bool = False
+    multiqueue: bool = False
+    pollable: bool = True
+    batch_size: int = 256
+    framing: str = "raw"
 
 
 class DeviceError(Exception):
@@ -57,6 +96,11 @@ class Device:
     # largest TCP payload per packet the device takes (StackConfig.gso_max).
     offload = False
     gso_max = 0
+    # what surrounds each packet on the fd (Capabilities.framing)
+    framing = "raw"
+    # errno values after which nothing in the batch can arrive (the peer is
+    # gone): the rest of the batch is rejected at once
+    drop_rest_errnos: frozenset = frozenset()
 
     def __init__(self, fd: int, *, name: str, mtu: int, url: str, trusted_checksums: bool = False):
         self.name = name
@@ -67,6 +111,22 @@ class Device:
         self._fd = fd
         self._closed = False
         self._pending_error: DeviceError | None = None
+        # the per-device framing hooks: frame and send one packet (OSError on
+        # failure); read one frame; a frame -> a packet (None: dropped, counted)
+        self._send = functools.partial(os.write, fd)
+        self._recv = functools.partial(os.read, fd, READ_SIZE)
+        self._unframe = None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(offload=self.offload, gso_max=self.gso_max,
+                            vouches_for_checksums=self.trusted_checksums,
+                            checksum_offload=False, multiqueue=False, framing=self.framing)
+
+    def use_checksum_offload(self) -> bool:
+        """Leave TCP/UDP checksums to the device from now on, if it can
+        (``capabilities.checksum_offload``); returns whether it does."""
+        return False
 
     # -- plumbing -------------------------------------------------------------
 
@@ -127,21 +187,28 @@ class Device:
     # -- hot path ---------------------------------------------------------------
 
     def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        """Read up to ``max_packets`` packets, stopping early at EAGAIN."""
+        """Read up to ``max_packets`` packets, stopping early at EAGAIN.
+        ``self._recv`` reads one frame; ``self._unframe`` (None for raw
+        packets) turns it into a packet, or None for a frame it dropped and
+        counted."""
         self._check_usable()
         out: list[bytes] = []
         append = out.append
-        read = os.read
-        fd = self._fd
+        recv = self._recv
+        unframe = self._unframe
         nbytes = 0
         try:
             for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
+                p = recv()
                 if not p:
                     if self.empty_read_is_eof:
                         return self._read_failed(None, self._count_rx(out, nbytes))
                     self.stats["rx_dropped"] += 1
                     continue
+                if unframe is not None:
+                    p = unframe(p)
+                    if p is None:
+                        continue
                 append(p)
                 nbytes += len(p)
         except BlockingIOError:
@@ -158,10 +225,10 @@ class Device:
 
     def write_batch(self, packets) -> int:
         """Write packets in order without blocking; see the package docstring
-        for the return value and counters."""
+        for the return value and counters. ``self._send`` frames and writes
+        one packet; its errors are classified here for every device."""
         self._check_usable()
-        write = os.write
-        fd = self._fd
+        send = self._send
         done = 0
         written = 0
         nbytes = 0
@@ -172,7 +239,7 @@ class Device:
         while done < total:
             p = packets[done]
             try:
-                write(fd, p)
+                send(p)
             except OSError as exc:
                 code = exc.errno
                 if code in _FULL:
@@ -181,6 +248,10 @@ class Device:
                     rejected += 1
                     done += 1
                     continue
+                if code in self.drop_rest_errnos:
+                    rejected += total - done
+                    done = total
+                    break
                 fatal = exc
                 break
             written += 1

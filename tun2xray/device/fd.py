@@ -18,11 +18,12 @@ anything else it is end-of-file.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
 
-from ._base import _FULL, _REJECTED, READ_SIZE, Device, DeviceError
+from ._base import Device, DeviceError
 
 AF_INET = 2
 AF_INET6_DARWIN = 30
@@ -33,6 +34,25 @@ _AF6_ACCEPTED = (AF_INET6_LINUX, AF_INET6_DARWIN)
 
 def _af_header(af: int) -> bytes:
     return af.to_bytes(4, "big")
+
+
+def _af_sender(fd: int, hdr4: bytes, hdr6: bytes):
+    """The write framing hook: the AF header for the packet's IP version,
+    then the packet, in one writev. A packet that is neither IPv4 nor IPv6
+    has no address family to carry: rejected (EINVAL) without reaching the
+    fd. (A closure: the loop calls it per packet.)"""
+    writev = os.writev
+
+    def send(p) -> None:
+        version = p[0] >> 4 if p else 0
+        if version == 4:
+            writev(fd, (hdr4, p))
+        elif version == 6:
+            writev(fd, (hdr6, p))
+        else:
+            raise OSError(errno.EINVAL, "not an IPv4 or IPv6 packet")
+
+    return send
 
 
 class FdDevice(Device):
@@ -46,11 +66,15 @@ class FdDevice(Device):
 class AfHeaderFdDevice(FdDevice):
     """IP packets with a 4-byte address-family header (Darwin utun framing)."""
 
+    framing = "af"
+
     def __init__(self, fd: int, *, name: str, mtu: int, url: str, empty_is_eof: bool, af6: int):
         super().__init__(fd, name=name, mtu=mtu, url=url, empty_is_eof=empty_is_eof)
         self.af6 = af6
         self._hdr4 = _af_header(AF_INET)
         self._hdr6 = _af_header(af6)
+        self._send = _af_sender(fd, self._hdr4, self._hdr6)
+        self._unframe = self._strip_af
         # A good packet starts with one of these 5 bytes: the AF header and
         # a first IP byte whose version agrees with it.
         self._valid_prefixes = frozenset(
@@ -58,86 +82,13 @@ class AfHeaderFdDevice(FdDevice):
             + [_af_header(af) + bytes([0x60 | low]) for af in _AF6_ACCEPTED for low in range(16)]
         )
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        out: list[bytes] = []
-        append = out.append
-        read = os.read
-        fd = self._fd
-        valid = self._valid_prefixes
-        nbytes = 0
-        bad = 0
-        runts = 0
-        stats = self.stats
-        try:
-            for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
-                # header and version nibble in one set lookup (short reads miss too)
-                if p[:5] in valid:
-                    append(p[4:])
-                    nbytes += len(p) - 4
-                elif p:
-                    bad += 1
-                elif self.empty_read_is_eof:
-                    stats["rx_bad_header"] += bad
-                    stats["rx_dropped"] += runts
-                    return self._read_failed(None, self._count_rx(out, nbytes))
-                else:
-                    runts += 1
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            stats["rx_bad_header"] += bad
-            stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        stats["rx_bad_header"] += bad
-        stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
-
-    def write_batch(self, packets) -> int:
-        self._check_usable()
-        writev = os.writev
-        fd = self._fd
-        hdr4 = self._hdr4
-        hdr6 = self._hdr6
-        done = 0
-        written = 0
-        nbytes = 0
-        rejected = 0
-        total = len(packets)
-        fatal = None
-        while done < total:
-            p = packets[done]
-            if not p:
-                rejected += 1
-                done += 1
-                continue
-            version = p[0] >> 4
-            if version == 4:
-                hdr = hdr4
-            elif version == 6:
-                hdr = hdr6
-            else:
-                rejected += 1  # no address family to put in front of it
-                done += 1
-                continue
-            try:
-                writev(fd, (hdr, p))
-            except OSError as exc:
-                code = exc.errno
-                if code in _FULL:
-                    break
-                if code in _REJECTED:
-                    rejected += 1
-                    done += 1
-                    continue
-                fatal = exc
-                break
-            written += 1
-            nbytes += len(p)
-            done += 1
-        return self._count_tx(total, done, written, nbytes, rejected, fatal)
-
+    def _strip_af(self, p):
+        """The read framing hook: header and version nibble checked in one
+        set lookup (short frames miss too); disagreements are counted."""
+        if p[:5] in self._valid_prefixes:
+            return p[4:]
+        self.stats["rx_bad_header"] += 1
+        return None
 
 def open_fd(url: str, number: str, opts: dict, *, mtu: int | None) -> FdDevice:
     if not number.isdigit():

@@ -26,7 +26,7 @@ import os
 import socket
 import threading
 
-from ._base import _REJECTED, Device, DeviceError
+from ._base import _REJECTED, Capabilities, Device, DeviceError
 from .tunfd import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunFd
 
 IFNAMSIZ = 16
@@ -229,14 +229,20 @@ class TunDevice(Device):
         tun = _attach(self.url, self.name, self._flags, existed=True)
         try:
             os.set_blocking(tun.fileno(), False)
-            if self.offload:
-                from .offload import enable_offloads
-
-                enable_offloads(tun.fileno())
+            self.setup_queue(tun.fileno())
         except OSError as exc:
             tun.close()
             raise DeviceError(f"{self.url}: cannot set up another queue: {os.strerror(exc.errno)}") from None
         return type(self)(tun, name=self.name, mtu=self.mtu, url=self.url, created=False, flags=self._flags)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(vouches_for_checksums=True, multiqueue=self.multiqueue)
+
+    @staticmethod
+    def setup_queue(fd: int) -> None:
+        """What each queue's fd needs after TUNSETIFF (offload.py adds
+        TUNSETOFFLOAD); OSError when the kernel refuses."""
 
     def _release(self) -> None:
         self._tun.close()
@@ -275,24 +281,31 @@ class _OffloadRefused(Exception):
 
 
 def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=False,
-             multiqueue: bool = False) -> TunDevice:
+             multiqueue: bool = False, offload_cls=None) -> TunDevice:
     """Open tun://NAME. ``offload``: True (required: an error when the kernel
     refuses), False (plain TUN) or "auto" (offloads when the kernel takes
-    them, else a plain TUN whose ``offload_refused`` says why)."""
+    them, else a plain TUN whose ``offload_refused`` says why).
+    ``offload_cls`` is the device class of an offload TUN (chosen by the
+    package: this module does not import offload.py, which builds on it)."""
+    if offload and offload_cls is None:
+        raise DeviceError(f"{url}: offloads asked for without an offload device class")
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
     if offload == "auto":
         try:
-            return _open(url, name, mtu, addrs, True, multiqueue, required=False)
+            return _open(url, name, mtu, addrs, offload_cls, multiqueue, required=False)
         except _OffloadRefused as exc:
-            dev = _open(url, name, mtu, addrs, False, multiqueue, required=False)
+            dev = _open(url, name, mtu, addrs, None, multiqueue, required=False)
             dev.offload_refused = str(exc)
             return dev
-    return _open(url, name, mtu, addrs, bool(offload), multiqueue, required=True)
+    return _open(url, name, mtu, addrs, offload_cls if offload else None, multiqueue, required=True)
 
 
-def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
+def _open(url, name, mtu, addrs, offload_cls, multiqueue, *, required):
+    """offload_cls: the offload device class, or None for a plain TUN."""
+    offload = offload_cls is not None
+    cls = offload_cls or TunDevice
     existed = bool(name) and _ifindex(name) != 0
     flags = IFF_TUN | IFF_NO_PI
     if offload:
@@ -305,10 +318,8 @@ def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
     try:
         os.set_blocking(tun.fileno(), False)
         if offload:
-            from .offload import enable_offloads
-
             try:
-                enable_offloads(tun.fileno())
+                cls.setup_queue(tun.fileno())
             except OSError as exc:
                 why = f"the kernel refused TUN offloads: {os.strerror(exc.errno)}"
                 if not required:
@@ -323,7 +334,4 @@ def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
     except Exception as exc:
         tun.close()
         raise DeviceError(f"{url}: cannot configure {real_name}: {' '.join(str(exc).split())}") from None
-    cls = TunDevice
-    if offload:
-        from .offload import OffloadTunDevice as cls
     return cls(tun, name=real_name, mtu=dev_mtu, url=url, created=created, flags=flags)

@@ -57,7 +57,7 @@ from netstack.wire import tcp as _tcp
 from netstack.wire.errors import WireError
 from netstack.wire.templates import GsoSegment
 
-from ._base import _FULL, READ_SIZE
+from ._base import Capabilities
 from .linux_tun import TunDevice
 
 VNET_HDR_LEN = 10
@@ -124,8 +124,9 @@ class OffloadTunDevice(TunDevice):
 
     offload = True
     gso_max = GSO_MAX
-    # Set by the engine when the stack leaves TCP/UDP checksums to the device
-    # (StackConfig.checksum_offload): every TCP/UDP packet then goes out
+    framing = "vnet"
+    # Set by use_checksum_offload() when the stack leaves TCP/UDP checksums to
+    # the device (StackConfig.checksum_offload): every TCP/UDP packet then goes out
     # NEEDS_CSUM, super-segments without a copy.
     tx_csum_partial = False
 
@@ -133,94 +134,63 @@ class OffloadTunDevice(TunDevice):
         super().__init__(tun, name=name, mtu=mtu, url=url, created=created, flags=flags)
         self.stats["rx_gso"] = 0
         self.stats["tx_gso"] = 0
+        self._writev = os.writev
+        self._send = self._send_vnet
+        self._unframe = self._strip_vnet
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        out: list[bytes] = []
-        append = out.append
-        read = os.read
-        fd = self._fd
-        nbytes = 0
-        gso = 0
-        runts = 0
-        try:
-            for _ in range(max_packets):
-                p = read(fd, READ_SIZE)
-                if len(p) <= VNET_HDR_LEN:
-                    runts += 1
-                    if not p:
-                        break
-                    continue
-                if p[1]:
-                    gso += 1
-                append(p[VNET_HDR_LEN:])
-                nbytes += len(p) - VNET_HDR_LEN
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            self.stats["rx_gso"] += gso
-            self.stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        self.stats["rx_gso"] += gso
-        self.stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(offload=True, gso_max=self.gso_max, vouches_for_checksums=True,
+                            checksum_offload=True, multiqueue=self.multiqueue, framing="vnet")
 
-    def write_batch(self, packets) -> int:
-        self._check_usable()
-        writev = os.writev
-        fd = self._fd
-        mtu = self.mtu
-        zero = _ZERO
-        partial = self.tx_csum_partial
-        csum_hdrs = _CSUM_HDRS
-        done = written = nbytes = rejected = gso = 0
-        total = len(packets)
-        fatal = None
-        rejected_errnos = self.rejected_errnos
-        while done < total:
-            p = packets[done]
-            n = len(p)
-            hdr = zero
-            if partial:
-                # transport checksums hold the pseudo-header sum: the kernel
-                # completes them (NEEDS_CSUM); fragments and ICMP are complete
-                b0 = p[0]
-                if b0 == 0x45:
-                    key = (20, p[9]) if not ((p[6] & 0x3F) or p[7]) else None
-                elif b0 >> 4 == 6:
-                    key = (40, p[6])
+    def use_checksum_offload(self) -> bool:
+        self.tx_csum_partial = True
+        return True
+
+    @staticmethod
+    def setup_queue(fd: int) -> None:
+        """Each queue of this TUN gets TUNSETOFFLOAD (OSError when refused)."""
+        enable_offloads(fd)
+
+    def _strip_vnet(self, p):
+        """The read framing hook: drop the vnet header (a runt without a
+        packet behind it is dropped and counted); count super-segments."""
+        if len(p) <= VNET_HDR_LEN:
+            self.stats["rx_dropped"] += 1
+            return None
+        if p[1]:
+            self.stats["rx_gso"] += 1
+        return p[VNET_HDR_LEN:]
+
+    def _send_vnet(self, p) -> None:
+        """The framing hook: a vnet header (see the module docstring), then
+        the packet, in one writev. Counts super-segments written."""
+        n = len(p)
+        hdr = _ZERO
+        if self.tx_csum_partial:
+            # transport checksums hold the pseudo-header sum: the kernel
+            # completes them (NEEDS_CSUM); fragments and ICMP are complete
+            b0 = p[0]
+            if b0 == 0x45:
+                key = (20, p[9]) if not ((p[6] & 0x3F) or p[7]) else None
+            elif b0 >> 4 == 6:
+                key = (40, p[6])
+            else:
+                key = ((b0 & 15) * 4, p[9]) if b0 >> 4 == 4 and not ((p[6] & 0x3F) or p[7]) else None
+            if key is not None:
+                if n > self.mtu and key[1] == 6:
+                    g = _gso_partial(p, self.mtu)
+                    if g is not None:
+                        hdr = g
                 else:
-                    key = ((b0 & 15) * 4, p[9]) if b0 >> 4 == 4 and not ((p[6] & 0x3F) or p[7]) else None
-                if key is not None:
-                    if n > mtu and key[1] == 6:
-                        g = _gso_partial(p, mtu)
-                        if g is not None:
-                            hdr = g
-                    else:
-                        hdr = csum_hdrs.get(key, zero)
-            elif n > mtu:
-                g = gso_header(p, mtu)
-                if g is not None:
-                    hdr, p = g
-            try:
-                writev(fd, (hdr, p))
-            except OSError as exc:
-                code = exc.errno
-                if code in _FULL:
-                    break
-                if code in rejected_errnos:
-                    rejected += 1
-                    done += 1
-                    continue
-                fatal = exc
-                break
-            written += 1
-            nbytes += n
-            done += 1
-            if hdr[1]:
-                gso += 1
-        self.stats["tx_gso"] += gso
-        return self._count_tx(total, done, written, nbytes, rejected, fatal)
+                    hdr = _CSUM_HDRS.get(key, _ZERO)
+        elif n > self.mtu:
+            g = gso_header(p, self.mtu)
+            if g is not None:
+                hdr, p = g
+        self._writev(self._fd, (hdr, p))
+        if hdr[1]:
+            self.stats["tx_gso"] += 1
 
 
 # NEEDS_CSUM headers by (IP header length, protocol): TCP field at +16, UDP at +6

@@ -25,7 +25,7 @@ import os
 import socket
 import stat
 
-from ._base import _FULL, _REJECTED, READ_SIZE, Device, DeviceError
+from ._base import READ_SIZE, Device, DeviceError
 
 # Peer is gone or unusable: the packet cannot be delivered.
 _NO_PEER = frozenset({errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN, errno.EDESTADDRREQ, errno.EPERM, errno.EACCES})
@@ -43,6 +43,9 @@ class UnixDevice(Device):
     """IP packets as datagrams on an AF_UNIX socket that tun2xray binds."""
 
     empty_read_is_eof = False
+    framing = "datagram"
+    # the host went away: nothing in this batch can arrive
+    drop_rest_errnos = _NO_PEER
 
     def __init__(self, sock: socket.socket, *, name: str, mtu: int, url: str, path: str | None, peer):
         super().__init__(sock.fileno(), name=name, mtu=mtu, url=url, trusted_checksums=False)
@@ -50,6 +53,9 @@ class UnixDevice(Device):
         self._path = path  # filesystem path to unlink on close, if any
         self._fixed_peer = peer is not None
         self.peer = peer  # where write_batch sends; None until heard from
+        self._send = self._send_to_peer
+        if not self._fixed_peer:
+            self._recv = self._recv_and_learn_peer
 
     def _release(self) -> None:
         self._sock.close()
@@ -60,72 +66,25 @@ class UnixDevice(Device):
             except OSError:
                 pass
 
-    def read_batch(self, max_packets: int = 256) -> list[bytes]:
-        self._check_usable()
-        if self._fixed_peer:
-            return Device.read_batch(self, max_packets)
-        out: list[bytes] = []
-        append = out.append
-        recvfrom = self._sock.recvfrom
-        nbytes = 0
-        runts = 0
-        peer = None
-        try:
-            for _ in range(max_packets):
-                p, addr = recvfrom(READ_SIZE)
-                if addr:
-                    peer = addr
-                if not p:
-                    runts += 1
-                    continue
-                append(p)
-                nbytes += len(p)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            if peer is not None:
-                self.peer = peer
-            self.stats["rx_dropped"] += runts
-            return self._read_failed(exc, self._count_rx(out, nbytes))
-        if peer is not None:
-            self.peer = peer
-        self.stats["rx_dropped"] += runts
-        return self._count_rx(out, nbytes)
+    def _recv_and_learn_peer(self):
+        """The read hook without a fixed peer: the sender of the last
+        datagram is where write_batch sends."""
+        p, addr = self._sock.recvfrom(READ_SIZE)
+        if addr:
+            self.peer = addr
+        return p
 
     def write_batch(self, packets) -> int:
-        self._check_usable()
-        total = len(packets)
-        peer = self.peer
-        if peer is None:
-            self.stats["tx_dropped"] += total
-            return total
-        sendto = self._sock.sendto
-        done = 0
-        written = 0
-        nbytes = 0
-        rejected = 0
-        while done < total:
-            p = packets[done]
-            try:
-                sendto(p, peer)
-            except OSError as exc:
-                code = exc.errno
-                if code in _FULL:
-                    break
-                if code in _NO_PEER:
-                    # The host went away: nothing in this batch can arrive.
-                    rejected += total - done
-                    done = total
-                    break
-                if code in _REJECTED:
-                    rejected += 1
-                    done += 1
-                    continue
-                return self._count_tx(total, done, written, nbytes, rejected, exc)
-            written += 1
-            nbytes += len(p)
-            done += 1
-        return self._count_tx(total, done, written, nbytes, rejected, None)
+        if self.peer is None:
+            # nobody to send to yet: the whole batch is dropped, not an error
+            self._check_usable()
+            self.stats["tx_dropped"] += len(packets)
+            return len(packets)
+        return Device.write_batch(self, packets)
+
+    def _send_to_peer(self, p) -> None:
+        """The framing hook: one datagram per packet, to the peer."""
+        self._sock.sendto(p, self.peer)
 
 
 def open_unix(url: str, where: str, opts: dict, *, mtu: int | None) -> UnixDevice:

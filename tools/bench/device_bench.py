@@ -1,4 +1,4 @@
-"""Device throughput: ``python3 -m tun2xray.device.bench [--packets N]`` (root).
+"""Device throughput: ``python3 tools/bench/device_bench.py [--packets N]`` (root).
 
 Runs itself inside a private network namespace (``dv-bench-PID``, removed on
 exit) and measures, in packets per second:
@@ -23,6 +23,9 @@ import socket
 import subprocess
 import sys
 import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
 
 
 def _csum(data: bytes) -> int:
@@ -51,7 +54,7 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def bench_tun(n: int, size: int) -> dict:
-    from . import open_device
+    from tun2xray.device import open_device
 
     dev = open_device("tun://dvbench0", mtu=1500, addresses=["10.88.0.1/24"])
     try:
@@ -100,7 +103,7 @@ def bench_tun(n: int, size: int) -> dict:
 
 
 def bench_fd(n: int, size: int, query: str) -> dict:
-    from . import open_device
+    from tun2xray.device import open_device
 
     a, host = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     for s in (a, host):
@@ -170,10 +173,9 @@ def main(argv=None) -> int:
     ns = f"dv-bench-{os.getpid()}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         r = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-m", "tun2xray.device.bench", "--inside", "--packets", str(args.packets)],
+            ["ip", "netns", "exec", ns, sys.executable, os.path.abspath(__file__), "--inside", "--packets", str(args.packets)],
             capture_output=True, text=True, env=env,
         )
         if r.returncode != 0:
