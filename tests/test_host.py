@@ -273,9 +273,14 @@ def test_settings_build_the_stack_and_engine_once():
     import pickle
     t = pickle.loads(pickle.dumps(s))      # what a worker's spec carries
     assert (t.udp_timeout, t.max_flows, t.router.default_url) == (7.0, 9, "socks5://127.0.0.1:1080")
-    dev = types.SimpleNamespace(name="hs0", mtu=1400, url="test://", pollable=False)
-    eng = make_engine(dev, t)
-    assert eng.router is t.router
+    from tun2xray.device.memory import memory_pair
+    dev, host_end = memory_pair(mtu=1400, name="hs0")
+    try:
+        eng = make_engine(dev, t)
+        assert eng.router is t.router and eng.stack.config.mtu == 1400
+    finally:
+        host_end.close()
+        dev.close()
     with pytest.raises(ValueError, match="must be a socks5"):
         EngineSettings.from_profile(load_profile('{"proxy": "dokodemo://127.0.0.1:53"}', bridge=True))
 
