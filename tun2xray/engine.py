@@ -30,10 +30,10 @@ from netstack.wire import ip as _ip
 
 from . import logs
 from .device import DeviceError
-from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
-from .upstream._net import literal_family
-from .upstream.socks5 import (SocksUdpAssociation, _Truncated, decode_address, encode_address_port,
-                              reply_text, socks5_connect)
+from .upstream.dokodemo import DokodemoUdp
+from .upstream.socks5 import SocksUdpAssociation, socks_client
+from .upstream.socks5_proto import (CMD_CONNECT, NEED_DATA, Connected, SocksProtocolError, address_text,
+                                    reply_text)
 from .upstream.url import DokodemoUpstream, SocksUpstream
 
 log = logging.getLogger("tun2xray.engine")
@@ -69,8 +69,9 @@ class TcpRelay(asyncio.Protocol):
         self.eof_sent = False
         self.bytes_up = 0
         self.bytes_down = 0
-        # SOCKS5 handshake still running on this transport (pipelined dial):
-        # the request bytes to send, then the replies read so far
+        # the SOCKS5 client machine (upstream.socks5_proto.SocksClient) while
+        # its handshake runs on this transport; None for a raw (dokodemo) dial
+        # and once the proxy has answered
         self.hs = hs
         self.hs_timer = None
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
@@ -78,62 +79,47 @@ class TcpRelay(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport):
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         if self.hs is not None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            # greeting and CONNECT in one segment: one round trip, not two
-            transport.write(self.hs)
-            self.hs = b""
+            # without a login, greeting and CONNECT in one segment: one round trip
+            transport.write(self.hs.initial_bytes())
             self.hs_timer = self.engine.loop.call_later(self.engine.connect_timeout, self._hs_failed,
                                                         "no SOCKS reply in time")
 
     def _hs_data(self, data):
-        """Replies to the pipelined greeting + CONNECT: 05 00, then
-        05 REP 00 ATYP ADDR PORT.  Bytes after them are stream data."""
-        buf = self.hs + data
-        if len(buf) < 2:
-            self.hs = buf
+        """Feed the proxy's bytes to the SOCKS5 machine; send what it says
+        is due (login, request); once it has an answer, accept or refuse
+        the client.  Bytes after the reply are stream data."""
+        hs = self.hs
+        try:
+            e = hs.receive_data(data)
+        except SocksProtocolError as exc:
+            self._hs_failed(exc)
             return
-        if buf[0] != 5 or buf[1] != 0:
-            self._hs_failed("proxy requires authentication" if buf[0] == 5 else "not a SOCKS5 proxy")
+        out = hs.data_to_send()
+        if out:
+            self.transport.write(out)
+        if e is NEED_DATA:
             return
-        if len(buf) < 7:
-            self.hs = buf
-            return
-        if buf[2] != 5:
-            self._hs_failed(f"malformed CONNECT reply (version {buf[2]})")
-            return
-        if buf[3] != 0:
-            if self.engine._debug:
-                self.engine._log_socks_reply(self.conn, buf[3], None)
-            self._hs_failed(f"CONNECT failed: {reply_text(buf[3])}")
-            return
-        atyp = buf[5]
-        if atyp == 1:
-            end = 2 + 4 + 4 + 2
-        elif atyp == 4:
-            end = 2 + 4 + 16 + 2
-        elif atyp == 3:
-            end = 2 + 4 + 1 + buf[6] + 2
-        else:
-            self._hs_failed(f"malformed CONNECT reply (address type {atyp})")
-            return
-        if len(buf) < end:
-            self.hs = buf
+        if e.__class__ is not Connected:
+            if self.engine._debug and e.reply_code is not None:
+                self.engine._log_socks_reply(self.conn, e.reply_code, None)
+            self._hs_failed(e.error())
             return
         self.hs = None
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
         if self.engine._debug:
-            self.engine._log_socks_reply(self.conn, 0, _bound(buf, 5))
+            self.engine._log_socks_reply(self.conn, 0, (address_text(e.bound_host), e.bound_port))
         self.engine._tcp_established(self.conn, self)
-        if len(buf) > end:
-            self.data_received(buf[end:])
+        if e.rest:
+            self.data_received(e.rest)
 
     def _hs_failed(self, why):
         if self.hs is None:
@@ -169,7 +155,7 @@ class TcpRelay(asyncio.Protocol):
 
     def eof_received(self):
         if self.hs is not None:
-            self._hs_failed("proxy closed the connection during the handshake")
+            self._hs_failed(self.hs.connection_closed())
             return False
         self.up_eof = True
         if self.fin_from is None:
@@ -179,7 +165,7 @@ class TcpRelay(asyncio.Protocol):
 
     def connection_lost(self, exc):
         if self.hs is not None:
-            self._hs_failed(f"connection lost during the handshake ({exc})")
+            self._hs_failed(self.hs.connection_closed(exc))
             return
         self.transport = None
         if not self.up_eof or exc is not None:
@@ -337,8 +323,6 @@ class Engine:
         self._stopping = None
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
-        self._packed = {}          # host string -> packed address (reply lookups)
-        self._literal = _Literals()  # host string -> is an IP literal (pipelined SOCKS dial)
         self._pollable = True
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
@@ -632,14 +616,12 @@ class Engine:
         else:
             up, url = self.router.route("tcp", conn.dst, conn.dport)
         self.counters["tcp_requests"] += 1
-        pipelined = type(up) is SocksUpstream and up.username is None and up.host in self._literal
+        hs = None
+        if type(up) is SocksUpstream:
+            hs = socks_client(up, CMD_CONNECT, conn.dst, conn.dport)
         if self._debug:
-            self._log_dial(conn, "tcp", up, url, rule, pipelined)
-        if pipelined:
-            # the common case: a no-auth SOCKS inbound at an IP address
-            self._spawn(self._tcp_dial_pipelined(conn, up, url))
-        else:
-            self._spawn(self._tcp_dial(conn, up, url))
+            self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined)
+        self._spawn(self._tcp_dial(conn, up, url, hs))
 
     # debug lines of a flow's life (callers check self._debug first)
 
@@ -666,12 +648,12 @@ class Engine:
         log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
                   f", bound {f['bound']}" if bound is not None else "", extra=f)
 
-    async def _tcp_dial_pipelined(self, conn, up, url) -> None:
-        """SOCKS5 CONNECT with the greeting and the request in one write and
-        the replies parsed by the relay itself: one connect, one round trip,
-        no socket hand-over (the relay is the transport's protocol from the
-        start)."""
-        relay = TcpRelay(self, conn, url, hs=b"\x05\x01\x00\x05\x01\x00" + encode_address_port(conn.dst, conn.dport))
+    async def _tcp_dial(self, conn, up, url, hs) -> None:
+        """Connect to the upstream with the relay as the transport's protocol
+        from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
+        the relay runs the handshake and accepts or refuses the client when
+        the proxy answers; without (dokodemo) the connect is the dial."""
+        relay = TcpRelay(self, conn, url, hs=hs)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.create_connection(lambda: relay, up.host, up.port)
@@ -683,6 +665,8 @@ class Engine:
             return
         if conn.closed:
             relay.close()
+        elif hs is None:
+            self._tcp_established(conn, relay)
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self.counters["upstream_connect_failed"] += 1
@@ -715,36 +699,6 @@ class Engine:
             log.debug("tcp flow %d accepted (SYN-ACK sent): %s -> %s via %s", conn.id, f["src"], f["dst"],
                       relay.url, extra=f)
         self.kick()
-
-    async def _tcp_dial(self, conn, up, url) -> None:
-        try:
-            if isinstance(up, DokodemoUpstream):
-                sock = await dokodemo_connect(up, timeout=self.connect_timeout)
-            else:
-                bound = [] if self._debug else None
-                sock = await socks5_connect(up, conn.dst, conn.dport, timeout=self.connect_timeout,
-                                            bound=bound)
-                if bound:
-                    self._log_socks_reply(conn, 0, bound[0])
-        except asyncio.CancelledError:
-            raise
-        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
-            reply = getattr(e, "reply", None)
-            if self._debug and reply is not None:
-                self._log_socks_reply(conn, reply, None)
-            self._tcp_dial_failed(conn, url, e)
-            return
-        if conn.closed:
-            sock.close()
-            return
-        relay = TcpRelay(self, conn, url)
-        try:
-            await self.loop.connect_accepted_socket(lambda: relay, sock=sock)
-        except OSError as e:
-            sock.close()
-            self._tcp_dial_failed(conn, url, f"upstream socket failed: {e}")
-            return
-        self._tcp_established(conn, relay)
 
     def _tcp_closed(self, conn, reason) -> None:
         relay = conn.user
@@ -834,7 +788,7 @@ class Engine:
 
         try:
             assoc = await SocksUdpAssociation.open(a.up, timeout=self.connect_timeout,
-                                                   on_datagram=on_datagram, on_closed=on_closed)
+                                                   on_datagram=on_datagram, on_closed=on_closed, packed=True)
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
@@ -869,24 +823,11 @@ class Engine:
                     assoc.sendto(d, flow.dst, flow.dport)
                 relay.queue.clear()
 
-    def _packed_addr(self, host):
-        if isinstance(host, bytes):
-            return host
-        p = self._packed.get(host)
-        if p is None:
-            try:
-                p = ipaddress.ip_address(host).packed
-            except ValueError:
-                return None
-            if len(self._packed) > 4096:
-                self._packed.clear()
-            self._packed[host] = p
-        return p
-
     def _socks_reply(self, a: SocksAssoc, host, port, data) -> None:
+        """A datagram from the relay: ``host`` is the packed source address
+        as the header carries it (a str only for a domain, which no flow has)."""
         src, sport = a.key
-        dst = self._packed_addr(host)
-        flow = self.stack.udp.get((src, sport, dst, port)) if dst is not None else None
+        flow = self.stack.udp.get((src, sport, host, port)) if host.__class__ is bytes else None
         if flow is None or flow.closed:
             self.counters["udp_reply_no_flow"] += 1
             return
@@ -1101,25 +1042,6 @@ def _hostport(host, port) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _bound(buf, off):
-    """BND.ADDR, BND.PORT of a CONNECT reply whose ATYP is at buf[off]."""
-    try:
-        host, port, _ = decode_address(buf, off)
-    except (_Truncated, ValueError):
-        return None
-    return host, port
-
-
 class _Counter(dict):
     def __missing__(self, key):
         return 0
-
-
-class _Literals(dict):
-    """``host in literals``: is host an IP literal (cached per host string)."""
-
-    def __contains__(self, host):
-        v = self.get(host)
-        if v is None:
-            v = self[host] = literal_family(host) is not None
-        return v

@@ -60,3 +60,88 @@ async def open_tcp(host: str, port: int) -> socket.socket:
             raise
     assert last is not None
     raise last
+
+
+UDP_MAX_PAYLOAD = 65535 - 8 - 40       # never more than an IPv6 UDP datagram can hold
+UDP_WRITE_BUFFER_LIMIT = 256 * 1024    # drop rather than queue beyond this
+
+
+class DatagramEndpoint(asyncio.DatagramProtocol):
+    """The lifetime of one connected UDP socket on the loop, shared by the
+    SOCKS relay socket and the dokodemo flows.
+
+    ``open`` takes ownership of the socket (it is closed if opening fails);
+    ``send`` drops (returns False) once closed, when the datagram cannot fit
+    or when the write buffer is backed up; ``close`` is idempotent.  The
+    owner's callbacks: ``on_datagram(data)``, ``on_error(exc)`` (an ICMP
+    error on the connected socket: not fatal for UDP) and ``on_lost(exc)``
+    (the transport is gone, by ``close`` or otherwise)."""
+
+    __slots__ = ("transport", "closed", "local", "_on_datagram", "_on_error", "_on_lost")
+
+    def __init__(self, on_datagram, on_error, on_lost):
+        self.transport = None
+        self.local = None
+        self.closed = False
+        self._on_datagram = on_datagram
+        self._on_error = on_error
+        self._on_lost = on_lost
+
+    @classmethod
+    async def connect(cls, family: int, addr, *, sock: socket.socket | None = None,
+                      on_datagram, on_error, on_lost) -> "DatagramEndpoint":
+        """Connect ``sock`` (a UDP socket already bound, when its family
+        fits) or a new socket of ``family`` to ``addr`` and serve it."""
+        if sock is not None and sock.family != family:
+            sock.close()
+            sock = None
+        if sock is None:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(addr)   # datagrams only from addr
+        except BaseException:
+            sock.close()
+            raise
+        return await cls.open(sock, on_datagram=on_datagram, on_error=on_error, on_lost=on_lost)
+
+    @classmethod
+    async def open(cls, sock: socket.socket, *, on_datagram, on_error, on_lost) -> "DatagramEndpoint":
+        self = cls(on_datagram, on_error, on_lost)
+        try:
+            self.local = sock.getsockname()[:2]
+            await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
+        except BaseException:
+            self.closed = True
+            sock.close()
+            raise
+        return self
+
+    # asyncio.DatagramProtocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self._on_datagram(data)
+
+    def error_received(self, exc) -> None:
+        self._on_error(exc)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self._on_lost(exc)
+
+    # owner side
+    def send(self, data) -> bool:
+        t = self.transport
+        if self.closed or t is None or len(data) > UDP_MAX_PAYLOAD or (
+                t.get_write_buffer_size() > UDP_WRITE_BUFFER_LIMIT):
+            return False
+        t.sendto(data)
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()

@@ -11,14 +11,10 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from ._net import open_tcp, resolve
+from ._net import DatagramEndpoint, open_tcp, resolve
 from .url import DokodemoUpstream, format_hostport
 
 __all__ = ["dokodemo_connect", "DokodemoUdp"]
-
-_UDP_MAX_PAYLOAD = 65535 - 8 - 40
-_UDP_WRITE_BUFFER_LIMIT = 256 * 1024
-
 
 async def dokodemo_connect(up: DokodemoUpstream, *, timeout: float) -> socket.socket:
     """A connected, non-blocking TCP socket (TCP_NODELAY) to the inbound.
@@ -27,28 +23,6 @@ async def dokodemo_connect(up: DokodemoUpstream, *, timeout: float) -> socket.so
     """
     async with asyncio.timeout(timeout):
         return await open_tcp(up.host, up.port)
-
-
-class _Protocol(asyncio.DatagramProtocol):
-    __slots__ = ("flow",)
-
-    def __init__(self, flow: "DokodemoUdp"):
-        self.flow = flow
-
-    def datagram_received(self, data: bytes, addr) -> None:
-        f = self.flow
-        st = f.stats
-        st["datagrams_in"] += 1
-        st["bytes_in"] += len(data)
-        f._on_datagram(data)
-
-    def error_received(self, exc) -> None:
-        # e.g. ECONNREFUSED when nothing listens: counted, not fatal (UDP).
-        self.flow.stats["errors"] += 1
-        self.flow.last_error = exc
-
-    def connection_lost(self, exc) -> None:
-        self.flow._shutdown(exc)
 
 
 class DokodemoUdp:
@@ -85,25 +59,31 @@ class DokodemoUdp:
         loop = asyncio.get_running_loop()
         self = cls(loop, f"dokodemo {format_hostport(up.host, up.port)}", on_datagram, on_closed)
         family, addr = (await resolve(up.host, up.port, socket.SOCK_DGRAM))[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            sock.setblocking(False)
-            sock.connect(addr)
-            self.local = sock.getsockname()[:2]
-            self._t, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+            self._t = await DatagramEndpoint.connect(family, addr, on_datagram=self._datagram,
+                                                     on_error=self._error, on_lost=self._shutdown)
         except BaseException:
             self.closed = True
-            sock.close()
             raise
+        self.local = self._t.local
         return self
+
+    def _datagram(self, data: bytes) -> None:
+        st = self.stats
+        st["datagrams_in"] += 1
+        st["bytes_in"] += len(data)
+        self._on_datagram(data)
+
+    def _error(self, exc) -> None:
+        # e.g. ECONNREFUSED when nothing listens: counted, not fatal (UDP).
+        self.stats["errors"] += 1
+        self.last_error = exc
 
     def send(self, data: bytes) -> None:
         """Send one datagram; dropped and counted once closed, oversized or backed up."""
-        t = self._t
-        if self.closed or len(data) > _UDP_MAX_PAYLOAD or t.get_write_buffer_size() > _UDP_WRITE_BUFFER_LIMIT:
+        if self.closed or not self._t.send(data):
             self.stats["send_dropped"] += 1
             return
-        t.sendto(data)
         self.stats["datagrams_out"] += 1
         self.stats["bytes_out"] += len(data)
 
