@@ -1,0 +1,133 @@
+"""Runner: fuzz one target with atheris, replay inputs, write seed corpora.
+
+    python3 -m tools.fuzz TARGET [--seconds N] [--runs N] [--workdir DIR] [-- LIBFUZZER_FLAGS]
+    python3 -m tools.fuzz all --seconds N
+    python3 -m tools.fuzz TARGET --replay FILE_OR_DIR ...
+    python3 -m tools.fuzz seeds [--out DIR]
+
+A fuzzing run keeps its corpus in WORKDIR/TARGET/corpus (default workdir:
+$TMPDIR/tun2xray-fuzz), starts from the target's seeds and its regression
+inputs (tests/fuzz_corpus/TARGET), and writes any crashing input to
+WORKDIR/TARGET/crash-*.  Exit status: 0 when nothing was found, non-zero
+(libFuzzer's) when an input crashed or broke an invariant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+
+from . import TARGETS
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+REGRESSIONS = os.path.join(ROOT, "tests", "fuzz_corpus")
+
+
+def target_module(name: str):
+    if name not in TARGETS:
+        raise SystemExit(f"tools.fuzz: unknown target {name!r} (one of {', '.join(TARGETS)})")
+    return importlib.import_module(f"tools.fuzz.{name}")
+
+
+def write_seeds(name: str, out: str) -> int:
+    os.makedirs(out, exist_ok=True)
+    n = 0
+    for data in target_module(name).seeds():
+        path = os.path.join(out, "seed-" + hashlib.sha1(data).hexdigest()[:16])
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(data)
+        n += 1
+    return n
+
+
+def inputs(paths) -> list:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += [os.path.join(p, f) for f in sorted(os.listdir(p)) if not f.startswith(".")]
+        else:
+            out.append(p)
+    return out
+
+
+def replay(name: str, paths) -> int:
+    mod = target_module(name)
+    files = inputs(paths)
+    for path in files:
+        with open(path, "rb") as f:
+            mod.TestOneInput(f.read())
+    print(f"tools.fuzz: {name}: {len(files)} inputs replayed, no failure")
+    return 0
+
+
+def fuzz(name: str, seconds: int, runs: int, workdir: str, extra: list) -> int:
+    """Fuzz in this process (atheris.Fuzz does not return)."""
+    import atheris
+
+    base = os.path.join(workdir, name)
+    corpus, seeds = os.path.join(base, "corpus"), os.path.join(base, "seeds")
+    os.makedirs(corpus, exist_ok=True)
+    # instrument before anything imports the code under test
+    with atheris.instrument_imports(include=["netstack", "tun2xray", "tools.fuzz"]):
+        mod = importlib.import_module(f"tools.fuzz.{name}")
+    write_seeds(name, seeds)
+    dirs = [corpus, seeds]
+    reg = os.path.join(REGRESSIONS, name)
+    if os.path.isdir(reg):
+        dirs.append(reg)
+    setup = getattr(mod, "setup", None)
+    if setup is not None:
+        setup()
+    argv = [sys.argv[0], *dirs, f"-artifact_prefix={base}/", "-rss_limit_mb=4096",
+            "-max_len=65536", "-timeout=30", "-print_final_stats=1"]
+    if seconds:
+        argv.append(f"-max_total_time={seconds}")
+    if runs:
+        argv.append(f"-runs={runs}")
+    atheris.Setup(argv + list(extra), mod.TestOneInput)
+    atheris.Fuzz()
+    return 0
+
+
+def main(argv) -> int:
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python3 -m tools.fuzz", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", help=f"one of {', '.join(TARGETS)}, 'all', or 'seeds'")
+    ap.add_argument("--seconds", type=int, default=0, help="fuzz this long (0: until stopped)")
+    ap.add_argument("--runs", type=int, default=0, help="stop after this many executions")
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "tun2xray-fuzz"))
+    ap.add_argument("--replay", nargs="+", metavar="PATH", help="run these inputs (files or folders) once")
+    ap.add_argument("--out", help="seeds: where to write (default WORKDIR/TARGET/seeds)")
+    a = ap.parse_args(argv)
+    if a.target == "seeds":
+        for name in TARGETS:
+            out = os.path.join(a.out, name) if a.out else os.path.join(a.workdir, name, "seeds")
+            print(f"{name}: {write_seeds(name, out)} seeds in {out}")
+        return 0
+    if a.replay:
+        return replay(a.target, a.replay)
+    if a.target == "all":
+        status = 0
+        for name in TARGETS:
+            cmd = [sys.executable, "-m", "tools.fuzz", name, "--seconds", str(a.seconds),
+                   "--workdir", a.workdir, *(["--runs", str(a.runs)] if a.runs else []), "--", *extra]
+            print(f"tools.fuzz: {name}: {' '.join(cmd[1:])}", flush=True)
+            rc = subprocess.call(cmd, cwd=ROOT)
+            if rc:
+                print(f"tools.fuzz: {name}: FAILED (exit {rc}); the input is in {a.workdir}/{name}/",
+                      flush=True)
+                status = 1
+        return status
+    if a.target not in TARGETS:
+        raise SystemExit(f"tools.fuzz: unknown target {a.target!r} (one of {', '.join(TARGETS)})")
+    return fuzz(a.target, a.seconds, a.runs, a.workdir, extra)
