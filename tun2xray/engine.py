@@ -94,14 +94,19 @@ class TcpRelay(asyncio.Protocol):
         if buf[0] != 5 or buf[1] != 0:
             self._hs_failed("proxy requires authentication" if buf[0] == 5 else "not a SOCKS5 proxy")
             return
-        if len(buf) < 7:
+        if len(buf) < 4:
             self.hs = buf
             return
+        # VER and REP decide as soon as they are here: a refusal may come as
+        # these two bytes alone, on a connection the proxy keeps open
         if buf[2] != 5:
             self._hs_failed(f"malformed CONNECT reply (version {buf[2]})")
             return
         if buf[3] != 0:
             self._hs_failed(f"CONNECT failed: {reply_text(buf[3])}")
+            return
+        if len(buf) < 7:
+            self.hs = buf
             return
         atyp = buf[5]
         if atyp == 1:

@@ -313,10 +313,16 @@ def read_pcap(path: str) -> Iterator[tuple[float, bytes]]:
         except (ValueError, dpkt.dpkt.Error) as exc:
             raise ValueError(f"{path}: not a pcap/pcapng file ({' '.join(str(exc).split())})") from None
         linktype = reader.datalink()
-        for ts, buf in reader:
-            ip = _ip_payload(linktype, buf)
-            if ip is not None:
-                yield float(ts), ip
+        n = 0
+        try:
+            for ts, buf in reader:
+                n += 1
+                ip = _ip_payload(linktype, buf)
+                if ip is not None:
+                    yield float(ts), ip
+        except (dpkt.dpkt.Error, struct.error) as exc:
+            # a malformed record or block further in (dpkt raises its own errors)
+            raise ValueError(f"{path}: malformed capture after packet {n} ({' '.join(str(exc).split())})") from None
 
 
 __all__ = ["PcapRecorder", "read_pcap", "wire_segments", "LINKTYPE_RAW"]
