@@ -72,6 +72,10 @@ def load_profile(source) -> Profile:
             data = json.loads(source)
         except json.JSONDecodeError as e:
             raise ProfileError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except UnicodeDecodeError as e:          # bytes that are not UTF-8/16/32 text
+            raise ProfileError(f"not valid JSON: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ProfileError("not valid JSON: nested too deeply") from None
     else:
         data = source
     if not isinstance(data, dict):
