@@ -41,6 +41,7 @@ import random
 import struct
 
 from netstack import Stack, StackConfig, events
+from netstack.stack import _HEAP_SLACK
 from netstack.tcp.const import TcpError
 
 from .common import InvariantError, Provider, check, check_output_packet, fix_checksums, put_blob
@@ -291,6 +292,8 @@ def timers(stack: Stack) -> None:
                   lambda: f"{flow!r} wants a timer at {flow.poll_at} but has {flow._sched_at}")
     d = stack.next_deadline()
     check(d is None or d >= 0, "negative deadline")
+    live = len(stack.tcp) + len(stack.udp)
+    check(len(stack._heap) <= _HEAP_SLACK + 2 * live + 1, lambda: f"timer heap of {len(stack._heap)} for {live} flows")
 
 
 def TestOneInput(data: bytes) -> None:
