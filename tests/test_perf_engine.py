@@ -38,9 +38,9 @@ def strict():
 
 
 class Host:
-    def __init__(self, port):
+    def __init__(self, port, connect_timeout=1):
         self.out = queue.Queue()
-        cfg = {"proxy": f"socks5://127.0.0.1:{port}", "tcp_connect_timeout": 1}
+        cfg = {"proxy": f"socks5://127.0.0.1:{port}", "tcp_connect_timeout": connect_timeout}
         self.handle = bridge.start(json.dumps(cfg), self._on_outbound)
 
     def _on_outbound(self, packets, protocols):
@@ -140,3 +140,20 @@ def test_recorded_copies_of_offload_packets_have_complete_checksums():
     assert all(_complete_checksum(f) is f for f in frags)
     icmp = bytes([0x45, 0, 0, 28]) + bytes(5) + b"\x01" + bytes(2) + SRC + DST + bytes(8)
     assert _complete_checksum(icmp) is icmp
+
+
+def test_a_two_byte_refusal_on_an_open_connection_resets_the_client_at_once(strict):
+    """VER REP alone, the proxy keeping the connection open: the relay must
+    refuse on those two bytes, not wait for the rest of a reply that never
+    comes until the connect timeout (found by tools/fuzz, target socks).
+    The connect timeout here is far longer than the wait for the RST."""
+    strict.mode = "short_fail_open"
+    strict.reply = 5
+    host = Host(strict.port, connect_timeout=60)
+    try:
+        s = syn(host, 41002)
+        assert s.flags & 0x04 and s.ack == 1001, s
+        st = bridge.status(host.handle)["engine"]
+        assert st["upstream_connect_failed"] == 1 and st.get("tcp_opened", 0) == 0
+    finally:
+        host.stop()
