@@ -10,7 +10,7 @@ import ipaddress
 import json
 from dataclasses import dataclass, field
 
-from .rules import Rule, parse_networks, parse_port_range
+from .rules import Rule, _printable, parse_networks, parse_port_range
 from .upstream.url import parse_upstream
 
 
@@ -120,6 +120,7 @@ def _no_unknown(d: dict, allowed: set, path: str) -> None:
     for k in d:
         if k not in allowed:
             where = f"{path}.{k}" if path else k
+            where = _printable(where)            # one line, whatever the key holds
             raise ProfileError(f"{where}: unknown key")
 
 

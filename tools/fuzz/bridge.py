@@ -37,7 +37,7 @@ import time
 
 from tun2xray import bridge
 
-from .common import InvariantError, Provider, check, check_output_packet, fix_checksums
+from .common import InvariantError, Provider, check, check_output_packet, fix_checksums, one_line
 
 SUBMIT, BATCH, ODD, POLL, STATUS = range(5)
 PROTOCOLS = (2, 10, 30, 2, 10, 30, 0, 23, -1, 2**40, "2", None, 2.0)
@@ -99,7 +99,7 @@ def _expect_bridge_error(fn, *args) -> None:
     try:
         fn(*args)
     except bridge.BridgeError as e:
-        check(str(e) and "\n" not in str(e), "BridgeError message is not one line")
+        one_line(e)
     else:
         raise InvariantError(f"{fn.__name__}{args!r} accepted bad arguments")
 

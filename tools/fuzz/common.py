@@ -23,6 +23,13 @@ def check(cond, what) -> None:
         raise InvariantError(what() if callable(what) else what)
 
 
+def one_line(e: Exception) -> None:
+    """An error message the user sees is one line: no line break of any
+    kind (\\n, \\r, \\x0b, \\x1c, \\u2028, ...) from the input inside it."""
+    msg = str(e)
+    check(msg and len(msg.splitlines()) == 1, lambda: f"{type(e).__name__} message is not one line: {msg!r}")
+
+
 class Provider:
     __slots__ = ("data", "pos")
 

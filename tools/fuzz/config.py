@@ -25,7 +25,7 @@ from tun2xray import xray
 from tun2xray.bridge import engine_settings
 from tun2xray.profile import ProfileError, load_profile
 
-from .common import Provider, check
+from .common import Provider, check, one_line
 
 PROFILE_WORDS = (
     "proxy", "mtu", "ipv4", "ipv6", "address", "routes", "excluded_routes", "dns", "servers", "rules",
@@ -63,16 +63,11 @@ def build(fdp: Provider, words, depth: int = 0, top: bool = False):
     return {fdp.pick(words): build(fdp, words, depth + 1) for _ in range(fdp.u8() % 6)}
 
 
-def _one_line(e: Exception) -> None:
-    msg = str(e)
-    check(msg and "\n" not in msg, lambda: f"{type(e).__name__} message is not one line: {msg!r}")
-
-
 def profile(source) -> None:
     try:
         p = load_profile(source)
     except ProfileError as e:
-        _one_line(e)
+        one_line(e)
         return
     doc = p.to_json()
     again = load_profile(json.dumps(doc)).to_json()
@@ -80,7 +75,7 @@ def profile(source) -> None:
     try:
         engine_settings(p)
     except ProfileError as e:
-        _one_line(e)
+        one_line(e)
 
 
 def profile_raw(data: bytes) -> None:
@@ -99,14 +94,14 @@ def xray_text(text: str) -> None:
     try:
         cfg = xray.parse_config_text(text, "config.json")
     except xray.XrayConfigError as e:
-        _one_line(e)
+        one_line(e)
         return
     check(isinstance(cfg, dict), "config is not an object")
     xray.outbound_servers(cfg)
     try:
         d = xray.derive("/nonexistent/config.json", config=cfg, write=False, mark=0x7478)
     except xray.XrayConfigError as e:
-        _one_line(e)
+        one_line(e)
         return
     check(d.proxy is not None and d.proxy_url.startswith("socks5://"), "derive gave no proxy")
     for host, port, proto in d.ready_checks():

@@ -23,15 +23,10 @@ import tempfile
 from tun2xray.device import pcap as devpcap
 from tun2xray import replay
 
-from .common import check
+from .common import check, one_line
 
 _PATH = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                      f"tun2xray-fuzz-{os.getpid()}.pcap")
-
-
-def _one_line(e: Exception) -> None:
-    msg = str(e)
-    check(msg and "\n" not in msg, lambda: f"{type(e).__name__} message is not one line: {msg!r}")
 
 
 def TestOneInput(data: bytes) -> None:
@@ -42,11 +37,11 @@ def TestOneInput(data: bytes) -> None:
             for _ts, pkt in devpcap.read_pcap(_PATH):
                 check(isinstance(pkt, (bytes, bytearray, memoryview)), "device reader yields no bytes")
         except ValueError as e:
-            _one_line(e)
+            one_line(e)
         try:
             packets = replay.read_pcap(_PATH)
         except replay.ReplayError as e:
-            _one_line(e)
+            one_line(e)
             return
         r = replay.Replay(packets[:400]).run(drain_for=120.0)
         out = io.StringIO()

@@ -31,7 +31,7 @@ from tun2xray.engine import TcpRelay
 from tun2xray.upstream import socks5
 from tun2xray.upstream.url import SocksUpstream
 
-from .common import Provider, check, InvariantError
+from .common import InvariantError, Provider, check, one_line
 
 PARTS = 4
 
@@ -77,7 +77,7 @@ def client_handshake(stream: bytes, cuts: Provider, creds: bool, cmd: int):
         res = _run(socks5._request(loop, None, cmd, socks5.encode_address_port("10.0.0.1", 80), "proxy",
                                    "10.0.0.1:80"))
     except socks5.SocksError as e:
-        check(str(e) and "\n" not in str(e), "SOCKS error message is not one line")
+        one_line(e)
         return False, loop.pos, e
     host, port = res
     check(isinstance(host, str) and 0 <= port <= 0xFFFF, "reply address")
