@@ -9,7 +9,9 @@
 `ci` fuzzes every target N seconds in turn (a fresh corpus unless --workdir
 is given), prints one line of figures per target and, for a target that
 failed, the end of its log and where the input was written; it exits 1 if
-any target failed.  A fuzzing run keeps its corpus in WORKDIR/TARGET/corpus (default workdir:
+any target failed.
+
+A fuzzing run keeps its corpus in WORKDIR/TARGET/corpus (default workdir:
 $TMPDIR/tun2xray-fuzz), starts from the target's seeds and its regression
 inputs (tests/fuzz_corpus/TARGET), and writes any crashing input to
 WORKDIR/TARGET/crash-*.  Exit status: 0 when nothing was found, non-zero
@@ -39,8 +41,7 @@ def target_module_name_ok(name: str) -> None:
 
 
 def target_module(name: str):
-    if name not in TARGETS:
-        raise SystemExit(f"tools.fuzz: unknown target {name!r} (one of {', '.join(TARGETS)})")
+    target_module_name_ok(name)
     return importlib.import_module(f"tools.fuzz.{name}")
 
 
@@ -189,6 +190,5 @@ def main(argv) -> int:
                       flush=True)
                 status = 1
         return status
-    if a.target not in TARGETS:
-        raise SystemExit(f"tools.fuzz: unknown target {a.target!r} (one of {', '.join(TARGETS)})")
+    target_module_name_ok(a.target)
     return fuzz(a.target, a.seconds, a.runs, a.workdir, extra)
