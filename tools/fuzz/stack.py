@@ -395,6 +395,41 @@ def seeds_from_packets(packets) -> bytes:
     return bytes(out)
 
 
+def _tcp(family, src, dst, sport, dport, seq, ack, flags, data=b"") -> bytes:
+    """A TCP packet with right checksums (for synthetic seeds)."""
+    seg = struct.pack("!HHIIBBHHH", sport, dport, seq & M32, ack & M32, 5 << 4, flags, 65535, 0, 0) + data
+    if family == 4:
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(seg), 1, 0x4000, 64, 6, 0, src, dst)
+    else:
+        ip = struct.pack("!IHBB16s16s", 0x60000000, len(seg), 6, 64, src, dst)
+    return fix_checksums(ip + seg)
+
+
+def conversation(family: int, client_closes_first: bool, simultaneous: bool = False) -> list:
+    """[(ts, packet)] of a short request/response with an orderly close both
+    ways, as a capture would show it (the pcaps' downloads are too long for
+    a seed to reach their FIN)."""
+    if family == 4:
+        c, s = bytes([10, 7, 0, 2]), bytes([93, 184, 216, 34])
+    else:
+        c, s = bytes.fromhex("fd007478" + "0" * 22 + "02"), bytes.fromhex("20010db8" + "0" * 22 + "80")
+    cp, sp, ci, si = 40000, 80, 5000, 9000
+    req, resp = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    up = lambda seq, ack, fl, d=b"": _tcp(family, c, s, cp, sp, seq, ack, fl, d)    # noqa: E731
+    down = lambda seq, ack, fl, d=b"": _tcp(family, s, c, sp, cp, seq, ack, fl, d)  # noqa: E731
+    c1, s1 = ci + 1 + len(req), si + 1 + len(resp)
+    pk = [up(ci, 0, 0x02), down(si, ci + 1, 0x12), up(ci + 1, si + 1, 0x10), up(ci + 1, si + 1, 0x18, req),
+          down(si + 1, c1, 0x18, resp), up(c1, s1, 0x10)]
+    if simultaneous:
+        # both FINs cross: each side's FIN acks only the other's data
+        pk += [down(s1, c1, 0x11), up(c1, s1, 0x11), up(c1 + 1, s1 + 1, 0x10), down(s1 + 1, c1 + 1, 0x10)]
+    elif client_closes_first:
+        pk += [up(c1, s1, 0x11), down(s1, c1 + 1, 0x10), down(s1, c1 + 1, 0x11), up(c1 + 1, s1 + 1, 0x10)]
+    else:
+        pk += [down(s1, c1, 0x11), up(c1, s1 + 1, 0x10), up(c1, s1 + 1, 0x11), down(s1 + 1, c1 + 1, 0x10)]
+    return [(i * 0.001, p) for i, p in enumerate(pk)]
+
+
 def seeds() -> list:
     import glob
     import os
@@ -409,4 +444,8 @@ def seeds() -> list:
             continue
         # long captures: the first packets (handshakes, first data) are what matters
         out.append(seeds_from_packets(packets[:150])[:MAX_SEED])
+    for family in (4, 6):
+        for first in (True, False):
+            out.append(seeds_from_packets(conversation(family, first)))
+        out.append(seeds_from_packets(conversation(family, False, simultaneous=True)))
     return out
