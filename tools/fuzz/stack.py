@@ -23,7 +23,7 @@ An input is a small program read by tools.fuzz.common.Provider:
       POLL       only a poll
       POLICY     how the host answers events from now on (bits: reject some
                  requests, leave some pending, echo TCP data, read slowly,
-                 random UDP answers); the choices a policy leaves open come
+                 random UDP answers, leave every request pending); the choices a policy leaves open come
                  from a random source seeded by bytes 1-4.  Policy 0 accepts
                  every request, reads everything and echoes UDP.
 
@@ -49,7 +49,7 @@ from .common import InvariantError, Provider, check, check_output_packet, fix_ch
 RAW, FIXED, RELATIVE, SERVER, BATCH, FRAGMENTS, TIME, HOST, POLL, POLICY = range(10)
 N_OPS = 10
 # host policy bits (POLICY step); 0: accept every request, read everything, echo UDP
-P_REJECT, P_PENDING, P_ECHO, P_SLOW_READ, P_UDP = 1, 2, 4, 8, 16
+P_REJECT, P_PENDING, P_ECHO, P_SLOW_READ, P_UDP, P_HOLD = 1, 2, 4, 8, 16, 32
 MAX_STEPS = 400
 STEPS = (0.0005, 0.01, 0.2, 1.0, 3.0, 30.0, 120.0)
 MAX_PACKET = 0xFFFF
@@ -93,7 +93,9 @@ class Host:
                 c = e.conn
                 if c.closed or c.state != "LISTEN":
                     continue            # reset or shed in the same batch: its TcpClosed follows
-                if pol & P_REJECT and rnd() < 0.3:
+                if pol & P_HOLD:
+                    pass                # an upstream that never answers: every request waits
+                elif pol & P_REJECT and rnd() < 0.3:
                     c.reject(("rst", "icmp-port", "drop")[int(rnd() * 3)])
                 elif pol & P_PENDING and rnd() < 0.3:
                     pass                # left pending: the connect timeout answers it
@@ -430,6 +432,37 @@ def conversation(family: int, client_closes_first: bool, simultaneous: bool = Fa
     return [(i * 0.001, p) for i, p in enumerate(pk)]
 
 
+def flood(family: int) -> bytes:
+    """A program that fills the tiny tables: SYNs from many ports to one
+    destination and to a few others while the host answers none, then UDP
+    flows, then the clock runs past the connect timeout."""
+    conv = conversation(family, True)
+    syn = conv[0][1]
+    out = bytearray([4]) + bytes(4) + bytes([POLICY, P_HOLD])
+    off = 20 if family == 4 else 40
+    for i in range(12):
+        b = bytearray(syn)
+        struct.pack_into("!H", b, off, 41000 + i)           # another client port
+        if i % 3 == 2:
+            struct.pack_into("!H", b, off + 2, 81 + i)      # another destination port
+        if i % 2:
+            b[15 if family == 4 else 23] ^= i               # another client address
+        out += bytes([FIXED]) + put_blob(bytes(b)) + bytes([POLL])
+    for i in range(8):
+        # a UDP datagram: the SYN's IP header turned into UDP
+        if family == 4:
+            ip = bytearray(syn[:20])
+            ip[9] = 17
+            struct.pack_into("!H", ip, 2, 20 + 12)
+        else:
+            ip = bytearray(syn[:40])
+            ip[6] = 17
+            struct.pack_into("!H", ip, 4, 12)
+        out += bytes([FIXED]) + put_blob(bytes(ip) + struct.pack("!HHHH", 5000 + i, 53, 12, 0) + b"dns?")
+    out += bytes([TIME, 4, TIME, 4, POLICY, 0]) + bytes([FIXED]) + put_blob(syn)
+    return bytes(out)
+
+
 def seeds() -> list:
     import glob
     import os
@@ -448,4 +481,5 @@ def seeds() -> list:
         for first in (True, False):
             out.append(seeds_from_packets(conversation(family, first)))
         out.append(seeds_from_packets(conversation(family, False, simultaneous=True)))
+        out.append(flood(family))
     return out
