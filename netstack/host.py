@@ -19,7 +19,9 @@ do to its surroundings goes through its `host`.
 
 `emit` and `event` are the bound `append` of the stack's current output and
 event lists (the stack rebinds them when `take_output` / `take_events` hand
-a list over), so the per-packet path costs what `stack.output.append` cost.
+a list over), so the per-packet path costs what `stack.output.append` cost;
+`touch` likewise is the bound `setdefault` of the stack's current set of
+touched flows (an insertion-ordered dict, rebound by `poll`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class StackHost:
         self.next_id = stack._next_id
         self.emit = stack.output.append
         self.event = stack.events.append
-        self.touch = stack._touch
+        self.touch = stack._dirty.setdefault       # touch(flow): _dirty[flow] = None, in C
         self._drops = stack.tcp_drops
         self._admission = stack.admission
 

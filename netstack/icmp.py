@@ -10,23 +10,23 @@ from __future__ import annotations
 
 from .wire import checksum as ck
 from .wire import icmp as wi
+from .wire import ipv4 as _v4
+from .wire import ipv6 as _v6
 from .wire.errors import WireError
 from .wire.templates import icmp4_packets, icmp6_packets
 
-_ICMP = wi.HEADER
-
 
 def icmp4_input(stack, src, dst, mv, off, now):
-    n = len(mv) - off
     drops = stack.drops
-    if n < 8:
-        drops["truncated"] += 1
+    try:
+        type_, code, rest = wi.unpack(mv, off)
+    except WireError as e:
+        drops[e.reason] += 1
         return
     msg = mv[off:]
     if stack.config.verify_checksums and ck.sum16(msg) != 0xFFFF:
         drops["bad_icmp_checksum"] += 1
         return
-    type_, code, _cs, rest = _ICMP.unpack_from(mv, off)
     if type_ == wi.ECHO_REQUEST4:
         if stack.config.icmp_echo != "reply":
             drops["icmp_echo_off"] += 1
@@ -48,16 +48,16 @@ def icmp4_input(stack, src, dst, mv, off, now):
 
 
 def icmp6_input(stack, src, dst, mv, off, now):
-    n = len(mv) - off
     drops = stack.drops
-    if n < 8:
-        drops["truncated"] += 1
+    try:
+        type_, code, rest = wi.unpack(mv, off)
+    except WireError as e:
+        drops[e.reason] += 1
         return
     msg = mv[off:]
-    if stack.config.verify_checksums and ck.sum16(msg, ck.pseudo6(src, dst, 58, n)) != 0xFFFF:
+    if stack.config.verify_checksums and ck.sum16(msg, ck.pseudo(src, dst, 58, len(msg))) != 0xFFFF:
         drops["bad_icmp_checksum"] += 1
         return
-    type_, code, _cs, rest = _ICMP.unpack_from(mv, off)
     if type_ == wi.ECHO_REQUEST6:
         if stack.config.icmp_echo != "reply":
             drops["icmp_echo_off"] += 1
@@ -125,7 +125,7 @@ def unreachable(stack, quote, kind: str) -> bool:
         code = wi.UNREACH_CODES4.get(kind)
         if code is None:
             raise ValueError(f"unknown unreachable kind {kind!r}")
-        src, dst = bytes(quote[12:16]), bytes(quote[16:20])
+        src, dst = bytes(quote[_v4.OFF_SRC:_v4.OFF_DST]), bytes(quote[_v4.OFF_DST:_v4.OFF_DST + 4])
         body = quote[:wi.MAX_ERROR4 - 28]
         stack.output.extend(icmp4_packets(dst, src, wi.UNREACH4, code, 0, body, cfg.ttl,
                                           ident=stack._next_ip_id()))
@@ -134,7 +134,7 @@ def unreachable(stack, quote, kind: str) -> bool:
         code = wi.UNREACH_CODES6.get(kind)
         if code is None:
             raise ValueError(f"unknown unreachable kind {kind!r}")
-        src, dst = bytes(quote[8:24]), bytes(quote[24:40])
+        src, dst = bytes(quote[_v6.OFF_SRC:_v6.OFF_DST]), bytes(quote[_v6.OFF_DST:_v6.OFF_DST + 16])
         body = quote[:wi.MAX_ERROR6 - 48]
         stack.output.extend(icmp6_packets(dst, src, wi.UNREACH6, code, 0, body, cfg.ttl,
                                           ident=stack._next_ip_id()))

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
+from .wire import ipv4 as _ip4
 from .wire import ipv6 as _ip6
 from .wire.checksum import sum16
 from .wire.errors import WireError
@@ -148,20 +149,16 @@ class Reassembler:
     # ---------------------------------------------------------------- IPv4
 
     def _add4(self, mv, n, now):
-        if n < 20:
-            raise WireError("frag_malformed", "short IPv4 header")
-        ihl = (mv[0] & 15) << 2
-        tot = (mv[2] << 8) | mv[3]
-        if ihl < 20 or tot < ihl or tot > n:
-            raise WireError("frag_malformed", "IPv4 lengths")
-        fw = (mv[6] << 8) | mv[7]
-        start = (fw & 0x1FFF) << 3
-        more = bool(fw & 0x2000)
-        proto = mv[9]
+        try:
+            ihl, tot, fw, proto, src, dst = _ip4.unpack(mv)
+        except WireError as e:
+            raise WireError("frag_malformed", f"IPv4 header: {e.reason}") from None
+        start = (fw & _ip4.FRAG_OFFSET_MASK) << 3
+        more = bool(fw & _ip4.FRAG_MF)
         ln = tot - ihl
         if not more and start == 0:
             raise WireError("frag_malformed", "not a fragment")
-        key = (4, bytes(mv[12:16]), bytes(mv[16:20]), proto, (mv[4] << 8) | mv[5])
+        key = (4, src, dst, proto, _ip4.ident(mv))
         first = bytes(mv[:ihl]) if start == 0 else None
         return self._add(key, start, ln, more, mv[ihl:tot], first, ihl, proto, now)
 
@@ -184,13 +181,13 @@ class Reassembler:
     # ---------------------------------------------------------------- IPv6
 
     def _add6(self, mv, n, now):
-        if n < 40:
-            raise WireError("frag_malformed", "short IPv6 header")
-        end = 40 + ((mv[4] << 8) | mv[5])
-        if end > n:
-            raise WireError("frag_malformed", "IPv6 payload length")
         try:
-            proto, off, frag_off, nh_off = _ip6.walk_ext(mv, mv[6], 40, end, True)
+            plen, nxt, src, dst = _ip6.unpack(mv)
+        except WireError as e:
+            raise WireError("frag_malformed", f"IPv6 header: {e.reason}") from None
+        end = 40 + plen
+        try:
+            proto, off, frag_off, nh_off = _ip6.walk_ext(mv, nxt, 40, end, True)
         except WireError:
             raise WireError("frag_malformed", "IPv6 extension headers") from None
         if frag_off < 0:
@@ -202,7 +199,7 @@ class Reassembler:
         if start == 0 and not more:
             # RFC 6946 atomic fragment: no reassembly, just drop the header
             return self._unfrag6(mv[:frag_off], nh_off, proto, mv[off:end])
-        key = (6, bytes(mv[8:24]), bytes(mv[24:40]), ident)
+        key = (6, src, dst, ident)
         first = None
         if start == 0:
             # unfragmentable part, the offset of the byte naming the

@@ -39,7 +39,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-import struct
 from collections import defaultdict
 
 from . import events as ev
@@ -52,12 +51,11 @@ from .reassembly import Reassembler as _Reassembler
 from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
 from .wire.errors import WireError
+from .wire.ipv4 import header_ok as _ip4_header_ok
+from .wire.ipv4 import unpack as _ip4
+from .wire.ipv6 import unpack as _ip6
 from .wire.ipv6 import walk as _walk6
-
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
+from .wire.udp import parse as _udp
 
 # TCP flag bits
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
@@ -98,26 +96,69 @@ class Stack:
     # ------------------------------------------------------------------ host API
 
     def input(self, packet, now: float) -> None:
-        """Process one raw IP packet (bytes-like) from the device."""
+        """Process one raw IP packet (bytes-like) from the device.
+
+        The common case, an unfragmented TCP or UDP packet, runs through
+        here without a method of its own: one netstack.wire parse per header
+        and one call into the demux (a Python call costs about as much as
+        parsing a header).  IPv6 extension headers, ICMPv6 and fragments
+        leave for _input6_ext and _fragment."""
         self.now = now
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
-        self._dispatch(packet, now)
-
-    def _dispatch(self, packet, now):
-        n = len(packet)
+        drops = self.drops
         if n == 0:
-            self.drops["truncated"] += 1
+            drops["truncated"] += 1
             return
         mv = memoryview(packet)
         v = mv[0] >> 4
         if v == 4:
-            self._input4(mv, n, now)
+            try:
+                off, tot, frag, proto, src, dst = _ip4(mv)
+            except WireError as e:
+                drops[e.reason] += 1
+                return
+            if tot < n:
+                mv = mv[:tot]
+            if self.config.verify_checksums and not _ip4_header_ok(mv, off):
+                drops["bad_ip_checksum"] += 1
+                return
+            if src[0] >= 224 or src == _ZERO4:
+                # multicast, reserved/broadcast or unspecified: no flow can answer it
+                drops["bad_source"] += 1
+                return
+            if frag & 0x3FFF:
+                self._fragment(mv, now)
+                return
+            family = 4
         elif v == 6:
-            self._input6(mv, n, now)
+            try:
+                plen, proto, src, dst = _ip6(mv)
+            except WireError as e:
+                drops[e.reason] += 1
+                return
+            if 40 + plen < n:
+                mv = mv[:40 + plen]
+            if src[0] == 0xFF or src == _ZERO6:
+                drops["bad_source"] += 1
+                return
+            if proto != PROTO_TCP and proto != PROTO_UDP:
+                self._input6_ext(src, dst, mv, now)
+                return
+            off = 40
+            family = 6
         else:
-            self.drops["bad_version"] += 1
+            drops["bad_version"] += 1
+            return
+        if proto == PROTO_TCP:
+            self._tcp_in(family, src, dst, mv, off, now)
+        elif proto == PROTO_UDP:
+            self._udp_in(family, src, dst, mv, off, now)
+        elif proto == PROTO_ICMP:          # IPv4 only: IPv6's went to _input6_ext
+            icmp4_input(self, src, dst, mv, off, now)
+        else:
+            drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
         inp = self.input
@@ -129,7 +170,9 @@ class Stack:
         self.now = now
         if self._dirty:
             dirty = self._dirty
-            self._dirty = {}
+            # a fresh dict; the flows' host touches it from now on
+            self._dirty = fresh = {}
+            self.tcp_host.touch = fresh.setdefault
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
@@ -224,61 +267,13 @@ class Stack:
         i = self._ip_id = (self._ip_id + 1) & 0xFFFFFFFF
         return i
 
-    # --------------------------------------------------------------- IPv4
-
-    def _input4(self, mv, n, now):
-        drops = self.drops
-        if n < 20:
-            drops["truncated"] += 1
-            return
-        vihl, _tos, tot, _ident, frag, _ttl, proto, _hcs, src, dst = _IP4.unpack_from(mv)
-        ihl = (vihl & 15) << 2
-        if ihl < 20 or tot < ihl or tot > n:
-            drops["bad_length"] += 1
-            return
-        if tot < n:
-            mv = mv[:tot]
-        if self.config.verify_checksums and ck.sum16(mv[:ihl]) != 0xFFFF:
-            drops["bad_ip_checksum"] += 1
-            return
-        if src[0] >= 224 or src == _ZERO4:
-            # multicast, reserved/broadcast or unspecified: no flow can answer it
-            drops["bad_source"] += 1
-            return
-        if frag & 0x3FFF:
-            self._fragment(mv, now)
-            return
-        if proto == PROTO_TCP:
-            self._tcp_in(4, src, dst, mv, ihl, now)
-        elif proto == PROTO_UDP:
-            self._udp_in(4, src, dst, mv, ihl, now)
-        elif proto == PROTO_ICMP:
-            icmp4_input(self, src, dst, mv, ihl, now)
-        else:
-            drops["unsupported_protocol"] += 1
-
     # --------------------------------------------------------------- IPv6
 
-    def _input6(self, mv, n, now):
+    def _input6_ext(self, src, dst, mv, now):
+        """An IPv6 packet whose next header is not TCP or UDP: its extension
+        headers walked once (netstack.wire.ipv6.walk), then the transport,
+        ICMPv6, or the reassembler."""
         drops = self.drops
-        if n < 40:
-            drops["truncated"] += 1
-            return
-        _vtf, plen, nxt, _hl, src, dst = _IP6.unpack_from(mv)
-        if 40 + plen > n:
-            drops["bad_length"] += 1
-            return
-        if 40 + plen < n:
-            mv = mv[:40 + plen]
-        if src[0] == 0xFF or src == _ZERO6:
-            drops["bad_source"] += 1
-            return
-        if nxt == PROTO_TCP:
-            self._tcp_in(6, src, dst, mv, 40, now)
-            return
-        if nxt == PROTO_UDP:
-            self._udp_in(6, src, dst, mv, 40, now)
-            return
         try:
             nxt, off, is_frag = _walk6(mv)
         except WireError as e:
@@ -309,7 +304,11 @@ class Stack:
         if whole is None:
             self.frag_held += 1
         else:
-            self._dispatch(whole, now)
+            # input() again, counted as the fragment that completed it (which
+            # input() already counted): take its own counts back first
+            self.rx_packets -= 1
+            self.rx_bytes -= len(whole)
+            self.input(whole, now)
 
     # ---------------------------------------------------------------- TCP
     # The TCP demux (`_tcp_in`) is netstack.tcp.demux.tcp_input(stack, family,
@@ -331,13 +330,10 @@ class Stack:
 
     def _udp_in(self, family, src, dst, mv, off, now):
         drops = self.drops
-        n = len(mv) - off
-        if n < 8:
-            drops["truncated"] += 1
-            return
-        sport, dport, ulen, csum = _UDP.unpack_from(mv, off)
-        if ulen < 8 or ulen > n:
-            drops["bad_udp_length"] += 1
+        try:
+            sport, dport, ulen, csum = _udp(mv, off)
+        except WireError as e:
+            drops[e.reason] += 1
             return
         if self.config.verify_checksums:
             if csum == 0:
@@ -345,8 +341,7 @@ class Stack:
                     drops["bad_udp_checksum"] += 1
                     return
             else:
-                ps = ck.pseudo4(src, dst, PROTO_UDP, ulen) if family == 4 else ck.pseudo6(src, dst, PROTO_UDP, ulen)
-                if ck.sum16(mv[off:off + ulen], ps) != 0xFFFF:
+                if ck.sum16(mv[off:off + ulen], ck.pseudo(src, dst, PROTO_UDP, ulen)) != 0xFFFF:
                     drops["bad_udp_checksum"] += 1
                     return
         if sport == 0 or dport == 0:

@@ -52,10 +52,10 @@ def _recv_exact(c, n):
 class SocksEcho:
     """A SOCKS5 server (no auth, CONNECT) that echoes the stream after its reply."""
 
-    def __init__(self):
+    def __init__(self, port=0):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         self.targets = []
@@ -320,8 +320,11 @@ def test_lifecycle_and_status_shape(socks, loop):
         assert s["reason"] is None
         # the shape the CLI's control socket shares (state.compose)
         assert list(s)[:3] == ["state", "reason", "since"]
-        for key in ("uptime", "device", "stack", "engine", "udp_associations", "flows"):
-            assert key in s
+        # every key, in the order the CLI's status has them (compose of a lifecycle and Engine.status())
+        # (+ the network settings the host applies, docs/profile.md)
+        assert list(s) == list(state.compose(state.Lifecycle(), None)) + ["network"]
+        assert s["since"].endswith("Z") and isinstance(s["since_epoch"], float)
+        assert s["rate"] == {"up": 0.0, "down": 0.0} and s["closed_flows"] == []
         assert s["device"]["mtu"] == 1500
         check_accounting(s)
     finally:
@@ -856,7 +859,80 @@ def test_reset_flows(socks, hosts):
     assert bridge.reset_flows(host.handle) == 1
     rst = host.expect_tcp(lambda s: s.dport == 46000 and s.flags & 0x04)
     assert rst.flags & 0x04
-    assert bridge.status(host.handle)["engine"]["flows_reset"] == 1
+    s = bridge.status(host.handle)
+    assert s["engine"]["flows_reset"] == 1
+    [f] = s["closed_flows"]
+    assert (f["reason"], f["bytes_up"], f["bytes_down"], f["src"]) == ("reset by reset_flows", 3, 3,
+                                                                       "198.18.0.1:46000"), f
+
+
+def test_closed_flows_say_who_closed(socks, hosts):
+    """The history names the side that ended each flow, with its bytes."""
+    host = Host(profile(socks))
+    hosts.append(host)
+    src, dst = addrs(4)
+    # 46100: echoed, then reset by the client
+    assert tcp_echo(host, 4, 46100, b"hello") == b"hello"
+    [flow] = [f for f in bridge.status(host.handle)["flows"] if f["src"].endswith(":46100")]
+    assert flow["bytes_up"] == 5 and flow["rate_up"] >= 0 and flow["rate_down"] >= 0
+    host.send(build_packet(4, src, dst, 46100, 80, 1006, 0, "R", 0), 4)
+    # 46101: echoed, then the client sends FIN; the SOCKS server closes in turn
+    host.send(build_packet(4, src, dst, 46101, 80, 1000, 0, "S", 65535, tcp_options(mss=1400)), 4)
+    synack = host.expect_tcp(lambda s: s.dport == 46101 and s.flags & 0x12 == 0x12)
+    rcv = synack.seq + 1
+    host.send(build_packet(4, src, dst, 46101, 80, 1001, rcv, "PA", 65535, payload=b"bye!"), 4)
+    seg = host.expect_tcp(lambda s: s.dport == 46101 and s.payload)
+    assert seg.payload == b"bye!"
+    rcv += 4
+    host.send(build_packet(4, src, dst, 46101, 80, 1005, rcv, "FA", 65535), 4)
+    fin = host.expect_tcp(lambda s: s.dport == 46101 and s.flags & 0x01)
+    host.send(build_packet(4, src, dst, 46101, 80, 1006, fin.seq + 1, "A", 65535), 4)
+
+    def closed(port):
+        return wait_for(lambda: [f for f in bridge.status(host.handle)["closed_flows"]
+                                 if f["src"].endswith(f":{port}")], what=f"flow {port} in the history")
+
+    [f] = closed(46100)
+    assert (f["reason"], f["bytes_up"], f["bytes_down"]) == ("client RST", 5, 5), f
+    assert f["duration"] >= 0 and f["ended"].endswith("Z") and f["inbound"].startswith("socks5://")
+    [f] = closed(46101)
+    assert (f["reason"], f["bytes_up"], f["bytes_down"]) == ("client FIN", 4, 4), f
+
+
+def test_refused_dial_is_in_the_history(hosts):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()                      # nothing listens there now
+    host = Host(json.dumps({"proxy": f"socks5://127.0.0.1:{port}"}))
+    hosts.append(host)
+    src, dst = addrs(4)
+    host.send(build_packet(4, src, dst, 46200, 80, 1000, 0, "S", 65535, tcp_options(mss=1400)), 4)
+    assert host.expect_tcp(lambda s: s.dport == 46200).flags & 0x04      # RST: refused
+    [f] = wait_for(lambda: bridge.status(host.handle)["closed_flows"], what="the refused flow")
+    assert f["reason"] == "upstream refused" and f["bytes_up"] == f["bytes_down"] == 0, f
+    assert f["detail"].startswith(f"socks5://127.0.0.1:{port}: "), f
+
+
+def test_state_degraded_while_the_proxy_is_gone():
+    """connected -> degraded (with the reason) when the SOCKS server goes,
+    connected again when it is back on its port."""
+    srv = SocksEcho()
+    port = srv.port
+    h = bridge.start(json.dumps({"proxy": f"socks5://127.0.0.1:{port}"}))
+    try:
+        wait_for(lambda: bridge.status(h)["state"] == state.CONNECTED, what="connected")
+        srv.close()
+        s = wait_for(lambda: (lambda s: s if s["state"] == state.DEGRADED else None)(bridge.status(h)),
+                     timeout=15, what="degraded")
+        assert s["reason"] == f"proxy 127.0.0.1:{port} unreachable: Connection refused", s["reason"]
+        srv = SocksEcho(port)
+        s = wait_for(lambda: (lambda s: s if s["state"] == state.CONNECTED else None)(bridge.status(h)),
+                     timeout=15, what="connected again")
+        assert s["reason"] is None
+    finally:
+        bridge.stop(h)
+        srv.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -146,3 +146,33 @@ def test_full_disk_stops_recording_without_raising():
     rec.flush()
     rec.close()
     assert rec.dropped >= 2
+
+
+def test_read_pcap_strict_mode_is_what_replay_reads(tmp_path):
+    # one reader for the device and for replay: strict refuses what a
+    # replay cannot use (unknown link type, a packet cut by the snaplen)
+    # and passes raw frames on as captured; a damaged file is an error in
+    # both modes, with the path in the one-line reason
+    p = str(tmp_path / "snap.pcap")
+    with PcapRecorder(p, snaplen=20) as rec:
+        rec.write(V4, 1.0)
+    assert list(read_pcap(p)) == [(1.0, V4[:20])]
+    with pytest.raises(ValueError, match="cut to 20 of 28 bytes"):
+        list(read_pcap(p, strict=True))
+
+    other = str(tmp_path / "other.pcap")
+    _write_with_dpkt(other, 147, [V4])
+    assert list(read_pcap(other)) == []
+    with pytest.raises(ValueError, match="unsupported link type 147"):
+        list(read_pcap(other, strict=True))
+
+    raw = str(tmp_path / "raw.pcap")
+    _write_with_dpkt(raw, LINKTYPE_RAW, [b"\x00junk", V4])
+    assert list(read_pcap(raw)) == [(11.0, V4)]
+    assert list(read_pcap(raw, strict=True)) == [(10.0, b"\x00junk"), (11.0, V4)]
+
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(open(raw, "rb").read()[:-5])
+    for strict in (False, True):
+        with pytest.raises(ValueError, match=r"cut\.pcap: truncated packet 2"):
+            list(read_pcap(str(cut), strict=strict))

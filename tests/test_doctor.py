@@ -1,4 +1,4 @@
-"""tun2xray.doctor pieces: target parsing, the DNS query it sends, inbound
+"""tun2xray.xray.doctor pieces: target parsing, the DNS query it sends, inbound
 probes, the report lines, and the loop check on real marked routes in a
 namespace of its own (the whole doctor runs against real setups in
 tests/e2e/test_xray_e2e.py)."""
@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from tun2xray import autoroute, doctor, xray
+from tun2xray import xray
+from tun2xray.xray import autoroute, doctor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import netlab  # (tools/ is not a package)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tun2xray import nodes
+from tun2xray.xray import nodes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

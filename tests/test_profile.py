@@ -62,7 +62,7 @@ def test_bad_values_name_the_key_path(patch, message):
 
 def test_missing_proxy_and_bad_json():
     with pytest.raises(ProfileError, match="^proxy: is required"):
-        load_profile("{}")
+        load_profile("{}", bridge=True)
     with pytest.raises(ProfileError, match="^not valid JSON"):
         load_profile("{nope")
     with pytest.raises(ProfileError, match="JSON object"):

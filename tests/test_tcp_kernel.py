@@ -13,8 +13,7 @@ import time
 import pytest
 
 from netstack import Stack, StackConfig, events
-
-pytun = pytest.importorskip("pytun")
+from tun2xray.device.tunfd import IFF_NO_PI, IFF_TUN, TunFd
 
 CLIENT_SCRIPT = r"""
 import hashlib, socket, sys, threading
@@ -56,9 +55,9 @@ def tunns():
         pytest.skip("needs root and /dev/net/tun")
     tag = f"{os.getpid() % 100000}"
     ns, ifname = f"tt-k{tag}", f"tt{tag}"
-    tun = pytun.TunTapDevice(name=ifname, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    tun = TunFd.open(ifname, IFF_TUN | IFF_NO_PI)
     try:
-        tun.mtu = 1500
+        sh("ip", "link", "set", ifname, "mtu", "1500")
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "set", ifname, "netns", ns)
         sh("ip", "-n", ns, "addr", "add", "10.123.0.1/24", "dev", ifname)

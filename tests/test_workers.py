@@ -5,6 +5,7 @@ supervisor's blocking requests against a worker's loop in a thread)."""
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import socket
 import threading
@@ -117,9 +118,36 @@ def test_aggregate_with_a_dead_worker():
 
 def test_aggregate_of_nothing_has_the_engine_shape():
     st = aggregate([], device_name="wk0", mtu=1500)
-    for key in ("uptime", "device", "stack", "engine", "udp_associations", "flows"):
+    from tun2xray.state import empty_engine_status
+    for key in empty_engine_status():
         assert key in st
-    assert st["flows"] == [] and st["engine"] == {}
+    assert st["flows"] == [] and st["engine"] == {} and st["closed_flows"] == []
+    assert st["rate"] == {"up": 0.0, "down": 0.0}
+
+
+def test_aggregate_sums_rates_and_merges_closed_flows():
+    def closed(port, ended):
+        return {"src": f"198.18.0.1:{port}", "reason": "client FIN", "ended_epoch": ended}
+
+    a = dict(engine_status(1, [1000], 1, {}, {}), rate={"up": 10.5, "down": 2000.0},
+             closed_flows=[closed(1, 5.0), closed(2, 7.0)])
+    b = dict(engine_status(1, [2000], 1, {}, {}), rate={"up": 1.5, "down": 500.0},
+             closed_flows=[closed(3, 6.0)] + [closed(10 + i, 8.0 + i) for i in range(workers.CLOSED_HISTORY)])
+    st = aggregate([{"id": 0, "pid": 1, "alive": True, "status": a},
+                    {"id": 1, "pid": 2, "alive": True, "status": b}])
+    assert st["rate"] == {"up": 12.0, "down": 2500.0}
+    assert [r["rate"] for r in st["workers"]] == [{"up": 10.5, "down": 2000.0}, {"up": 1.5, "down": 500.0}]
+    # the newest CLOSED_HISTORY of both (as many as one engine keeps), oldest first, each with its worker
+    from tun2xray.engine import CLOSED_HISTORY
+    assert workers.CLOSED_HISTORY == CLOSED_HISTORY
+    c = st["closed_flows"]
+    assert len(c) == workers.CLOSED_HISTORY
+    assert [f["ended_epoch"] for f in c] == sorted(f["ended_epoch"] for f in c)
+    assert c[0]["ended_epoch"] == 8.0 and {f["worker"] for f in c} == {1}
+    st = aggregate([{"id": 0, "pid": 1, "alive": True, "status": a},
+                    {"id": 1, "pid": 2, "alive": True, "status": dict(b, closed_flows=[closed(3, 6.0)])}])
+    assert [(f["src"], f["worker"]) for f in st["closed_flows"]] == [
+        ("198.18.0.1:1", 0), ("198.18.0.1:3", 1), ("198.18.0.1:2", 0)]
 
 
 # --- restart backoff -----------------------------------------------------------
@@ -341,3 +369,26 @@ def test_worker_stops_when_the_supervisor_goes(channel):
     w.chan.close()
     w.chan = None
     assert eng.stopped.wait(5), "EOF on the channel did not stop the engine"
+
+
+def test_a_worker_dial_failure_pokes_the_supervisors_proxy_watch():
+    """Workers write to a shared pipe when a dial fails; the supervisor's
+    reader drains it and asks its proxy watch to check at once."""
+    import types
+
+    from tun2xray.workers import Supervisor, _poker
+
+    sup = Supervisor(types.SimpleNamespace(name="lo", url="tun://lo"), settings=None, n=1)
+    try:
+        assert sup.ifindex > 0 and not sup.device_gone()
+        poke = _poker(sup.poke_w)
+        for _ in range(100_000):            # more than the pipe holds: never blocks, never raises
+            poke()
+        pokes = []
+        sup._on_poke(types.SimpleNamespace(poke=lambda: pokes.append(1)))
+        assert pokes == [1]
+        with pytest.raises(BlockingIOError):
+            os.read(sup.poke_r, 1)          # drained
+    finally:
+        sup.close_poke()
+    assert _poker(None) is None

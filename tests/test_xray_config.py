@@ -8,6 +8,7 @@ import os
 import pytest
 
 from tun2xray import xray
+from tun2xray.xray.config import _dns_server
 from tun2xray.upstream.url import DokodemoUpstream, SocksUpstream
 
 SOCKS = {"tag": "socks", "listen": "127.0.0.1", "port": 10808, "protocol": "socks",
@@ -345,7 +346,7 @@ def test_deep_nesting_and_huge_files(tmp_path):
     (["dns.google", {"address": "x", "port": 53}], None),
 ])
 def test_dns_server_of_the_config(servers, want):
-    assert xray._dns_server({"dns": {"servers": servers}}) == want
+    assert _dns_server({"dns": {"servers": servers}}) == want
 
 
 def test_a_client_config_without_inbounds_gets_socks_and_dns(tmp_path):

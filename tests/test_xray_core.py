@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tun2xray import xray
+from tun2xray.xray.config import _free_loopback_port
 
 
 def _core_binary():
@@ -21,7 +22,7 @@ def _core_binary():
 
 
 def free_port():
-    return xray._free_loopback_port()
+    return _free_loopback_port()
 
 
 def core_config(tmp_path, name="core.json", socks=None, dns=None):

@@ -334,13 +334,14 @@ def _veth_cleanup() -> None:
 
 
 def setup(tmp: str):
-    import pytun
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tun2xray.device.tunfd import IFF_NO_PI, IFF_TUN, TunFd
+
     cleanup()
     tuns = []
     for name in (CLI_TUN, SRV_TUN):
-        t = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
-        t.mtu = 1500
-        tuns.append(t)
+        tuns.append(TunFd.open(name, IFF_TUN | IFF_NO_PI))
+        sh(f"ip link set {name} mtu 1500")
     sh(f"ip netns add {CLI_NS} && ip netns add {SRV_NS}")
     for ns, tun, a4, a6, r4, r6 in ((CLI_NS, CLI_TUN, CLI4, CLI6, "10.77.0.0/24", "fd77::/64"),
                                     (SRV_NS, SRV_TUN, SRV4, SRV6, "10.77.1.0/24", "fd77:1::/64")):

@@ -61,9 +61,9 @@ class TunHost:
     # ------------------------------------------------------------- interface
 
     def open_tun(self) -> None:
-        import pytun
+        from tun2xray.device.tunfd import IFF_NO_PI, IFF_TUN, TunFd
         p = self.profile
-        self.tun = pytun.TunTapDevice(name=self.args.tun, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        self.tun = TunFd.open(self.args.tun, IFF_TUN | IFF_NO_PI)
         self.fd = self.tun.fileno()
         os.set_blocking(self.fd, False)
         name = self.tun.name
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bridge.set_log_level(args.log_level)     # the host's logging, tun2xray's level
     try:
         with open(args.config) as f:
             text = f.read()

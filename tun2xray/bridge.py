@@ -9,6 +9,7 @@ wireguard-go's mobile bridge)::
     bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
     bridge.status(handle) -> dict            # same shape as the CLI's control socket
     bridge.stop(handle)
+    bridge.set_log_level("debug")            # tun2xray's loggers only; no handler added
 
 Threads: each handle owns one engine thread running its own event loop
 (uvloop when importable, else asyncio; `start(..., loop="asyncio")` forces
@@ -44,12 +45,10 @@ import sys
 import threading
 from collections import deque
 
-from netstack import StackConfig
-
 from . import state as st
+from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
 from .profile import Profile, ProfileError, load_profile
-from .rules import Router
-from .upstream.url import DokodemoUpstream, parse_upstream
+from .tunroutes import Network
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -85,29 +84,17 @@ class InvalidHandle(BridgeError):
 # ------------------------------------------------------------------ settings
 
 def engine_settings(profile: Profile):
-    """(router, stack_config, connect_timeout) for an engine serving *profile*.
-    Shared by the bridge and any other host that starts from a profile."""
-    up = parse_upstream(profile.proxy)
-    if isinstance(up, DokodemoUpstream):
-        raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
-    router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
-    cfg = StackConfig(mtu=profile.mtu, udp_timeout=profile.udp_timeout, max_flows=profile.max_flows,
-                      icmp_echo=profile.icmp_echo, connect_timeout=profile.tcp_connect_timeout + 5)
-    return router, cfg, profile.tcp_connect_timeout
+    """(router, stack_config, connect_timeout) for an engine serving *profile*
+    (built by tun2xray.host, as for `run`)."""
+    s = EngineSettings.from_profile(profile)
+    return s.router, stack_config(s, profile.mtu), s.connect_timeout
 
 
 def _new_loop(kind: str):
-    if kind not in ("auto", "uvloop", "asyncio"):
-        raise BridgeError(f'loop "{kind}": expected "auto", "uvloop" or "asyncio"')
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise BridgeError("loop \"uvloop\": uvloop is not installed") from None
-        else:
-            return uvloop.new_event_loop(), "uvloop"
-    return asyncio.new_event_loop(), "asyncio"
+    try:
+        return new_loop(kind)
+    except ValueError as e:
+        raise BridgeError(str(e)) from None
 
 
 # ------------------------------------------------------------------- device
@@ -146,11 +133,15 @@ class _Tunnel:
 
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
         self.handle = handle
-        self.router, self.stack_config, self.connect_timeout = engine_settings(profile)
+        self.settings = EngineSettings.from_profile(profile)
+        self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
         self.lifecycle = st.Lifecycle()
         self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
+        # the addresses, routes and DNS servers the host applies (status["network"])
+        self.network = Network(profile, "bridge://", [profile.ipv4.address, profile.ipv6.address],
+                               mtu=profile.mtu)
         self.stats = self.device.stats
         self._lock = threading.Lock()           # inbound queue + rx counters + flags
         self._inq: list = []
@@ -200,10 +191,8 @@ class _Tunnel:
                 self._started.set()
 
     async def _serve(self) -> None:
-        from .engine import Engine
         self.lifecycle.set(st.CONNECTING, "starting")
-        engine = Engine(self.device, self.router, stack_config=self.stack_config,
-                        connect_timeout=self.connect_timeout)
+        engine = make_engine(self.device, self.settings)
         engine._started_cb = self._on_started
         self.engine = engine
         await engine.run()
@@ -218,8 +207,7 @@ class _Tunnel:
         if self._stop_requested:
             engine.stop()
             return
-        self._probe_task = self.loop.create_task(
-            st.watch_proxy(self.lifecycle, self.proxy.host, self.proxy.port))
+        self._probe_task = watch_upstream(self.lifecycle, engine, self.router)
         with self._lock:
             pending = bool(self._inq) and not self._wake
             if pending:
@@ -444,7 +432,9 @@ class _Tunnel:
             eng = None
         if eng is None:
             eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
-        return st.compose(self.lifecycle, eng)
+        out = st.compose(self.lifecycle, eng)
+        out["network"] = self.network.status()
+        return out
 
     def close(self) -> None:
         self.lifecycle.set(st.DISCONNECTING)
@@ -498,9 +488,10 @@ def _get(handle) -> _Tunnel:
 
 
 def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
-    """Start an engine for the profile *config_json* (DESIGN.md "Profile");
+    """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
-    proxy inbound answers, then "connected").
+    proxy inbound answers in SOCKS5, then "connected"; "degraded"
+    with the reason while it stops answering later; see tun2xray.state).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""
@@ -508,7 +499,7 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
         raise BridgeError(f"config_json: expected JSON text, got {type(config_json).__name__}")
     if on_outbound is not None and not callable(on_outbound):
         raise BridgeError("on_outbound: must be callable or None")
-    profile = load_profile(config_json)
+    profile = load_profile(config_json, bridge=True)
     with _registry_lock:
         handle = next(_handles)
     t = _Tunnel(handle, profile, on_outbound, loop)
@@ -581,6 +572,28 @@ def handles() -> list:
         return sorted(_registry)
 
 
+def set_log_level(level) -> None:
+    """The level of tun2xray's loggers ("debug", "info", "warning", "error"
+    or a logging number) for every handle, live ones included. "debug" adds
+    each flow's life (rule, dial, SOCKS reply, close) and rate-limited drop
+    summaries. No handler is installed and the root logger is left alone:
+    records go wherever the host's logging sends them."""
+    from . import logs
+    try:
+        logs.set_level(level)
+    except ValueError as e:
+        raise BridgeError(str(e)) from None
+    with _registry_lock:
+        tunnels = list(_registry.values())
+    for t in tunnels:
+        engine = t.engine
+        if engine is not None and not t._down:
+            try:
+                t.loop.call_soon_threadsafe(engine.refresh_log_level)
+            except RuntimeError:        # its loop closed meanwhile: nothing to refresh
+                pass
+
+
 def loop_kind(handle: int) -> str:
     """"uvloop" or "asyncio": the loop this handle's engine runs on."""
     return _get(handle).loop_kind
@@ -588,4 +601,4 @@ def loop_kind(handle: int) -> str:
 
 __all__ = ["AF_INET", "AF_INET6_DARWIN", "AF_INET6_LINUX", "BridgeError", "InvalidHandle",
            "ProfileError", "engine_settings", "handles", "loop_kind", "poll_outbound", "reset_flows",
-           "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]
+           "set_log_level", "start", "status", "stop", "submit_inbound", "submit_inbound_batch"]

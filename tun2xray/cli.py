@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import signal
 import socket
 import sys
-
-from .control import DEFAULT_CONTROL
 
 log = logging.getLogger("tun2xray")
 
@@ -27,36 +23,46 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
+    from . import version
+    p.add_argument("--version", action="version", version=f"tun2xray {version()}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="carry a TUN device's flows to Xray inbounds")
-    r.add_argument("--device", required=True, help="tun://NAME, fd://N[?header=af], unix:///path")
+    r.add_argument("--device", help="tun://NAME, fd://N[?header=af], unix:///path (required, here or as "
+                   "the profile's \"device\")")
     r.add_argument("--proxy", help="the Xray socks inbound: socks5://[user:pass@]host:port")
     r.add_argument("--address", help="IPv4 address/prefix for a tun:// device (default 198.18.0.1/15)")
     r.add_argument("--address6", help="IPv6 address/prefix for a tun:// device (default fd00:7478::1/64)")
     r.add_argument("--mtu", type=int, help="device MTU (default 1500)")
     r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
                    help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
-    r.add_argument("--config", help="profile JSON (DESIGN.md 'Profile'); flags override it")
-    r.add_argument("--control", help="serve JSON status on unix:///path")
+    r.add_argument("--config", help="profile JSON (docs/profile.md): every run flag has a key; flags "
+                   "override keys")
+    r.add_argument("--control", help="serve JSON status on unix:///path (default: "
+                   "unix:///run/tun2xray/NAME.sock, per device; none: no socket)")
     r.add_argument("--record", metavar="FILE.pcap", help="write every packet crossing the device to a pcap")
-    r.add_argument("--record-wire", action="store_true",
+    r.add_argument("--record-wire", action="store_true", default=None,
                    help="record wire-sized packets: cut an offload device's TCP super-segments to the MTU")
     r.add_argument("--record-max-mb", type=float, metavar="N",
                    help="rotate the capture (FILE.pcap -> FILE.pcap.1) when it reaches N MB "
                    "(default 256, 0 = no cap)")
-    r.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                   help="default info; debug adds each flow's life: rule, dial, SOCKS reply, close; drop summaries")
+    r.add_argument("--log-format", choices=["text", "json"],
+                   help="text (default): one timestamped line per record; json: one JSON object per line")
     r.add_argument("--xray-config", help="start and supervise Xray with this config.json (may be a "
                    "link to the selected node); its socks/dokodemo inbounds become the proxy and rules")
     r.add_argument("--xray-bin", help="the core binary (default: xray, else v2ray, on PATH)")
-    r.add_argument("--auto-route", action="store_true",
+    r.add_argument("--auto-route", action="store_true", default=None,
                    help="route everything through the TUN (policy routing; needs --xray-config)")
     r.add_argument("--workers", type=int, metavar="N",
                    help="worker processes, one per queue of a multi-queue tun:// device "
                    "(default: one per core for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
-    s.add_argument("--control", default=DEFAULT_CONTROL)
+    s.add_argument("--control", help="unix:///path (default: the running tun2xray's, found "
+                   "under /run/tun2xray/)")
+    s.add_argument("--device", help="NAME or tun://NAME: the instance on that device, when several run")
 
     rp = sub.add_parser("replay", help="feed a capture to the stack offline and print its flows")
     rp.add_argument("pcap", nargs="+")
@@ -69,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "addr:port-addr:port) as a ladder diagram; needs --svg and one capture")
     rp.add_argument("--svg", metavar="FILE", help="where --ladder writes its SVG")
 
-    from . import doctor, nodes
+    from .xray import doctor, nodes
     nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
     doctor.add_arguments(sub.add_parser("doctor", help="check a running setup: one line per check"))
     return p
@@ -83,24 +89,43 @@ def main(argv=None) -> int:
     if args.command == "status":
         return cmd_status(args)
     if args.command in ("node", "doctor"):
-        from . import doctor, nodes
+        from .xray import doctor, nodes
         return (nodes if args.command == "node" else doctor).main(args)
     if args.command == "run":
+        from . import logs
+        from .host import HostError
+        from .instance import InstanceError
         from .xray import XrayError
         try:
-            return cmd_run(args)
-        except (UsageError, XrayError) as e:
-            print(f"tun2xray: error: {e}", file=sys.stderr)
+            apply_profile(args)             # profile keys fill unset flags (log_level, log_format too)
+        except UsageError as e:
+            logs.setup("info", args.log_format or "text")
+            logs.error_line(str(e))
             return 2
+        logs.setup(args.log_level, args.log_format)
+        try:
+            return cmd_run_claimed(args)
+        except (UsageError, HostError, XrayError) as e:
+            logs.error_line(str(e))
+            return 2
+        except InstanceError as e:          # the device is another instance's
+            logs.error_line(str(e))
+            return 1
     return 2
 
 
 def cmd_status(args) -> int:
     from .control import query
+    from .instance import InstanceError, find_control
     try:
-        reply = query(args.control)
+        url = find_control(args.control, args.device)
+    except InstanceError as e:
+        print(f"tun2xray: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        reply = query(url)
     except (OSError, ValueError) as e:
-        print(f"tun2xray: error: cannot reach {args.control}: {e}", file=sys.stderr)
+        print(f"tun2xray: error: cannot reach {url}: {e}", file=sys.stderr)
         return 1
     print(json.dumps(reply, indent=2))
     return 0
@@ -114,8 +139,8 @@ class RunSettings:
         from .rules import Router, parse_map
         from .upstream.url import DokodemoUpstream, parse_upstream
 
-        profile = None
-        if args.config:
+        profile = getattr(args, "profile", None)
+        if profile is None and args.config:
             try:
                 with open(args.config, "rb") as f:
                     text = f.read()
@@ -163,7 +188,11 @@ class RunSettings:
         self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
+        from .tunroutes import Network
+        self.net = Network(profile, args.device, [self.address, self.address6],
+                           auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)
         self.control = args.control
+        self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
             from .control import control_path
             try:
@@ -179,7 +208,48 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
         raise UsageError(f"proxy {up.host}:{up.port} is unreachable: {e.strerror or e}") from None
 
 
+def apply_profile(args):
+    """Read --config (if any) and fill every run flag left unset from its
+    key (tun2xray.profile.KEYS: one entry per flag), else the key's default.
+    Keeps the loaded profile on args.profile; a second call does nothing."""
+    if getattr(args, "profile_applied", False):
+        return args.profile
+    from .profile import ProfileError, apply_to_args, load_profile
+    profile = None
+    if getattr(args, "config", None):
+        try:
+            with open(args.config, "rb") as f:
+                text = f.read()
+        except OSError as e:
+            raise UsageError(f"--config {args.config}: {e.strerror}") from None
+        try:
+            profile = load_profile(text)
+        except ProfileError as e:
+            raise UsageError(f"--config {args.config}: {e}") from None
+    apply_to_args(profile, args)
+    args.profile = profile
+    args.profile_applied = True
+    if not args.device:
+        raise UsageError('--device is required (or "device" in the --config profile)')
+    return profile
+
+
+def cmd_run_claimed(args) -> int:
+    """cmd_run holding the device's instance lock: a second run on the same
+    device fails here (InstanceError), before the core starts or the device
+    opens; the control socket defaults to the device's own."""
+    from .instance import claim
+    apply_profile(args)                     # device and control may come from the profile
+    lock, args.device, args.control = claim(args.device, args.control)
+    args.instance = lock.info
+    try:
+        return cmd_run(args)
+    finally:
+        lock.release()
+
+
 def cmd_run(args) -> int:
+    apply_profile(args)
     xs = None
     if args.xray_config or args.auto_route:
         from .xray import session_from_args
@@ -198,8 +268,6 @@ def _cmd_run(args, xs) -> int:
         settings.record = RecordOptions.from_args(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
@@ -216,8 +284,10 @@ def _cmd_run(args, xs) -> int:
                              addresses=[settings.address, settings.address6])
     except DeviceError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
+    from .host import routes_up
     recorder = None
     try:
+        routes_up(settings, device.name)
         if settings.record is not None:
             from . import record
             try:
@@ -229,6 +299,7 @@ def _cmd_run(args, xs) -> int:
             xs.route_up(device.name)
         return _run_loop(_serve(settings, device, recorder, xs))
     finally:
+        settings.net.down()
         device.close()
         if recorder is not None:
             recorder.close()
@@ -237,74 +308,17 @@ def _cmd_run(args, xs) -> int:
 
 
 def _run_loop(coro) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+    from .host import run
+    return run(coro)
 
 
 async def _serve(settings, device, recorder, xs=None) -> int:
-    from netstack import StackConfig
+    """One process: the host shell (tun2xray.host) around one engine."""
+    from .host import Host, make_engine
 
-    from .engine import Engine
-
-    cfg = StackConfig(mtu=device.mtu, udp_timeout=settings.udp_timeout, max_flows=settings.max_flows,
-                      icmp_echo=settings.icmp_echo, connect_timeout=settings.connect_timeout + 5)
-    engine = Engine(device, settings.router, stack_config=cfg,
-                    connect_timeout=settings.connect_timeout, recorder=recorder)
-    loop = asyncio.get_running_loop()
-    from . import state
-
-    lifecycle = state.Lifecycle()
-    lifecycle.set(state.CONNECTING, "starting")
-    server = None
-    engine_status = engine.status
-    if xs is not None:
-        xs.attach(engine, settings.router)
-        engine_status = xs.wrap_status(engine.status)
-
-    def status_fn():
-        # the same shape as bridge.status(): state, reason, since, then counters
-        return state.compose(lifecycle, engine_status())
-
-    def stop():
-        lifecycle.set(state.DISCONNECTING)
-        engine.stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
-    up = settings.router.default
-    watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
-    if settings.control:
-        from .control import control_path, serve_control
-        try:
-            server = await serve_control(settings.control, status_fn)
-        except (ValueError, OSError) as e:
-            watcher.cancel()
-            raise UsageError(f"--control: {e}") from None
-    log.info("running on %s (mtu %d), proxy %s", device.name, device.mtu, settings.router.default_url)
-    try:
-        await engine.run()
-    finally:
-        watcher.cancel()
-        if xs is not None:
-            xs.detach()
-        if server is not None:
-            server.close()
-            import os
-            try:
-                os.unlink(control_path(settings.control))
-            except OSError:
-                pass
-    if engine.error:
-        lifecycle.set(state.ERROR, engine.error)
-        log.error("stopped: %s", engine.error)
-        print(f"tun2xray: error: {engine.error}", file=sys.stderr)
-        return 1
-    lifecycle.set(state.DISCONNECTED)
-    log.info("stopped")
-    return 0
+    engine = make_engine(device, settings, recorder)
+    return await Host(engine, settings, xs).serve(
+        f"running on {device.name} (mtu {device.mtu}), proxy {settings.router.default_url}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The protocol is one request line and one JSON reply line:  "status\n" ->
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import socket
@@ -25,7 +26,9 @@ def control_path(url: str) -> str:
 
 
 async def serve_control(url: str, status_fn):
-    """Start the control server; returns the asyncio server (close() it)."""
+    """Start the control server; returns the asyncio server (close() it).
+    status_fn() returns the status dict, or an awaitable of it: the loop
+    keeps serving (other clients too) while it waits."""
     path = control_path(url)
     try:
         st = os.lstat(path)
@@ -51,6 +54,8 @@ async def serve_control(url: str, status_fn):
             cmd = line.decode("ascii", "replace").strip() or "status"
             if cmd == "status":
                 reply = status_fn()
+                if inspect.isawaitable(reply):
+                    reply = await reply     # e.g. the supervisor asking its workers
             else:
                 reply = {"error": f"unknown command {cmd!r}"}
             writer.write(json.dumps(reply).encode() + b"\n")

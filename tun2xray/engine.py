@@ -17,6 +17,7 @@ Backpressure, both ways, with bounded memory per flow:
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import socket
@@ -24,18 +25,22 @@ import time
 
 from netstack import Stack, StackConfig
 from netstack import events as ev
-from netstack.wire import checksum as _ck
+from netstack.wire import ip as _ip
 
+from . import logs
 from .device import DeviceError
 from .upstream.dokodemo import DokodemoUdp, dokodemo_connect
 from .upstream._net import literal_family
-from .upstream.socks5 import SocksUdpAssociation, encode_address_port, reply_text, socks5_connect
+from .upstream.socks5 import (SocksUdpAssociation, _Truncated, decode_address, encode_address_port,
+                              reply_text, socks5_connect)
 from .upstream.url import DokodemoUpstream, SocksUpstream
 
 log = logging.getLogger("tun2xray.engine")
 
 UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
+RATE_PERIOD = 1.0             # seconds between byte-counter samples (flow and total rates)
+CLOSED_HISTORY = 128          # recently closed flows kept for status()
 
 
 def _addr(b: bytes) -> str:
@@ -50,7 +55,7 @@ class TcpRelay(asyncio.Protocol):
     """Carries one TCP connection's bytes between the stack and an upstream socket."""
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
-                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer")
+                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -67,6 +72,7 @@ class TcpRelay(asyncio.Protocol):
         # the request bytes to send, then the replies read so far
         self.hs = hs
         self.hs_timer = None
+        self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -103,6 +109,8 @@ class TcpRelay(asyncio.Protocol):
             self._hs_failed(f"malformed CONNECT reply (version {buf[2]})")
             return
         if buf[3] != 0:
+            if self.engine._debug:
+                self.engine._log_socks_reply(self.conn, buf[3], None)
             self._hs_failed(f"CONNECT failed: {reply_text(buf[3])}")
             return
         if len(buf) < 7:
@@ -125,6 +133,8 @@ class TcpRelay(asyncio.Protocol):
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
+        if self.engine._debug:
+            self.engine._log_socks_reply(self.conn, 0, _bound(buf, 5))
         self.engine._tcp_established(self.conn, self)
         if len(buf) > end:
             self.data_received(buf[end:])
@@ -166,6 +176,8 @@ class TcpRelay(asyncio.Protocol):
             self._hs_failed("proxy closed the connection during the handshake")
             return False
         self.up_eof = True
+        if self.fin_from is None:
+            self.fin_from = "upstream"
         self._upstream_done()
         return True   # keep our write side open: half-close
 
@@ -180,8 +192,11 @@ class TcpRelay(asyncio.Protocol):
             if not conn.closed:
                 if exc is not None:
                     self.engine.counters["upstream_reset"] += 1
+                    self.engine.close_why(conn, "upstream reset", str(exc))
                     conn.abort()
                 else:
+                    if self.fin_from is None:
+                        self.fin_from = "upstream"
                     self._upstream_done()
         self.engine.kick()
 
@@ -202,6 +217,7 @@ class TcpRelay(asyncio.Protocol):
             # A SOCKS core that answered CONNECT before dialing closes at once
             # when the destination refuses: tell the client with a RST.
             self.engine.counters["upstream_closed_empty"] += 1
+            self.engine.close_why(conn, "upstream refused", "closed before sending any data")
             conn.abort()
         elif not self.pending:
             conn.shutdown()
@@ -220,6 +236,8 @@ class TcpRelay(asyncio.Protocol):
             t.write(data)
         if conn.eof and not conn.readable and not self.eof_sent:
             self.eof_sent = True
+            if self.fin_from is None:
+                self.fin_from = "client"
             if t.can_write_eof():
                 t.write_eof()
 
@@ -280,7 +298,8 @@ class SocksAssoc:
 
 class Engine:
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
-                 connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst"):
+                 connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
+                 log_clock=None):
         self.device = device
         self.router = router
         cfg = stack_config or StackConfig(mtu=device.mtu)
@@ -316,6 +335,21 @@ class Engine:
         self._pollable = True
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
+        # debug logging: the flag is read once (refresh_log_level), not per packet
+        self._debug = False
+        self._drop_log = logs.DropSummary(log, clock=log_clock or time.monotonic)
+        self._drop_seen = 0        # drops (all reasons) when the summary last looked
+        self._drop_timer = None
+        self.on_upstream_failed = None  # called (no arguments) when a dial to an upstream fails
+        self.closed_flows = collections.deque(maxlen=CLOSED_HISTORY)
+        self._why = {}             # conn/flow -> (reason, detail): why the engine ends it
+        self._rates = {}           # conn/flow -> (bytes_in, bytes_out) at the last sample
+        self._flow_rate = {}       # conn/flow -> (up, down) bytes/s over the last period
+        self._rate = (0.0, 0.0)    # all flows, bytes/s
+        self._closed_bytes = [0, 0]  # bytes of flows gone (keeps the total rate exact)
+        self._total_at = (0, 0)
+        self._sample_at = None
+        self._sampler = None
 
     # ----------------------------------------------------------------- life cycle
 
@@ -324,8 +358,11 @@ class Engine:
         self.loop = asyncio.get_running_loop()
         self._stopping = self.loop.create_future()
         self._pollable = getattr(self.device, "pollable", True)
+        self.refresh_log_level()
         if self._pollable:
             self.loop.add_reader(self.device.fileno(), self._on_device)
+        self._sample_at = self.loop.time()
+        self._sampler = self.loop.call_later(RATE_PERIOD, self._sample)
         if self._started_cb is not None:
             self._started_cb(self)
         try:
@@ -337,6 +374,11 @@ class Engine:
         if self._stopping is not None and not self._stopping.done():
             self._stopping.set_result(None)
 
+    def refresh_log_level(self) -> None:
+        """Read the logger's level again (at start, and when a host changes
+        it): flow lines and drop summaries are written only at debug."""
+        self._debug = log.isEnabledFor(logging.DEBUG)
+
     def _shutdown(self) -> None:
         loop = self.loop
         if self._pollable:
@@ -346,13 +388,23 @@ class Engine:
                 pass
         if self._timer is not None:
             self._timer.cancel()
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         for t in list(self._tasks):
             t.cancel()
         stack = self.stack
+        counters = self.counters
         for conn in list(stack.tcp.values()):
             relay = conn.user
             if isinstance(relay, TcpRelay):
+                counters["bytes_up"] += relay.bytes_up
+                counters["bytes_down"] += relay.bytes_down
                 relay.close()
+                conn.user = None          # counted: status() must not add it again
             if not conn.closed:
                 conn.abort()
         for flow in list(stack.udp.values()):
@@ -365,6 +417,8 @@ class Engine:
         stack.poll(now)
         stack.take_events()
         self._write(stack.take_output())
+        if self._debug:
+            self._drop_log.flush(self._drop_counts())
 
     def reset_flows(self) -> int:
         """Reset every flow (the upstream changed, e.g. another Xray node):
@@ -378,11 +432,13 @@ class Engine:
             if isinstance(relay, TcpRelay):
                 relay.close()
             if not conn.closed:
+                self._why[conn] = ("reset by reset_flows", None)
                 conn.abort()
                 n += 1
         for flow in list(stack.udp.values()):
             self._udp_release(flow)
             if not flow.closed:
+                self._why[flow] = ("reset by reset_flows", None)
                 flow.close()
                 n += 1
         for a in list(self._assocs.values()):
@@ -445,6 +501,49 @@ class Engine:
             if not stack.events:
                 break
         self._arm(stack.next_deadline())
+        if self._debug:
+            self._drops_changed()
+
+    # ---------------------------------------------------------- drop summary
+
+    def _drop_total(self) -> int:
+        st = self.stack
+        # the stack's accounting: rx_packets == sum(drops) + delivered + frag_held
+        return (st.rx_packets - st.delivered - st.frag_held + sum(st.frag_drops.values())
+                + self.counters["udp_queue_full"])
+
+    def _drop_counts(self) -> dict:
+        st = self.stack
+        counts = dict(st.drops)
+        for k, v in st.frag_drops.items():
+            counts[k] = counts.get(k, 0) + v
+        q = self.counters["udp_queue_full"]
+        if q:
+            counts["udp_queue_full"] = q
+        return counts
+
+    def _drops_changed(self) -> None:
+        """Debug only: tell DropSummary when drops grew; it logs at most one
+        line per interval, and a timer reports what the limit held back."""
+        total = self._drop_total()
+        if total == self._drop_seen:
+            return
+        dl = self._drop_log
+        if self._drop_timer is not None and dl.clock() < dl.next_at:
+            return                    # held back: the timer reports it
+        self._drop_seen = total
+        again = dl.check(self._drop_counts())
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        if again is not None:
+            delay = max(0.0, again - dl.clock())
+            self._drop_timer = self.loop.call_later(delay, self._drop_timer_fired)
+
+    def _drop_timer_fired(self) -> None:
+        self._drop_timer = None
+        self._drop_seen = -1          # look again whatever the total
+        self._drops_changed()
 
     def _record(self, packets, fix: bool) -> None:
         """Copy packets crossing the device to the pcap recorder (--record);
@@ -452,7 +551,7 @@ class Engine:
         rec = self.recorder
         wall = time.time()
         for p in packets:
-            rec.write(_complete_checksum(p) if fix else p, wall)
+            rec.write(_ip.complete(p) if fix else p, wall)
 
     def _write(self, out) -> None:
         if self.recorder is not None:
@@ -520,13 +619,44 @@ class Engine:
     # ----------------------------------------------------------------------- TCP
 
     def _tcp_request(self, conn) -> None:
-        up, url = self.router.route("tcp", conn.dst, conn.dport)
+        if self._debug:
+            up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport)
+        else:
+            up, url = self.router.route("tcp", conn.dst, conn.dport)
         self.counters["tcp_requests"] += 1
-        if type(up) is SocksUpstream and up.username is None and up.host in self._literal:
+        pipelined = type(up) is SocksUpstream and up.username is None and up.host in self._literal
+        if self._debug:
+            self._log_dial(conn, "tcp", up, url, rule, pipelined)
+        if pipelined:
             # the common case: a no-auth SOCKS inbound at an IP address
             self._spawn(self._tcp_dial_pipelined(conn, up, url))
         else:
             self._spawn(self._tcp_dial(conn, up, url))
+
+    # debug lines of a flow's life (callers check self._debug first)
+
+    def _flow_fields(self, flow, proto: str, **more) -> dict:
+        return {"flow": flow.id, "proto": proto, "src": _fmt(flow.src, flow.sport),
+                "dst": _fmt(flow.dst, flow.dport), **more}
+
+    def _log_dial(self, flow, proto, up, url, rule, pipelined=False) -> None:
+        f = self._flow_fields(flow, proto, rule=rule, upstream=url)
+        if isinstance(up, DokodemoUpstream):
+            how = f"dokodemo {up.host}:{up.port} (fixed target)"
+        elif proto == "tcp":
+            how = (f"socks5 {up.host}:{up.port} CONNECT {f['dst']} by address"
+                   + (", greeting and request in one write" if pipelined else ""))
+        else:
+            how = f"socks5 {up.host}:{up.port} UDP ASSOCIATE"
+        log.debug("%s flow %d %s -> %s: rule %s -> %s; dialing %s", proto, flow.id, f["src"], f["dst"],
+                  rule, url, how, extra=f)
+
+    def _log_socks_reply(self, conn, code: int, bound) -> None:
+        f = self._flow_fields(conn, "tcp", socks_reply=code)
+        if bound is not None:
+            f["bound"] = _hostport(*bound)
+        log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
+                  f", bound {f['bound']}" if bound is not None else "", extra=f)
 
     async def _tcp_dial_pipelined(self, conn, up, url) -> None:
         """SOCKS5 CONNECT with the greeting and the request in one write and
@@ -548,11 +678,21 @@ class Engine:
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self.counters["upstream_connect_failed"] += 1
+        self._upstream_failed()
         if not conn.closed:
-            log.info("tcp %s -> %s via %s refused: %s", _fmt(conn.src, conn.sport),
-                     _fmt(conn.dst, conn.dport), url, why)
+            f = self._flow_fields(conn, "tcp", upstream=url, reason=str(why))
+            log.info("tcp flow %d %s -> %s via %s refused: %s", conn.id, f["src"], f["dst"], url, why,
+                     extra=f)
+            timeout = isinstance(why, (TimeoutError, asyncio.TimeoutError)) or why == "no SOCKS reply in time"
+            self._why[conn] = ("connect timeout" if timeout else "upstream refused",
+                               f"{url}: {str(why) or type(why).__name__}")
             conn.reject(self.reject_with)
             self.kick()
+
+    def _upstream_failed(self) -> None:
+        cb = self.on_upstream_failed
+        if cb is not None:
+            cb()
 
     def _tcp_established(self, conn, relay) -> None:
         """The upstream is connected: answer the connect request (SYN-ACK)."""
@@ -562,9 +702,10 @@ class Engine:
         conn.user = relay
         conn.accept()
         self.counters["tcp_opened"] += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info("tcp open %s -> %s via %s", _fmt(conn.src, conn.sport), _fmt(conn.dst, conn.dport),
-                     relay.url)
+        if self._debug:
+            f = self._flow_fields(conn, "tcp", upstream=relay.url)
+            log.debug("tcp flow %d accepted (SYN-ACK sent): %s -> %s via %s", conn.id, f["src"], f["dst"],
+                      relay.url, extra=f)
         self.kick()
 
     async def _tcp_dial(self, conn, up, url) -> None:
@@ -572,10 +713,17 @@ class Engine:
             if isinstance(up, DokodemoUpstream):
                 sock = await dokodemo_connect(up, timeout=self.connect_timeout)
             else:
-                sock = await socks5_connect(up, conn.dst, conn.dport, timeout=self.connect_timeout)
+                bound = [] if self._debug else None
+                sock = await socks5_connect(up, conn.dst, conn.dport, timeout=self.connect_timeout,
+                                            bound=bound)
+                if bound:
+                    self._log_socks_reply(conn, 0, bound[0])
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            reply = getattr(e, "reply", None)
+            if self._debug and reply is not None:
+                self._log_socks_reply(conn, reply, None)
             self._tcp_dial_failed(conn, url, e)
             return
         if conn.closed:
@@ -600,10 +748,16 @@ class Engine:
                     t.close()
             else:
                 relay.close()
-            self.counters["tcp_closed"] += 1
-            if log.isEnabledFor(logging.INFO):
-                log.info("tcp close %s -> %s (%s) up=%d down=%d", _fmt(conn.src, conn.sport),
-                         _fmt(conn.dst, conn.dport), reason, relay.bytes_up, relay.bytes_down)
+            counters = self.counters
+            counters["tcp_closed"] += 1
+            counters["bytes_up"] += relay.bytes_up
+            counters["bytes_down"] += relay.bytes_down
+            if self._debug:
+                f = self._flow_fields(conn, "tcp", upstream=relay.url, reason=reason,
+                                      bytes_up=relay.bytes_up, bytes_down=relay.bytes_down)
+                log.debug("tcp flow %d closed (%s): %s -> %s up=%d down=%d bytes", conn.id, reason,
+                          f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
+        self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
         conn.user = None
 
     # ----------------------------------------------------------------------- UDP
@@ -611,10 +765,14 @@ class Engine:
     def _udp_datagram(self, flow, data, new) -> None:
         relay = flow.user
         if new or relay is None:
-            up, url = self.router.route("udp", flow.dst, flow.dport)
+            if self._debug:
+                up, url, rule = _route_rule(self.router, "udp", flow.dst, flow.dport)
+            else:
+                up, url = self.router.route("udp", flow.dst, flow.dport)
             relay = flow.user = UdpRelay(flow, url)
             self.counters["udp_opened"] += 1
-            log.info("udp open %s -> %s via %s", _fmt(flow.src, flow.sport), _fmt(flow.dst, flow.dport), url)
+            if self._debug:
+                self._log_dial(flow, "udp", up, url, rule)
             if isinstance(up, DokodemoUpstream):
                 relay.queue.append(data)
                 self._spawn(self._udp_open_dokodemo(flow, relay, up))
@@ -643,8 +801,11 @@ class Engine:
             raise
         except OSError as e:
             self.counters["upstream_connect_failed"] += 1
-            log.info("udp %s: dokodemo %s failed: %s", _fmt(flow.dst, flow.dport), relay.url, e)
+            log.info("udp flow %d %s: dokodemo %s failed: %s", flow.id, _fmt(flow.dst, flow.dport), relay.url, e,
+                     extra=self._flow_fields(flow, "udp", upstream=relay.url, reason=str(e)))
+            self._upstream_failed()
             if not flow.closed:
+                self._why[flow] = ("upstream refused", f"{relay.url}: {e}")
                 flow.reject("port")
                 self.kick()
             return
@@ -670,12 +831,16 @@ class Engine:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
             self.counters["upstream_connect_failed"] += 1
-            log.info("udp association for %s failed: %s", _fmt(*a.key), e)
+            log.info("udp association for %s failed: %s", _fmt(*a.key), e,
+                     extra={"src": _fmt(*a.key), "reason": str(e)})
+            self._upstream_failed()
             a.closed = True
             if self._assocs.get(a.key) is a:
                 del self._assocs[a.key]
             for flow in list(a.flows):
                 if not flow.closed:
+                    self._why[flow] = ("connect timeout" if isinstance(e, TimeoutError) else "upstream refused",
+                                       f"UDP ASSOCIATE: {str(e) or type(e).__name__}")
                     flow.reject("port")
             self.kick()
             return
@@ -684,6 +849,11 @@ class Engine:
             assoc.close()
             return
         a.assoc = assoc
+        if self._debug:
+            src = _fmt(*a.key)
+            log.debug("udp association for %s opened: socks reply 0 (succeeded), relay %s", src,
+                      _hostport(*assoc.relay), extra={"src": src, "socks_reply": 0,
+                                                      "bound": _hostport(*assoc.relay)})
         for flow in a.flows:
             relay = flow.user
             if relay is not None and relay.queue:
@@ -716,6 +886,11 @@ class Engine:
         self.kick()
 
     def _socks_closed(self, a: SocksAssoc, exc) -> None:
+        if self._debug:
+            src = _fmt(*a.key)
+            why = str(exc) if exc is not None else "released"
+            log.debug("udp association for %s closed: %s (%d flows)", src, why, len(a.flows),
+                      extra={"src": src, "reason": why})
         a.closed = True
         if self._assocs.get(a.key) is a:
             del self._assocs[a.key]
@@ -724,6 +899,7 @@ class Engine:
             if relay is not None:
                 relay.assoc = None
             if not flow.closed:
+                self._why[flow] = ("upstream closed", "the UDP association ended")
                 flow.close()
         a.flows.clear()
         self.kick()
@@ -739,6 +915,9 @@ class Engine:
         if relay is None:
             return
         flow.user = None
+        counters = self.counters
+        counters["bytes_up"] += flow.bytes_in
+        counters["bytes_down"] += flow.bytes_out
         if relay.dok is not None:
             relay.dok.close()
             relay.dok = None
@@ -753,10 +932,92 @@ class Engine:
                     a.assoc.close()
 
     def _udp_closed(self, flow, reason) -> None:
-        if flow.user is not None:
+        relay = flow.user
+        if relay is not None:
             self.counters["udp_closed"] += 1
-            log.info("udp close %s -> %s (%s)", _fmt(flow.src, flow.sport), _fmt(flow.dst, flow.dport), reason)
+            if self._debug:
+                f = self._flow_fields(flow, "udp", upstream=flow.user.url, reason=reason,
+                                      bytes_up=flow.bytes_in, bytes_down=flow.bytes_out)
+                log.debug("udp flow %d closed (%s): %s -> %s up=%d down=%d bytes", flow.id, reason,
+                          f["src"], f["dst"], flow.bytes_in, flow.bytes_out, extra=f)
+        why = self._why.pop(flow, None)
+        if why is None:
+            why = ("idle timeout" if reason == "idle" else reason, None)
+        self._remember("udp", flow, relay, why)
         self._udp_release(flow)
+
+    # ------------------------------------------------------- closed flows, rates
+
+    def close_why(self, obj, reason: str, detail: str | None = None) -> None:
+        """Say why the engine is about to end a flow (before abort/reject/close)."""
+        self._why[obj] = (reason, detail)
+
+    def _tcp_close_reason(self, conn, relay, reason):
+        why = self._why.pop(conn, None)
+        if why is not None:
+            return why
+        if reason == "closed":
+            fin = relay.fin_from if isinstance(relay, TcpRelay) else None
+            return ("upstream closed" if fin == "upstream" else "client FIN", None)
+        if reason == "reset":
+            return ("client RST", None)
+        if reason == "timeout":
+            # a connection still waiting for its SYN-ACK timed out in the stack
+            return ("timeout" if isinstance(relay, TcpRelay) else "connect timeout", None)
+        return (reason, None)
+
+    def _remember(self, proto, f, relay, why) -> None:
+        """Add a closed flow to the bounded history; keep the total rate exact."""
+        bi, bo = f.bytes_in, f.bytes_out
+        self._rates.pop(f, None)
+        self._flow_rate.pop(f, None)
+        cb = self._closed_bytes
+        cb[0] += bi
+        cb[1] += bo
+        now = self.loop.time() if self.loop is not None else f.created
+        self.closed_flows.append((proto, f.src, f.sport, f.dst, f.dport,
+                                  getattr(relay, "url", None), why[0], why[1], bi, bo,
+                                  now - f.created, time.time()))
+
+    def _sample(self) -> None:
+        """Every RATE_PERIOD: bytes/s per flow and in total from the byte
+        counters (no per-packet work)."""
+        loop = self.loop
+        now = loop.time()
+        dt = now - self._sample_at
+        self._sample_at = now
+        self._sampler = loop.call_later(RATE_PERIOD, self._sample)
+        if dt <= 0:
+            return
+        old = self._rates
+        rates = {}
+        flow_rate = {}
+        tot_in, tot_out = self._closed_bytes
+        stack = self.stack
+        for table in (stack.tcp, stack.udp):
+            for f in table.values():
+                bi, bo = f.bytes_in, f.bytes_out
+                tot_in += bi
+                tot_out += bo
+                p = old.get(f)
+                pi, po = p if p is not None else (0, 0)
+                rates[f] = (bi, bo)
+                if bi != pi or bo != po:
+                    flow_rate[f] = ((bi - pi) / dt, (bo - po) / dt)
+        self._rates = rates
+        self._flow_rate = flow_rate
+        ti, to = self._total_at
+        self._total_at = (tot_in, tot_out)
+        self._rate = ((tot_in - ti) / dt, (tot_out - to) / dt)
+
+    def _closed_status(self) -> list:
+        from .state import utc_text
+        out = []
+        for (proto, src, sport, dst, dport, url, reason, detail, bi, bo, dur, ended) in self.closed_flows:
+            out.append({"proto": proto, "src": _fmt(src, sport), "dst": _fmt(dst, dport), "inbound": url,
+                        "reason": reason, "detail": detail, "bytes_up": bi, "bytes_down": bo,
+                        "duration": round(dur, 3), "ended": utc_text(ended), "ended_epoch": round(ended, 3)})
+        return out
 
     # -------------------------------------------------------------------- status
 
@@ -764,75 +1025,86 @@ class Engine:
         now = self.loop.time() if self.loop is not None else 0.0
         st = self.stack.status()
         flows = []
+        rate = self._flow_rate
+        still = (0.0, 0.0)
         for conn in list(self.stack.tcp.values()):
             relay = conn.user
+            ru, rd = rate.get(conn, still)
             flows.append({
                 "proto": "tcp", "src": _fmt(conn.src, conn.sport), "dst": _fmt(conn.dst, conn.dport),
                 "inbound": relay.url if relay is not None else None, "state": conn.state,
                 "bytes_up": conn.bytes_in, "bytes_down": conn.bytes_out,
+                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
                 "age": round(now - conn.created, 3),
             })
         for flow in list(self.stack.udp.values()):
             relay = flow.user
+            ru, rd = rate.get(flow, still)
             flows.append({
                 "proto": "udp", "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
                 "inbound": relay.url if relay is not None else None, "state": "open",
                 "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
+                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
                 "age": round(now - flow.created, 3),
             })
         return {
             "uptime": round(time.time() - self.started, 3),
             "device": {"name": self.device.name, "mtu": self.device.mtu, **dict(self.device.stats)},
             "stack": st,
-            "engine": dict(self.counters),
+            "engine": self._engine_counters(),
             "udp_associations": len(self._assocs),
+            "rate": {"up": round(self._rate[0], 1), "down": round(self._rate[1], 1)},
             "flows": flows,
+            "closed_flows": self._closed_status(),
         }
+
+    def _engine_counters(self) -> dict:
+        """The counters, with bytes_up/bytes_down over every flow carried:
+        the closed ones (counted at their close) and the live ones so far."""
+        c = dict(self.counters)
+        up = c.get("bytes_up", 0)
+        down = c.get("bytes_down", 0)
+        for conn in self.stack.tcp.values():
+            relay = conn.user
+            if relay is not None:
+                up += relay.bytes_up
+                down += relay.bytes_down
+        for flow in self.stack.udp.values():
+            if flow.user is not None:
+                up += flow.bytes_in
+                down += flow.bytes_out
+        c["bytes_up"] = up
+        c["bytes_down"] = down
+        return c
+
+
+def _route_rule(router, network, dst, port):
+    """(upstream, url, rule) where rule names the rule that matched (its
+    index and what it matches) or "default"."""
+    explain = getattr(router, "route_rule", None)
+    if explain is not None:
+        return explain(network, dst, port)
+    up, url = router.route(network, dst, port)
+    return up, url, "?"
+
+
+def _hostport(host, port) -> str:
+    host = str(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _bound(buf, off):
+    """BND.ADDR, BND.PORT of a CONNECT reply whose ATYP is at buf[off]."""
+    try:
+        host, port, _ = decode_address(buf, off)
+    except (_Truncated, ValueError):
+        return None
+    return host, port
 
 
 class _Counter(dict):
     def __missing__(self, key):
         return 0
-
-
-def _complete_checksum(p):
-    """A copy of an offload TUN's packet with its TCP/UDP checksum complete
-    (the kernel may hand over only the pseudo-header sum: NEEDS_CSUM); other
-    packets as they are."""
-    n = len(p)
-    if n < 1:
-        return p
-    v = p[0] >> 4
-    if v == 4:
-        hl = (p[0] & 15) * 4
-        if n < hl + 8 or (p[6] & 0x3F) or p[7]:
-            return p
-        proto = p[9]
-        ps = _ck.pseudo4(p[12:16], p[16:20], proto, n - hl)
-    elif v == 6:
-        hl = 40
-        if n < 48:
-            return p
-        proto = p[6]
-        ps = _ck.pseudo6(p[8:24], p[24:40], proto, n - hl)
-    else:
-        return p
-    if proto == 6:
-        off = hl + 16
-        if n < hl + 20:
-            return p
-    elif proto == 17:
-        off = hl + 6
-    else:
-        return p
-    b = bytearray(p)
-    b[off] = b[off + 1] = 0
-    c = _ck.checksum(memoryview(b)[hl:], ps)
-    if proto == 17 and c == 0:
-        c = 0xFFFF
-    b[off] = c >> 8
-    b[off + 1] = c & 0xFF
-    return bytes(b)
 
 
 class _Literals(dict):

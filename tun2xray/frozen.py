@@ -29,7 +29,6 @@ import os
 import sys
 
 WORKER_ARG = "_worker"
-PR_SET_PDEATHSIG = 1
 
 _bundle_env: dict = {}      # the variables the bootloader set, for our own children
 
@@ -67,12 +66,11 @@ def _follow_bootloader() -> None:
     if not same or not os.path.basename(home).startswith("_MEI"):
         return
     import atexit
-    import ctypes
     import signal
 
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
+    from .host import set_pdeathsig
+
+    if not set_pdeathsig(signal.SIGTERM):
         return
     # commands without their own handler exit through atexit on SIGTERM too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

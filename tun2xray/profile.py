@@ -1,13 +1,20 @@
-"""The profile: one JSON schema for every platform (DESIGN.md "Profile").
+"""The profile: one JSON document for `tun2xray run --config` and the bridge's
+``config_json`` (reference: docs/profile.md).
 
-load_profile() validates and fills defaults; every error names the key path,
-e.g.  rules[1].port: "70000" is not a port
+One declarative table, KEYS, drives everything: validation here (every error
+names the key path, e.g. ``rules[1].port: "70000" is not a port``), the JSON
+Schema (``python3 -m tun2xray.profile --schema`` writes
+tun2xray/profile.schema.json), and the `run` flag each key mirrors
+(``Key.flag``: the argparse dest; tun2xray.cli fills unset flags from the
+profile with apply_to_args()).  Adding a key for a new `run` flag is one
+Key(...) entry below.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import sys
 from dataclasses import dataclass, field
 
 from .rules import Rule, _printable, parse_networks, parse_port_range
@@ -18,55 +25,141 @@ class ProfileError(ValueError):
     pass
 
 
+DEFAULT_ROUTES = {4: ["0.0.0.0/0"], 6: ["::/0"]}
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    path: str                   # dotted path; "ipv4.routes"
+    kind: str                   # a name in _CHECKS / _SCHEMAS
+    default: object             # what an absent key means (None: see doc)
+    doc: str
+    flag: str | None = None     # the `run` flag's argparse dest it mirrors
+    run_only: bool = False      # the bridge rejects it
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple = ()
+
+
+KEYS: tuple = (
+    Key("proxy", "socks_url", None, "the default route: the Xray socks inbound (socks5://[user:pass@]host:port); "
+        "required by the bridge; `run` takes it from --proxy, this key or the xray config's socks inbound",
+        flag="proxy"),
+    Key("mtu", "int", 1500, "device MTU (run: set on a tun:// device; the stack's MSS follows it)",
+        flag="mtu", lo=576, hi=65535),
+    Key("ipv4.address", "iface4", "198.18.0.1/15", "the TUN's IPv4 address/prefix", flag="address"),
+    Key("ipv4.routes", "prefixes4", None, "IPv4 prefixes routed into the TUN (see docs/profile.md "
+        "\"Routes\" for the default)"),
+    Key("ipv4.excluded_routes", "prefixes4", [], "IPv4 prefixes kept out of the TUN"),
+    Key("ipv6.address", "iface6", "fd00:7478::1/64", "the TUN's IPv6 address/prefix", flag="address6"),
+    Key("ipv6.routes", "prefixes6", None, "IPv6 prefixes routed into the TUN"),
+    Key("ipv6.excluded_routes", "prefixes6", [], "IPv6 prefixes kept out of the TUN"),
+    Key("dns.servers", "ips", ["198.18.0.2"], "DNS servers whose queries go through the TUN "
+        "(run: host routes into a tun:// device; hosts: their DNS settings)"),
+    Key("rules", "rules", [], "flow rules, first match wins, no match goes to proxy "
+        "(run: --map rules come first)"),
+    Key("udp_timeout", "number", 60.0, "seconds an idle UDP flow lives", lo=1, hi=86400),
+    Key("tcp_connect_timeout", "number", 10.0, "seconds to wait for an inbound to accept a TCP flow",
+        lo=0.1, hi=600),
+    Key("max_flows", "int", 65536, "flows at once; more are refused and counted", lo=1, hi=10_000_000),
+    Key("icmp_echo", "enum", "reply", "answer pings to any address (reply) or not (drop)",
+        choices=("reply", "drop")),
+    # ---- `run` only: the bridge's host owns the device, the core and the logs
+    Key("device", "device", None, "tun://NAME, fd://N[?header=af] or unix:///path", flag="device",
+        run_only=True),
+    Key("control", "control", None, "serve JSON status on unix:///path (default: unix:///run/tun2xray/NAME.sock, "
+        "per device; \"none\": no socket)", flag="control", run_only=True),
+    Key("record", "path", None, "write every packet crossing the device to this pcap", flag="record",
+        run_only=True),
+    Key("record_wire", "bool", False, "record wire-sized packets (cut TCP super-segments to the MTU)",
+        flag="record_wire", run_only=True),
+    Key("record_max_mb", "number", None, "rotate the capture at this size in MB (default 256, 0: no cap)",
+        flag="record_max_mb", run_only=True, lo=0, hi=9_999_999),
+    Key("log_level", "enum", "info", "log level", flag="log_level", run_only=True,
+        choices=("debug", "info", "warning", "error")),
+    Key("log_format", "enum", "text", "text: one timestamped line per record; json: one JSON object per line",
+        flag="log_format", run_only=True, choices=("text", "json")),
+    Key("workers", "int", None, "worker processes (default: one per core for a tun:// device, else 1)",
+        flag="workers", run_only=True, lo=1, hi=64),
+    Key("xray.config", "path", None, "start and supervise the core with this config.json", flag="xray_config",
+        run_only=True),
+    Key("xray.bin", "path", None, "the core binary (default: xray, else v2ray, on PATH)", flag="xray_bin",
+        run_only=True),
+    Key("xray.auto_route", "bool", False, "route everything through the TUN (needs xray.config)",
+        flag="auto_route", run_only=True),
+)
+
+KEY_BY_PATH = {k.path: k for k in KEYS}
+
+
+def _objects() -> dict:
+    """{object path: [child names]}; "" is the top level."""
+    out: dict = {"": []}
+    for k in KEYS:
+        parent, _, name = k.path.rpartition(".")
+        if parent and parent not in out:
+            out[parent] = []
+            out[""].append(parent)
+        out[parent].append(name)
+    return out
+
+
+OBJECTS = _objects()
+
+
 @dataclass(slots=True)
 class IPSettings:
     address: str
-    routes: list
+    routes: list | None          # None: not given (see effective_routes)
     excluded_routes: list
 
 
 @dataclass(slots=True)
 class Profile:
-    proxy: str
+    proxy: str | None
     mtu: int = 1500
-    ipv4: IPSettings = field(default_factory=lambda: IPSettings("198.18.0.1/15", ["0.0.0.0/0"], []))
-    ipv6: IPSettings = field(default_factory=lambda: IPSettings("fd00:7478::1/64", ["::/0"], []))
+    ipv4: IPSettings = field(default_factory=lambda: IPSettings("198.18.0.1/15", None, []))
+    ipv6: IPSettings = field(default_factory=lambda: IPSettings("fd00:7478::1/64", None, []))
     dns_servers: list = field(default_factory=lambda: ["198.18.0.2"])
     rules: list = field(default_factory=list)        # list[Rule]
     udp_timeout: float = 60.0
     tcp_connect_timeout: float = 10.0
     max_flows: int = 65536
     icmp_echo: str = "reply"
+    values: dict = field(default_factory=dict)       # every key path given -> its checked value
+
+    def get(self, path: str):
+        """The value of *path*: as given, else the key's default."""
+        if path in self.values:
+            return self.values[path]
+        return KEY_BY_PATH[path].default
+
+    def routes(self, version: int, default_all: bool) -> list:
+        """The IPv4/IPv6 routes: as given, else everything (default_all: a
+        host applies them, or --auto-route) or nothing (a plain `run`)."""
+        given = (self.ipv4 if version == 4 else self.ipv6).routes
+        if given is not None:
+            return list(given)
+        return list(DEFAULT_ROUTES[version]) if default_all else []
 
     def to_json(self) -> dict:
-        return {
-            "proxy": self.proxy, "mtu": self.mtu,
-            "ipv4": {"address": self.ipv4.address, "routes": self.ipv4.routes,
-                     "excluded_routes": self.ipv4.excluded_routes},
-            "ipv6": {"address": self.ipv6.address, "routes": self.ipv6.routes,
-                     "excluded_routes": self.ipv6.excluded_routes},
-            "dns": {"servers": self.dns_servers},
-            "rules": [_rule_json(r) for r in self.rules],
-            "udp_timeout": self.udp_timeout, "tcp_connect_timeout": self.tcp_connect_timeout,
-            "max_flows": self.max_flows, "icmp_echo": self.icmp_echo,
-        }
+        out: dict = {}
+        for path, value in self.values.items():
+            node = out
+            parts = path.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return out
 
 
-def _rule_json(r: Rule) -> dict:
-    d = {"network": ",".join(sorted(r.networks)), "to": r.url}
-    if r.cidrs:
-        d["cidr"] = [str(c) for c in r.cidrs]
-    if r.ports is not None:
-        d["port"] = r.ports[0] if r.ports[0] == r.ports[1] else f"{r.ports[0]}-{r.ports[1]}"
-    return d
+# --------------------------------------------------------------- validation
 
-
-_TOP = {"proxy", "mtu", "ipv4", "ipv6", "dns", "rules", "udp_timeout", "tcp_connect_timeout",
-        "max_flows", "icmp_echo"}
-
-
-def load_profile(source) -> Profile:
-    """source: JSON text, bytes, or an already-decoded dict."""
+def load_profile(source, *, bridge: bool = False) -> Profile:
+    """Check and load a profile; *source* is JSON text, bytes or a decoded
+    dict.  bridge=True: also reject the keys only `run` reads and require
+    proxy (the bridge starts no core).  `run` checks that it has a proxy
+    after merging flags: --proxy, proxy, or xray.config's socks inbound."""
     if isinstance(source, (str, bytes, bytearray)):
         try:
             data = json.loads(source)
@@ -80,48 +173,43 @@ def load_profile(source) -> Profile:
         data = source
     if not isinstance(data, dict):
         raise ProfileError("the profile must be a JSON object")
-    _no_unknown(data, _TOP, "")
-    if "proxy" not in data:
+    values: dict = {}
+    _walk(data, "", values)
+    if bridge:
+        for path in values:
+            if KEY_BY_PATH[path].run_only:
+                raise ProfileError(f"{path}: only `tun2xray run` reads this key; the bridge's host "
+                                   "owns the device, the core and the logs")
+    if bridge and "proxy" not in values:
         raise ProfileError("proxy: is required")
-    p = Profile(proxy=_url(data["proxy"], "proxy"))
-    if "mtu" in data:
-        p.mtu = _int(data["mtu"], "mtu", 576, 65535)
-    for fam, version in (("ipv4", 4), ("ipv6", 6)):
-        if fam in data:
-            setattr(p, fam, _ip_settings(data[fam], fam, version, getattr(p, fam)))
-    if "dns" in data:
-        d = _obj(data["dns"], "dns")
-        _no_unknown(d, {"servers"}, "dns")
-        if "servers" in d:
-            servers = _list(d["servers"], "dns.servers")
-            for i, s in enumerate(servers):
-                try:
-                    ipaddress.ip_address(s)
-                except (ValueError, TypeError):
-                    raise ProfileError(f"dns.servers[{i}]: {json.dumps(s)} is not an IP address") from None
-            p.dns_servers = list(servers)
-    if "rules" in data:
-        p.rules = [_rule(r, f"rules[{i}]") for i, r in enumerate(_list(data["rules"], "rules"))]
-    if "udp_timeout" in data:
-        p.udp_timeout = _num(data["udp_timeout"], "udp_timeout", 1, 86400)
-    if "tcp_connect_timeout" in data:
-        p.tcp_connect_timeout = _num(data["tcp_connect_timeout"], "tcp_connect_timeout", 0.1, 600)
-    if "max_flows" in data:
-        p.max_flows = _int(data["max_flows"], "max_flows", 1, 10_000_000)
-    if "icmp_echo" in data:
-        v = data["icmp_echo"]
-        if v not in ("reply", "drop"):
-            raise ProfileError(f'icmp_echo: {json.dumps(v)} is not "reply" or "drop"')
-        p.icmp_echo = v
+    return _build(values)
+
+
+def _walk(d: dict, path: str, values: dict) -> None:
+    names = OBJECTS[path]
+    for name, v in d.items():
+        where = f"{path}.{name}" if path else name
+        if name not in names:
+            raise ProfileError(f"{_printable(where)}: unknown key")   # one line, whatever the key holds
+        if where in OBJECTS:
+            _walk(_obj(v, where), where, values)
+        else:
+            key = KEY_BY_PATH[where]
+            values[where] = _CHECKS[key.kind](v, where, key)
+
+
+def _build(values: dict) -> Profile:
+    p = Profile(proxy=values.get("proxy"), values=values)
+    p.mtu = p.get("mtu")
+    p.ipv4 = IPSettings(p.get("ipv4.address"), values.get("ipv4.routes"), list(p.get("ipv4.excluded_routes")))
+    p.ipv6 = IPSettings(p.get("ipv6.address"), values.get("ipv6.routes"), list(p.get("ipv6.excluded_routes")))
+    p.dns_servers = list(p.get("dns.servers"))
+    p.rules = [_rule_obj(r) for r in values.get("rules", [])]
+    p.udp_timeout = float(p.get("udp_timeout"))
+    p.tcp_connect_timeout = float(p.get("tcp_connect_timeout"))
+    p.max_flows = p.get("max_flows")
+    p.icmp_echo = p.get("icmp_echo")
     return p
-
-
-def _no_unknown(d: dict, allowed: set, path: str) -> None:
-    for k in d:
-        if k not in allowed:
-            where = f"{path}.{k}" if path else k
-            where = _printable(where)            # one line, whatever the key holds
-            raise ProfileError(f"{where}: unknown key")
 
 
 def _obj(v, path):
@@ -136,19 +224,32 @@ def _list(v, path):
     return v
 
 
-def _int(v, path, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ProfileError(f"{path}: {json.dumps(v)} is not an integer in {lo}..{hi}")
+def _int(v, path, key):
+    if isinstance(v, bool) or not isinstance(v, int) or not key.lo <= v <= key.hi:
+        raise ProfileError(f"{path}: {json.dumps(v)} is not an integer in {key.lo}..{key.hi}")
     return v
 
 
-def _num(v, path, lo, hi):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise ProfileError(f"{path}: {json.dumps(v)} is not a number in {lo}..{hi}")
-    return float(v)
+def _num(v, path, key):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not key.lo <= v <= key.hi:
+        raise ProfileError(f"{path}: {json.dumps(v)} is not a number in {key.lo}..{key.hi}")
+    return v
 
 
-def _url(v, path):
+def _bool(v, path, key):
+    if not isinstance(v, bool):
+        raise ProfileError(f"{path}: {json.dumps(v)} is not true or false")
+    return v
+
+
+def _enum(v, path, key):
+    if v not in key.choices or not isinstance(v, str):
+        names = [f'"{c}"' for c in key.choices]
+        raise ProfileError(f"{path}: {json.dumps(v)} is not " + ", ".join(names[:-1]) + " or " + names[-1])
+    return v
+
+
+def _url(v, path, key=None):
     if not isinstance(v, str):
         raise ProfileError(f"{path}: {json.dumps(v)} is not a URL")
     try:
@@ -158,36 +259,91 @@ def _url(v, path):
     return v
 
 
-def _ip_settings(v, path, version, default: IPSettings) -> IPSettings:
-    d = _obj(v, path)
-    _no_unknown(d, {"address", "routes", "excluded_routes"}, path)
-    out = IPSettings(default.address, list(default.routes), list(default.excluded_routes))
-    if "address" in d:
-        a = d["address"]
+def _socks_url(v, path, key):
+    _url(v, path)
+    if not v.strip().lower().startswith(("socks5://", "socks5h://")):
+        scheme = v.strip().partition("://")[0]
+        raise ProfileError(f"{path}: the default route must be a socks5:// inbound, not {scheme}:// "
+                           "(a dokodemo inbound has one fixed destination: use it in a rule)")
+    return v
+
+
+def _path(v, path, key):
+    if not isinstance(v, str) or not v or "\0" in v:
+        raise ProfileError(f"{path}: {json.dumps(v)} is not a file path")
+    return v
+
+
+def _device(v, path, key):
+    if not isinstance(v, str) or not v.startswith(("tun://", "fd://", "unix://")) or len(v.partition("://")[2]) == 0:
+        raise ProfileError(f"{path}: {json.dumps(v)} is not tun://NAME, fd://N or unix:///path")
+    return v
+
+
+def _control(v, path, key):
+    if not isinstance(v, str) or not (v.startswith("unix:///") or v.lower() in ("none", "off")):
+        raise ProfileError(f"{path}: {json.dumps(v)} is not unix:///path or \"none\"")
+    return v
+
+
+def _iface(version):
+    def check(v, path, key):
         try:
-            iface = ipaddress.ip_interface(a)
+            iface = ipaddress.ip_interface(v)
         except (ValueError, TypeError):
-            raise ProfileError(f"{path}.address: {json.dumps(a)} is not an address/prefix") from None
+            raise ProfileError(f"{path}: {json.dumps(v)} is not an address/prefix") from None
         if iface.version != version:
-            raise ProfileError(f"{path}.address: {json.dumps(a)} is not IPv{version}")
-        out.address = a
-    for key in ("routes", "excluded_routes"):
-        if key in d:
-            nets = _list(d[key], f"{path}.{key}")
-            for i, n in enumerate(nets):
-                try:
-                    net = ipaddress.ip_network(n)
-                except (ValueError, TypeError):
-                    raise ProfileError(f"{path}.{key}[{i}]: {json.dumps(n)} is not a prefix") from None
-                if net.version != version:
-                    raise ProfileError(f"{path}.{key}[{i}]: {json.dumps(n)} is not IPv{version}")
-            setattr(out, key, list(nets))
+            raise ProfileError(f"{path}: {json.dumps(v)} is not IPv{version}")
+        return v
+    return check
+
+
+def _prefixes(version):
+    def check(v, path, key):
+        for i, n in enumerate(_list(v, path)):
+            try:
+                net = ipaddress.ip_network(n)
+            except (ValueError, TypeError):
+                raise ProfileError(f"{path}[{i}]: {json.dumps(n)} is not a prefix{_host_bits(n)}") from None
+            if net.version != version:
+                raise ProfileError(f"{path}[{i}]: {json.dumps(n)} is not IPv{version}")
+        return list(v)
+    return check
+
+
+def _host_bits(n) -> str:
+    try:
+        return f" (host bits set; {ipaddress.ip_network(n, strict=False)}?)"
+    except (ValueError, TypeError):
+        return ""
+
+
+def _ips(v, path, key):
+    for i, s in enumerate(_list(v, path)):
+        try:
+            ipaddress.ip_address(s)
+        except (ValueError, TypeError):
+            raise ProfileError(f"{path}[{i}]: {json.dumps(s)} is not an IP address") from None
+    return list(v)
+
+
+_RULE_KEYS = ("network", "cidr", "port", "to")
+
+
+def _rules(v, path, key):
+    out = []
+    for i, r in enumerate(_list(v, path)):
+        where = f"{path}[{i}]"
+        d = _obj(r, where)
+        for k in d:
+            if k not in _RULE_KEYS:
+                raise ProfileError(f"{where}.{_printable(k)}: unknown key")
+        _rule_obj(d, where)             # checks; the Rule is built again in _build
+        out.append(dict(d))
     return out
 
 
-def _rule(v, path) -> Rule:
-    d = _obj(v, path)
-    _no_unknown(d, {"network", "cidr", "port", "to"}, path)
+def _rule_obj(d: dict, path: str = "rules[]") -> Rule:
     if "to" not in d:
         raise ProfileError(f"{path}.to: is required")
     to_url = _url(d["to"], f"{path}.to")
@@ -201,13 +357,12 @@ def _rule(v, path) -> Rule:
             raise ProfileError(f"{path}.network: {e}") from None
     cidrs = ()
     if "cidr" in d:
-        items = _list(d["cidr"], f"{path}.cidr")
         out = []
-        for i, c in enumerate(items):
+        for i, c in enumerate(_list(d["cidr"], f"{path}.cidr")):
             try:
                 out.append(ipaddress.ip_network(c))
             except (ValueError, TypeError):
-                raise ProfileError(f"{path}.cidr[{i}]: {json.dumps(c)} is not a prefix") from None
+                raise ProfileError(f"{path}.cidr[{i}]: {json.dumps(c)} is not a prefix{_host_bits(c)}") from None
         cidrs = tuple(out)
     ports = None
     if "port" in d:
@@ -216,3 +371,142 @@ def _rule(v, path) -> Rule:
         except ValueError as e:
             raise ProfileError(f"{path}.port: {e}") from None
     return Rule(networks=nets, cidrs=cidrs, ports=ports, to=parse_upstream(to_url), url=to_url)
+
+
+_CHECKS = {
+    "url": _url, "socks_url": _socks_url, "int": _int, "number": _num, "bool": _bool, "enum": _enum, "path": _path,
+    "device": _device, "control": _control, "iface4": _iface(4), "iface6": _iface(6),
+    "prefixes4": _prefixes(4), "prefixes6": _prefixes(6), "ips": _ips, "rules": _rules,
+}
+
+
+# ------------------------------------------------------------------- schema
+# The patterns say what a regular expression can say; the validator above is
+# the authority on the rest (an IPv6 address's full grammar, host bits set in
+# a prefix, a URL's host and port).
+
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_V4 = rf"{_OCTET}(\.{_OCTET}){{3}}"
+_V6 = r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"
+_LEN4 = r"(3[0-2]|[12]?[0-9])"
+_LEN6 = r"(12[0-8]|1[01][0-9]|[1-9]?[0-9])"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+_URL = rf"^(socks5|socks5h|dokodemo|dokodemo-door|tunnel)://[^\s/?#]+:{_PORT}/?$"
+_SOCKS_URL = rf"^(socks5|socks5h)://[^\s/?#]+:{_PORT}/?$"
+
+_SCHEMAS = {
+    "url": lambda k: {"type": "string", "pattern": _URL},
+    "socks_url": lambda k: {"type": "string", "pattern": _SOCKS_URL},
+    "int": lambda k: {"type": "integer", "minimum": k.lo, "maximum": k.hi},
+    "number": lambda k: {"type": "number", "minimum": k.lo, "maximum": k.hi},
+    "bool": lambda k: {"type": "boolean"},
+    "enum": lambda k: {"enum": list(k.choices)},
+    "path": lambda k: {"type": "string", "minLength": 1},
+    "device": lambda k: {"type": "string", "pattern": "^(tun|fd|unix)://."},
+    "control": lambda k: {"type": "string", "pattern": "^(unix:///|(?i:none|off)$)"},
+    "iface4": lambda k: {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"},
+    "iface6": lambda k: {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"},
+    "prefixes4": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"}},
+    "prefixes6": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"}},
+    "ips": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^({_V4}|{_V6})$"}},
+    "rules": lambda k: {"type": "array", "items": {
+        "type": "object", "additionalProperties": False, "required": ["to"],
+        "properties": {
+            "network": {"type": "string", "pattern": r"^\s*(tcp|udp)\s*(,\s*(tcp|udp)\s*)*$"},
+            "cidr": {"type": "array", "items": {"type": "string", "pattern":
+                                                rf"^({_V4}(/{_LEN4})?|{_V6}(/{_LEN6})?)$"}},
+            "port": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 65535},
+                               {"type": "string", "pattern": rf"^\s*{_PORT}(-{_PORT})?\s*$"}]},
+            "to": {"type": "string", "pattern": _URL},
+        }}},
+}
+
+
+def _schema_for(path: str) -> dict:
+    props = {}
+    for name in OBJECTS[path]:
+        where = f"{path}.{name}" if path else name
+        if where in OBJECTS:
+            props[name] = _schema_for(where)
+        else:
+            key = KEY_BY_PATH[where]
+            s = dict(_SCHEMAS[key.kind](key))
+            s["description"] = key.doc + (" (`run` only)" if key.run_only else "")
+            if key.default is not None:
+                s["default"] = key.default
+            props[name] = s
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def json_schema() -> dict:
+    """The profile's JSON Schema (draft 2020-12), from KEYS."""
+    s = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+         "$id": "https://github.com/tun2xray/tun2xray/profile.schema.json",
+         "title": "tun2xray profile",
+         "description": "tun2xray run --config / bridge config_json; reference: docs/profile.md"}
+    s.update(_schema_for(""))
+    return s
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
+def schema_path() -> str:
+    import os
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile.schema.json")
+
+
+# ------------------------------------------------------------- run's flags
+
+def flag_keys() -> list:
+    """The keys that mirror a `run` flag."""
+    return [k for k in KEYS if k.flag]
+
+
+def apply_to_args(profile: Profile | None, args) -> None:
+    """Fill every mirrored flag left unset (None) on the command line from
+    the profile, else from the key's default: flags win over keys."""
+    for key in flag_keys():
+        if getattr(args, key.flag, None) is not None:
+            continue
+        if profile is not None and key.path in profile.values:
+            setattr(args, key.flag, profile.values[key.path])
+        elif key.default is not None:
+            setattr(args, key.flag, key.default)
+        elif not hasattr(args, key.flag):
+            setattr(args, key.flag, None)
+
+
+def main(argv=None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="python3 -m tun2xray.profile",
+                                description="check a profile, or print/write its JSON Schema")
+    p.add_argument("profile", nargs="?", help="a profile to check")
+    p.add_argument("--schema", action="store_true", help="print the JSON Schema")
+    p.add_argument("--write-schema", action="store_true", help=f"write it to {schema_path()}")
+    args = p.parse_args(argv)
+    if args.write_schema:
+        with open(schema_path(), "w") as f:
+            f.write(schema_text())
+        return 0
+    if args.schema:
+        sys.stdout.write(schema_text())
+        return 0
+    if not args.profile:
+        p.error("give a profile to check, --schema or --write-schema")
+    try:
+        with open(args.profile, "rb") as f:
+            load_profile(f.read())
+    except OSError as e:
+        print(f"{args.profile}: {e.strerror}", file=sys.stderr)
+        return 1
+    except ProfileError as e:
+        print(f"{args.profile}: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.profile}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,15 +24,14 @@ import glob
 import heapq
 import logging
 import os
-import struct
+
+from .device.pcap import FILE_HEADER as _file_header
+from .device.pcap import RECORD_HEADER as _record_header
 
 DEFAULT_MAX_MB = 256.0
 MB = 1_000_000
 
 log = logging.getLogger("tun2xray.record")
-
-_file_header = struct.Struct("=IHHiIII")
-_record_header = struct.Struct("=IIII")
 
 
 class RecordOptions:

@@ -50,26 +50,26 @@ from __future__ import annotations
 
 import ipaddress
 import random
-import struct
 import sys
 import traceback
 
 from netstack import Stack, StackConfig
 from netstack import events as ev
 from netstack.wire import checksum as ck
-from netstack.wire.templates import TcpTemplate
+from netstack.wire import icmp as wicmp
+from netstack.wire import ip as wip
+from netstack.wire import ipv4 as wip4
+from netstack.wire import ipv6 as wip6
+from netstack.wire import tcp as wtcp
+from netstack.wire import udp as wudp
+from netstack.wire.errors import WireError
 from netstack.wire.tcp import build_options
+from netstack.wire.templates import TcpTemplate
+
+from .device import pcap as _pcap
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 M32 = 0xFFFFFFFF
-
-_PCAP_REC = {"<": struct.Struct("<IIII"), ">": struct.Struct(">IIII")}
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
-
-# link types: raw IP (101, and the DLT_RAW values 12/14), IPv4 (228), IPv6 (229),
-# Ethernet (1), Linux cooked (113), BSD loopback (0, 108)
-_RAW_LINKTYPES = {101, 12, 14, 228, 229}
 
 
 class ReplayError(Exception):
@@ -79,89 +79,13 @@ class ReplayError(Exception):
 # ------------------------------------------------------------------ reading
 
 def read_pcap(path) -> list:
-    """[(ts, ip_packet_bytes)] of a classic pcap (or pcapng, through dpkt).
+    """[(ts, ip_packet_bytes)] of a classic pcap or pcapng capture, read by
+    the device pcap reader in its strict mode (every frame as captured).
     Raises ReplayError with a one-line reason on anything malformed."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ReplayError(f"{path}: {e.strerror or e}") from None
-    if len(data) < 4:
-        raise ReplayError(f"{path}: not a pcap file (only {len(data)} bytes)")
-    magic = data[:4]
-    if magic == b"\x0a\x0d\x0d\x0a":
-        return _read_pcapng(path, data)
-    if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
-        order = "<"
-    elif magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d"):
-        order = ">"
-    else:
-        raise ReplayError(f"{path}: not a pcap file (magic {magic.hex()})")
-    if len(data) < 24:
-        raise ReplayError(f"{path}: truncated pcap header")
-    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
-    linktype = struct.unpack_from(order + "I", data, 20)[0] & 0x0FFFFFFF
-    rec = _PCAP_REC[order]
-    div = 1e9 if nano else 1e6
-    out = []
-    off, n, i = 24, len(data), 0
-    while off < n:
-        i += 1
-        if off + 16 > n:
-            raise ReplayError(f"{path}: truncated record header (packet {i}, offset {off})")
-        sec, frac, caplen, origlen = rec.unpack_from(data, off)
-        off += 16
-        if caplen > 262144:
-            raise ReplayError(f"{path}: packet {i}: implausible length {caplen}")
-        if off + caplen > n:
-            raise ReplayError(f"{path}: truncated packet {i} ({n - off} of {caplen} bytes)")
-        frame = data[off:off + caplen]
-        off += caplen
-        if caplen < origlen:
-            raise ReplayError(f"{path}: packet {i} was cut to {caplen} of {origlen} bytes (snaplen)")
-        ip = _link_to_ip(path, linktype, frame, i)
-        if ip is not None:
-            out.append((sec + frac / div, ip))
-    return out
-
-
-def _read_pcapng(path, data) -> list:
-    import io
-
-    import dpkt
-    try:
-        rd = dpkt.pcapng.Reader(io.BytesIO(data))
-        linktype = rd.datalink()
-        out = [(ts, _link_to_ip(path, linktype, buf, i + 1)) for i, (ts, buf) in enumerate(rd)]
-        return [(ts, ip) for ts, ip in out if ip is not None]
-    except ReplayError:
-        raise
-    except Exception as e:   # dpkt raises assorted errors on malformed blocks
-        raise ReplayError(f"{path}: malformed pcapng ({type(e).__name__}: {e})") from None
-
-
-def _link_to_ip(path, linktype, frame, i):
-    """The IP packet in one frame; None for frames that carry none (ARP, ...)."""
-    if linktype in _RAW_LINKTYPES:
-        return frame
-    if linktype == 1:           # Ethernet II, with up to two VLAN tags
-        off, et = 12, None
-        while off + 2 <= len(frame):
-            et = int.from_bytes(frame[off:off + 2], "big")
-            off += 2
-            if et not in (0x8100, 0x88A8):
-                break
-            off += 2
-        return frame[off:] if et in (0x0800, 0x86DD) else None
-    if linktype == 113:         # Linux cooked capture v1: protocol at 14, 16-byte header
-        ok = len(frame) >= 16 and frame[14:16] in (b"\x08\x00", b"\x86\xdd")
-        return frame[16:] if ok else None
-    if linktype == 276:         # Linux cooked capture v2: protocol at 0, 20-byte header
-        ok = len(frame) >= 20 and frame[0:2] in (b"\x08\x00", b"\x86\xdd")
-        return frame[20:] if ok else None
-    if linktype in (0, 108):    # BSD loopback: 4-byte address family
-        return frame[4:] if len(frame) >= 4 else None
-    raise ReplayError(f"{path}: unsupported link type {linktype}")
+        return list(_pcap.read_pcap(path, strict=True))
+    except ValueError as e:
+        raise ReplayError(str(e)) from None
 
 
 # ------------------------------------------------------------------ parsing
@@ -169,7 +93,7 @@ def _link_to_ip(path, linktype, frame, i):
 class Pkt:
     """One IP packet of the capture, with the fields the replay needs."""
     __slots__ = ("ts", "raw", "family", "proto", "src", "dst", "sport", "dport",
-                 "l4", "seq", "ack", "flags", "wnd", "doff", "payload", "opts",
+                 "l4", "end", "seq", "ack", "flags", "wnd", "doff", "payload", "opts",
                  "icmp", "inner", "csum_bad")
 
     def __init__(self, ts, raw):
@@ -182,82 +106,59 @@ class Pkt:
 
 
 def parse_ip(ts, raw) -> Pkt:
-    """Fields of an IPv4/IPv6 TCP or UDP packet; p.proto is None for anything
-    else (other protocols, fragments, extension headers, bad lengths)."""
+    """Fields of an IPv4/IPv6 TCP or UDP packet (or an ICMP message),
+    parsed with netstack.wire; p.proto is None for anything else (other
+    protocols, fragments, extension headers, bad lengths)."""
     p = Pkt(ts, raw)
     n = len(raw)
-    if n >= 20 and raw[0] >> 4 == 4:
-        ihl = (raw[0] & 15) * 4
-        tot = int.from_bytes(raw[2:4], "big")
-        if ihl < 20 or tot < ihl or tot > n or int.from_bytes(raw[6:8], "big") & 0x3FFF:
+    try:
+        if n >= 20 and raw[0] >> 4 == 4:
+            l4, end, frag, proto, src, dst = wip4.unpack(raw)
+            if frag & 0x3FFF:
+                return p
+            p.family = 4
+        elif n >= 40 and raw[0] >> 4 == 6:
+            plen, proto, src, dst = wip6.unpack(raw)
+            p.family, l4, end = 6, 40, 40 + plen
+        else:
             return p
-        p.family, proto, p.src, p.dst, l4, end = 4, raw[9], raw[12:16], raw[16:20], ihl, tot
-    elif n >= 40 and raw[0] >> 4 == 6:
-        plen = int.from_bytes(raw[4:6], "big")
-        if 40 + plen > n:
-            return p
-        p.family, proto, p.src, p.dst, l4, end = 6, raw[6], raw[8:24], raw[24:40], 40, 40 + plen
-    else:
+    except WireError:
         return p
-    p.l4 = l4
-    if proto == 6 and end - l4 >= 20:
-        sport, dport, seq, ack, doff, flags, wnd, _, _ = _TCP.unpack_from(raw, l4)
-        doff = (doff >> 4) * 4
-        if doff < 20 or l4 + doff > end:
-            return p
-        p.proto, p.sport, p.dport, p.seq, p.ack, p.flags, p.wnd, p.doff = 6, sport, dport, seq, ack, flags, wnd, doff
-        p.opts = raw[l4 + 20:l4 + doff]
-        p.payload = raw[l4 + doff:end]
-    elif proto == 17 and end - l4 >= 8:
-        sport, dport, ulen, _ = _UDP.unpack_from(raw, l4)
-        if ulen < 8 or l4 + ulen > end:
-            return p
-        p.proto, p.sport, p.dport = 17, sport, dport
-        p.payload = raw[l4 + 8:l4 + ulen]
-    elif proto in (1, 58) and end - l4 >= 8 and (proto == 1) == (p.family == 4):
-        p.proto, p.icmp = proto, (raw[l4], raw[l4 + 1])
-        p.payload = raw[l4 + 8:end]
-        if p.icmp[0] in ((3, 11, 12) if proto == 1 else (1, 2, 3, 4)):
-            p.inner = _quoted(p.payload)
+    p.src, p.dst, p.l4, p.end = src, dst, l4, end
+    seg = raw if end == n else raw[:end]
+    try:
+        if proto == 6:
+            sport, dport, seq, ack, doff, flags, wnd = wtcp.unpack(seg, l4)
+            p.proto, p.sport, p.dport, p.seq, p.ack = 6, sport, dport, seq, ack
+            p.flags, p.wnd, p.doff = flags, wnd, doff
+            p.opts = raw[l4 + 20:l4 + doff]
+            p.payload = raw[l4 + doff:end]
+        elif proto == 17:
+            sport, dport, ulen, _ = wudp.parse(seg, l4)
+            p.proto, p.sport, p.dport = 17, sport, dport
+            p.payload = raw[l4 + 8:l4 + ulen]
+        elif proto in (1, 58) and (proto == 1) == (p.family == 4):
+            type_, code, _rest = wicmp.unpack(seg, l4)
+            p.proto, p.icmp = proto, (type_, code)
+            p.payload = raw[l4 + 8:end]
+            if type_ in ((3, 11, 12) if proto == 1 else (1, 2, 3, 4)):
+                p.inner = _quoted(p.payload)
+    except WireError:
+        pass
     return p
 
 
 def _quoted(q):
     """(proto, src, sport, dst, dport) of the packet an ICMP error quotes."""
-    if len(q) >= 28 and q[0] >> 4 == 4:
-        off, proto, src, dst = (q[0] & 15) * 4, q[9], q[12:16], q[16:20]
-    elif len(q) >= 48 and q[0] >> 4 == 6:
-        off, proto, src, dst = 40, q[6], q[8:24], q[24:40]
-    else:
+    try:
+        _family, proto, src, sport, dst, dport = wicmp.parse_quote(q, 0)
+    except WireError:
         return None
-    if proto not in (6, 17) or len(q) < off + 4:
-        return None
-    return (proto, bytes(src), int.from_bytes(q[off:off + 2], "big"), bytes(dst), int.from_bytes(q[off + 2:off + 4], "big"))
+    return proto, src, sport, dst, dport
 
 
-def tcp_options(opts) -> dict:
-    """{kind: (offset, value)} for the options the replay looks at (3 window
-    scale, 5 SACK, 8 timestamps)."""
-    out = {}
-    i, n = 0, len(opts)
-    while i < n:
-        kind = opts[i]
-        if kind == 0:
-            break
-        if kind == 1:
-            i += 1
-            continue
-        if i + 1 >= n or opts[i + 1] < 2 or i + opts[i + 1] > n:
-            break
-        ln = opts[i + 1]
-        if kind == 8 and ln == 10:
-            out[8] = (i, struct.unpack_from("!II", opts, i + 2))
-        elif kind == 3 and ln == 3:
-            out[3] = (i, min(opts[i + 2], 14))
-        elif kind == 5 and ln >= 10 and (ln - 2) % 8 == 0:
-            out[5] = (i, [struct.unpack_from("!II", opts, j) for j in range(i + 2, i + ln, 8)])
-        i += ln
-    return out
+# {kind: (offset, value)} of window scale (3), SACK (5) and timestamps (8)
+tcp_options = wtcp.scan_options
 
 
 def _ip_text(family, addr, port) -> str:
@@ -563,16 +464,12 @@ def _l4_checksum(p):
     """(field, correct value, pseudo-header sum) of a TCP/UDP packet's
     checksum, or None (UDP over IPv4 without a checksum, bad IPv4 header)."""
     raw = p.raw
-    off = p.l4 + (16 if p.proto == 6 else 6)
+    off = p.l4 + ck.CSUM_OFFSET[p.proto]
     field = int.from_bytes(raw[off:off + 2], "big")
-    if p.family == 4:
-        if ck.sum16(raw[:p.l4]) != 0xFFFF:
-            return None
-        end = int.from_bytes(raw[2:4], "big")
-        ps = ck.pseudo4(p.src, p.dst, p.proto, end - p.l4)
-    else:
-        end = 40 + int.from_bytes(raw[4:6], "big")
-        ps = ck.pseudo6(p.src, p.dst, p.proto, end - p.l4)
+    if p.family == 4 and not wip4.header_ok(raw, p.l4):
+        return None
+    end = p.end
+    ps = ck.pseudo(p.src, p.dst, p.proto, end - p.l4)
     if p.proto == 17 and field == 0:
         return None if p.family == 4 else (field, -1, ps)
     seg = bytearray(raw[p.l4:end])
@@ -617,8 +514,8 @@ def prepare_checksums(sequence, rep: ChecksumReport) -> None:
             if good < 0:
                 continue          # IPv6 UDP without a checksum: not ours to invent
             buf = bytearray(p.raw)
-            off = p.l4 + (16 if p.proto == 6 else 6)
-            struct.pack_into("!H", buf, off, good)
+            off = p.l4 + ck.CSUM_OFFSET[p.proto]
+            buf[off:off + 2] = good.to_bytes(2, "big")
             p.raw = bytes(buf)
             p.csum_bad = False
             rep.completed += 1
@@ -847,18 +744,18 @@ class Replay:
             f.acked_to_stack = ack_rel
         buf = bytearray(p.raw)
         l4 = p.l4
-        struct.pack_into("!I", buf, l4 + 8, (f.stack_isn + ack_rel) & M32)
+        buf[l4 + wtcp.OFF_ACK:l4 + wtcp.OFF_ACK + 4] = ((f.stack_isn + ack_rel) & M32).to_bytes(4, "big")
         opts = tcp_options(p.opts)
         base = l4 + 20
         if 8 in opts and f.stack_tsval is not None:
             i, (_tsval, _ecr) = opts[8]
-            struct.pack_into("!I", buf, base + i + 6, f.stack_tsval)
+            buf[base + i + 6:base + i + 10] = f.stack_tsval.to_bytes(4, "big")
         if 5 in opts:
             i, blocks = opts[5]
             for j, (left, right) in enumerate(blocks):
                 lr = min(_rel(left, f.server_isn), f.snd_max)
                 rr = min(_rel(right, f.server_isn), f.snd_max)
-                struct.pack_into("!II", buf, base + i + 2 + 8 * j, (f.stack_isn + lr) & M32, (f.stack_isn + rr) & M32)
+                wtcp.SACK_EDGES.pack_into(buf, base + i + 2 + 8 * j, (f.stack_isn + lr) & M32, (f.stack_isn + rr) & M32)
         _fix_tcp_checksum(buf, p.family, l4)
         if p.csum_bad:
             buf[l4 + 17] ^= 1         # rewritten, it stays as wrong as captured (--checksums verify)
@@ -969,32 +866,21 @@ def _grown(before: dict, after: dict) -> str:
 
 
 def _fix_tcp_checksum(buf, family, l4):
-    buf[l4 + 16:l4 + 18] = b"\x00\x00"
-    if family == 4:
-        seglen = int.from_bytes(buf[2:4], "big") - l4
-        ps = ck.pseudo4(bytes(buf[12:16]), bytes(buf[16:20]), 6, seglen)
-    else:
-        seglen = 40 + int.from_bytes(buf[4:6], "big") - l4
-        ps = ck.pseudo6(bytes(buf[8:24]), bytes(buf[24:40]), 6, seglen)
-    struct.pack_into("!H", buf, l4 + 16, ck.checksum(memoryview(buf)[l4:l4 + seglen], ps))
+    """Recompute the TCP checksum of the packet in *buf* (a bytearray) in
+    place (family and l4 are the packet's own; kept for the callers)."""
+    wip.fill(buf)
 
 
 def _checksum_ok(p) -> bool:
     raw = p.raw
-    if p.family == 4:
-        ihl = (raw[0] & 15) * 4
-        if ck.sum16(raw[:ihl]) != 0xFFFF:
-            return False
-        end = int.from_bytes(raw[2:4], "big")
-        ps = ck.pseudo4(p.src, p.dst, p.proto, end - p.l4)
-    else:
-        end = 40 + int.from_bytes(raw[4:6], "big")
-        ps = ck.pseudo6(p.src, p.dst, p.proto, end - p.l4)
+    if p.family == 4 and not wip4.header_ok(raw, p.l4):
+        return False
+    seg = memoryview(raw)[p.l4:p.end]
     if p.proto == 1:
-        return ck.sum16(memoryview(raw)[p.l4:end]) == 0xFFFF
+        return ck.sum16(seg) == 0xFFFF
     if p.proto == 17 and raw[p.l4 + 6:p.l4 + 8] == b"\x00\x00":
         return p.family == 4      # no UDP checksum: allowed over IPv4 only
-    return ck.sum16(memoryview(raw)[p.l4:end], ps) == 0xFFFF
+    return ck.sum16(seg, ck.pseudo(p.src, p.dst, p.proto, p.end - p.l4)) == 0xFFFF
 
 
 # ------------------------------------------------------------------ verdicts

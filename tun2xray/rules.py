@@ -29,6 +29,16 @@ class Rule:
             return any(addr.version == c.version and addr in c for c in self.cidrs)
         return True
 
+    def describe(self) -> str:
+        """What the rule matches, as a user would write it: "udp port 53"."""
+        parts = [",".join(sorted(self.networks))]
+        if self.cidrs:
+            parts.append(",".join(str(c) for c in self.cidrs))
+        if self.ports is not None:
+            lo, hi = self.ports
+            parts.append(f"port {lo}" if lo == hi else f"port {lo}-{hi}")
+        return " ".join(parts)
+
 
 @dataclass(slots=True)
 class Router:
@@ -44,6 +54,16 @@ class Router:
                 if r.matches(network, addr, port):
                     return r.to, r.url
         return self.default, self.default_url
+
+    def route_rule(self, network: str, dst: bytes, port: int):
+        """route() and which rule decided: (upstream, url, "rules[i] (what
+        it matches)") or (..., "default") -- for debug logs."""
+        if self.rules:
+            addr = ipaddress.ip_address(dst)
+            for i, r in enumerate(self.rules):
+                if r.matches(network, addr, port):
+                    return r.to, r.url, f"rules[{i}] ({r.describe()})"
+        return self.default, self.default_url, "default"
 
 
 def _printable(value) -> str:

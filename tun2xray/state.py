@@ -5,21 +5,34 @@ Both the bridge (`bridge.status(handle)`) and the CLI's control socket
 
     {
       "state": "connected",          # one of STATES
-      "reason": null,                # why, for "error" (and a "connecting" that waits)
-      "since": 1700000000.123,       # wall time of the last state change
+      "reason": null,                # why, for "degraded", "error" and a "connecting" that waits
+      "since": "2026-12-04T22:51:03Z",  # UTC time of the last state change (readable)
+      "since_epoch": 1796424663.123, # the same as seconds since the epoch
       "uptime": 12.5,                # seconds since the engine was made (0 before)
+      "version": "0.1.0",            # tun2xray's version
       "device": {...},               # the device's name, mtu and counters
       "stack": {...},                # netstack.Stack.status()
       "engine": {...},               # engine counters
       "udp_associations": 0,
-      "flows": [...],
+      "rate": {"up": 0.0, "down": 0.0},  # bytes/s over the last second, all flows
+      "flows": [...],                # live flows, each with its rate_up / rate_down
+      "closed_flows": [...],         # the most recently closed flows, with why
+      "instance": {...},             # `tun2xray run` only: pid, name, device, control
+      "xray": {...},                 # with --xray-config: config link, node, runtime
+                                     # config, binary, core
     }
 
-Transitions (anything else is a bug in the caller and raises):
+States and transitions (`Lifecycle.set` refuses anything else):
 
     disconnected -> connecting -> connected -> disconnecting -> disconnected
-    connecting -> connecting (new reason), connected -> connecting (upstream lost)
-    any state -> error (with a reason); error -> disconnecting | disconnected
+    connecting -> connecting (new reason: waiting for the proxy or the core)
+    connected -> degraded (the proxy stopped answering, the core is down)
+    degraded -> degraded (new reason) | connected (it answers again)
+    connected | degraded -> connecting (the host restarts the upstream)
+    any state -> error (a fatal end, with a reason); error -> disconnecting | disconnected
+
+"degraded" means the tunnel still holds its device and flows but new flows
+are likely to fail; `UpstreamWatch` sets it and clears it.
 """
 
 from __future__ import annotations
@@ -30,15 +43,17 @@ import time
 DISCONNECTED = "disconnected"
 CONNECTING = "connecting"
 CONNECTED = "connected"
+DEGRADED = "degraded"
 DISCONNECTING = "disconnecting"
 ERROR = "error"
 
-STATES = (DISCONNECTED, CONNECTING, CONNECTED, DISCONNECTING, ERROR)
+STATES = (DISCONNECTED, CONNECTING, CONNECTED, DEGRADED, DISCONNECTING, ERROR)
 
 _ALLOWED = {
     DISCONNECTED: {CONNECTING, ERROR},
     CONNECTING: {CONNECTING, CONNECTED, DISCONNECTING, ERROR},
-    CONNECTED: {CONNECTING, DISCONNECTING, ERROR},
+    CONNECTED: {CONNECTING, DEGRADED, DISCONNECTING, ERROR},
+    DEGRADED: {DEGRADED, CONNECTED, CONNECTING, DISCONNECTING, ERROR},
     DISCONNECTING: {DISCONNECTED, ERROR},
     ERROR: {DISCONNECTING, DISCONNECTED, ERROR},
 }
@@ -66,13 +81,15 @@ class Lifecycle:
 
     def set(self, state: str, reason: str | None = None) -> bool:
         """Move to *state*; False (and no change) when the transition is not
-        allowed, e.g. a late "connected" after stop() began."""
+        allowed, e.g. a late "connected" after stop() began.  Staying in the
+        same state with a new reason keeps `since`."""
         with self._lock:
             if state not in _ALLOWED[self._state]:
                 return False
+            if state != self._state:
+                self._since = time.time()   # a new reason alone is no state change
             self._state = state
             self._reason = reason
-            self._since = time.time()
             self._changed.notify_all()
             return True
 
@@ -84,7 +101,13 @@ class Lifecycle:
 
     def as_dict(self) -> dict:
         with self._lock:
-            return {"state": self._state, "reason": self._reason, "since": round(self._since, 3)}
+            return {"state": self._state, "reason": self._reason, "since": utc_text(self._since),
+                    "since_epoch": round(self._since, 3)}
+
+
+def utc_text(t: float) -> str:
+    """Wall time *t* as readable UTC: 2026-12-04T22:51:03Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def empty_engine_status(device_name: str = "", mtu: int = 0, device_stats: dict | None = None) -> dict:
@@ -95,36 +118,178 @@ def empty_engine_status(device_name: str = "", mtu: int = 0, device_stats: dict 
         "stack": {},
         "engine": {},
         "udp_associations": 0,
+        "rate": {"up": 0.0, "down": 0.0},
         "flows": [],
+        "closed_flows": [],
     }
 
 
-def compose(lifecycle: Lifecycle, engine_status: dict | None) -> dict:
+def compose(lifecycle: Lifecycle, engine_status: dict | None, instance: dict | None = None) -> dict:
     """The status dictionary: state first, then the engine's own status.
-    The lifecycle's keys win over same-named keys in *engine_status*."""
+    The lifecycle's keys win over same-named keys in *engine_status*.
+    *instance* (a `tun2xray run`'s claim: pid, name, device URL, control
+    URL, see instance.py) is added as "instance"."""
     out = lifecycle.as_dict()
+    from . import version
+    out["version"] = version()
+    if instance is not None:
+        out["instance"] = dict(instance)
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
         if k not in out:
             out[k] = v
     return out
 
 
-async def watch_proxy(lifecycle: Lifecycle, host: str, port: int, *,
-                      first_delay: float = 0.2, max_delay: float = 5.0, timeout: float = 3.0) -> None:
-    """connecting -> connected once the proxy inbound accepts a TCP connection;
-    until then the state stays "connecting" with the reason, retried with
-    backoff.  Run it as a task next to the engine; cancel it on stop."""
+PROBE_PERIOD = 2.0       # seconds between proxy probes while it answers
+PROBE_RETRY = 0.5        # ... and while it does not
+PROBE_TIMEOUT = 3.0
+CORE_CHECK = 0.1         # how often a supervised core's health is read (attributes, a waitpid)
+DEGRADED_AFTER = 2       # failed probes in a row before "connected" becomes "degraded"
+
+
+_ASSOCIATE = b"\x05\x03\x00\x01" + bytes(6)     # UDP ASSOCIATE from 0.0.0.0:0
+
+
+async def socks_probe(host: str, port: int, *, username: str | None = None, password: str | None = None,
+                      timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Does a SOCKS5 server answer at host:port?  None when it does, else why not.
+
+    The greeting (05 01 00, or 05 02 00 02 with a username), the RFC 1929
+    login when the server picks it, then a UDP ASSOCIATE request: a core
+    answers it without dialing anything and without an access-log line (a
+    bare greeting followed by a close makes Xray/v2ray log "rejected ...
+    failed to read request" every time).  Any SOCKS5 reply to the request,
+    even "command not supported" from an inbound with UDP off, means the
+    server is there."""
     import asyncio
-    delay = first_delay
-    while True:
-        try:
-            _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        except (OSError, asyncio.TimeoutError) as e:
-            why = getattr(e, "strerror", None) or type(e).__name__
-            lifecycle.set(CONNECTING, f"proxy {host}:{port} unreachable: {why}")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_delay)
-            continue
-        w.close()
-        lifecycle.set(CONNECTED)
-        return
+    w = None
+    try:
+        async with asyncio.timeout(timeout):
+            r, w = await asyncio.open_connection(host, port)
+            w.write(b"\x05\x02\x00\x02" if username is not None else b"\x05\x01\x00")
+            reply = await r.readexactly(2)
+            if reply[0] != 5:
+                return "not a SOCKS5 server"
+            if reply[1] == 2 and username is not None:
+                u, p = username.encode(), (password or "").encode()
+                w.write(bytes((1, len(u))) + u + bytes((len(p),)) + p)
+                if (await r.readexactly(2))[1] != 0:
+                    return "the proxy refused the username/password"
+            elif reply[1] != 0:
+                return "refused every offered SOCKS5 method"
+            w.write(_ASSOCIATE)
+            reply = await r.readexactly(2)
+    except asyncio.IncompleteReadError:
+        return "closed the connection without a SOCKS5 reply"
+    except (OSError, TimeoutError) as e:
+        return getattr(e, "strerror", None) or ("no answer in %gs" % timeout if isinstance(e, TimeoutError)
+                                                else type(e).__name__)
+    finally:
+        if w is not None:
+            w.close()
+    if reply[0] != 5:
+        return "not a SOCKS5 server"
+    return None
+
+
+class UpstreamWatch:
+    """Keeps a Lifecycle true to the upstream for as long as it runs.
+
+    The proxy inbound is probed (`socks_probe`) every PROBE_PERIOD
+    (PROBE_RETRY while it fails) and at once after `poke()` (the engine
+    calls it when a dial to the upstream fails).  With *router*, the probe
+    follows ``router.default`` (a node switch may move the inbound).
+    *health*, when given, returns (ok, reason) for a core tun2xray
+    supervises; it is read every CORE_CHECK seconds.  Before the first good probe the state is
+    "connecting" with the reason; afterwards a core that is down, or
+    DEGRADED_AFTER failed probes in a row, make it "degraded" with the
+    reason, and the next good probe with a healthy core "connected" again.
+    Run `run()` as a task next to the engine; cancel it on stop."""
+
+    def __init__(self, lifecycle: Lifecycle, host: str = "", port: int = 0, *, username=None, password=None,
+                 router=None, health=None, period: float = PROBE_PERIOD, retry: float = PROBE_RETRY,
+                 timeout: float = PROBE_TIMEOUT):
+        self.lifecycle = lifecycle
+        self.host = host
+        self.port = port
+        self.username = username
+        self.password = password
+        self.router = router
+        self.health = health
+        self.period = period
+        self.retry = retry
+        self.timeout = timeout
+        self.probes = 0
+        self.failures = 0            # failed probes in a row
+        self.ever_up = False
+        self._wake = None
+
+    def poke(self) -> None:
+        """Probe now (call on the watcher's loop)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    def _core(self):
+        if self.health is None:
+            return True, None
+        return self.health()
+
+    def _show(self, ok: bool, why: str | None) -> None:
+        lc = self.lifecycle
+        if ok:
+            self.ever_up = True
+            lc.set(CONNECTED)
+        elif lc.reason != why or lc.state not in (CONNECTING, DEGRADED):
+            lc.set(DEGRADED if self.ever_up else CONNECTING, why)
+
+    async def run(self) -> None:
+        import asyncio
+        self._wake = wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time()
+        last_probe = None
+        while True:
+            if self.router is not None:
+                up = self.router.default
+                self.host, self.port, self.username, self.password = (
+                    up.host, up.port, getattr(up, "username", None), getattr(up, "password", None))
+            where = f"{self.host}:{self.port}" if ":" not in self.host else f"[{self.host}]:{self.port}"
+            if wake.is_set():
+                wake.clear()
+                # probe now, but not more often than every `retry` however many dials fail
+                soon = loop.time() if last_probe is None else last_probe + self.retry
+                next_probe = min(next_probe, max(soon, loop.time()))
+            if loop.time() >= next_probe:
+                why = await socks_probe(self.host, self.port, username=self.username, password=self.password,
+                                        timeout=self.timeout)
+                last_probe = loop.time()
+                self.probes += 1
+                self.failures = 0 if why is None else self.failures + 1
+                next_probe = last_probe + (self.period if why is None else self.retry)
+                wake.clear()            # failures during the probe: this probe answered them
+                core_ok, core_why = self._core()
+                if why is None:
+                    self._show(core_ok, core_why)
+                elif not self.ever_up or self.failures >= DEGRADED_AFTER or self.lifecycle.state == DEGRADED:
+                    self._show(False, core_why if not core_ok else f"proxy {where} unreachable: {why}")
+            else:
+                core_ok, core_why = self._core()
+                if not core_ok:
+                    self._show(False, core_why)
+                elif self.lifecycle.state == DEGRADED and self.failures == 0:
+                    next_probe = loop.time()      # the core is back: a probe decides
+                    continue
+            delay = next_probe - loop.time()
+            if self.health is not None:
+                delay = min(delay, CORE_CHECK)
+            delay = max(0.0, delay)
+            try:
+                await asyncio.wait_for(wake.wait(), delay)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+
+def watch_proxy(lifecycle: Lifecycle, host: str, port: int, **kw):
+    """A coroutine that runs an UpstreamWatch (kept for callers that need
+    no poke and no core health)."""
+    return UpstreamWatch(lifecycle, host, port, **kw).run()

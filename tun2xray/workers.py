@@ -34,10 +34,23 @@ supervisor, no extra process.
 supervisor merges the parts into the one capture when it ends (see
 tun2xray.record).
 
+The supervisor is a backend of the host shell (tun2xray.host.Host: signals,
+control socket, proxy/core watch, Xray session, exit summary): `start()`
+starts the workers, `run()` restarts them until `stop()`, `finish()` stops
+them, and `status()` asks every worker at once on the loop, each within
+REQUEST_TIMEOUT, so a slow or stopped worker never blocks the loop.
+
 The supervisor's ``--control`` socket answers with `aggregate()`: counters
 summed over the workers, flows concatenated with a ``worker`` id, and a
-``workers`` list (pid, alive, restarts). A worker that dies is restarted with
-backoff (and counted); its counters restart from zero with it.
+``workers`` list (pid, alive, restarts), rates summed, and the newest closed
+flows of all workers. A worker that dies is restarted with backoff (and
+counted); its counters restart from zero with it.
+
+A deleted TUN ends the run: the supervisor watches the interface's index,
+and when it is gone (or a new interface has its name) it stops the workers
+and exits with status 1 and the one-line error a worker reports (the
+single-process run's words). A restart never re-creates the TUN: opening a
+queue by name would make a bare one (down, no addresses, no routes).
 
 Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
 (SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
@@ -63,7 +76,6 @@ import time
 TUNSETQUEUE = 0x400454D9        # _IOW('T', 217, int)
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
-PR_SET_PDEATHSIG = 1
 
 MAX_WORKERS = 64
 MAX_MESSAGE = 64 << 20          # a status with many flows is far below this
@@ -73,6 +85,8 @@ STOP_GRACE = 5.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0             # a worker that ran this long restarts at the first delay
+CLOSED_HISTORY = 128            # closed flows in the aggregate (engine.CLOSED_HISTORY per worker)
+DEVICE_GONE_WAIT = 2.0          # how long a lost device waits for a worker to say why
 
 _LEN = struct.Struct("!I")
 
@@ -150,6 +164,8 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
     stack: dict = {}
     engine: dict = {}
     flows = []
+    closed = []
+    rate = {"up": 0.0, "down": 0.0}
     assocs = 0
     summary = []
     for w in workers:
@@ -170,10 +186,17 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
                 f = dict(f)
                 f["worker"] = w["id"]
                 flows.append(f)
+            for k, v in st.get("rate", {}).items():
+                rate[k] = round(rate.get(k, 0.0) + v, 1)
+            for f in st.get("closed_flows", []):
+                f = dict(f)
+                f["worker"] = w["id"]
+                closed.append(f)
             e = st.get("engine", {})
             row.update(uptime=st.get("uptime", 0.0), flows=len(wf),
                        tcp_opened=e.get("tcp_opened", 0), udp_opened=e.get("udp_opened", 0),
-                       rx_packets=st.get("device", {}).get("rx_packets", 0))
+                       rx_packets=st.get("device", {}).get("rx_packets", 0),
+                       rate=dict(st.get("rate", {})))
         summary.append(row)
     return {
         "uptime": round(uptime, 3),
@@ -181,7 +204,10 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
         "stack": stack,
         "engine": engine,
         "udp_associations": assocs,
+        "rate": rate,
         "flows": flows,
+        # the newest closed flows of all workers, as many as one engine keeps
+        "closed_flows": sorted(closed, key=lambda f: f.get("ended_epoch", 0))[-CLOSED_HISTORY:],
         "workers": summary,
         "worker_restarts": sum(r["restarts"] for r in summary),
     }
@@ -206,6 +232,13 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def _ifindex(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
 
 
 def _tun_flags(name: str):
@@ -304,6 +337,8 @@ def run_supervised(args, settings, xs, n: int) -> int:
     rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
+        from .host import routes_up
+        routes_up(settings, keeper.name)
         if rec is not None:
             from . import record
             try:
@@ -313,19 +348,20 @@ def run_supervised(args, settings, xs, n: int) -> int:
             record.notice(rec, bool(getattr(keeper, "offload", False)), n)
         if xs is not None:
             xs.route_up(keeper.name)
-        sup = Supervisor(keeper, settings, n, log_level=args.log_level)
-        try:
-            import uvloop
-        except ImportError:
-            import asyncio
-            return asyncio.run(sup.serve(xs))
-        return uvloop.run(sup.serve(xs))
+        sup = Supervisor(keeper, settings, n, log_level=args.log_level,
+                         log_format=getattr(args, "log_format", "text"), url=args.device)
+        from .host import Host, run
+        return run(Host(sup, settings, xs).serve(
+            f"running on {keeper.name} (mtu {keeper.mtu}) with {n} workers, proxy "
+            f"{settings.router.default_url}"))
     finally:
         if sup is not None:
             sup.kill_all()
+            sup.close_poke()
             if rec is not None:
                 from . import record
                 record.merge_parts(rec, n)
+        settings.net.down()
         keeper.close()
 
 
@@ -336,7 +372,7 @@ class WorkerHandle:
     """The supervisor's view of one worker slot (it survives restarts)."""
 
     __slots__ = ("id", "proc", "chan", "buf", "req", "restarts", "started", "delay",
-                 "restart_at", "last_exit")
+                 "restart_at", "last_exit", "lock", "asking")
 
     def __init__(self, wid: int):
         self.id = wid
@@ -349,6 +385,8 @@ class WorkerHandle:
         self.delay = 0.0
         self.restart_at = None
         self.last_exit = None
+        self.lock = None                # asyncio.Lock: one async request at a time on the channel
+        self.asking = 0                 # async requests waiting for their reply
 
     @property
     def alive(self) -> bool:
@@ -367,11 +405,9 @@ class WorkerHandle:
         chan = self.chan
         deadline = time.monotonic() + timeout
         while True:
-            msgs = unframe(self.buf)
-            for i, m in enumerate(msgs):
-                if want(m):
-                    self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
-                    return m
+            m = self._take(want)
+            if m is not None:
+                return m
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
@@ -380,6 +416,56 @@ class WorkerHandle:
                 data = chan.recv(1 << 20)
             except (TimeoutError, socket.timeout):
                 return None
+            if not data:
+                return None
+            self.buf += data
+
+    def _take(self, want):
+        """The first buffered message with want(msg), or None; messages
+        before it are dropped, those after it stay."""
+        msgs = unframe(self.buf)
+        for i, m in enumerate(msgs):
+            if want(m):
+                self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
+                return m
+        return None
+
+    async def request_async(self, msg: dict, timeout: float = REQUEST_TIMEOUT):
+        """request() on the running loop: waits for the reply without
+        blocking the loop (None if the worker is gone or slow)."""
+        import asyncio
+
+        if self.lock is None:
+            self.lock = asyncio.Lock()
+        self.asking += 1
+        try:
+            async with asyncio.timeout(timeout):
+                async with self.lock:
+                    return await self._exchange(msg)
+        except (TimeoutError, OSError):
+            return None
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            self.buf.clear()            # a garbled stream: start afresh at the next reply
+            return None
+        finally:
+            self.asking -= 1
+
+    async def _exchange(self, msg: dict):
+        import asyncio
+
+        chan = self.chan
+        if chan is None or not self.alive:
+            return None
+        loop = asyncio.get_running_loop()
+        self.req += 1
+        rid = msg["id"] = self.req
+        chan.setblocking(False)
+        await loop.sock_sendall(chan, frame(msg))
+        while True:
+            m = self._take(lambda m: m.get("id") == rid)
+            if m is not None:
+                return m
+            data = await loop.sock_recv(chan, 1 << 20)
             if not data:
                 return None
             self.buf += data
@@ -403,7 +489,8 @@ class WorkerHandle:
 
 
 class Supervisor:
-    def __init__(self, keeper, settings, n: int, *, log_level: str = "info"):
+    def __init__(self, keeper, settings, n: int, *, log_level: str = "info", log_format: str = "text",
+                 url: str | None = None):
         import logging
 
         self.log = logging.getLogger("tun2xray.workers")
@@ -411,23 +498,40 @@ class Supervisor:
         self.settings = settings
         self.n = n
         self.log_level = log_level
+        self.log_format = log_format
+        self.ended = None        # why the run ends on its own (see fail())
         self.workers = [WorkerHandle(i) for i in range(n)]
         self.started = time.time()
         self.stopping = False
         self.loop = None
         self._stop = None
+        self.fatal = None               # why the run ends on its own (the device is gone)
+        # workers write a byte here when a dial to an upstream fails: the
+        # proxy watch checks at once (non-blocking both ends; a full pipe
+        # already says it)
+        self.poke_r, self.poke_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.url = url or keeper.url    # the device as the user named it (in workers' messages)
+        self.ifindex = _ifindex(keeper.name)
+        self.request_timeout = REQUEST_TIMEOUT      # per worker, for a status request
+        self.on_upstream_failed = None  # the host shell's proxy watch (tun2xray.host)
+
+    @property
+    def error(self):
+        """Why the run ended on its own (the host shell's backend interface)."""
+        return self.fatal
 
     # -- workers
 
     def spec(self, w: WorkerHandle, dev_fd: int) -> dict:
         s = self.settings
         k = self.keeper
+        from .host import EngineSettings
         return {
-            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": k.url,
+            "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
-            "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
-            "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "log_level": self.log_level, "record": self._record_spec(w),
+            "engine": EngineSettings.of(s),
+            "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
+            "poke_fd": self.poke_w,
         }
 
     def _record_spec(self, w: WorkerHandle):
@@ -438,18 +542,32 @@ class Supervisor:
         return {"path": rec.path, "wire": rec.wire, "part": part_path(rec.path, w.id),
                 "cap": part_cap(rec, self.n)}
 
+    def device_gone(self) -> bool:
+        """Is our TUN gone (deleted, or replaced by another of the same name)?"""
+        return _ifindex(self.keeper.name) != self.ifindex
+
     def spawn(self, w: WorkerHandle) -> None:
-        """Start worker w on a fresh queue (blocking until the spec is sent)."""
+        """Start worker w on a fresh queue (blocking until the spec is sent).
+        Never re-creates a deleted TUN: opening a queue by name would make a
+        bare one (no addresses, no routes, down), so the queue must belong
+        to the interface the run started with."""
         import subprocess
 
+        from .device import DeviceError
+
+        if self.device_gone():
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         q = self.keeper.open_queue()
+        if self.device_gone():
+            q.close()       # we just made a new TUN of that name: its only queue closes it
+            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
             # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
             from .frozen import worker_command
             argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
-            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd), stdin=subprocess.DEVNULL, env=env)
+            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
         finally:
             # the queue and the far end now live in the child only
             q.close()
@@ -478,6 +596,27 @@ class Supervisor:
                                             else f"not ready within {READY_TIMEOUT:g}s")
                 raise WorkerError(f"worker {w.id}: {why}")
 
+    def _on_poke(self, watch) -> None:
+        try:
+            while os.read(self.poke_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        watch.poke()
+
+    def poke(self) -> None:
+        """A worker's dial failed: wake the host shell's proxy watch."""
+        if self.on_upstream_failed is not None:
+            self.on_upstream_failed()
+
+    def close_poke(self) -> None:
+        for fd in (self.poke_r, self.poke_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.poke_r = self.poke_w = -1
+
     def kill_all(self, grace: float = STOP_GRACE) -> None:
         """SIGTERM every worker, wait, SIGKILL stragglers (blocking; idempotent)."""
         live = [w for w in self.workers if w.proc is not None and w.proc.poll() is None]
@@ -496,10 +635,63 @@ class Supervisor:
         for w in self.workers:
             w.close_channel()
 
+    def _fatal_from(self, w: WorkerHandle):
+        """A worker's last word ({"fatal": why}) if it is on the channel."""
+        if w.chan is None:
+            return None
+        try:
+            w.chan.setblocking(False)
+            while True:
+                data = w.chan.recv(1 << 16)
+                if not data:
+                    break
+                w.buf += data
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            return None
+        try:
+            msgs = unframe(w.buf)
+        except (ValueError, pickle.UnpicklingError, EOFError):
+            w.buf.clear()
+            return None
+        for m in msgs:
+            if "fatal" in m:
+                return m["fatal"]
+        return None
+
+    async def _device_lost(self) -> str:
+        """Why the device is gone, in the words of the worker that saw it (the
+        single-process run's error line), waiting a little for one to say it."""
+        import asyncio
+
+        deadline = time.monotonic() + DEVICE_GONE_WAIT
+        while True:
+            for w in self.workers:
+                why = self._fatal_from(w)
+                if why:
+                    return why
+            if time.monotonic() > deadline:
+                name = self.keeper.name
+                return f"device {name}: tun://{name}: the interface is gone"
+            await asyncio.sleep(0.05)
+
+    def fail(self, why: str) -> None:
+        """End the run with an error (exit status 1)."""
+        if self.fatal is None:
+            self.fatal = why
+        if self.ended is None:
+            self.ended = why            # the exit summary names it
+        self.stop()
+
     async def _monitor(self) -> None:
         import asyncio
 
         while not self.stopping:
+            if self.device_gone():
+                # no restart can help (and must not re-create a bare TUN): end the run
+                self.fail(await self._device_lost())
+                return
             now = time.monotonic()
             for w in self.workers:
                 if self.stopping:
@@ -526,17 +718,22 @@ class Supervisor:
 
     # -- status and control
 
-    def worker_status(self) -> list:
+    async def worker_status(self) -> list:
+        """Every worker's status, asked of all at once on the loop (each
+        within request_timeout; one that does not answer has none)."""
+        import asyncio
+
+        reps = await asyncio.gather(*(w.request_async({"cmd": "status"}, self.request_timeout)
+                                      for w in self.workers))
         out = []
-        for w in self.workers:
-            rep = w.request({"cmd": "status"})
+        for w, rep in zip(self.workers, reps):
             out.append({"id": w.id, "pid": w.proc.pid if w.proc is not None else None,
                         "alive": w.alive, "restarts": w.restarts,
                         "status": rep.get("status") if rep else None})
         return out
 
-    def status(self) -> dict:
-        st = aggregate(self.worker_status(), uptime=time.time() - self.started,
+    async def status(self) -> dict:
+        st = aggregate(await self.worker_status(), uptime=time.time() - self.started,
                        device_name=self.keeper.name, mtu=self.keeper.mtu)
         return st
 
@@ -555,75 +752,40 @@ class Supervisor:
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
 
-    async def serve(self, xs=None) -> int:
+    # -- the host shell's backend interface (tun2xray.host.Host)
+
+    def start(self) -> None:
+        """Start every worker and wait until each serves (HostError if not)."""
         import asyncio
 
-        from . import state
+        from .host import HostError
 
-        self.loop = loop = asyncio.get_running_loop()
-        self._stop = loop.create_future()
-        lifecycle = state.Lifecycle()
-        lifecycle.set(state.CONNECTING, "starting")
-        status_fn = self.status
-        if xs is not None:
-            status_fn = xs.wrap_status(status_fn)
-        inner = status_fn
-
-        def composed():
-            return state.compose(lifecycle, inner())
-
-        def on_signal():
-            lifecycle.set(state.DISCONNECTING)
-            self.stop()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
-        # the control socket exists before the first worker serves a flow
-        # (while the workers start, a status request waits for them)
-        server = None
-        ctl = self.settings.control
-        if ctl:
-            from .control import serve_control
-            try:
-                server = await serve_control(ctl, composed)
-            except (ValueError, OSError) as e:
-                raise WorkerError(f"--control: {e}") from None
-        watcher = monitor = None
+        self.loop = asyncio.get_running_loop()
+        self._stop = self.loop.create_future()
+        if self.stopping:
+            self._stop.set_result(None)
         try:
-            try:
-                self.start_all()
-            except WorkerError as e:
-                lifecycle.set(state.ERROR, str(e))
-                self.log.error("%s", e)
-                print(f"tun2xray: error: {e}", file=sys.stderr)
-                return 1
-            if xs is not None:
-                # the session resets flows through us (engine.reset_flows()) on a node switch
-                xs.attach(self, self.settings.router)
-            up = self.settings.router.default
-            watcher = loop.create_task(state.watch_proxy(lifecycle, up.host, up.port))
-            monitor = loop.create_task(self._monitor())
-            self.log.info("running on %s (mtu %d) with %d workers, proxy %s", self.keeper.name,
-                          self.keeper.mtu, self.n, self.settings.router.default_url)
+            self.start_all()
+        except WorkerError as e:
+            raise HostError(str(e)) from None
+
+    async def run(self) -> None:
+        """Serve (restart workers, watch the device) until stop()."""
+        loop = self.loop
+        loop.add_reader(self.poke_r, self._on_poke, self)
+        monitor = loop.create_task(self._monitor())
+        try:
             await self._stop
         finally:
-            self.stopping = True
-            for t in (watcher, monitor):
-                if t is not None:
-                    t.cancel()
-            if xs is not None:
-                xs.detach()
-            await loop.run_in_executor(None, self.kill_all)
-            if server is not None:
-                server.close()
-                from .control import control_path
-                try:
-                    os.unlink(control_path(ctl))
-                except OSError:
-                    pass
-        lifecycle.set(state.DISCONNECTED)
-        self.log.info("stopped")
-        return 0
+            monitor.cancel()
+            loop.remove_reader(self.poke_r)
+
+    async def finish(self) -> None:
+        """After the exit summary: stop the workers."""
+        import asyncio
+
+        self.stopping = True
+        await asyncio.get_running_loop().run_in_executor(None, self.kill_all)
 
 
 # --------------------------------------------------------------------------
@@ -648,12 +810,9 @@ class _QueueFd:
 
 def _pdeathsig(parent: int) -> None:
     """SIGTERM to us when the supervisor dies; gone already: exit now."""
-    try:
-        import ctypes
+    from .host import set_pdeathsig
 
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    set_pdeathsig(signal.SIGTERM)
     if os.getppid() != parent:
         os._exit(1)
 
@@ -766,12 +925,24 @@ class WorkerChannel:
             pass
 
 
+def _poker(fd):
+    """engine.on_upstream_failed for a worker: one byte to the supervisor's
+    proxy watch (a full pipe has said it already)."""
+    if fd is None:
+        return None
+
+    def poke():
+        try:
+            os.write(fd, b"!")
+        except OSError:
+            pass
+    return poke
+
+
 async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
     import asyncio
 
-    from netstack import StackConfig
-
-    from .engine import Engine
+    from .host import make_engine
 
     loop = asyncio.get_running_loop()
     try:
@@ -786,16 +957,16 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         chan.sendall(frame({"error": f"--record {spec['record']['part']}: {e.strerror or e}"}))
         return 1
     try:
-        cfg = StackConfig(mtu=device.mtu, udp_timeout=spec["udp_timeout"], max_flows=spec["max_flows"],
-                          icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
-        engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"],
-                        recorder=recorder)
+        engine = make_engine(device, spec["engine"], recorder)
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
+        engine.on_upstream_failed = _poker(spec.get("poke_fd"))
         ch = WorkerChannel(chan, engine, loop, pending)
         task = loop.create_task(engine.run())
         await asyncio.sleep(0)
         ch.send({"ready": os.getpid()})
         await task
+        if engine.error:
+            ch.send({"fatal": engine.error})    # the supervisor ends the run with these words
         ch.close()
     finally:
         device.close()
@@ -837,17 +1008,11 @@ def worker_main(argv=None) -> int:
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
         return 1
-    import logging
+    from . import logs
 
-    logging.basicConfig(level=getattr(logging, str(spec["log_level"]).upper(), logging.INFO),
-                        stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{spec['id']}]: %(message)s")
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
-        return asyncio.run(_worker_serve(spec, chan, pending))
-    return uvloop.run(_worker_serve(spec, chan, pending))
+    logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
+    from .host import run
+    return run(_worker_serve(spec, chan, pending))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The parts, each in its own module:
 
-  const       flags, RFC state names, timer constants, TcpError, GsoSegment
+  const       flags, RFC state names, timer constants, TcpError (and GsoSegment,
+              from netstack.wire.templates, where the stack's packets are built)
   connection  TcpConnection: host API, stack contract, header prediction and
               the §3.10.7.4 state machine (one method per step), closing
   receiver    rcv_*, receive buffer, out-of-order runs, SACK option, window

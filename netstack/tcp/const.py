@@ -4,19 +4,19 @@ sees (TcpError, GsoSegment)."""
 
 from __future__ import annotations
 
-import struct
-
 from ..seq import HALF, MASK  # noqa: F401  (re-exported for the parts)
+from ..wire import tcp as _wt
+from ..wire.templates import GsoSegment  # noqa: F401  (re-exported: the host sees it as netstack.tcp.GsoSegment)
 
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 PROTO_TCP = 6
 
-TCP_HDR = struct.Struct("!HHIIBBHHH")
-TSOPT = struct.Struct("!BBBBII")       # NOP NOP TS(8) len 10, tsval, tsecr
-SACKHDR = struct.Struct("!BBBB")       # NOP NOP SACK(5) len
-SACK_BLOCK = struct.Struct("!II")
-MSS_OPT = struct.Struct("!BBH")
-WS_OPT = struct.Struct("!BBBB")
+# option layouts (netstack.wire.tcp holds the formats)
+TSOPT = _wt.TS_BLOCK          # NOP NOP TS(8) len 10, tsval, tsecr
+SACKHDR = _wt.SACK_HEAD       # NOP NOP SACK(5) len
+SACK_BLOCK = _wt.SACK_EDGES
+MSS_OPT = _wt.MSS_BLOCK
+WS_OPT = _wt.WS_BLOCK
 
 # RFC 9293 §3.3.2 state names (LISTEN here: a request the host has not answered)
 LISTEN = "LISTEN"
@@ -54,9 +54,3 @@ DEFAULT_MSS = {4: 536, 6: 1220}   # RFC 9293 §3.7.1 / RFC 8200 §5 when the SYN
 
 class TcpError(Exception):
     """Host misuse of a connection handle (write after shutdown, accept twice, ...)."""
-
-
-class GsoSegment(bytes):
-    """An emitted packet whose TCP payload is larger than the send MSS: the
-    device (TSO/GSO) cuts it into gso_size pieces."""
-    gso_size: int = 0

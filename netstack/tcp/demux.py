@@ -11,29 +11,27 @@ from ..seq import MASK as _M
 from ..wire import checksum as _ck
 from ..wire.errors import WireError
 from ..wire.tcp import parse_options
+from ..wire.tcp import unpack as _unpack
 from ..wire.templates import TcpTemplate
 from .connection import TcpConnection
-from .const import ACK, FIN, PROTO_TCP, RST, SYN, TCP_HDR, TIME_WAIT
+from .const import ACK, FIN, PROTO_TCP, RST, SYN, TIME_WAIT
 
 
 def tcp_input(stack, family, src, dst, mv, off, now):
     """Stack._tcp_in: parse one TCP segment and hand it to its connection."""
+    try:
+        sport, dport, seq, ack, doff, flags, wnd = _unpack(mv, off)
+    except WireError as e:
+        stack.drops[e.reason] += 1
+        return
     seglen = len(mv) - off
-    if seglen < 20:
-        stack.drops["truncated"] += 1
-        return
-    sport, dport, seq, ack, doff, flags, wnd, _csum, _urp = TCP_HDR.unpack_from(mv, off)
-    doff = (doff >> 4) << 2
-    if doff < 20 or doff > seglen:
-        stack.drops["bad_tcp_offset"] += 1
-        return
     key = (src, sport, dst, dport)
     conn = stack.tcp.get(key)
     if stack.config.verify_checksums:
         if conn is not None:
             ps = conn._ps + seglen            # the flow's pseudo-header sum, cached
         else:
-            ps = (_ck.pseudo4 if family == 4 else _ck.pseudo6)(src, dst, PROTO_TCP, seglen)
+            ps = _ck.pseudo(src, dst, PROTO_TCP, seglen)
         if _ck.sum16(mv[off:], ps) != 0xFFFF:
             stack.drops["bad_tcp_checksum"] += 1
             return

@@ -8,7 +8,7 @@ from ..seq import MASK as _M
 from ..seq import seq_sub as _sdiff
 from .const import (
     ACK, ACK_NONE, CLOSE_WAIT, ESTABLISHED, FIN, MAX_SACK_BLOCKS, MIN_MSS, PSH, RST, SEND_STATES, SYN,
-    WRITE_STATES, GsoSegment, TcpError,
+    WRITE_STATES, TcpError,
 )
 from .const import MSS_OPT as _MSS_OPT
 from .const import TSOPT as _TSOPT
@@ -266,8 +266,7 @@ class TcpSender:
                         else:
                             pkt = build(nxt, rnxt, ACK, field, opt, mv[off:off + n])
                         if gso and n > seg1:
-                            pkt = GsoSegment(pkt)
-                            pkt.gso_size = seg1
+                            pkt = self.tpl.gso(pkt, len(opt), seg1)
                         emit(pkt)
                         if not retx and self._rtt_seq is None and not self.ts_ok:
                             self._rtt_seq = (nxt + n) & _M
@@ -400,8 +399,7 @@ class TcpSender:
         field, opt = self._prep(now)
         pkt = self.tpl.build(seq, self.rcv_nxt, flags, field, opt, payload)
         if self._gso and len(payload) > self._seg:
-            pkt = GsoSegment(pkt)
-            pkt.gso_size = self._seg - len(opt) + (12 if self.ts_ok else 0)
+            pkt = self.tpl.gso(pkt, len(opt), self._seg - len(opt) + (12 if self.ts_ok else 0))
         self.host.emit(pkt)
 
     def _send_rst(self):

@@ -26,9 +26,17 @@ Conventions:
   checksum(data, start=0) -> value to store in a header (inverted sum)
 A received header or segment (with its pseudo-header sum as start) is
 valid when checksum(...) == 0, i.e. sum16(...) == 0xFFFF.
+
+This module is the one place for pseudo-header sums (`pseudo`, with the
+per-family names pseudo4/pseudo6 kept) and for what a NEEDS_CSUM field must
+hold (`partial`).  Finishing a checksum a device left partial needs the
+packet parsed first, so it lives beside the parser that finds the transport
+header: netstack.wire.ip.complete / fill (this module imports no parser, so
+the parsers can use its sums).
 """
 
 from __future__ import annotations
+
 
 _FOLD_BITS = 2048
 _MASKS: dict = {}
@@ -36,7 +44,7 @@ _MASKS: dict = {}
 
 def sum16(data, start: int = 0) -> int:
     """Folded one's complement sum of *data* (bytes-like) plus *start*
-    (a non-negative, possibly unfolded, accumulator such as pseudo4())."""
+    (a non-negative, possibly unfolded, accumulator such as pseudo())."""
     x = int.from_bytes(data, "little")
     bits = len(data) << 3
     if bits > _FOLD_BITS:
@@ -75,16 +83,26 @@ def fold(x: int) -> int:
     return x
 
 
-def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv4 pseudo-header (RFC 793/768).  Each address
-    read as one integer is congruent to the sum of its 16-bit words; one
-    modulo for both keeps the result small."""
+def pseudo(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """Unfolded sum of the pseudo-header of IPv4 (RFC 793/768) or IPv6
+    (RFC 8200 §8.1): the addresses, the protocol and the transport length.
+    The two differ only in field widths, which a one's complement sum does
+    not see.  Each address read as one integer is congruent to the sum of
+    its 16-bit words; one modulo for both keeps the result small."""
     return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
 
 
-def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    """Unfolded sum of the IPv6 pseudo-header (RFC 8200 §8.1)."""
-    return (int.from_bytes(src, "big") + int.from_bytes(dst, "big")) % 0xFFFF + proto + length
+pseudo4 = pseudo6 = pseudo
+
+
+# where a transport's checksum field sits, from the start of its header
+CSUM_OFFSET = {6: 16, 17: 6}
+
+
+def partial(src: bytes, dst: bytes, proto: int, length: int) -> int:
+    """What a NEEDS_CSUM packet's checksum field holds: the folded, not
+    inverted, pseudo-header sum."""
+    return fold(pseudo(src, dst, proto, length))
 
 
 def update16(old_checksum: int, old_word: int, new_word: int) -> int:

@@ -5,13 +5,17 @@ Every message starts with type, code, checksum and a 32-bit field whose
 meaning depends on the type (echo: identifier + sequence; fragmentation
 needed: unused(16) + next-hop MTU(16); packet too big: MTU(32)).
 ICMPv4's checksum covers the message only; ICMPv6's also a pseudo-header
-(RFC 8200 §8.1, next header 58).
+(RFC 8200 §8.1, next header 58).  `unpack` reads the header, `parse_quote`
+the packet an error quotes (its IPv6 extension headers through
+ipv6.walk_ext).
 """
 
 from __future__ import annotations
 
 import struct
 
+from . import ipv4 as _v4
+from . import ipv6 as _v6
 from .errors import WireError
 
 HEADER = struct.Struct("!BBHI")
@@ -45,20 +49,27 @@ UNREACH_CODES6 = {"net": 0, "admin": 1, "host": 3, "port": 4}
 MAX_ERROR4 = 576
 MAX_ERROR6 = 1280
 
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_PORTS = struct.Struct("!HH")
+_PORTS = struct.Struct("!HH")      # the first 4 bytes of a quoted TCP or UDP header
 
 PROTO_TCP, PROTO_UDP = 6, 17
-_V6_EXT = frozenset((0, 43, 60))   # hop-by-hop, routing, destination options
-_V6_FRAG = 44
+
+
+def unpack(mv, off: int = 0):
+    """(type, code, rest) of the ICMP/ICMPv6 message at mv[off:]; rest is
+    the 32-bit word after the checksum.  Raises WireError("truncated")
+    under 8 bytes.  The checksum is not verified here."""
+    if len(mv) - off < HEADER_LEN:
+        raise WireError("truncated", "ICMP header")
+    type_, code, _cs, rest = HEADER.unpack_from(mv, off)
+    return type_, code, rest
 
 
 def parse_quote(mv, off: int):
     """The packet quoted by an ICMP error from *off* (its IP header first).
     Returns (family, proto, src, sport, dst, dport) as the quoted packet has
     them; raises WireError("icmp_bad_quote") when it is not a TCP/UDP packet
-    with its first 8 transport bytes present."""
+    with its first 8 transport bytes present.  A quote is cut short, so its
+    length fields are not held against the buffer."""
     n = len(mv) - off
     if n < 1:
         raise WireError("icmp_bad_quote", "empty")
@@ -66,7 +77,7 @@ def parse_quote(mv, off: int):
     if v == 4:
         if n < 28:
             raise WireError("icmp_bad_quote", "short v4 quote")
-        vihl, _tos, _tot, _id, frag, _ttl, proto, _cs, src, dst = _IP4.unpack_from(mv, off)
+        vihl, _tos, _tot, _id, frag, _ttl, proto, _cs, src, dst = _v4.HEADER.unpack_from(mv, off)
         ihl = (vihl & 15) << 2
         if ihl < 20 or n < ihl + 8 or frag & 0x1FFF:
             raise WireError("icmp_bad_quote", "v4 header")
@@ -75,22 +86,11 @@ def parse_quote(mv, off: int):
     elif v == 6:
         if n < 48:
             raise WireError("icmp_bad_quote", "short v6 quote")
-        _vtf, _plen, proto, _hl, src, dst = _IP6.unpack_from(mv, off)
+        _vtf, _plen, proto, _hl, src, dst = _v6.HEADER.unpack_from(mv, off)
         l4 = off + 40
         end = off + n
-        for _ in range(8):
-            if proto in _V6_EXT:
-                if l4 + 8 > end:
-                    break
-                proto, hlen = mv[l4], (mv[l4 + 1] + 1) << 3
-                l4 += hlen
-            elif proto == _V6_FRAG:
-                if l4 + 8 > end or ((mv[l4 + 2] << 8) | mv[l4 + 3]) & 0xFFF8:
-                    raise WireError("icmp_bad_quote", "not a first fragment")
-                proto = mv[l4]
-                l4 += 8
-            else:
-                break
+        if proto != PROTO_TCP and proto != PROTO_UDP:
+            proto, l4 = _quoted_chain(mv, proto, l4, end)
         if l4 + 8 > end:
             raise WireError("icmp_bad_quote", "v6 headers")
         family = 6
@@ -100,6 +100,22 @@ def parse_quote(mv, off: int):
         raise WireError("icmp_bad_quote", "protocol")
     sport, dport = _PORTS.unpack_from(mv, l4)
     return family, proto, bytes(src), sport, bytes(dst), dport
+
+
+def _quoted_chain(mv, nxt, off, end):
+    """(proto, offset) after the extension headers of a quoted IPv6 packet
+    (ipv6.walk_ext; through a first fragment's header)."""
+    try:
+        proto, l4, frag_off, _ = _v6.walk_ext(mv, nxt, off, end, True)
+        if frag_off >= 0:
+            if ((mv[frag_off + 2] << 8) | mv[frag_off + 3]) & 0xFFF8:
+                raise WireError("icmp_bad_quote", "not a first fragment")
+            proto, l4, _, _ = _v6.walk_ext(mv, proto, l4, end, False)
+    except WireError as e:
+        if e.reason == "icmp_bad_quote":
+            raise
+        raise WireError("icmp_bad_quote", "v6 extension headers") from None
+    return proto, l4
 
 # the smallest MTU an error may report (smaller values are ignored):
 # RFC 791's 68 for IPv4; for IPv6 anything below 1280 means "use 1280"

@@ -1,8 +1,10 @@
 """IPv4 header (RFC 791 §3.1).
 
-`parse(mv)` checks a buffer and returns a small `IPv4Header`
-representation plus the header length; `build(hdr)` emits the header
-(options included) with its checksum.  Options are carried as raw bytes and
+`unpack(mv)` is the fast checked parse every receiving path calls (the
+stack, ICMP quotes, replay, the recorder, the devices): one precompiled
+Struct, a few comparisons, a tuple.  `parse(mv)` checks a buffer and returns
+a small `IPv4Header` representation plus the header length (tools, tests);
+`build(hdr)` emits the header (options included) with its checksum.  Options are carried as raw bytes and
 never interpreted: the IHL says where they end, so a malformed option cannot
 mislead us.
 
@@ -25,6 +27,9 @@ from .errors import WireError
 HEADER_LEN = 20
 MAX_HEADER_LEN = 60
 HEADER = struct.Struct("!BBHHHBBH4s4s")
+# what unpack() reads: version/IHL, total length, flags/fragment word,
+# protocol, addresses (the other fields are skipped, not converted)
+_FIELDS = struct.Struct("!BxH2xHxB2x4s4s")
 
 # field offsets
 OFF_TOTAL_LEN = 2
@@ -89,6 +94,40 @@ class IPv4Header:
 
     def __repr__(self):
         return "IPv4Header(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+def unpack(mv):
+    """The IPv4 header at the start of *mv*, checked: returns
+    (header_len, total_len, frag, proto, src, dst), where frag is the raw
+    flags/fragment-offset word (frag & FRAG_MF or frag & FRAG_OFFSET_MASK:
+    a fragment) and src/dst are 4-byte bytes.  Bytes after total_len are
+    link padding; the caller trims them.  Raises WireError:
+      "truncated"    under 20 bytes,
+      "bad_version"  version is not 4,
+      "bad_length"   IHL below 5, total length below the header length or
+                     beyond the buffer.
+    The header checksum is not verified here (header_ok)."""
+    n = len(mv)
+    if n < HEADER_LEN:
+        raise WireError("truncated", "IPv4 header")
+    vihl, tot, frag, proto, src, dst = _FIELDS.unpack_from(mv)
+    if vihl >> 4 != 4:
+        raise WireError("bad_version", str(vihl >> 4))
+    ihl = (vihl & 15) << 2
+    if ihl < HEADER_LEN or tot < ihl or tot > n:
+        raise WireError("bad_length", f"IHL {ihl}, total length {tot}, buffer {n}")
+    return ihl, tot, frag, proto, src, dst
+
+
+def ident(mv) -> int:
+    """The identification field of the IPv4 header at the start of *mv*
+    (fragments of one datagram share it)."""
+    return (mv[OFF_IDENT] << 8) | mv[OFF_IDENT + 1]
+
+
+def header_ok(mv, ihl: int) -> bool:
+    """True when the first *ihl* bytes of *mv* (an IPv4 header) sum right."""
+    return sum16(mv[:ihl]) == 0xFFFF
 
 
 def parse(mv, verify_checksum: bool = False) -> tuple[IPv4Header, int]:

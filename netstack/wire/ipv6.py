@@ -1,10 +1,14 @@
 """IPv6 header (RFC 8200 §3) and the extension-header chain (§4).
 
 Two levels, as for every wire format here:
+  * `unpack(mv)`: the fast checked parse the receiving paths call (one
+    Struct, a length check, a tuple);
   * `parse(mv)` checks a buffer and returns a small `IPv6Header`
     representation; `build(hdr)` emits the 40 header bytes.
   * `walk(mv)` follows the extension-header chain of a whole packet and
-    returns where the upper-layer header starts, without building objects.
+    returns where the upper-layer header starts, without building objects;
+    `walk_ext` is the same walk from any point (reassembly, ICMP quotes).
+    This is the only place extension headers are walked.
 
 Header layout (offsets in bytes):
 
@@ -23,6 +27,7 @@ from .errors import WireError
 
 HEADER_LEN = 40
 HEADER = struct.Struct("!IHBB16s16s")
+_FIELDS = struct.Struct("!B3xHB1x16s16s")    # version/TC, payload length, next header, addresses
 
 # field offsets
 OFF_PAYLOAD_LEN = 4
@@ -72,6 +77,23 @@ class IPv6Header:
 
     def __repr__(self):
         return "IPv6Header(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+
+def unpack(mv):
+    """The fixed IPv6 header at the start of *mv*, checked: returns
+    (payload_len, next_header, src, dst) (16-byte addresses).  Bytes after
+    40 + payload_len are link padding; the caller trims them.  Raises
+    WireError: "truncated" (under 40 bytes), "bad_version", "bad_length"
+    (payload length runs past the buffer)."""
+    n = len(mv)
+    if n < HEADER_LEN:
+        raise WireError("truncated", "IPv6 header")
+    v, plen, nxt, src, dst = _FIELDS.unpack_from(mv)
+    if v >> 4 != 6:
+        raise WireError("bad_version", str(v >> 4))
+    if HEADER_LEN + plen > n:
+        raise WireError("bad_length", f"payload length {plen} > {n - HEADER_LEN}")
+    return plen, nxt, src, dst
 
 
 def parse(mv) -> tuple[IPv6Header, int]:

@@ -1,12 +1,14 @@
 """TCP header (RFC 9293 §3.1) and options (RFC 9293 §3.2, RFC 7323, RFC 2018).
 
 Two levels:
+  * `unpack(mv, off)`: the fast checked parse of the header the stack's
+    demux, replay and the devices call (one Struct, a tuple);
   * `parse(mv)` checks a segment and returns a small `TcpHeader`
     representation plus the data offset; `build_header(hdr, ...)` emits it.
   * `parse_options(block)` / `build_options(...)`: the option block, with a
     fast path for the NOP NOP TS block that nearly every data segment of a
     timestamp-using connection carries.  The TCP state machine uses these
-    directly on its own Struct-unpacked header (hot path).
+    directly on the header unpack() gave them (hot path).
 
 Header layout (offsets in bytes):
 
@@ -22,13 +24,14 @@ from __future__ import annotations
 
 import struct
 
-from .checksum import pseudo4, pseudo6, sum16
+from .checksum import pseudo, sum16
 from .errors import WireError
 
 HEADER_LEN = 20
 MAX_HEADER_LEN = 60
 MAX_OPTIONS_LEN = 40
 HEADER = struct.Struct("!HHIIBBHHH")
+_FIELDS = struct.Struct("!HHIIBBH")      # all but checksum and urgent pointer
 
 # field offsets
 OFF_SEQ = 4
@@ -52,6 +55,13 @@ _TS_FAST_HEAD = 0x0101080A         # the first four bytes of that block, as one 
 _U32 = struct.Struct("!I")
 _II = struct.Struct("!II")
 _H = struct.Struct("!H")
+
+# option layouts the stack's builders pack directly (hot path)
+TS_BLOCK = struct.Struct("!BBBBII")   # two pad bytes (NOP NOP, or SACK-permitted), TS kind, len, tsval, tsecr
+SACK_HEAD = struct.Struct("!BBBB")    # NOP NOP SACK len
+SACK_EDGES = _II                      # one SACK block: left, right
+MSS_BLOCK = struct.Struct("!BBH")
+WS_BLOCK = struct.Struct("!BBBB")     # NOP WS len shift
 
 
 class TcpOptions:
@@ -130,6 +140,35 @@ def parse_options(buf) -> TcpOptions:
     return o
 
 
+def scan_options(buf) -> dict:
+    """{kind: (offset, value)} of the window scale (3: the shift, at most
+    14), SACK (5: [(left, right), ...]) and timestamp (8: (ts_val, ts_ecr))
+    options in *buf*, with the offset of each within the block, for tools
+    that rewrite options in place (replay).  Lenient where parse_options is
+    strict: the walk stops at a malformed option and keeps what it found,
+    and an option of the wrong length is passed over."""
+    out = {}
+    i, n = 0, len(buf)
+    while i < n:
+        kind = buf[i]
+        if kind == OPT_EOL:
+            break
+        if kind == OPT_NOP:
+            i += 1
+            continue
+        if i + 1 >= n or buf[i + 1] < 2 or i + buf[i + 1] > n:
+            break
+        ln = buf[i + 1]
+        if kind == OPT_TS and ln == 10:
+            out[OPT_TS] = (i, _II.unpack_from(buf, i + 2))
+        elif kind == OPT_WSCALE and ln == 3:
+            out[OPT_WSCALE] = (i, min(buf[i + 2], MAX_WSCALE))
+        elif kind == OPT_SACK and ln >= 10 and (ln - 2) % 8 == 0:
+            out[OPT_SACK] = (i, [_II.unpack_from(buf, j) for j in range(i + 2, i + ln, 8)])
+        i += ln
+    return out
+
+
 def build_options(mss=None, wscale=None, sack_perm=False, ts=None, sack=None) -> bytes:
     """Emit an option block padded to 4 bytes.  ts is (ts_val, ts_ecr);
     sack a list of (left, right).  Raises WireError("bad_tcp_options") if
@@ -194,6 +233,24 @@ class TcpHeader:
         return "TcpHeader(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
+def unpack(mv, off: int = 0):
+    """The TCP header of the segment mv[off:], checked: returns
+    (sport, dport, seq, ack, header_len, flags, window); flags is the flag
+    byte (FIN..CWR), header_len in bytes (the data starts at off +
+    header_len, options at off + 20).  The checksum is not verified here
+    (checksum.sum16 over the segment with its pseudo-header).  Raises
+    WireError: "truncated" (under 20 bytes), "bad_tcp_offset" (data offset
+    below 5 words or past the segment)."""
+    n = len(mv) - off
+    if n < HEADER_LEN:
+        raise WireError("truncated", "TCP header")
+    sport, dport, seq, ack, doff, flags, wnd = _FIELDS.unpack_from(mv, off)
+    hl = (doff >> 4) << 2
+    if hl < HEADER_LEN or hl > n:
+        raise WireError("bad_tcp_offset", f"data offset {hl}, segment {n}")
+    return sport, dport, seq, ack, hl, flags, wnd
+
+
 def parse(mv, src: bytes | None = None, dst: bytes | None = None) -> tuple[TcpHeader, int]:
     """Check and parse the TCP segment in *mv* (exactly the segment: IP
     payload).  Returns (header, data_offset); the data is mv[data_offset:].
@@ -244,6 +301,4 @@ def build_header(h: TcpHeader, src: bytes | None = None, dst: bytes | None = Non
 
 
 def _pseudo(src, dst, length):
-    if len(src) == 4:
-        return pseudo4(src, dst, 6, length)
-    return pseudo6(src, dst, 6, length)
+    return pseudo(src, dst, 6, length)

@@ -20,17 +20,29 @@ import itertools
 import struct
 
 from . import checksum as ck
+from . import icmp as _icmp
+from . import ipv4 as _ipv4
+from . import ipv6 as _ipv6
+from . import tcp as _tcp
+from . import udp as _udp
 
-_IP4 = struct.Struct("!BBHHHBBH4s4s")
-_IP6 = struct.Struct("!IHBB16s16s")
-_TCP = struct.Struct("!HHIIBBHHH")
-_UDP = struct.Struct("!HHHH")
-_ICMP = struct.Struct("!BBHI")
-_FRAG6 = struct.Struct("!BBHI")
-_IP4TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")
-_IP6TCP = struct.Struct("!IHBB16s16sHHIIBBHHH")
-_IP4UDP = struct.Struct("!BBHHHBBH4s4sHHHH")
-_IP6UDP = struct.Struct("!IHBB16s16sHHHH")
+_IP4 = _ipv4.HEADER
+_IP6 = _ipv6.HEADER
+_UDP = _udp.HEADER
+_ICMP = _icmp.HEADER
+_FRAG6 = _ipv6.FRAG
+
+
+def _joined(ip_hdr, l4_hdr):
+    """One Struct for an IP header followed by a transport header."""
+    return struct.Struct(ip_hdr.format + l4_hdr.format.lstrip("!"))
+
+
+# one pack for IP + transport header (the per-segment hot path)
+_IP4TCP = _joined(_ipv4.HEADER, _tcp.HEADER)
+_IP6TCP = _joined(_ipv6.HEADER, _tcp.HEADER)
+_IP4UDP = _joined(_ipv4.HEADER, _udp.HEADER)
+_IP6UDP = _joined(_ipv6.HEADER, _udp.HEADER)
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6 = 1, 6, 17, 44, 58
 IP4_DF = 0x4000
@@ -100,6 +112,18 @@ def ip_packets(family: int, src: bytes, dst: bytes, proto: int, l4, ttl: int, mt
     return out
 
 
+class GsoSegment(bytes):
+    """A TCP packet whose payload is larger than one wire segment: the
+    device (TSO/GSO) cuts it into gso_size pieces.  It carries what the
+    device needs for that, so no device parses it again: family (4 or 6),
+    l4_off (where the TCP header starts), hdr_len (IP + TCP header bytes,
+    options included; 0 when not known: parse) and gso_size."""
+    family: int = 4
+    l4_off: int = 20
+    hdr_len: int = 0
+    gso_size: int = 0
+
+
 class TcpTemplate:
     """Builds TCP segments from (src, sport) to (dst, dport) for one flow.
     src/dst are the packet's own source/destination (the stack's side first).
@@ -111,16 +135,28 @@ class TcpTemplate:
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
         self.ttl = config.ttl
         self.offload = config.checksum_offload
+        self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
         if family == 4:
-            self._ps = ck.pseudo4(src, dst, PROTO_TCP, 0)
             # constant IPv4 header words: version/ihl/tos, DF, ttl/proto, addresses
             self._ip4_sum = 0x4500 + IP4_DF + ((self.ttl << 8) | PROTO_TCP) + _addr_sum(src) + _addr_sum(dst)
         else:
-            self._ps = ck.pseudo6(src, dst, PROTO_TCP, 0)
             self._ip4_sum = 0
         # pseudo-header + the ports: the constant part of the TCP sum
         self._hsum = self._ps + sport + dport
         self._ident = 0
+
+    def gso(self, pkt, options_len: int, gso_size: int) -> GsoSegment:
+        """*pkt* (built by build() with an option block of options_len
+        bytes) as a GsoSegment to be cut into gso_size payload pieces."""
+        g = GsoSegment(pkt)
+        g.gso_size = gso_size
+        if self.family == 4:
+            g.hdr_len = 40 + options_len
+        else:
+            g.family = 6
+            g.l4_off = 40
+            g.hdr_len = 60 + options_len
+        return g
 
     def build(self, seq, ack, flags, wnd, options, payload) -> bytes:
         hl = 20 + len(options)
@@ -169,11 +205,10 @@ class UdpTemplate:
         self.ttl = config.ttl
         self.offload = config.checksum_offload
         self.mtu = max(config.mtu, MIN_MTU4 if family == 4 else MIN_MTU6)
+        ps = ck.pseudo(src, dst, PROTO_UDP, 0)
         if family == 4:
-            ps = ck.pseudo4(src, dst, PROTO_UDP, 0)
             self._ip4_sum = 0x4500 + ((self.ttl << 8) | PROTO_UDP) + _addr_sum(src) + _addr_sum(dst)
         else:
-            ps = ck.pseudo6(src, dst, PROTO_UDP, 0)
             self._ip4_sum = 0
         self._hsum = ps + sport + dport
 
@@ -219,7 +254,7 @@ def icmp4_message(type_: int, code: int, rest: int, body) -> bytes:
 
 
 def icmp6_message(src: bytes, dst: bytes, type_: int, code: int, rest: int, body) -> bytes:
-    ps = ck.pseudo6(src, dst, PROTO_ICMP6, 8 + len(body))
+    ps = ck.pseudo(src, dst, PROTO_ICMP6, 8 + len(body))
     s = ck.sum16(body, ps + (type_ << 8) + code + (rest >> 16) + (rest & 0xFFFF))
     return _ICMP.pack(type_, code, ~s & 0xFFFF, rest) + bytes(body)
 

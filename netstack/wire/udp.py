@@ -36,9 +36,7 @@ def parse(mv, off: int = 0):
 
 
 def pseudo(family: int, src: bytes, dst: bytes, length: int) -> int:
-    if family == 4:
-        return ck.pseudo4(src, dst, PROTO_UDP, length)
-    return ck.pseudo6(src, dst, PROTO_UDP, length)
+    return ck.pseudo(src, dst, PROTO_UDP, length)
 
 
 def verify(family: int, src: bytes, dst: bytes, datagram) -> bool:

@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tomllib
 
 import pytest
 
@@ -115,8 +114,8 @@ def test_help_and_version(binary, home):
     for command in ("run", "status", "replay", "node", "doctor"):
         assert command in r.stdout
     if "--version" in r.stdout:          # the packaging work adds it
-        with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-            version = tomllib.load(f)["project"]["version"]
+        import tun2xray
+        version = tun2xray.__version__          # pyproject.toml reads it from there
         v = run_bin(binary, home, "--version")
         assert v.returncode == 0 and version in v.stdout + v.stderr, v
         no_traceback(v)
@@ -320,7 +319,7 @@ def test_status_json_and_workers_are_the_frozen_binary(frozen_run, binary, home)
     # the workers run from the supervisor's unpacked files: one directory in all
     assert len(unpacked(home)) == 1, unpacked(home)
     total = sum(rss_mb(q) for q in procs)
-    print(f"\nfrozen run --workers 2: RSS " + ", ".join(f"{q}: {rss_mb(q):.1f} MB" for q in procs)
+    print("\nfrozen run --workers 2: RSS " + ", ".join(f"{q}: {rss_mb(q):.1f} MB" for q in procs)
           + f"; total {total:.1f} MB")
 
 

@@ -65,7 +65,7 @@ def refhost(request, brlab):
         json.dump(PROFILE, f)
     status_file = os.path.join(lab.workdir, f"{name}.status.json")
     argv = [sys.executable, os.path.join(REPO, "tools", "reference_host.py"), "--tun", TUN,
-            "--config", cfg, "--status-file", status_file]
+            "--config", cfg, "--status-file", status_file, "--log-level", "debug"]
     if mode == "poll":
         argv.append("--poll")
     p = lab.cli_popen(name, argv, cwd=REPO)

@@ -109,8 +109,13 @@ def test_record_with_two_workers_gives_one_capture(tmp_path):
         assert all(rc == 0 and o == [b"200", b"100000"] for rc, o in res), (res, lab.log("tun2xray")[-3000:])
         d = lab.cli_run(["dig", "+short", "+time=3", "+tries=2", f"@{netlab.DNS4}", "web.e2.test"], timeout=20)
         assert d.stdout.strip() == netlab.TARGET4.encode(), d
-        workers = _status()["workers"]
-        assert len(workers) == 2 and all(w["tcp_opened"] > 0 for w in workers), workers
+        # a worker busy with its own flows may miss one status request (its row
+        # then says "responding": false): ask until both answer
+        def both_answer():
+            ws = _status()["workers"]
+            return ws if len(ws) == 2 and all(w["responding"] for w in ws) else None
+        workers = netlab.wait_until(both_answer, 20, "both workers' status")
+        assert all(w["tcp_opened"] > 0 for w in workers), workers
         opened = sum(w["tcp_opened"] for w in workers)
         assert lab.stop("tun2xray", timeout=30) == 0, lab.log("tun2xray")[-3000:]
         log = lab.log("tun2xray")

@@ -51,7 +51,7 @@ def engine_log(lab, grep=()) -> str:
     the tail of its log, for failure messages."""
     text = lab.log("tun2xray")
     lines = text.splitlines()
-    notable = [ln for ln in lines if " INFO " not in ln or any(g in ln for g in grep)]
+    notable = [ln for ln in lines if " info " not in ln and " debug " not in ln or any(g in ln for g in grep)]
     return ("\n--- tun2xray log: notable lines ---\n" + "\n".join(notable[-60:]) +
             "\n--- tun2xray log: tail ---\n" + text[-2000:])
 

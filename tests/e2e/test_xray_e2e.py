@@ -551,8 +551,7 @@ def test_auto_route_after_sigkill_next_run_cleans_up(world, tmp_path):
     before = w.rules_snapshot()
     profile = os.path.join(w.lab.workdir, "xr-profile.json")
     with open(profile, "w") as f:
-        json.dump({"proxy": "socks5://127.0.0.1:1",
-                   "ipv4": {"excluded_routes": ["192.0.2.0/24"]},
+        json.dump({"ipv4": {"excluded_routes": ["192.0.2.0/24"]},
                    "ipv6": {"excluded_routes": ["2001:db8::/32"]}}, f)
     p = w.start("--auto-route", "--config", profile, route=False)
     try:

@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 
+import tun2xray.engine  # noqa: F401  (the bridge loads it on its engine thread: load it now, instrumented)
 from tun2xray import bridge
 
 from .common import InvariantError, Provider, check, check_output_packet, fix_checksums, one_line

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import json
 
-from tun2xray import xray
+# the xray package loads its modules on first use: import them now, so that
+# they are imported (and instrumented) with this harness
+from tun2xray.xray import config as xconfig
+from tun2xray.xray import errors as xerrors
+from tun2xray.xray import reader as xreader
 from tun2xray.bridge import engine_settings
 from tun2xray.profile import ProfileError, load_profile
 
@@ -64,18 +68,22 @@ def build(fdp: Provider, words, depth: int = 0, top: bool = False):
 
 
 def profile(source) -> None:
-    try:
-        p = load_profile(source)
-    except ProfileError as e:
-        one_line(e)
-        return
-    doc = p.to_json()
-    again = load_profile(json.dumps(doc)).to_json()
-    check(again == doc, lambda: f"profile does not survive to_json: {doc} -> {again}")
-    try:
-        engine_settings(p)
-    except ProfileError as e:
-        one_line(e)
+    """As `run` reads a profile, and as the bridge does (proxy required,
+    run-only keys refused); only the bridge's kind reaches engine_settings."""
+    for bridge in (False, True):
+        try:
+            p = load_profile(source, bridge=bridge)
+        except ProfileError as e:
+            one_line(e)
+            continue
+        doc = p.to_json()
+        again = load_profile(json.dumps(doc), bridge=bridge).to_json()
+        check(again == doc, lambda: f"profile does not survive to_json: {doc} -> {again}")
+        if bridge:
+            try:
+                engine_settings(p)
+            except ProfileError as e:
+                one_line(e)
 
 
 def profile_raw(data: bytes) -> None:
@@ -92,15 +100,15 @@ def profile_built(data: bytes) -> None:
 
 def xray_text(text: str) -> None:
     try:
-        cfg = xray.parse_config_text(text, "config.json")
-    except xray.XrayConfigError as e:
+        cfg = xreader.parse_config_text(text, "config.json")
+    except xerrors.XrayConfigError as e:
         one_line(e)
         return
     check(isinstance(cfg, dict), "config is not an object")
-    xray.outbound_servers(cfg)
+    xconfig.outbound_servers(cfg)
     try:
-        d = xray.derive("/nonexistent/config.json", config=cfg, write=False, mark=0x7478)
-    except xray.XrayConfigError as e:
+        d = xconfig.derive("/nonexistent/config.json", config=cfg, write=False, mark=0x7478)
+    except xerrors.XrayConfigError as e:
         one_line(e)
         return
     check(d.proxy is not None and d.proxy_url.startswith("socks5://"), "derive gave no proxy")
@@ -138,7 +146,7 @@ def positions(data: bytes) -> None:
     fdp = Provider(data)
     line, char = fdp.u8(), fdp.u16()
     text = fdp.rest().decode("utf-8", "replace")
-    ln, col = xray.core_position(text, line, char)
+    ln, col = xreader.core_position(text, line, char)
     check(isinstance(ln, int) and isinstance(col, int), "core_position")
 
 

@@ -105,6 +105,10 @@ class _Loop:
 
 class _Engine:
     connect_timeout = 10.0
+    _debug = True               # the relay then also formats its debug lines
+
+    def _log_socks_reply(self, conn, rep, bound):
+        check(rep == 0 or bound is None, "a refusal with a bound address")
 
     def __init__(self):
         self.loop = _Loop()

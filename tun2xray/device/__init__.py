@@ -16,11 +16,11 @@ host has configured the interface: addresses are ignored and ``mtu`` (default
 1500) is only recorded as ``Device.mtu``.
 
 ``tun://NAME``
-    A Linux TUN (``IFF_TUN | IFF_NO_PI``) opened with python-pytun. If NAME
+    A Linux TUN (``IFF_TUN | IFF_NO_PI``) opened with TUNSETIFF. If NAME
     does not exist it is created, and removed again by ``close()``; an existing
     TUN (e.g. made persistent by ``ip tuntap add``) is attached to and left in
     place. MTU and addresses (IPv4 and IPv6 CIDR strings) are applied and the
-    link brought up over rtnetlink (pyroute2). ``tun://`` with no name lets the
+    link brought up with interface ioctls. ``tun://`` with no name lets the
     kernel pick one (``tun0``, ...). Offloads are on by default: IFF_VNET_HDR
     and TCP segmentation/checksum offload, 64 KB TCP super-segments both ways
     (see offload.py; ``Device.offload``/``Device.gso_max`` tell the engine).

@@ -1,4 +1,4 @@
-"""tun://NAME: a Linux TUN device (python-pytun for the fd, ioctls for setup).
+"""tun://NAME: a Linux TUN device (ioctls for the fd, see tunfd.py, and for setup).
 
 Opening: ``TUNSETIFF`` with ``IFF_TUN | IFF_NO_PI`` on NAME attaches to an
 existing TUN of that name (a persistent one made by ``ip tuntap add``) or
@@ -27,6 +27,7 @@ import socket
 import threading
 
 from ._base import _REJECTED, Device, DeviceError
+from .tunfd import IFF_MULTI_QUEUE, IFF_NO_PI, IFF_TUN, IFF_VNET_HDR, TunFd
 
 IFNAMSIZ = 16
 TX_QUEUE_LEN = 4096     # packets the kernel queues for us on a TUN we create
@@ -145,6 +146,37 @@ def _configure(name: str, mtu: int | None, addrs: list, created: bool = False) -
         ioctl(s4, SIOCSIFFLAGS, struct.pack("16sh", ifn, flags | IFF_UP), "link up")
 
 
+IFA_F_TENTATIVE = 0x40
+
+
+def _tentative(name: str, addrs: list) -> bool:
+    """Is any of our IPv6 addresses on NAME still tentative (/proc/net/if_inet6)?"""
+    ours = {i.ip.packed.hex() for i in addrs if i.version == 6}
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                # address ifindex prefixlen scope flags name
+                parts = line.split()
+                if len(parts) >= 6 and parts[5] == name and parts[0] in ours \
+                        and int(parts[4], 16) & IFA_F_TENTATIVE:
+                    return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _wait_ipv6_usable(name: str, addrs: list, timeout: float = 2.0) -> None:
+    """Even without duplicate address detection the kernel clears an
+    address's tentative flag from a work queue after link up, and binding to
+    it fails until then (seen under load). Wait for that, bounded, so the
+    addresses are usable when the device is handed out."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _tentative(name, addrs) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _delete_link(name: str) -> None:
     from pyroute2 import IPRoute
 
@@ -181,9 +213,7 @@ class TunDevice(Device):
 
     @property
     def multiqueue(self) -> bool:
-        import pytun
-
-        return bool(self._flags & pytun.IFF_MULTI_QUEUE)
+        return bool(self._flags & IFF_MULTI_QUEUE)
 
     def open_queue(self) -> "TunDevice":
         """Attach one more queue of this multiqueue TUN (``?multiqueue=1``).
@@ -222,13 +252,11 @@ class TunDevice(Device):
 
 
 def _attach(url: str, name: str, flags: int, *, existed: bool):
-    """TUNSETIFF on NAME with flags: a pytun device, or DeviceError with why."""
-    import pytun
-
+    """TUNSETIFF on NAME with flags: a TunFd, or DeviceError with why."""
     try:
-        return pytun.TunTapDevice(name=name, flags=flags)
-    except pytun.Error as exc:
-        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        return TunFd.open(name, flags)
+    except OSError as exc:
+        code = exc.errno
         if code == errno.EPERM or code == errno.EACCES:
             why = "permission denied (needs root or CAP_NET_ADMIN)"
         elif code == errno.EBUSY:
@@ -238,7 +266,7 @@ def _attach(url: str, name: str, flags: int, *, existed: bool):
         elif code == errno.ENOENT:
             why = "/dev/net/tun is missing (no TUN support)"
         else:
-            why = exc.args[-1] if exc.args else str(exc)
+            why = exc.strerror or str(exc)
         raise DeviceError(f"{url}: cannot open TUN: {why}") from None
 
 
@@ -254,10 +282,6 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=F
     if len(name.encode()) >= IFNAMSIZ or any(c in name for c in "/: \t\n%"):
         raise DeviceError(f"{url}: {name!r} is not a valid interface name (1-15 characters, no '/', ':', '%' or spaces)")
     addrs = _parse_addresses(url, addresses)
-    try:
-        import pytun  # noqa: F401
-    except ImportError:
-        raise DeviceError(f"{url}: python-pytun is not installed (pip install python-pytun)") from None
     if offload == "auto":
         try:
             return _open(url, name, mtu, addrs, True, multiqueue, required=False)
@@ -269,16 +293,14 @@ def open_tun(url: str, name: str, *, mtu: int | None, addresses: list, offload=F
 
 
 def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
-    import pytun
-
     existed = bool(name) and _ifindex(name) != 0
-    flags = pytun.IFF_TUN | pytun.IFF_NO_PI
+    flags = IFF_TUN | IFF_NO_PI
     if offload:
-        flags |= pytun.IFF_VNET_HDR
+        flags |= IFF_VNET_HDR
     if multiqueue:
-        flags |= pytun.IFF_MULTI_QUEUE
+        flags |= IFF_MULTI_QUEUE
     tun = _attach(url, name, flags, existed=existed)
-    real_name = tun.name.decode() if isinstance(tun.name, bytes) else tun.name
+    real_name = tun.name
     created = not existed
     try:
         os.set_blocking(tun.fileno(), False)
@@ -293,6 +315,7 @@ def _open(url, name, mtu, addrs, offload, multiqueue, *, required):
                     raise _OffloadRefused(why) from None
                 raise DeviceError(f"{url}: {why}") from None
         _configure(real_name, mtu, addrs, created)
+        _wait_ipv6_usable(real_name, addrs)
         dev_mtu = _read_mtu(real_name)
     except (DeviceError, _OffloadRefused):
         tun.close()

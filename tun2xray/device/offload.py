@@ -33,6 +33,13 @@ pseudo-header sum), super-segments with gso_size = the segment size the
 stack chose (``GsoSegment.gso_size``: the client's MSS less options), with
 no copy and no checksum work in Python.
 
+The stack's super-segments (``netstack.wire.templates.GsoSegment``) carry
+their family, TCP offset, header length and segment size, so the header
+is built from those without reading the packet; any other packet larger
+than the MTU is parsed with ``netstack.wire``.  A packet up to the MTU is
+classified by its version/IHL and protocol bytes alone (which cached
+NEEDS_CSUM header, if any): tagging every packet instead would cost a copy.
+
 Packets read may carry partial transport checksums (NEEDS_CSUM), so a pcap
 recorded from this device shows "bad" checksums for them: replay such a
 capture with checksum verification off.
@@ -43,6 +50,12 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+
+from netstack.wire import checksum as _ck
+from netstack.wire import ip as _ip
+from netstack.wire import tcp as _tcp
+from netstack.wire.errors import WireError
+from netstack.wire.templates import GsoSegment
 
 from ._base import _FULL, READ_SIZE
 from .linux_tun import TunDevice
@@ -68,49 +81,41 @@ def enable_offloads(fd: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
 
 
-def _pseudo_sum(p, v6: bool, iphl: int, tcp_len: int) -> int:
-    """Folded (not complemented) ones'-complement sum of the TCP pseudo-header."""
-    if v6:
-        s = int.from_bytes(p[8:40], "big")
-    else:
-        s = int.from_bytes(p[12:20], "big")
-    # fold the address words, then add the protocol and the length
-    s = s % 0xFFFF if s % 0xFFFF else (0xFFFF if s else 0)
-    s += 6 + tcp_len
-    while s > 0xFFFF:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
+def _layout(p):
+    """(family, l4_off, hdr_len, end) of a TCP packet: from the packet
+    itself when the stack built it (GsoSegment), else parsed (netstack.wire;
+    a packet from a host, or built elsewhere).  None for anything but an
+    unfragmented TCP packet with a whole header."""
+    if type(p) is GsoSegment and p.hdr_len:
+        return p.family, p.l4_off, p.hdr_len, len(p)
+    try:
+        family, proto, l4, end, _src, _dst = _ip.transport(p)
+        if proto != 6:
+            return None
+        tcp_hl = _tcp.unpack(memoryview(p)[:end], l4)[4]
+    except WireError:
+        return None
+    return family, l4, l4 + tcp_hl, end
 
 
 def gso_header(p, mtu: int):
     """The vnet header for one outgoing packet larger than the MTU, or None if
     it is not a TCP packet the kernel can segment (then it is sent plainly).
     Also returns the packet with its TCP checksum field set as NEEDS_CSUM wants."""
-    n = len(p)
-    version = p[0] >> 4
-    if version == 4:
-        iphl = (p[0] & 15) * 4
-        # TCP, not a fragment (MF clear, offset 0)
-        if iphl < 20 or n < iphl + 20 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
-            return None
-        gso_type = VIRTIO_NET_HDR_GSO_TCPV4
-    elif version == 6:
-        iphl = 40
-        if n < 60 or p[6] != 6:  # TCP directly after the fixed header
-            return None
-        gso_type = VIRTIO_NET_HDR_GSO_TCPV6
-    else:
+    lay = _layout(p)
+    if lay is None:
         return None
-    tcphl = (p[iphl + 12] >> 4) * 4
-    hdr_len = iphl + tcphl
+    family, l4, hdr_len, end = lay
     gso_size = mtu - hdr_len
-    if tcphl < 20 or n <= hdr_len or gso_size < 8:
+    if end <= hdr_len or gso_size < 8:
         return None
+    src, dst = _ip.addresses(p, family)
+    csum = _ck.partial(src, dst, 6, end - l4)
     buf = bytearray(p)
-    csum = _pseudo_sum(buf, version == 6, iphl, n - iphl)
-    buf[iphl + 16] = csum >> 8
-    buf[iphl + 17] = csum & 0xFF
-    hdr = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, iphl, 16)
+    buf[l4 + 16] = csum >> 8
+    buf[l4 + 17] = csum & 0xFF
+    gso_type = VIRTIO_NET_HDR_GSO_TCPV4 if family == 4 else VIRTIO_NET_HDR_GSO_TCPV6
+    hdr = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, l4, 16)
     return hdr, buf
 
 
@@ -188,7 +193,7 @@ class OffloadTunDevice(TunDevice):
                     key = ((b0 & 15) * 4, p[9]) if b0 >> 4 == 4 and not ((p[6] & 0x3F) or p[7]) else None
                 if key is not None:
                     if n > mtu and key[1] == 6:
-                        g = _gso_partial(p, key[0], mtu)
+                        g = _gso_partial(p, mtu)
                         if g is not None:
                             hdr = g
                     else:
@@ -225,17 +230,19 @@ for _iphl in range(20, 64, 4):
     _CSUM_HDRS[(_iphl, 17)] = _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, _iphl, 6)
 
 
-def _gso_partial(p, iphl: int, mtu: int):
+def _gso_partial(p, mtu: int):
     """vnet header for a TCP super-segment whose checksum field already holds
     the pseudo-header sum (the stack's checksum offload): no copy, no sum.
     gso_size is the segment size the stack chose (the client's MSS less
     options) when it says, else what the MTU leaves."""
-    tcphl = (p[iphl + 12] >> 4) * 4
-    hdr_len = iphl + tcphl
+    lay = _layout(p)
+    if lay is None:
+        return None
+    family, l4, hdr_len, end = lay
     gso_size = getattr(p, "gso_size", 0) or mtu - hdr_len
     if hdr_len + gso_size > mtu:
         gso_size = mtu - hdr_len
-    if tcphl < 20 or len(p) <= hdr_len or gso_size < 8:
+    if end <= hdr_len or gso_size < 8:
         return None
-    gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if p[0] >> 4 == 6 else VIRTIO_NET_HDR_GSO_TCPV4
-    return _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, iphl, 16)
+    gso_type = VIRTIO_NET_HDR_GSO_TCPV6 if family == 6 else VIRTIO_NET_HDR_GSO_TCPV4
+    return _vnet.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, hdr_len, gso_size, l4, 16)

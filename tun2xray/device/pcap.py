@@ -2,9 +2,12 @@
 
 Writing is a few lines of struct packing (classic libpcap format, microsecond
 timestamps, native byte order), so recording costs one ``Struct.pack`` and two
-buffered writes per packet. Reading uses dpkt, which also understands pcapng
-and nanosecond files, and unwraps the link layers a TUN capture is likely to
-carry (raw IP, Ethernet, Linux cooked v1/v2, BSD loopback/NULL).
+buffered writes per packet. Reading handles classic pcap in either byte order
+with µs or ns timestamps itself and pcapng through dpkt, and unwraps the link
+layers a TUN capture is likely to carry (raw IP, Ethernet, Linux cooked v1/v2,
+BSD loopback/NULL).  This is the one pcap reader: `tun2xray replay` reads its
+captures here (strict), and the file and record layouts below are the ones
+`tun2xray.record` merges worker parts with.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 from typing import Iterator
 
 _log = logging.getLogger("tun2xray.record")
@@ -31,7 +35,11 @@ PCAP_MAGIC_US = 0xA1B2C3D4
 SNAPLEN = 262144
 
 _file_header = struct.Struct("=IHHiIII")
-_record_header = struct.Struct("=IIII")
+# record header (ts_sec, ts_frac, caplen, origlen) in either byte order; ours are native
+_REC = {"<": struct.Struct("<IIII"), ">": struct.Struct(">IIII")}
+_record_header = _REC["<" if sys.byteorder == "little" else ">"]
+FILE_HEADER = _file_header       # for tun2xray.record's merge
+RECORD_HEADER = _record_header
 
 
 class PcapRecorder:
@@ -192,47 +200,37 @@ def _our_pcap_size(path: str) -> int:
 
 
 def wire_segments(p, mtu: int) -> list:
-    """A TCP super-segment (IPv4, or IPv6 with TCP right after the fixed
-    header) cut into the segments a NIC's TSO would have sent: at most
-    ``mtu`` bytes each, the same headers with the sequence number advanced,
-    IP total/payload length set, IPv4 IDs counting up, CWR on the first
+    """A TCP super-segment (IPv4 or IPv6, parsed with netstack.wire) cut
+    into the segments a NIC's TSO would have sent: at most ``mtu`` bytes
+    each, the same headers with the sequence number advanced, IP
+    total/payload length set, IPv4 IDs counting up, CWR on the first
     segment only, FIN and PSH on the last only, and full IP and TCP
     checksums.  Anything else comes back as it is, alone."""
     n = len(p)
     if n <= mtu or n < 40:
         return [p]
-    v = p[0] >> 4
-    if v == 4:
-        iphl = (p[0] & 15) * 4
-        if iphl < 20 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+    from netstack.wire import checksum as ck
+    from netstack.wire import ip as wip
+    from netstack.wire import tcp as wtcp
+    from netstack.wire.errors import WireError
+
+    whole = _with_length(p)
+    try:
+        family, proto, iphl, end, src, dst = wip.transport(whole)
+        if proto != 6:
             return [p]
-        end = int.from_bytes(p[2:4], "big") or n   # a TSO packet may carry 0 here
-        ipid = int.from_bytes(p[4:6], "big")
-    elif v == 6:
-        iphl = 40
-        if n < 60 or p[6] != 6:
-            return [p]
-        end = 40 + int.from_bytes(p[4:6], "big")
-        if end == 40:
-            end = n                                   # jumbo/TSO: the buffer is the packet
-    else:
+        _sp, _dp, seq0, _ack, tcphl, flags, _w = wtcp.unpack(memoryview(whole)[:end], iphl)
+    except WireError:
         return [p]
-    end = min(end, n)
-    tcphl = (p[iphl + 12] >> 4) * 4
     hdr_len = iphl + tcphl
     mss = mtu - hdr_len
-    if tcphl < 20 or end <= hdr_len or mss < 8:
+    if end <= hdr_len or mss < 8:
         return [p]
-    from netstack.wire import checksum as ck
-
-    ip_hdr = bytearray(p[:iphl])
-    tcp_hdr = bytearray(p[iphl:hdr_len])
-    seq0 = int.from_bytes(tcp_hdr[4:8], "big")
-    flags = tcp_hdr[13]
+    ip_hdr = bytearray(whole[:iphl])
+    tcp_hdr = bytearray(whole[iphl:hdr_len])
     last_only = flags & 0x09          # FIN, PSH
-    payload = memoryview(p)[hdr_len:end]
-    src, dst = (bytes(p[12:16]), bytes(p[16:20])) if v == 4 else (bytes(p[8:24]), bytes(p[24:40]))
-    pseudo = ck.pseudo4 if v == 4 else ck.pseudo6
+    payload = memoryview(whole)[hdr_len:end]
+    ipid = int.from_bytes(ip_hdr[4:6], "big") if family == 4 else 0
     out = []
     total = len(payload)
     for i, off in enumerate(range(0, total, mss)):
@@ -241,21 +239,40 @@ def wire_segments(p, mtu: int) -> list:
         f = flags & ~0x09 | (last_only if last else 0)
         if i:
             f &= ~0x80                    # CWR only on the first segment
-        tcp_hdr[4:8] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
-        tcp_hdr[13] = f
+        tcp_hdr[wtcp.OFF_SEQ:wtcp.OFF_SEQ + 4] = ((seq0 + off) & 0xFFFFFFFF).to_bytes(4, "big")
+        tcp_hdr[wtcp.OFF_FLAGS] = f
         tcp_hdr[16:18] = b"\x00\x00"
         seg_len = tcphl + len(chunk)
-        csum = ck.checksum(bytes(tcp_hdr) + chunk, pseudo(src, dst, 6, seg_len))
+        csum = ck.checksum(bytes(tcp_hdr) + chunk, ck.pseudo(src, dst, 6, seg_len))
         tcp_hdr[16:18] = csum.to_bytes(2, "big")
-        if v == 4:
+        if family == 4:
             ip_hdr[2:4] = (iphl + seg_len).to_bytes(2, "big")
             ip_hdr[4:6] = ((ipid + i) & 0xFFFF).to_bytes(2, "big")
             ip_hdr[10:12] = b"\x00\x00"
             ip_hdr[10:12] = ck.checksum(ip_hdr).to_bytes(2, "big")
         else:
-            ip_hdr[4:6] = seg_len.to_bytes(2, "big")
+            ip_hdr[4:6] = (iphl - 40 + seg_len).to_bytes(2, "big")
         out.append(bytes(ip_hdr) + bytes(tcp_hdr) + chunk)
     return out
+
+
+def _with_length(p):
+    """*p*, or a copy whose IP length field says the buffer's length when a
+    TSO packet left it 0 (the buffer is the packet)."""
+    from netstack.wire import ipv4, ipv6
+
+    v = p[0] >> 4
+    if v == 4:
+        off, length = ipv4.OFF_TOTAL_LEN, len(p)
+    elif v == 6:
+        off, length = ipv6.OFF_PAYLOAD_LEN, len(p) - ipv6.HEADER_LEN
+    else:
+        return p
+    if p[off] or p[off + 1]:
+        return p
+    b = bytearray(p)
+    b[off:off + 2] = min(length, 0xFFFF).to_bytes(2, "big")
+    return bytes(b)
 
 
 def _ip_from_ethernet(buf: bytes) -> bytes | None:
@@ -269,10 +286,19 @@ def _ip_from_ethernet(buf: bytes) -> bytes | None:
     return None
 
 
-def _ip_payload(linktype: int, buf: bytes) -> bytes | None:
-    """The IP packet inside one captured frame, or None if it carries none."""
-    if linktype == LINKTYPE_RAW or linktype in _RAW_ALIASES or linktype in (LINKTYPE_IPV4, LINKTYPE_IPV6):
+_RAW_TYPES = frozenset((LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6) + _RAW_ALIASES)
+_KNOWN_TYPES = _RAW_TYPES | {LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_NULL,
+                             LINKTYPE_LOOP}
+
+
+def _ip_payload(linktype: int, buf: bytes, strict: bool = False) -> bytes | None:
+    """The IP packet inside one captured frame, or None if it carries none.
+    strict: a raw-IP frame is returned as captured even when it is not
+    IPv4/IPv6 (the caller counts it)."""
+    if linktype in _RAW_TYPES:
         ip = buf
+        if strict:
+            return bytes(ip)
     elif linktype == LINKTYPE_ETHERNET:
         if len(buf) < 14:
             return None
@@ -287,6 +313,8 @@ def _ip_payload(linktype: int, buf: bytes) -> bytes | None:
         ip = buf[20:]
     elif linktype in (LINKTYPE_NULL, LINKTYPE_LOOP):
         ip = buf[4:] if len(buf) >= 4 else None
+        if strict:
+            return None if ip is None else bytes(ip)
     else:
         return None
     if not ip or (ip[0] >> 4) not in (4, 6):
@@ -294,35 +322,84 @@ def _ip_payload(linktype: int, buf: bytes) -> bytes | None:
     return bytes(ip)
 
 
-def read_pcap(path: str) -> Iterator[tuple[float, bytes]]:
+_MAGICS = {b"\xd4\xc3\xb2\xa1": ("<", 1e6), b"\x4d\x3c\xb2\xa1": ("<", 1e9),
+           b"\xa1\xb2\xc3\xd4": (">", 1e6), b"\xa1\xb2\x3c\x4d": (">", 1e9)}
+
+
+def read_pcap(path: str, *, strict: bool = False) -> Iterator[tuple[float, bytes]]:
     """Yield ``(timestamp, ip_packet)`` for every IP packet in a pcap/pcapng file.
 
-    Frames that carry no IPv4/IPv6 packet (ARP, unknown link types) are skipped.
-    Raises ValueError with a one-line reason if the file is not a capture.
-    """
-    import dpkt
+    Classic pcap (either byte order, µs or ns timestamps) is read here,
+    pcapng through dpkt.  Frames that carry no IPv4/IPv6 packet (ARP,
+    unknown link types) are skipped.  Raises ValueError with a one-line
+    reason if the file is not a capture or a record is cut short.
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
-        f.seek(0)
-        try:
-            if magic == b"\x0a\x0d\x0d\x0a":
-                reader = dpkt.pcapng.Reader(f)
-            else:
-                reader = dpkt.pcap.Reader(f)
-        except (ValueError, dpkt.dpkt.Error) as exc:
-            raise ValueError(f"{path}: not a pcap/pcapng file ({' '.join(str(exc).split())})") from None
-        linktype = reader.datalink()
-        n = 0
-        try:
-            for ts, buf in reader:
-                n += 1
-                ip = _ip_payload(linktype, buf)
-                if ip is not None:
-                    yield float(ts), ip
-        except (dpkt.dpkt.Error, struct.error) as exc:
-            # a malformed record or block further in (dpkt raises its own errors)
-            raise ValueError(f"{path}: malformed capture after packet {n} ({' '.join(str(exc).split())})") from None
+    strict (tools that must see every packet as captured, such as replay):
+    also a link type this reader does not know, a packet cut by the
+    snapshot length and an implausible record are errors, and raw-IP or
+    loopback frames are passed on as they are even when they hold no IP
+    packet."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    if len(data) < 4:
+        raise ValueError(f"{path}: not a pcap/pcapng file (only {len(data)} bytes)")
+    magic = data[:4]
+    if magic == b"\x0a\x0d\x0d\x0a":
+        yield from _read_pcapng(path, data, strict)
+        return
+    if magic not in _MAGICS:
+        raise ValueError(f"{path}: not a pcap/pcapng file (magic {magic.hex()})")
+    order, div = _MAGICS[magic]
+    if len(data) < 24:
+        raise ValueError(f"{path}: truncated pcap header")
+    linktype = int.from_bytes(data[20:24], "little" if order == "<" else "big") & 0x0FFFFFFF
+    if linktype not in _KNOWN_TYPES:
+        if strict:
+            raise ValueError(f"{path}: unsupported link type {linktype}")
+        return
+    rec = _REC[order]
+    off, n, i = 24, len(data), 0
+    while off < n:
+        i += 1
+        if off + 16 > n:
+            raise ValueError(f"{path}: truncated record header (packet {i}, offset {off})")
+        sec, frac, caplen, origlen = rec.unpack_from(data, off)
+        off += 16
+        if caplen > SNAPLEN:
+            raise ValueError(f"{path}: packet {i}: implausible length {caplen}")
+        if off + caplen > n:
+            raise ValueError(f"{path}: truncated packet {i} ({n - off} of {caplen} bytes)")
+        frame = data[off:off + caplen]
+        off += caplen
+        if strict and caplen < origlen:
+            raise ValueError(f"{path}: packet {i} was cut to {caplen} of {origlen} bytes (snaplen)")
+        ip = _ip_payload(linktype, frame, strict)
+        if ip is not None:
+            yield sec + frac / div, ip
+
+
+def _read_pcapng(path, data, strict):
+    import io
+
+    import dpkt
+    try:
+        rd = dpkt.pcapng.Reader(io.BytesIO(data))
+        linktype = rd.datalink()
+        if strict and linktype not in _KNOWN_TYPES:
+            raise ValueError(f"{path}: unsupported link type {linktype}")
+        out = [(float(ts), _ip_payload(linktype, buf, strict)) for ts, buf in rd]
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: malformed pcapng ({' '.join(str(e).split())})") from None
+    except Exception as e:   # dpkt raises assorted errors on malformed blocks
+        raise ValueError(f"{path}: malformed pcapng ({type(e).__name__}: {e})") from None
+    for ts, ip in out:
+        if ip is not None:
+            yield ts, ip
 
 
 __all__ = ["PcapRecorder", "read_pcap", "wire_segments", "LINKTYPE_RAW"]

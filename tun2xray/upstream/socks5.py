@@ -259,12 +259,14 @@ def _target_text(host, port) -> str:
     return format_hostport(str(host), port)
 
 
-async def socks5_connect(up: SocksUpstream, host, port: int, *, timeout: float) -> socket.socket:
+async def socks5_connect(up: SocksUpstream, host, port: int, *, timeout: float,
+                         bound: list | None = None) -> socket.socket:
     """Dial ``host:port`` through the proxy; return the socket for the data phase.
 
     ``host`` is an IP literal, a domain name (sent to the proxy as is) or a
     packed 4/16-byte address.  Raises SocksError, OSError or TimeoutError;
-    the socket is closed on every failure (and on cancellation).
+    the socket is closed on every failure (and on cancellation).  ``bound``,
+    when given, receives the reply's (BND.ADDR, BND.PORT).
     """
     addr_port = encode_address_port(host, port)  # ValueError before any I/O
     loop = asyncio.get_running_loop()
@@ -274,11 +276,13 @@ async def socks5_connect(up: SocksUpstream, host, port: int, *, timeout: float) 
         async with asyncio.timeout(timeout):
             sock = await open_tcp(up.host, up.port)
             await _negotiate(loop, sock, up, label)
-            await _request(loop, sock, CMD_CONNECT, addr_port, label, _target_text(host, port))
+            bnd = await _request(loop, sock, CMD_CONNECT, addr_port, label, _target_text(host, port))
     except BaseException:
         if sock is not None:
             sock.close()
         raise
+    if bound is not None:
+        bound.append(bnd)
     return sock
 
 

@@ -2,7 +2,7 @@
 policy routing over netlink (pyroute2), loop-free.
 
 The core's own sockets carry a firewall mark (``streamSettings.sockopt.mark``,
-put in the derived config by tun2xray.xray) and a rule sends marked traffic
+put in the derived config by tun2xray.xray.config) and a rule sends marked traffic
 around the TUN.  Per family, at priorities PRIORITY..PRIORITY+3::
 
     PRIORITY+0  fwmark MARK             lookup main      the core's own traffic
@@ -32,7 +32,7 @@ PRIORITY = 9470
 MAIN = 254
 
 
-from .xray import XrayError
+from .errors import XrayError
 
 
 class AutoRouteError(XrayError):
@@ -82,8 +82,10 @@ class AutoRoute:
     """The routes and rules of one `run --auto-route`."""
 
     def __init__(self, tun: str, *, mark: int, table: int = TABLE, priority: int = PRIORITY,
-                 excluded=(), families=(4, 6)):
+                 excluded=(), families=(4, 6), routes=None):
         self.tun = tun
+        # {4: [prefix, ...], 6: [...]} sent into the TUN; default: everything
+        self.routes = routes or {4: ["0.0.0.0/0"], 6: ["::/0"]}
         self.mark = mark
         self.table = table
         self.priority = priority
@@ -114,8 +116,8 @@ class AutoRoute:
             for v in self.families:
                 fam = _fam(v)
                 p = self.priority
-                self._add(ipr, "route", dict(family=fam, dst="0.0.0.0/0" if v == 4 else "::/0",
-                                             table=self.table, oif=oif))
+                for net in self.routes.get(v, ()):
+                    self._add(ipr, "route", dict(family=fam, dst=str(net), table=self.table, oif=oif))
                 self._add(ipr, "rule", dict(family=fam, priority=p, fwmark=self.mark, table=MAIN))
                 self._add(ipr, "rule", dict(family=fam, priority=p + 2, table=MAIN,
                                             suppress_prefixlen=0))

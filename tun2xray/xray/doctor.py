@@ -27,15 +27,17 @@ import socket
 import struct
 import sys
 
-from .control import DEFAULT_CONTROL
+from ..instance import InstanceError
 
 SO_MARK = getattr(socket, "SO_MARK", 36)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--control", default=None,
-                   help=f"the running tun2xray's control socket (default {DEFAULT_CONTROL} when present)")
-    p.add_argument("--device", help="tun://NAME (default: the running tun2xray's device)")
+                   help="the running tun2xray's control socket (default: the one running here, "
+                   "found under /run/tun2xray/)")
+    p.add_argument("--device", help="tun://NAME (default: the running tun2xray's device; "
+                   "also picks the instance when several run)")
     p.add_argument("--mtu", type=int, help="expected MTU (default: the running tun2xray's)")
     p.add_argument("--address", default="198.18.0.1/15", help="expected IPv4 address/prefix on the TUN")
     p.add_argument("--address6", default="fd00:7478::1/64", help="expected IPv6 address/prefix on the TUN")
@@ -81,7 +83,7 @@ def _hostport(spec: str) -> tuple:
 # --------------------------------------------------------------------- checks
 
 def check_control(rep: Report, url: str | None, explicit: bool) -> dict | None:
-    from .control import query
+    from ..control import query
     try:
         st = query(url, timeout=3.0)
     except (OSError, ValueError) as e:
@@ -167,7 +169,8 @@ def _routes_via(tun: str) -> int:
 
 
 def check_loop(rep: Report, tun: str, cfg: dict, mark: int | None) -> None:
-    from . import autoroute, xray
+    from .. import xray
+    from . import autoroute
     servers = xray.outbound_servers(cfg)
     if not servers:
         rep.ok("loop", "the core has no outbound servers (direct only)")
@@ -225,7 +228,7 @@ def _probe_inbound(ib, timeout: float, pid: int | None = None) -> str | None:
     """A SOCKS5 greeting (and a UDP ASSOCIATE it closes) for socks; for
     dokodemo-door its listening sockets, read from /proc: a connection
     would make the core dial the inbound's target."""
-    from .xray import inbound_listening, socks_probe
+    from .probe import inbound_listening, socks_probe
     if ib.protocol == "socks":
         return socks_probe(ib.host, ib.port, timeout)
     nets = ib.networks or {"tcp"}
@@ -331,8 +334,39 @@ def check_matrix(rep: Report, tcp, udp, tun: str, mark: int | None, timeout: flo
 
 # ------------------------------------------------------------------------ main
 
+def running_control(args) -> str | None:
+    """--control, else the control socket of the tun2xray running here (on
+    --device when given); None when none runs (the checks go on without
+    it). InstanceError when several run and none was chosen."""
+    from ..instance import find_instance
+    if args.control:
+        return args.control
+    if args.device:
+        try:
+            info = find_instance(args.device)
+        except InstanceError:
+            return None                 # not running on that device: check what is there
+    else:
+        info = find_instance()
+    return (info or {}).get("control")
+
+
+def config_to_check(given: str | None, xst: dict) -> str | None:
+    """The config whose inbounds doctor probes: what the running core runs
+    (the runtime config tun2xray derived, inbounds it added included) when
+    --xray-config is absent or names the instance's own link or node."""
+    running = (xst.get("core") or {}).get("config") or xst.get("runtime_config")
+    if not given:
+        return running
+    if running:
+        mine = {os.path.realpath(p) for p in (xst.get("config"), xst.get("node")) if p}
+        if os.path.realpath(given) in mine:
+            return running
+    return given
+
+
 def main(args) -> int:
-    from . import xray
+    from .. import xray
     rep = Report()
     try:
         for spec in args.tcp + args.udp:
@@ -340,15 +374,20 @@ def main(args) -> int:
     except ValueError as e:
         print(f"tun2xray: error: doctor: {e}", file=sys.stderr)
         return 2
-    explicit = args.control is not None
-    url = args.control or DEFAULT_CONTROL
-    st = check_control(rep, url, explicit)
+    try:
+        url = running_control(args)
+    except InstanceError as e:
+        print(f"tun2xray: error: doctor: {e}", file=sys.stderr)
+        return 2
+    st = check_control(rep, url, True) if url else None
     xst = (st or {}).get("xray") or {}
     tun = args.device[len("tun://"):] if args.device and args.device.startswith("tun://") else None
     if tun is None and st:
         tun = st.get("device", {}).get("name")
     if tun is None:
-        rep.fail("tun", "which TUN?", "give --device tun://NAME or --control of a running tun2xray")
+        from ..instance import run_dir
+        why = "which TUN?" if url else f"which TUN? (no tun2xray runs here: none in {run_dir()})"
+        rep.fail("tun", why, "give --device tun://NAME or --control of a running tun2xray")
     else:
         mtu = args.mtu if args.mtu is not None else (st or {}).get("device", {}).get("mtu")
         check_tun(rep, tun, mtu, [args.address, args.address6])
@@ -359,7 +398,7 @@ def main(args) -> int:
     if tun is not None:
         check_routes(rep, tun, auto, mark)
     core = xst.get("core")
-    cfg_path = args.xray_config or (core or {}).get("config")
+    cfg_path = config_to_check(args.xray_config, xst)
     if cfg_path:
         try:
             d = xray.derive(cfg_path, write=False)

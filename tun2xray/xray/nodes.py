@@ -48,8 +48,10 @@ def add_arguments(p) -> None:
                            "(default: xray, else v2ray, on PATH; skipped when none)")
             s.add_argument("--control", help="wait until the tun2xray serving unix:///path has switched")
             s.add_argument("--wait", type=float, default=20.0, help="seconds to wait with --control")
-        s.add_argument("--xray-config", default=DEFAULT_CONFIG,
-                       help=f"the config.json link (default {DEFAULT_CONFIG}, or $TUN2XRAY_XRAY_CONFIG)")
+        s.add_argument("--xray-config", default=None,
+                       help="the config.json link (default: the running tun2xray's, else "
+                       f"{DEFAULT_CONFIG} or $TUN2XRAY_XRAY_CONFIG)")
+        s.add_argument("--device", help="NAME: the tun2xray on that device, when several run")
         s.add_argument("--nodes", help="the folder of node configs (default: the link target's "
                        "folder, the link's folder and nodes/ beside the link)")
 
@@ -75,7 +77,7 @@ def node_problem(path: str) -> tuple | None:
     """None when ``path`` is a node config; else (unreadable, why): a file
     the core could not read either (unreadable=True: maybe a node with a
     typo), or JSON that is no node config."""
-    from . import xray
+    from .. import xray
     try:
         cfg = xray.load_config(path)
     except xray.NotAnObjectError as e:
@@ -91,7 +93,7 @@ def node_problem(path: str) -> tuple | None:
 def _candidates(config: str, nodes: str | None) -> list:
     """[(dir, file name)] of every *.json that may be a node (not the link,
     not hidden, not a runtime config)."""
-    from .xray import RUNTIME_SUFFIX
+    from .config import RUNTIME_SUFFIX
     link = os.path.abspath(config)
     dirs = search_dirs(config, nodes)
     out = []
@@ -167,7 +169,7 @@ def node_path(config: str, name: str, nodes: str | None = None) -> str:
 
 def check_node(path: str, binary: str | None = None) -> None:
     """Our reader must find a usable setup; the core (when installed) must accept it."""
-    from . import xray
+    from .. import xray
     xray.derive(path, write=False)
     try:
         core = xray.find_binary(binary)
@@ -201,7 +203,7 @@ def use_node(config: str, name: str, nodes: str | None = None, binary: str | Non
 
 def wait_switched(control: str, node: str, timeout: float) -> dict:
     """Poll the running tun2xray until it runs ``node`` with a live core."""
-    from .control import query
+    from ..control import query
     want = os.path.realpath(node)
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -219,9 +221,36 @@ def wait_switched(control: str, node: str, timeout: float) -> dict:
         time.sleep(0.2)
 
 
-def main(args) -> int:
-    from .xray import XrayError
+def running_link(args) -> tuple:
+    """(config link, control URL or None): --xray-config when given, else
+    the link the tun2xray running here was started with (and its control
+    socket, to wait for the switch), else DEFAULT_CONFIG."""
+    from ..control import query
+    from ..instance import find_instance
+    url = getattr(args, "control", None)    # (`node use` has --control)
+    if args.xray_config:
+        return args.xray_config, url
+    if not url:
+        info = find_instance(args.device)   # InstanceError: several, or none on --device
+        url = (info or {}).get("control")
+        if not url:
+            return DEFAULT_CONFIG, None     # none runs here (or it serves no socket)
     try:
+        xst = query(url, timeout=3.0).get("xray") or {}
+    except (OSError, ValueError) as e:
+        raise NodeError(f"cannot ask the running tun2xray ({url}): {e}") from None
+    if not xst.get("config"):
+        return DEFAULT_CONFIG, None         # it runs without --xray-config
+    return xst["config"], url
+
+
+def main(args) -> int:
+    from ..instance import InstanceError
+    from .errors import XrayError
+    try:
+        args.xray_config, control = running_link(args)
+        if args.node_command == "use":
+            args.control = control
         if args.node_command == "list":
             rows, skipped = scan(args.xray_config, args.nodes)
             for name, path, selected in rows:
@@ -238,6 +267,6 @@ def main(args) -> int:
             wait_switched(args.control, path, args.wait)
             print("switched")
         return 0
-    except (NodeError, XrayError) as e:
+    except (NodeError, XrayError, InstanceError) as e:
         print(f"tun2xray: error: {e}", file=sys.stderr)
         return 2
