@@ -122,6 +122,7 @@ def ci(seconds: int, targets, workdir: str | None, extra: list) -> int:
         return 1
     fresh = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="tun2xray-fuzz-ci-")
+    os.makedirs(workdir, exist_ok=True)
     failed = []
     for name in targets:
         log_path = os.path.join(workdir, f"{name}.log")
