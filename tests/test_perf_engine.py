@@ -16,13 +16,14 @@ from vclock import EngineHarness, run_virtual
 SRC, DST = addr("10.0.0.2"), addr("93.184.216.34")
 
 
-def with_engine(strict_setup, body):
+def with_engine(strict_setup, body, connect_timeout=1):
     """Run body(strict, host, loop) with a StrictSocks and an engine on one
-    virtual-clock loop (tcp_connect_timeout 1 s)."""
+    virtual-clock loop (tcp_connect_timeout 1 s unless given)."""
     async def main(loop):
         strict = await StrictSocks().start()
         strict_setup(strict)
-        host = await EngineHarness(f"socks5://127.0.0.1:{strict.port}", connect_timeout=1).start()
+        host = await EngineHarness(f"socks5://127.0.0.1:{strict.port}",
+                                   connect_timeout=connect_timeout).start()
         try:
             return await body(strict, host, loop)
         finally:
@@ -111,3 +112,24 @@ def test_recorded_copies_of_offload_packets_have_complete_checksums():
     assert all(_complete_checksum(f) is f for f in frags)
     icmp = bytes([0x45, 0, 0, 28]) + bytes(5) + b"\x01" + bytes(2) + SRC + DST + bytes(8)
     assert _complete_checksum(icmp) is icmp
+
+
+def test_a_two_byte_refusal_on_an_open_connection_resets_the_client_at_once():
+    """VER REP alone, the proxy keeping the connection open: the relay must
+    refuse on those two bytes, not wait for the rest of a reply that never
+    comes until the connect timeout (found by tools/fuzz, target socks).
+    The connect timeout here (60 s of virtual time) is far longer than the
+    wait for the RST."""
+    def setup(strict):
+        strict.mode = "short_fail_open"
+        strict.reply = 5
+
+    async def body(strict, host, loop):
+        t0 = loop.time()
+        s = await syn(host, 41002)
+        assert s.flags & 0x04 and s.ack == 1001, s
+        assert loop.time() - t0 < 30, loop.time() - t0      # not the 60 s connect timeout
+        st = host.status()["engine"]
+        assert st["upstream_connect_failed"] == 1 and st.get("tcp_opened", 0) == 0
+
+    with_engine(setup, body, connect_timeout=60)

@@ -284,7 +284,8 @@ class StrictSocks:
     Behaviour knobs (set before the client connects):
       mode         "ok" | "close_after_greeting" | "close_mid_reply" |
                    "garbage" | "silent" | "no_method" | "bad_method" | "silent_after_auth" |
-                   "short_fail" (VER REP only for a failure reply)
+                   "short_fail" (VER REP only for a failure reply) |
+                   "short_fail_open" (the same, then the connection stays open)
       auth         (user, password) to require RFC 1929 auth, else None
       reply        reply code to a request (0 = success)
       bnd          ATYP+ADDR+PORT bytes for a success reply (default 0.0.0.0:0)
@@ -414,6 +415,11 @@ class StrictSocks:
         if self.reply != 0 and mode == "short_fail":
             writer.write(bytes((5, self.reply)))  # VER REP, then hang up
             await writer.drain()
+            return
+        if self.reply != 0 and mode == "short_fail_open":
+            writer.write(bytes((5, self.reply)))  # VER REP, and wait for the client to leave
+            await writer.drain()
+            await reader.read()
             return
         if self.reply != 0:
             writer.write(bytes((5, self.reply, 0)) + b"\x01\x00\x00\x00\x00\x00\x00")

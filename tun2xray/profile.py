@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from .rules import Rule, parse_networks, parse_port_range
+from .rules import Rule, _printable, parse_networks, parse_port_range
 from .upstream.url import parse_upstream
 
 
@@ -165,6 +165,10 @@ def load_profile(source, *, bridge: bool = False) -> Profile:
             data = json.loads(source)
         except json.JSONDecodeError as e:
             raise ProfileError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except UnicodeDecodeError as e:          # bytes that are not UTF-8/16/32 text
+            raise ProfileError(f"not valid JSON: not UTF-8 text (byte {e.start})") from None
+        except RecursionError:
+            raise ProfileError("not valid JSON: nested too deeply") from None
     else:
         data = source
     if not isinstance(data, dict):
@@ -186,7 +190,7 @@ def _walk(d: dict, path: str, values: dict) -> None:
     for name, v in d.items():
         where = f"{path}.{name}" if path else name
         if name not in names:
-            raise ProfileError(f"{where}: unknown key")
+            raise ProfileError(f"{_printable(where)}: unknown key")   # one line, whatever the key holds
         if where in OBJECTS:
             _walk(_obj(v, where), where, values)
         else:
@@ -333,7 +337,7 @@ def _rules(v, path, key):
         d = _obj(r, where)
         for k in d:
             if k not in _RULE_KEYS:
-                raise ProfileError(f"{where}.{k}: unknown key")
+                raise ProfileError(f"{where}.{_printable(k)}: unknown key")
         _rule_obj(d, where)             # checks; the Rule is built again in _build
         out.append(dict(d))
     return out

@@ -66,10 +66,17 @@ class Router:
         return self.default, self.default_url, "default"
 
 
+def _printable(value) -> str:
+    """A user's value for a one-line message: line breaks and other control
+    characters shown as escapes."""
+    text = str(value)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def parse_networks(value: str) -> frozenset:
     nets = frozenset(p.strip() for p in value.split(",") if p.strip())
     if not nets or not nets <= {"tcp", "udp"}:
-        raise ValueError(f'"{value}" is not tcp, udp or tcp,udp')
+        raise ValueError(f'"{_printable(value)}" is not tcp, udp or tcp,udp')
     return nets
 
 
@@ -87,13 +94,13 @@ def parse_port_range(value) -> tuple:
             else:
                 lo = hi = int(text)
         except ValueError:
-            raise ValueError(f'"{value}" is not a port') from None
+            raise ValueError(f'"{_printable(value)}" is not a port') from None
     else:
         raise ValueError(f"{value!r} is not a port")
     if not (0 <= lo <= 65535 and 0 <= hi <= 65535):
-        raise ValueError(f'"{value}" is not a port')
+        raise ValueError(f'"{_printable(value)}" is not a port')
     if lo > hi:
-        raise ValueError(f'"{value}" is an empty port range')
+        raise ValueError(f'"{_printable(value)}" is an empty port range')
     return (lo, hi)
 
 
@@ -101,14 +108,14 @@ def parse_map(spec: str) -> Rule:
     """--map PROTO:PORT=URL, e.g. udp:53=dokodemo://127.0.0.1:10853."""
     left, sep, url = spec.partition("=")
     if not sep or not url:
-        raise ValueError(f'--map "{spec}": expected PROTO:PORT=URL')
+        raise ValueError(f'--map "{_printable(spec)}": expected PROTO:PORT=URL')
     proto, sep, port = left.partition(":")
     if not sep:
-        raise ValueError(f'--map "{spec}": expected PROTO:PORT=URL')
+        raise ValueError(f'--map "{_printable(spec)}": expected PROTO:PORT=URL')
     try:
         nets = parse_networks(proto)
         ports = parse_port_range(port)
         to = parse_upstream(url)
     except ValueError as e:
-        raise ValueError(f'--map "{spec}": {e}') from None
+        raise ValueError(f'--map "{_printable(spec)}": {e}') from None
     return Rule(networks=nets, ports=ports, to=to, url=url)

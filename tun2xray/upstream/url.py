@@ -77,7 +77,7 @@ def parse_upstream(url: str) -> SocksUpstream | DokodemoUpstream:
     text = url.strip()
 
     def bad(reason: str) -> ValueError:
-        return ValueError(f'proxy "{_redact(text)}": {reason}')
+        return ValueError(_printable(f'proxy "{_redact(text)}": {reason}'))
 
     if any(c in text for c in "\r\n\t "):
         raise bad("contains whitespace")
@@ -146,6 +146,14 @@ def parse_upstream(url: str) -> SocksUpstream | DokodemoUpstream:
         if len(password.encode()) > 255:
             raise bad("password longer than 255 bytes")
     return SocksUpstream(host, port, username, password)
+
+
+def _printable(msg: str) -> str:
+    """The message on one line: control characters and line breaks in the
+    user's text shown as escapes (\\n, \\x0b, ...)."""
+    if msg.isprintable():
+        return msg
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
 
 
 def _reason_from(exc: ValueError) -> str:

@@ -271,7 +271,7 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
 
     def add_inbound(tag, protocol, settings, extra=None):
         nonlocal out
-        out = copy.deepcopy(data) if out is data else out
+        out = _deepcopy(data, name) if out is data else out
         while tag in tags:
             tag += "-1"
         tags.add(tag)
@@ -304,7 +304,7 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
                          Rule(networks=nets, ports=(53, 53), to=up53, url=f"dokodemo://127.0.0.1:{port}")))
     changed = out is not data
     if mark is not None or interface:
-        out = copy.deepcopy(data) if out is data else out
+        out = _deepcopy(data, name) if out is data else out
         _mark_outbounds(out, mark, interface, name)
         changed = True
     ib, up = socks
@@ -317,6 +317,15 @@ def derive(source: str, *, mark: int | None = None, interface: str | None = None
     if changed and write:
         d.runtime_path = write_runtime(source, out)
     return d
+
+
+def _deepcopy(data: dict, name: str) -> dict:
+    """A copy of a decoded config; the reader takes nesting deeper than a
+    copy (or json.dumps) can follow: say so instead of a RecursionError."""
+    try:
+        return copy.deepcopy(data)
+    except RecursionError:
+        raise XrayConfigError(f"{name}: nested too deeply to derive a runtime config from") from None
 
 
 def _dns_server(cfg: dict):
@@ -377,7 +386,10 @@ def _mark_outbounds(cfg: dict, mark, interface, name) -> None:
 def write_runtime(source: str, cfg: dict) -> str:
     """Write the derived config beside ``source`` (else in the temp dir);
     mode 0600: it holds the user's secrets too."""
-    text = json.dumps(cfg, indent=1).encode()
+    try:
+        text = json.dumps(cfg, indent=1).encode()
+    except RecursionError:
+        raise XrayConfigError(f"{source}: nested too deeply to write a runtime config") from None
     for path in (runtime_path_for(source),
                  os.path.join(tempfile.gettempdir(),
                               f"tun2xray-{os.getpid()}{RUNTIME_SUFFIX}")):
