@@ -24,8 +24,6 @@ PACKAGES = ("netstack", "tun2xray")
 # entry is the set of modules of one circle.  A circle found must lie within
 # one of these (a new module joining it, or a new circle, fails).
 KNOWN_CIRCLES = [
-    # ladder.py takes replay._ip_text; replay.py draws its ladders with ladder.py
-    {"tun2xray.ladder", "tun2xray.replay"},
     # the standalone binary's entry (frozen.py) starts the CLI and the workers,
     # and workers.py asks frozen.py how to start a worker process
     {"tun2xray.cli", "tun2xray.frozen", "tun2xray.workers"},

@@ -47,7 +47,7 @@ def find_flow(flows, spec: str):
         if 1 <= i <= len(flows):
             return i, flows[i - 1]
         raise LadderError(f"--ladder {spec}: no such flow (the capture has {_flow_range(flows)})")
-    from .replay import _ip_text
+    from .replay.capture import _ip_text
     want = spec.replace(" ", "")
     for i, f in enumerate(flows, 1):
         c = _ip_text(f.family, f.key[0], f.key[1])
