@@ -149,6 +149,7 @@ class _Tunnel:
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
         self.handle = handle
         self.router, self.stack_config, self.connect_timeout = engine_settings(profile)
+        self.refusal_window = profile.tcp_refusal_window
         self.proxy = self.router.default
         self.on_outbound = on_outbound
         self.lifecycle = st.Lifecycle()
@@ -208,7 +209,7 @@ class _Tunnel:
         from .engine import Engine
         self.lifecycle.set(st.CONNECTING, "starting")
         engine = Engine(self.device, self.router, stack_config=self.stack_config,
-                        connect_timeout=self.connect_timeout)
+                        connect_timeout=self.connect_timeout, refusal_window=self.refusal_window)
         engine._started_cb = self._on_started
         self.engine = engine
         await engine.run()

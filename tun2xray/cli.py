@@ -187,6 +187,7 @@ class RunSettings:
         self.profile = profile
         self.udp_timeout = profile.udp_timeout if profile else 60.0
         self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
+        self.refusal_window = profile.tcp_refusal_window if profile else 0.5
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
         from .tunroutes import Network
@@ -332,7 +333,8 @@ async def _serve(settings, device, recorder, xs=None) -> int:
     cfg = StackConfig(mtu=device.mtu, udp_timeout=settings.udp_timeout, max_flows=settings.max_flows,
                       icmp_echo=settings.icmp_echo, connect_timeout=settings.connect_timeout + 5)
     engine = Engine(device, settings.router, stack_config=cfg,
-                    connect_timeout=settings.connect_timeout, recorder=recorder)
+                    connect_timeout=settings.connect_timeout, recorder=recorder,
+                    refusal_window=settings.refusal_window)
     loop = asyncio.get_running_loop()
     from . import state
 
