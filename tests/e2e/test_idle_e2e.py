@@ -63,7 +63,7 @@ def _quiet_server(lsock: socket.socket, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             c, _ = lsock.accept()
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             continue
         except OSError:
             return
