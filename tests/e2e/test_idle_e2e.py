@@ -9,12 +9,15 @@
   the client sees a FIN (not a reset), closes too, and the capture on the TUN
   shows the FIN/ACK exchange finish without a RST.
 - A refused far port still resets the client.
+- A worker that dies and is restarted does not take the other worker's idle
+  flows with it (the number of queues must not change under them).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,3 +222,43 @@ def test_refused_far_port_still_resets(ilab):
             s.recv(16)
     [c] = netlab.wait_until(lambda: closed_for({port}), 10, "the flow in the history")
     assert c["reason"] == "upstream refused", c
+
+
+@pytest.mark.deadline(120)
+def test_survivors_idle_flows_outlive_a_worker_restart(ilab):
+    lab = ilab
+    held = {}
+    try:
+        for _ in range(200):
+            s = cli_socket(lab, timeout=10)
+            s.connect((TARGET4, ECHO_PORT))
+            held[s.getsockname()[1]] = s
+        assert not echo_all(list(held.items()), b"a", "first echo")
+        st = status()
+        owner = {int(f["src"].rsplit(":", 1)[1]): f["worker"] for f in st["flows"]
+                 if f["proto"] == "tcp" and int(f["src"].rsplit(":", 1)[1]) in held}
+        victim = st["workers"][0]
+        survivors = [(p, s) for p, s in held.items() if owner.get(p) not in (None, 0)]
+        orphans = [(p, s) for p, s in held.items() if owner.get(p) == 0]
+        assert survivors and orphans, owner
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def replaced():
+            w = status()["workers"][0]
+            return w["alive"] and w["responding"] and w["pid"] != victim["pid"]
+        netlab.wait_until(replaced, 30, "worker 0 to be restarted", interval=0.2)
+        # idle past the kernel's flow-steering expiry (3 s): only the hash over
+        # the number of queues steers the survivors' next segments now
+        time.sleep(IDLE)
+        lost = echo_all(survivors, b"b", "echo after the restart")
+        assert not lost, f"{len(lost)} of {len(survivors)} flows of the surviving worker lost: {lost[:5]}"
+        # the dead worker's flows end, and the client learns it
+        for _, s in orphans[:20]:
+            try:
+                s.sendall(b"c")
+                assert s.recv(1) == b""
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+    finally:
+        for s in held.values():
+            s.close()
