@@ -4,7 +4,7 @@ closes right after its CONNECT reply; later, the clean close reaches the
 client as a FIN, and a simultaneous close (FINs crossing) ends without a RST.
 
 Through the bridge with a real SOCKS5 server on loopback that answers
-CONNECT with success and then closes after a delay, without data (as a
+CONNECT with success and then closes after a delay (none, or 3 s), without data (as a
 v2ray/Xray socks inbound does when its far dial is refused: at once; as a
 server that has nothing to say does: later).
 """
@@ -87,7 +87,7 @@ def _closed(host, sport):
 def test_close_right_after_the_connect_reply_is_a_refusal(hosts):
     srv = SocksThenClose(0.0)
     try:
-        host = Host(json.dumps({"proxy": f"socks5://127.0.0.1:{srv.port}", "tcp_refusal_window": 0.5}))
+        host = Host(json.dumps({"proxy": f"socks5://127.0.0.1:{srv.port}", "tcp_refusal_window": 1.5}))
         hosts.append(host)
         _open(host, 47000)
         seg = host.expect_tcp(lambda s: s.dport == 47000 and s.flags & (FIN | RST))
@@ -99,9 +99,9 @@ def test_close_right_after_the_connect_reply_is_a_refusal(hosts):
 
 
 def test_clean_close_after_the_window_is_a_fin_and_a_simultaneous_close_has_no_rst(hosts):
-    srv = SocksThenClose(1.0)
+    srv = SocksThenClose(3.0)
     try:
-        host = Host(json.dumps({"proxy": f"socks5://127.0.0.1:{srv.port}", "tcp_refusal_window": 0.5}))
+        host = Host(json.dumps({"proxy": f"socks5://127.0.0.1:{srv.port}", "tcp_refusal_window": 1.5}))
         hosts.append(host)
         src, dst, rcv = _open(host, 47001)
         fin = host.expect_tcp(lambda s: s.dport == 47001 and s.flags & (FIN | RST))

@@ -366,7 +366,19 @@ def _policy() -> dict:
                              "downlinkOnly": 30, "bufferSize": 512}}}
 
 
-def local_core_config(user_id: str, log_dir: str) -> dict:
+def _hop(user_id: str, hop: str) -> dict:
+    """The local core's outbound to the far core."""
+    if hop == "vless":
+        return {"tag": "far", "protocol": "vless",
+                "settings": {"vnext": [{"address": VETH_SRV4, "port": VLESS_PORT,
+                                        "users": [{"id": user_id, "encryption": "none"}]}]}}
+    return {"tag": "far", "protocol": "vmess",
+            "settings": {"vnext": [{"address": VETH_SRV4, "port": VMESS_PORT,
+                                    "users": [{"id": user_id, "alterId": 0,
+                                               "security": "aes-128-gcm"}]}]}}
+
+
+def local_core_config(user_id: str, log_dir: str, hop: str = "vmess") -> dict:
     return {
         "log": {"loglevel": "warning", "error": os.path.join(log_dir, "v2ray-local.err"),
                 "access": os.path.join(log_dir, "v2ray-local.access")},
@@ -378,21 +390,16 @@ def local_core_config(user_id: str, log_dir: str) -> dict:
              "protocol": "dokodemo-door",
              "settings": {"address": DNS4, "port": DNS_PORT, "network": "tcp,udp"}},
         ],
-        "outbounds": [
-            {"tag": "far", "protocol": "vless",
-             "settings": {"vnext": [{"address": VETH_SRV4, "port": VLESS_PORT,
-                                     "users": [{"id": user_id, "encryption": "none"}]}]}},
-        ],
+        "outbounds": [_hop(user_id, hop)],
     }
 
 
 def far_core_config(user_id: str, log_dir: str) -> dict:
-    # The lab's own hop (local core -> far core) is VLESS: a VMess (AEAD)
-    # inbound rejects a small share of new connections as "replayed" (its
-    # anti-replay window is a cuckoo filter, whose false positives grow with
-    # the connections of the last minutes), and a test must not lose flows
-    # to its own plumbing (docs/reliability.md). The VMess inbound stays for
-    # tests that bring their own client config.
+    # Two ways in from the local core (Lab(hop=...)): VMess, and VLESS for
+    # tests that count every flow: a VMess (AEAD) inbound rejects a small
+    # share of new connections as "replayed" (its anti-replay window is a
+    # cuckoo filter, whose false positives grow with the connections of the
+    # last minutes; docs/reliability.md).
     return {
         "log": {"loglevel": "warning", "error": os.path.join(log_dir, "v2ray-far.err"),
                 "access": os.path.join(log_dir, "v2ray-far.access")},
@@ -433,8 +440,9 @@ class Lab:
     """
 
     def __init__(self, prefix: str = "e2", workdir: str | None = None,
-                 files: dict | None = None, start: bool = True):
+                 files: dict | None = None, start: bool = True, hop: str = "vmess"):
         self.prefix = prefix
+        self.hop = hop                  # the local core's protocol to the far core
         self.cli_ns = f"{prefix}-cli"
         self.srv_ns = f"{prefix}-srv"
         self.veth_cli = f"{prefix}v0"
@@ -674,7 +682,7 @@ class Lab:
         return os.path.join(self.workdir, "local.json")
 
     def start_local_core(self) -> subprocess.Popen:
-        cfg = self._write_config("local.json", local_core_config(self.user_id, self.workdir))
+        cfg = self._write_config("local.json", local_core_config(self.user_id, self.workdir, self.hop))
         p = self.spawn("local-core", self.cli_ns, core_cmd(self.core, cfg))
         wait_port(self.cli_ns, SOCKS_PORT, "tcp", proc=p)
         wait_port(self.cli_ns, SOCKS_PORT, "udp", proc=p)

@@ -41,7 +41,7 @@ UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
 RATE_PERIOD = 1.0             # seconds between byte-counter samples (flow and total rates)
 CLOSED_HISTORY = 128          # recently closed flows kept for status()
-REFUSAL_WINDOW = 0.5          # profile tcp_refusal_window: see Engine._refused
+REFUSAL_WINDOW = 1.5          # profile tcp_refusal_window: see Engine._refused
 
 
 def _addr(b: bytes) -> str:

@@ -489,7 +489,7 @@ class Supervisor:
             "flags": k._flags, "offload": bool(getattr(k, "offload", False)),
             "router": s.router, "udp_timeout": s.udp_timeout, "max_flows": s.max_flows,
             "icmp_echo": s.icmp_echo, "connect_timeout": s.connect_timeout,
-            "refusal_window": getattr(s, "refusal_window", 0.5),
+            "refusal_window": getattr(s, "refusal_window", 1.5),
             "log_level": self.log_level, "log_format": self.log_format, "record": self._record_spec(w),
             "poke_fd": self.poke_w,
         }
@@ -979,7 +979,7 @@ async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -
         cfg = StackConfig(mtu=device.mtu, udp_timeout=spec["udp_timeout"], max_flows=spec["max_flows"],
                           icmp_echo=spec["icmp_echo"], connect_timeout=spec["connect_timeout"] + 5)
         engine = Engine(device, spec["router"], stack_config=cfg, connect_timeout=spec["connect_timeout"],
-                        recorder=recorder, refusal_window=spec.get("refusal_window", 0.5))
+                        recorder=recorder, refusal_window=spec.get("refusal_window", 1.5))
         loop.add_signal_handler(signal.SIGTERM, engine.stop)
         engine.on_upstream_failed = _poker(spec.get("poke_fd"))
         ch = WorkerChannel(chan, engine, loop, pending)

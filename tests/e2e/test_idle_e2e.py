@@ -5,7 +5,9 @@
   keeps a multi-queue TUN's flow-steering entry, 3 s), and must all echo
   again, several times over (TUN2XRAY_IDLE_ROUNDS, 3 by default; 20 by hand,
   see docs/reliability.md).
-- A server that accepts and closes cleanly after 1 s without sending a byte:
+- A server that accepts and closes cleanly after 3 s without sending a byte
+  (later than tcp_refusal_window, 1.5 s: v2ray 4.34's direct outbound
+  itself needs 1.0 s to report a refused port, see docs/reliability.md):
   the client sees a FIN (not a reset), closes too, and the capture on the TUN
   shows the FIN/ACK exchange finish without a RST.
 - A refused far port still resets the client.
@@ -34,12 +36,23 @@ pytestmark = pytest.mark.e2e
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TUN = "idtun0"
 CTL = "/tmp/id-ctl.sock"
-QUIET_PORT = 2626                 # accepts, waits 1 s, closes without a byte
+QUIET_PORT = 2626                 # accepts, waits QUIET_AFTER s, closes without a byte
+QUIET_AFTER = 3.0
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 ENV.pop("TUN2XRAY_WORKERS", None)    # the default worker count
 ROUNDS = int(os.environ.get("TUN2XRAY_IDLE_ROUNDS", "3"))
 FLOWS = 1000
 IDLE = 5.0
+DIRECT_PORT = 10818
+# a core whose socks inbound dials directly (no far hop), every connection
+# redirected to a loopback port where nothing listens: a refused destination
+# as a single v2ray/Xray sees it (CONNECT succeeds, then a prompt close)
+DIRECT_CORE = {
+    "log": {"loglevel": "warning"},
+    "inbounds": [{"listen": "127.0.0.1", "port": DIRECT_PORT, "protocol": "socks",
+                  "settings": {"auth": "noauth", "udp": False}}],
+    "outbounds": [{"protocol": "freedom", "settings": {"redirect": "127.0.0.1:9"}}],
+}
 
 
 def logs(lab) -> str:
@@ -70,15 +83,25 @@ def _quiet_server(lsock: socket.socket, stop: threading.Event) -> None:
             continue
         except OSError:
             return
-        threading.Timer(1.0, c.close).start()
+        threading.Timer(QUIET_AFTER, c.close).start()
 
 
 @pytest.fixture(scope="module")
 def ilab():
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
-    lab = netlab.Lab(prefix="id")
+    # hop="vless": a VMess hop loses about one new flow in a thousand to its
+    # replay filter (docs/reliability.md); this module counts every flow
+    lab = netlab.Lab(prefix="id", hop="vless")
     with lab:
+        direct = lab._write_config("direct.json", DIRECT_CORE)
+        p = lab.spawn("direct-core", lab.cli_ns, netlab.core_cmd(lab.core, direct))
+        netlab.wait_port(lab.cli_ns, DIRECT_PORT, "tcp", proc=p)
+        profile = os.path.join(lab.workdir, "profile.json")
+        with open(profile, "w") as f:
+            json.dump({"proxy": "socks5://127.0.0.1:10808",
+                       "rules": [{"network": "tcp", "port": CLOSED_PORT,
+                                  "to": f"socks5://127.0.0.1:{DIRECT_PORT}"}]}, f)
         with lab.in_srv():
             lsock = socket.socket()
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,7 +112,7 @@ def ilab():
         t.start()
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{TUN}",
                 "--proxy", "socks5://127.0.0.1:10808", "--address", "198.18.0.1/15",
-                "--address6", "fd00:7478::1/64", "--control", f"unix://{CTL}"]
+                "--address6", "fd00:7478::1/64", "--control", f"unix://{CTL}", "--config", profile]
         lab.run_tun2xray(argv, TUN, env=ENV, describe=lambda: logs(lab))
         try:
             yield lab
@@ -187,7 +210,7 @@ def _flags(path: str, port: int) -> list:
 
 
 @pytest.mark.deadline(60)
-def test_clean_close_after_1s_without_data_is_a_fin(ilab, tmp_path):
+def test_clean_close_after_3s_without_data_is_a_fin(ilab, tmp_path):
     lab = ilab
     pcap = str(tmp_path / "quiet.pcap")
     _capture(lab, QUIET_PORT, pcap)
@@ -218,9 +241,13 @@ def test_refused_far_port_still_resets(ilab):
     with s:
         s.connect((TARGET4, CLOSED_PORT))     # the core answers CONNECT before it dials
         port = s.getsockname()[1]
-        with pytest.raises(ConnectionResetError):
-            s.recv(16)
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")   # a client's request: the core dials with it
+        try:
+            got = s.recv(16)
+        except ConnectionResetError:
+            got = None
     [c] = netlab.wait_until(lambda: closed_for({port}), 10, "the flow in the history")
+    assert got is None, f"the client got {got!r}, not a reset; the flow: {c}"
     assert c["reason"] == "upstream refused", c
 
 
