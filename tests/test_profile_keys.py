@@ -56,6 +56,7 @@ EFFECTS = {
               and s.router.route("tcp", bytes([10, 0, 0, 1]), 53)[1] == PROXY),
     "udp_timeout": (5, lambda a, s: s.udp_timeout == 5.0),
     "tcp_connect_timeout": (2.5, lambda a, s: s.connect_timeout == 2.5),
+    "tcp_refusal_window": (2.5, lambda a, s: s.refusal_window == 2.5),
     "max_flows": (100, lambda a, s: s.max_flows == 100),
     "icmp_echo": ("drop", lambda a, s: s.icmp_echo == "drop"),
     "device": ("tun://prkey7", lambda a, s: a.device == "tun://prkey7" and s.net.owner == "tun2xray"),

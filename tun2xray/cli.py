@@ -186,6 +186,7 @@ class RunSettings:
         self.profile = profile
         self.udp_timeout = profile.udp_timeout if profile else 60.0
         self.connect_timeout = profile.tcp_connect_timeout if profile else 10.0
+        self.refusal_window = profile.tcp_refusal_window if profile else 1.5
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
         from .tunroutes import Network

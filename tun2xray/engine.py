@@ -42,6 +42,7 @@ UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
 RATE_PERIOD = 1.0             # seconds between byte-counter samples (flow and total rates)
 CLOSED_HISTORY = 128          # recently closed flows kept for status()
+REFUSAL_WINDOW = 1.5          # profile tcp_refusal_window: see Engine._refused
 
 
 def _addr(b: bytes) -> str:
@@ -56,7 +57,8 @@ class TcpRelay(asyncio.Protocol):
     """Carries one TCP connection's bytes between the stack and an upstream socket."""
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
-                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from")
+                 "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from",
+                 "up_at")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -75,6 +77,7 @@ class TcpRelay(asyncio.Protocol):
         self.hs = hs
         self.hs_timer = None
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
+        self.up_at = None         # loop time the upstream said yes (CONNECT reply / connected)
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -195,9 +198,10 @@ class TcpRelay(asyncio.Protocol):
         conn = self.conn
         if conn.closed:
             return
-        if self.bytes_down == 0:
+        if self.bytes_down == 0 and self.engine._refused(self):
             # A SOCKS core that answered CONNECT before dialing closes at once
-            # when the destination refuses: tell the client with a RST.
+            # when the destination refuses: tell the client with a RST. Later
+            # (tcp_refusal_window), an empty clean close is just a close: FIN.
             self.engine.counters["upstream_closed_empty"] += 1
             self.engine.close_why(conn, "upstream refused", "closed before sending any data")
             conn.abort()
@@ -303,7 +307,7 @@ def _device_stack_config(given: StackConfig | None, device, caps, recording: boo
 class Engine:
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
                  connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
-                 log_clock=None):
+                 log_clock=None, refusal_window: float = REFUSAL_WINDOW):
         self.device = device
         self.router = router
         caps = device.capabilities
@@ -312,6 +316,9 @@ class Engine:
         cfg, self._rec_fix = _device_stack_config(stack_config, device, caps, recorder is not None)
         self.stack = Stack(cfg)
         self.connect_timeout = connect_timeout
+        # an upstream that closes having sent nothing within this many seconds
+        # of saying yes refused the destination (RST); later it is a FIN
+        self.refusal_window = refusal_window
         self.recorder = recorder
         self.reject_with = reject_with
         self.loop = None
@@ -681,6 +688,16 @@ class Engine:
             conn.reject(self.reject_with)
             self.kick()
 
+    def _refused(self, relay) -> bool:
+        """Is an empty clean close from relay's upstream a refusal? Only
+        within refusal_window of the CONNECT reply: a v2ray/Xray socks
+        inbound answers CONNECT before it dials, so a refused far port
+        shows up as that early close. The clock is the loop's, read when
+        the close is handled; a starved loop makes the gap look longer,
+        which errs towards the honest FIN."""
+        at = relay.up_at
+        return at is not None and self.loop.time() - at <= self.refusal_window
+
     def _upstream_failed(self) -> None:
         cb = self.on_upstream_failed
         if cb is not None:
@@ -692,6 +709,7 @@ class Engine:
             relay.close()
             return
         conn.user = relay
+        relay.up_at = self.loop.time()
         conn.accept()
         self.counters["tcp_opened"] += 1
         if self._debug:

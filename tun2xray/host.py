@@ -99,21 +99,22 @@ class EngineSettings:
     attributes; the bridge builds this from a profile, and the supervisor
     hands it to each worker."""
 
-    __slots__ = ("connect_timeout", "icmp_echo", "max_flows", "router", "udp_timeout")
+    __slots__ = ("connect_timeout", "icmp_echo", "max_flows", "refusal_window", "router", "udp_timeout")
 
     def __init__(self, router, *, udp_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 max_flows: int = 65536, icmp_echo: str = "reply"):
+                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5):
         self.router = router
         self.udp_timeout = udp_timeout
         self.connect_timeout = connect_timeout
         self.max_flows = max_flows
         self.icmp_echo = icmp_echo
+        self.refusal_window = refusal_window
 
     @classmethod
     def of(cls, s) -> EngineSettings:
         """The engine's part of RunSettings (or any object with these attributes)."""
         return cls(s.router, udp_timeout=s.udp_timeout, connect_timeout=s.connect_timeout,
-                   max_flows=s.max_flows, icmp_echo=s.icmp_echo)
+                   max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window)
 
     @classmethod
     def from_profile(cls, profile) -> EngineSettings:
@@ -128,7 +129,8 @@ class EngineSettings:
             raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
         router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
         return cls(router, udp_timeout=profile.udp_timeout, connect_timeout=profile.tcp_connect_timeout,
-                   max_flows=profile.max_flows, icmp_echo=profile.icmp_echo)
+                   max_flows=profile.max_flows, icmp_echo=profile.icmp_echo,
+                   refusal_window=profile.tcp_refusal_window)
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -153,7 +155,7 @@ def make_engine(device, s, recorder=None):
     from .engine import Engine
 
     return Engine(device, s.router, stack_config=stack_config(s, device.mtu),
-                  connect_timeout=s.connect_timeout, recorder=recorder)
+                  connect_timeout=s.connect_timeout, recorder=recorder, refusal_window=s.refusal_window)
 
 
 def routes_up(settings, ifname: str) -> None:

@@ -61,6 +61,9 @@ KEYS: tuple = (
     Key("udp_timeout", "number", 60.0, "seconds an idle UDP flow lives", lo=1, hi=86400),
     Key("tcp_connect_timeout", "number", 10.0, "seconds to wait for an inbound to accept a TCP flow",
         lo=0.1, hi=600),
+    Key("tcp_refusal_window", "number", 1.5, "seconds after the inbound accepts a TCP flow within which "
+        "a close with no data counts as a refusal (client gets RST); after it a clean close is a FIN",
+        lo=0, hi=60),
     Key("max_flows", "int", 65536, "flows at once; more are refused and counted", lo=1, hi=10_000_000),
     Key("icmp_echo", "enum", "reply", "answer pings to any address (reply) or not (drop)",
         choices=("reply", "drop")),
@@ -124,6 +127,7 @@ class Profile:
     rules: list = field(default_factory=list)        # list[Rule]
     udp_timeout: float = 60.0
     tcp_connect_timeout: float = 10.0
+    tcp_refusal_window: float = 1.5
     max_flows: int = 65536
     icmp_echo: str = "reply"
     values: dict = field(default_factory=dict)       # every key path given -> its checked value
@@ -207,6 +211,7 @@ def _build(values: dict) -> Profile:
     p.rules = [_rule_obj(r) for r in values.get("rules", [])]
     p.udp_timeout = float(p.get("udp_timeout"))
     p.tcp_connect_timeout = float(p.get("tcp_connect_timeout"))
+    p.tcp_refusal_window = float(p.get("tcp_refusal_window"))
     p.max_flows = p.get("max_flows")
     p.icmp_echo = p.get("icmp_echo")
     return p

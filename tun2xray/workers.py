@@ -10,12 +10,17 @@ packets to it), and starts N workers::
       ├── python -m tun2xray.workers     queue fd 0, its own Stack + Engine + upstreams
       └── python -m tun2xray.workers     queue fd 1, ...
 
-Each worker gets a fresh queue fd (``keeper.open_queue()`` in the supervisor,
-inherited through ``pass_fds``; the supervisor closes its copy, so a queue
-lives exactly as long as its worker) and one end of a socketpair, the
-*channel*. The kernel keeps each flow on one queue (by hash, then by the
-queue that last wrote the flow's packets), so each flow lives in one
-worker's stack.
+Each worker slot gets a queue fd (``keeper.open_queue()`` in the supervisor,
+inherited through ``pass_fds``) and one end of a socketpair, the *channel*.
+The kernel keeps each flow on one queue (by the queue that last wrote the
+flow's packets, else by hash over the number of queues), so each flow lives
+in one worker's stack. The supervisor keeps its copy of every queue fd and
+hands the same queue to a restarted worker: a queue that closed would change
+the number of queues and the kernel would move the survivors' idle flows to
+a worker that does not know them (it answers them with a RST). While a
+worker is down, packets for its queue wait in the queue (the kernel drops
+what does not fit); the replacement resets the dead worker's flows and
+answers the new ones.
 
 Channel messages are length-prefixed pickles of small dicts, between a
 parent and its own child only: the first one carries the worker's spec
@@ -372,7 +377,7 @@ class WorkerHandle:
     """The supervisor's view of one worker slot (it survives restarts)."""
 
     __slots__ = ("id", "proc", "chan", "buf", "req", "restarts", "started", "delay",
-                 "restart_at", "last_exit", "lock", "asking")
+                 "restart_at", "last_exit", "lock", "asking", "queue")
 
     def __init__(self, wid: int):
         self.id = wid
@@ -387,10 +392,16 @@ class WorkerHandle:
         self.last_exit = None
         self.lock = None                # asyncio.Lock: one async request at a time on the channel
         self.asking = 0                 # async requests waiting for their reply
+        self.queue = None           # this slot's TUN queue, kept across restarts
 
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def close_queue(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+            self.queue = None
 
     def close_channel(self) -> None:
         if self.chan is not None:
@@ -557,10 +568,13 @@ class Supervisor:
 
         if self.device_gone():
             raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
-        q = self.keeper.open_queue()
-        if self.device_gone():
-            q.close()       # we just made a new TUN of that name: its only queue closes it
-            raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
+        q = w.queue
+        if q is None:
+            q = self.keeper.open_queue()
+            if self.device_gone():
+                q.close()       # we just made a new TUN of that name: its only queue closes it
+                raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
+            w.queue = q         # kept: the same queue (index) for every worker of this slot
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
@@ -569,9 +583,7 @@ class Supervisor:
             argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
             w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
         finally:
-            # the queue and the far end now live in the child only
-            q.close()
-            theirs.close()
+            theirs.close()      # the far end lives in the child only
         w.chan = ours
         w.buf.clear()
         w.started = time.monotonic()
@@ -634,6 +646,7 @@ class Supervisor:
                 w.proc.wait()
         for w in self.workers:
             w.close_channel()
+            w.close_queue()
 
     def _fatal_from(self, w: WorkerHandle):
         """A worker's last word ({"fatal": why}) if it is on the channel."""

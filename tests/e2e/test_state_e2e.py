@@ -250,7 +250,11 @@ def check_closed_flows(lab, tun, workers):
     assert f["bytes_down"] > size and 0 < f["bytes_up"] < 1000, f
     assert f["duration"] > 0 and f["ended"].endswith("Z") and f["inbound"].startswith("socks5://")
     refused = [f for f in st["closed_flows"] if f["dst"] == f"{TARGET4}:{netlab.CLOSED_PORT}"]
-    assert {f["reason"] for f in refused} == {"upstream refused"}, refused
+    # through the lab's two cores the refusal reaches us only when the far
+    # core gives up (about 6 s): later than tcp_refusal_window, so an empty
+    # close, not a refusal (docs/reliability.md); a single core's refusal
+    # is checked in test_idle_e2e.py
+    assert {f["reason"] for f in refused} <= {"upstream refused", "upstream closed"}, refused
     assert all(f["bytes_down"] == 0 for f in refused)
     # the stopped transfers: the clients reset them
     assert [f for f in st["closed_flows"] if f["reason"] == "client RST"], st["closed_flows"]
