@@ -3,7 +3,7 @@
 In e2-cli: TUN e2tun0 held by `python3 -m tun2xray.cli run` (socks5 to the
 local core, udp:53 mapped to its dokodemo-door inbound), the targets
 (10.99.0.0/24, fd99::/64) routed through e2tun0, and ordinary clients (curl,
-dig, iperf3, Python sockets). The local core carries everything over VMess
+dig, iperf3, Python sockets). The local core carries everything over VLESS
 on the veth to the far core in e2-srv, which reaches the real servers.
 
 Nothing in e2-cli can reach a target except through the TUN (see
