@@ -1,6 +1,6 @@
 """The lab itself, without tun2xray: real clients in e2-cli reach the real
 servers in e2-srv only through the local core's SOCKS and dokodemo-door
-inbounds (VLESS over the veth to the far core). If these fail, the
+inbounds (VMess over the veth to the far core). If these fail, the
 tun2xray acceptance tests cannot mean anything."""
 
 from __future__ import annotations
