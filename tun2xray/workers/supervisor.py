@@ -1,72 +1,6 @@
-"""Many cores: one worker process per queue of a multi-queue TUN (``--workers N``).
-
-The supervisor is the ``tun2xray run`` process. It creates the TUN with
-``IFF_MULTI_QUEUE`` (MTU, addresses and link up once), keeps the first queue
-as a *keeper* that it detaches at once (``TUNSETQUEUE`` / ``IFF_DETACH_QUEUE``:
-the interface stays while a detached queue is open, but the kernel steers no
-packets to it), and starts N workers::
-
-    tun2xray run (supervisor)            keeper fd (detached queue)
-      ├── python -m tun2xray.workers     queue fd 0, its own Stack + Engine + upstreams
-      └── python -m tun2xray.workers     queue fd 1, ...
-
-Each worker slot gets a queue fd (``keeper.open_queue()`` in the supervisor,
-inherited through ``pass_fds``) and one end of a socketpair, the *channel*.
-The kernel keeps each flow on one queue (by the queue that last wrote the
-flow's packets, else by hash over the number of queues), so each flow lives
-in one worker's stack. The supervisor keeps its copy of every queue fd and
-hands the same queue to a restarted worker: a queue that closed would change
-the number of queues and the kernel would move the survivors' idle flows to
-a worker that does not know them (it answers them with a RST). While a
-worker is down, packets for its queue wait in the queue (the kernel drops
-what does not fit); the replacement resets the dead worker's flows and
-answers the new ones.
-
-Channel messages are length-prefixed pickles of small dicts, between a
-parent and its own child only: the first one carries the worker's spec
-(device fd, router, stack settings), the worker answers ``{"ready": pid}``
-(or ``{"error": reason}``), then requests ``{"id": n, "cmd": "status"}`` or
-``{"id": n, "cmd": "router", "router": ...}`` (node switch: new router,
-reset every flow) get one reply each carrying the same ``id``.
-
-How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
-variable, else one per core (``sched_getaffinity``) when the device can be a
-multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
-fd:// or unix:// run) is the single-process path of cli.py: no
-supervisor, no extra process.
-
-``--record``: each worker records its own packets to a part file and the
-supervisor merges the parts into the one capture when it ends (see
-tun2xray.record).
-
-The supervisor is a backend of the host shell (tun2xray.host.Host: signals,
-control socket, proxy/core watch, Xray session, exit summary): `start()`
-starts the workers, `run()` restarts them until `stop()`, `finish()` stops
-them, and `status()` asks every worker at once on the loop, each within
-REQUEST_TIMEOUT, so a slow or stopped worker never blocks the loop.
-
-The supervisor's ``--control`` socket answers with `aggregate()`: counters
-summed over the workers, flows concatenated with a ``worker`` id, and a
-``workers`` list (pid, alive, restarts), rates summed, and the newest closed
-flows of all workers. A worker that dies is restarted with backoff (and
-counted); its counters restart from zero with it.
-
-A deleted TUN ends the run: the supervisor watches the interface's index,
-and when it is gone (or a new interface has its name) it stops the workers
-and exits with status 1 and the one-line error a worker reports (the
-single-process run's words). A restart never re-creates the TUN: opening a
-queue by name would make a bare one (down, no addresses, no routes).
-
-Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
-(SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
-its last queue. Workers ask for SIGTERM when the supervisor dies
-(``PR_SET_PDEATHSIG``) and also stop when the channel reaches EOF, so no
-worker outlives it. Workers ignore SIGINT (a Ctrl-C reaches the whole
-process group; the supervisor decides).
-
-This module's top level imports little: a worker's RSS is what it imports
-plus its flows (no argparse, no pyroute2 in workers).
-"""
+"""The supervisor: starts the workers on their queues, restarts them with
+backoff, answers status with their aggregate, and stops them (run_supervised
+is the `tun2xray run --workers N` entry)."""
 
 from __future__ import annotations
 
@@ -74,61 +8,17 @@ import os
 import pickle
 import signal
 import socket
-import struct
-import sys
 import time
 
-TUNSETQUEUE = 0x400454D9        # _IOW('T', 217, int)
-IFF_ATTACH_QUEUE = 0x0200
-IFF_DETACH_QUEUE = 0x0400
+from .channel import READY_TIMEOUT, REQUEST_TIMEOUT, WorkerError, WorkerHandle, frame, unframe
+from .count import _ifindex, detach_queue, multiqueue_url
 
-MAX_WORKERS = 64
-MAX_MESSAGE = 64 << 20          # a status with many flows is far below this
-READY_TIMEOUT = 20.0
-REQUEST_TIMEOUT = 3.0
 STOP_GRACE = 5.0
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 30.0             # a worker that ran this long restarts at the first delay
 CLOSED_HISTORY = 128            # closed flows in the aggregate (engine.CLOSED_HISTORY per worker)
 DEVICE_GONE_WAIT = 2.0          # how long a lost device waits for a worker to say why
-
-_LEN = struct.Struct("!I")
-
-
-class WorkerError(Exception):
-    """A bad --workers setup or a worker that could not start: one line,
-    which the CLI prints as its error (exit status 2)."""
-
-
-# --------------------------------------------------------------------------
-# framing on the channel (blocking side: the supervisor; non-blocking: workers)
-
-def frame(msg: dict) -> bytes:
-    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(body)) + body
-
-
-def unframe(buf: bytearray) -> list:
-    """Take every complete message off the front of buf."""
-    out = []
-    while len(buf) >= 4:
-        (n,) = _LEN.unpack_from(buf)
-        if n > MAX_MESSAGE:
-            raise ValueError(f"channel message of {n} bytes")
-        if len(buf) < 4 + n:
-            break
-        out.append(pickle.loads(bytes(memoryview(buf)[4:4 + n])))
-        del buf[:4 + n]
-    return out
-
-
-def detach_queue(fd: int) -> None:
-    """Stop the kernel from steering packets to this queue; the fd (and with
-    it the interface) stays."""
-    import fcntl
-
-    fcntl.ioctl(fd, TUNSETQUEUE, struct.pack("16sH22x", b"", IFF_DETACH_QUEUE))
 
 
 # --------------------------------------------------------------------------
@@ -226,112 +116,11 @@ def next_backoff(delay: float, ran_for: float) -> float:
     return min(delay * 2, BACKOFF_MAX)
 
 
-# --------------------------------------------------------------------------
-# CLI glue
-
-IFF_MULTI_QUEUE = 0x0100
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _ifindex(name: str) -> int:
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return 0
-
-
-def _tun_flags(name: str):
-    """An existing interface's TUN flags (None: no such interface; -1: not a TUN)."""
-    if not os.path.exists(f"/sys/class/net/{name}"):
-        return None
-    try:
-        with open(f"/sys/class/net/{name}/tun_flags") as f:
-            return int(f.read().strip(), 16)
-    except (OSError, ValueError):
-        return -1
-
-
-def _tun_parts(url: str):
-    """(NAME, query) of a tun:// URL, None for other devices."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() != "tun":
-        return None
-    name, _, query = rest.partition("?")
-    return name, query
-
-
-def multiqueue_possible(device: str, record=None) -> bool:
-    """Can this run be served by workers? Not for fd:// or unix:// devices,
-    ``?multiqueue=0``, an existing single-queue TUN (attaching to it as
-    multi-queue would fail), or off Linux.  (``record`` is accepted for old
-    callers and ignored: workers record too.)"""
-    parts = _tun_parts(device)
-    if parts is None or not sys.platform.startswith("linux"):
-        return False
-    name, query = parts
-    if "multiqueue=0" in query.split("&"):
-        return False
-    if name:
-        flags = _tun_flags(name)
-        if flags is not None and (flags < 0 or not flags & IFF_MULTI_QUEUE):
-            return False
-    return True
-
-
-def default_workers(device: str, record=None) -> int:
-    """Without --workers: one worker per core where workers are possible,
-    else 1 (the single-process path)."""
-    if not multiqueue_possible(device, record):
-        return 1
-    return max(1, min(_cores(), MAX_WORKERS))
-
-
-def worker_count(args) -> int:
-    """--workers from the flags, else the TUN2XRAY_WORKERS environment
-    variable, else default_workers(); checked; raises WorkerError."""
-    n = getattr(args, "workers", None)
-    if n is None:
-        env = os.environ.get("TUN2XRAY_WORKERS", "").strip()
-        if not env:
-            return default_workers(args.device, args.record)
-        try:
-            n = int(env)
-        except ValueError:
-            raise WorkerError(f"TUN2XRAY_WORKERS={env!r}: not a number") from None
-        if n > 1 and not multiqueue_possible(args.device, args.record):
-            return 1        # a default for every run: only where it can apply
-    if not 1 <= n <= MAX_WORKERS:
-        raise WorkerError(f"--workers {n}: must be between 1 and {MAX_WORKERS}")
-    if n > 1:
-        parts = _tun_parts(args.device)
-        if parts is None:
-            raise WorkerError(f"--workers {n}: needs a tun:// device (one queue per worker)")
-        if "multiqueue=0" in parts[1].split("&"):
-            raise WorkerError(f"--workers {n}: needs a multi-queue TUN (not ?multiqueue=0)")
-    return n
-
-
-def multiqueue_url(url: str) -> str:
-    """tun://NAME[?opts] with multiqueue=1 set."""
-    from urllib.parse import parse_qsl, urlencode
-
-    base, _, query = url.partition("?")
-    opts = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "multiqueue"]
-    opts.append(("multiqueue", "1"))
-    return base + "?" + urlencode(opts)
-
-
 def run_supervised(args, settings, xs, n: int) -> int:
     """`tun2xray run --workers N` (N > 1): open the multi-queue TUN, serve
     with N workers until SIGINT/SIGTERM. Exit status as cmd_run's; bad
     setup raises WorkerError."""
-    from .device import DeviceError, open_device
+    from ..device import DeviceError, open_device
 
     url = multiqueue_url(args.device)
     try:
@@ -342,10 +131,10 @@ def run_supervised(args, settings, xs, n: int) -> int:
     rec = getattr(settings, "record", None)
     try:
         detach_queue(keeper.fileno())
-        from .host import routes_up
+        from ..host import routes_up
         routes_up(settings, keeper.name)
         if rec is not None:
-            from . import record
+            from .. import record
             try:
                 record.start_parts(rec)
             except OSError as e:
@@ -355,7 +144,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level,
                          log_format=getattr(args, "log_format", "text"), url=args.device)
-        from .host import Host, run
+        from ..host import Host, run
         return run(Host(sup, settings, xs).serve(
             f"running on {keeper.name} (mtu {keeper.mtu}) with {n} workers, proxy "
             f"{settings.router.default_url}"))
@@ -364,139 +153,10 @@ def run_supervised(args, settings, xs, n: int) -> int:
             sup.kill_all()
             sup.close_poke()
             if rec is not None:
-                from . import record
+                from .. import record
                 record.merge_parts(rec, n)
         settings.net.down()
         keeper.close()
-
-
-# --------------------------------------------------------------------------
-# supervisor
-
-class WorkerHandle:
-    """The supervisor's view of one worker slot (it survives restarts)."""
-
-    __slots__ = ("id", "proc", "chan", "buf", "req", "restarts", "started", "delay",
-                 "restart_at", "last_exit", "lock", "asking", "queue")
-
-    def __init__(self, wid: int):
-        self.id = wid
-        self.proc = None
-        self.chan = None
-        self.buf = bytearray()
-        self.req = 0
-        self.restarts = 0
-        self.started = 0.0
-        self.delay = 0.0
-        self.restart_at = None
-        self.last_exit = None
-        self.lock = None                # asyncio.Lock: one async request at a time on the channel
-        self.asking = 0                 # async requests waiting for their reply
-        self.queue = None           # this slot's TUN queue, kept across restarts
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def close_queue(self) -> None:
-        if self.queue is not None:
-            self.queue.close()
-            self.queue = None
-
-    def close_channel(self) -> None:
-        if self.chan is not None:
-            self.chan.close()
-            self.chan = None
-        self.buf.clear()
-
-    def _read_until(self, want, timeout: float):
-        """Blocking read of messages until want(msg); None on EOF/timeout.
-        Messages before the wanted one (late replies, a restart's "ready")
-        are dropped; those after it stay for the next call."""
-        chan = self.chan
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self._take(want)
-            if m is not None:
-                return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            chan.settimeout(left)
-            try:
-                data = chan.recv(1 << 20)
-            except (TimeoutError, socket.timeout):
-                return None
-            if not data:
-                return None
-            self.buf += data
-
-    def _take(self, want):
-        """The first buffered message with want(msg), or None; messages
-        before it are dropped, those after it stay."""
-        msgs = unframe(self.buf)
-        for i, m in enumerate(msgs):
-            if want(m):
-                self.buf[:0] = b"".join(frame(x) for x in msgs[i + 1:])
-                return m
-        return None
-
-    async def request_async(self, msg: dict, timeout: float = REQUEST_TIMEOUT):
-        """request() on the running loop: waits for the reply without
-        blocking the loop (None if the worker is gone or slow)."""
-        import asyncio
-
-        if self.lock is None:
-            self.lock = asyncio.Lock()
-        self.asking += 1
-        try:
-            async with asyncio.timeout(timeout):
-                async with self.lock:
-                    return await self._exchange(msg)
-        except (TimeoutError, OSError):
-            return None
-        except (ValueError, pickle.UnpicklingError, EOFError):
-            self.buf.clear()            # a garbled stream: start afresh at the next reply
-            return None
-        finally:
-            self.asking -= 1
-
-    async def _exchange(self, msg: dict):
-        import asyncio
-
-        chan = self.chan
-        if chan is None or not self.alive:
-            return None
-        loop = asyncio.get_running_loop()
-        self.req += 1
-        rid = msg["id"] = self.req
-        chan.setblocking(False)
-        await loop.sock_sendall(chan, frame(msg))
-        while True:
-            m = self._take(lambda m: m.get("id") == rid)
-            if m is not None:
-                return m
-            data = await loop.sock_recv(chan, 1 << 20)
-            if not data:
-                return None
-            self.buf += data
-
-    def request(self, msg: dict, timeout: float = REQUEST_TIMEOUT):
-        """Send msg, return the reply with its id (None if the worker is
-        gone or slow; a late reply is skipped by the next request)."""
-        if self.chan is None or not self.alive:
-            return None
-        self.req += 1
-        rid = msg["id"] = self.req
-        try:
-            self.chan.settimeout(timeout)
-            self.chan.sendall(frame(msg))
-            return self._read_until(lambda m: m.get("id") == rid, timeout)
-        except OSError:
-            return None
-        except (ValueError, pickle.UnpicklingError, EOFError):
-            self.buf.clear()            # a garbled stream: start afresh at the next reply
-            return None
 
 
 class Supervisor:
@@ -536,7 +196,7 @@ class Supervisor:
     def spec(self, w: WorkerHandle, dev_fd: int) -> dict:
         s = self.settings
         k = self.keeper
-        from .host import EngineSettings
+        from ..host import EngineSettings
         return {
             "id": w.id, "fd": dev_fd, "name": k.name, "mtu": k.mtu, "url": self.url,
             "flags": k._flags, "offload": k.capabilities.offload,
@@ -549,7 +209,7 @@ class Supervisor:
         rec = getattr(self.settings, "record", None)
         if rec is None:
             return None
-        from .record import part_cap, part_path
+        from ..record import part_cap, part_path
         return {"path": rec.path, "wire": rec.wire, "part": part_path(rec.path, w.id),
                 "cap": part_cap(rec, self.n)}
 
@@ -564,7 +224,7 @@ class Supervisor:
         to the interface the run started with."""
         import subprocess
 
-        from .device import DeviceError
+        from ..device import DeviceError
 
         if self.device_gone():
             raise DeviceError(f"tun://{self.keeper.name}: the interface is gone")
@@ -579,7 +239,7 @@ class Supervisor:
         try:
             dev_fd, ch_fd = q.fileno(), theirs.fileno()
             # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
-            from .frozen import worker_command
+            from ..frozen import worker_command
             argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
             w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
         finally:
@@ -771,7 +431,7 @@ class Supervisor:
         """Start every worker and wait until each serves (HostError if not)."""
         import asyncio
 
-        from .host import HostError
+        from ..host import HostError
 
         self.loop = asyncio.get_running_loop()
         self._stop = self.loop.create_future()
@@ -799,233 +459,3 @@ class Supervisor:
 
         self.stopping = True
         await asyncio.get_running_loop().run_in_executor(None, self.kill_all)
-
-
-# --------------------------------------------------------------------------
-# worker
-
-class _QueueFd:
-    """What TunDevice wants from a pytun object: the inherited queue fd."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _pdeathsig(parent: int) -> None:
-    """SIGTERM to us when the supervisor dies; gone already: exit now."""
-    from .host import set_pdeathsig
-
-    set_pdeathsig(signal.SIGTERM)
-    if os.getppid() != parent:
-        os._exit(1)
-
-
-def _read_spec(chan: socket.socket, timeout: float = 10.0):
-    """The first message (the spec), and the bytes that came after it (a
-    request the supervisor sent before we were up)."""
-    chan.settimeout(timeout)
-    buf = bytearray()
-    while True:
-        if len(buf) >= 4:
-            (n,) = _LEN.unpack_from(buf)
-            if n > MAX_MESSAGE:
-                raise ValueError(f"channel message of {n} bytes")
-            if len(buf) >= 4 + n:
-                spec = pickle.loads(bytes(memoryview(buf)[4:4 + n]))
-                del buf[:4 + n]
-                return spec, buf
-        data = chan.recv(1 << 16)
-        if not data:
-            raise EOFError("the supervisor closed the channel")
-        buf += data
-
-
-def worker_device(spec: dict):
-    from .device import tun_class
-
-    cls = tun_class(spec["offload"])
-    os.set_blocking(spec["fd"], False)
-    return cls(_QueueFd(spec["fd"]), name=spec["name"], mtu=spec["mtu"], url=spec["url"],
-               created=False, flags=spec["flags"])
-
-
-class WorkerChannel:
-    """The worker's end of the channel, on its event loop."""
-
-    def __init__(self, chan: socket.socket, engine, loop, pending: bytes = b""):
-        self.chan = chan
-        self.engine = engine
-        self.loop = loop
-        self.buf = bytearray(pending)
-        self.out = bytearray()
-        chan.setblocking(False)
-        loop.add_reader(chan.fileno(), self._readable)
-        if pending:
-            loop.call_soon(self._dispatch)
-
-    def send(self, msg: dict) -> None:
-        self.out += frame(msg)
-        self._flush()
-
-    def _flush(self) -> None:
-        try:
-            while self.out:
-                n = self.chan.send(self.out)
-                del self.out[:n]
-        except BlockingIOError:
-            self.loop.add_writer(self.chan.fileno(), self._writable)
-            return
-        except OSError:
-            self.out.clear()
-            return
-
-    def _writable(self) -> None:
-        self.loop.remove_writer(self.chan.fileno())
-        self._flush()
-
-    def _readable(self) -> None:
-        try:
-            data = self.chan.recv(1 << 16)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            # the supervisor is gone (or closed us): stop
-            self.close()
-            self.engine.stop()
-            return
-        self.buf += data
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        try:
-            msgs = unframe(self.buf)
-        except (ValueError, pickle.UnpicklingError, EOFError):
-            self.close()
-            self.engine.stop()
-            return
-        for m in msgs:
-            self.handle(m)
-
-    def handle(self, m: dict) -> None:
-        cmd = m.get("cmd")
-        rid = m.get("id")
-        if cmd == "status":
-            self.send({"id": rid, "status": self.engine.status()})
-        elif cmd == "router":
-            self.engine.router = m["router"]
-            self.send({"id": rid, "reset": self.engine.reset_flows()})
-        else:
-            self.send({"id": rid, "error": f"unknown command {cmd!r}"})
-
-    def close(self) -> None:
-        try:
-            self.loop.remove_reader(self.chan.fileno())
-            self.loop.remove_writer(self.chan.fileno())
-        except (ValueError, OSError):
-            pass
-
-
-def _poker(fd):
-    """engine.on_upstream_failed for a worker: one byte to the supervisor's
-    proxy watch (a full pipe has said it already)."""
-    if fd is None:
-        return None
-
-    def poke():
-        try:
-            os.write(fd, b"!")
-        except OSError:
-            pass
-    return poke
-
-
-async def _worker_serve(spec: dict, chan: socket.socket, pending: bytes = b"") -> int:
-    import asyncio
-
-    from .host import make_engine
-
-    loop = asyncio.get_running_loop()
-    try:
-        device = worker_device(spec)
-    except Exception as e:
-        chan.sendall(frame({"error": f"cannot use queue fd {spec.get('fd')}: {e}"}))
-        return 1
-    try:
-        recorder = _worker_recorder(spec, device)
-    except OSError as e:
-        device.close()
-        chan.sendall(frame({"error": f"--record {spec['record']['part']}: {e.strerror or e}"}))
-        return 1
-    try:
-        engine = make_engine(device, spec["engine"], recorder)
-        loop.add_signal_handler(signal.SIGTERM, engine.stop)
-        engine.on_upstream_failed = _poker(spec.get("poke_fd"))
-        ch = WorkerChannel(chan, engine, loop, pending)
-        task = loop.create_task(engine.run())
-        await asyncio.sleep(0)
-        ch.send({"ready": os.getpid()})
-        await task
-        if engine.error:
-            ch.send({"fatal": engine.error})    # the supervisor ends the run with these words
-        ch.close()
-    finally:
-        device.close()
-        if recorder is not None:
-            recorder.close()
-    if engine.error:
-        import logging
-        logging.getLogger("tun2xray.workers").error("worker %d stopped: %s", spec["id"], engine.error)
-        return 1
-    return 0
-
-
-def _worker_recorder(spec: dict, device):
-    """This worker's part of the --record capture (appended to after a
-    restart), or None."""
-    r = spec.get("record")
-    if not r:
-        return None
-    from .record import RecordOptions, recorder
-
-    return recorder(RecordOptions(r["path"], r["wire"], 0), device.mtu, path=r["part"],
-                    max_bytes=r["cap"], append=True)
-
-
-def worker_main(argv=None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m tun2xray.workers",
-                                description="one tun2xray worker (started by `tun2xray run --workers N`)")
-    p.add_argument("--channel", type=int, required=True)
-    p.add_argument("--parent", type=int, required=True)
-    a = p.parse_args(argv)
-    del argparse, p
-    _pdeathsig(a.parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    chan = socket.socket(fileno=a.channel)
-    try:
-        spec, pending = _read_spec(chan)
-    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
-        return 1
-    from . import logs
-
-    logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
-    from .host import run
-    return run(_worker_serve(spec, chan, pending))
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())
