@@ -5,16 +5,8 @@ mixins in tcp.py, udp.py and history.py, the per-flow relays in relay.py.
 """
 
 from .core import Engine
-from .relay import (
-                    CLOSED_HISTORY,
-                    DEVICE_BATCH,
-                    RATE_PERIOD,
-                    REFUSAL_WINDOW,
-                    UDP_QUEUE,
-                    SocksAssoc,
-                    TcpRelay,
-                    UdpRelay,
-)
+from .relay import (CLOSED_HISTORY, DEVICE_BATCH, RATE_PERIOD, REFUSAL_WINDOW, UDP_QUEUE, SocksAssoc, TcpRelay,
+                    UdpRelay)
 
 __all__ = ["CLOSED_HISTORY", "DEVICE_BATCH", "RATE_PERIOD", "REFUSAL_WINDOW", "UDP_QUEUE", "Engine", "SocksAssoc",
            "TcpRelay", "UdpRelay"]

@@ -36,14 +36,7 @@ from netstack.wire import ip as _ip
 from .. import logs
 from ..device import DeviceError
 from .history import EngineHistory
-from .relay import (
-    CLOSED_HISTORY,
-    DEVICE_BATCH,
-    RATE_PERIOD,
-    REFUSAL_WINDOW,
-    TcpRelay,
-    _Counter,
-)
+from .relay import CLOSED_HISTORY, DEVICE_BATCH, RATE_PERIOD, REFUSAL_WINDOW, TcpRelay, _Counter
 from .tcp import EngineTcp
 from .udp import EngineUdp
 

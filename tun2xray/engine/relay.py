@@ -13,12 +13,7 @@ import asyncio
 import ipaddress
 import socket
 
-from ..upstream.socks5_proto import (
-    NEED_DATA,
-    Connected,
-    SocksProtocolError,
-    address_text,
-)
+from ..upstream.socks5_proto import NEED_DATA, Connected, SocksProtocolError, address_text
 
 UDP_QUEUE = 64                # datagrams held per flow while its upstream opens
 DEVICE_BATCH = 256
