@@ -25,8 +25,8 @@ PACKAGES = ("netstack", "tun2xray")
 # one of these (a new module joining it, or a new circle, fails).
 KNOWN_CIRCLES = [
     # the standalone binary's entry (frozen.py) starts the CLI and the workers,
-    # and workers.py asks frozen.py how to start a worker process
-    {"tun2xray.cli", "tun2xray.frozen", "tun2xray.workers"},
+    # and the workers' supervisor asks frozen.py how to start a worker process
+    {"tun2xray.cli", "tun2xray.frozen", "tun2xray.workers.supervisor"},
 ]
 
 _IMPORT_ALL = """

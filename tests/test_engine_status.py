@@ -73,7 +73,7 @@ def test_rates_per_flow_and_total_over_the_sample_window():
 
 def test_closed_history_is_bounded_and_readable(monkeypatch):
     e = _engine()
-    monkeypatch.setattr(eng.time, "time", lambda: 1796424663.5)
+    monkeypatch.setattr(eng.history.time, "time", lambda: 1796424663.5)
     for i in range(eng.CLOSED_HISTORY + 5):
         f = _flow(2000 + i)
         f.bytes_in, f.bytes_out = i, 2 * i

@@ -48,7 +48,7 @@ def test_spec_then_an_early_request_in_one_read():
     a, b = socket.socketpair()
     try:
         a.sendall(frame({"id": 0, "fd": 5}) + frame({"id": 1, "cmd": "status"}) + frame({"id": 2})[:3])
-        spec, rest = workers._read_spec(b)
+        spec, rest = workers.worker._read_spec(b)
         assert spec == {"id": 0, "fd": 5}
         rest = bytearray(rest)
         assert unframe(rest) == [{"id": 1, "cmd": "status"}]
@@ -173,9 +173,9 @@ def args(device="tun://wk0", workers=None, record=None):
 @pytest.fixture
 def two_cores(monkeypatch):
     monkeypatch.delenv("TUN2XRAY_WORKERS", raising=False)
-    monkeypatch.setattr(workers, "_cores", lambda: 2)
+    monkeypatch.setattr(workers.count, "_cores", lambda: 2)
     flags = {}                                  # interface name -> TUN flags (absent: no such interface)
-    monkeypatch.setattr(workers, "_tun_flags", lambda name: flags.get(name))
+    monkeypatch.setattr(workers.count, "_tun_flags", lambda name: flags.get(name))
     return flags
 
 
@@ -194,10 +194,10 @@ def test_default_is_one_worker_per_core_where_possible(two_cores, monkeypatch):
     assert worker_count(args()) == 2
     flags["wk0"] = -1                                      # a name taken by something else
     assert worker_count(args()) == 1
-    monkeypatch.setattr(workers, "_cores", lambda: 1)
+    monkeypatch.setattr(workers.count, "_cores", lambda: 1)
     flags.clear()
     assert worker_count(args()) == 1
-    monkeypatch.setattr(workers, "_cores", lambda: 500)
+    monkeypatch.setattr(workers.count, "_cores", lambda: 500)
     assert worker_count(args()) == workers.MAX_WORKERS
 
 
@@ -227,8 +227,8 @@ def test_worker_count_from_environment(two_cores, monkeypatch):
 
 
 def test_tun_flags_of_real_interfaces():
-    assert workers._tun_flags("wk-no-such-if") is None
-    assert workers._tun_flags("lo") == -1                     # exists, not a TUN
+    assert workers.count._tun_flags("wk-no-such-if") is None
+    assert workers.count._tun_flags("lo") == -1                     # exists, not a TUN
 
 
 def test_multiqueue_url():
@@ -376,7 +376,8 @@ def test_a_worker_dial_failure_pokes_the_supervisors_proxy_watch():
     reader drains it and asks its proxy watch to check at once."""
     import types
 
-    from tun2xray.workers import Supervisor, _poker
+    from tun2xray.workers import Supervisor
+    from tun2xray.workers.worker import _poker
 
     sup = Supervisor(types.SimpleNamespace(name="lo", url="tun://lo"), settings=None, n=1)
     try:

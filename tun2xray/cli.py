@@ -273,7 +273,9 @@ def _cmd_run(args, xs) -> int:
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
-    from .workers import WorkerError, run_supervised, worker_count
+    from .workers.channel import WorkerError
+    from .workers.count import worker_count
+    from .workers.supervisor import run_supervised
     try:
         n = worker_count(args)
         if n > 1:

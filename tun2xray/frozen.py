@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     if frozen():
         _restore_user_environment()
     if argv[:1] == [WORKER_ARG]:
-        from .workers import worker_main
+        from .workers.worker import worker_main
         return worker_main(argv[1:])
     if frozen():
         _follow_bootloader()

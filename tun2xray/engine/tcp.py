@@ -1,0 +1,144 @@
+"""The engine's TCP side: connect requests, the upstream dial, established
+and closed connections, and the refusal window (an empty early close from
+the upstream is a refused destination).  A mixin of Engine; its state is
+the Engine's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..upstream.socks5 import socks_client
+from ..upstream.socks5_proto import CMD_CONNECT, reply_text
+from ..upstream.url import DokodemoUpstream, SocksUpstream
+from .relay import TcpRelay, _fmt, _hostport, _route_rule
+
+log = logging.getLogger("tun2xray.engine")
+
+
+class EngineTcp:
+    # ----------------------------------------------------------------------- TCP
+
+    def _tcp_request(self, conn) -> None:
+        if self._debug:
+            up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport)
+        else:
+            up, url = self.router.route("tcp", conn.dst, conn.dport)
+        self.counters["tcp_requests"] += 1
+        hs = None
+        if type(up) is SocksUpstream:
+            hs = socks_client(up, CMD_CONNECT, conn.dst, conn.dport)
+        if self._debug:
+            self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined)
+        self._spawn(self._tcp_dial(conn, up, url, hs))
+
+    # debug lines of a flow's life (callers check self._debug first)
+
+    def _flow_fields(self, flow, proto: str, **more) -> dict:
+        return {"flow": flow.id, "proto": proto, "src": _fmt(flow.src, flow.sport),
+                "dst": _fmt(flow.dst, flow.dport), **more}
+
+    def _log_dial(self, flow, proto, up, url, rule, pipelined=False) -> None:
+        f = self._flow_fields(flow, proto, rule=rule, upstream=url)
+        if isinstance(up, DokodemoUpstream):
+            how = f"dokodemo {up.host}:{up.port} (fixed target)"
+        elif proto == "tcp":
+            how = (f"socks5 {up.host}:{up.port} CONNECT {f['dst']} by address"
+                   + (", greeting and request in one write" if pipelined else ""))
+        else:
+            how = f"socks5 {up.host}:{up.port} UDP ASSOCIATE"
+        log.debug("%s flow %d %s -> %s: rule %s -> %s; dialing %s", proto, flow.id, f["src"], f["dst"],
+                  rule, url, how, extra=f)
+
+    def _log_socks_reply(self, conn, code: int, bound) -> None:
+        f = self._flow_fields(conn, "tcp", socks_reply=code)
+        if bound is not None:
+            f["bound"] = _hostport(*bound)
+        log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
+                  f", bound {f['bound']}" if bound is not None else "", extra=f)
+
+    async def _tcp_dial(self, conn, up, url, hs) -> None:
+        """Connect to the upstream with the relay as the transport's protocol
+        from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
+        the relay runs the handshake and accepts or refuses the client when
+        the proxy answers; without (dokodemo) the connect is the dial."""
+        relay = TcpRelay(self, conn, url, hs=hs)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self.loop.create_connection(lambda: relay, up.host, up.port)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+            relay.hs = None
+            self._tcp_dial_failed(conn, url, e)
+            return
+        if conn.closed:
+            relay.close()
+        elif hs is None:
+            self._tcp_established(conn, relay)
+
+    def _tcp_dial_failed(self, conn, url, why) -> None:
+        self.counters["upstream_connect_failed"] += 1
+        self._upstream_failed()
+        if not conn.closed:
+            f = self._flow_fields(conn, "tcp", upstream=url, reason=str(why))
+            log.info("tcp flow %d %s -> %s via %s refused: %s", conn.id, f["src"], f["dst"], url, why,
+                     extra=f)
+            timeout = isinstance(why, (TimeoutError, asyncio.TimeoutError)) or why == "no SOCKS reply in time"
+            self._why[conn] = ("connect timeout" if timeout else "upstream refused",
+                               f"{url}: {str(why) or type(why).__name__}")
+            conn.reject(self.reject_with)
+            self.kick()
+
+    def _refused(self, relay) -> bool:
+        """Is an empty clean close from relay's upstream a refusal? Only
+        within refusal_window of the CONNECT reply: a v2ray/Xray socks
+        inbound answers CONNECT before it dials, so a refused far port
+        shows up as that early close. The clock is the loop's, read when
+        the close is handled; a starved loop makes the gap look longer,
+        which errs towards the honest FIN."""
+        at = relay.up_at
+        return at is not None and self.loop.time() - at <= self.refusal_window
+
+    def _upstream_failed(self) -> None:
+        cb = self.on_upstream_failed
+        if cb is not None:
+            cb()
+
+    def _tcp_established(self, conn, relay) -> None:
+        """The upstream is connected: answer the connect request (SYN-ACK)."""
+        if conn.closed:
+            relay.close()
+            return
+        conn.user = relay
+        relay.up_at = self.loop.time()
+        conn.accept()
+        self.counters["tcp_opened"] += 1
+        if self._debug:
+            f = self._flow_fields(conn, "tcp", upstream=relay.url)
+            log.debug("tcp flow %d accepted (SYN-ACK sent): %s -> %s via %s", conn.id, f["src"], f["dst"],
+                      relay.url, extra=f)
+        self.kick()
+
+    def _tcp_closed(self, conn, reason) -> None:
+        relay = conn.user
+        if isinstance(relay, TcpRelay):
+            if reason == "closed":
+                t = relay.transport
+                if t is not None:
+                    relay.transport = None
+                    t.close()
+            else:
+                relay.close()
+            counters = self.counters
+            counters["tcp_closed"] += 1
+            counters["bytes_up"] += relay.bytes_up
+            counters["bytes_down"] += relay.bytes_down
+            if self._debug:
+                f = self._flow_fields(conn, "tcp", upstream=relay.url, reason=reason,
+                                      bytes_up=relay.bytes_up, bytes_down=relay.bytes_down)
+                log.debug("tcp flow %d closed (%s): %s -> %s up=%d down=%d bytes", conn.id, reason,
+                          f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
+        self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
+        conn.user = None

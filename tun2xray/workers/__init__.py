@@ -1,0 +1,87 @@
+"""Many cores: one worker process per queue of a multi-queue TUN (``--workers N``).
+
+The supervisor is the ``tun2xray run`` process. It creates the TUN with
+``IFF_MULTI_QUEUE`` (MTU, addresses and link up once), keeps the first queue
+as a *keeper* that it detaches at once (``TUNSETQUEUE`` / ``IFF_DETACH_QUEUE``:
+the interface stays while a detached queue is open, but the kernel steers no
+packets to it), and starts N workers::
+
+    tun2xray run (supervisor)            keeper fd (detached queue)
+      ├── python -m tun2xray.workers     queue fd 0, its own Stack + Engine + upstreams
+      └── python -m tun2xray.workers     queue fd 1, ...
+
+Each worker slot gets a queue fd (``keeper.open_queue()`` in the supervisor,
+inherited through ``pass_fds``) and one end of a socketpair, the *channel*.
+The kernel keeps each flow on one queue (by the queue that last wrote the
+flow's packets, else by hash over the number of queues), so each flow lives
+in one worker's stack. The supervisor keeps its copy of every queue fd and
+hands the same queue to a restarted worker: a queue that closed would change
+the number of queues and the kernel would move the survivors' idle flows to
+a worker that does not know them (it answers them with a RST). While a
+worker is down, packets for its queue wait in the queue (the kernel drops
+what does not fit); the replacement resets the dead worker's flows and
+answers the new ones.
+
+Channel messages are length-prefixed pickles of small dicts, between a
+parent and its own child only: the first one carries the worker's spec
+(device fd, router, stack settings), the worker answers ``{"ready": pid}``
+(or ``{"error": reason}``), then requests ``{"id": n, "cmd": "status"}`` or
+``{"id": n, "cmd": "router", "router": ...}`` (node switch: new router,
+reset every flow) get one reply each carrying the same ``id``.
+
+How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
+variable, else one per core (``sched_getaffinity``) when the device can be a
+multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
+fd:// or unix:// run) is the single-process path of cli.py: no
+supervisor, no extra process.
+
+``--record``: each worker records its own packets to a part file and the
+supervisor merges the parts into the one capture when it ends (see
+tun2xray.record).
+
+The supervisor is a backend of the host shell (tun2xray.host.Host: signals,
+control socket, proxy/core watch, Xray session, exit summary): `start()`
+starts the workers, `run()` restarts them until `stop()`, `finish()` stops
+them, and `status()` asks every worker at once on the loop, each within
+REQUEST_TIMEOUT, so a slow or stopped worker never blocks the loop.
+
+The supervisor's ``--control`` socket answers with `aggregate()`: counters
+summed over the workers, flows concatenated with a ``worker`` id, and a
+``workers`` list (pid, alive, restarts), rates summed, and the newest closed
+flows of all workers. A worker that dies is restarted with backoff (and
+counted); its counters restart from zero with it.
+
+A deleted TUN ends the run: the supervisor watches the interface's index,
+and when it is gone (or a new interface has its name) it stops the workers
+and exits with status 1 and the one-line error a worker reports (the
+single-process run's words). A restart never re-creates the TUN: opening a
+queue by name would make a bare one (down, no addresses, no routes).
+
+Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
+(SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
+its last queue. Workers ask for SIGTERM when the supervisor dies
+(``PR_SET_PDEATHSIG``) and also stop when the channel reaches EOF, so no
+worker outlives it. Workers ignore SIGINT (a Ctrl-C reaches the whole
+process group; the supervisor decides).
+
+The rooms: count.py (how many workers, the multi-queue TUN facts),
+channel.py (framing, both ends of the channel), supervisor.py (the
+supervisor, aggregation, backoff, run_supervised) and worker.py (the worker
+process; __main__.py runs it).
+
+The package's top level imports little: a worker's RSS is what it imports
+plus its flows (no argparse, no pyroute2 in workers).
+"""
+
+from .channel import (MAX_MESSAGE, READY_TIMEOUT, REQUEST_TIMEOUT, WorkerChannel, WorkerError, WorkerHandle, frame,
+                      unframe)
+from .count import MAX_WORKERS, default_workers, detach_queue, multiqueue_possible, multiqueue_url, worker_count
+from .supervisor import (BACKOFF_FIRST, BACKOFF_MAX, CLOSED_HISTORY, DEVICE_GONE_WAIT, STABLE_AFTER, STOP_GRACE,
+                         Supervisor, aggregate, next_backoff, run_supervised)
+from .worker import worker_device, worker_main
+
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CLOSED_HISTORY", "DEVICE_GONE_WAIT", "MAX_MESSAGE", "MAX_WORKERS",
+           "READY_TIMEOUT", "REQUEST_TIMEOUT", "STABLE_AFTER", "STOP_GRACE", "Supervisor", "WorkerChannel",
+           "WorkerError", "WorkerHandle", "aggregate", "default_workers", "detach_queue", "frame",
+           "multiqueue_possible", "multiqueue_url", "next_backoff", "run_supervised", "unframe", "worker_count",
+           "worker_device", "worker_main"]
