@@ -23,11 +23,7 @@ PACKAGES = ("netstack", "tun2xray")
 # Circles outside the xray side, known and left for their own change; each
 # entry is the set of modules of one circle.  A circle found must lie within
 # one of these (a new module joining it, or a new circle, fails).
-KNOWN_CIRCLES = [
-    # the standalone binary's entry (frozen.py) starts the CLI and the workers,
-    # and the workers' supervisor asks frozen.py how to start a worker process
-    {"tun2xray.cli", "tun2xray.frozen", "tun2xray.workers.supervisor"},
-]
+KNOWN_CIRCLES: list = []    # none left: keep it that way
 
 _IMPORT_ALL = """
 import importlib, json, pkgutil, sys

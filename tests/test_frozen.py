@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tun2xray import frozen
+from tun2xray import entry, frozen
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,12 +72,12 @@ def test_no_library_path_is_left_alone(monkeypatch, bundle):
 
 def test_main_dispatches_the_hidden_worker_argument(capsys):
     with pytest.raises(SystemExit) as e:
-        frozen.main([frozen.WORKER_ARG, "--help"])
+        entry.main([frozen.WORKER_ARG, "--help"])
     assert e.value.code == 0
     assert "--channel" in capsys.readouterr().out
 
 
 def test_main_runs_the_command_line(capsys):
     pcap = sorted(glob.glob(os.path.join(REPO, "pcaps", "*.pcap")))[0]
-    assert frozen.main(["replay", pcap]) == 0
+    assert entry.main(["replay", pcap]) == 0
     assert pcap in capsys.readouterr().out

@@ -2,6 +2,6 @@
 
 import sys
 
-from tun2xray.frozen import main
+from tun2xray.entry import main
 
 sys.exit(main())

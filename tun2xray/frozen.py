@@ -1,9 +1,11 @@
 """The standalone binary (``dist/tun2xray``, built by tools/build-binary.sh).
 
 A PyInstaller onefile build has no ``python -m``: ``sys.executable`` is the
-binary itself. So the binary's entry point (`main`) understands one hidden
-first argument, ``_worker``, which runs `tun2xray.workers.worker_main`; the
-supervisor starts its workers that way when frozen (`worker_command`).
+binary itself. So the binary's entry point (`tun2xray.entry.main`)
+understands one hidden first argument, ``_worker``, which runs
+`tun2xray.workers.worker_main`; the supervisor starts its workers that way
+when frozen (`worker_command`). This module imports neither the CLI nor the
+workers: they import it.
 
 The onefile bootloader unpacks the bundle once into a temporary directory
 and runs the program in a child process with ``LD_LIBRARY_PATH`` pointing at
@@ -13,7 +15,7 @@ that directory (no second unpacking, nothing left behind), so workers keep
 the environment as it is. Programs that are not ours (the Xray core, ``ip``)
 must see the user's library path, not the bundle's, and none of the
 bootloader's private ``_PYI_*`` variables (another PyInstaller program would
-take itself for our child): `main` restores them in ``os.environ`` at
+take itself for our child): the entry point restores them in ``os.environ`` at
 start-up (the running process keeps the search path its loader read at exec)
 and keeps the bundle's for the workers.
 
@@ -96,17 +98,3 @@ def worker_command(args: list) -> tuple:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return [sys.executable, "-m", "tun2xray.workers", *args], env
-
-
-def main(argv=None) -> int:
-    """The binary's entry point: a worker, or the ordinary command line."""
-    argv = sys.argv[1:] if argv is None else argv
-    if frozen():
-        _restore_user_environment()
-    if argv[:1] == [WORKER_ARG]:
-        from .workers.worker import worker_main
-        return worker_main(argv[1:])
-    if frozen():
-        _follow_bootloader()
-    from .cli import main as cli_main
-    return cli_main(argv)
