@@ -135,21 +135,12 @@ class RunSettings:
     """What `run` needs, merged from the profile and the flags (flags win)."""
 
     def __init__(self, args):
-        from .profile import ProfileError, load_profile
         from .rules import Router, parse_map
         from .upstream.url import DokodemoUpstream, parse_upstream
 
         profile = getattr(args, "profile", None)
         if profile is None and args.config:
-            try:
-                with open(args.config, "rb") as f:
-                    text = f.read()
-            except OSError as e:
-                raise UsageError(f"--config {args.config}: {e.strerror}") from None
-            try:
-                profile = load_profile(text)
-            except ProfileError as e:
-                raise UsageError(f"--config {args.config}: {e}") from None
+            profile = _load_profile_file(args.config)
         proxy = args.proxy or (profile.proxy if profile else None)
         if not proxy:
             raise UsageError("--proxy is required (or a profile with \"proxy\")")
@@ -209,24 +200,29 @@ def _check_reachable(up, timeout: float = 3.0) -> None:
         raise UsageError(f"proxy {up.host}:{up.port} is unreachable: {e.strerror or e}") from None
 
 
+def _load_profile_file(path: str):
+    """The profile in *path*; UsageError (one line, naming --config) when it
+    cannot be read or is not a valid profile."""
+    from .profile import ProfileError, load_profile
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    try:
+        return load_profile(text)
+    except ProfileError as e:
+        raise UsageError(f"--config {path}: {e}") from None
+
+
 def apply_profile(args):
     """Read --config (if any) and fill every run flag left unset from its
     key (tun2xray.profile.KEYS: one entry per flag), else the key's default.
     Keeps the loaded profile on args.profile; a second call does nothing."""
     if getattr(args, "profile_applied", False):
         return args.profile
-    from .profile import ProfileError, apply_to_args, load_profile
-    profile = None
-    if getattr(args, "config", None):
-        try:
-            with open(args.config, "rb") as f:
-                text = f.read()
-        except OSError as e:
-            raise UsageError(f"--config {args.config}: {e.strerror}") from None
-        try:
-            profile = load_profile(text)
-        except ProfileError as e:
-            raise UsageError(f"--config {args.config}: {e}") from None
+    from .profile import apply_to_args
+    profile = _load_profile_file(args.config) if getattr(args, "config", None) else None
     apply_to_args(profile, args)
     args.profile = profile
     args.profile_applied = True
