@@ -57,7 +57,7 @@ class EngineTcp:
             self.names.unmapped_hit()
             detail = "the DNS layer has no name for this fake address"
         if self._debug:
-            f = self._flow_fields(flow, proto, reason=why, name=name)
+            f = self._flow_fields(flow, proto, reason=why, domain=name)
             log.debug("%s flow %d %s -> %s refused: %s (%s)", proto, flow.id, f["src"], f["dst"], why, detail,
                       extra=f)
         self._why[flow] = (why, detail)
@@ -74,7 +74,7 @@ class EngineTcp:
                 "dst": _fmt(flow.dst, flow.dport), **more}
 
     def _log_dial(self, flow, proto, up, url, rule, pipelined=False, name=None) -> None:
-        f = self._flow_fields(flow, proto, rule=rule, upstream=url, name=name)
+        f = self._flow_fields(flow, proto, rule=rule, upstream=url, domain=name)
         if isinstance(up, DokodemoUpstream):
             how = f"dokodemo {up.host}:{up.port} (fixed target)"
         elif proto == "tcp":
