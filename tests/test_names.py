@@ -23,7 +23,14 @@ from upstream_fixtures import StrictSocks
 from vclock import EngineHarness, run_virtual
 
 from tun2xray.profile import ProfileError, load_profile
-from tun2xray.rules import BLOCK, DomainMatcher, Rule, Router, parse_map, split_domain_entry
+from tun2xray.rules import (
+    BLOCK,
+    DomainMatcher,
+    Router,
+    Rule,
+    parse_map,
+    split_domain_entry,
+)
 from tun2xray.upstream.url import DokodemoUpstream, SocksUpstream
 
 SRC = addr("10.0.0.2")
@@ -90,7 +97,7 @@ async def packet(h, pred, timeout=5.0):
         h.written.clear()
         try:
             await asyncio.wait_for(h.written.wait(), left)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             pass
 
 
@@ -104,7 +111,7 @@ def udp_from(dst, sport):
 
 def icmp_unreachable(p) -> tuple | None:
     """(type, code, quoted destination) of an ICMPv4 error, else None."""
-    src, dst, proto, l4 = l4_of(p)
+    _src, _dst, proto, l4 = l4_of(p)
     if proto != 1:
         return None
     return l4[0], l4[1], l4[8 + 16:8 + 20]
@@ -248,7 +255,8 @@ def test_block_rule_resets_tcp_and_counts_it():
         await until(lambda: h.status()["closed_flows"])
         st = h.status()
         assert st["engine"]["tcp_blocked"] == 1 and socks[0].requests == []
-        assert st["closed_flows"][0]["reason"] == "blocked"
+        [closed] = st["closed_flows"]
+        assert (closed["reason"], closed["detail"]) == ("blocked", "rules[0] (tcp port 80)")
 
     with_names(body, rules=[rule])
 

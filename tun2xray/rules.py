@@ -49,7 +49,7 @@ class DomainMatcher:
     on the lower-case name).  Names compare case-insensitively and without
     a trailing dot."""
 
-    __slots__ = ("full", "suffixes", "keywords", "regexps", "entries")
+    __slots__ = ("entries", "full", "keywords", "regexps", "suffixes")
 
     def __init__(self, entries):
         self.entries = tuple(entries)

@@ -30,7 +30,9 @@ class EngineTcp:
             up, url = self.router.route("tcp", conn.dst, conn.dport, name)
         self.counters["tcp_requests"] += 1
         if up is BLOCK:
-            self._refuse(conn, "tcp", "blocked", rule if self._debug else "a block rule", name)
+            if not self._debug:         # which rule: for status and the closed-flow history
+                rule = _route_rule(self.router, "tcp", conn.dst, conn.dport, name)[2]
+            self._refuse(conn, "tcp", "blocked", rule, name)
             return
         hs = None
         if type(up) is SocksUpstream:

@@ -30,7 +30,9 @@ class EngineUdp:
             else:
                 up, url = self.router.route("udp", flow.dst, flow.dport, name)
             if up is BLOCK:
-                self._refuse(flow, "udp", "blocked", rule if self._debug else "a block rule", name)
+                if not self._debug:     # which rule: for status and the closed-flow history
+                    rule = _route_rule(self.router, "udp", flow.dst, flow.dport, name)[2]
+                self._refuse(flow, "udp", "blocked", rule, name)
                 return
             dok = isinstance(up, DokodemoUpstream)
             if not dok and name is None and names is not None and names.is_fake(flow.dst):
