@@ -84,11 +84,15 @@ def syn(dst, sport, dport=80):
 
 async def packet(h, pred, timeout=5.0):
     """The first packet of any kind the engine writes that satisfies pred
-    (raw bytes), or AssertionError at the virtual deadline."""
+    (raw bytes), or AssertionError at the virtual deadline.  Packets
+    before it are dropped; packets after it wait for the next call."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    backlog = h.__dict__.setdefault("raw_backlog", [])
     while True:
-        for p in h.host.read():
+        backlog += h.host.read()
+        while backlog:
+            p = backlog.pop(0)
             if pred(p):
                 return p
         left = deadline - loop.time()
@@ -179,6 +183,24 @@ def test_unmapped_fake_address_tcp_is_reset_counted_and_never_dialled():
         assert closed["reason"] == "unmapped fake address" and closed["dst"] == "198.18.0.99:80"
 
     with_names(body)
+
+
+def test_tcp_refusals_follow_the_engines_reject_setting():
+    rule = Rule(networks=frozenset({"tcp"}), ports=(443, 443), to=BLOCK, url="block")
+
+    async def body(h, socks, book):
+        h.engine.reject_with = "icmp-admin"
+        h.send(syn(UNMAPPED, 41010), syn(PLAIN, 41011, 443))
+        got = []
+        while len(got) < 2:
+            p = await packet(h, icmp_unreachable)
+            got.append(icmp_unreachable(p))
+        # ICMP destination unreachable, communication administratively prohibited (code 13)
+        assert sorted(got) == sorted([(3, 13, UNMAPPED), (3, 13, PLAIN)])
+        eng = h.status()["engine"]
+        assert eng["tcp_unmapped_fake"] == 1 and eng["tcp_blocked"] == 1 and socks[0].requests == []
+
+    with_names(body, rules=[rule])
 
 
 def test_unmapped_fake_address_udp_gets_icmp_port_unreachable_and_is_counted():
