@@ -158,6 +158,28 @@ def test_tcp_to_a_named_address_connects_by_domain(caplog):
     assert "CONNECT www.example.com:80 by name" in caplog.text
 
 
+def test_ipv6_tcp_and_udp_to_a_named_address_go_by_domain():
+    src6, named6 = addr("fd00:7478::2"), addr("fd00:7478:fa4e::1")
+
+    def from6(sport, proto):
+        def pred(p):
+            s, _d, pr, l4 = l4_of(p)
+            return pr == proto and s == named6 and struct.unpack_from("!H", l4, 2)[0] == sport
+        return pred
+
+    async def body(h, socks, book):
+        h.send(build_packet(6, src6, named6, 42000, 443, 1000, 0, "S", 65535, tcp_options(mss=1400)))
+        p = await packet(h, from6(42000, 6))
+        assert l4_of(p)[3][13] & 0x12 == 0x12            # SYN-ACK
+        h.send(udp_packet(src6, named6, 42001, 7, b"v6"))
+        p = await packet(h, from6(42001, 17))
+        assert l4_of(p)[3][8:] == b"v6!"
+        assert socks[0].requests[0] == (1, domain_atyp("v6.example", 443))
+        assert socks[0].udp_seen == [b"\x00\x00\x00" + domain_atyp("v6.example", 7) + b"v6"]
+
+    with_names(body, names={named6: "v6.example"})
+
+
 def test_an_address_the_book_does_not_know_is_dialled_by_address():
     async def body(h, socks, book):
         h.send(syn(PLAIN, 41001))
