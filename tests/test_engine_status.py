@@ -82,7 +82,7 @@ def test_closed_history_is_bounded_and_readable(monkeypatch):
     out = e._closed_status()
     assert len(out) == eng.CLOSED_HISTORY
     first = out[0]
-    assert first == {"proto": "tcp", "src": "198.18.0.1:2005", "dst": "10.0.0.1:80",
+    assert first == {"proto": "tcp", "src": "198.18.0.1:2005", "dst": "10.0.0.1:80", "name": None,
                      "inbound": "socks5://127.0.0.1:1080", "reason": "upstream closed", "detail": None,
                      "bytes_up": 5, "bytes_down": 10, "duration": 5.0,
                      "ended": "2026-12-04T22:51:03Z", "ended_epoch": 1796424663.5}

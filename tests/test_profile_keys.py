@@ -295,6 +295,9 @@ GOOD = [
      "record_wire": True, "record_max_mb": 0.5, "log_format": "json",
      "log_level": "warning", "workers": 64, "xray": {"config": "c.json", "bin": "v2ray", "auto_route": True}},
     {"proxy": PROXY, "device": "fd://3?header=af", "control": "none"},
+    {"proxy": PROXY, "rules": [{"network": "udp", "port": 443, "to": "block"},
+                               {"domain": ["full:a.example", "suffix:b.example", "domain:c.example", "keyword:d",
+                                           "plain", "regexp:^e[0-9]+:x$"], "network": "tcp", "to": PROXY}]},
 ]
 
 BAD = [
@@ -327,6 +330,13 @@ BAD = [
     {"proxy": PROXY, "rules": [{"cidr": "10.0.0.0/8", "to": PROXY}]},
     {"proxy": PROXY, "rules": [{"to": PROXY, "via": "x"}]},
     {"proxy": PROXY, "rules": [{"to": "http://127.0.0.1:1"}]},
+    {"proxy": PROXY, "rules": [{"to": "blocked"}]},
+    {"proxy": PROXY, "rules": [{"domain": [], "to": "block"}]},
+    {"proxy": PROXY, "rules": [{"domain": "a.example", "to": "block"}]},
+    {"proxy": PROXY, "rules": [{"domain": ["geosite:cn"], "to": "block"}]},
+    {"proxy": PROXY, "rules": [{"domain": ["full:"], "to": "block"}]},
+    {"proxy": PROXY, "rules": [{"domain": [""], "to": "block"}]},
+    {"proxy": PROXY, "rules": [{"domain": [7], "to": "block"}]},
     {"proxy": PROXY, "udp_timeout": 0},
     {"proxy": PROXY, "tcp_connect_timeout": 601},
     {"proxy": PROXY, "max_flows": 0},

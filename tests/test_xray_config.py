@@ -137,6 +137,37 @@ def test_tunnel_alias_with_new_field_names(tmp_path):
     assert not time_rule.matches("tcp", ipaddress.ip_address("192.0.2.123"), 123)
 
 
+OLD_FIELDS = {"address": "192.0.2.9", "port": 9000, "network": "tcp,udp"}
+NEW_FIELDS = {"rewriteAddress": "192.0.2.9", "rewritePort": 9000, "allowedNetwork": "tcp,udp"}
+
+
+@pytest.mark.parametrize("protocol", ["dokodemo-door", "tunnel"])
+@pytest.mark.parametrize("fields", [OLD_FIELDS, NEW_FIELDS,
+                                    # the newer names win when a config carries both
+                                    dict(NEW_FIELDS, address="198.51.100.1", port=1, network="udp")],
+                         ids=["old-names", "new-names", "both"])
+def test_either_protocol_name_with_either_field_spelling(tmp_path, protocol, fields):
+    ib = {"tag": "t", "listen": "127.0.0.1", "port": 7000, "protocol": protocol, "settings": fields}
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS, ib]}))
+    [rule] = d.rules
+    assert rule.to == DokodemoUpstream("127.0.0.1", 7000)
+    assert rule.networks == {"tcp", "udp"} and rule.ports == (9000, 9000)
+    assert rule.cidrs == (ipaddress.ip_network("192.0.2.9/32"),)
+    assert d.inbounds[1].target == ("192.0.2.9", 9000) and d.notes == []
+
+
+@pytest.mark.parametrize("settings", [{"rewriteAddress": "9.9.9.9", "allowedNetwork": "udp"},
+                                      {"rewriteAddress": "9.9.9.9", "rewritePort": 0, "allowedNetwork": "udp"},
+                                      {"address": "9.9.9.9", "network": "udp"}])
+def test_a_target_port_left_out_is_the_listening_port(tmp_path, settings):
+    ib = {"listen": "127.0.0.1", "port": 53, "protocol": "tunnel", "settings": settings}
+    d = xray.derive(write(tmp_path, {"inbounds": [SOCKS, ib]}))
+    [rule] = d.rules
+    # listening on 53 with no target port: a DNS tunnel to 9.9.9.9:53, which takes every DNS flow
+    assert d.inbounds[1].target == ("9.9.9.9", 53)
+    assert rule.ports == (53, 53) and rule.cidrs == () and rule.networks == {"udp"}
+
+
 def test_password_socks_and_any_address_listen(tmp_path):
     s = {"port": 1080, "protocol": "socks", "listen": "0.0.0.0",
          "settings": {"auth": "password", "udp": True, "accounts": [{"user": "u", "pass": "p w"}]}}

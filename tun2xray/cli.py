@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address6", help="IPv6 address/prefix for a tun:// device (default fd00:7478::1/64)")
     r.add_argument("--mtu", type=int, help="device MTU (default 1500)")
     r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
-                   help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853")
+                   help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853, "
+                   "or refuse them: udp:443=block")
     r.add_argument("--config", help="profile JSON (docs/profile.md): every run flag has a key; flags "
                    "override keys")
     r.add_argument("--control", help="serve JSON status on unix:///path (default: "

@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from .rules import Rule, _printable, parse_networks, parse_port_range
+from .rules import BLOCK, DomainMatcher, Rule, _printable, parse_networks, parse_port_range, split_domain_entry
 from .upstream.url import parse_upstream
 
 
@@ -57,7 +57,8 @@ KEYS: tuple = (
     Key("dns.servers", "ips", ["198.18.0.2"], "DNS servers whose queries go through the TUN "
         "(run: host routes into a tun:// device; hosts: their DNS settings)"),
     Key("rules", "rules", [], "flow rules, first match wins, no match goes to proxy "
-        "(run: --map rules come first)"),
+        "(run: --map rules come first); a rule's to is an inbound URL or \"block\"; its domain "
+        "entries (full:, suffix:/domain:, keyword:, regexp:) match flows whose name is known"),
     Key("udp_timeout", "number", 60.0, "seconds an idle UDP flow lives", lo=1, hi=86400),
     Key("tcp_connect_timeout", "number", 10.0, "seconds to wait for an inbound to accept a TCP flow",
         lo=0.1, hi=600),
@@ -332,7 +333,7 @@ def _ips(v, path, key):
     return list(v)
 
 
-_RULE_KEYS = ("network", "cidr", "port", "to")
+_RULE_KEYS = ("network", "cidr", "port", "domain", "to")
 
 
 def _rules(v, path, key):
@@ -351,7 +352,11 @@ def _rules(v, path, key):
 def _rule_obj(d: dict, path: str = "rules[]") -> Rule:
     if "to" not in d:
         raise ProfileError(f"{path}.to: is required")
-    to_url = _url(d["to"], f"{path}.to")
+    if isinstance(d["to"], str) and d["to"].strip() == "block":
+        to_url, to = "block", BLOCK
+    else:
+        to_url = _url(d["to"], f"{path}.to")
+        to = parse_upstream(to_url)
     nets = frozenset({"tcp", "udp"})
     if "network" in d:
         if not isinstance(d["network"], str):
@@ -375,7 +380,20 @@ def _rule_obj(d: dict, path: str = "rules[]") -> Rule:
             ports = parse_port_range(d["port"])
         except ValueError as e:
             raise ProfileError(f"{path}.port: {e}") from None
-    return Rule(networks=nets, cidrs=cidrs, ports=ports, to=parse_upstream(to_url), url=to_url)
+    domains = _domains(d["domain"], f"{path}.domain") if "domain" in d else None
+    return Rule(networks=nets, cidrs=cidrs, ports=ports, to=to, url=to_url, domains=domains)
+
+
+def _domains(v, path) -> DomainMatcher:
+    entries = _list(v, path)
+    if not entries:
+        raise ProfileError(f"{path}: is empty (leave the key out to match any name)")
+    for i, e in enumerate(entries):
+        try:
+            split_domain_entry(e)
+        except ValueError as err:
+            raise ProfileError(f"{path}[{i}]: {err}") from None
+    return DomainMatcher(entries)
 
 
 _CHECKS = {
@@ -422,7 +440,10 @@ _SCHEMAS = {
                                                 rf"^({_V4}(/{_LEN4})?|{_V6}(/{_LEN6})?)$"}},
             "port": {"oneOf": [{"type": "integer", "minimum": 0, "maximum": 65535},
                                {"type": "string", "pattern": rf"^\s*{_PORT}(-{_PORT})?\s*$"}]},
-            "to": {"type": "string", "pattern": _URL},
+            "domain": {"type": "array", "minItems": 1, "items": {
+                "type": "string", "pattern": r"^\s*((full|suffix|domain|keyword|regexp):.+|[^:]+)$"}},
+            "to": {"oneOf": [{"type": "string", "pattern": _URL},
+                             {"type": "string", "pattern": r"^\s*block\s*$"}]},
         }}},
 }
 

@@ -68,9 +68,12 @@ def _device_stack_config(given: StackConfig | None, device, caps, recording: boo
 class Engine(EngineTcp, EngineUdp, EngineHistory):
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
                  connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
-                 log_clock=None, refusal_window: float = REFUSAL_WINDOW):
+                 log_clock=None, refusal_window: float = REFUSAL_WINDOW, names=None):
         self.device = device
         self.router = router
+        # the address -> name book of the DNS layer (lookup, is_fake,
+        # unmapped_hit); None when DNS mode is off: flows are dialled by address
+        self.names = names
         caps = device.capabilities
         self.capabilities = caps
         self._batch = caps.batch_size or DEVICE_BATCH   # packets per read_batch

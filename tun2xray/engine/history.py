@@ -83,7 +83,7 @@ class EngineHistory:
         now = self.loop.time() if self.loop is not None else f.created
         self.closed_flows.append((proto, f.src, f.sport, f.dst, f.dport,
                                   getattr(relay, "url", None), why[0], why[1], bi, bo,
-                                  now - f.created, time.time()))
+                                  now - f.created, time.time(), getattr(relay, "name", None)))
 
     def _sample(self) -> None:
         """Every RATE_PERIOD: bytes/s per flow and in total from the byte
@@ -119,8 +119,9 @@ class EngineHistory:
     def _closed_status(self) -> list:
         from ..state import utc_text
         out = []
-        for (proto, src, sport, dst, dport, url, reason, detail, bi, bo, dur, ended) in self.closed_flows:
-            out.append({"proto": proto, "src": _fmt(src, sport), "dst": _fmt(dst, dport), "inbound": url,
+        for (proto, src, sport, dst, dport, url, reason, detail, bi, bo, dur, ended, name) in self.closed_flows:
+            out.append({"proto": proto, "src": _fmt(src, sport), "dst": _fmt(dst, dport), "name": name,
+                        "inbound": url,
                         "reason": reason, "detail": detail, "bytes_up": bi, "bytes_down": bo,
                         "duration": round(dur, 3), "ended": utc_text(ended), "ended_epoch": round(ended, 3)})
         return out
@@ -138,6 +139,7 @@ class EngineHistory:
             ru, rd = rate.get(conn, still)
             flows.append({
                 "proto": "tcp", "src": _fmt(conn.src, conn.sport), "dst": _fmt(conn.dst, conn.dport),
+                "name": relay.name if relay is not None else None,
                 "inbound": relay.url if relay is not None else None, "state": conn.state,
                 "bytes_up": conn.bytes_in, "bytes_down": conn.bytes_out,
                 "rate_up": round(ru, 1), "rate_down": round(rd, 1),
@@ -148,6 +150,7 @@ class EngineHistory:
             ru, rd = rate.get(flow, still)
             flows.append({
                 "proto": "udp", "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
+                "name": relay.name if relay is not None else None,
                 "inbound": relay.url if relay is not None else None, "state": "open",
                 "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
                 "rate_up": round(ru, 1), "rate_down": round(rd, 1),

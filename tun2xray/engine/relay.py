@@ -35,7 +35,7 @@ class TcpRelay(asyncio.Protocol):
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
                  "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from",
-                 "up_at")
+                 "up_at", "name")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -55,6 +55,7 @@ class TcpRelay(asyncio.Protocol):
         self.hs_timer = None
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
         self.up_at = None         # loop time the upstream said yes (CONNECT reply / connected)
+        self.name = None          # the domain name the flow was dialled by (None: by address)
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -232,7 +233,7 @@ class UdpRelay:
     """Upstream side of one UDP flow (a dokodemo socket, or a share of a
     SOCKS association for its client address)."""
 
-    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped")
+    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped", "name")
 
     def __init__(self, flow, url):
         self.flow = flow
@@ -240,15 +241,16 @@ class UdpRelay:
         self.queue = []           # datagrams waiting for the upstream to open
         self.dok = None
         self.assoc = None
-        self.dst_host = flow.dst
+        self.dst_host = flow.dst  # what the SOCKS datagrams address: the packed address, or the name
         self.dropped = 0
+        self.name = None          # the domain name the flow is dialled by (None: by address)
 
 
 class SocksAssoc:
     """One SOCKS UDP association per client source address and port (full
     cone: one app socket reaches many destinations through it)."""
 
-    __slots__ = ("key", "up", "assoc", "flows", "opening", "closed")
+    __slots__ = ("key", "up", "assoc", "flows", "opening", "closed", "named")
 
     def __init__(self, key, up):
         self.key = key
@@ -257,15 +259,16 @@ class SocksAssoc:
         self.flows = set()
         self.opening = True
         self.closed = False
+        self.named = {}           # (name, port) -> flow, for the flows addressed by name
 
 
-def _route_rule(router, network, dst, port):
+def _route_rule(router, network, dst, port, name=None):
     """(upstream, url, rule) where rule names the rule that matched (its
     index and what it matches) or "default"."""
     explain = getattr(router, "route_rule", None)
     if explain is not None:
-        return explain(network, dst, port)
-    up, url = router.route(network, dst, port)
+        return explain(network, dst, port, name)
+    up, url = router.route(network, dst, port, name)
     return up, url, "?"
 
 

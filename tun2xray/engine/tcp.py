@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ..rules import BLOCK
 from ..upstream.socks5 import socks_client
 from ..upstream.socks5_proto import CMD_CONNECT, reply_text
 from ..upstream.url import DokodemoUpstream, SocksUpstream
@@ -21,17 +22,52 @@ class EngineTcp:
     # ----------------------------------------------------------------------- TCP
 
     def _tcp_request(self, conn) -> None:
+        names = self.names
+        name = names.lookup(conn.dst) if names is not None else None
         if self._debug:
-            up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport)
+            up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport, name)
         else:
-            up, url = self.router.route("tcp", conn.dst, conn.dport)
+            up, url = self.router.route("tcp", conn.dst, conn.dport, name)
         self.counters["tcp_requests"] += 1
+        if up is BLOCK:
+            if not self._debug:         # which rule: for status and the closed-flow history
+                rule = _route_rule(self.router, "tcp", conn.dst, conn.dport, name)[2]
+            self._refuse(conn, "tcp", "blocked", rule, name)
+            return
         hs = None
         if type(up) is SocksUpstream:
-            hs = socks_client(up, CMD_CONNECT, conn.dst, conn.dport)
+            if name is None and names is not None and names.is_fake(conn.dst):
+                self._refuse(conn, "tcp", "unmapped fake address", None, None)
+                return
+            # by name when the book knows one: Xray's domain routing sees it
+            hs = socks_client(up, CMD_CONNECT, name if name is not None else conn.dst, conn.dport)
         if self._debug:
-            self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined)
-        self._spawn(self._tcp_dial(conn, up, url, hs))
+            self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined, name)
+        self._spawn(self._tcp_dial(conn, up, url, hs, name))
+
+    def _refuse(self, flow, proto: str, why: str, rule, name) -> None:
+        """Refuse a new flow without dialing: a block rule, or a fake
+        address the book has no name for (never dialled as itself).  TCP
+        gets the engine's reject (RST, or ICMP as configured), UDP ICMP
+        port unreachable; counted, and kept in the closed-flow history."""
+        counters = self.counters
+        if why == "blocked":
+            counters[f"{proto}_blocked"] += 1
+            detail = f"{rule}" + (f" for {name}" if name is not None else "")
+        else:
+            counters[f"{proto}_unmapped_fake"] += 1
+            self.names.unmapped_hit()
+            detail = "the DNS layer has no name for this fake address"
+        if self._debug:
+            f = self._flow_fields(flow, proto, reason=why, domain=name)
+            log.debug("%s flow %d %s -> %s refused: %s (%s)", proto, flow.id, f["src"], f["dst"], why, detail,
+                      extra=f)
+        self._why[flow] = (why, detail)
+        if proto == "tcp":
+            flow.reject(self.reject_with)
+        else:
+            flow.reject("port")
+        self.kick()
 
     # debug lines of a flow's life (callers check self._debug first)
 
@@ -39,15 +75,18 @@ class EngineTcp:
         return {"flow": flow.id, "proto": proto, "src": _fmt(flow.src, flow.sport),
                 "dst": _fmt(flow.dst, flow.dport), **more}
 
-    def _log_dial(self, flow, proto, up, url, rule, pipelined=False) -> None:
-        f = self._flow_fields(flow, proto, rule=rule, upstream=url)
+    def _log_dial(self, flow, proto, up, url, rule, pipelined=False, name=None) -> None:
+        f = self._flow_fields(flow, proto, rule=rule, upstream=url, domain=name)
         if isinstance(up, DokodemoUpstream):
             how = f"dokodemo {up.host}:{up.port} (fixed target)"
         elif proto == "tcp":
-            how = (f"socks5 {up.host}:{up.port} CONNECT {f['dst']} by address"
+            what = (f"{_hostport(name, flow.dport)} by name" if name is not None
+                    else f"{f['dst']} by address")
+            how = (f"socks5 {up.host}:{up.port} CONNECT {what}"
                    + (", greeting and request in one write" if pipelined else ""))
         else:
-            how = f"socks5 {up.host}:{up.port} UDP ASSOCIATE"
+            how = f"socks5 {up.host}:{up.port} UDP ASSOCIATE" + (
+                f", datagrams to {_hostport(name, flow.dport)} by name" if name is not None else "")
         log.debug("%s flow %d %s -> %s: rule %s -> %s; dialing %s", proto, flow.id, f["src"], f["dst"],
                   rule, url, how, extra=f)
 
@@ -58,12 +97,14 @@ class EngineTcp:
         log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
                   f", bound {f['bound']}" if bound is not None else "", extra=f)
 
-    async def _tcp_dial(self, conn, up, url, hs) -> None:
+    async def _tcp_dial(self, conn, up, url, hs, name=None) -> None:
         """Connect to the upstream with the relay as the transport's protocol
         from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
         the relay runs the handshake and accepts or refuses the client when
         the proxy answers; without (dokodemo) the connect is the dial."""
         relay = TcpRelay(self, conn, url, hs=hs)
+        if hs is not None:
+            relay.name = name       # what the CONNECT carried (None: the address)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.create_connection(lambda: relay, up.host, up.port)

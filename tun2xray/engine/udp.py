@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from ..rules import BLOCK
 from ..upstream.dokodemo import DokodemoUdp
 from ..upstream.socks5 import SocksUdpAssociation
 from ..upstream.url import DokodemoUpstream
@@ -22,15 +23,26 @@ class EngineUdp:
     def _udp_datagram(self, flow, data, new) -> None:
         relay = flow.user
         if new or relay is None:
+            names = self.names
+            name = names.lookup(flow.dst) if names is not None else None
             if self._debug:
-                up, url, rule = _route_rule(self.router, "udp", flow.dst, flow.dport)
+                up, url, rule = _route_rule(self.router, "udp", flow.dst, flow.dport, name)
             else:
-                up, url = self.router.route("udp", flow.dst, flow.dport)
+                up, url = self.router.route("udp", flow.dst, flow.dport, name)
+            if up is BLOCK:
+                if not self._debug:     # which rule: for status and the closed-flow history
+                    rule = _route_rule(self.router, "udp", flow.dst, flow.dport, name)[2]
+                self._refuse(flow, "udp", "blocked", rule, name)
+                return
+            dok = isinstance(up, DokodemoUpstream)
+            if not dok and name is None and names is not None and names.is_fake(flow.dst):
+                self._refuse(flow, "udp", "unmapped fake address", None, None)
+                return
             relay = flow.user = UdpRelay(flow, url)
             self.counters["udp_opened"] += 1
             if self._debug:
-                self._log_dial(flow, "udp", up, url, rule)
-            if isinstance(up, DokodemoUpstream):
+                self._log_dial(flow, "udp", up, url, rule, name=None if dok else name)
+            if dok:
                 relay.queue.append(data)
                 self._spawn(self._udp_open_dokodemo(flow, relay, up))
                 return
@@ -41,10 +53,15 @@ class EngineUdp:
                 self._spawn(self._udp_open_socks(a))
             a.flows.add(flow)
             relay.assoc = a
+            if name is not None:
+                # datagrams addressed by name (SOCKS5 ATYP 3); replies map
+                # back to this flow's own address
+                relay.name = relay.dst_host = name
+                a.named[(name, flow.dport)] = flow
         if relay.dok is not None:
             relay.dok.send(data)
         elif relay.assoc is not None and relay.assoc.assoc is not None:
-            relay.assoc.assoc.sendto(data, flow.dst, flow.dport)
+            relay.assoc.assoc.sendto(data, relay.dst_host, flow.dport)
         elif len(relay.queue) < UDP_QUEUE:
             relay.queue.append(data)
         else:
@@ -115,14 +132,16 @@ class EngineUdp:
             relay = flow.user
             if relay is not None and relay.queue:
                 for d in relay.queue:
-                    assoc.sendto(d, flow.dst, flow.dport)
+                    assoc.sendto(d, relay.dst_host, flow.dport)
                 relay.queue.clear()
 
     def _socks_reply(self, a: SocksAssoc, host, port, data) -> None:
         """A datagram from the relay: ``host`` is the packed source address
-        as the header carries it (a str only for a domain, which no flow has)."""
+        as the header carries it, or a str for a domain."""
         src, sport = a.key
         flow = self.stack.udp.get((src, sport, host, port)) if host.__class__ is bytes else None
+        if flow is None and a.named:
+            flow = _named_flow(a, host, port)
         if flow is None or flow.closed:
             self.counters["udp_reply_no_flow"] += 1
             return
@@ -168,6 +187,8 @@ class EngineUdp:
         a = relay.assoc
         if a is not None:
             a.flows.discard(flow)
+            if relay.name is not None and a.named.get((relay.name, flow.dport)) is flow:
+                del a.named[(relay.name, flow.dport)]
             if not a.flows and not a.opening:
                 a.closed = True
                 if self._assocs.get(a.key) is a:
@@ -189,3 +210,20 @@ class EngineUdp:
             why = ("idle timeout" if reason == "idle" else reason, None)
         self._remember("udp", flow, relay, why)
         self._udp_release(flow)
+
+
+def _named_flow(a: SocksAssoc, host, port):
+    """The flow a reply to a datagram sent by name belongs to.  A core may
+    answer with the name (v2ray 4.x echoes the request's address) or with
+    the address it resolved the name to (the reply's real source), which
+    the client never saw: that goes to the one flow by name to that port,
+    and is dropped (counted) when several could own it."""
+    if host.__class__ is str:
+        return a.named.get((host.rstrip(".").lower(), port)) or a.named.get((host, port))
+    found = None
+    for (_name, p), flow in a.named.items():
+        if p == port:
+            if found is not None:
+                return None
+            found = flow
+    return found

@@ -183,9 +183,7 @@ def _dokodemo_inbound(i: int, ib: dict, notes: list):
     if settings.get("followRedirect"):
         notes.append(f"{ib.get('protocol')} inbound {tag}: transparent (followRedirect), no fixed target")
         return None
-    address = settings.get("rewriteAddress", settings.get("address"))
-    tport = _port(settings.get("rewritePort", settings.get("port")))
-    nets = _networks(settings.get("allowedNetwork", settings.get("network")))
+    address, tport, nets = _tunnel_target(settings, port)
     if not isinstance(address, str) or not address or tport is None or not nets:
         notes.append(f"{ib.get('protocol')} inbound {tag}: no fixed target address:port")
         return None
@@ -203,6 +201,19 @@ def _dokodemo_inbound(i: int, ib: dict, notes: list):
         rule = Rule(networks=nets, cidrs=(ipaddress.ip_network(ip),), ports=(tport, tport),
                     to=up, url=url)
     return Inbound(i, tag, "dokodemo-door", host, port, nets, (address, tport)), rule
+
+
+def _tunnel_target(settings: dict, listen_port: int):
+    """(address, port, networks) of a dokodemo-door / tunnel inbound's fixed
+    target, in either spelling: Xray's newer ``rewriteAddress`` /
+    ``rewritePort`` / ``allowedNetwork`` win over the older ``address`` /
+    ``port`` / ``network``.  A target port left out or 0 is the inbound's
+    own listening port, as the core reads it; port None: unusable."""
+    address = settings.get("rewriteAddress", settings.get("address"))
+    raw = settings.get("rewritePort", settings.get("port"))
+    tport = listen_port if raw is None or (raw == 0 and not isinstance(raw, bool)) else _port(raw)
+    nets = _networks(settings.get("allowedNetwork", settings.get("network")))
+    return address, tport, nets
 
 
 def _free_loopback_port(avoid=()) -> int:
