@@ -35,6 +35,7 @@ from netstack.wire import ip as _ip
 
 from .. import logs
 from ..device import DeviceError
+from .dnshook import EngineDns
 from .history import EngineHistory
 from .relay import CLOSED_HISTORY, DEVICE_BATCH, RATE_PERIOD, REFUSAL_WINDOW, TcpRelay, _Counter
 from .tcp import EngineTcp
@@ -65,10 +66,10 @@ def _device_stack_config(given: StackConfig | None, device, caps, recording: boo
     return cfg, False
 
 
-class Engine(EngineTcp, EngineUdp, EngineHistory):
+class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
                  connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
-                 log_clock=None, refusal_window: float = REFUSAL_WINDOW):
+                 log_clock=None, refusal_window: float = REFUSAL_WINDOW, names=None, dns=None):
         self.device = device
         self.router = router
         caps = device.capabilities
@@ -82,6 +83,10 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
         self.refusal_window = refusal_window
         self.recorder = recorder
         self.reject_with = reject_with
+        # DNS (tun2xray.dns): the server that answers hijacked port-53 flows,
+        # and the name book the dial paths read (None: DNS handling is off)
+        self.dns = dns
+        self.names = names if names is not None else (dns.book if dns is not None else None)
         self.loop = None
         self.counters = _Counter()
         self.started = time.time()
@@ -122,6 +127,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             self.loop.add_reader(self.device.fileno(), self._on_device)
         self._sample_at = self.loop.time()
         self._sampler = self.loop.call_later(RATE_PERIOD, self._sample)
+        if self.dns is not None:
+            self.dns.start(self.loop)
         if self._started_cb is not None:
             self._started_cb(self)
         try:
@@ -155,6 +162,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             self._sampler = None
         for t in list(self._tasks):
             t.cancel()
+        if self.dns is not None:
+            self.dns.close()              # writes the fake-IP cache file
         stack = self.stack
         counters = self.counters
         for conn in list(stack.tcp.values()):

@@ -21,6 +21,9 @@ class EngineTcp:
     # ----------------------------------------------------------------------- TCP
 
     def _tcp_request(self, conn) -> None:
+        if conn.dport == 53 and self.dns is not None and self.dns.wants(conn.dst):
+            self._dns_tcp(conn)                   # answered by the engine (engine/dnshook.py)
+            return
         if self._debug:
             up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport)
         else:

@@ -1,0 +1,147 @@
+"""The name book (fake pools, LRU reuse, remembered answers, TTL on a
+virtual clock) and its cache file (round trip, corrupt and oversized files)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+
+import pytest
+
+from tun2xray.dns import cachefile
+from tun2xray.dns.book import NameBook
+from tun2xray.dns.settings import DnsSettings, DnsSettingsError, default_upstream, parse_upstream_url
+
+
+def ip(text) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_each_name_gets_one_address_per_family_inside_the_pool():
+    b = NameBook("198.19.0.0/16", "fd00:7478:f::/64")
+    a4 = b.fake_address("example.com", 4)
+    a6 = b.fake_address("example.com", 6)
+    assert ipaddress.ip_address(a4) in ipaddress.ip_network("198.19.0.0/16")
+    assert ipaddress.ip_address(a6) in ipaddress.ip_network("fd00:7478:f::/64")
+    assert b.fake_address("example.com", 4) == a4            # stable
+    assert b.fake_address("other.org", 4) != a4
+    assert b.lookup(a4) == b.lookup(a6) == "example.com"
+    assert b.is_fake(a4) and b.is_fake(ip("198.19.200.200")) and not b.is_fake(ip("1.1.1.1"))
+    assert b.lookup(ip("198.19.200.200")) is None              # in the pool, never handed out
+    assert b.size() == 3
+
+
+def test_the_pool_never_hands_out_the_tun_or_dns_addresses_nor_network_broadcast():
+    b = NameBook("198.18.0.0/29", None, avoid=["198.18.0.1", "198.18.0.2"])
+    got = {b.fake_address(f"n{i}.test", 4) for i in range(20)}
+    assert got == {ip(f"198.18.0.{i}") for i in (3, 4, 5, 6)}   # not .0, .1 (TUN), .2 (DNS), .7
+
+
+def test_a_full_pool_reuses_the_least_recently_used_address():
+    b = NameBook("10.0.0.0/29", None)        # 6 usable
+    addrs = [b.fake_address(f"n{i}.test", 4) for i in range(6)]
+    assert b.lookup(addrs[0]) == "n0.test"   # n0 used again: n1 is now the oldest
+    new = b.fake_address("late.test", 4)
+    assert new == addrs[1]
+    assert b.lookup(addrs[1]) == "late.test"
+    assert b.fake_address("n0.test", 4) == addrs[0]
+    assert b.status()["evicted"] == 1 and b.size() == 6
+
+
+def test_remembered_addresses_expire_with_their_ttl_on_the_clock():
+    clock = Clock()
+    b = NameBook(None, None, clock=clock)
+    b.remember(ip("93.184.216.34"), "example.com", 30)
+    assert b.lookup(ip("93.184.216.34")) == "example.com"
+    clock.now += 29.9
+    assert b.lookup(ip("93.184.216.34")) == "example.com"
+    clock.now += 0.2
+    assert b.lookup(ip("93.184.216.34")) is None
+    assert b.status()["remember_expired"] == 1 and b.status()["remembered_addresses"] == 0
+
+
+def test_remembering_is_bounded_oldest_first():
+    b = NameBook(None, None, remember_capacity=3, clock=Clock())
+    for i in range(5):
+        b.remember(bytes([10, 0, 0, i]), f"n{i}.test", 60)
+    assert [b.lookup(bytes([10, 0, 0, i])) for i in range(5)] == [None, None, "n2.test", "n3.test", "n4.test"]
+
+
+def test_cache_file_round_trip_keeps_mappings_and_their_order(tmp_path):
+    path = str(tmp_path / "fake.json")
+    b = NameBook("10.0.0.0/29", "fd00::/120")
+    a = [b.fake_address(f"n{i}.test", 4) for i in range(6)]
+    a6 = b.fake_address("n0.test", 6)
+    b.lookup(a[0])
+    cachefile.save(path, b)
+    assert not [f for f in os.listdir(tmp_path) if f != "fake.json"]     # no temporary left
+    c = NameBook("10.0.0.0/29", "fd00::/120")
+    assert cachefile.load(path, c) == 7
+    # the order came back too: n1 is the oldest, so the next new name takes its address
+    assert c.fake_address("new.test", 4) == a[1]
+    assert [c.lookup(x) for x in a] == ["n0.test", "new.test"] + [f"n{i}.test" for i in range(2, 6)]
+    assert c.lookup(a6) == "n0.test"
+    # a new name after a restart never gets an address a restored name holds
+    d = NameBook("10.0.0.0/24", None)
+    cachefile.load(path, d)
+    assert d.fake_address("fresh.test", 4) not in a
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'{"version": 9}', b"\xff\xfe\x00",
+                                     b'{"version": 1, "ipv4": [["10.0.0.1", "bad name!"], ["300.1.1.1", "x.y"], '
+                                     b'["10.9.9.9", "outside.pool"], 5, ["10.0.0.2", "ok.test"]]}'])
+def test_a_corrupt_cache_file_is_a_warning_not_a_failed_start(tmp_path, content, caplog):
+    path = tmp_path / "fake.json"
+    path.write_bytes(content)
+    b = NameBook("10.0.0.0/24", None)
+    n = cachefile.load(str(path), b)
+    assert n == (1 if b"ok.test" in content else 0)
+    assert b.lookup(ip("10.0.0.2")) == ("ok.test" if n else None)
+    if not n:
+        assert "not read" in caplog.text
+
+
+def test_an_oversized_cache_file_is_not_read(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "fake.json"
+    path.write_bytes(json.dumps({"version": 1, "ipv4": [["10.0.0.1", "a.test"]]}).encode() + b" " * 100)
+    monkeypatch.setattr(cachefile, "MAX_BYTES", 64)
+    b = NameBook("10.0.0.0/24", None)
+    assert cachefile.load(str(path), b) == 0 and "larger than" in caplog.text
+
+
+def test_a_missing_cache_file_is_an_empty_book(tmp_path):
+    assert cachefile.load(str(tmp_path / "none.json"), NameBook("10.0.0.0/24", None)) == 0
+
+
+def test_upstream_urls():
+    up, base, server = parse_upstream_url("socks5://127.0.0.1:1080?server=9.9.9.9:5353")
+    assert (up.host, up.port, base, server) == ("127.0.0.1", 1080, "socks5://127.0.0.1:1080", ("9.9.9.9", 5353))
+    assert parse_upstream_url("dokodemo://127.0.0.1:10853")[2] == ("1.1.1.1", 53)
+    for bad in ("dokodemo://127.0.0.1:10853?server=1.1.1.1", "socks5://h:1?x=1", "socks5://h:1?server=nope",
+                "http://h:1"):
+        with pytest.raises(DnsSettingsError):
+            parse_upstream_url(bad)
+
+
+def test_settings_reject_a_bad_mode_and_pools():
+    with pytest.raises(DnsSettingsError, match="fake-ip, remember or off"):
+        DnsSettings("fake")
+    with pytest.raises(DnsSettingsError, match="dns.fake_ipv4"):
+        DnsSettings("fake-ip", fake_ipv4="fd00::/64")
+
+
+def test_default_upstream_is_the_udp_53_rule():
+    from tun2xray.rules import Router, parse_map
+    r = Router(default=None, rules=[parse_map("tcp:80=dokodemo://127.0.0.1:1"),
+                                    parse_map("udp:53=dokodemo://127.0.0.1:10853")])
+    assert default_upstream(r) == "dokodemo://127.0.0.1:10853"
+    assert default_upstream(Router(default=None)) is None
