@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build dist/tun2xray: one self-contained executable for Linux (PyInstaller
-# onefile) with the interpreter, tun2xray, netstack, uvloop, pyroute2 and dpkt
+# onefile) with the interpreter, tun2xray, netstack, uvloop, pyroute2, dpkt and dnspython
 # inside. Needs nothing on the machine that runs it but glibc (2.36 or newer
 # when built on Debian 12) and zlib.
 #
@@ -69,7 +69,7 @@ start=$(date +%s)
     --distpath "$OUT" --workpath "$WORK" --specpath "$WORK" \
     --collect-submodules tun2xray --collect-submodules netstack \
     --collect-data tun2xray --copy-metadata tun2xray \
-    --collect-submodules uvloop --collect-submodules dpkt \
+    --collect-submodules uvloop --collect-submodules dpkt --collect-submodules dns \
     --additional-hooks-dir tools/pyinstaller-hooks --exclude-module tkinter --exclude-module test \
     tools/binary_entry.py
 size=$(stat -c %s "$OUT/tun2xray")
