@@ -188,7 +188,8 @@ class RunSettings:
         from .tunroutes import Network
         self.net = Network(profile, args.device, [self.address, self.address6],
                            auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)
-        self.dns = _dns_settings(args, profile, [self.address, self.address6], self.net)
+        self.dns_settings = _dns_settings(args, profile, [self.address, self.address6], self.net)
+        self.dns = self.dns_settings if self.dns_settings.on else None     # what the engine gets
         self.control = args.control
         self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
@@ -200,15 +201,13 @@ class RunSettings:
 
 
 def _dns_settings(args, profile, addresses, net):
-    """The run's DNS settings (None when off); the fake pools are routed
-    into a TUN tun2xray configures (net.fake)."""
+    """The run's DNS settings (tun2xray.dns.settings); with fake-ip the
+    pools are routed into a TUN tun2xray configures (net.fake)."""
     from .dns.settings import DnsSettings, DnsSettingsError
     try:
         ds = DnsSettings.from_run(args, profile, addresses)
     except DnsSettingsError as e:
         raise UsageError(str(e)) from None
-    if not ds.on:
-        return None
     if ds.mode == "fake-ip":
         net.fake = [p for p in (ds.fake_ipv4, ds.fake_ipv6) if p]
     return ds

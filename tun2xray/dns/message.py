@@ -161,9 +161,9 @@ def strip_fake_ip(wire: bytes, qtype: int):
         keep = []
         for rrset in section:
             if rrset.rdtype in (A, AAAA) and qtype not in (A, AAAA):
-                gone += len(rrset)
+                gone += len(rrset)          # of any class: nothing that looks like an address passes
                 continue
-            if rrset.rdtype in (HTTPS, SVCB):
+            if rrset.rdtype in (HTTPS, SVCB) and rrset.rdclass == IN:
                 n, rrset = _strip_hints(rrset)
                 gone += n
             keep.append(rrset)
@@ -195,6 +195,8 @@ def answered_addresses(wire: bytes):
         return []
     out = []
     for rrset in m.answer:
+        if rrset.rdclass != IN:
+            continue                    # only class IN records hold addresses
         if rrset.rdtype in (A, AAAA):
             for rd in rrset:
                 out.append((ipaddress.ip_address(rd.address).packed, rrset.ttl))

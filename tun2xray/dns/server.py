@@ -122,7 +122,7 @@ class DnsServer:
         c["forwarded"] += 1
 
         def answered(data, q=q, name=name, qtype=qtype, limit=limit):
-            if data is None:
+            if data is None or len(data) < 12 or not data[2] & 0x80:
                 c["forward_failed"] += 1
                 reply(message.rcode_reply(q, message.SERVFAIL, limit))
                 return
