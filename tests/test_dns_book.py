@@ -60,13 +60,23 @@ def test_a_full_pool_reuses_the_least_recently_used_address():
 def test_remembered_addresses_expire_with_their_ttl_on_the_clock():
     clock = Clock()
     b = NameBook(None, None, clock=clock)
-    b.remember(ip("93.184.216.34"), "example.com", 30)
+    b.remember(ip("93.184.216.34"), "example.com", 300)
     assert b.lookup(ip("93.184.216.34")) == "example.com"
-    clock.now += 29.9
+    clock.now += 299.9
     assert b.lookup(ip("93.184.216.34")) == "example.com"
     clock.now += 0.2
     assert b.lookup(ip("93.184.216.34")) is None
     assert b.status()["remember_expired"] == 1 and b.status()["remembered_addresses"] == 0
+
+
+def test_short_ttls_are_remembered_for_the_floor():
+    clock = Clock()
+    b = NameBook(None, None, clock=clock, remember_min_ttl=60)
+    b.remember(ip("192.0.2.1"), "zero.test", 0)
+    clock.now += 59.9
+    assert b.lookup(ip("192.0.2.1")) == "zero.test"
+    clock.now += 0.2
+    assert b.lookup(ip("192.0.2.1")) is None
 
 
 def test_remembering_is_bounded_oldest_first():

@@ -21,6 +21,8 @@ import time
 
 DEFAULT_CAPACITY = 65536        # fake mappings per family
 REMEMBER_CAPACITY = 65536       # remembered addresses
+REMEMBER_MIN_TTL = 60           # seconds an answer is remembered at least (apps keep answers longer than a
+                                # TTL of 0 or 1 says, and connect after the answer arrives)
 NAME_MAX = 253
 
 
@@ -109,7 +111,8 @@ class NameBook:
     ask; ``fake_address`` what the DNS server asks."""
 
     def __init__(self, fake4=None, fake6=None, *, avoid=(), capacity: int = DEFAULT_CAPACITY,
-                 remember_capacity: int = REMEMBER_CAPACITY, clock=time.monotonic):
+                 remember_capacity: int = REMEMBER_CAPACITY, remember_min_ttl: float = REMEMBER_MIN_TTL,
+                 clock=time.monotonic):
         avoid = [ipaddress.ip_address(a) for a in avoid]
         self.pools = {}
         if fake4 is not None:
@@ -119,6 +122,7 @@ class NameBook:
         self.clock = clock
         self.remembered = collections.OrderedDict()    # packed address -> (name, expires)
         self.remember_capacity = remember_capacity
+        self.remember_min_ttl = remember_min_ttl
         self.changed = 0             # fake mappings made (or given to another name) since the last save
         self.touched = 0             # fake mappings only moved in the LRU order since the last save
         self.counters = {"evicted": 0, "unmapped_fake_hits": 0, "remembered": 0, "remember_expired": 0}
@@ -174,11 +178,12 @@ class NameBook:
         return addr
 
     def remember(self, addr: bytes, name: str, ttl: float) -> None:
-        """A real answer said *addr* is *name* for *ttl* seconds."""
-        if ttl <= 0 or self.is_fake(addr):
+        """A real answer said *addr* is *name* for *ttl* seconds (kept at
+        least remember_min_ttl)."""
+        if self.is_fake(addr):
             return
         r = self.remembered
-        r[addr] = (name, self.clock() + ttl)
+        r[addr] = (name, self.clock() + max(ttl, self.remember_min_ttl))
         r.move_to_end(addr)
         self.counters["remembered"] += 1
         while len(r) > self.remember_capacity:
