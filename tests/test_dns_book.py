@@ -155,3 +155,40 @@ def test_default_upstream_is_the_udp_53_rule():
                                     parse_map("udp:53=dokodemo://127.0.0.1:10853")])
     assert default_upstream(r) == "dokodemo://127.0.0.1:10853"
     assert default_upstream(Router(default=None)) is None
+
+
+def test_remember_mode_without_an_upstream_is_refused():
+    from tun2xray.dns.settings import check_upstream
+    from tun2xray.rules import Router, parse_map
+    with pytest.raises(DnsSettingsError, match="needs an upstream"):
+        check_upstream(DnsSettings("remember"), Router(default=None))
+    check_upstream(DnsSettings("remember"), Router(default=None, rules=[parse_map("udp:53=dokodemo://127.0.0.1:1")]))
+    check_upstream(DnsSettings("fake-ip"), Router(default=None))      # fake-ip answers A/AAAA without one
+
+
+def test_the_cli_refuses_remember_without_upstream_and_workers_with_dns(tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    base = [sys.executable, "-m", "tun2xray", "run", "--device", "tun://dnx0", "--proxy", "socks5://127.0.0.1:9",
+            "--control", "none"]
+    r = subprocess.run(base + ["--dns", "remember"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "needs an upstream" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(base + ["--dns", "fake-ip", "--dns-upstream", "http://x:1"], capture_output=True,
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "--dns-upstream" in r.stderr and "unsupported scheme" in r.stderr
+
+
+def test_dns_runs_with_one_worker(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        port = lst.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "tun2xray", "run", "--device", "tun://dnx0", "--control", "none",
+                            "--proxy", f"socks5://127.0.0.1:{port}", "--dns", "fake-ip", "--workers", "2"],
+                           capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "needs one worker" in r.stderr, r.stderr

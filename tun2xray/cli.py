@@ -213,6 +213,17 @@ def _dns_settings(args, profile, addresses, net):
     return ds
 
 
+def _check_dns_upstream(settings) -> None:
+    """With the rules complete (the Xray config's too): remember mode has an upstream."""
+    if settings.dns is None:
+        return
+    from .dns.settings import DnsSettingsError, check_upstream
+    try:
+        check_upstream(settings.dns, settings.router)
+    except DnsSettingsError as e:
+        raise UsageError(str(e)) from None
+
+
 def _dns_workers(args, settings, n: int) -> int:
     """One process holds the name book: DNS handling runs with one worker."""
     if settings.dns is None or n <= 1:
@@ -298,6 +309,7 @@ def _cmd_run(args, xs) -> int:
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
+    _check_dns_upstream(settings)
     _check_reachable(settings.proxy)
     from .workers.channel import WorkerError
     from .workers.count import worker_count

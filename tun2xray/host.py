@@ -130,9 +130,10 @@ class EngineSettings:
         if isinstance(up, DokodemoUpstream):
             raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
         router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
-        from .dns.settings import DnsSettings, DnsSettingsError
+        from .dns.settings import DnsSettings, DnsSettingsError, check_upstream
         try:
             dns = DnsSettings.from_run(None, profile, [profile.ipv4.address, profile.ipv6.address])
+            check_upstream(dns, router)
         except DnsSettingsError as e:
             raise ProfileError(str(e)) from None
         return cls(router, udp_timeout=profile.udp_timeout, connect_timeout=profile.tcp_connect_timeout,

@@ -49,8 +49,10 @@ def logs(lab, name="t2x"):
     return "\n--- tun2xray log (tail) ---\n" + lab.log(name)[-4000:]
 
 
-def start(lab, tun, mode, *, cache=None):
+def start(lab, tun, mode, *, cache=None, upstream=None):
     profile = {"dns": {"mode": mode}}
+    if upstream is not None:
+        profile["dns"]["upstream"] = upstream
     if cache is not None:
         profile["dns"]["cache_file"] = cache
     path = os.path.join(lab.workdir, f"{tun}-profile.json")
@@ -146,6 +148,22 @@ def test_remember_mode_gives_the_real_answer_and_remembers_it(dlab):
         d = status(lab, "dntun1")["dns"]
         assert d["mode"] == "remember" and d["forwarded"] == 3 and d["fake_answers"] == 0
         assert d["remembered_addresses"] == 3 and d["queries"] == {"A": 2, "AAAA": 1}
+    finally:
+        stop(lab)
+
+
+@pytest.mark.deadline(90)
+def test_remember_mode_through_the_socks_inbounds_udp_associate(dlab):
+    # the upstream is the core's socks inbound: queries travel as UDP ASSOCIATE
+    # datagrams addressed to dnsmasq, over the core's hop to the far side
+    lab = dlab
+    start(lab, "dntun3", "remember", upstream=f"socks5://127.0.0.1:{netlab.SOCKS_PORT}?server={netlab.DNS4}")
+    try:
+        assert dig(lab, ELSEWHERE4, NAME, "A") == [TARGET4]
+        assert dig(lab, ELSEWHERE4, NAME, "AAAA", tcp=True) == [TARGET6]
+        d = status(lab, "dntun3")["dns"]
+        assert d["upstream"] == f"socks5://127.0.0.1:{netlab.SOCKS_PORT}" and d["forward_replies"] == 2
+        assert d["remembered_addresses"] == 2
     finally:
         stop(lab)
 

@@ -201,7 +201,4 @@ def build(settings, router, *, clock=None) -> DnsServer | None:
     if url is not None:
         up, base, server = parse_upstream_url(url)
         forwarder = Forwarder(up, base, server=server)
-    elif settings.mode == "remember":
-        log.warning("dns remember mode has no upstream: every query gets SERVFAIL "
-                    "(give --dns-upstream or a udp:53 map rule)")
     return DnsServer(settings, book, forwarder)

@@ -139,3 +139,10 @@ def default_upstream(router):
         if "udp" in r.networks and r.ports is not None and r.ports[0] <= 53 <= r.ports[1] and not r.cidrs:
             return r.url
     return None
+
+
+def check_upstream(settings, router) -> None:
+    """remember mode sends every query upstream: without one it cannot serve."""
+    if settings.mode == "remember" and not (settings.upstream or default_upstream(router)):
+        raise DnsSettingsError("dns remember mode needs an upstream: --dns-upstream (dns.upstream), "
+                               "a udp:53 rule or a DNS inbound in the Xray config")
