@@ -192,3 +192,40 @@ def test_dns_runs_with_one_worker(tmp_path):
                             "--proxy", f"socks5://127.0.0.1:{port}", "--dns", "fake-ip", "--workers", "2"],
                            capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 2 and "needs one worker" in r.stderr, r.stderr
+
+
+def test_dnspython_is_loaded_only_when_dns_is_on():
+    import subprocess
+    import sys
+    code = r"""
+import sys
+from tun2xray import cli, host
+from tun2xray.device import memory_pair
+from tun2xray.rules import Router
+from tun2xray.upstream.url import parse_upstream
+up = parse_upstream("socks5://127.0.0.1:9")
+dev, _ = memory_pair()
+s = host.EngineSettings(Router(default=up, default_url="socks5://127.0.0.1:9"))
+host.make_engine(dev, s)
+off = "dns" in sys.modules
+from tun2xray.dns.settings import DnsSettings
+s.dns = DnsSettings("fake-ip")
+e = host.make_engine(dev, s)
+print(off, "dns" in sys.modules, e.names is e.dns.book)
+"""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.stdout.split() == ["False", "True", "True"], r.stderr
+
+
+def test_the_dns_room_stays_below_the_engine():
+    import ast
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tun2xray", "dns")
+    for f in os.listdir(root):
+        if not f.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(root, f)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                mod = node.module or ""
+                assert not mod.startswith(("engine", "host", "cli", "bridge", "workers", "xray", "profile")), (f, mod)
