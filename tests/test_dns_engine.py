@@ -296,3 +296,14 @@ def test_dns_off_leaves_port_53_flows_to_the_rules():
     e = Engine(dev, Router(default=parse_upstream(proxy), default_url=proxy))
     assert e.dns is None and e.names is None
     dev.close()
+
+
+def test_an_idle_tcp_dns_connection_is_closed():
+    async def main(loop):
+        async with Rig() as rig:
+            await _tcp_query(rig, dns.message.make_query("idle.example.com", "A").to_wire())
+            assert len(rig.engine.stack.tcp) == 1
+            fin = parse_packet(await rig.packet(lambda p: p[9] == 6 and parse_packet(p).flags & 0x01, timeout=40))
+            assert fin.sport == 53
+            assert rig.engine.status()["engine"]["bytes_down"] > 0
+    run_virtual(main)

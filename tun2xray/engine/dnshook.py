@@ -10,6 +10,7 @@ from __future__ import annotations
 
 DNS_URL = "dns"                 # what status shows as a hijacked flow's inbound
 TCP_OUTSTANDING = 16            # queries one TCP connection may have open before we stop reading it
+TCP_IDLE = 30.0                 # seconds a TCP DNS connection may sit idle before we close it (RFC 7766 6.2.3)
 FRAME_MAX = 2 + 65535
 
 
@@ -32,7 +33,7 @@ class DnsTcp:
     """A hijacked TCP connection: length-framed queries in, replies out."""
 
     __slots__ = ("engine", "conn", "url", "buf", "pending", "outstanding", "bytes_up", "bytes_down", "done",
-                 "busy")
+                 "busy", "idle_at", "timer")
 
     def __init__(self, engine, conn):
         self.engine = engine
@@ -45,12 +46,30 @@ class DnsTcp:
         self.bytes_down = 0
         self.done = False
         self.busy = False           # inside _queries: replies given at once must not read again
+        self.idle_at = engine.loop.time() + TCP_IDLE
+        self.timer = engine.loop.call_at(self.idle_at, self._idle)
+
+    def _idle(self) -> None:
+        """Close a connection that carried nothing for TCP_IDLE (FIN once
+        every reply is out); a busy one looks again later."""
+        self.timer = None
+        conn = self.conn
+        if conn.closed or self.done:
+            return
+        loop = self.engine.loop
+        if loop.time() < self.idle_at or self.outstanding or self.pending:
+            self.timer = loop.call_at(max(self.idle_at, loop.time() + 1.0), self._idle)
+            return
+        self.done = True
+        conn.shutdown()
+        self.engine.kick()
 
     def pump_up(self) -> None:
         conn = self.conn
         if conn.closed or self.done:
             return
         if self.outstanding < TCP_OUTSTANDING and conn.readable:
+            self.idle_at = self.engine.loop.time() + TCP_IDLE
             data = conn.read_buffer()
             self.bytes_up += len(data)
             self.buf += data
@@ -94,7 +113,7 @@ class DnsTcp:
     def _maybe_end(self) -> None:
         conn = self.conn
         if conn.eof and not conn.readable and not self.outstanding and not self.pending and not self.done:
-            self.done = True
+            self.close()
             conn.shutdown()
 
     def pump_down(self) -> None:
@@ -107,6 +126,9 @@ class DnsTcp:
 
     def close(self) -> None:
         self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class EngineDns:
