@@ -229,3 +229,19 @@ def test_the_dns_room_stays_below_the_engine():
             if isinstance(node, ast.ImportFrom) and node.level:
                 mod = node.module or ""
                 assert not mod.startswith(("engine", "host", "cli", "bridge", "workers", "xray", "profile")), (f, mod)
+
+
+@pytest.mark.parametrize("inbound", [
+    {"listen": "127.0.0.1", "port": 10853, "protocol": "dokodemo-door",
+     "settings": {"address": "1.1.1.1", "port": 53, "network": "tcp,udp"}},
+    {"listen": "127.0.0.1", "port": 10853, "protocol": "tunnel",
+     "settings": {"rewriteAddress": "1.1.1.1", "rewritePort": 53, "allowedNetwork": "udp"}}])
+def test_the_xray_configs_dns_inbound_is_the_default_upstream(tmp_path, inbound):
+    from tun2xray import xray
+    from tun2xray.rules import Router
+    socks = {"listen": "127.0.0.1", "port": 10808, "protocol": "socks", "settings": {"auth": "noauth", "udp": True}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"inbounds": [socks, inbound]}))
+    d = xray.derive(str(path))
+    r = Router(default=d.proxy, default_url=d.proxy_url, rules=list(d.rules))
+    assert default_upstream(r) == "dokodemo://127.0.0.1:10853"

@@ -56,6 +56,10 @@ class Upstream(asyncio.DatagramProtocol):
             return
         r = dns.message.make_response(q)
         rr = q.question[0]
+        if rr.name.to_text().startswith("big."):
+            r.flags |= dns.flags.TC               # "ask me over TCP"
+            self.t.sendto(r.to_wire(), addr)
+            return
         add = r.answer.append
         if rr.rdtype == dns.rdatatype.A:
             add(dns.rrset.from_text(rr.name, 30, "IN", "A", REAL4))
@@ -70,6 +74,24 @@ class Upstream(asyncio.DatagramProtocol):
         self.t.sendto(out, addr)
 
 
+def big_answer(wire: bytes) -> bytes:
+    q = dns.message.from_wire(wire)
+    r = dns.message.make_response(q)
+    r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "TXT",
+                                        *[f'"{"x" * 200}-{i}"' for i in range(20)]))
+    return r.to_wire()
+
+
+async def _tcp_upstream(reader, writer):
+    try:
+        n = int.from_bytes(await reader.readexactly(2), "big")
+        out = big_answer(await reader.readexactly(n))
+        writer.write(len(out).to_bytes(2, "big") + out)
+        await writer.drain()
+    finally:
+        writer.close()
+
+
 class Rig:
     def __init__(self, mode="fake-ip", **kw):
         self.mode = mode
@@ -77,8 +99,14 @@ class Rig:
 
     async def __aenter__(self):
         loop = asyncio.get_running_loop()
-        self.up_t, self.up = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
-        port = self.up_t.get_extra_info("sockname")[1]
+        for _ in range(50):           # a UDP and a TCP socket on one port, as a dokodemo inbound has
+            self.up_t, self.up = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
+            port = self.up_t.get_extra_info("sockname")[1]
+            try:
+                self.tcp_up = await asyncio.start_server(_tcp_upstream, "127.0.0.1", port)
+                break
+            except OSError:
+                self.up_t.close()
         self.clock = loop.time
         ds = DnsSettings(self.mode, upstream=f"dokodemo://127.0.0.1:{port}", servers=["198.18.0.2"],
                          avoid=["198.18.0.1", "198.18.0.2"], **self.kw)
@@ -97,6 +125,7 @@ class Rig:
         await self.task
         self.dev.close()
         self.up_t.close()
+        self.tcp_up.close()
 
     async def packet(self, pred, timeout=5.0):
         loop = asyncio.get_running_loop()
@@ -306,4 +335,17 @@ def test_an_idle_tcp_dns_connection_is_closed():
             fin = parse_packet(await rig.packet(lambda p: p[9] == 6 and parse_packet(p).flags & 0x01, timeout=40))
             assert fin.sport == 53
             assert rig.engine.status()["engine"]["bytes_down"] > 0
+    run_virtual(main)
+
+
+def test_a_truncated_answer_to_a_tcp_query_is_asked_again_over_tcp():
+    async def main(loop):
+        async with Rig() as rig:
+            r = await _tcp_query(rig, dns.message.make_query("big.example.com", "TXT").to_wire())
+            assert not r.flags & dns.flags.TC and len(r.answer[0]) == 20
+            # the same over UDP gets the truncated answer: the client retries over TCP itself
+            r = await rig.ask_udp(dns.message.make_query("big.example.com", "TXT"))
+            assert r.flags & dns.flags.TC
+            d = rig.engine.status()["dns"]
+            assert d["forward_tcp"] == 1 and d["forward_tcp_failed"] == 0
     run_virtual(main)

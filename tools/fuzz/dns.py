@@ -43,7 +43,7 @@ class _Forwarder:
         self.answer = answer
         self.counters = {}
 
-    def query(self, wire, reply):
+    def query(self, wire, reply, tcp=False):
         reply(None if self.answer is None else wire[:2] + self.answer[2:])
 
     def close(self):

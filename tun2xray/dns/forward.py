@@ -7,6 +7,11 @@ One socket (or association) for every query; each query gets a fresh
 back before the reply goes on. A query without a reply within ``timeout``
 is answered None (the server then says SERVFAIL). The socket opens on the
 first query and again after it closes.
+
+A query that came over TCP and gets a truncated (TC) answer over UDP is
+asked again over TCP: a connection to the dokodemo inbound (its network
+must include tcp), or a SOCKS5 CONNECT to the DNS server, with the 2-byte
+length framing, one connection per such query.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import logging
 import random
 import struct
 
+from ..upstream._net import open_tcp
 from ..upstream.dokodemo import DokodemoUdp
-from ..upstream.socks5 import SocksUdpAssociation
+from ..upstream.socks5 import SocksError, SocksUdpAssociation, socks5_connect
 from ..upstream.url import DokodemoUpstream
 
 log = logging.getLogger("tun2xray.dns")
@@ -47,13 +53,16 @@ class Forwarder:
         self._opening = None
         self._queue = []
         self._pending = {}      # our id -> (client id bytes, reply, timer)
+        self._tcp = set()       # TCP retries under way
         self.closed = False
         self.counters = {"forward_sent": 0, "forward_replies": 0, "forward_timeouts": 0, "forward_unmatched": 0,
-                         "forward_open_failed": 0, "forward_busy": 0}
+                         "forward_open_failed": 0, "forward_busy": 0, "forward_tcp": 0, "forward_tcp_failed": 0}
 
     # -- queries
 
-    def query(self, wire: bytes, reply) -> None:
+    def query(self, wire: bytes, reply, tcp: bool = False) -> None:
+        if tcp:
+            reply = self._tcp_fallback(wire, reply)
         if self.closed or len(self._pending) >= MAX_PENDING:
             self.counters["forward_busy"] += 1
             reply(None)
@@ -74,6 +83,40 @@ class Forwarder:
         else:
             self._finish(qid, None)
             self.counters["forward_busy"] += 1
+
+    def _tcp_fallback(self, wire, reply):
+        def answered(data):
+            if data is None or not data[2] & 0x02 or self.closed:      # TC clear: the whole answer
+                reply(data)
+                return
+            task = asyncio.get_running_loop().create_task(self._tcp_query(wire, reply))
+            self._tcp.add(task)
+            task.add_done_callback(self._tcp.discard)
+        return answered
+
+    async def _tcp_query(self, wire: bytes, reply) -> None:
+        self.counters["forward_tcp"] += 1
+        loop = asyncio.get_running_loop()
+        sock = None
+        data = None
+        try:
+            async with asyncio.timeout(self.timeout):
+                if isinstance(self.up, DokodemoUpstream):
+                    sock = await open_tcp(self.up.host, self.up.port)
+                else:
+                    sock = await socks5_connect(self.up, self.server[0], self.server[1], timeout=self.timeout)
+                await loop.sock_sendall(sock, len(wire).to_bytes(2, "big") + wire)
+                n = int.from_bytes(await _recv_exact(loop, sock, 2), "big")
+                data = await _recv_exact(loop, sock, n)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, TimeoutError, asyncio.TimeoutError, SocksError, EOFError) as e:
+            self.counters["forward_tcp_failed"] += 1
+            log.debug("dns upstream %s over TCP: %s", self.url, str(e) or type(e).__name__)
+        finally:
+            if sock is not None:
+                sock.close()
+        reply(data if data is not None and len(data) >= 12 else None)
 
     def _send(self, out: bytes) -> None:
         self.counters["forward_sent"] += 1
@@ -141,6 +184,8 @@ class Forwarder:
 
     def close(self) -> None:
         self.closed = True
+        for t in list(self._tcp):
+            t.cancel()
         if self._opening is not None:
             self._opening.cancel()
             self._opening = None
@@ -150,3 +195,13 @@ class Forwarder:
         for qid in list(self._pending):
             self._finish(qid, None)
         self._queue.clear()
+
+
+async def _recv_exact(loop, sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise EOFError("the upstream closed the connection mid-answer")
+        buf += chunk
+    return bytes(buf)

@@ -98,7 +98,7 @@ class DnsServer:
                     c["ptr_answers"] += 1
                     reply(message.ptr_reply(q, self.book.lookup(addr), self.ttl, limit))
                     return True
-        self._forward(q, wire, name, qtype, limit, reply)
+        self._forward(q, wire, name, qtype, limit, reply, tcp)
         return True
 
     def _count(self, qtype: int) -> None:
@@ -108,7 +108,7 @@ class DnsServer:
             key = "other"
         qs[key] = qs.get(key, 0) + 1
 
-    def _forward(self, q, wire, name, qtype, limit, reply) -> None:
+    def _forward(self, q, wire, name, qtype, limit, reply, tcp) -> None:
         c = self.counters
         hinted = qtype in (message.HTTPS, message.SVCB)
         if self.forwarder is None:
@@ -138,7 +138,7 @@ class DnsServer:
                 self.book.remember(addr, name, ttl)
             reply(data)
 
-        self.forwarder.query(wire, answered)
+        self.forwarder.query(wire, answered, tcp)
 
     # -- the cache file
 
