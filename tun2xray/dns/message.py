@@ -177,12 +177,20 @@ def strip_fake_ip(wire: bytes, qtype: int):
 
 
 def _strip_hints(rrset):
+    """(hints removed, the rrset without them). A record that declares a
+    hint mandatory (RFC 9460 section 8) cannot lose it: it goes whole."""
     new = dns.rrset.RRset(rrset.name, rrset.rdclass, rrset.rdtype)
     n = 0
     for rd in rrset:
         params = {k: v for k, v in rd.params.items() if k not in HINTS}
         n += len(rd.params) - len(params)
-        new.add(type(rd)(rd.rdclass, rd.rdtype, rd.priority, rd.target, params), rrset.ttl)
+        if len(params) == len(rd.params):
+            new.add(rd, rrset.ttl)
+            continue
+        try:
+            new.add(type(rd)(rd.rdclass, rd.rdtype, rd.priority, rd.target, params), rrset.ttl)
+        except ValueError:
+            pass                    # a hint was mandatory: the record is dropped
     return n, new
 
 
