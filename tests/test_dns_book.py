@@ -245,3 +245,16 @@ def test_the_xray_configs_dns_inbound_is_the_default_upstream(tmp_path, inbound)
     d = xray.derive(str(path))
     r = Router(default=d.proxy, default_url=d.proxy_url, rules=list(d.rules))
     assert default_upstream(r) == "dokodemo://127.0.0.1:10853"
+
+
+def test_a_cache_file_that_cannot_be_written_is_refused_at_start(tmp_path):
+    class Args:
+        dns = "fake-ip"
+        dns_upstream = None
+    from tun2xray.profile import load_profile
+    for path, why in ((str(tmp_path / "no" / "such" / "f.json"), "no directory"), (str(tmp_path), "is a directory")):
+        prof = load_profile(json.dumps({"dns": {"cache_file": path}}))
+        with pytest.raises(DnsSettingsError, match=why):
+            DnsSettings.from_run(Args, prof, ["198.18.0.1/15"])
+    prof = load_profile(json.dumps({"dns": {"cache_file": str(tmp_path / "ok.json")}}))
+    assert DnsSettings.from_run(Args, prof, ["198.18.0.1/15"]).cache_file.endswith("ok.json")

@@ -45,6 +45,7 @@ HINTS = (dns.rdtypes.svcbbase.ParamKey.IPV4HINT, dns.rdtypes.svcbbase.ParamKey.I
 _HDR = struct.Struct("!HHHHHH")
 QR = 0x8000
 UDP_MIN = 512
+UDP_MAX = 65507                 # the largest UDP payload over IPv4
 
 
 def header_reply(wire: bytes, rcode: int) -> bytes:
@@ -85,7 +86,7 @@ def type_text(rdtype: int) -> str:
 
 def udp_limit(q) -> int:
     """The largest reply this query may get over UDP."""
-    return max(UDP_MIN, min(q.payload, 65535)) if q.edns >= 0 else UDP_MIN
+    return max(UDP_MIN, min(q.payload, UDP_MAX)) if q.edns >= 0 else UDP_MIN
 
 
 def fakeable(name: str) -> bool:

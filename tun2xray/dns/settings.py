@@ -95,6 +95,9 @@ class DnsSettings:
         upstream = getattr(args, "dns_upstream", None) or get("dns.upstream")
         servers = list(profile.dns_servers) if profile is not None else ["198.18.0.2"]
         avoid = [str(ipaddress.ip_interface(a).ip) for a in addresses] + servers
+        cache_file = get("dns.cache_file")
+        if mode != "off" and cache_file:
+            check_cache_dir(cache_file)
         try:
             return cls(mode, upstream=upstream, fake_ipv4=get("dns.fake_ipv4"), fake_ipv6=get("dns.fake_ipv6"),
                        hijack=get("dns.hijack"), ttl=get("dns.ttl"), cache_file=get("dns.cache_file"),
@@ -118,6 +121,18 @@ DEFAULTS = {"dns.mode": "off", "dns.upstream": None, "dns.fake_ipv4": DEFAULT_FA
 
 def _default_of(path):
     return DEFAULTS[path]
+
+
+def check_cache_dir(path: str) -> None:
+    """The cache file can be written: its directory exists and is ours to write."""
+    import os
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise DnsSettingsError(f'dns.cache_file: "{path}": no directory {d}')
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise DnsSettingsError(f'dns.cache_file: "{path}": {d} is not writable')
+    if os.path.isdir(path):
+        raise DnsSettingsError(f'dns.cache_file: "{path}" is a directory')
 
 
 def check_pool(key: str, value, version: int) -> None:
