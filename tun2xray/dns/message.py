@@ -167,6 +167,8 @@ def strip_fake_ip(wire: bytes, qtype: int):
             if rrset.rdtype in (HTTPS, SVCB) and rrset.rdclass == IN:
                 n, rrset = _strip_hints(rrset)
                 gone += n
+                if not rrset:
+                    continue                # every record went: no empty RRset on the wire
             keep.append(rrset)
         section[:] = keep
     if not gone:
