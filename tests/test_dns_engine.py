@@ -223,7 +223,7 @@ def test_other_types_are_forwarded_and_lose_real_addresses_in_fake_ip_mode():
             r = await rig.ask_udp(dns.message.make_query("example.com", "MX"), sport=40001)
             assert [rrset.rdtype for rrset in r.answer] == [dns.rdatatype.MX] and not r.additional
             st = rig.engine.status()["dns"]
-            assert st["forwarded"] == 2 and st["https_hints_stripped"] == 3
+            assert st["forwarded"] == 2 and st["addresses_stripped"] == 3
             assert [q.question[0].rdtype for q in rig.up.seen] == [dns.rdatatype.HTTPS, dns.rdatatype.MX]
     run_virtual(main)
 

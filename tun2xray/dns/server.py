@@ -43,7 +43,7 @@ class DnsServer:
         for s in settings.servers:
             self.own.add(ipaddress.ip_address(s).packed)
         self.counters = {"fake_answers": 0, "forwarded": 0, "forward_failed": 0, "no_upstream": 0,
-                         "https_hints_stripped": 0, "answered_empty": 0, "ptr_answers": 0, "formerr": 0,
+                         "addresses_stripped": 0, "answered_empty": 0, "ptr_answers": 0, "formerr": 0,
                          "notimp": 0, "dropped_short": 0, "dropped_not_a_query": 0, "cache_saves": 0,
                          "cache_save_failed": 0}
         self.queries = {}
@@ -128,7 +128,7 @@ class DnsServer:
                 return
             if self.fake:
                 out, n = message.strip_fake_ip(data, qtype)
-                c["https_hints_stripped"] += n
+                c["addresses_stripped"] += n
                 if out is None:
                     c["forward_failed"] += 1
                     out = message.rcode_reply(q, message.NOERROR if hinted else message.SERVFAIL, limit)
