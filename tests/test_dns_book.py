@@ -177,6 +177,9 @@ def test_the_cli_refuses_remember_without_upstream_and_workers_with_dns(tmp_path
     r = subprocess.run(base + ["--dns", "fake-ip", "--dns-upstream", "http://x:1"], capture_output=True,
                        text=True, env=env, timeout=60)
     assert r.returncode == 2 and "--dns-upstream" in r.stderr and "unsupported scheme" in r.stderr
+    r = subprocess.run(base + ["--dns-upstream", "dokodemo://127.0.0.1:53"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 2 and "DNS handling is off" in r.stderr
 
 
 def test_dns_runs_with_one_worker(tmp_path):

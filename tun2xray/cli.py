@@ -208,6 +208,8 @@ def _dns_settings(args, profile, addresses, net):
         ds = DnsSettings.from_run(args, profile, addresses)
     except DnsSettingsError as e:
         raise UsageError(str(e)) from None
+    if not ds.on and getattr(args, "dns_upstream", None) and not (profile and "dns.upstream" in profile.values):
+        raise UsageError("--dns-upstream: DNS handling is off (give --dns fake-ip or --dns remember)")
     if ds.mode == "fake-ip":
         net.fake = [p for p in (ds.fake_ipv4, ds.fake_ipv6) if p]
     return ds
