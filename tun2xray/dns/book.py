@@ -136,6 +136,7 @@ class NameBook:
                 name = pool.by_addr.get(addr)
                 if name is not None:
                     pool.by_addr.move_to_end(addr)
+                    self.touched += 1
                 return name
         hit = self.remembered.get(addr)
         if hit is None:
