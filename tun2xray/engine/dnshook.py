@@ -135,6 +135,7 @@ class EngineDns:
     def _dns_udp(self, flow, data, new) -> None:
         if new or flow.user is None:
             flow.user = DnsUdp(flow)
+            self.counters["udp_opened"] += 1          # a flow served (udp_closed follows as for any)
             self.counters["dns_udp_flows"] += 1
 
         def reply(out, flow=flow):
@@ -147,5 +148,6 @@ class EngineDns:
     def _dns_tcp(self, conn) -> None:
         conn.user = DnsTcp(self, conn)
         conn.accept()
+        self.counters["tcp_opened"] += 1
         self.counters["dns_tcp_flows"] += 1
         self.kick()

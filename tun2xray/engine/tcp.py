@@ -146,6 +146,7 @@ class EngineTcp:
                           f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
         elif isinstance(relay, DnsTcp):
             relay.close()                 # a hijacked DNS connection (engine/dnshook.py)
+            self.counters["tcp_closed"] += 1
             self.counters["bytes_up"] += relay.bytes_up
             self.counters["bytes_down"] += relay.bytes_down
         self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
