@@ -92,9 +92,71 @@ async def _tcp_upstream(reader, writer):
         writer.close()
 
 
+class V26Socks:
+    """A SOCKS5 server that handles UDP as Xray does since v26.6.1: a fresh
+    UDP port per UDP ASSOCIATE, datagrams accepted only from the client
+    address the request declared (or the TCP peer's address when it
+    declared 0.0.0.0), the association gone with its control connection."""
+
+    def __init__(self):
+        self.assocs = 0
+        self.rejected = 0
+        self.writers = []
+
+    async def start(self):
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self):
+        for w in self.writers:
+            w.close()
+        self.server.close()
+
+    async def _serve(self, r, w):
+        self.writers.append(w)
+        loop = asyncio.get_running_loop()
+        _, n = await r.readexactly(2)
+        await r.readexactly(n)
+        w.write(b"\x05\x00")
+        _, cmd, _, atyp = await r.readexactly(4)
+        assert cmd == 3 and atyp == 1
+        ip = ipaddress.ip_address(await r.readexactly(4))
+        port = int.from_bytes(await r.readexactly(2), "big")
+        if ip.is_unspecified:
+            ip = ipaddress.ip_address(w.get_extra_info("peername")[0])
+        declared = (str(ip), port)
+        server = self
+        self.assocs += 1
+
+        class Out(asyncio.DatagramProtocol):
+            def datagram_received(self, data, src):
+                hdr = b"\x00\x00\x00\x01" + ipaddress.ip_address(src[0]).packed + src[1].to_bytes(2, "big")
+                relay.sendto(hdr + data, self.client)
+
+        class Relay(asyncio.DatagramProtocol):
+            def datagram_received(self, data, src):
+                if src[0] != declared[0] or (declared[1] and src[1] != declared[1]):
+                    server.rejected += 1
+                    return
+                assert data[:4] == b"\x00\x00\x00\x01"
+                out_p.client = src
+                out_t.sendto(data[10:], (str(ipaddress.ip_address(data[4:8])), int.from_bytes(data[8:10], "big")))
+
+        relay, _ = await loop.create_datagram_endpoint(Relay, local_addr=("127.0.0.1", 0))
+        out_t, out_p = await loop.create_datagram_endpoint(Out, local_addr=("127.0.0.1", 0))
+        w.write(b"\x05\x00\x00\x01" + bytes([127, 0, 0, 1]) + relay.get_extra_info("sockname")[1].to_bytes(2, "big"))
+        try:
+            await r.read()
+        finally:
+            relay.close()
+            out_t.close()
+
+
 class Rig:
-    def __init__(self, mode="fake-ip", **kw):
+    def __init__(self, mode="fake-ip", upstream=None, **kw):
         self.mode = mode
+        self.upstream = upstream            # port of the DNS upstream -> its URL (default: dokodemo)
         self.kw = kw
 
     async def __aenter__(self):
@@ -108,7 +170,8 @@ class Rig:
             except OSError:
                 self.up_t.close()
         self.clock = loop.time
-        ds = DnsSettings(self.mode, upstream=f"dokodemo://127.0.0.1:{port}", servers=["198.18.0.2"],
+        url = self.upstream(port) if self.upstream else f"dokodemo://127.0.0.1:{port}"
+        ds = DnsSettings(self.mode, upstream=url, servers=["198.18.0.2"],
                          avoid=["198.18.0.1", "198.18.0.2"], **self.kw)
         self.dev, self.host = memory_pair()
         proxy = "socks5://127.0.0.1:9"
@@ -350,4 +413,26 @@ def test_a_truncated_answer_to_a_tcp_query_is_asked_again_over_tcp():
             assert r.flags & dns.flags.TC
             d = rig.engine.status()["dns"]
             assert d["forward_tcp"] == 1 and d["forward_tcp_failed"] == 0
+    run_virtual(main)
+
+
+def test_forwarding_through_a_strict_v26_style_socks_udp_server():
+    async def main(loop):
+        v26 = await V26Socks().start()
+        try:
+            async with Rig("remember", upstream=lambda p: f"socks5://127.0.0.1:{v26.port}?server=127.0.0.1:{p}") as rig:
+                for i, name in enumerate(("a.example.com", "b.example.com", "c.example.com")):
+                    r = await rig.ask_udp(dns.message.make_query(name, "A"), sport=40000 + i)
+                    assert _addrs(r) == [REAL4]
+                # one association for every query, its control connection kept open, nothing refused
+                assert (v26.assocs, v26.rejected) == (1, 0)
+                assert rig.engine.names.lookup(ipaddress.ip_address(REAL4).packed) == "c.example.com"
+                # the server ends the association: the next query opens another
+                for w in v26.writers:
+                    w.close()
+                await asyncio.sleep(0.1)
+                r = await rig.ask_udp(dns.message.make_query("d.example.com", "A"), sport=40010)
+                assert _addrs(r) == [REAL4] and v26.assocs == 2 and v26.rejected == 0
+        finally:
+            await v26.stop()
     run_virtual(main)
