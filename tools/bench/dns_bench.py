@@ -6,8 +6,8 @@ latency part; ``--offline`` skips it).
   tun2xray.engine`` alone, then for ``tun2xray.dns.server`` (dnspython and
   the record types a query touches) on top, and after the first query.
 - memory per mapping: RSS and tracemalloc growth of a NameBook given N
-  names (``host-N.example.com``), divided by N; fake (one family) and
-  remembered.
+  names (``host-N.example.com``, the name strings included), divided by
+  N; fake (one family) and remembered.
 - latency (netlab, prefix dn): a client in dn-cli sends N queries one after
   another and times each answer:
     fake       A to 9.9.9.9 through the TUN, tun2xray --dns fake-ip answers
@@ -67,11 +67,12 @@ def rss():
             if line.startswith("VmRSS"):
                 return int(line.split()[1])
 from tun2xray.dns.book import NameBook
-names = [f"host-{i}.example.com" for i in range(n)]   # made before measuring: the names are the app's
 b = NameBook("10.0.0.0/8", "fd00::/64", capacity=n, remember_capacity=n, clock=lambda: 0.0)
 tracemalloc.start()
 r0 = rss()
 t0 = tracemalloc.get_traced_memory()[0]
+# the names are made inside the measurement: the book keeps the strings the server made
+names = [f"host-{i}.example.com" for i in range(n)]
 if kind == "fake":
     for nm in names:
         b.fake_address(nm, 4)
