@@ -261,3 +261,11 @@ def test_a_cache_file_that_cannot_be_written_is_refused_at_start(tmp_path):
             DnsSettings.from_run(Args, prof, ["198.18.0.1/15"])
     prof = load_profile(json.dumps({"dns": {"cache_file": str(tmp_path / "ok.json")}}))
     assert DnsSettings.from_run(Args, prof, ["198.18.0.1/15"]).cache_file.endswith("ok.json")
+
+
+def test_pool_capacity_counts_only_usable_addresses():
+    b = NameBook("10.0.0.0/18", "fd00::/114", avoid=["10.0.0.1"])
+    assert b.pools[4].capacity == 16384 - 3 and b.pools[6].capacity == 16383
+    v6 = NameBook(None, "fd00::/126")
+    got = {v6.fake_address(f"n{i}.test", 6) for i in range(10)}
+    assert got == {ipaddress.ip_address(f"fd00::{i}").packed for i in (1, 2, 3)}

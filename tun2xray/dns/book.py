@@ -37,8 +37,8 @@ class FakePool:
         self.alen = 4 if net.version == 4 else 16
         self.base = int(net.network_address)
         self.mask = int(net.netmask)
-        # IPv4: neither the network nor the broadcast address
-        self.hosts = net.num_addresses - (2 if net.version == 4 and net.prefixlen < 31 else 0)
+        # never offset 0 (IPv4's network address, IPv6's subnet-router anycast), nor IPv4's broadcast
+        self.hosts = net.num_addresses - (2 if net.version == 4 else 1)
         self.avoid = {int(a) - self.base for a in avoid if a.version == net.version and a in net}
         self.capacity = max(0, min(capacity, self.hosts - len(self.avoid)))
         self.next = 0                    # offsets below this were handed out once
