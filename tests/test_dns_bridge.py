@@ -31,6 +31,8 @@ def test_the_bridge_answers_dns_from_the_fake_pool_and_saves_the_cache(socks, ho
     assert ipaddress.ip_address(rd.address) in ipaddress.ip_network("10.111.0.0/16")
     st = bridge.status(host.handle)
     assert st["dns"]["fake_answers"] == 1 and st["dns"]["pools"]["ipv4"]["prefix"] == "10.111.0.0/16"
+    # what the host must route into the tunnel besides its routes
+    assert st["network"]["dns"]["fake_pools"] == ["10.111.0.0/16", "fd00:7478:f::/64"]
     host.stop()
     with open(cache) as f:
         assert [rd.address, "bridge.example.com"] in json.load(f)["ipv4"]

@@ -223,7 +223,10 @@ class Network:
             addr = next((str(a) for a in self.addresses if a.version == v), None)
             fam[name] = {"address": addr, "routes": list(self.routes[v]),
                          "excluded_routes": list(self.excluded[v])}
-        return {"owner": self.owner, "mtu": self.mtu, **fam, "dns": {"servers": list(self.dns)},
+        dns = {"servers": list(self.dns)}
+        if self.fake:
+            dns["fake_pools"] = [str(p) for p in self.fake]     # fake-ip: to route into the tunnel too
+        return {"owner": self.owner, "mtu": self.mtu, **fam, "dns": dns,
                 "routes_applied_by": applied_by,
                 "routes_added": [f"{kw['dst']}/{kw['dst_len']}" for kw, _ in self.added]}
 
