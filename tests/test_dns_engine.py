@@ -228,9 +228,11 @@ def _addrs(reply):
 
 
 @pytest.mark.parametrize("rdtype,dst,src,pool", [
-    ("A", NINE, A4, "198.19.0.0/16"), ("AAAA", NINE, A4, "fd00:7478:f::/64"),
-    ("A", TUN_DNS, A4, "198.19.0.0/16"),
-    ("AAAA", ipaddress.ip_address("2620:fe::fe").packed, A6, "fd00:7478:f::/64")])
+    pytest.param("A", NINE, A4, "198.19.0.0/16", id="A-to-9.9.9.9"),
+    pytest.param("AAAA", NINE, A4, "fd00:7478:f::/64", id="AAAA-to-9.9.9.9"),
+    pytest.param("A", TUN_DNS, A4, "198.19.0.0/16", id="A-to-the-tun-dns"),
+    pytest.param("AAAA", ipaddress.ip_address("2620:fe::fe").packed, A6, "fd00:7478:f::/64",
+                 id="AAAA-over-ipv6-to-2620:fe::fe")])
 def test_fake_ip_answers_a_and_aaaa_from_the_pools_for_any_address(rdtype, dst, src, pool):
     async def main(loop):
         async with Rig() as rig:
@@ -385,11 +387,34 @@ def test_the_cache_file_is_written_on_stop_and_read_on_start(tmp_path):
 
 
 def test_dns_off_leaves_port_53_flows_to_the_rules():
-    dev, host = memory_pair()
-    proxy = "socks5://127.0.0.1:9"
-    e = Engine(dev, Router(default=parse_upstream(proxy), default_url=proxy))
-    assert e.dns is None and e.names is None
-    dev.close()
+    from tun2xray.rules import parse_map
+
+    async def main(loop):
+        up_t, up = await loop.create_datagram_endpoint(Upstream, local_addr=("127.0.0.1", 0))
+        port = up_t.get_extra_info("sockname")[1]
+        dev, host = memory_pair()
+        proxy = "socks5://127.0.0.1:9"
+        router = Router(default=parse_upstream(proxy), default_url=proxy,
+                        rules=[parse_map(f"udp:53=dokodemo://127.0.0.1:{port}")])
+        e = Engine(dev, router)
+        assert e.dns is None and e.names is None
+        task = asyncio.ensure_future(e.run())
+        try:
+            q = dns.message.make_query("plain.example.com", "A")
+            host.write([udp_packet(A4, NINE, 40000, 53, q.to_wire())])
+            deadline = loop.time() + 5
+            got = []
+            while not got and loop.time() < deadline:
+                got = [p for p in host.read() if _udp_sport(p) == 53]
+                await asyncio.sleep(0.01)
+            assert got and _udp_payload(got[0]) == up.sent[0]      # the rule's inbound answered, unchanged
+            assert e.status()["flows"][0]["inbound"] == f"dokodemo://127.0.0.1:{port}" and "dns" not in e.status()
+        finally:
+            e.stop()
+            await task
+            dev.close()
+            up_t.close()
+    run_virtual(main)
 
 
 def test_an_idle_tcp_dns_connection_is_closed():
