@@ -51,6 +51,14 @@ EFFECTS = {
     "ipv6.excluded_routes": (["fd99::/65"], None),
     "dns.servers": (["10.99.0.53"],
                     lambda a, s: [(str(n), k) for n, k in s.net.planned()] == [("10.99.0.53/32", "dns.servers")]),
+    "dns.mode": ("fake-ip", lambda a, s: s.dns is not None and s.dns.mode == "fake-ip"
+                 and s.net.fake == ["198.19.0.0/16", "fd00:7478:f::/64"]),
+    "dns.upstream": ("dokodemo://127.0.0.1:10999", lambda a, s: s.dns_settings.upstream == "dokodemo://127.0.0.1:10999"),
+    "dns.fake_ipv4": ("10.111.0.0/16", lambda a, s: s.dns_settings.fake_ipv4 == "10.111.0.0/16"),
+    "dns.fake_ipv6": ("fd11::/64", lambda a, s: s.dns_settings.fake_ipv6 == "fd11::/64"),
+    "dns.hijack": (False, lambda a, s: s.dns_settings.hijack is False),
+    "dns.ttl": (5, lambda a, s: s.dns_settings.ttl == 5),
+    "dns.cache_file": ("/tmp/pr-key-dns.json", lambda a, s: s.dns_settings.cache_file == "/tmp/pr-key-dns.json"),
     "rules": ([{"network": "udp", "port": 53, "to": "dokodemo://127.0.0.1:10853"}],
               lambda a, s: s.router.route("udp", bytes([10, 0, 0, 1]), 53)[1] == "dokodemo://127.0.0.1:10853"
               and s.router.route("tcp", bytes([10, 0, 0, 1]), 53)[1] == PROXY),
@@ -167,7 +175,8 @@ def test_flag_wins_over_key(tmp_path, path):
              "log_format": ["--log-format", "text"],
              "record_wire": ["--record-wire"], "record_max_mb": ["--record-max-mb", "2.5"],
              "workers": ["--workers", "1"], "xray.config": ["--xray-config", "/tmp/pr-flag.json"],
-             "xray.bin": ["--xray-bin", "/tmp/pr-flag-bin"], "xray.auto_route": ["--auto-route"]}[path]
+             "xray.bin": ["--xray-bin", "/tmp/pr-flag-bin"], "xray.auto_route": ["--auto-route"],
+             "dns.mode": ["--dns", "remember"], "dns.upstream": ["--dns-upstream", "dokodemo://127.0.0.1:10777"]}[path]
     assert other[0] == flag
     base = {"proxy": PROXY, "device": "tun://prkey0"}
     if key.kind == "bool":

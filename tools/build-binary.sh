@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build dist/tun2xray: one self-contained executable for Linux (PyInstaller
-# onefile) with the interpreter, tun2xray, netstack, uvloop, pyroute2 and dpkt
+# onefile) with the interpreter, tun2xray, netstack, uvloop, pyroute2, dpkt and dnspython
 # inside. Needs nothing on the machine that runs it but glibc (2.36 or newer
 # when built on Debian 12) and zlib.
 #
@@ -63,13 +63,14 @@ PYI_CONFIG_DIR=$PWD/build/pyinstaller-cache
 export PYINSTALLER_CONFIG_DIR=$PYI_CONFIG_DIR
 # What the code imports (pytun too, while it is a dependency) is found by
 # PyInstaller's import analysis; pyroute2 imports many of its modules by name
-# at run time: tools/pyinstaller-hooks/hook-pyroute2.py names them.
+# at run time: tools/pyinstaller-hooks/hook-pyroute2.py names them. dnspython
+# loads a record type's module when it first meets the type: dns.rdtypes whole.
 start=$(date +%s)
 "$VENV/bin/python" -m PyInstaller --noconfirm --log-level WARN --onefile --strip --name tun2xray \
     --distpath "$OUT" --workpath "$WORK" --specpath "$WORK" \
     --collect-submodules tun2xray --collect-submodules netstack \
     --collect-data tun2xray --copy-metadata tun2xray \
-    --collect-submodules uvloop --collect-submodules dpkt \
+    --collect-submodules uvloop --collect-submodules dpkt --collect-submodules dns.rdtypes \
     --additional-hooks-dir tools/pyinstaller-hooks --exclude-module tkinter --exclude-module test \
     tools/binary_entry.py
 size=$(stat -c %s "$OUT/tun2xray")

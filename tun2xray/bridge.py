@@ -143,6 +143,9 @@ class _Tunnel:
         # the addresses, routes and DNS servers the host applies (status["network"])
         self.network = Network(profile, "bridge://", [profile.ipv4.address, profile.ipv6.address],
                                mtu=profile.mtu)
+        ds = self.settings.dns
+        if ds is not None and ds.mode == "fake-ip":
+            self.network.fake = [p for p in (ds.fake_ipv4, ds.fake_ipv6) if p]    # the host routes them too
         self.stats = self.device.stats
         self._lock = threading.Lock()           # inbound queue + rx counters + flags
         self._inq: list = []

@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--map", action="append", default=[], metavar="PROTO:PORT=URL",
                    help="send flows to that port to another inbound, e.g. udp:53=dokodemo://127.0.0.1:10853, "
                    "or refuse them: udp:443=block")
+    r.add_argument("--dns", choices=["fake-ip", "remember", "off"],
+                   help="answer DNS in the engine and dial flows by name: fake-ip (fake addresses), remember "
+                   "(real answers, remembered), off (default: DNS flows are ordinary flows); docs/dns.md")
+    r.add_argument("--dns-upstream", metavar="URL", help="where real queries go: dokodemo://HOST:PORT or "
+                   "socks5://HOST:PORT[?server=IP[:PORT]] (default: the target of a udp:53 rule)")
     r.add_argument("--config", help="profile JSON (docs/profile.md): every run flag has a key; flags "
                    "override keys")
     r.add_argument("--control", help="serve JSON status on unix:///path (default: "
@@ -184,6 +189,8 @@ class RunSettings:
         from .tunroutes import Network
         self.net = Network(profile, args.device, [self.address, self.address6],
                            auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)
+        self.dns_settings = _dns_settings(args, profile, [self.address, self.address6], self.net)
+        self.dns = self.dns_settings if self.dns_settings.on else None     # what the engine gets
         self.control = args.control
         self.instance = getattr(args, "instance", None)     # pid, device, control (status)
         if self.control:
@@ -192,6 +199,42 @@ class RunSettings:
                 control_path(self.control)
             except ValueError as e:
                 raise UsageError(str(e)) from None
+
+
+def _dns_settings(args, profile, addresses, net):
+    """The run's DNS settings (tun2xray.dns.settings); with fake-ip the
+    pools are routed into a TUN tun2xray configures (net.fake)."""
+    from .dns.settings import DnsSettings, DnsSettingsError
+    try:
+        ds = DnsSettings.from_run(args, profile, addresses)
+    except DnsSettingsError as e:
+        raise UsageError(str(e)) from None
+    if not ds.on and getattr(args, "dns_upstream", None) and not (profile and "dns.upstream" in profile.values):
+        raise UsageError("--dns-upstream: DNS handling is off (give --dns fake-ip or --dns remember)")
+    if ds.mode == "fake-ip":
+        net.fake = [p for p in (ds.fake_ipv4, ds.fake_ipv6) if p]
+    return ds
+
+
+def _check_dns_upstream(settings) -> None:
+    """With the rules complete (the Xray config's too): remember mode has an upstream."""
+    if settings.dns is None:
+        return
+    from .dns.settings import DnsSettingsError, check_upstream
+    try:
+        check_upstream(settings.dns, settings.router)
+    except DnsSettingsError as e:
+        raise UsageError(str(e)) from None
+
+
+def _dns_workers(args, settings, n: int) -> int:
+    """One process holds the name book: DNS handling runs with one worker."""
+    if settings.dns is None or n <= 1:
+        return n
+    if getattr(args, "workers", None) is not None:
+        raise UsageError(f"--workers {n}: --dns {settings.dns.mode} needs one worker (the name book "
+                         "lives in one process)")
+    return 1
 
 
 def _check_reachable(up, timeout: float = 3.0) -> None:
@@ -269,12 +312,13 @@ def _cmd_run(args, xs) -> int:
     from .device import DeviceError, open_device
     if xs is not None:
         xs.start_with(settings)
+    _check_dns_upstream(settings)
     _check_reachable(settings.proxy)
     from .workers.channel import WorkerError
     from .workers.count import worker_count
     from .workers.supervisor import run_supervised
     try:
-        n = worker_count(args)
+        n = _dns_workers(args, settings, worker_count(args))
         if n > 1:
             return run_supervised(args, settings, xs, n)
     except WorkerError as e:

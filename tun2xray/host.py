@@ -99,11 +99,12 @@ class EngineSettings:
     attributes; the bridge builds this from a profile, and the supervisor
     hands it to each worker."""
 
-    __slots__ = ("connect_timeout", "icmp_echo", "max_flows", "refusal_window", "router", "udp_timeout")
+    __slots__ = ("connect_timeout", "dns", "icmp_echo", "max_flows", "refusal_window", "router", "udp_timeout")
 
     def __init__(self, router, *, udp_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5):
+                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5, dns=None):
         self.router = router
+        self.dns = dns                  # tun2xray.dns.settings.DnsSettings, or None (off)
         self.udp_timeout = udp_timeout
         self.connect_timeout = connect_timeout
         self.max_flows = max_flows
@@ -114,7 +115,8 @@ class EngineSettings:
     def of(cls, s) -> EngineSettings:
         """The engine's part of RunSettings (or any object with these attributes)."""
         return cls(s.router, udp_timeout=s.udp_timeout, connect_timeout=s.connect_timeout,
-                   max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window)
+                   max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window,
+                   dns=getattr(s, "dns", None))
 
     @classmethod
     def from_profile(cls, profile) -> EngineSettings:
@@ -128,9 +130,15 @@ class EngineSettings:
         if isinstance(up, DokodemoUpstream):
             raise ProfileError(f'proxy: "{profile.proxy}": the default route must be a socks5:// inbound')
         router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
+        from .dns.settings import DnsSettings, DnsSettingsError, check_upstream
+        try:
+            dns = DnsSettings.from_run(None, profile, [profile.ipv4.address, profile.ipv6.address])
+            check_upstream(dns, router)
+        except DnsSettingsError as e:
+            raise ProfileError(str(e)) from None
         return cls(router, udp_timeout=profile.udp_timeout, connect_timeout=profile.tcp_connect_timeout,
                    max_flows=profile.max_flows, icmp_echo=profile.icmp_echo,
-                   refusal_window=profile.tcp_refusal_window)
+                   refusal_window=profile.tcp_refusal_window, dns=dns if dns.on else None)
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -151,11 +159,19 @@ def stack_config(s, mtu: int):
 
 
 def make_engine(device, s, recorder=None):
-    """An Engine serving *device* with settings *s*."""
+    """An Engine serving *device* with settings *s*; with DNS handling on
+    (``s.dns``), its DNS server and name book (tun2xray.dns, which loads
+    dnspython only then)."""
     from .engine import Engine
 
+    dns = None
+    ds = getattr(s, "dns", None)
+    if ds is not None and ds.on:
+        from .dns.server import build
+        dns = build(ds, s.router)
     return Engine(device, s.router, stack_config=stack_config(s, device.mtu),
-                  connect_timeout=s.connect_timeout, recorder=recorder, refusal_window=s.refusal_window)
+                  connect_timeout=s.connect_timeout, recorder=recorder, refusal_window=s.refusal_window,
+                  dns=dns)
 
 
 def routes_up(settings, ifname: str) -> None:

@@ -56,6 +56,19 @@ KEYS: tuple = (
     Key("ipv6.excluded_routes", "prefixes6", [], "IPv6 prefixes kept out of the TUN"),
     Key("dns.servers", "ips", ["198.18.0.2"], "DNS servers whose queries go through the TUN "
         "(run: host routes into a tun:// device; hosts: their DNS settings)"),
+    Key("dns.mode", "enum", "off", "fake-ip: the engine answers A/AAAA with fake addresses and dials flows to "
+        "them by name; remember: queries go to the upstream and answered addresses are dialled by name; "
+        "off: DNS flows are ordinary flows (docs/dns.md)", flag="dns", choices=("off", "fake-ip", "remember")),
+    Key("dns.upstream", "dns_url", None, "where real queries go: dokodemo://HOST:PORT (a DNS dokodemo/tunnel "
+        "inbound) or socks5://HOST:PORT[?server=IP[:PORT]] (UDP ASSOCIATE to that DNS server, default "
+        "1.1.1.1:53); default: the target of a udp:53 rule", flag="dns_upstream"),
+    Key("dns.fake_ipv4", "prefix4", "198.19.0.0/16", "the IPv4 fake pool (fake-ip); never hands out the "
+        "TUN's own or the DNS servers' addresses"),
+    Key("dns.fake_ipv6", "prefix6", "fd00:7478:f::/64", "the IPv6 fake pool (fake-ip)"),
+    Key("dns.hijack", "bool", True, "answer DNS flows to every address (true) or only to dns.servers (false)"),
+    Key("dns.ttl", "int", 60, "TTL of fake answers, seconds", lo=1, hi=86400),
+    Key("dns.cache_file", "path", None, "keep the fake mappings in this file across restarts (written "
+        "atomically, at most 65536 per family)"),
     Key("rules", "rules", [], "flow rules, first match wins, no match goes to proxy "
         "(run: --map rules come first); a rule's to is an inbound URL or \"block\"; its domain "
         "entries (full:, suffix:/domain:, keyword:, regexp:) match flows whose name is known"),
@@ -292,6 +305,28 @@ def _control(v, path, key):
     return v
 
 
+def _dns_url(v, path, key):
+    from .dns.settings import DnsSettingsError, parse_upstream_url
+    if not isinstance(v, str):
+        raise ProfileError(f"{path}: {json.dumps(v)} is not a URL")
+    try:
+        parse_upstream_url(v)
+    except DnsSettingsError as e:
+        raise ProfileError(f"{path}: {e}") from None
+    return v
+
+
+def _prefix(version):
+    def check(v, path, key):
+        from .dns.settings import DnsSettingsError, check_pool
+        try:
+            check_pool(path, v, version)
+        except DnsSettingsError as e:
+            raise ProfileError(str(e)) from None
+        return v
+    return check
+
+
 def _iface(version):
     def check(v, path, key):
         try:
@@ -400,6 +435,7 @@ _CHECKS = {
     "url": _url, "socks_url": _socks_url, "int": _int, "number": _num, "bool": _bool, "enum": _enum, "path": _path,
     "device": _device, "control": _control, "iface4": _iface(4), "iface6": _iface(6),
     "prefixes4": _prefixes(4), "prefixes6": _prefixes(6), "ips": _ips, "rules": _rules,
+    "dns_url": _dns_url, "prefix4": _prefix(4), "prefix6": _prefix(6),
 }
 
 
@@ -432,6 +468,10 @@ _SCHEMAS = {
     "prefixes4": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"}},
     "prefixes6": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"}},
     "ips": lambda k: {"type": "array", "items": {"type": "string", "pattern": rf"^({_V4}|{_V6})$"}},
+    "dns_url": lambda k: {"type": "string", "pattern": rf"^(socks5|socks5h|dokodemo|dokodemo-door|tunnel)://"
+                          rf"[^\s/?#]+:{_PORT}/?(\?server=[^\s]+)?$"},
+    "prefix4": lambda k: {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"},
+    "prefix6": lambda k: {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"},
     "rules": lambda k: {"type": "array", "items": {
         "type": "object", "additionalProperties": False, "required": ["to"],
         "properties": {

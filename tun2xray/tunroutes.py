@@ -80,6 +80,7 @@ class Network:
                 self.routes[v] = profile.routes(v, default_all)
                 self.excluded[v] = list((profile.ipv4 if v == 4 else profile.ipv6).excluded_routes)
         self.dns = list(profile.dns_servers) if profile is not None else ["198.18.0.2"]
+        self.fake = []           # the DNS fake pools (tun2xray.dns; set by the run when fake-ip is on)
         self.added = []          # (kwargs, source) of routes we added, in order
         self.ifname = None
 
@@ -101,7 +102,17 @@ class Network:
         for v, fam in ((4, "ipv4"), (6, "ipv6")):
             items += [(ipaddress.ip_network(r), f"{fam}.routes") for r in self.routes[v]]
         items += [(n, "dns.servers") for n in self.dns_hosts()]
+        items += [(n, f"dns.fake_ipv{n.version}") for n in self.fake_pools()]
         return items
+
+    def fake_pools(self) -> list:
+        """The fake pools not already inside the TUN's own subnets."""
+        out = []
+        for p in self.fake:
+            net = ipaddress.ip_network(p)
+            if not any(a.version == net.version and net.subnet_of(a.network) for a in self.addresses):
+                out.append(net)
+        return out
 
     def planned(self) -> list:
         """[(prefix, key path)] to add to the main table on a tun:// device
@@ -212,7 +223,10 @@ class Network:
             addr = next((str(a) for a in self.addresses if a.version == v), None)
             fam[name] = {"address": addr, "routes": list(self.routes[v]),
                          "excluded_routes": list(self.excluded[v])}
-        return {"owner": self.owner, "mtu": self.mtu, **fam, "dns": {"servers": list(self.dns)},
+        dns = {"servers": list(self.dns)}
+        if self.fake:
+            dns["fake_pools"] = [str(p) for p in self.fake]     # fake-ip: to route into the tunnel too
+        return {"owner": self.owner, "mtu": self.mtu, **fam, "dns": dns,
                 "routes_applied_by": applied_by,
                 "routes_added": [f"{kw['dst']}/{kw['dst_len']}" for kw, _ in self.added]}
 

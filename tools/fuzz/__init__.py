@@ -10,4 +10,4 @@ seeds(), the starting corpus).  Regression inputs live in
 tests/fuzz_corpus/TARGET/ and tests/test_fuzz_regressions.py replays them.
 """
 
-TARGETS = ("stack", "wire", "pcap", "socks", "config", "bridge")
+TARGETS = ("stack", "wire", "pcap", "socks", "config", "bridge", "dns")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Short fuzzing run for CI: every target FUZZ_SECONDS (default 10) seconds in
-# turn, about 80 s in all; fails on any crash or broken invariant.  Runs on
+# Short fuzzing run for CI: every target (dns among them) FUZZ_SECONDS (default
+# 10) seconds in turn, about 90 s in all; fails on any crash or broken invariant.  Runs on
 # the venv tools/install.sh --test made (atheris is in the test extra), else
 # on python3.  Arguments go to `python3 -m tools.fuzz ci` (e.g. -- -seed=1).
 set -euo pipefail

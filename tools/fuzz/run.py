@@ -84,8 +84,9 @@ def fuzz(name: str, seconds: int, runs: int, workdir: str, extra: list) -> int:
     base = os.path.join(workdir, name)
     corpus, seeds = os.path.join(base, "corpus"), os.path.join(base, "seeds")
     os.makedirs(corpus, exist_ok=True)
-    # instrument before anything imports the code under test
-    with atheris.instrument_imports(include=["netstack", "tun2xray", "tools.fuzz"]):
+    # instrument before anything imports the code under test (dnspython too:
+    # the dns target's parser is the library's)
+    with atheris.instrument_imports(include=["netstack", "tun2xray", "tools.fuzz", "dns"]):
         mod = importlib.import_module(f"tools.fuzz.{name}")
     write_seeds(name, seeds)
     dirs = [corpus, seeds]

@@ -35,6 +35,7 @@ from netstack.wire import ip as _ip
 
 from .. import logs
 from ..device import DeviceError
+from .dnshook import EngineDns
 from .history import EngineHistory
 from .relay import CLOSED_HISTORY, DEVICE_BATCH, RATE_PERIOD, REFUSAL_WINDOW, TcpRelay, _Counter
 from .tcp import EngineTcp
@@ -65,15 +66,12 @@ def _device_stack_config(given: StackConfig | None, device, caps, recording: boo
     return cfg, False
 
 
-class Engine(EngineTcp, EngineUdp, EngineHistory):
+class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
     def __init__(self, device, router, *, stack_config: StackConfig | None = None,
                  connect_timeout: float = 10.0, recorder=None, reject_with: str = "rst",
-                 log_clock=None, refusal_window: float = REFUSAL_WINDOW, names=None):
+                 log_clock=None, refusal_window: float = REFUSAL_WINDOW, names=None, dns=None):
         self.device = device
         self.router = router
-        # the address -> name book of the DNS layer (lookup, is_fake,
-        # unmapped_hit); None when DNS mode is off: flows are dialled by address
-        self.names = names
         caps = device.capabilities
         self.capabilities = caps
         self._batch = caps.batch_size or DEVICE_BATCH   # packets per read_batch
@@ -85,6 +83,11 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
         self.refusal_window = refusal_window
         self.recorder = recorder
         self.reject_with = reject_with
+        # DNS (tun2xray.dns): the server that answers hijacked port-53 flows,
+        # and the name book the dial paths read (lookup, is_fake, unmapped_hit;
+        # None: DNS handling is off and flows are dialled by address)
+        self.dns = dns
+        self.names = names if names is not None else (dns.book if dns is not None else None)
         self.loop = None
         self.counters = _Counter()
         self.started = time.time()
@@ -125,6 +128,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             self.loop.add_reader(self.device.fileno(), self._on_device)
         self._sample_at = self.loop.time()
         self._sampler = self.loop.call_later(RATE_PERIOD, self._sample)
+        if self.dns is not None:
+            self.dns.start(self.loop)
         if self._started_cb is not None:
             self._started_cb(self)
         try:
@@ -158,6 +163,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             self._sampler = None
         for t in list(self._tasks):
             t.cancel()
+        if self.dns is not None:
+            self.dns.close()              # writes the fake-IP cache file
         stack = self.stack
         counters = self.counters
         for conn in list(stack.tcp.values()):

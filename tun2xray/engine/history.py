@@ -156,7 +156,7 @@ class EngineHistory:
                 "rate_up": round(ru, 1), "rate_down": round(rd, 1),
                 "age": round(now - flow.created, 3),
             })
-        return {
+        out = {
             "uptime": round(time.time() - self.started, 3),
             "device": {"name": self.device.name, "mtu": self.device.mtu, **dict(self.device.stats)},
             "stack": st,
@@ -166,6 +166,9 @@ class EngineHistory:
             "flows": flows,
             "closed_flows": self._closed_status(),
         }
+        if self.dns is not None:
+            out["dns"] = self.dns.status()
+        return out
 
     def _engine_counters(self) -> dict:
         """The counters, with bytes_up/bytes_down over every flow carried:

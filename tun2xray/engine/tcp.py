@@ -13,6 +13,7 @@ from ..rules import BLOCK
 from ..upstream.socks5 import socks_client
 from ..upstream.socks5_proto import CMD_CONNECT, reply_text
 from ..upstream.url import DokodemoUpstream, SocksUpstream
+from .dnshook import DnsTcp
 from .relay import TcpRelay, _fmt, _hostport, _route_rule
 
 log = logging.getLogger("tun2xray.engine")
@@ -22,6 +23,9 @@ class EngineTcp:
     # ----------------------------------------------------------------------- TCP
 
     def _tcp_request(self, conn) -> None:
+        if conn.dport == 53 and self.dns is not None and self.dns.wants(conn.dst):
+            self._dns_tcp(conn)                   # answered by the engine (engine/dnshook.py)
+            return
         names = self.names
         name = names.lookup(conn.dst) if names is not None else None
         if self._debug:
@@ -181,5 +185,10 @@ class EngineTcp:
                                       bytes_up=relay.bytes_up, bytes_down=relay.bytes_down)
                 log.debug("tcp flow %d closed (%s): %s -> %s up=%d down=%d bytes", conn.id, reason,
                           f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
+        elif isinstance(relay, DnsTcp):
+            relay.close()                 # a hijacked DNS connection (engine/dnshook.py)
+            self.counters["tcp_closed"] += 1
+            self.counters["bytes_up"] += relay.bytes_up
+            self.counters["bytes_down"] += relay.bytes_down
         self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
         conn.user = None

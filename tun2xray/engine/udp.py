@@ -21,6 +21,9 @@ class EngineUdp:
     # ----------------------------------------------------------------------- UDP
 
     def _udp_datagram(self, flow, data, new) -> None:
+        if flow.dport == 53 and self.dns is not None and self.dns.wants(flow.dst):
+            self._dns_udp(flow, data, new)        # answered by the engine (engine/dnshook.py)
+            return
         relay = flow.user
         if new or relay is None:
             names = self.names
