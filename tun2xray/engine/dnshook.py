@@ -17,6 +17,8 @@ FRAME_MAX = 2 + 65535
 class DnsUdp:
     """A hijacked UDP flow (the engine's UdpRelay shape: nothing upstream)."""
 
+    name = None                     # answered here, never dialled by name
+
     __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped")
 
     def __init__(self, flow):
@@ -31,6 +33,8 @@ class DnsUdp:
 
 class DnsTcp:
     """A hijacked TCP connection: length-framed queries in, replies out."""
+
+    name = None
 
     __slots__ = ("engine", "conn", "url", "buf", "pending", "outstanding", "bytes_up", "bytes_down", "done",
                  "busy", "idle_at", "timer")
