@@ -50,6 +50,7 @@ from .device import Capabilities
 from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
+from .upstream._net import set_thread_protect
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -118,6 +119,7 @@ class _BridgeDevice:
             **{k: 0 for k in _RX_DROPS},
             "tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_queue_full": 0,
             "tx_callback_errors": 0, "tx_queued": 0, "engine_errors": 0, "rx_wakeups": 0,
+            "rx_resumed": 0, "protect_calls": 0, "protect_failed": 0,
         }
 
     def fileno(self):
@@ -148,6 +150,9 @@ class _Tunnel:
         self._inq: list = []
         self._inq_bytes = 0
         self._wake = False                      # a _drain is scheduled on the loop
+        self._held = False                      # a held submit found the queue full
+        self._resume_poll = False               # room again: end the waiting poll early
+        self.protect = None                     # the host's protect(fd) -> bool (C ABI)
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
         self._af6 = AF_INET6_NATIVE
@@ -168,6 +173,7 @@ class _Tunnel:
 
     def _thread_main(self) -> None:
         self.thread_id = threading.get_ident()
+        set_thread_protect(self._protect_fd)
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
@@ -238,12 +244,15 @@ class _Tunnel:
                 stats["rx_dropped"] += n
                 return
             stats["rx_delivered"] += n
+            resume, self._held = self._held, False
         for i in range(0, n, FEED_CHUNK):
             try:
                 engine.feed(batch[i:i + FEED_CHUNK])
             except Exception:        # a stack/engine bug must not kill the loop: count it
                 self.stats["engine_errors"] += 1
                 log.exception("bridge %d: engine.feed failed", self.handle)
+        if resume:
+            self._resume()
 
     def _outbound(self, packets) -> int:
         """device.write_batch, on the engine thread."""
@@ -289,84 +298,72 @@ class _Tunnel:
 
     # ------------------------------------------------------------- host side
 
-    def submit(self, packets, protocols) -> None:
-        good = []
-        nbytes = total_bytes = 0
-        mismatch = badproto = badtype = oversize = 0
+    def _check(self, packets, protocols):
+        """Per packet, on the caller's thread: (packet, n, drop counter or
+        None); the last IPv6 family number seen."""
+        out = []
         af6 = None
         for p, proto in zip(packets, protocols):
             if type(p) is not bytes:
-                if isinstance(p, (bytearray, memoryview)):
-                    p = bytes(p)         # the host may reuse its buffer
-                else:
-                    badtype += 1
+                if not isinstance(p, (bytearray, memoryview)):
+                    out.append((p, 0, "rx_bad_type"))
                     continue
+                p = bytes(p)             # the host may reuse its buffer
             n = len(p)
-            total_bytes += n
             if n > MAX_PACKET:
-                oversize += 1
-                continue
-            if type(proto) is not int:
-                badproto += 1
-                continue
-            if proto == AF_INET:
-                if n and p[0] >> 4 != 4:
-                    mismatch += 1
-                    continue
+                out.append((p, n, "rx_oversize"))
+            elif type(proto) is not int:
+                out.append((p, n, "rx_bad_protocol"))
+            elif proto == AF_INET:
+                out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 4 else None))
             elif proto in _AF6:
                 af6 = proto
-                if n and p[0] >> 4 != 6:
-                    mismatch += 1
-                    continue
+                out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 6 else None))
             else:
-                badproto += 1
-                continue
-            good.append(p)
-            nbytes += n
+                out.append((p, n, "rx_bad_protocol"))
+        return out, af6
+
+    def submit(self, packets, protocols, hold: bool = False) -> int:
+        """Queue the packets for the engine; returns how many of them were
+        taken (queued or counted as dropped).  hold=False: all of them, what
+        does not fit is dropped (rx_queue_full).  hold=True (the C ABI): a
+        prefix, up to the first packet that does not fit; the rest stays the
+        host's, and the host is told when there is room again (resume)."""
+        checked, af6 = self._check(packets, protocols)
         wake = False
         with self._lock:
             stats = self.stats
-            stats["rx_packets"] += len(packets)
-            stats["rx_bytes"] += total_bytes
             if af6 is not None:
                 self._af6 = af6
-            dropped = mismatch + badproto + badtype + oversize
-            if mismatch:
-                stats["rx_family_mismatch"] += mismatch
-            if badproto:
-                stats["rx_bad_protocol"] += badproto
-            if badtype:
-                stats["rx_bad_type"] += badtype
-            if oversize:
-                stats["rx_oversize"] += oversize
-            if good:
-                if self._closed or self._down:
-                    stats["rx_engine_down"] += len(good)
-                    dropped += len(good)
-                else:
-                    q = self._inq
-                    room = INBOUND_PACKETS - len(q)
-                    if len(good) <= room and self._inq_bytes + nbytes <= INBOUND_BYTES:
-                        q.extend(good)
-                        self._inq_bytes += nbytes
-                        taken = len(good)
+            down = self._closed or self._down
+            q = self._inq
+            qb = self._inq_bytes
+            taken = nbytes = queued = 0
+            for p, n, drop in checked:
+                if drop is None:
+                    if down:
+                        drop = "rx_engine_down"
+                    elif len(q) >= INBOUND_PACKETS or qb + n > INBOUND_BYTES:
+                        if hold:
+                            self._held = True
+                            break
+                        drop = "rx_queue_full"
                     else:
-                        taken = 0
-                        qb = self._inq_bytes
-                        for p in good:
-                            if taken >= room or qb + len(p) > INBOUND_BYTES:
-                                continue
-                            q.append(p)
-                            qb += len(p)
-                            taken += 1
-                        self._inq_bytes = qb
-                        stats["rx_queue_full"] += len(good) - taken
-                        dropped += len(good) - taken
-                    stats["rx_queued"] += taken
-                    if taken and not self._wake and self._serving:
-                        self._wake = wake = True
-                        stats["rx_wakeups"] += 1
-            stats["rx_dropped"] += dropped
+                        q.append(p)
+                        qb += n
+                        queued += 1
+                if drop is not None:
+                    stats[drop] += 1
+                    stats["rx_dropped"] += 1
+                taken += 1
+                nbytes += n
+            self._inq_bytes = qb
+            stats["rx_packets"] += taken
+            stats["rx_bytes"] += nbytes
+            stats["rx_queued"] += queued
+            if queued and not self._wake and self._serving:
+                self._wake = wake = True
+                stats["rx_wakeups"] += 1
         if wake:
             try:
                 self.loop.call_soon_threadsafe(self._drain)
@@ -374,6 +371,41 @@ class _Tunnel:
                 with self._lock:
                     self._wake = False
                     self._drop_inbound_locked()
+        return taken
+
+    def _resume(self) -> None:
+        """There is room again after a held submit: tell the host, on the
+        engine thread: on_outbound with an empty batch, or an early return
+        of a waiting poll_outbound."""
+        self.stats["rx_resumed"] += 1
+        cb = self.on_outbound
+        if cb is not None:
+            try:
+                cb([], [])
+            except Exception:
+                self.stats["tx_callback_errors"] += 1
+                log.exception("bridge %d: on_outbound (resume) raised", self.handle)
+            return
+        with self._out_cv:
+            self._resume_poll = True
+            self._out_cv.notify_all()
+
+    def _protect_fd(self, fd: int) -> bool:
+        """upstream._net's protect hook on the engine thread: the host's
+        protect(fd) -> bool, counted."""
+        fn = self.protect
+        if fn is None:
+            return True
+        stats = self.stats
+        stats["protect_calls"] += 1
+        try:
+            ok = bool(fn(fd))
+        except Exception:
+            log.exception("bridge %d: protect raised", self.handle)
+            ok = False
+        if not ok:
+            stats["protect_failed"] += 1
+        return ok
 
     def _drop_inbound_locked(self) -> None:
         n = len(self._inq)
@@ -390,7 +422,8 @@ class _Tunnel:
         with cv:
             q = self._outq
             if not q and timeout > 0:
-                cv.wait_for(lambda: q or self._closed or self._down, timeout)
+                cv.wait_for(lambda: q or self._closed or self._down or self._resume_poll, timeout)
+            self._resume_poll = False
             n = min(max_packets, len(q))
             if not n:
                 return []
