@@ -129,6 +129,32 @@ class _BridgeDevice:
         pass
 
 
+def check_packets(packets, protocols):
+    """Per packet, on the caller's thread: (packet, n, drop counter or
+    None); the last IPv6 family number seen."""
+    out = []
+    af6 = None
+    for p, proto in zip(packets, protocols):
+        if type(p) is not bytes:
+            if not isinstance(p, (bytearray, memoryview)):
+                out.append((p, 0, "rx_bad_type"))
+                continue
+            p = bytes(p)             # the host may reuse its buffer
+        n = len(p)
+        if n > MAX_PACKET:
+            out.append((p, n, "rx_oversize"))
+        elif type(proto) is not int:
+            out.append((p, n, "rx_bad_protocol"))
+        elif proto == AF_INET:
+            out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 4 else None))
+        elif proto in _AF6:
+            af6 = proto
+            out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 6 else None))
+        else:
+            out.append((p, n, "rx_bad_protocol"))
+    return out, af6
+
+
 # ------------------------------------------------------------------- tunnel
 
 class _Tunnel:
@@ -298,38 +324,13 @@ class _Tunnel:
 
     # ------------------------------------------------------------- host side
 
-    def _check(self, packets, protocols):
-        """Per packet, on the caller's thread: (packet, n, drop counter or
-        None); the last IPv6 family number seen."""
-        out = []
-        af6 = None
-        for p, proto in zip(packets, protocols):
-            if type(p) is not bytes:
-                if not isinstance(p, (bytearray, memoryview)):
-                    out.append((p, 0, "rx_bad_type"))
-                    continue
-                p = bytes(p)             # the host may reuse its buffer
-            n = len(p)
-            if n > MAX_PACKET:
-                out.append((p, n, "rx_oversize"))
-            elif type(proto) is not int:
-                out.append((p, n, "rx_bad_protocol"))
-            elif proto == AF_INET:
-                out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 4 else None))
-            elif proto in _AF6:
-                af6 = proto
-                out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 6 else None))
-            else:
-                out.append((p, n, "rx_bad_protocol"))
-        return out, af6
-
     def submit(self, packets, protocols, hold: bool = False) -> int:
         """Queue the packets for the engine; returns how many of them were
         taken (queued or counted as dropped).  hold=False: all of them, what
         does not fit is dropped (rx_queue_full).  hold=True (the C ABI): a
         prefix, up to the first packet that does not fit; the rest stays the
         host's, and the host is told when there is room again (resume)."""
-        checked, af6 = self._check(packets, protocols)
+        checked, af6 = check_packets(packets, protocols)
         wake = False
         with self._lock:
             stats = self.stats
@@ -431,6 +432,26 @@ class _Tunnel:
             self._out_bytes -= sum(len(p) for p, _ in out)
             self.stats["tx_queued"] = len(q)
         return out
+
+    def poll_one(self, timeout: float, capacity: int):
+        """The next outbound (packet, protocol) if it fits in capacity
+        bytes, else (None, its length) and it stays queued; None when none
+        came within timeout (or room came back for a held submit)."""
+        cv = self._out_cv
+        with cv:
+            q = self._outq
+            if not q and timeout > 0:
+                cv.wait_for(lambda: q or self._closed or self._down or self._resume_poll, timeout)
+            self._resume_poll = False
+            if not q:
+                return None
+            packet, proto = q[0]
+            if len(packet) > capacity:
+                return None, len(packet)
+            q.popleft()
+            self._out_bytes -= len(packet)
+            self.stats["tx_queued"] = len(q)
+        return packet, proto
 
     def call_on_loop(self, fn, timeout: float = STATUS_TIMEOUT):
         """fn() on the engine thread (directly when already there); raises
@@ -548,6 +569,10 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
     with _registry_lock:
         _registry[handle] = t
     return handle
+
+
+def is_live(handle) -> bool:
+    return handle in _registry
 
 
 def submit_inbound(handle: int, packet, protocol: int) -> None:

@@ -21,7 +21,21 @@ import json
 from . import bridge
 from .engine import paths
 
-__all__ = ["OPS", "message", "set_protect", "submit_held"]
+__all__ = ["OPS", "BadRequest", "malformed", "message", "poll_one", "set_protect", "submit_held"]
+
+
+class BadRequest(bridge.BridgeError):
+    """An app message that is not JSON, not an object or names no known op."""
+
+
+def malformed(packet, protocol) -> str | None:
+    """The drop counter a packet would be counted under, or None if good."""
+    return bridge.check_packets((packet,), (protocol,))[0][0][2]
+
+
+def poll_one(handle: int, timeout: float, capacity: int):
+    """bridge._Tunnel.poll_one for a handle (poll mode)."""
+    return bridge._get(handle).poll_one(timeout, capacity)
 
 
 def submit_held(handle: int, packets, protocols) -> int:
@@ -66,9 +80,12 @@ def _wake(handle, req):
 def _set_log_level(handle, req):
     level = req.get("level")
     if not isinstance(level, str):
-        raise bridge.BridgeError('set_log_level: "level" must be one of debug, info, warning, error')
+        raise BadRequest('set_log_level: "level" must be one of debug, info, warning, error')
     bridge._get(handle)
-    bridge.set_log_level(level)
+    try:
+        bridge.set_log_level(level)
+    except bridge.BridgeError as e:
+        raise BadRequest(f"set_log_level: {e}") from None
     return {"ok": True, "level": level}
 
 
@@ -83,11 +100,11 @@ def message(handle: int, request) -> dict:
         try:
             request = json.loads(request)
         except ValueError as e:
-            raise bridge.BridgeError(f"request: not JSON ({e})") from None
+            raise BadRequest(f"request: not JSON ({e})") from None
     if not isinstance(request, dict):
-        raise bridge.BridgeError("request: expected a JSON object with an \"op\"")
+        raise BadRequest("request: expected a JSON object with an \"op\"")
     op = request.get("op")
     fn = OPS.get(op) if isinstance(op, str) else None
     if fn is None:
-        raise bridge.BridgeError(f"request: unknown op {op!r} (one of {', '.join(OPS)})")
+        raise BadRequest(f"request: unknown op {op!r} (one of {', '.join(OPS)})")
     return fn(handle, request)
