@@ -162,4 +162,4 @@ def test_unknown_option_is_one_clear_line():
     r = subprocess.run(["bash", os.path.join(ROOT, "tools", "install.sh"), "--tset"], env=system_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == "install.sh: error: unknown option '--tset' (usage: bash tools/install.sh [--test])\n"
+    assert r.stderr == "install.sh: error: unknown option '--tset' (usage: bash tools/install.sh [--test] [--abi])\n"
