@@ -41,8 +41,10 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import sys
 import threading
+import time
 from collections import deque
 
 from . import state as st
@@ -192,6 +194,7 @@ class _Tunnel:
         self._started = threading.Event()
         self.loop, self.loop_kind = _new_loop(loop_kind)
         self.thread_id = None
+        self.native_id = None
         self.thread = threading.Thread(target=self._thread_main, name=f"tun2xray-bridge-{handle}",
                                        daemon=True)
 
@@ -199,6 +202,7 @@ class _Tunnel:
 
     def _thread_main(self) -> None:
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
         set_thread_protect(self._protect_fd)
         loop = self.loop
         asyncio.set_event_loop(loop)
@@ -507,7 +511,18 @@ class _Tunnel:
             self.lifecycle.set(st.ERROR, f"engine thread did not stop within {STOP_TIMEOUT:.0f} s")
             raise BridgeError(f"handle {self.handle}: the engine thread did not stop "
                               f"within {STOP_TIMEOUT:.0f} s")
+        _await_os_thread_exit(self.native_id)
         self.lifecycle.set(st.DISCONNECTED)
+
+
+def _await_os_thread_exit(native_id, timeout: float = 1.0) -> None:
+    """join() returns once the thread's Python state is gone; the OS thread
+    ends a moment later.  Where /proc shows it, wait for that too, so that a
+    stopped handle has no thread left when stop() returns."""
+    path = f"/proc/self/task/{native_id}"
+    deadline = time.monotonic() + timeout
+    while native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 def _finish_loop(loop) -> None:

@@ -124,8 +124,11 @@ def install(ffi, lib) -> None:
         try:
             try:
                 req = ffi.string(request_json).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return fail(h.E_JSON, f"request_json: not UTF-8 ({e.reason})")
+            try:
                 answer = bridge_ops.message(handle, req)
-            except (UnicodeDecodeError, bridge_ops.BadRequest) as e:
+            except bridge_ops.BadRequest as e:
                 return fail(h.E_JSON, str(e))
             out = json.dumps(answer, separators=(",", ":")).encode()
             if len(out) > 0x7FFFFFFF:
