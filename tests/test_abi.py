@@ -151,24 +151,26 @@ def test_a_c_program_compiles_against_the_header_and_links(built, tmp_path):
 
 
 def test_the_override_variable_is_honoured(built, tmp_path):
-    # TUN2XRAY_PYTHONPATH replaces the baked paths: pointing it somewhere
-    # without tun2xray makes the library say so, as an error code
+    # TUN2XRAY_PYTHONPATH comes first on the embedded sys.path: a tun2xray
+    # package there (one that fails to import) is the one the library loads,
+    # and the host gets an error code with the reason, not a crash
     lib_dir = os.path.dirname(built[0])
+    fake = tmp_path / "override" / "tun2xray"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("the override directory was used")\n')
     src = tmp_path / "o.c"
     src.write_text('#include <stdio.h>\n#include "tun2xray.h"\n'
                    'int main(void) { int r = t2x_stop(1); printf("%d|%s\\n", r, t2x_last_error()); '
-                   'return 0; }\n')
+                   'int h = t2x_start("{}", 0, 0); printf("%d|%s\\n", h, t2x_last_error()); return 0; }\n')
     exe = compile_c([str(src)], str(tmp_path / "o"), lib_dir)
     env = _no_pythonpath()
-    env["TUN2XRAY_PYTHONPATH"] = str(tmp_path)
-    env["PYTHONNOUSERSITE"] = "1"
+    env["TUN2XRAY_PYTHONPATH"] = str(tmp_path / "override")
     r = subprocess.run([exe], capture_output=True, text=True, timeout=60, env=env)
-    assert r.returncode == 0
-    code, message = r.stdout.strip().split("|")
-    # (tun2xray may still be found through an installed copy in site-packages)
-    assert int(code) in (hdr.E_INTERNAL, E_HANDLE), r.stdout
-    if int(code) == hdr.E_INTERNAL:
-        assert "TUN2XRAY_PYTHONPATH" in message and "No module named" in r.stderr
+    assert r.returncode == 0, r.stderr
+    (code, message), (h, message2) = (line.split("|") for line in r.stdout.splitlines())
+    assert int(code) == hdr.E_INTERNAL and "TUN2XRAY_PYTHONPATH" in message
+    assert int(h) == 0 and "did not load" in message2
+    assert "the override directory was used" in r.stderr
 
 
 def _no_pythonpath() -> dict:
