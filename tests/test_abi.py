@@ -478,3 +478,23 @@ def test_stop_start_100_times_without_growth(built, servers, tmp_path):
     assert last["fds"] == first["fds"], (first, last)
     assert last["threads"] == first["threads"], (first, last)
     assert last["rss_kb"] - first["rss_kb"] < 6 * 1024, (first, last)
+
+
+def test_the_last_error_is_per_thread(abi):
+    # two host threads fail differently at the same time; each reads its own reason
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def fail_with(name, call):
+        barrier.wait()
+        code = call()
+        barrier.wait()                # both have failed before either reads
+        seen[name] = (code, abi.error())
+    a = threading.Thread(target=fail_with, args=("a", lambda: abi.stop(987654)))
+    b = threading.Thread(target=fail_with, args=("b", lambda: abi.submit_inbound(1, None, 1, 2)))
+    for t in (a, b):
+        t.start()
+    for t in (a, b):
+        t.join(30)
+    assert seen["a"] == (E_HANDLE, "handle 987654: unknown or already stopped")
+    assert seen["b"] == (E_ARG, "packet is NULL")

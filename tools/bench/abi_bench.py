@@ -151,12 +151,13 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--time", type=int, default=5, help="seconds per iperf3 run (default 5)")
     p.add_argument("--mtu", type=int, action="append", help="TUN MTU (repeatable; default 1500 and 4064)")
     p.add_argument("--repo", default=benchlab.REPO, help="the checkout whose tun2xray runs")
+    p.add_argument("--prefix", default="ab", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mtu = args.mtu or [1500, 4064]
     if os.geteuid() != 0:
         print("abi_bench: needs root (namespaces, veth, TUN)", file=sys.stderr)
         return 2
-    lab = benchlab.BenchLab(prefix="ab", repo=args.repo)
+    lab = benchlab.BenchLab(prefix=args.prefix, repo=args.repo)
     with lab:
         exe = build_abi_host(lab.repo, os.path.join(lab.workdir, "abi"))
         return Bench(lab, args, exe).run()
