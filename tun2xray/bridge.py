@@ -41,18 +41,16 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
-import os
 import sys
 import threading
-import time
 from collections import deque
 
 from . import state as st
 from .device import Capabilities
-from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
+from .host import (EngineSettings, await_thread_exit, finish_loop, make_engine, new_loop, stack_config,
+                   watch_upstream)
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
-from .upstream._net import set_thread_protect
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -180,7 +178,6 @@ class _Tunnel:
         self._wake = False                      # a _drain is scheduled on the loop
         self._held = False                      # a held submit found the queue full
         self._resume_poll = False               # room again: end the waiting poll early
-        self.protect = None                     # the host's protect(fd) -> bool (C ABI)
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
         self._af6 = AF_INET6_NATIVE
@@ -203,7 +200,6 @@ class _Tunnel:
     def _thread_main(self) -> None:
         self.thread_id = threading.get_ident()
         self.native_id = threading.get_native_id()
-        set_thread_protect(self._protect_fd)
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
@@ -214,7 +210,7 @@ class _Tunnel:
         finally:
             self._serving = False
             try:
-                _finish_loop(loop)
+                finish_loop(loop)
             except BaseException:
                 log.exception("bridge %d: loop cleanup failed", self.handle)
             finally:
@@ -395,23 +391,6 @@ class _Tunnel:
             self._resume_poll = True
             self._out_cv.notify_all()
 
-    def _protect_fd(self, fd: int) -> bool:
-        """upstream._net's protect hook on the engine thread: the host's
-        protect(fd) -> bool, counted."""
-        fn = self.protect
-        if fn is None:
-            return True
-        stats = self.stats
-        stats["protect_calls"] += 1
-        try:
-            ok = bool(fn(fd))
-        except Exception:
-            log.exception("bridge %d: protect raised", self.handle)
-            ok = False
-        if not ok:
-            stats["protect_failed"] += 1
-        return ok
-
     def _drop_inbound_locked(self) -> None:
         n = len(self._inq)
         if n:
@@ -436,26 +415,6 @@ class _Tunnel:
             self._out_bytes -= sum(len(p) for p, _ in out)
             self.stats["tx_queued"] = len(q)
         return out
-
-    def poll_one(self, timeout: float, capacity: int):
-        """The next outbound (packet, protocol) if it fits in capacity
-        bytes, else (None, its length) and it stays queued; None when none
-        came within timeout (or room came back for a held submit)."""
-        cv = self._out_cv
-        with cv:
-            q = self._outq
-            if not q and timeout > 0:
-                cv.wait_for(lambda: q or self._closed or self._down or self._resume_poll, timeout)
-            self._resume_poll = False
-            if not q:
-                return None
-            packet, proto = q[0]
-            if len(packet) > capacity:
-                return None, len(packet)
-            q.popleft()
-            self._out_bytes -= len(packet)
-            self.stats["tx_queued"] = len(q)
-        return packet, proto
 
     def call_on_loop(self, fn, timeout: float = STATUS_TIMEOUT):
         """fn() on the engine thread (directly when already there); raises
@@ -511,34 +470,8 @@ class _Tunnel:
             self.lifecycle.set(st.ERROR, f"engine thread did not stop within {STOP_TIMEOUT:.0f} s")
             raise BridgeError(f"handle {self.handle}: the engine thread did not stop "
                               f"within {STOP_TIMEOUT:.0f} s")
-        _await_os_thread_exit(self.native_id)
+        await_thread_exit(self.native_id)
         self.lifecycle.set(st.DISCONNECTED)
-
-
-def _await_os_thread_exit(native_id, timeout: float = 1.0) -> None:
-    """join() returns once the thread's Python state is gone; the OS thread
-    ends a moment later.  Where /proc shows it, wait for that too, so that a
-    stopped handle has no thread left when stop() returns."""
-    path = f"/proc/self/task/{native_id}"
-    deadline = time.monotonic() + timeout
-    while native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.0002)
-
-
-def _finish_loop(loop) -> None:
-    """What asyncio.run does after its main coroutine: cancel what is left,
-    let transports deliver connection_lost, stop executor threads."""
-    for _ in range(3):
-        tasks = asyncio.all_tasks(loop)
-        if not tasks:
-            break
-        for t in tasks:
-            t.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    for _ in range(3):
-        loop.run_until_complete(asyncio.sleep(0))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
 
 
 # ----------------------------------------------------------------- registry

@@ -17,9 +17,13 @@ Errors are bridge.BridgeError (a ValueError) with a one-line message.
 from __future__ import annotations
 
 import json
+import logging
 
 from . import bridge
 from .engine import paths
+from .upstream._net import set_thread_protect
+
+log = logging.getLogger("tun2xray.bridge")
 
 __all__ = ["OPS", "BadRequest", "malformed", "message", "poll_one", "set_protect", "submit_held"]
 
@@ -34,8 +38,25 @@ def malformed(packet, protocol) -> str | None:
 
 
 def poll_one(handle: int, timeout: float, capacity: int):
-    """bridge._Tunnel.poll_one for a handle (poll mode)."""
-    return bridge._get(handle).poll_one(timeout, capacity)
+    """Poll mode, one packet: the next outbound (packet, protocol) if it fits
+    in capacity bytes, else (None, its length) and it stays queued; None
+    when none came within timeout (or room came back for a held submit)."""
+    t = bridge._get(handle)
+    cv = t._out_cv
+    with cv:
+        q = t._outq
+        if not q and timeout > 0:
+            cv.wait_for(lambda: q or t._closed or t._down or t._resume_poll, timeout)
+        t._resume_poll = False
+        if not q:
+            return None
+        packet, proto = q[0]
+        if len(packet) > capacity:
+            return None, len(packet)
+        q.popleft()
+        t._out_bytes -= len(packet)
+        t.stats["tx_queued"] = len(q)
+    return packet, proto
 
 
 def submit_held(handle: int, packets, protocols) -> int:
@@ -45,10 +66,37 @@ def submit_held(handle: int, packets, protocols) -> int:
     return t.submit(packets, protocols, hold=True)
 
 
+class _Protect:
+    """upstream._net's protect hook on a handle's engine thread: the host's
+    protect(fd) -> bool, counted in the device stats."""
+
+    __slots__ = ("tunnel", "fn")
+
+    def __init__(self, tunnel, fn):
+        self.tunnel = tunnel
+        self.fn = fn
+
+    def __call__(self, fd: int) -> bool:
+        stats = self.tunnel.stats
+        stats["protect_calls"] += 1
+        try:
+            ok = bool(self.fn(fd))
+        except Exception:
+            log.exception("bridge %d: protect raised", self.tunnel.handle)
+            ok = False
+        if not ok:
+            stats["protect_failed"] += 1
+        return ok
+
+
 def set_protect(handle: int, protect) -> None:
+    """Install protect(fd) -> bool (None removes it) on the handle's engine
+    thread; dials that start after this returns see it."""
     if protect is not None and not callable(protect):
         raise bridge.BridgeError("protect: must be callable or None")
-    bridge._get(handle).protect = protect
+    t = bridge._get(handle)
+    hook = None if protect is None else _Protect(t, protect)
+    t.call_on_loop(lambda: set_thread_protect(hook))
 
 
 def _on_engine(handle: int, fn):
