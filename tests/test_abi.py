@@ -13,6 +13,7 @@ import queue
 import random
 import re
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -498,3 +499,37 @@ def test_the_last_error_is_per_thread(abi):
         t.join(30)
     assert seen["a"] == (E_HANDLE, "handle 987654: unknown or already stopped")
     assert seen["b"] == (E_ARG, "packet is NULL")
+
+
+def test_a_missing_compiler_is_one_clear_line(tmp_path):
+    env = dict(os.environ, CC="/nonexistent/cc")
+    env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "tun2xray.abi", "build", "--out", str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tun2xray.abi: compiling libtun2xray failed"), r.stderr
+    assert "/nonexistent/cc" in lines[0] and "tools/install.sh --abi" in lines[0]
+    assert not (tmp_path / "libtun2xray.so").exists()
+
+
+def test_stop_from_the_outbound_callback_is_refused(abi, servers):
+    got = []
+    box = {}
+
+    def on_outbound(ctx, packets, lengths, protocols, count):
+        if count:
+            got.append((abi.stop(box["h"]), abi.error()))
+    cb = OUT_CB(on_outbound)
+    h = box["h"] = abi.start(profile(servers), cb, None)
+    assert h > 0, abi.error()
+    try:
+        pkt, n = _udp(48000, b"stop?")
+        assert abi.submit_inbound(h, pkt, n, 2) == OK
+        _wait(lambda: got, "the callback")
+        assert got[0][0] == hdr.E_STATE and "engine thread" in got[0][1], got
+        # the handle still serves
+        assert abi.submit_inbound(h, pkt, n, 2) == OK
+        _wait(lambda: len(got) >= 2, "a second callback")
+    finally:
+        assert abi.stop(h) == OK, abi.error()
