@@ -533,3 +533,46 @@ def test_stop_from_the_outbound_callback_is_refused(abi, servers):
         _wait(lambda: len(got) >= 2, "a second callback")
     finally:
         assert abi.stop(h) == OK, abi.error()
+
+
+def test_poll_mode_a_full_queue_and_the_early_poll_return(abi, servers):
+    """Poll mode: the engine thread is held inside the protect callback (a
+    dial to a non-loopback address), the queue fills, and once the engine
+    drains it a waiting t2x_poll_outbound returns 0 early (the resume
+    signal), beside the RST of the refused dial."""
+    cfg = json.loads(profile(servers))
+    cfg["rules"].append({"network": "tcp", "port": 80, "to": "socks5://192.0.2.1:1080"})
+    t = Tunnel(abi, json.dumps(cfg).encode(), poll=True)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def protect(ctx, fd):
+        entered.set()
+        release.wait(30)
+        return -1
+    cb = PROTECT_CB(protect)
+    results = []
+    try:
+        assert abi.set_protect(t.handle, cb, None) == OK
+        assert abi.submit_inbound(t.handle, _syn(80, 49000), 40, 2) == OK
+        assert entered.wait(10), "the protect callback was not called"
+        junk = [b"\x45" + bytes(39)] * 5000
+        n = abi.submit_batch(t.handle, junk, [2] * len(junk))
+        assert 0 < n < len(junk)
+        assert abi.submit_inbound(t.handle, junk[0], 40, 2) == QUEUE_FULL
+
+        def poller():
+            for _ in range(2):           # a long timeout: only a packet or the resume ends it
+                results.append(abi.poll(t.handle, timeout_ms=600_000))
+        th = threading.Thread(target=poller)
+        th.start()
+        release.set()
+        th.join(20)
+        assert not th.is_alive(), f"a poll did not return (resume missing?): {results}"
+        kinds = sorted("resume" if r[0] == 0 else "rst" if parse_packet(r[1]).flags & RST else r for r in results)
+        assert kinds == ["resume", "rst"], results
+        assert abi.submit_batch(t.handle, junk[n:n + 100], [2] * 100) == 100
+        assert t.status()["device"]["rx_resumed"] >= 1
+    finally:
+        release.set()
+        t.stop()
