@@ -18,7 +18,9 @@ one).  Any number of host threads may call any function at once.
 Inbound: `submit_*` checks each packet's family against its IP version on the
 caller's thread, appends it to a bounded queue under one short lock and wakes
 the engine's loop once per burst (call_soon_threadsafe only when the queue
-was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
+was empty).  What does not fit is counted (`rx_queue_full`), never waited for;
+or, through `bridge_ops.submit_held` (the C ABI), left with the host, which
+is told when there is room again (`rx_resumed`).
 
 Outbound: packets the stack emits are given to `on_outbound(packets,
 protocols)` on the engine thread, or queued (bounded, tail drop counted in
