@@ -235,7 +235,8 @@ def test_stale_and_unknown_handles_are_error_codes(abi, servers):
         assert abi.submit_batch(h, [pkt], [2]) == E_HANDLE
         assert abi.poll(h)[0] == E_HANDLE
         assert abi.ask(h, b'{"op":"status"}')[0] == E_HANDLE
-        assert abi.set_protect(h, PROTECT_CB(lambda c, fd: 0), None) == E_HANDLE
+        if h != 0:                       # 0: the default for later handles
+            assert abi.set_protect(h, PROTECT_CB(lambda c, fd: 0), None) == E_HANDLE
         assert abi.stop(h) == E_HANDLE and abi.error()
 
 
@@ -575,4 +576,30 @@ def test_poll_mode_a_full_queue_and_the_early_poll_return(abi, servers):
         assert t.status()["device"]["rx_resumed"] >= 1
     finally:
         release.set()
+        t.stop()
+
+
+def test_a_default_protect_sees_the_first_socket_of_a_non_loopback_proxy(abi):
+    """t2x_set_protect(0, ...) before t2x_start: the engine's very first
+    socket (the proxy probe) already goes through it; refused, no packet
+    leaves for the TEST-NET proxy, and a client's SYN is answered by a RST."""
+    calls = []
+
+    def protect(ctx, fd):
+        calls.append(fd)
+        return -1
+    cb = PROTECT_CB(protect)
+    assert abi.set_protect(0, cb, None) == OK
+    try:
+        t = Tunnel(abi, json.dumps({"proxy": "socks5://192.0.2.1:1080", "tcp_connect_timeout": 3}).encode())
+    finally:
+        assert abi.set_protect(0, PROTECT_CB(), None) == OK     # later handles: none
+    try:
+        _wait(lambda: calls, "the probe's protect call")
+        assert abi.submit_inbound(t.handle, _syn(443, 49500), 40, 2) == OK
+        seg = parse_packet(t.next()[0])
+        assert seg.flags & RST, seg
+        d = t.status()["device"]
+        assert d["protect_calls"] == len(calls) >= 2 and d["protect_failed"] == d["protect_calls"]
+    finally:
         t.stop()

@@ -53,6 +53,7 @@ from .host import (EngineSettings, await_thread_exit, finish_loop, make_engine, 
                    watch_upstream)
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
+from .upstream._net import set_thread_protect
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -162,12 +163,13 @@ def check_packets(packets, protocols):
 class _Tunnel:
     """One handle: its engine thread, loop, queues and counters."""
 
-    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
+    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str, protect=None):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
+        self.protect = protect                  # protect(fd) -> bool (bridge_ops.set_protect)
         self.lifecycle = st.Lifecycle()
         self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
         # the addresses, routes and DNS servers the host applies (status["network"])
@@ -202,6 +204,8 @@ class _Tunnel:
     def _thread_main(self) -> None:
         self.thread_id = threading.get_ident()
         self.native_id = threading.get_native_id()
+        if self.protect is not None:        # before the first dial and probe
+            set_thread_protect(self.protect, self.stats)
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
@@ -409,9 +413,9 @@ class _Tunnel:
             q = self._outq
             if not q and timeout > 0:
                 cv.wait_for(lambda: q or self._closed or self._down or self._resume_poll, timeout)
-            self._resume_poll = False
             n = min(max_packets, len(q))
             if not n:
+                self._resume_poll = False       # the resume signal is this empty return
                 return []
             out = [q.popleft() for _ in range(n)]
             self._out_bytes -= sum(len(p) for p, _ in out)
@@ -492,11 +496,15 @@ def _get(handle) -> _Tunnel:
     return t
 
 
-def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
+def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None) -> int:
     """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
     proxy inbound answers in SOCKS5, then "connected"; "degraded"
     with the reason while it stops answering later; see tun2xray.state).
+
+    *protect*: fd -> bool, called on the engine thread for every socket it
+    opens toward a non-loopback address, from the first dial (and proxy
+    probe) on; False fails that dial (VpnService.protect).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""
@@ -504,10 +512,12 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
         raise BridgeError(f"config_json: expected JSON text, got {type(config_json).__name__}")
     if on_outbound is not None and not callable(on_outbound):
         raise BridgeError("on_outbound: must be callable or None")
+    if protect is not None and not callable(protect):
+        raise BridgeError("protect: must be callable or None")
     profile = load_profile(config_json, bridge=True)
     with _registry_lock:
         handle = next(_handles)
-    t = _Tunnel(handle, profile, on_outbound, loop)
+    t = _Tunnel(handle, profile, on_outbound, loop, protect)
     t.thread.start()
     if not t._started.wait(START_TIMEOUT) or not t._serving:
         reason = t.lifecycle.reason or "timed out"

@@ -17,13 +17,10 @@ Errors are bridge.BridgeError (a ValueError) with a one-line message.
 from __future__ import annotations
 
 import json
-import logging
 
 from . import bridge
 from .engine import paths
 from .upstream._net import set_thread_protect
-
-log = logging.getLogger("tun2xray.bridge")
 
 __all__ = ["OPS", "BadRequest", "malformed", "message", "poll_one", "set_protect", "submit_held"]
 
@@ -47,8 +44,8 @@ def poll_one(handle: int, timeout: float, capacity: int):
         q = t._outq
         if not q and timeout > 0:
             cv.wait_for(lambda: q or t._closed or t._down or t._resume_poll, timeout)
-        t._resume_poll = False
         if not q:
+            t._resume_poll = False      # the resume signal is this empty return
             return None
         packet, proto = q[0]
         if len(packet) > capacity:
@@ -66,37 +63,13 @@ def submit_held(handle: int, packets, protocols) -> int:
     return t.submit(packets, protocols, hold=True)
 
 
-class _Protect:
-    """upstream._net's protect hook on a handle's engine thread: the host's
-    protect(fd) -> bool, counted in the device stats."""
-
-    __slots__ = ("tunnel", "fn")
-
-    def __init__(self, tunnel, fn):
-        self.tunnel = tunnel
-        self.fn = fn
-
-    def __call__(self, fd: int) -> bool:
-        stats = self.tunnel.stats
-        stats["protect_calls"] += 1
-        try:
-            ok = bool(self.fn(fd))
-        except Exception:
-            log.exception("bridge %d: protect raised", self.tunnel.handle)
-            ok = False
-        if not ok:
-            stats["protect_failed"] += 1
-        return ok
-
-
 def set_protect(handle: int, protect) -> None:
     """Install protect(fd) -> bool (None removes it) on the handle's engine
     thread; dials that start after this returns see it."""
     if protect is not None and not callable(protect):
         raise bridge.BridgeError("protect: must be callable or None")
     t = bridge._get(handle)
-    hook = None if protect is None else _Protect(t, protect)
-    t.call_on_loop(lambda: set_thread_protect(hook))
+    t.call_on_loop(lambda: set_thread_protect(protect, t.stats))
 
 
 def _on_engine(handle: int, fn):

@@ -35,7 +35,11 @@ class _Native:
 def install(ffi, lib) -> None:
     natives: dict = {}
     natives_lock = threading.Lock()
+    default_protect = []        # [(protect, ctx)] from t2x_set_protect(0, ...), for later starts
     null = ffi.NULL
+
+    def protect_fn(cb, ctx):
+        return lambda fd: cb(ctx, fd) == 0
 
     def fail(code: int, message: str) -> int:
         lib._t2x_set_error(message.encode("utf-8", "replace")[:1000])
@@ -73,7 +77,11 @@ def install(ffi, lib) -> None:
             text = ffi.string(profile_json).decode("utf-8")
             native = _Native(on_outbound if on_outbound != null else None, ctx)
             cb = outbound_adapter(native) if native.on_outbound is not None else None
-            handle = bridge.start(text, cb)
+            with natives_lock:
+                dflt = default_protect[0] if default_protect else None
+            if dflt is not None:
+                native.protect, native.protect_ctx = dflt
+            handle = bridge.start(text, cb, protect=protect_fn(*dflt) if dflt is not None else None)
             if handle > 0x7FFFFFFF:
                 bridge.stop(handle)
                 return fail(0, "no more handles in this process")
@@ -143,6 +151,10 @@ def install(ffi, lib) -> None:
     @ffi.def_extern(name="_t2x_py_set_protect", error=h.E_INTERNAL)
     def _set_protect(handle, protect, ctx):
         try:
+            if handle == 0:          # the default for handles started from now on
+                with natives_lock:
+                    default_protect[:] = [] if protect == null else [(protect, ctx)]
+                return h.OK
             with natives_lock:
                 native = natives.get(handle)
             if native is None:
@@ -153,7 +165,7 @@ def install(ffi, lib) -> None:
                 native.protect = native.protect_ctx = None
                 return h.OK
             native.protect, native.protect_ctx = protect, ctx
-            bridge_ops.set_protect(handle, lambda fd, cb=protect, c=ctx: cb(c, fd) == 0)
+            bridge_ops.set_protect(handle, protect_fn(protect, ctx))
             return h.OK
         except BaseException as e:
             return failure(e)

@@ -85,7 +85,8 @@ int32_t t2x_start(const char *profile_json, t2x_outbound_cb on_outbound, void *c
  * the bounded inbound queue is full and the packet was NOT taken: withhold
  * reads (do not call readPackets again) and submit it again after the resume
  * signal (on_outbound with count 0), or in poll mode after the next
- * t2x_poll_outbound() returns (it returns early, with 0, when room came back).
+ * t2x_poll_outbound() returns (once room came back, the first poll that finds
+ * no packet waiting returns 0 at once, without waiting for its timeout).
  * T2X_E_ARG: a malformed packet or protocol (counted as a drop; do not
  * resubmit).  T2X_E_HANDLE: stale or unknown handle. */
 int32_t t2x_submit_inbound(int32_t handle, const uint8_t *packet, size_t length, int32_t protocol);
@@ -113,7 +114,9 @@ int32_t t2x_message(int32_t handle, const char *request_json, char *reply, size_
 /* protect(ctx, fd) is called, on the engine thread, for every socket the
  * engine opens toward a non-loopback address, before it connects; a
  * non-zero return fails that dial (counted: status device.protect_failed).
- * NULL removes it. */
+ * NULL removes it.  For a handle: dials that start after the call.  Handle
+ * 0: every handle started after the call, from its first dial (and proxy
+ * probe) on; set it before t2x_start when the proxy is not on loopback. */
 int32_t t2x_set_protect(int32_t handle, t2x_protect_cb protect, void *ctx);
 
 /* Stops the engine; returns when every thread, socket and timer of the

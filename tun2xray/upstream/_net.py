@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import logging
 import socket
 import threading
 
@@ -19,16 +20,19 @@ __all__ = ["ProtectError", "literal_family", "needs_protect", "open_tcp", "prote
 # bridge's handles) each see their own host's hook.
 
 _protect = threading.local()
+log = logging.getLogger("tun2xray.upstream")
 
 
 class ProtectError(OSError):
     """The host's protect hook refused a socket: that dial fails."""
 
 
-def set_thread_protect(fn) -> None:
+def set_thread_protect(fn, counters: dict | None = None) -> None:
     """fn(fd) -> bool for sockets the calling thread opens toward a
-    non-loopback address; None removes it."""
+    non-loopback address; None removes it.  ``counters`` (a dict with
+    "protect_calls" and "protect_failed") counts the calls and refusals."""
     _protect.fn = fn
+    _protect.counters = counters
 
 
 def _loopback(host: str) -> bool:
@@ -50,7 +54,17 @@ def protect(sock: socket.socket, host: str) -> None:
     fn = getattr(_protect, "fn", None)
     if fn is None or _loopback(host):
         return
-    if not fn(sock.fileno()):
+    counters = _protect.counters
+    if counters is not None:
+        counters["protect_calls"] += 1
+    try:
+        ok = bool(fn(sock.fileno()))
+    except Exception as e:      # the host's code: its failure refuses the dial
+        log.warning("protect(%d) raised %r: the dial to %s fails", sock.fileno(), e, host)
+        ok = False
+    if not ok:
+        if counters is not None:
+            counters["protect_failed"] += 1
         raise ProtectError(errno.EACCES, f"the host's protect() refused the socket to {host}")
 
 
