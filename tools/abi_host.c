@@ -300,12 +300,13 @@ int main(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
     open_tun(tun, mtu, addrs, naddrs);
     char *profile = read_file(config);
+    /* handle 0: protect every handle started from now on, from its first socket */
+    if (H.protect_on && t2x_set_protect(0, protect, NULL) != T2X_OK)
+        die("t2x_set_protect", t2x_last_error());
     H.handle = t2x_start(profile, H.poll_mode ? NULL : on_outbound, NULL);
     free(profile);
     if (H.handle <= 0)
         die("t2x_start", t2x_last_error());
-    if (H.protect_on && t2x_set_protect(H.handle, protect, NULL) != T2X_OK)
-        die("t2x_set_protect", t2x_last_error());
     if (H.poll_mode && pthread_create(&writer, NULL, poll_writer, NULL) != 0)
         die("pthread_create", strerror(errno));
     fprintf(stderr, "abi_host: %s (mtu %d) -> handle %d, %s mode, AF_INET6 = %d, %s\n", tun, mtu,
