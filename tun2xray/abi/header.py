@@ -51,8 +51,9 @@ def header_text(version: str) -> str:
  * these functions is tun2xray's Python, embedded in the library.
  *
  * Threads: every function may be called from any host thread, at once.
- * None blocks for more than a few milliseconds except t2x_stop() and a
- * t2x_poll_outbound() with a timeout.  Handles are integers > 0, never
+ * None blocks for more than a few milliseconds except t2x_stop(), a
+ * t2x_poll_outbound() with a timeout, and the process's first t2x_start()
+ * (it starts the embedded Python: a few hundred milliseconds).  Handles are integers > 0, never
  * reused: a stopped or unknown handle is T2X_E_HANDLE, not a crash.
  * Errors: negative codes; t2x_last_error() has the reason, per thread.
  */
