@@ -252,6 +252,12 @@ def test_null_pointers_and_short_buffers(abi, servers):
         lens = (ctypes.c_size_t * 2)(20, 20)
         protos = (ctypes.c_int32 * 2)(2, 2)
         assert abi.submit_inbound_batch(h, pkts, lens, protos, 2) == E_ARG and abi.error() == "packets[1] is NULL"
+        big = b"\x45" + bytes(39)
+        assert abi.submit_inbound(h, big, 1 << 40, 2) == E_ARG and "longer than any IP packet" in abi.error()
+        lens_big = (ctypes.c_size_t * 2)(20, 65576)
+        pkts2 = (ctypes.c_char_p * 2)(big, big)
+        assert abi.submit_inbound_batch(h, pkts2, lens_big, protos, 2) == E_ARG
+        assert abi.error() == "lengths[i] 65576 is longer than any IP packet (65575)"
         assert abi.poll_outbound(h, None, 100, None, 0) == E_ARG and abi.error() == "buf is NULL"
         assert abi.poll(h, timeout_ms=-1)[0] == E_ARG
         assert abi.lib.t2x_message(h, None, None, 0) == E_ARG

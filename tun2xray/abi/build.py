@@ -11,6 +11,7 @@ import sysconfig
 import tempfile
 
 from .. import __version__
+from ..bridge import MAX_PACKET
 from . import ENV_PYTHONPATH
 from .header import C_HELPERS, PY_API, TYPEDEFS, header_text
 
@@ -55,6 +56,16 @@ static int t2x_null(const void *p, const char *what)
     return 1;
 }}
 
+/* no IP packet is longer (an IPv6 header and a full payload): a longer
+ * length is a host bug, refused before anything is read */
+static int t2x_too_long(size_t length, const char *what)
+{{
+    if (length <= {max_packet})
+        return 0;
+    snprintf(t2x_error, sizeof t2x_error, "%s %zu is longer than any IP packet ({max_packet})", what, length);
+    return 1;
+}}
+
 T2X_EXPORT const char *t2x_last_error(void) {{ return t2x_error; }}
 T2X_EXPORT const char *t2x_version(void) {{ return "tun2xray {version}"; }}
 
@@ -69,7 +80,7 @@ T2X_EXPORT int32_t t2x_start(const char *profile_json, t2x_outbound_cb on_outbou
 T2X_EXPORT int32_t t2x_submit_inbound(int32_t handle, const uint8_t *packet, size_t length, int32_t protocol)
 {{
     t2x_error[0] = 0;
-    if (t2x_null(packet, "packet"))
+    if (t2x_null(packet, "packet") || t2x_too_long(length, "length"))
         return T2X_E_ARG;
     if (!t2x_ready())
         return T2X_E_INTERNAL;
@@ -88,11 +99,14 @@ T2X_EXPORT int32_t t2x_submit_inbound_batch(int32_t handle, const uint8_t *const
         _t2x_set_error("count larger than INT32_MAX");
         return T2X_E_ARG;
     }}
-    for (size_t i = 0; i < count; i++)
+    for (size_t i = 0; i < count; i++) {{
         if (!packets[i]) {{
             snprintf(t2x_error, sizeof t2x_error, "packets[%zu] is NULL", i);
             return T2X_E_ARG;
         }}
+        if (t2x_too_long(lengths[i], "lengths[i]"))
+            return T2X_E_ARG;
+    }}
     if (!t2x_ready())
         return T2X_E_INTERNAL;
     return _t2x_py_submit(handle, packets, lengths, protocols, count, 0);
@@ -190,7 +204,7 @@ def build(out_dir: str, *, verbose: bool = False) -> tuple[str, str]:
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     link = [f"-Wl,-rpath,{libdir}"] if libdir and sys.platform != "win32" else []
     ffib.set_source(MODULE, C_SOURCE.format(header=header, py_api=PY_API, env=ENV_PYTHONPATH,
-                                            version=__version__),
+                                            version=__version__, max_packet=MAX_PACKET),
                     extra_link_args=link)
     ffib.embedding_init_code(INIT_CODE.format(env=ENV_PYTHONPATH, sites=sites, root=root, module=MODULE))
     os.makedirs(out_dir, exist_ok=True)

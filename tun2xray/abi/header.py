@@ -89,13 +89,15 @@ int32_t t2x_start(const char *profile_json, t2x_outbound_cb on_outbound, void *c
  * t2x_poll_outbound() returns (once room came back, the first poll that finds
  * no packet waiting returns 0 at once, without waiting for its timeout).
  * T2X_E_ARG: a malformed packet or protocol (counted as a drop; do not
- * resubmit).  T2X_E_HANDLE: stale or unknown handle. */
+ * resubmit), or packet NULL or length over 65575 (nothing read).
+ * T2X_E_HANDLE: stale or unknown handle. */
 int32_t t2x_submit_inbound(int32_t handle, const uint8_t *packet, size_t length, int32_t protocol);
 
 /* A batch as readPackets gives it.  Returns how many were taken, always the
  * first ones (malformed ones count as taken, and dropped); fewer than count
  * means the queue filled: keep the rest, in order, for after the resume
- * signal.  Negative: nothing was taken (bad handle or arguments). */
+ * signal.  Negative: nothing was taken (bad handle, a NULL array or packet,
+ * a length over 65575). */
 int32_t t2x_submit_inbound_batch(int32_t handle, const uint8_t *const *packets, const size_t *lengths,
                                  const int32_t *protocols, size_t count);
 
