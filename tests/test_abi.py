@@ -609,3 +609,28 @@ def test_a_default_protect_sees_the_first_socket_of_a_non_loopback_proxy(abi):
         assert d["protect_calls"] == len(calls) >= 2 and d["protect_failed"] == d["protect_calls"]
     finally:
         t.stop()
+
+
+def test_a_host_that_dlopens_the_library_locally(built, tmp_path):
+    # Java's System.load, Android's loadLibrary and Swift's dlopen load it
+    # with RTLD_LOCAL: libpython's symbols must still reach the extension
+    # modules Python loads (cffi's backend, uvloop)
+    exe = str(tmp_path / "abi_dlopen")
+    r = subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", exe, os.path.join(HERE, "abi_dlopen.c"), "-ldl"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([exe, built[0], '{"proxy": "socks5://127.0.0.1:9"}'], capture_output=True, text=True,
+                       timeout=120, env=_no_pythonpath())
+    assert r.returncode == 0, r.stdout + r.stderr
+    h, reply, stopped = r.stdout.split()
+    assert int(h) > 0 and reply == '{"ok":true,"reset":0}' and stopped == "0"
+
+
+def test_the_jni_glue_in_the_docs_is_the_file_that_is_run():
+    # docs/embedding-c.md shows tools/jni/t2x_jni.c (run by tools/jni/jni_check.py) verbatim
+    root = os.path.dirname(HERE)
+    with open(os.path.join(root, "docs", "embedding-c.md")) as f:
+        doc = f.read()
+    with open(os.path.join(root, "tools", "jni", "t2x_jni.c")) as f:
+        code = f.read()
+    assert "```c\n" + code + "```\n" in doc

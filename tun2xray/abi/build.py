@@ -21,6 +21,7 @@ MODULE = "_tun2xray_abi"     # the embedded cffi module's name
 # The exported functions: pointer checks and the thread's last error stay in
 # C; a call crosses into Python only once the interpreter is up.
 C_SOURCE = """
+#include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
 {header}
@@ -34,11 +35,25 @@ static void _t2x_set_error(const char *message)
     snprintf(t2x_error, sizeof t2x_error, "%s", message ? message : "");
 }}
 
+/* A host that dlopen()s this library with RTLD_LOCAL (Java's System.load,
+ * Android's loadLibrary, dlopen in Swift) leaves libpython's symbols out of
+ * the global scope, where the extension modules Python loads (cffi's
+ * backend, uvloop) look for them: make them global before Python starts. */
+static void t2x_python_symbols_global(void)
+{{
+#ifdef RTLD_NOLOAD
+    Dl_info info;
+    if (dladdr((void *)&Py_IsInitialized, &info) && info.dli_fname)
+        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
+#endif
+}}
+
 static int t2x_ready(void)
 {{
     t2x_error[0] = 0;
     if (__atomic_load_n(&t2x_py_ok, __ATOMIC_ACQUIRE))
         return 1;
+    t2x_python_symbols_global();
     if (_t2x_py_ready() == 1) {{
         __atomic_store_n(&t2x_py_ok, 1, __ATOMIC_RELEASE);
         return 1;
