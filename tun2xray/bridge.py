@@ -3,7 +3,7 @@
 The host holds integer handles, never Python objects (the handle style of
 wireguard-go's mobile bridge)::
 
-    handle = bridge.start(config_json, on_outbound=None)
+    handle = bridge.start(config_json, on_outbound=None)   # protect=fd -> bool: VpnService.protect
     bridge.submit_inbound(handle, packet, protocol)
     bridge.submit_inbound_batch(handle, packets, protocols)
     bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
