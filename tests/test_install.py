@@ -1,5 +1,7 @@
 """The README's first command, as written, in a fresh copy of this checkout,
-on the machine's own Debian Python (the one PEP 668 protects).
+on the machine's own Debian Python (the one PEP 668 protects); then the C
+library built there (install.sh --abi, python3 -m tun2xray.abi build) and a
+C program linked against it.
 
 The copy gets its own .venv from /usr/bin/python3; PATH holds only system
 directories, so ``python3`` is Debian's and ``tun2xray`` must come from the
@@ -100,12 +102,26 @@ def test_readme_install_command_on_the_system_python():
             f"bash -c {shlex.quote(command)}",
             "rc=$?",
             f"readlink {LINK} > {shlex.quote(link_file)}",
-            "exit $rc",
+            # then the C library, as docs/embedding-c.md builds it
+            "[ $rc = 0 ] || exit $rc",
+            "bash tools/install.sh --abi || exit 96",
+            ".venv/bin/python -m tun2xray.abi build --out abi-out || exit 95",
+            "printf '#include <stdio.h>\\n#include \"tun2xray.h\"\\n"
+            "int main(void) { puts(t2x_version()); return t2x_stop(1) == T2X_E_HANDLE ? 0 : 1; }\\n' > abi-out/v.c",
+            "cc -o abi-out/v abi-out/v.c -I abi-out -L abi-out -ltun2xray -Wl,-rpath,$PWD/abi-out || exit 94",
+            "abi-out/v || exit 93",
         ])
         r = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
                            env=system_env(), capture_output=True, text=True, timeout=900)
         out = r.stdout + r.stderr
-        assert r.returncode == 0, f"`{command}` exited {r.returncode}:\n{out[-4000:]}"
+        what = {96: "install.sh --abi", 95: "python3 -m tun2xray.abi build", 94: "cc against the header",
+                93: "the C program"}.get(r.returncode, f"`{command}`")
+        assert r.returncode == 0, f"{what} exited {r.returncode}:\n{out[-4000:]}"
+
+        # the library was built with the venv's Python and answered a C program
+        assert re.search(r"^tun2xray \d+\.\d+\.\d+$", r.stdout, re.M), out[-4000:]
+        assert os.path.isfile(os.path.join(clone, "abi-out", "libtun2xray.so"))
+        assert os.path.isfile(os.path.join(clone, "abi-out", "tun2xray.h"))
 
         # install.sh said what it did; the replay printed its flows, completed
         assert re.search(r"^install\.sh: tun2xray \d+\.\d+\.\d+ in .*/\.venv", r.stdout, re.M), out[-4000:]
@@ -162,4 +178,4 @@ def test_unknown_option_is_one_clear_line():
     r = subprocess.run(["bash", os.path.join(ROOT, "tools", "install.sh"), "--tset"], env=system_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr == "install.sh: error: unknown option '--tset' (usage: bash tools/install.sh [--test])\n"
+    assert r.stderr == "install.sh: error: unknown option '--tset' (usage: bash tools/install.sh [--test] [--abi])\n"

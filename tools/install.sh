@@ -4,6 +4,10 @@
 #   bash tools/install.sh           what running tun2xray needs
 #   bash tools/install.sh --test    also the test and benchmark world (v2ray,
 #                                   iperf3, nginx, wrk, dnsmasq, pytest, ...)
+#   bash tools/install.sh --abi     also what building the C library needs
+#                                   (python3 -m tun2xray.abi build): cffi in
+#                                   the venv; gcc, libc6-dev, python3-dev
+#                                   (--test includes it)
 #
 # Python: Debian's /usr/bin/python3 when there is one, else python3 on PATH;
 # 3.11 or newer. Nothing is pip-installed into that Python (Debian forbids it,
@@ -17,6 +21,7 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 LINK=/usr/local/bin/tun2xray
 TEST_DEBS=(v2ray iperf3 curl dnsutils dnsmasq-base socat tcpdump iproute2 ethtool nginx-light wrk debootstrap)
+ABI_DEBS=(gcc libc6-dev python3-dev)    # a C compiler and Python.h/libpython for cffi
 
 LOG=$(mktemp "${TMPDIR:-/tmp}/tun2xray-install.XXXXXX")
 trap 'rm -f "$LOG"' EXIT
@@ -30,11 +35,13 @@ fail() {  # one line; the full output stays in the log
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 
 TEST=0
+ABI=0
 for arg in "$@"; do
     case $arg in
-        --test) TEST=1 ;;
+        --test) TEST=1; ABI=1 ;;
+        --abi) ABI=1 ;;
         -h|--help) sed -n '2,/^set /{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
-        *) die "unknown option '$arg' (usage: bash tools/install.sh [--test])" ;;
+        *) die "unknown option '$arg' (usage: bash tools/install.sh [--test] [--abi])" ;;
     esac
 done
 
@@ -84,6 +91,10 @@ if ((TEST)) && ((APT)); then
     mapfile -t more < <(missing_debs "${TEST_DEBS[@]}")
     debs+=("${more[@]}")
 fi
+if ((ABI)) && ((APT)); then
+    mapfile -t more < <(missing_debs "${ABI_DEBS[@]}")
+    debs+=("${more[@]}")
+fi
 if ((${#debs[@]})); then
     if ((ROOT_USER && APT)); then
         apt_install "${debs[@]}"
@@ -91,7 +102,7 @@ if ((${#debs[@]})); then
         ((APT)) || die "no python3 found: tun2xray needs Python 3.11 or newer (with its venv module)"
         die "missing Debian packages: ${debs[*]}; as root run: apt-get install ${debs[*]}"
     else
-        say "warning: the tests need Debian packages that are missing (install them as root): ${debs[*]}" >&2
+        say "warning: --test/--abi need Debian packages that are missing (install them as root): ${debs[*]}" >&2
     fi
 fi
 PY=$(pick_python)
@@ -108,6 +119,7 @@ base=$("$VENV/bin/python" -c 'import sys; print(sys._base_executable)')
 
 # --- the project (editable: the checkout is the code that runs) ---
 spec=.
+((ABI)) && spec='.[abi]'
 ((TEST)) && spec='.[test]'
 hash=$( { echo "$ROOT"; cat pyproject.toml; } | sha256sum | cut -d' ' -f1)
 stamp=$VENV/.tun2xray-installed

@@ -3,7 +3,7 @@
 The host holds integer handles, never Python objects (the handle style of
 wireguard-go's mobile bridge)::
 
-    handle = bridge.start(config_json, on_outbound=None)
+    handle = bridge.start(config_json, on_outbound=None)   # protect=fd -> bool: VpnService.protect
     bridge.submit_inbound(handle, packet, protocol)
     bridge.submit_inbound_batch(handle, packets, protocols)
     bridge.poll_outbound(handle, max_packets=64, timeout=0.0) -> [(packet, protocol), ...]
@@ -18,7 +18,9 @@ one).  Any number of host threads may call any function at once.
 Inbound: `submit_*` checks each packet's family against its IP version on the
 caller's thread, appends it to a bounded queue under one short lock and wakes
 the engine's loop once per burst (call_soon_threadsafe only when the queue
-was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
+was empty).  What does not fit is counted (`rx_queue_full`), never waited for;
+or, through `bridge_ops.submit_held` (the C ABI), left with the host, which
+is told when there is room again (`rx_resumed`).
 
 Outbound: packets the stack emits are given to `on_outbound(packets,
 protocols)` on the engine thread, or queued (bounded, tail drop counted in
@@ -47,9 +49,11 @@ from collections import deque
 
 from . import state as st
 from .device import Capabilities
-from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
+from .host import (EngineSettings, await_thread_exit, finish_loop, make_engine, new_loop, stack_config,
+                   watch_upstream)
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
+from .upstream._net import set_thread_protect
 
 log = logging.getLogger("tun2xray.bridge")
 
@@ -118,6 +122,7 @@ class _BridgeDevice:
             **{k: 0 for k in _RX_DROPS},
             "tx_packets": 0, "tx_bytes": 0, "tx_dropped": 0, "tx_queue_full": 0,
             "tx_callback_errors": 0, "tx_queued": 0, "engine_errors": 0, "rx_wakeups": 0,
+            "rx_resumed": 0, "protect_calls": 0, "protect_failed": 0,
         }
 
     def fileno(self):
@@ -127,17 +132,44 @@ class _BridgeDevice:
         pass
 
 
+def check_packets(packets, protocols):
+    """Per packet, on the caller's thread: (packet, n, drop counter or
+    None); the last IPv6 family number seen."""
+    out = []
+    af6 = None
+    for p, proto in zip(packets, protocols):
+        if type(p) is not bytes:
+            if not isinstance(p, (bytearray, memoryview)):
+                out.append((p, 0, "rx_bad_type"))
+                continue
+            p = bytes(p)             # the host may reuse its buffer
+        n = len(p)
+        if n > MAX_PACKET:
+            out.append((p, n, "rx_oversize"))
+        elif type(proto) is not int:
+            out.append((p, n, "rx_bad_protocol"))
+        elif proto == AF_INET:
+            out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 4 else None))
+        elif proto in _AF6:
+            af6 = proto
+            out.append((p, n, "rx_family_mismatch" if n and p[0] >> 4 != 6 else None))
+        else:
+            out.append((p, n, "rx_bad_protocol"))
+    return out, af6
+
+
 # ------------------------------------------------------------------- tunnel
 
 class _Tunnel:
     """One handle: its engine thread, loop, queues and counters."""
 
-    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
+    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str, protect=None):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
+        self.protect = protect                  # protect(fd) -> bool (bridge_ops.set_protect)
         self.lifecycle = st.Lifecycle()
         self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
         # the addresses, routes and DNS servers the host applies (status["network"])
@@ -151,6 +183,8 @@ class _Tunnel:
         self._inq: list = []
         self._inq_bytes = 0
         self._wake = False                      # a _drain is scheduled on the loop
+        self._held = False                      # a held submit found the queue full
+        self._resume_poll = False               # room again: end the waiting poll early
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
         self._af6 = AF_INET6_NATIVE
@@ -164,6 +198,7 @@ class _Tunnel:
         self._started = threading.Event()
         self.loop, self.loop_kind = _new_loop(loop_kind)
         self.thread_id = None
+        self.native_id = None
         self.thread = threading.Thread(target=self._thread_main, name=f"tun2xray-bridge-{handle}",
                                        daemon=True)
 
@@ -171,6 +206,9 @@ class _Tunnel:
 
     def _thread_main(self) -> None:
         self.thread_id = threading.get_ident()
+        self.native_id = threading.get_native_id()
+        if self.protect is not None:        # before the first dial and probe
+            set_thread_protect(self.protect, self.stats)
         loop = self.loop
         asyncio.set_event_loop(loop)
         try:
@@ -181,7 +219,7 @@ class _Tunnel:
         finally:
             self._serving = False
             try:
-                _finish_loop(loop)
+                finish_loop(loop)
             except BaseException:
                 log.exception("bridge %d: loop cleanup failed", self.handle)
             finally:
@@ -241,12 +279,15 @@ class _Tunnel:
                 stats["rx_dropped"] += n
                 return
             stats["rx_delivered"] += n
+            resume, self._held = self._held, False
         for i in range(0, n, FEED_CHUNK):
             try:
                 engine.feed(batch[i:i + FEED_CHUNK])
             except Exception:        # a stack/engine bug must not kill the loop: count it
                 self.stats["engine_errors"] += 1
                 log.exception("bridge %d: engine.feed failed", self.handle)
+        if resume:
+            self._resume()
 
     def _outbound(self, packets) -> int:
         """device.write_batch, on the engine thread."""
@@ -292,84 +333,47 @@ class _Tunnel:
 
     # ------------------------------------------------------------- host side
 
-    def submit(self, packets, protocols) -> None:
-        good = []
-        nbytes = total_bytes = 0
-        mismatch = badproto = badtype = oversize = 0
-        af6 = None
-        for p, proto in zip(packets, protocols):
-            if type(p) is not bytes:
-                if isinstance(p, (bytearray, memoryview)):
-                    p = bytes(p)         # the host may reuse its buffer
-                else:
-                    badtype += 1
-                    continue
-            n = len(p)
-            total_bytes += n
-            if n > MAX_PACKET:
-                oversize += 1
-                continue
-            if type(proto) is not int:
-                badproto += 1
-                continue
-            if proto == AF_INET:
-                if n and p[0] >> 4 != 4:
-                    mismatch += 1
-                    continue
-            elif proto in _AF6:
-                af6 = proto
-                if n and p[0] >> 4 != 6:
-                    mismatch += 1
-                    continue
-            else:
-                badproto += 1
-                continue
-            good.append(p)
-            nbytes += n
+    def submit(self, packets, protocols, hold: bool = False) -> int:
+        """Queue the packets for the engine; returns how many of them were
+        taken (queued or counted as dropped).  hold=False: all of them, what
+        does not fit is dropped (rx_queue_full).  hold=True (the C ABI): a
+        prefix, up to the first packet that does not fit; the rest stays the
+        host's, and the host is told when there is room again (resume)."""
+        checked, af6 = check_packets(packets, protocols)
         wake = False
         with self._lock:
             stats = self.stats
-            stats["rx_packets"] += len(packets)
-            stats["rx_bytes"] += total_bytes
             if af6 is not None:
                 self._af6 = af6
-            dropped = mismatch + badproto + badtype + oversize
-            if mismatch:
-                stats["rx_family_mismatch"] += mismatch
-            if badproto:
-                stats["rx_bad_protocol"] += badproto
-            if badtype:
-                stats["rx_bad_type"] += badtype
-            if oversize:
-                stats["rx_oversize"] += oversize
-            if good:
-                if self._closed or self._down:
-                    stats["rx_engine_down"] += len(good)
-                    dropped += len(good)
-                else:
-                    q = self._inq
-                    room = INBOUND_PACKETS - len(q)
-                    if len(good) <= room and self._inq_bytes + nbytes <= INBOUND_BYTES:
-                        q.extend(good)
-                        self._inq_bytes += nbytes
-                        taken = len(good)
+            down = self._closed or self._down
+            q = self._inq
+            qb = self._inq_bytes
+            taken = nbytes = queued = 0
+            for p, n, drop in checked:
+                if drop is None:
+                    if down:
+                        drop = "rx_engine_down"
+                    elif len(q) >= INBOUND_PACKETS or qb + n > INBOUND_BYTES:
+                        if hold:
+                            self._held = True
+                            break
+                        drop = "rx_queue_full"
                     else:
-                        taken = 0
-                        qb = self._inq_bytes
-                        for p in good:
-                            if taken >= room or qb + len(p) > INBOUND_BYTES:
-                                continue
-                            q.append(p)
-                            qb += len(p)
-                            taken += 1
-                        self._inq_bytes = qb
-                        stats["rx_queue_full"] += len(good) - taken
-                        dropped += len(good) - taken
-                    stats["rx_queued"] += taken
-                    if taken and not self._wake and self._serving:
-                        self._wake = wake = True
-                        stats["rx_wakeups"] += 1
-            stats["rx_dropped"] += dropped
+                        q.append(p)
+                        qb += n
+                        queued += 1
+                if drop is not None:
+                    stats[drop] += 1
+                    stats["rx_dropped"] += 1
+                taken += 1
+                nbytes += n
+            self._inq_bytes = qb
+            stats["rx_packets"] += taken
+            stats["rx_bytes"] += nbytes
+            stats["rx_queued"] += queued
+            if queued and not self._wake and self._serving:
+                self._wake = wake = True
+                stats["rx_wakeups"] += 1
         if wake:
             try:
                 self.loop.call_soon_threadsafe(self._drain)
@@ -377,6 +381,24 @@ class _Tunnel:
                 with self._lock:
                     self._wake = False
                     self._drop_inbound_locked()
+        return taken
+
+    def _resume(self) -> None:
+        """There is room again after a held submit: tell the host, on the
+        engine thread: on_outbound with an empty batch, or an early return
+        of a waiting poll_outbound."""
+        self.stats["rx_resumed"] += 1
+        cb = self.on_outbound
+        if cb is not None:
+            try:
+                cb([], [])
+            except Exception:
+                self.stats["tx_callback_errors"] += 1
+                log.exception("bridge %d: on_outbound (resume) raised", self.handle)
+            return
+        with self._out_cv:
+            self._resume_poll = True
+            self._out_cv.notify_all()
 
     def _drop_inbound_locked(self) -> None:
         n = len(self._inq)
@@ -393,9 +415,10 @@ class _Tunnel:
         with cv:
             q = self._outq
             if not q and timeout > 0:
-                cv.wait_for(lambda: q or self._closed or self._down, timeout)
+                cv.wait_for(lambda: q or self._closed or self._down or self._resume_poll, timeout)
             n = min(max_packets, len(q))
             if not n:
+                self._resume_poll = False       # the resume signal is this empty return
                 return []
             out = [q.popleft() for _ in range(n)]
             self._out_bytes -= sum(len(p) for p, _ in out)
@@ -456,23 +479,8 @@ class _Tunnel:
             self.lifecycle.set(st.ERROR, f"engine thread did not stop within {STOP_TIMEOUT:.0f} s")
             raise BridgeError(f"handle {self.handle}: the engine thread did not stop "
                               f"within {STOP_TIMEOUT:.0f} s")
+        await_thread_exit(self.native_id)
         self.lifecycle.set(st.DISCONNECTED)
-
-
-def _finish_loop(loop) -> None:
-    """What asyncio.run does after its main coroutine: cancel what is left,
-    let transports deliver connection_lost, stop executor threads."""
-    for _ in range(3):
-        tasks = asyncio.all_tasks(loop)
-        if not tasks:
-            break
-        for t in tasks:
-            t.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-    for _ in range(3):
-        loop.run_until_complete(asyncio.sleep(0))
-    loop.run_until_complete(loop.shutdown_asyncgens())
-    loop.run_until_complete(loop.shutdown_default_executor())
 
 
 # ----------------------------------------------------------------- registry
@@ -491,11 +499,15 @@ def _get(handle) -> _Tunnel:
     return t
 
 
-def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
+def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None) -> int:
     """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
     proxy inbound answers in SOCKS5, then "connected"; "degraded"
     with the reason while it stops answering later; see tun2xray.state).
+
+    *protect*: fd -> bool, called on the engine thread for every socket it
+    opens toward a non-loopback address, from the first dial (and proxy
+    probe) on; False fails that dial (VpnService.protect).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""
@@ -503,10 +515,12 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
         raise BridgeError(f"config_json: expected JSON text, got {type(config_json).__name__}")
     if on_outbound is not None and not callable(on_outbound):
         raise BridgeError("on_outbound: must be callable or None")
+    if protect is not None and not callable(protect):
+        raise BridgeError("protect: must be callable or None")
     profile = load_profile(config_json, bridge=True)
     with _registry_lock:
         handle = next(_handles)
-    t = _Tunnel(handle, profile, on_outbound, loop)
+    t = _Tunnel(handle, profile, on_outbound, loop, protect)
     t.thread.start()
     if not t._started.wait(START_TIMEOUT) or not t._serving:
         reason = t.lifecycle.reason or "timed out"
@@ -518,6 +532,10 @@ def start(config_json, on_outbound=None, *, loop: str = "auto") -> int:
     with _registry_lock:
         _registry[handle] = t
     return handle
+
+
+def is_live(handle) -> bool:
+    return handle in _registry
 
 
 def submit_inbound(handle: int, packet, protocol: int) -> None:

@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 log = logging.getLogger("tun2xray")
 
@@ -76,6 +77,33 @@ def new_loop(kind: str = "auto"):
         else:
             return uvloop.new_event_loop(), "uvloop"
     return asyncio.new_event_loop(), "asyncio"
+
+
+def finish_loop(loop) -> None:
+    """What asyncio.run does after its main coroutine: cancel what is left,
+    let transports deliver connection_lost, stop executor threads (for a
+    host that ran *loop* in its own thread, before closing it)."""
+    for _ in range(3):
+        tasks = asyncio.all_tasks(loop)
+        if not tasks:
+            break
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for _ in range(3):
+        loop.run_until_complete(asyncio.sleep(0))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+
+
+def await_thread_exit(native_id, timeout: float = 1.0) -> None:
+    """Thread.join() returns once the thread's Python state is gone; the OS
+    thread ends a moment later.  Where /proc shows it, wait for that too (a
+    host that promises "no thread left" when stop returns)."""
+    path = f"/proc/self/task/{native_id}"
+    deadline = time.monotonic() + timeout
+    while native_id is not None and os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.0002)
 
 
 # -------------------------------------------------------------- processes

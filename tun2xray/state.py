@@ -162,10 +162,15 @@ async def socks_probe(host: str, port: int, *, username: str | None = None, pass
     even "command not supported" from an inbound with UDP off, means the
     server is there."""
     import asyncio
+
+    from .upstream._net import needs_protect, open_tcp
     w = None
     try:
         async with asyncio.timeout(timeout):
-            r, w = await asyncio.open_connection(host, port)
+            if needs_protect(host):        # the host's protect() sees the probe's socket too
+                r, w = await asyncio.open_connection(sock=await open_tcp(host, port))
+            else:
+                r, w = await asyncio.open_connection(host, port)
             w.write(b"\x05\x02\x00\x02" if username is not None else b"\x05\x01\x00")
             reply = await r.readexactly(2)
             if reply[0] != 5:

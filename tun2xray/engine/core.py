@@ -98,6 +98,7 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
         self._pollable = True
+        self.asleep = False        # the host sleeps (engine.paths.sleep): no timers armed
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
         # debug logging: the flag is read once (refresh_log_level), not per packet
@@ -303,7 +304,7 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
             self.stop()
 
     def _arm(self, at) -> None:
-        if at is None:
+        if at is None or self.asleep:
             return
         if self._timer is not None:
             if self._timer_at <= at:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from ..rules import BLOCK
+from ..upstream._net import needs_protect, open_tcp
 from ..upstream.socks5 import socks_client
 from ..upstream.socks5_proto import CMD_CONNECT, reply_text
 from ..upstream.url import DokodemoUpstream, SocksUpstream
@@ -111,7 +112,15 @@ class EngineTcp:
             relay.name = name       # what the CONNECT carried (None: the address)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self.loop.create_connection(lambda: relay, up.host, up.port)
+                if needs_protect(up.host):      # the host's protect() sees it first
+                    sock = await open_tcp(up.host, up.port)
+                    try:
+                        await self.loop.create_connection(lambda: relay, sock=sock)
+                    except BaseException:
+                        sock.close()
+                        raise
+                else:
+                    await self.loop.create_connection(lambda: relay, up.host, up.port)
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:

@@ -3,9 +3,69 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
+import logging
 import socket
+import threading
 
-__all__ = ["literal_family", "open_tcp", "resolve"]
+__all__ = ["ProtectError", "literal_family", "needs_protect", "open_tcp", "protect", "resolve",
+           "set_thread_protect"]
+
+# -------------------------------------------------------------------- protect
+# A host that routes all traffic into its own tunnel (Android VpnService) must
+# exempt the engine's sockets to non-loopback addresses before they connect
+# (VpnService.protect).  The hook is per thread: an engine and everything it
+# dials run on one loop thread, so several engines in one process (the
+# bridge's handles) each see their own host's hook.
+
+_protect = threading.local()
+log = logging.getLogger("tun2xray.upstream")
+
+
+class ProtectError(OSError):
+    """The host's protect hook refused a socket: that dial fails."""
+
+
+def set_thread_protect(fn, counters: dict | None = None) -> None:
+    """fn(fd) -> bool for sockets the calling thread opens toward a
+    non-loopback address; None removes it.  ``counters`` (a dict with
+    "protect_calls" and "protect_failed") counts the calls and refusals."""
+    _protect.fn = fn
+    _protect.counters = counters
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def needs_protect(host: str) -> bool:
+    """Would a dial to ``host`` (a literal or a name) from this thread go
+    through the protect hook?  Literal loopback addresses never do."""
+    return getattr(_protect, "fn", None) is not None and not _loopback(host)
+
+
+def protect(sock: socket.socket, host: str) -> None:
+    """Pass ``sock`` to this thread's protect hook before it connects to the
+    address literal ``host``; raises ProtectError when the hook refuses it."""
+    fn = getattr(_protect, "fn", None)
+    if fn is None or _loopback(host):
+        return
+    counters = _protect.counters
+    if counters is not None:
+        counters["protect_calls"] += 1
+    try:
+        ok = bool(fn(sock.fileno()))
+    except Exception as e:      # the host's code: its failure refuses the dial
+        log.warning("protect(%d) raised %r: the dial to %s fails", sock.fileno(), e, host)
+        ok = False
+    if not ok:
+        if counters is not None:
+            counters["protect_failed"] += 1
+        raise ProtectError(errno.EACCES, f"the host's protect() refused the socket to {host}")
 
 
 def literal_family(host: str) -> int | None:
@@ -50,6 +110,7 @@ async def open_tcp(host: str, port: int) -> socket.socket:
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            protect(sock, addr[0])
             await loop.sock_connect(sock, addr)
             return sock
         except OSError as exc:
@@ -99,6 +160,7 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
             sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            protect(sock, addr[0])
             sock.connect(addr)   # datagrams only from addr
         except BaseException:
             sock.close()

@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""The C boundary's cost: iperf3 through tools/abi_host.c (libtun2xray)
+beside tools/reference_host.py (the same bridge from Python), on the plain
+TUN path a NEPacketTunnelProvider or VpnService host has (no offloads), at
+MTU 1500 and 4064, with the kernel's own path in the same run.
+
+The world is tools/bench/benchlab.py's (prefix "ab": ab-cli with the TUN
+abtun0 and the host, ab-srv with a plain v2ray socks inbound on the veth and
+the iperf3 servers). For each MTU and host: iperf3 single stream up and
+down; Gbps received and the host process's CPU-seconds per GB (utime+stime,
+all its threads).
+
+    python3 tools/bench/abi_bench.py [-t SECONDS] [--mtu 1500 --mtu 4064]
+
+Final line:
+  abi_bench: up1500_ratio=… down1500_ratio=… up4064_ratio=… down4064_ratio=… cpu1500_ratio=… cpu4064_ratio=…
+(ratios are abi_host / reference_host: throughput, and CPU-s/GB averaged
+over both directions).  Needs root; cleans up on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import benchlab  # noqa: E402
+from benchlab import (DIRECT_TARGET, HOLD_PORT, IPERF_PORT, SOCKS_ADDR, SOCKS_PORT,  # noqa: E402
+                      TUN_NET, TUN_TARGET, cpu_seconds)
+
+NAN = float("nan")
+HOSTS = ("reference", "abi")
+
+
+def build_abi_host(repo: str, out: str) -> str:
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "tun2xray.abi", "build", "--out", out], cwd=repo, env=env,
+                       capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        raise SystemExit(f"abi_bench: building libtun2xray failed: {r.stderr.strip()}")
+    exe = os.path.join(out, "abi_host")
+    r = subprocess.run(["cc", "-O2", "-o", exe, os.path.join(repo, "tools", "abi_host.c"), "-I", out,
+                        "-L", out, "-ltun2xray", f"-Wl,-rpath,{out}", "-lpthread"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise SystemExit(f"abi_bench: compiling abi_host failed: {r.stderr.strip()}")
+    return exe
+
+
+class Bench:
+    def __init__(self, lab: benchlab.BenchLab, args, exe: str):
+        self.lab = lab
+        self.args = args
+        self.exe = exe
+        self.results = {}
+
+    def start_host(self, host: str, mtu: int) -> int:
+        lab = self.lab
+        prof = {"proxy": f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "mtu": mtu,
+                "ipv4": {"address": "198.18.0.1/15"}, "ipv6": {"address": "fd00:7478::1/64"}}
+        cfg = os.path.join(lab.workdir, "profile.json")
+        with open(cfg, "w") as f:
+            json.dump(prof, f)
+        env = dict(os.environ, PYTHONPATH=lab.repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if host == "abi":
+            argv = [self.exe, "--tun", lab.tun, "--config", cfg, "--mtu", str(mtu),
+                    "--addr", "198.18.0.1/15", "--addr", "fd00:7478::1/64"]
+        else:
+            argv = [sys.executable, os.path.join(lab.repo, "tools", "reference_host.py"), "--tun", lab.tun,
+                    "--config", cfg, "--log-level", "warning"]
+        p = lab.spawn("host", lab.cli_ns, argv, cwd=lab.repo, env=env)
+        benchlab.wait_until(lambda: p.poll() is not None or benchlab.netlab.link_exists(lab.cli_ns, lab.tun),
+                            20, f"{lab.tun} to appear")
+        if p.poll() is not None:
+            raise SystemExit(f"abi_bench: {host} host exited: {lab.log('host')[-1500:]}")
+        benchlab.netlab.wait_link(lab.cli_ns, lab.tun)
+        lab.ip(lab.cli_ns, "route", "replace", TUN_NET, "dev", lab.tun)
+        benchlab.wait_until(self._echo_ok, 20, "a TCP echo through the TUN", interval=0.2)
+        return p.pid
+
+    def _echo_ok(self) -> bool:
+        try:
+            with self.lab.in_cli():
+                s = socket.socket()
+            s.settimeout(2)
+            with s:
+                s.connect((TUN_TARGET, HOLD_PORT))
+                s.sendall(b"ready?")
+                return s.recv(16) == b"ready?"
+        except OSError:
+            return False
+
+    def stop_host(self) -> None:
+        self.lab.stop("host", timeout=30)
+        benchlab.wait_until(lambda: not benchlab.netlab.link_exists(self.lab.cli_ns, self.lab.tun), 10,
+                            f"{self.lab.tun} gone")
+
+    def iperf(self, target: str, reverse: bool, pid: int | None) -> tuple[float, float]:
+        secs = self.args.time
+        argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(secs), "-J"] + (["-R"] if reverse else [])
+        cpu0 = cpu_seconds(pid) if pid else 0.0
+        r = self.lab.cli_run(argv, timeout=secs + 40)
+        cpu1 = cpu_seconds(pid) if pid else 0.0
+        try:
+            rx = json.loads(r.stdout)["end"]["sum_received"]
+        except (ValueError, KeyError):
+            print(f"  iperf3 failed: {r.stderr.decode(errors='replace')[-300:]}")
+            return NAN, NAN
+        gb = rx["bytes"] / 1e9
+        return rx["bits_per_second"] / 1e9, ((cpu1 - cpu0) / gb if pid and gb else NAN)
+
+    def run(self) -> int:
+        lab = self.lab
+        for mtu in self.args.mtu:
+            lab.set_veth_mtu(max(mtu, 1500))
+            print(f"\nMTU {mtu}, iperf3 {self.args.time} s single stream; Gbps received, host CPU-s/GB")
+            for word, rev in (("up", False), ("down", True)):
+                g, _ = self.iperf(DIRECT_TARGET, rev, None)
+                print(f"  {word:<5} direct (kernel)     {g:7.3f}")
+            for host in HOSTS:
+                pid = self.start_host(host, mtu)
+                try:
+                    for word, rev in (("up", False), ("down", True)):
+                        g, c = self.iperf(TUN_TARGET, rev, pid)
+                        self.results[(mtu, host, word)] = (g, c)
+                        print(f"  {word:<5} {host + '_host':<19} {g:7.3f}  {c:7.2f}")
+                finally:
+                    self.stop_host()
+        final = []
+        for mtu in self.args.mtu:
+            for word in ("up", "down"):
+                a = self.results.get((mtu, "abi", word), (NAN, NAN))[0]
+                b = self.results.get((mtu, "reference", word), (NAN, NAN))[0]
+                final.append(f"{word}{mtu}_ratio={a / b if b else NAN:.3f}")
+            ca = sum(self.results.get((mtu, "abi", w), (NAN, NAN))[1] for w in ("up", "down"))
+            cb = sum(self.results.get((mtu, "reference", w), (NAN, NAN))[1] for w in ("up", "down"))
+            final.append(f"cpu{mtu}_ratio={ca / cb if cb else NAN:.3f}")
+        print("\nabi_bench: " + " ".join(final))
+        return 1 if any("nan" in f for f in final) or any(math.isnan(v[0]) for v in self.results.values()) else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="abi_bench", description=__doc__.split("\n", 1)[0])
+    p.add_argument("-t", "--time", type=int, default=5, help="seconds per iperf3 run (default 5)")
+    p.add_argument("--mtu", type=int, action="append", help="TUN MTU (repeatable; default 1500 and 4064)")
+    p.add_argument("--repo", default=benchlab.REPO, help="the checkout whose tun2xray runs")
+    p.add_argument("--prefix", default="ab", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.mtu = args.mtu or [1500, 4064]
+    if os.geteuid() != 0:
+        print("abi_bench: needs root (namespaces, veth, TUN)", file=sys.stderr)
+        return 2
+    lab = benchlab.BenchLab(prefix=args.prefix, repo=args.repo)
+    with lab:
+        exe = build_abi_host(lab.repo, os.path.join(lab.workdir, "abi"))
+        return Bench(lab, args, exe).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The Python half of libtun2xray: each exported C function's body, over
+tun2xray.bridge and tun2xray.bridge_ops.
+
+``install(ffi, lib)`` runs once, in the library's init code, when the host
+first calls into it.  Every body catches everything: an exception never
+crosses into the host; it becomes a return code and this thread's
+t2x_last_error() (lib._t2x_set_error).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from .. import bridge, bridge_ops
+from ..profile import ProfileError
+from . import header as h
+
+__all__ = ["install"]
+
+
+class _Native:
+    """What a handle holds of the host's C side: the callbacks and their ctx
+    (kept alive here as long as the handle lives)."""
+
+    __slots__ = ("on_outbound", "ctx", "protect", "protect_ctx")
+
+    def __init__(self, on_outbound, ctx):
+        self.on_outbound = on_outbound
+        self.ctx = ctx
+        self.protect = None
+        self.protect_ctx = None
+
+
+def install(ffi, lib) -> None:
+    natives: dict = {}
+    natives_lock = threading.Lock()
+    default_protect = []        # [(protect, ctx)] from t2x_set_protect(0, ...), for later starts
+    null = ffi.NULL
+
+    def protect_fn(cb, ctx):
+        return lambda fd: cb(ctx, fd) == 0
+
+    def fail(code: int, message: str) -> int:
+        lib._t2x_set_error(message.encode("utf-8", "replace")[:1000])
+        return code
+
+    def failure(e: BaseException, default: int = h.E_ARG) -> int:
+        if isinstance(e, bridge.InvalidHandle):
+            return fail(h.E_HANDLE, str(e))
+        if isinstance(e, ProfileError):
+            return fail(h.E_JSON, f"profile: {e}")
+        if isinstance(e, bridge.BridgeError):
+            return fail(default, str(e))
+        return fail(h.E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    def outbound_adapter(native):
+        cb, ctx = native.on_outbound, native.ctx
+
+        def on_outbound(packets, protocols):
+            n = len(packets)
+            if not n:
+                cb(ctx, null, null, null, 0)          # the resume signal
+                return
+            bufs = [ffi.from_buffer("uint8_t[]", p) for p in packets]
+            cb(ctx, ffi.new("const uint8_t *[]", bufs), ffi.new("size_t[]", [len(p) for p in packets]),
+               ffi.new("int32_t[]", protocols), n)
+        return on_outbound
+
+    @ffi.def_extern(name="_t2x_py_ready", error=0)
+    def _ready():
+        return 1
+
+    @ffi.def_extern(name="_t2x_py_start", error=0)
+    def _start(profile_json, on_outbound, ctx):
+        try:
+            text = ffi.string(profile_json).decode("utf-8")
+            native = _Native(on_outbound if on_outbound != null else None, ctx)
+            cb = outbound_adapter(native) if native.on_outbound is not None else None
+            with natives_lock:
+                dflt = default_protect[0] if default_protect else None
+            if dflt is not None:
+                native.protect, native.protect_ctx = dflt
+            handle = bridge.start(text, cb, protect=protect_fn(*dflt) if dflt is not None else None)
+            if handle > 0x7FFFFFFF:
+                bridge.stop(handle)
+                return fail(0, "no more handles in this process")
+            with natives_lock:
+                natives[handle] = native
+            return handle
+        except UnicodeDecodeError as e:
+            return fail(0, f"profile_json: not UTF-8 ({e.reason})")
+        except BaseException as e:
+            failure(e)
+            return 0
+
+    @ffi.def_extern(name="_t2x_py_submit", error=h.E_INTERNAL)
+    def _submit(handle, packets, lengths, protocols, count, single):
+        try:
+            lens = ffi.unpack(lengths, count)
+            pkts = [ffi.buffer(packets[i], lens[i])[:] for i in range(count)]
+            protos = ffi.unpack(protocols, count)
+            taken = bridge_ops.submit_held(handle, pkts, protos)
+            if not single:
+                return taken
+            if not taken:
+                return h.QUEUE_FULL
+            bad = bridge_ops.malformed(pkts[0], protos[0])
+            return fail(h.E_ARG, f"packet dropped: {bad}") if bad else h.OK
+        except BaseException as e:
+            return failure(e)
+
+    @ffi.def_extern(name="_t2x_py_poll", error=h.E_INTERNAL)
+    def _poll(handle, buf, capacity, protocol, timeout_ms):
+        try:
+            got = bridge_ops.poll_one(handle, timeout_ms / 1000.0, capacity)
+            if got is None:
+                return 0
+            packet, proto = got
+            if packet is None:
+                return fail(h.E_SHORT, f"capacity {capacity} is smaller than the packet ({proto} bytes); "
+                                       "it stays queued")
+            ffi.memmove(buf, packet, len(packet))
+            if protocol != null:
+                protocol[0] = proto
+            return len(packet)
+        except BaseException as e:
+            return failure(e)
+
+    @ffi.def_extern(name="_t2x_py_message", error=h.E_INTERNAL)
+    def _message(handle, request_json, reply, capacity):
+        try:
+            try:
+                req = ffi.string(request_json).decode("utf-8")
+            except UnicodeDecodeError as e:
+                return fail(h.E_JSON, f"request_json: not UTF-8 ({e.reason})")
+            try:
+                answer = bridge_ops.message(handle, req)
+            except bridge_ops.BadRequest as e:
+                return fail(h.E_JSON, str(e))
+            out = json.dumps(answer, separators=(",", ":")).encode()
+            if len(out) > 0x7FFFFFFF:
+                return fail(h.E_INTERNAL, "reply larger than 2 GB")
+            if capacity:
+                n = min(len(out), capacity - 1)
+                ffi.memmove(reply, out[:n] + b"\0", n + 1)
+            return len(out)
+        except BaseException as e:
+            return failure(e, h.E_STATE)
+
+    @ffi.def_extern(name="_t2x_py_set_protect", error=h.E_INTERNAL)
+    def _set_protect(handle, protect, ctx):
+        try:
+            if handle == 0:          # the default for handles started from now on
+                with natives_lock:
+                    default_protect[:] = [] if protect == null else [(protect, ctx)]
+                return h.OK
+            with natives_lock:
+                native = natives.get(handle)
+            if native is None:
+                bridge._get(handle)           # raises InvalidHandle for an unknown one
+                return fail(h.E_HANDLE, f"handle {handle}: unknown or already stopped")
+            if protect == null:
+                bridge_ops.set_protect(handle, None)
+                native.protect = native.protect_ctx = None
+                return h.OK
+            native.protect, native.protect_ctx = protect, ctx
+            bridge_ops.set_protect(handle, protect_fn(protect, ctx))
+            return h.OK
+        except BaseException as e:
+            return failure(e)
+
+    @ffi.def_extern(name="_t2x_py_stop", error=h.E_INTERNAL)
+    def _stop(handle):
+        try:
+            bridge.stop(handle)
+            return h.OK
+        except BaseException as e:
+            return failure(e, h.E_STATE)
+        finally:
+            if not bridge.is_live(handle):
+                with natives_lock:
+                    natives.pop(handle, None)
