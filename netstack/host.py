@@ -30,21 +30,18 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "rng", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
         self.config = stack.config
+        self.rng = stack.rng            # Stack.rng's setter keeps it current
         self.next_id = stack._next_id
         self.emit = stack.output.append
         self.event = stack.events.append
         self.touch = stack._dirty.setdefault       # touch(flow): _dirty[flow] = None, in C
         self._drops = stack.tcp_drops
         self._admission = stack.admission
-
-    @property
-    def rng(self):
-        return self._stack.rng          # read at use: a test may inject its own after construction
 
     def drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -56,12 +53,9 @@ class StackHost:
 
     def answered(self, conn) -> None:
         self._stack.pending -= 1
-        adm = self._admission
-        adm.remove(conn)
-        if conn.state == "SYN_RECEIVED":
-            victim = adm.add_half_open(conn)
-            if victim is not None:
-                victim.shed()
+        victim = self._admission.remove(conn, conn.state == "SYN_RECEIVED")
+        if victim is not None:
+            victim.shed()
 
     def synchronized(self, conn) -> None:
         self._admission.half_open.pop(conn, None)
