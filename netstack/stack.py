@@ -199,7 +199,7 @@ class Stack:
             dirty = self._dirty
             # a fresh dict; the flows' host touches it from now on
             self._dirty = fresh = {}
-            self.tcp_host.touch = fresh.setdefault
+            self.tcp_host.dirty = fresh
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
@@ -245,7 +245,7 @@ class Stack:
         if out:
             # a fresh list; the flows' host appends to it from now on
             self.output = fresh = []
-            self.tcp_host.emit = fresh.append
+            self.tcp_host.out = fresh
             self.tx_packets += len(out)
             self.tx_bytes += sum(map(len, out))
         return out
@@ -254,7 +254,7 @@ class Stack:
         evs = self.events
         if evs:
             self.events = fresh = []
-            self.tcp_host.event = fresh.append
+            self.tcp_host.events = fresh
         return evs
 
     def status(self) -> dict:

@@ -11,7 +11,7 @@ step, and closing.  All parts are mixins over one set of slots declared here,
 so the per-segment path pays no extra indirection.
 
 Everything a connection does to its surroundings goes through `self.host`
-(netstack.host: emit, event, drop, touch, request/answered, closed).
+(netstack.host: out, events, drop, dirty, request/answered, closed).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.host.answered(self)
         self.syn_quote = None
         self.conn_at = None
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def reject(self, how: str = "rst") -> None:
         """Refuse the connect request: "rst", "icmp-port|host|net|admin" or "drop"."""
@@ -146,7 +146,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if self.state != LISTEN or self._pending_close is not None or self.closed:
             raise TcpError(f"reject() in state {self.state}")
         self._pending_close = ("rejected", how)
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def shed(self) -> None:
         """Admission control (netstack.admission): this unanswered request,
@@ -173,14 +173,14 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         elif st == CLOSE_WAIT:
             self.state = LAST_ACK
         # LISTEN / SYN_RECEIVED: the FIN waits for ESTABLISHED
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def abort(self) -> None:
         """Reset the connection (RST at the next poll, then TcpClosed "aborted")."""
         if self.closed or self._pending_close is not None:
             return
         self._pending_close = ("aborted", "rst")
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def flush(self, now: float) -> None:
         if self.closed:
@@ -248,7 +248,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 if swnd > old and self.snd_buf:
                     self.persist_at = None
                     self._persist_n = 0
-                    self.host.touch(self)
+                    self.host.dirty[self] = None
             if n:
                 self._deliver(payload, n, now)
             return
@@ -346,7 +346,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.host.drop("dup_syn")
         if self.snd_una == self.iss:
             self.snd_nxt = self.iss
-            self.host.touch(self)
+            self.host.dirty[self] = None
 
     def _paws_rejects(self, ts_val) -> bool:
         """PAWS (RFC 7323 §5.3 R1): an old timestamp marks an old duplicate."""
@@ -389,7 +389,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         an ACK of anything else is answered with a RST (False then)."""
         if not 0 < ((ack - self.snd_una) & _M) <= ((self.snd_max - self.snd_una) & _M):
             self.host.drop("bad_ack")
-            self.host.emit(self.tpl.build(ack, 0, RST, 0, b"", b""))
+            self.host.out.append(self.tpl.build(ack, 0, RST, 0, b"", b""))
             return False
         self.host.synchronized(self)
         self.state = FIN_WAIT_1 if self.fin_queued else ESTABLISHED
@@ -400,7 +400,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if self.ts_ok:
             self.ts_recent = ts_val if ts_val is not None else self.ts_recent
         if self.snd_buf or self.fin_queued:
-            self.host.touch(self)
+            self.host.dirty[self] = None
         ka = self.host.config.keepalive
         if ka is not None:
             self._arm_at(now + ka)
@@ -453,7 +453,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 self.persist_at = None
                 self._persist_n = 0
                 if self.snd_buf or self.fin_queued:
-                    self.host.touch(self)
+                    self.host.dirty[self] = None
         # our FIN acknowledged?
         if self.fin_queued and self.snd_una == ((self._buf_seq + len(self.snd_buf) + 1) & _M):
             if st == FIN_WAIT_1:
