@@ -130,8 +130,12 @@ def compose(lifecycle: Lifecycle, engine_status: dict | None, instance: dict | N
     *instance* (a `tun2xray run`'s claim: pid, name, device URL, control
     URL, see instance.py) is added as "instance"."""
     out = lifecycle.as_dict()
-    from . import version
-    out["version"] = version()
+    # the running code's own version (the same number the distribution's
+    # metadata carries: pyproject.toml reads it from __version__); reading
+    # that metadata would import importlib.metadata into a long-running
+    # process for one string (about 0.9 MB of RSS)
+    from . import __version__
+    out["version"] = __version__
     if instance is not None:
         out["instance"] = dict(instance)
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():

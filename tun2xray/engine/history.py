@@ -10,6 +10,9 @@ import time
 from .relay import RATE_PERIOD, TcpRelay, _fmt
 
 
+_NOTHING = (0, 0)          # a flow's counters before its first sample
+
+
 class EngineHistory:
     # ---------------------------------------------------------- drop summary
 
@@ -95,8 +98,11 @@ class EngineHistory:
         self._sampler = loop.call_later(RATE_PERIOD, self._sample)
         if dt <= 0:
             return
-        old = self._rates
-        rates = {}
+        # the counters at the last sample are updated in place, and only for
+        # flows that moved: an idle flow costs no new tuple and the table is
+        # not rebuilt (a second copy of it every second showed in the RSS);
+        # _remember drops a flow's entry when it closes
+        rates = self._rates
         flow_rate = {}
         tot_in, tot_out = self._closed_bytes
         stack = self.stack
@@ -105,12 +111,10 @@ class EngineHistory:
                 bi, bo = f.bytes_in, f.bytes_out
                 tot_in += bi
                 tot_out += bo
-                p = old.get(f)
-                pi, po = p if p is not None else (0, 0)
-                rates[f] = (bi, bo)
+                pi, po = rates.get(f, _NOTHING)
                 if bi != pi or bo != po:
+                    rates[f] = (bi, bo)
                     flow_rate[f] = ((bi - pi) / dt, (bo - po) / dt)
-        self._rates = rates
         self._flow_rate = flow_rate
         ti, to = self._total_at
         self._total_at = (tot_in, tot_out)
