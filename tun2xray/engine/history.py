@@ -10,9 +10,6 @@ import time
 from .relay import RATE_PERIOD, TcpRelay, _fmt
 
 
-_NOTHING = (0, 0)          # a flow's counters before its first sample
-
-
 class EngineHistory:
     # ---------------------------------------------------------- drop summary
 
@@ -78,7 +75,6 @@ class EngineHistory:
     def _remember(self, proto, f, relay, why) -> None:
         """Add a closed flow to the bounded history; keep the total rate exact."""
         bi, bo = f.bytes_in, f.bytes_out
-        self._rates.pop(f, None)
         self._flow_rate.pop(f, None)
         cb = self._closed_bytes
         cb[0] += bi
@@ -98,11 +94,10 @@ class EngineHistory:
         self._sampler = loop.call_later(RATE_PERIOD, self._sample)
         if dt <= 0:
             return
-        # the counters at the last sample are updated in place, and only for
-        # flows that moved: an idle flow costs no new tuple and the table is
-        # not rebuilt (a second copy of it every second showed in the RSS);
-        # _remember drops a flow's entry when it closes
-        rates = self._rates
+        # each flow's counters at the last sample live in its relay (two
+        # slots), written only when they moved: no table of tuples rebuilt
+        # every second (it showed in the RSS per flow).  A flow without a
+        # relay (a request not yet answered) has moved no bytes.
         flow_rate = {}
         tot_in, tot_out = self._closed_bytes
         stack = self.stack
@@ -111,9 +106,13 @@ class EngineHistory:
                 bi, bo = f.bytes_in, f.bytes_out
                 tot_in += bi
                 tot_out += bo
-                pi, po = rates.get(f, _NOTHING)
+                r = f.user
+                if r is None:
+                    continue
+                pi, po = r.sampled_in, r.sampled_out
                 if bi != pi or bo != po:
-                    rates[f] = (bi, bo)
+                    r.sampled_in = bi
+                    r.sampled_out = bo
                     flow_rate[f] = ((bi - pi) / dt, (bo - po) / dt)
         self._flow_rate = flow_rate
         ti, to = self._total_at

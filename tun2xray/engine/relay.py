@@ -35,7 +35,7 @@ class TcpRelay(asyncio.Protocol):
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
                  "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from",
-                 "up_at")
+                 "up_at", "sampled_in", "sampled_out")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -55,6 +55,8 @@ class TcpRelay(asyncio.Protocol):
         self.hs_timer = None
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
         self.up_at = None         # loop time the upstream said yes (CONNECT reply / connected)
+        # the flow's byte counters at the rate sampler's last look (Engine._sample)
+        self.sampled_in = self.sampled_out = 0
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -232,7 +234,7 @@ class UdpRelay:
     """Upstream side of one UDP flow (a dokodemo socket, or a share of a
     SOCKS association for its client address)."""
 
-    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped")
+    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped", "sampled_in", "sampled_out")
 
     def __init__(self, flow, url):
         self.flow = flow
@@ -242,6 +244,7 @@ class UdpRelay:
         self.assoc = None
         self.dst_host = flow.dst
         self.dropped = 0
+        self.sampled_in = self.sampled_out = 0    # as TcpRelay's
 
 
 class SocksAssoc:
