@@ -492,8 +492,7 @@ else:
     a = open_device("tun://dvtun10?offload=1", mtu=1500, addresses=["10.70.0.1/24"])
     b = open_device("tun://dvtun11?offload=0", mtu=1500, addresses=["10.71.0.1/24"])
 sip, dip = ipaddress.ip_address(SRC).packed, ipaddress.ip_address(DST).packed
-time.sleep(0.1)
-b.read_batch(1000)
+b.read_batch(1000)    # what came first (router solicitations); the reads below keep only TCP
 
 def csum(b):
     if len(b) % 2: b += b"\\0"
