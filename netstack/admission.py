@@ -29,6 +29,9 @@ holding the most is a scan over destinations, done only when the table is full.
 from __future__ import annotations
 
 
+_ADMIT = (None, None)
+
+
 class Admission:
     __slots__ = ("max_pending", "per_dst", "per_src", "by_dst", "by_src", "shed", "max_half_open",
                  "half_open")
@@ -46,17 +49,25 @@ class Admission:
         self.half_open: dict = {}   # {conn: None} in SYN_RECEIVED, oldest first
 
     def add(self, conn) -> None:
-        d = self.by_dst.get((conn.dst, conn.dport))
+        """A new request is pending."""
+        k = (conn.dst, conn.dport)
+        d = self.by_dst.get(k)
         if d is None:
-            d = self.by_dst[(conn.dst, conn.dport)] = {}
-        d[conn] = None
+            self.by_dst[k] = {conn: None}
+        else:
+            d[conn] = None
         if self.by_src is not None:
             s = self.by_src.get(conn.src)
             if s is None:
-                s = self.by_src[conn.src] = {}
-            s[conn] = None
+                self.by_src[conn.src] = {conn: None}
+            else:
+                s[conn] = None
 
-    def remove(self, conn) -> None:
+    def remove(self, conn, half_open: bool = False):
+        """A request is no longer pending (answered, shed, timed out, reset).
+        With half_open (it was accepted: SYN_RECEIVED) it is counted as
+        half open; returns the oldest half-open connection to shed when
+        there are now too many (or None)."""
         k = (conn.dst, conn.dport)
         d = self.by_dst.get(k)
         if d is not None and d.pop(conn, 0) is None and not d:
@@ -65,6 +76,15 @@ class Admission:
             s = self.by_src.get(conn.src)
             if s is not None and s.pop(conn, 0) is None and not s:
                 del self.by_src[conn.src]
+        if half_open:
+            h = self.half_open
+            h[conn] = None
+            if len(h) > self.max_half_open:
+                victim = next(iter(h))
+                del h[victim]
+                self.shed += 1
+                return victim
+        return None
 
     def check(self, src, dst, dport, pending: int):
         """For a SYN from src to (dst, dport) with `pending` requests waiting:
@@ -74,6 +94,8 @@ class Admission:
         nd = len(d) if d is not None else 0
         if nd >= self.per_dst:
             return "tcp_pending_per_destination", None
+        if pending < self.max_pending and self.by_src is None:
+            return _ADMIT                # the common case: room, no per-source bound
         victim = None
         if pending >= self.max_pending:
             most = None
@@ -90,15 +112,3 @@ class Admission:
         if victim is not None:
             self.shed += 1
         return None, victim
-
-    def add_half_open(self, conn):
-        """conn entered SYN_RECEIVED; returns the oldest half-open connection
-        to shed when there are now too many (or None)."""
-        h = self.half_open
-        h[conn] = None
-        if len(h) <= self.max_half_open:
-            return None
-        victim = next(iter(h))
-        del h[victim]
-        self.shed += 1
-        return victim

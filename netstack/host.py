@@ -5,10 +5,10 @@ do to its surroundings goes through its `host`.
     host.config            the StackConfig (read only)
     host.rng               the injected random source (ISNs, timestamps)
     host.next_id()         a fresh flow id (timer-heap tie breaker)
-    host.emit(packet)      queue a packet for the device
-    host.event(ev)         queue an event for the application
+    host.out.append(packet)   queue a packet for the device
+    host.events.append(ev)    queue an event for the application
     host.drop(reason)      count a segment the flow discarded (tcp_drops)
-    host.touch(flow)       the flow owes output: flush it at the next poll
+    host.dirty[flow] = None   the flow owes output: flush it at the next poll
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
     host.answered(conn)    the request was accepted (conn.state is then
@@ -17,11 +17,12 @@ do to its surroundings goes through its `host`.
     host.icmp_unreachable(quote, kind)   an ICMP error quoting a packet
     host.closed(flow, reason)  the flow left the table (called exactly once)
 
-`emit` and `event` are the bound `append` of the stack's current output and
-event lists (the stack rebinds them when `take_output` / `take_events` hand
-a list over), so the per-packet path costs what `stack.output.append` cost;
-`touch` likewise is the bound `setdefault` of the stack's current set of
-touched flows (an insertion-ordered dict, rebound by `poll`).
+`out`, `events` and `dirty` are the stack's current output list, event
+list and insertion-ordered dict of touched flows (the stack points them at
+fresh ones when take_output, take_events and poll hand theirs over), so the
+per-packet path costs what `stack.output.append` cost: attribute loads and
+a list append that CPython specializes.  (A bound method kept in a slot,
+`host.emit(packet)`, would be looked up the slow way on every call.)
 """
 
 from __future__ import annotations
@@ -30,21 +31,18 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "rng", "next_id", "out", "events", "dirty", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
         self.config = stack.config
+        self.rng = stack.rng            # Stack.rng's setter keeps it current
         self.next_id = stack._next_id
-        self.emit = stack.output.append
-        self.event = stack.events.append
-        self.touch = stack._dirty.setdefault       # touch(flow): _dirty[flow] = None, in C
+        self.out = stack.output
+        self.events = stack.events
+        self.dirty = stack._dirty
         self._drops = stack.tcp_drops
         self._admission = stack.admission
-
-    @property
-    def rng(self):
-        return self._stack.rng          # read at use: a test may inject its own after construction
 
     def drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -52,16 +50,13 @@ class StackHost:
     def request(self, conn) -> None:
         self._stack.pending += 1
         self._admission.add(conn)
-        self.event(_ev.TcpConnectRequest(conn))
+        self.events.append(_ev.TcpConnectRequest(conn))
 
     def answered(self, conn) -> None:
         self._stack.pending -= 1
-        adm = self._admission
-        adm.remove(conn)
-        if conn.state == "SYN_RECEIVED":
-            victim = adm.add_half_open(conn)
-            if victim is not None:
-                victim.shed()
+        victim = self._admission.remove(conn, conn.state == "SYN_RECEIVED")
+        if victim is not None:
+            victim.shed()
 
     def synchronized(self, conn) -> None:
         self._admission.half_open.pop(conn, None)

@@ -52,7 +52,9 @@ from .udp import QUOTE_DATA, UdpFlow
 from .wire import checksum as ck
 from .wire.errors import WireError
 from .wire.ipv4 import header_ok as _ip4_header_ok
+from .wire.ipv4 import fields as _ip4_fields
 from .wire.ipv4 import unpack as _ip4
+from .wire.ipv6 import fields as _ip6_fields
 from .wire.ipv6 import unpack as _ip6
 from .wire.ipv6 import walk as _walk6
 from .wire.udp import parse as _udp
@@ -65,14 +67,14 @@ PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6, PROTO_NONE6 = 1, 6, 
 
 class Stack:
     __slots__ = (
-        "config", "rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
+        "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
         self.config = config or StackConfig()
-        self.rng = rng or random.Random()
+        self._rng = rng or random.Random()
         self.now = 0.0
         self.tcp: dict = {}       # (src, sport, dst, dport) -> TcpConnection
         self.udp: dict = {}       # (src, sport, dst, dport) -> UdpFlow
@@ -89,9 +91,20 @@ class Stack:
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
         self._frag = None         # fragment reassembler (netstack.reassembly), created lazily
-        self._ip_id = self.rng.getrandbits(32)   # IP identification for datagrams we build
+        self._ip_id = self._rng.getrandbits(32)   # IP identification for datagrams we build
         self.admission = Admission(self.config)  # which connect requests may wait (fairness)
         self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
+
+    @property
+    def rng(self) -> random.Random:
+        """The random source (ISNs, timestamp offsets, IP ids)."""
+        return self._rng
+
+    @rng.setter
+    def rng(self, rng: random.Random) -> None:
+        # a test may inject its own after construction: the flows' host follows
+        self._rng = rng
+        self.tcp_host.rng = rng
 
     # ------------------------------------------------------------------ host API
 
@@ -112,10 +125,19 @@ class Stack:
             drops["truncated"] += 1
             return
         mv = memoryview(packet)
-        v = mv[0] >> 4
+        b0 = mv[0]
+        v = b0 >> 4
         if v == 4:
             try:
-                off, tot, frag, proto, src, dst = _ip4(mv)
+                if b0 == 0x45 and n >= 20:
+                    # the fast form for a header without options; what it
+                    # cannot vouch for goes through the checked unpack
+                    _, tot, frag, proto, src, dst = _ip4_fields(mv)
+                    off = 20
+                    if tot > n or tot < 20:
+                        off, tot, frag, proto, src, dst = _ip4(mv)
+                else:
+                    off, tot, frag, proto, src, dst = _ip4(mv)
             except WireError as e:
                 drops[e.reason] += 1
                 return
@@ -134,7 +156,12 @@ class Stack:
             family = 4
         elif v == 6:
             try:
-                plen, proto, src, dst = _ip6(mv)
+                if n >= 40:
+                    _, plen, proto, src, dst = _ip6_fields(mv)     # the fast form, checked next
+                    if 40 + plen > n:
+                        plen, proto, src, dst = _ip6(mv)
+                else:
+                    plen, proto, src, dst = _ip6(mv)
             except WireError as e:
                 drops[e.reason] += 1
                 return
@@ -172,7 +199,7 @@ class Stack:
             dirty = self._dirty
             # a fresh dict; the flows' host touches it from now on
             self._dirty = fresh = {}
-            self.tcp_host.touch = fresh.setdefault
+            self.tcp_host.dirty = fresh
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
@@ -218,7 +245,7 @@ class Stack:
         if out:
             # a fresh list; the flows' host appends to it from now on
             self.output = fresh = []
-            self.tcp_host.emit = fresh.append
+            self.tcp_host.out = fresh
             self.tx_packets += len(out)
             self.tx_bytes += sum(map(len, out))
         return out
@@ -227,7 +254,7 @@ class Stack:
         evs = self.events
         if evs:
             self.events = fresh = []
-            self.tcp_host.event = fresh.append
+            self.tcp_host.events = fresh
         return evs
 
     def status(self) -> dict:

@@ -543,19 +543,29 @@ def test_outbound_overflow_in_poll_mode_is_counted(socks, monkeypatch, hosts):
     assert d["tx_packets"] == 5 and d["tx_dropped"] == 3 and d["tx_queued"] == 0
 
 
-def test_poll_timeout_waits_and_stop_wakes_it(socks):
+def test_poll_timeout_waits_and_stop_wakes_it(socks, monkeypatch):
     h = bridge.start(profile(socks))
     t0 = time.monotonic()
     assert bridge.poll_outbound(h, 8, 0.2) == []
-    assert time.monotonic() - t0 >= 0.19
+    assert time.monotonic() - t0 >= 0.19        # it waited (a lower bound: no machine is too slow for it)
+    # stop() wakes a poll that would wait 60 s: the thread is let in, stop()
+    # follows; once the poll has its tunnel, the tunnel's closing ends its
+    # wait (before or during it), so this is not a race
+    polling = threading.Event()
+    real_poll = bridge._Tunnel.poll
+
+    def poll(self, max_packets, timeout):
+        polling.set()
+        return real_poll(self, max_packets, timeout)
+
+    monkeypatch.setattr(bridge._Tunnel, "poll", poll)
     woke = []
-    th = threading.Thread(target=lambda: woke.append(bridge.poll_outbound(h, 8, 20)))
+    th = threading.Thread(target=lambda: woke.append(bridge.poll_outbound(h, 8, 60)))
     th.start()
-    time.sleep(0.1)
-    t0 = time.monotonic()
+    assert polling.wait(10)
     bridge.stop(h)
-    th.join(5)
-    assert woke == [[]] and time.monotonic() - t0 < 5
+    th.join(30)                                 # a deadline, far below the poll's own 60 s
+    assert not th.is_alive() and woke == [[]]
 
 
 def test_concurrent_submitters(socks):

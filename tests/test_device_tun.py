@@ -38,6 +38,20 @@ def wait_packets(dev, want, timeout=3.0):
                 return p, seen
     return None, seen
 
+def qdisc_sent(name):
+    r = subprocess.run(["tc", "-s", "-j", "qdisc", "show", "dev", name], capture_output=True, text=True,
+                       check=True)
+    return sum(q.get("packets", 0) for q in json.loads(r.stdout))
+
+def wait_sent(name, n, timeout=10.0):
+    # the TUN's qdisc counts a packet as sent when it hands it to the TUN
+    # (which queues it for the reader): wait for that, not for a fixed time
+    deadline = time.monotonic() + timeout
+    while qdisc_sent(name) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}: {qdisc_sent(name)} of {n} packets through the qdisc")
+        time.sleep(0.005)
+
 def ip_json(name):
     r = subprocess.run(["ip", "-j", "addr", "show", "dev", name], capture_output=True, text=True)
     return json.loads(r.stdout)[0] if r.returncode == 0 else None
@@ -84,7 +98,8 @@ def test_created_tun_gets_mtu_addresses_up_and_is_removed_on_close(netns):
         result["trusted"] = dev.trusted_checksums
         result["blocking"] = os.get_blocking(dev.fileno())
         result["link"] = ip_json("dvtun0")
-        time.sleep(0.3)
+        with open("/proc/sys/net/ipv6/conf/dvtun0/router_solicitations") as f:
+            result["router_solicitations"] = f.read().strip()
         result["first_packets"] = [p.hex() for p in dev.read_batch()]
         dev.close()
         dev.close()  # idempotent
@@ -115,7 +130,9 @@ def test_created_tun_gets_mtu_addresses_up_and_is_removed_on_close(netns):
     assert not v6.get("tentative", False)
     assert res["exists_after_close"] is False
     assert "closed" in res["read_after_close"]
-    # no IPv6 router solicitations (ICMPv6 type 133) from a TUN we made
+    # no IPv6 router solicitations (ICMPv6 type 133) from a TUN we made: the
+    # kernel is told to send none (a wait for their absence could not fail)
+    assert res["router_solicitations"] == "0"
     rs = [p for p in map(bytes.fromhex, res["first_packets"]) if p[0] >> 4 == 6 and p[6] == 58 and p[40] == 133]
     assert rs == []
 
@@ -262,9 +279,10 @@ def test_read_batch_respects_max_and_drains_to_eagain(netns):
         dev = open_device("tun://dvtun3", addresses=["10.64.0.1/24"])
         dev.read_batch()  # router solicitations etc.
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        base = qdisc_sent("dvtun3")
         for i in range(50):
             s.sendto(b"n%02d" % i, ("10.64.0.2", 6000))
-        time.sleep(0.2)
+        wait_sent("dvtun3", base + 50)
         first = dev.read_batch(max_packets=10)
         rest = dev.read_batch(max_packets=1000)
         udp = [p for p in first + rest if p[9] == 17]
@@ -474,8 +492,7 @@ else:
     a = open_device("tun://dvtun10?offload=1", mtu=1500, addresses=["10.70.0.1/24"])
     b = open_device("tun://dvtun11?offload=0", mtu=1500, addresses=["10.71.0.1/24"])
 sip, dip = ipaddress.ip_address(SRC).packed, ipaddress.ip_address(DST).packed
-time.sleep(0.1)
-b.read_batch(1000)
+b.read_batch(1000)    # what came first (router solicitations); the reads below keep only TCP
 
 def csum(b):
     if len(b) % 2: b += b"\\0"
@@ -558,17 +575,17 @@ def test_multiqueue_spreads_flows_over_queues(netns):
         q1 = open_device("tun://dvtun12?multiqueue=1", addresses=["10.72.0.1/24"])
         q2 = q1.open_queue()
         result["flags"] = [q1.multiqueue, q2.multiqueue, q1.created, q2.created, q2.fileno() != q1.fileno()]
-        time.sleep(0.05)
-        q1.read_batch(1000); q2.read_batch(1000)
+        q1.read_batch(1000); q2.read_batch(1000)   # whatever came first (the UDP below is told apart)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         socks = []
+        base = qdisc_sent("dvtun12")
         for flow in range(64):
             c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             c.bind(("10.72.0.1", 20000 + flow))
             socks.append(c)
             for k in range(3):
                 c.sendto(b"f%d" % flow, ("10.72.0.2", 9999))
-        time.sleep(0.2)
+        wait_sent("dvtun12", base + 192)
         seen = {}
         for qi, q in enumerate((q1, q2)):
             for p in q.read_batch(10000):

@@ -31,15 +31,25 @@ def _engine():
     return e
 
 
+class _Relay:
+    """What the sampler keeps in a flow's relay: the counters at its last look."""
+
+    __slots__ = ("sampled_in", "sampled_out")
+
+    def __init__(self):
+        self.sampled_in = self.sampled_out = 0
+
+
 class _Flow:
     """What the sampler and the history read of a stack flow (hashed by identity, as flows are)."""
 
-    __slots__ = ("src", "sport", "dst", "dport", "bytes_in", "bytes_out", "created")
+    __slots__ = ("src", "sport", "dst", "dport", "bytes_in", "bytes_out", "created", "user")
 
     def __init__(self, port, created):
         self.src, self.sport, self.dst, self.dport = b"\xc6\x12\x00\x01", port, b"\x0a\x00\x00\x01", 80
         self.bytes_in = self.bytes_out = 0
         self.created = created
+        self.user = _Relay()
 
 
 def _flow(port, created=100.0):

@@ -84,6 +84,18 @@ def test_udp_associate_request():
     assert c.initial_bytes() == GREETING + b"\x05\x03\x00\x01\x7f\x00\x00\x01\x14\xe9"
 
 
+def test_without_pipelining_the_request_waits_for_the_method_choice():
+    # what the probes use: one message per round trip, as a client that
+    # talks to the proxy step by step would send them
+    c = SocksClient(CMD_UDP_ASSOCIATE, bytes(4), 0, label=LABEL, pipeline=False)
+    assert not c.pipelined
+    assert c.initial_bytes() == GREETING
+    assert c.data_to_send() == b""
+    assert c.receive_data(b"\x05\x00") is NEED_DATA
+    assert c.data_to_send() == b"\x05\x03\x00\x01" + bytes(6)
+    assert c.receive_data(b"\x05\x00\x00\x01" + bytes(6)) == Connected(bytes(4), 0, b"")
+
+
 def test_with_login_greeting_then_login_then_request():
     c = client("alice", "pässword")
     assert not c.pipelined

@@ -51,8 +51,22 @@ def ext6(nxt_chain, final_proto, l4):
     return ip6(A6, B6, chain[0], hdrs + body)
 
 
+def tcp_raw(offset_words, total=20):
+    """A TCP header (SYN, 1234 -> 80) whose data offset says offset_words,
+    padded or cut to *total* bytes: the checks run before any checksum."""
+    hdr = struct.pack("!HHIIBBHHH", 1234, 80, 1, 0, offset_words << 4, 0x02, 65535, 0, 0)
+    return (hdr + bytes(max(0, total - 20)))[:total]
+
+
 CASES = [
     ("empty", b"", "truncated"),
+    # the TCP header's bounds, on both sides of the stack's fast parse
+    ("v4 tcp short header", ip4(A4, B4, 6, tcp_raw(5, 19)), "truncated"),
+    ("v4 tcp offset 4 words", ip4(A4, B4, 6, tcp_raw(4)), "bad_tcp_offset"),
+    ("v4 tcp offset past the end", ip4(A4, B4, 6, tcp_raw(6)), "bad_tcp_offset"),
+    ("v6 tcp offset past the end", ip6(A6, B6, 6, tcp_raw(15, 56)), "bad_tcp_offset"),
+    ("v4 options, total > packet", patch(fix4(b"\x46" + U4[1:20] + bytes(4) + U4[20:]), 2, "!H", 200),
+     "bad_length"),
     ("version 5", b"\x50" + bytes(39), "bad_version"),
     ("version 0", bytes(20), "bad_version"),
     ("v4 short", U4[:19], "truncated"),
@@ -111,6 +125,17 @@ def test_trailing_bytes_after_ip_length_are_ignored():
     st.input(U4 + b"\x00" * 6, 1.0)
     st.input(U6 + b"junk", 1.0)
     assert [e.data for e in st.take_events()] == [b"hello", b"hello"]
+
+
+def test_ipv4_options_take_the_checked_parse_and_are_skipped():
+    # IHL 6: four bytes of options (NOPs, never interpreted) before the UDP
+    # header; the total length counts them
+    p = bytearray(b"\x46" + U4[1:20] + b"\x01\x01\x01\x00" + U4[20:])
+    struct.pack_into("!H", p, 2, len(p))
+    st = mkstack()
+    st.input(fix4(p), 1.0)
+    assert [e.data for e in st.take_events()] == [b"hello"]
+    assert st.delivered == 1 and accounting_ok(st)
 
 
 def test_fragments_overlap_and_floods_are_bounded():

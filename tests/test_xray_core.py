@@ -84,8 +84,9 @@ def test_core_log_lines_are_forwarded(tmp_path, caplog):
     assert any("started" in r.getMessage() for r in caplog.records if r.name == "tun2xray.core")
 
 
-def test_a_dead_core_is_restarted_with_backoff(started):
+def test_a_dead_core_is_restarted_with_backoff(started, caplog):
     core, d = started
+    caplog.set_level(logging.WARNING, logger="tun2xray.xray")
     seen = []
     core.on_restart = lambda c: seen.append(c.proc.pid)
     first = core.proc.pid
@@ -95,11 +96,12 @@ def test_a_dead_core_is_restarted_with_backoff(started):
     assert core.status()["last_exit"] == -signal.SIGKILL
     assert core.status()["last_reason"] == "killed by SIGKILL"
     assert (core.status()["restarts"], core.status()["reloads"]) == (1, 0)
-    # the second death waits longer (backoff doubles)
-    t0 = time.monotonic()
+    # the second death waits longer (backoff doubles): the supervisor says so
     os.kill(core.proc.pid, signal.SIGKILL)
     wait(lambda: core.restarts == 2 and core.alive, 10, "the second restart")
-    assert time.monotonic() - t0 >= 0.4
+    delays = [r.getMessage().rsplit("restarting in ", 1)[1] for r in caplog.records
+              if "restarting in" in r.getMessage()]
+    assert delays == ["0.2s", "0.4s"]
     for c in d.ready_checks():
         assert xray.inbound_listening(*c)
 
@@ -130,12 +132,12 @@ def test_rejected_config_is_a_one_line_error_with_the_cores_reason(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"inbounds": [{"port": 1080, "protocol": "nosuch"}]}))
     core = xray.Core(_core_binary(), str(bad), [("127.0.0.1", 1, "tcp")])
-    t0 = time.monotonic()
     with pytest.raises(xray.CoreError) as e:
         core.start()
     msg = str(e.value)
+    # the core's own reason: its rejection, not a wait for readiness that ran out
     assert "\n" not in msg and "nosuch" in msg and "bad.json" in msg
-    assert time.monotonic() - t0 < 10 and not core.alive
+    assert not core.alive
 
 
 def test_missing_binary():

@@ -130,8 +130,12 @@ def compose(lifecycle: Lifecycle, engine_status: dict | None, instance: dict | N
     *instance* (a `tun2xray run`'s claim: pid, name, device URL, control
     URL, see instance.py) is added as "instance"."""
     out = lifecycle.as_dict()
-    from . import version
-    out["version"] = version()
+    # the running code's own version (the same number the distribution's
+    # metadata carries: pyproject.toml reads it from __version__); reading
+    # that metadata would import importlib.metadata into a long-running
+    # process for one string (about 0.9 MB of RSS)
+    from . import __version__
+    out["version"] = __version__
     if instance is not None:
         out["instance"] = dict(instance)
     for k, v in (engine_status if engine_status is not None else empty_engine_status()).items():
@@ -147,7 +151,6 @@ CORE_CHECK = 0.1         # how often a supervised core's health is read (attribu
 DEGRADED_AFTER = 2       # failed probes in a row before "connected" becomes "degraded"
 
 
-_ASSOCIATE = b"\x05\x03\x00\x01" + bytes(6)     # UDP ASSOCIATE from 0.0.0.0:0
 
 
 async def socks_probe(host: str, port: int, *, username: str | None = None, password: str | None = None,
@@ -160,10 +163,20 @@ async def socks_probe(host: str, port: int, *, username: str | None = None, pass
     bare greeting followed by a close makes Xray/v2ray log "rejected ...
     failed to read request" every time).  Any SOCKS5 reply to the request,
     even "command not supported" from an inbound with UDP off, means the
-    server is there."""
+    server is there.  The bytes are the SOCKS machine's
+    (upstream.socks5_proto); this only carries them."""
     import asyncio
 
     from .upstream._net import needs_protect, open_tcp
+    from .upstream.socks5_proto import (
+        CMD_UDP_ASSOCIATE, NEED_DATA, Failed, LocalProtocolError, SocksClient, SocksProtocolError,
+    )
+    label = "probe"
+    try:
+        client = SocksClient(CMD_UDP_ASSOCIATE, _ANY4, 0, username=username, password=password,
+                             label=label, pipeline=False)
+    except LocalProtocolError as e:
+        return str(e)
     w = None
     try:
         async with asyncio.timeout(timeout):
@@ -171,30 +184,38 @@ async def socks_probe(host: str, port: int, *, username: str | None = None, pass
                 r, w = await asyncio.open_connection(sock=await open_tcp(host, port))
             else:
                 r, w = await asyncio.open_connection(host, port)
-            w.write(b"\x05\x02\x00\x02" if username is not None else b"\x05\x01\x00")
-            reply = await r.readexactly(2)
-            if reply[0] != 5:
-                return "not a SOCKS5 server"
-            if reply[1] == 2 and username is not None:
-                u, p = username.encode(), (password or "").encode()
-                w.write(bytes((1, len(u))) + u + bytes((len(p),)) + p)
-                if (await r.readexactly(2))[1] != 0:
-                    return "the proxy refused the username/password"
-            elif reply[1] != 0:
-                return "refused every offered SOCKS5 method"
-            w.write(_ASSOCIATE)
-            reply = await r.readexactly(2)
-    except asyncio.IncompleteReadError:
-        return "closed the connection without a SOCKS5 reply"
+            w.write(client.initial_bytes())
+            ev = NEED_DATA
+            while ev is NEED_DATA:
+                chunk = await r.read(client.need)
+                if not chunk:
+                    return _unlabelled(client.connection_closed(), label)
+                ev = client.receive_data(chunk)
+                out = client.data_to_send()
+                if out:
+                    w.write(out)
+    except SocksProtocolError as e:
+        return "not a SOCKS5 server: " + _unlabelled(e, label)
     except (OSError, TimeoutError) as e:
         return getattr(e, "strerror", None) or ("no answer in %gs" % timeout if isinstance(e, TimeoutError)
                                                 else type(e).__name__)
     finally:
         if w is not None:
             w.close()
-    if reply[0] != 5:
-        return "not a SOCKS5 server"
-    return None
+    if ev.__class__ is Failed and ev.reply_code is None:
+        # no acceptable method, or the login refused: the server is there but
+        # will not serve us
+        if username is not None and ev.errno is not None:
+            return "the proxy refused the username/password: " + _unlabelled(ev.reason, label)
+        return _unlabelled(ev.reason, label)
+    return None           # Connected, or a reply code: a SOCKS5 server answered the request
+
+
+_ANY4 = bytes(4)          # UDP ASSOCIATE from 0.0.0.0:0
+
+
+def _unlabelled(what, label: str) -> str:
+    return str(what).removeprefix(label + ": ")
 
 
 class UpstreamWatch:

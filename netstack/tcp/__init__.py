@@ -26,7 +26,7 @@ CONTRACT between the Stack and a TcpConnection:
       request and raises events.TcpConnectRequest(conn).
   conn.flush(now)      send what is owed: data within windows, a deferred
                        ACK / window update, FIN.  Called by Stack.poll for
-                       connections that called host.touch(conn).
+                       connections that called host.dirty[conn] = None.
   conn.on_timer(now)   called by Stack.poll when now >= conn.poll_at.
   conn.poll_at         earliest deadline (float) or None; read by the stack
                        after every call above.

@@ -11,7 +11,7 @@ step, and closing.  All parts are mixins over one set of slots declared here,
 so the per-segment path pays no extra indirection.
 
 Everything a connection does to its surroundings goes through `self.host`
-(netstack.host: emit, event, drop, touch, request/answered, closed).
+(netstack.host: out, events, drop, dirty, request/answered, closed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
-from ..seq import seq_sub as _sdiff
 from ..wire.templates import TcpTemplate
 from .const import (
     ACK, ACK_NONE, CLOSE_WAIT, CLOSED, CLOSING, DEFAULT_MSS, ESTABLISHED, FIN, FIN_WAIT_1, FIN_WAIT_2,
@@ -138,7 +137,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.host.answered(self)
         self.syn_quote = None
         self.conn_at = None
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def reject(self, how: str = "rst") -> None:
         """Refuse the connect request: "rst", "icmp-port|host|net|admin" or "drop"."""
@@ -147,7 +146,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if self.state != LISTEN or self._pending_close is not None or self.closed:
             raise TcpError(f"reject() in state {self.state}")
         self._pending_close = ("rejected", how)
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def shed(self) -> None:
         """Admission control (netstack.admission): this unanswered request,
@@ -174,14 +173,14 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         elif st == CLOSE_WAIT:
             self.state = LAST_ACK
         # LISTEN / SYN_RECEIVED: the FIN waits for ESTABLISHED
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def abort(self) -> None:
         """Reset the connection (RST at the next poll, then TcpClosed "aborted")."""
         if self.closed or self._pending_close is not None:
             return
         self._pending_close = ("aborted", "rst")
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def flush(self, now: float) -> None:
         if self.closed:
@@ -249,7 +248,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 if swnd > old and self.snd_buf:
                     self.persist_at = None
                     self._persist_n = 0
-                    self.host.touch(self)
+                    self.host.dirty[self] = None
             if n:
                 self._deliver(payload, n, now)
             return
@@ -260,8 +259,11 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
     def _slow(self, st, seq, ack, flags, wnd, opts, payload, now):
         """Every segment the header prediction did not take, in the order of
         RFC 9293 §3.10.7.4 "SEGMENT ARRIVES" (otherwise), one method per step."""
-        if st == LISTEN:
-            self._request_segment(seq, flags, wnd, opts, payload, now)
+        if st is LISTEN:
+            if self.irs is None:
+                self._listen_syn(seq, wnd, opts, payload, now)
+            else:
+                self._request_segment(seq, flags)
             return
         self.last_rcv = now
         self._ka_n = 0
@@ -276,14 +278,20 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         # step 1's window: what we advertised, or the free buffer if larger --
         # bytes we have room for are never thrown away (the buffer still
         # bounds memory)
-        rwnd = _sdiff(self.rcv_adv, self.rcv_nxt)
+        rnxt = self.rcv_nxt
+        rwnd = ((self.rcv_adv - rnxt + _HALF) & _M) - _HALF      # seq_sub, inline
         free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
         if rwnd < free:
             rwnd = free
         if rwnd < 0:
             rwnd = 0
-        d = _sdiff(seq, self.rcv_nxt)
-        if not self._step1_acceptable(st, d, seglen, rwnd, flags, now):
+        d = ((seq - rnxt + _HALF) & _M) - _HALF                   # seq_sub, inline
+        # step 1: sequence number acceptability (like Linux's tcp_sequence, an
+        # ACK exactly at the right edge is accepted: a sender that filled our
+        # window sends its ACKs there)
+        if not (0 <= d <= rwnd if seglen == 0 else
+                rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)):
+            self._step1_unacceptable(st, d, seglen, flags, now)
             return
         if flags & RST:
             self._step2_rst(st, d, now)
@@ -321,11 +329,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if flags & FIN:
             self._step8_fin(st, fin_off, now)
 
-    def _request_segment(self, seq, flags, wnd, opts, payload, now):
-        """A segment for a request the host has not answered (our LISTEN)."""
-        if self.irs is None:
-            self._listen_syn(seq, wnd, opts, payload, now)
-            return
+    def _request_segment(self, seq, flags):
+        """A segment after the SYN of a request the host has not answered (our LISTEN)."""
         if flags & RST:
             if seq == self.rcv_nxt and self._pending_close is None:
                 self._remove("reset")      # the client gave up
@@ -341,7 +346,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.host.drop("dup_syn")
         if self.snd_una == self.iss:
             self.snd_nxt = self.iss
-            self.host.touch(self)
+            self.host.dirty[self] = None
 
     def _paws_rejects(self, ts_val) -> bool:
         """PAWS (RFC 7323 §5.3 R1): an old timestamp marks an old duplicate."""
@@ -351,16 +356,9 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             return True
         return False
 
-    def _step1_acceptable(self, st, d, seglen, rwnd, flags, now) -> bool:
-        """Step 1: sequence number acceptability.  An unacceptable segment is
-        answered (ACK, challenge ACK) or dropped here; False then."""
-        if seglen == 0:
-            # like Linux (tcp_sequence), an ACK exactly at the right edge is
-            # accepted: a sender that filled our window sends its ACKs there
-            if 0 <= d <= rwnd:
-                return True
-        elif rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd):
-            return True
+    def _step1_unacceptable(self, st, d, seglen, flags, now) -> None:
+        """Step 1: a segment outside the receive window (the test is in
+        _slow) is answered (ACK, challenge ACK) or dropped."""
         if flags & RST:
             self.host.drop("rst_out_of_window")
         elif flags & SYN:
@@ -376,7 +374,6 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self._owe_ack()
             if st is TIME_WAIT and flags & FIN:
                 self.tw_at = now + self.host.config.time_wait   # a retransmitted FIN restarts 2MSL
-        return False
 
     def _step2_rst(self, st, d, now):
         """Step 2: RST (RFC 5961 §3.2: an exact match resets, else a challenge ACK)."""
@@ -392,7 +389,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         an ACK of anything else is answered with a RST (False then)."""
         if not 0 < ((ack - self.snd_una) & _M) <= ((self.snd_max - self.snd_una) & _M):
             self.host.drop("bad_ack")
-            self.host.emit(self.tpl.build(ack, 0, RST, 0, b"", b""))
+            self.host.out.append(self.tpl.build(ack, 0, RST, 0, b"", b""))
             return False
         self.host.synchronized(self)
         self.state = FIN_WAIT_1 if self.fin_queued else ESTABLISHED
@@ -403,7 +400,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if self.ts_ok:
             self.ts_recent = ts_val if ts_val is not None else self.ts_recent
         if self.snd_buf or self.fin_queued:
-            self.host.touch(self)
+            self.host.dirty[self] = None
         ka = self.host.config.keepalive
         if ka is not None:
             self._arm_at(now + ka)
@@ -444,8 +441,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
               and (swnd == self.snd_wnd or new_sack)):
             self._dupack(now)
         # window update (SND.WL1 < SEG.SEQ or (SND.WL1 = SEG.SEQ and SND.WL2 =< SEG.ACK))
-        w1 = _sdiff(seq, self.snd_wl1)
-        if acked < _HALF and (w1 > 0 or (w1 == 0 and ((ack - self.snd_wl2) & _M) < _HALF)):
+        w1 = (seq - self.snd_wl1) & _M
+        if acked < _HALF and (0 < w1 < _HALF or (w1 == 0 and ((ack - self.snd_wl2) & _M) < _HALF)):
             old = self.snd_wnd
             self.snd_wnd = swnd
             self.snd_wl1 = seq
@@ -456,7 +453,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 self.persist_at = None
                 self._persist_n = 0
                 if self.snd_buf or self.fin_queued:
-                    self.host.touch(self)
+                    self.host.dirty[self] = None
         # our FIN acknowledged?
         if self.fin_queued and self.snd_una == ((self._buf_seq + len(self.snd_buf) + 1) & _M):
             if st == FIN_WAIT_1:

@@ -66,7 +66,7 @@ class TcpReceiver:
                     th = 2 * mss
                 if free - adv >= th:
                     self._ack_owed = ACK_NOW
-                    self.host.touch(self)
+                    self.host.dirty[self] = None
 
     @property
     def readable(self) -> int:
@@ -96,12 +96,12 @@ class TcpReceiver:
                     self.bytes_in += m
                 more = ooo.take(self._rcv_off)
             self._ack_owed = ACK_NOW        # a hole was filled: ACK at once (RFC 5681 §4.2)
-            self.host.touch(self)
+            self.host.dirty[self] = None
         else:
             self._rcv_unacked += n
             if self._rcv_unacked >= 2 * self._peer_seg:
                 self._ack_owed = ACK_NOW
-                self.host.touch(self)
+                self.host.dirty[self] = None
             elif not self._ack_owed:
                 self._ack_owed = ACK_DELAYED
                 if self.delack_at is None:
@@ -113,7 +113,7 @@ class TcpReceiver:
             self._on_fin(now)
         if not self._rd_ev:
             self._rd_ev = True
-            self.host.event(_ev.TcpReadable(self))
+            self.host.events.append(_ev.TcpReadable(self))
 
     def _out_of_order(self, d, payload, n, now):
         if not self.ooo.add(self._rcv_off + d, payload):
@@ -138,11 +138,11 @@ class TcpReceiver:
         # always announced (even if a data event is still unread): a host that
         # reads only on events must learn about the end of the stream
         self._rd_ev = True
-        self.host.event(_ev.TcpReadable(self))
+        self.host.events.append(_ev.TcpReadable(self))
 
     def _owe_ack(self):
         self._ack_owed = ACK_NOW
-        self.host.touch(self)
+        self.host.dirty[self] = None
 
     def _challenge_ack(self, now):
         if now - self._chal_t >= 1.0:

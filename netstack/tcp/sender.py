@@ -37,7 +37,7 @@ class TcpSender:
         else:
             self.snd_buf += data
         self.bytes_out += n
-        self.host.touch(self)
+        self.host.dirty[self] = None
         return n
 
     @property
@@ -97,7 +97,7 @@ class TcpSender:
                     self._rtx_nxt = ack
                 if not self.scoreboard:
                     self._rtx_force = True
-                self.host.touch(self)
+                self.host.dirty[self] = None
         else:
             self.dupacks = 0
             if nb:
@@ -116,10 +116,10 @@ class TcpSender:
             if p is None:
                 self.poll_at = self.rto_at
         if buf or self.fin_queued:
-            self.host.touch(self)
+            self.host.dirty[self] = None
         if self._wr_blocked and (self._snd_cap - len(buf)) >= (self._snd_cap >> 1):
             self._wr_blocked = False
-            self.host.event(_ev.TcpWritable(self))
+            self.host.events.append(_ev.TcpWritable(self))
 
     def _rtt_sample(self, r):
         cfg = self.host.config
@@ -142,7 +142,7 @@ class TcpSender:
         if self.in_recovery:
             if not self.scoreboard:
                 self.cwnd += seg               # NewReno inflation
-            self.host.touch(self)
+            self.host.dirty[self] = None
             return
         if self.dupacks >= 3 or (self.scoreboard and self.sacked >= 3 * seg):
             if 0 < ((self.recover - self.snd_una) & _M) < _HALF:
@@ -157,7 +157,7 @@ class TcpSender:
             self._rtx_nxt = self.snd_una
             self._rtx_force = True
             self._rtt_seq = None
-            self.host.touch(self)
+            self.host.dirty[self] = None
 
     def _sack_update(self, blocks) -> bool:
         """Merge the peer's SACK blocks into the scoreboard; True if it grew."""
@@ -229,7 +229,7 @@ class TcpSender:
                 fin_ok = self.fin_queued and st != ESTABLISHED and st != CLOSE_WAIT
                 hdr = None
                 build = self.tpl.build
-                emit = self.host.emit
+                emit = self.host.out.append
                 rnxt = self.rcv_nxt
                 gso = self._gso
                 with memoryview(buf) as mv:
@@ -383,7 +383,7 @@ class TcpSender:
             wnd = 65535
         self.rcv_adv = (self.rcv_nxt + wnd) & _M
         self.rcv_wnd = wnd
-        self.host.emit(self.tpl.build(self.iss, self.rcv_nxt, SYN | ACK, wnd, b"".join(opts), b""))
+        self.host.out.append(self.tpl.build(self.iss, self.rcv_nxt, SYN | ACK, wnd, b"".join(opts), b""))
         self.last_ack_sent = self.rcv_nxt
         self._ack_owed = ACK_NONE
         self.snd_nxt = (self.iss + 1) & _M
@@ -400,15 +400,15 @@ class TcpSender:
         pkt = self.tpl.build(seq, self.rcv_nxt, flags, field, opt, payload)
         if self._gso and len(payload) > self._seg:
             pkt = self.tpl.gso(pkt, len(opt), self._seg - len(opt) + (12 if self.ts_ok else 0))
-        self.host.emit(pkt)
+        self.host.out.append(pkt)
 
     def _send_rst(self):
         """RST for a synchronized connection (abort, timeouts)."""
-        self.host.emit(self.tpl.build(self.snd_nxt, self.rcv_nxt, RST | ACK, 0, b"", b""))
+        self.host.out.append(self.tpl.build(self.snd_nxt, self.rcv_nxt, RST | ACK, 0, b"", b""))
 
     def _send_rst_to_syn(self):
         """RST answering the SYN of a request (RFC 9293 §3.10.7.1 form)."""
-        self.host.emit(self.tpl.build(0, self.rcv_nxt, RST | ACK, 0, b"", b""))
+        self.host.out.append(self.tpl.build(0, self.rcv_nxt, RST | ACK, 0, b"", b""))
 
     def on_pmtu(self, mtu: int, now: float) -> None:
         """ICMP packet-too-big / fragmentation-needed for one of our segments."""
@@ -425,4 +425,4 @@ class TcpSender:
         if self.state in SEND_STATES and self.snd_una != self.snd_max:
             self.snd_nxt = self.snd_una
             self._rtt_seq = None
-            self.host.touch(self)
+            self.host.dirty[self] = None

@@ -30,6 +30,11 @@ HEADER = struct.Struct("!BBHHHBBH4s4s")
 # what unpack() reads: version/IHL, total length, flags/fragment word,
 # protocol, addresses (the other fields are skipped, not converted)
 _FIELDS = struct.Struct("!BxH2xHxB2x4s4s")
+# The fast form for hot paths: fields(mv) -> (vihl, total_len, frag, proto,
+# src, dst), unchecked.  It may be trusted only when len(mv) >= 20, vihl is
+# 0x45 (no options) and 20 <= total_len <= len(mv); anything else goes
+# through unpack(), which says what is wrong (or handles the options).
+fields = _FIELDS.unpack_from
 
 # field offsets
 OFF_TOTAL_LEN = 2

@@ -28,6 +28,11 @@ from .errors import WireError
 HEADER_LEN = 40
 HEADER = struct.Struct("!IHBB16s16s")
 _FIELDS = struct.Struct("!B3xHB1x16s16s")    # version/TC, payload length, next header, addresses
+# The fast form for hot paths: fields(mv) -> (version/TC byte, payload_len,
+# next_header, src, dst), unchecked.  It may be trusted only when len(mv) >=
+# 40, the version is 6 and 40 + payload_len <= len(mv); anything else goes
+# through unpack(), which says what is wrong.
+fields = _FIELDS.unpack_from
 
 # field offsets
 OFF_PAYLOAD_LEN = 4

@@ -32,6 +32,12 @@ MAX_HEADER_LEN = 60
 MAX_OPTIONS_LEN = 40
 HEADER = struct.Struct("!HHIIBBHHH")
 _FIELDS = struct.Struct("!HHIIBBH")      # all but checksum and urgent pointer
+# The fast form for hot paths: fields(mv, off) -> (sport, dport, seq, ack,
+# offset byte, flags, window), unchecked.  It may be trusted only when the
+# segment has at least 20 bytes and header_len = (offset byte >> 4) << 2 is
+# between 20 and the segment length; anything else goes through unpack(),
+# which says what is wrong.
+fields = _FIELDS.unpack_from
 
 # field offsets
 OFF_SEQ = 4

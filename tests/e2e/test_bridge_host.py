@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -149,7 +148,9 @@ def test_status_while_running(refhost):
     # some traffic, then the host's status file shows it, with the shared shape
     assert lab.cli_run(["curl", "-sS", "--fail", "--max-time", "10", lab.url("small.bin")],
                        timeout=20).returncode == 0
-    time.sleep(1.2)
+    # the host rewrites its status file now and then: wait for one that shows the flow
+    netlab.wait_until(lambda: ((read_status(status_file) or {}).get("engine") or {}).get("tcp_opened", 0) >= 1,
+                      10, "a status file that shows the curl's flow")
     s = read_status(status_file)
     assert s["state"] == "connected" and s["reason"] is None
     for key in ("since", "uptime", "device", "stack", "engine", "udp_associations", "flows"):

@@ -109,7 +109,6 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
         self.on_upstream_failed = None  # called (no arguments) when a dial to an upstream fails
         self.closed_flows = collections.deque(maxlen=CLOSED_HISTORY)
         self._why = {}             # conn/flow -> (reason, detail): why the engine ends it
-        self._rates = {}           # conn/flow -> (bytes_in, bytes_out) at the last sample
         self._flow_rate = {}       # conn/flow -> (up, down) bytes/s over the last period
         self._rate = (0.0, 0.0)    # all flows, bytes/s
         self._closed_bytes = [0, 0]  # bytes of flows gone (keeps the total rate exact)

@@ -75,7 +75,6 @@ class EngineHistory:
     def _remember(self, proto, f, relay, why) -> None:
         """Add a closed flow to the bounded history; keep the total rate exact."""
         bi, bo = f.bytes_in, f.bytes_out
-        self._rates.pop(f, None)
         self._flow_rate.pop(f, None)
         cb = self._closed_bytes
         cb[0] += bi
@@ -95,8 +94,10 @@ class EngineHistory:
         self._sampler = loop.call_later(RATE_PERIOD, self._sample)
         if dt <= 0:
             return
-        old = self._rates
-        rates = {}
+        # each flow's counters at the last sample live in its relay (two
+        # slots), written only when they moved: no table of tuples rebuilt
+        # every second (it showed in the RSS per flow).  A flow without a
+        # relay (a request not yet answered) has moved no bytes.
         flow_rate = {}
         tot_in, tot_out = self._closed_bytes
         stack = self.stack
@@ -105,12 +106,14 @@ class EngineHistory:
                 bi, bo = f.bytes_in, f.bytes_out
                 tot_in += bi
                 tot_out += bo
-                p = old.get(f)
-                pi, po = p if p is not None else (0, 0)
-                rates[f] = (bi, bo)
+                r = f.user
+                if r is None:
+                    continue
+                pi, po = r.sampled_in, r.sampled_out
                 if bi != pi or bo != po:
+                    r.sampled_in = bi
+                    r.sampled_out = bo
                     flow_rate[f] = ((bi - pi) / dt, (bo - po) / dt)
-        self._rates = rates
         self._flow_rate = flow_rate
         ti, to = self._total_at
         self._total_at = (tot_in, tot_out)

@@ -35,7 +35,7 @@ class TcpRelay(asyncio.Protocol):
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
                  "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from",
-                 "up_at", "name")
+                 "up_at", "name", "sampled_in", "sampled_out")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -56,6 +56,8 @@ class TcpRelay(asyncio.Protocol):
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
         self.up_at = None         # loop time the upstream said yes (CONNECT reply / connected)
         self.name = None          # the domain name the flow was dialled by (None: by address)
+        # the flow's byte counters at the rate sampler's last look (Engine._sample)
+        self.sampled_in = self.sampled_out = 0
 
     # asyncio.Protocol
     def connection_made(self, transport):
@@ -233,7 +235,8 @@ class UdpRelay:
     """Upstream side of one UDP flow (a dokodemo socket, or a share of a
     SOCKS association for its client address)."""
 
-    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped", "name")
+    __slots__ = ("flow", "url", "queue", "dok", "assoc", "dst_host", "dropped", "name", "sampled_in",
+                 "sampled_out")
 
     def __init__(self, flow, url):
         self.flow = flow
@@ -244,6 +247,7 @@ class UdpRelay:
         self.dst_host = flow.dst  # what the SOCKS datagrams address: the packed address, or the name
         self.dropped = 0
         self.name = None          # the domain name the flow is dialled by (None: by address)
+        self.sampled_in = self.sampled_out = 0    # as TcpRelay's
 
 
 class SocksAssoc:

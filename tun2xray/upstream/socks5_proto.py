@@ -12,7 +12,7 @@ The one place where tun2xray reads or writes a SOCKS5 message.  A
             break
 
 Without credentials the greeting and the request go out in one write (one
-round trip).  With credentials the greeting offers no-auth and
+round trip) unless ``pipeline=False`` asks for one message per round trip.  With credentials the greeting offers no-auth and
 user/password; the login and then the request are sent as the proxy's
 answers arrive.
 
@@ -304,7 +304,8 @@ class SocksClient:
                  "_buf", "_out", "_greeting", "_request", "_login")
 
     def __init__(self, command: int, host, port: int, *, username: str | None = None,
-                 password: str | None = None, label: str = "socks5 proxy", target: str | None = None):
+                 password: str | None = None, label: str = "socks5 proxy", target: str | None = None,
+                 pipeline: bool = True):
         if command not in _COMMAND_NAMES:
             raise LocalProtocolError(f"unknown SOCKS5 command {command!r}")
         self.command = command
@@ -319,8 +320,10 @@ class SocksClient:
                 raise LocalProtocolError("user name and password must be 1..255 bytes each (RFC 1929)")
             self.username = username
             self._login = b"\x01" + bytes((len(user),)) + user + bytes((len(pw),)) + pw
-        self.pipelined = self._login is None
-        if self.pipelined:
+        # pipeline=False: the request waits for the method choice even
+        # without a login (a probe that wants one message per round trip)
+        self.pipelined = self._login is None and pipeline
+        if self._login is None:
             self._greeting = bytes((VERSION, 1, METHOD_NO_AUTH))
         else:
             self._greeting = bytes((VERSION, 2, METHOD_NO_AUTH, METHOD_USER_PASS))

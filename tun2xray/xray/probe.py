@@ -9,6 +9,10 @@ import errno
 import os
 import socket
 
+from ..upstream.socks5_proto import (
+    CMD_UDP_ASSOCIATE, NEED_DATA, Failed, SocksClient, SocksProtocolError, reply_text,
+)
+
 
 def inbound_listening(host: str, port: int, proto: str, pid: int | None = None) -> bool:
     """Is the inbound up?  "socks": it answers SOCKS5 (socks_probe); "tcp" /
@@ -86,48 +90,44 @@ def proc_listening(port: int, proto: str, pid: int | None = None) -> bool | None
     return False if readable else None
 
 
-_ASSOCIATE_ANY = b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"      # UDP ASSOCIATE 0.0.0.0:0
-
-
 def socks_probe(host: str, port: int, timeout: float = 0.5) -> str | None:
     """Speak SOCKS5 to an inbound without auth: the greeting (05 01 00,
     expecting 05 00), then a UDP ASSOCIATE that the client closes.  The
     core logs nothing for that, where a bare connect is logged as "rejected
     ... insufficient header" and a session ending after the greeting as
     "rejected ... failed to read request".  None when it answered as SOCKS5,
-    else what went wrong."""
+    else what went wrong.  The bytes are the SOCKS machine's
+    (upstream.socks5_proto), one message per round trip; the whole reply is
+    read, since closing with unread bytes would be a reset."""
+    label = "inbound"
+    client = SocksClient(CMD_UDP_ASSOCIATE, bytes(4), 0, label=label, pipeline=False)
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         s.connect((host, port))
-        s.sendall(b"\x05\x01\x00")
-        reply = _recv_exact(s, 2)
-        if reply != b"\x05\x00":
-            return f"not a SOCKS5 answer to the greeting: {reply.hex(' ') or 'closed'}"
-        s.sendall(_ASSOCIATE_ANY)
-        reply = _recv_exact(s, 4)
-        if len(reply) < 2 or reply[0] != 5:
-            return f"not a SOCKS5 answer to UDP ASSOCIATE: {reply.hex(' ') or 'closed'}"
-        if reply[1] != 0:
-            return f"UDP ASSOCIATE refused (reply {reply[1]}): is UDP on?"
-        # read the bound address too: closing with unread bytes would be a reset
-        rest = {1: 6, 4: 18}.get(reply[3]) if len(reply) == 4 else None
-        if rest is None and len(reply) == 4 and reply[3] == 3:
-            rest = (_recv_exact(s, 1) or b"\x00")[0] + 2
-        _recv_exact(s, rest or 0)
-        return None
+        s.sendall(client.initial_bytes())
+        ev = NEED_DATA
+        while ev is NEED_DATA:
+            chunk = s.recv(client.need)
+            if not chunk:
+                return f"not a SOCKS5 answer: {_unlabelled(client.connection_closed(), label)}"
+            ev = client.receive_data(chunk)
+            out = client.data_to_send()
+            if out:
+                s.sendall(out)
+    except SocksProtocolError as e:
+        return f"not a SOCKS5 answer: {_unlabelled(e, label)}"
     except OSError as e:
         return f"no SOCKS5 answer ({e.strerror or e})"
     finally:
         s.close()
+    if ev.__class__ is Failed:
+        if ev.reply_code is not None:
+            return f"UDP ASSOCIATE refused ({reply_text(ev.reply_code)}): is UDP on?"
+        return _unlabelled(ev.reason, label)
+    return None
 
 
-def _recv_exact(s, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
+def _unlabelled(what, label: str) -> str:
+    return str(what).removeprefix(label + ": ")
