@@ -266,18 +266,17 @@ def _cmd_run(args, xs) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     from .device import DeviceError, open_device
+    from .workers.channel import WorkerError
+    from .workers.count import worker_count
+    try:
+        n = worker_count(args)
+    except WorkerError as e:
+        raise UsageError(str(e)) from None
+    if n > 1:
+        return _run_workers(args, settings, xs, n)
     if xs is not None:
         xs.start_with(settings)
     _check_reachable(settings.proxy)
-    from .workers.channel import WorkerError
-    from .workers.count import worker_count
-    from .workers.supervisor import run_supervised
-    try:
-        n = worker_count(args)
-        if n > 1:
-            return run_supervised(args, settings, xs, n)
-    except WorkerError as e:
-        raise UsageError(str(e)) from None
     try:
         device = open_device(args.device, mtu=settings.mtu,
                              addresses=[settings.address, settings.address6])
@@ -304,6 +303,26 @@ def _cmd_run(args, xs) -> int:
             recorder.close()
             from .record import closed
             closed(recorder)
+
+
+def _run_workers(args, settings, xs, n: int) -> int:
+    """`run` with n worker processes: the zygote they are forked from is
+    forked first, before the core's threads start (tun2xray.workers.zygote)."""
+    from .workers.channel import WorkerError
+    from .workers.supervisor import run_supervised
+    from .workers.zygote import Zygote
+
+    zygote = Zygote.start()
+    try:
+        if xs is not None:
+            xs.start_with(settings)
+        _check_reachable(settings.proxy)
+        return run_supervised(args, settings, xs, n, zygote)
+    except WorkerError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if zygote is not None:
+            zygote.close()
 
 
 def _run_loop(coro) -> int:
