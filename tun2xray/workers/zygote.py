@@ -89,11 +89,12 @@ class Zygote:
         subreaper, no fork; the supervisor then execs its workers)."""
         if not hasattr(os, "fork") or not _prctl(PR_SET_CHILD_SUBREAPER, 1):
             return None
+        gc.disable()            # no collection now: its holes would be filled after the fork
         preload()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
-        gc.collect()
         gc.freeze()
+        gc.enable()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
