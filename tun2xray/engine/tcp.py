@@ -31,7 +31,9 @@ class EngineTcp:
             hs = socks_client(up, CMD_CONNECT, conn.dst, conn.dport)
         if self._debug:
             self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined)
-        self._spawn(self._tcp_dial(conn, up, url, hs))
+        relay = TcpRelay(self, conn, url, hs=hs)
+        relay.dialing = self._spawn(self._tcp_dial(conn, up, relay))
+        relay.hs_timer = self.loop.call_later(self.connect_timeout, relay.timed_out)
 
     # debug lines of a flow's life (callers check self._debug first)
 
@@ -58,25 +60,34 @@ class EngineTcp:
         log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
                   f", bound {f['bound']}" if bound is not None else "", extra=f)
 
-    async def _tcp_dial(self, conn, up, url, hs) -> None:
+    async def _tcp_dial(self, conn, up, relay) -> None:
         """Connect to the upstream with the relay as the transport's protocol
-        from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
-        the relay runs the handshake and accepts or refuses the client when
-        the proxy answers; without (dokodemo) the connect is the dial."""
-        relay = TcpRelay(self, conn, url, hs=hs)
+        from the start (no socket hand-over).  With ``relay.hs`` (a SOCKS5
+        machine) the relay runs the handshake and accepts or refuses the
+        client when the proxy answers; without (dokodemo) the connect is the
+        dial. The relay's one timer bounds both (tcp_connect_timeout): when
+        it fires during the connect it cancels this task."""
+        raw = relay.hs is None
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await self.loop.create_connection(lambda: relay, up.host, up.port)
+            await self.loop.create_connection(lambda: relay, up.host, up.port)
         except asyncio.CancelledError:
-            raise
-        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
-            relay.hs = None
-            self._tcp_dial_failed(conn, url, e)
+            if not relay.expired:
+                raise
+            why = TimeoutError()
+        except OSError as e:
+            why = e
+        else:
+            relay.dialing = None
+            if conn.closed:
+                relay.close()
+            elif raw:
+                relay.close_timer()
+                self._tcp_established(conn, relay)
             return
-        if conn.closed:
-            relay.close()
-        elif hs is None:
-            self._tcp_established(conn, relay)
+        relay.dialing = None
+        relay.close_timer()
+        relay.hs = None
+        self._tcp_dial_failed(conn, relay.url, why)
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self.counters["upstream_connect_failed"] += 1

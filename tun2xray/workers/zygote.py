@@ -61,10 +61,7 @@ def preload() -> None:
     from ..engine import Engine  # noqa: F401
     from . import worker  # noqa: F401
     tun_class(True), tun_class(False)
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        pass
+    host.import_loop()
     import netstack  # noqa: F401
 
 
