@@ -200,8 +200,9 @@ class Bench:
 
     def tcp_runs(self) -> None:
         """Single streams (and -P 4 at 1500) direct, then through each peer:
-        the default at 1500 and 9000, the plain path at 1500 and 4064."""
-        plan = ((1500, (("t2x", True), ("plain", False), ("hev", True))),
+        the default at 1500 and 9000 (one worker at 1500 too), the plain
+        path at 1500 and 4064."""
+        plan = ((1500, (("t2x", True), ("t2x1", True), ("plain", False), ("hev", True))),
                 (4064, (("plain", False), ("hev", False))),
                 (9000, (("t2x", False), ("hev", False))))
         for mtu, peers in plan:
