@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route everything through the TUN (policy routing; needs --xray-config)")
     r.add_argument("--workers", type=int, metavar="N",
                    help="worker processes, one per queue of a multi-queue tun:// device "
-                   "(default: one per core for a tun:// device, else 1)")
+                   "(default: one per two cores for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
     s.add_argument("--control", help="unix:///path (default: the running tun2xray's, found "

@@ -13,14 +13,16 @@ each figure through tun2xray and directly over the veth in the same run:
   - UDP (iperf3 -u) at a fixed offered rate, up and down: loss and goodput;
   - connections per second of short HTTP requests to nginx: wrk with
     "Connection: close" direct, through tun2xray as it starts by default
-    (one worker per core) and with one worker, and one small asyncio client
+    (one worker per two cores), with one worker and with two, and one small asyncio client
     (benchmark's own, uvloop) direct, through the SOCKS hop with no TUN, and
-    through the TUN, so the SOCKS hop's own cost is visible;
+    through the TUN, so the SOCKS hop's own cost is visible; beside each
+    rate the tunnel's CPU time per connection (steadier than the rate on
+    a loaded machine);
   - memory of tun2xray's whole process tree idle and with 1,000 idle TCP
     connections through it: RSS summed over the processes, and PSS (pages
     shared by k processes count 1/k each, so a supervisor and workers that
-    share pages are not counted once per process), by default and with one
-    worker.
+    share pages are not counted once per process), by default, with one
+    worker and with two.
 
 ``--hev PATH``: hev-socks5-tunnel (the C tunnel) is run on the same TUN name
 and route, to the same SOCKS inbound, for the same figures in the same run,
@@ -101,6 +103,7 @@ class Bench:
         w = args.workers
         self.peers = {"t2x": ("tun2xray " + (f"{w} workers" if w else "default"), w, self.query),
                       "t2x1": ("tun2xray 1 worker", 1, self.query),
+                      "t2x2": ("tun2xray 2 workers", 2, self.query),
                       "plain": ("tun2xray plain, 1 worker", 1, "offload=0")}
         if args.hev:
             self.peers["hev"] = ("hev-socks5-tunnel", None, None)
@@ -304,7 +307,7 @@ class Bench:
         self.say(f"\nconnections/s, short HTTP GET to nginx, {c} concurrent, {self.secs} s, MTU 1500")
         plan = [("wrk direct", None, lambda: self.wrk(DIRECT_TARGET))]
         plan += [(f"wrk {self.peers[k][0]}", k, lambda: self.wrk(TUN_TARGET))
-                 for k in ("t2x", "t2x1", "hev") if k in self.peers]
+                 for k in ("t2x", "t2x1", "t2x2", "hev") if k in self.peers]
         plan += [("python direct", None, lambda: self.pyclient("direct")),
                  ("python socks", None, lambda: self.pyclient("socks")),
                  ("python tunnel", "t2x", lambda: self.pyclient("tun"))]
@@ -328,7 +331,12 @@ class Bench:
             wall = max(time.monotonic() - t0, 1e-9)
             busy = (cpu_seconds(pid) - c0) / wall
             vbusy = (cpu_seconds(vpid) - v0) / wall
-            extra = self._lat + (f"   tunnel busy {busy * 100:.0f}%" if key else "")
+            # CPU per connection: steadier than the rate on a loaded machine
+            per = busy * 1e6 / rates[name] if rates[name] else NAN
+            extra = self._lat + (f"   tunnel busy {busy * 100:.0f}% = {per:.0f} us CPU/connection"
+                                 if key else "")
+            if key and name.startswith("wrk"):
+                self.res[(key, "cpu_conn")] = per
             if "direct" not in name:
                 extra += f"   v2ray busy {vbusy * 100:.0f}%"
             self.say(f"  {name:<32} {_fmt(rates[name], 4):>9}/s{extra}")
@@ -351,7 +359,7 @@ class Bench:
         n = self.args.idle_conns
         self.say(f"\nmemory of the whole process tree (fresh start, MTU 1500), MB: idle, then with {n} "
                  "idle TCP connections (each echoed once)")
-        for key in ("t2x", "t2x1", "hev"):
+        for key in ("t2x", "t2x1", "t2x2", "hev"):
             if key not in self.peers:
                 continue
             label = self.peers[key][0]
@@ -442,7 +450,10 @@ class Bench:
     def summary(self) -> None:
         """tun2xray's figures beside hev's and the kernel's from this run."""
         r = self.res
-        rows = [("conn/s (wrk)", "cps", "t2x"), ("conn/s (wrk), 1 worker", "cps", "t2x1")]
+        rows = [("conn/s (wrk)", "cps", "t2x"), ("conn/s (wrk), 1 worker", "cps", "t2x1"),
+                ("conn/s (wrk), 2 workers", "cps", "t2x2"), ("CPU us/connection", "cpu_conn", "t2x"),
+                ("CPU us/connection, 1 worker", "cpu_conn", "t2x1"),
+                ("CPU us/connection, 2 workers", "cpu_conn", "t2x2")]
         for what, mtu in (("up", 1500), ("down", 1500), ("up", 9000), ("down", 9000)):
             rows.append((f"{what} MTU {mtu} Gbps", f"{what}{mtu}P1", "t2x"))
         rows += [(f"{w} -P 4 Gbps", f"{w}1500P4", "t2x") for w in ("up", "down")]
@@ -450,7 +461,9 @@ class Bench:
             rows.append((f"plain {what} MTU {mtu} Gbps", f"{what}{mtu}P1", "plain"))
             rows.append((f"plain {what} MTU {mtu} cpu-s/GB", f"{what}{mtu}P1cpu", "plain"))
         rows += [("PSS idle MB", "pss_idle", "t2x"), ("PSS 1,000 flows MB", "pss_held", "t2x"),
-                 ("RSS idle MB", "rss_idle", "t2x"), ("RSS 1,000 flows MB", "rss_held", "t2x")]
+                 ("RSS idle MB", "rss_idle", "t2x"), ("RSS 1,000 flows MB", "rss_held", "t2x"),
+                 ("PSS idle MB, 2 workers", "pss_idle", "t2x2"),
+                 ("PSS 1,000 flows MB, 2 workers", "pss_held", "t2x2")]
         self.say(f"\nsummary ({self.peers['t2x'][0]} unless named; hev and the kernel in the same run)")
         self.say(f"  {'figure':<30} {'tun2xray':>9} {'hev':>9} {'kernel':>9} {'/hev':>7} {'/kernel':>8}")
         for name, what, key in rows:

@@ -41,7 +41,7 @@ parent and its own child only: the first one carries the worker's spec
 reset every flow) get one reply each carrying the same ``id``.
 
 How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
-variable, else one per core (``sched_getaffinity``) when the device can be a
+variable, else one per two cores (``sched_getaffinity``; at least 1) when the device can be a
 multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
 fd:// or unix:// run) is the single-process path of cli.py: no
 supervisor, no extra process.
