@@ -232,7 +232,7 @@ def test_a_tun_held_by_another_process_is_named(lab):
 @pytest.mark.deadline(120)
 def test_lock_and_socket_of_a_killed_run_are_replaced(lab):
     tun = "istun2"
-    p = start(lab, tun)
+    p = start(lab, tun, "--workers", "2")
     workers = [w["pid"] for w in status(lab)["workers"]]
     os.kill(p.pid, signal.SIGKILL)                         # no cleanup: lock and socket stay
     p.wait(10)
