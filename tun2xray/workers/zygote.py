@@ -117,15 +117,18 @@ class Zygote:
             raise OSError(f"the worker zygote could not fork: {os.strerror(-pid)}")
         return ForkedWorker(pid)
 
-    def close(self) -> None:
-        """End the zygote (EOF on its socket) and reap it."""
+    def close(self, grace: float = 5.0) -> None:
+        """End the zygote (EOF on its socket) and reap it (SIGKILL if it
+        has not gone within ``grace`` seconds)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        z = ForkedWorker(self.pid)
         try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+            z.wait(grace)
+        except subprocess.TimeoutExpired:
+            z.kill()
+            z.wait()
 
 
 class ForkedWorker:
