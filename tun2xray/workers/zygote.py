@@ -56,7 +56,7 @@ def preload() -> None:
     every worker share it."""
     import asyncio  # noqa: F401
 
-    from .. import host, logs  # noqa: F401
+    from .. import host, logs, state  # noqa: F401
     from ..device import tun_class
     from ..engine import Engine  # noqa: F401
     from . import worker  # noqa: F401
