@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "tools", "bench", "e2e_bench.py")
 PREFIX = "ebt"
 KEYS = ("up1500_Gbps", "down1500_Gbps", "up9000_Gbps", "down9000_Gbps", "cps",
-        "udp_loss_pct", "rss_idle_MB", "rss_1000_MB")
+        "udp_loss_pct", "rss_idle_MB", "rss_1000_MB", "pss_idle_MB", "pss_1000_MB", "cps_1w",
+        "plain_up1500_Gbps", "plain_down1500_Gbps", "plain_up4064_Gbps", "plain_down4064_Gbps")
 
 
 def _netns_left() -> list[str]:
@@ -63,19 +64,24 @@ def test_quick_bench_reports_every_figure(root):
     vals = {k: float(v) for k, v in figures.items()}
     for k, v in vals.items():
         assert not math.isnan(v), f"{k} is nan\n{out}"
-    for k in ("up1500_Gbps", "down1500_Gbps", "up9000_Gbps", "down9000_Gbps", "cps",
-              "rss_idle_MB", "rss_1000_MB"):
-        assert vals[k] > 0, f"{k}={vals[k]}"
+    for k in KEYS:
+        if k != "udp_loss_pct":
+            assert vals[k] > 0, f"{k}={vals[k]}"
+    # PSS counts pages shared by the processes of the tree once: never above RSS
+    assert vals["pss_idle_MB"] <= vals["rss_idle_MB"] and vals["pss_1000_MB"] <= vals["rss_1000_MB"]
     assert 0 <= vals["udp_loss_pct"] <= 100
     # the table: each throughput row has direct, tunnel, ratio, and cpu-s/GB
     rows = [ln for ln in out.splitlines() if re.match(r"\s+tcp (up|down) ", ln)]
-    assert len(rows) == 6, out             # 1500: 1 stream x2, -P 4 x2; 9000: 1 stream x2
+    # 1500: default and one worker 1 stream x2 and -P 4 x2, plain 1 stream x2;
+    # 4064: plain 1 stream x2; 9000: default 1 stream x2
+    assert len(rows) == 14, out
     for ln in rows:
         direct, tunnel, ratio, t2x_cpu, v2_cpu = (float(x) for x in ln.split()[-5:])
         assert direct > 0 and tunnel > 0
         assert ratio == pytest.approx(tunnel / direct, rel=0.02)
         assert t2x_cpu > 0 and v2_cpu > 0
-    for name in ("wrk direct", "wrk tunnel", "python direct", "python socks", "python tunnel"):
+    for name in ("wrk direct", "wrk tun2xray default", "wrk tun2xray 1 worker", "wrk tun2xray 2 workers",
+                 "python direct", "python socks", "python tunnel"):
         assert re.search(rf"{name}\s+[\d.]+/s", out), name
     m = re.search(r"with (\d+) idle TCP connections.*status lists (\d+) flows", out)
     assert m and int(m.group(1)) == 1000 and int(m.group(2)) >= 1000, out
@@ -89,7 +95,7 @@ def test_interrupted_bench_cleans_up(root):
         # wait until the tunnel is up and measuring, then interrupt
         deadline = time.monotonic() + 60
         for line in p.stdout:
-            if line.startswith("iperf3, MTU 1500"):
+            if line.startswith("memory of the whole process tree"):
                 break
             assert time.monotonic() < deadline, "bench did not start measuring"
         else:
@@ -117,7 +123,8 @@ def test_tunnel_that_cannot_start_is_reported_not_hidden(root, tmp_path):
                         "--repo", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stdout
-    assert "tunnel at MTU 1500: FAILED" in out and "tunnel at MTU 9000: FAILED" in out, out
+    assert "tun2xray default at MTU 1500: FAILED" in out and "tun2xray default at MTU 9000: FAILED" in out, out
+    assert "memory tun2xray default: FAILED" in out, out
     assert "broken on purpose" in out
     last = out.strip().splitlines()[-1]
     figures = dict(kv.split("=", 1) for kv in last.split()[1:])

@@ -133,3 +133,36 @@ def test_a_two_byte_refusal_on_an_open_connection_resets_the_client_at_once():
         assert st["upstream_connect_failed"] == 1 and st.get("tcp_opened", 0) == 0
 
     with_engine(setup, body, connect_timeout=60)
+
+
+def test_a_connect_that_never_completes_is_ended_by_the_one_connect_timer():
+    """The relay's one timer covers the connect too: a dial whose TCP connect
+    never completes (a black-holed inbound; the loop's connect is replaced,
+    below the engine) is cancelled at tcp_connect_timeout and the client gets
+    a RST, counted as one failed dial with the reason "connect timeout"."""
+    import asyncio
+
+    started, cancelled = [], []
+
+    async def black_hole(*args, **kwargs):
+        started.append(args[1:])
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    async def body(strict, host, loop):
+        host.engine.loop.create_connection = black_hole
+        t0 = loop.time()
+        s = await syn(host, 41002)
+        assert s.flags & 0x04 and s.ack == 1001, s       # RST to the SYN
+        assert 1.0 <= loop.time() - t0 < 3               # the 1 s timer (virtual clock)
+        assert started == [("127.0.0.1", strict.port)] and cancelled == [True]
+        st = host.status()
+        assert st["engine"]["upstream_connect_failed"] == 1 and st["engine"].get("tcp_opened", 0) == 0
+        assert [(c["reason"], c["detail"]) for c in st["closed_flows"]] == \
+            [("connect timeout", f"socks5://127.0.0.1:{strict.port}: TimeoutError")]
+        assert not host.engine._tasks                    # the dial's task is gone
+
+    with_engine(lambda strict: None, body)

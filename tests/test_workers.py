@@ -179,8 +179,10 @@ def two_cores(monkeypatch):
     return flags
 
 
-def test_default_is_one_worker_per_core_where_possible(two_cores, monkeypatch):
+def test_default_is_one_worker_per_two_cores_where_possible(two_cores, monkeypatch):
     flags = two_cores
+    assert worker_count(args()) == 1                       # two cores: one process
+    monkeypatch.setattr(workers.count, "_cores", lambda: 4)
     assert worker_count(args()) == 2                       # a TUN we create
     assert worker_count(args(device="tun://")) == 2        # the kernel names it
     assert worker_count(args(device="TUN://wk0?offload=1")) == 2
@@ -197,6 +199,8 @@ def test_default_is_one_worker_per_core_where_possible(two_cores, monkeypatch):
     monkeypatch.setattr(workers.count, "_cores", lambda: 1)
     flags.clear()
     assert worker_count(args()) == 1
+    monkeypatch.setattr(workers.count, "_cores", lambda: 5)
+    assert worker_count(args()) == 2
     monkeypatch.setattr(workers.count, "_cores", lambda: 500)
     assert worker_count(args()) == workers.MAX_WORKERS
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="route everything through the TUN (policy routing; needs --xray-config)")
     r.add_argument("--workers", type=int, metavar="N",
                    help="worker processes, one per queue of a multi-queue tun:// device "
-                   "(default: one per core for a tun:// device, else 1)")
+                   "(default: one per two cores for a tun:// device, else 1)")
 
     s = sub.add_parser("status", help="print a running tun2xray's status as JSON")
     s.add_argument("--control", help="unix:///path (default: the running tun2xray's, found "
@@ -324,19 +324,18 @@ def _cmd_run(args, xs) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     from .device import DeviceError, open_device
+    from .workers.channel import WorkerError
+    from .workers.count import worker_count
+    try:
+        n = _dns_workers(args, settings, worker_count(args))
+    except WorkerError as e:
+        raise UsageError(str(e)) from None
+    if n > 1:
+        return _run_workers(args, settings, xs, n)
     if xs is not None:
         xs.start_with(settings)
     _check_dns_upstream(settings)
     _check_reachable(settings.proxy)
-    from .workers.channel import WorkerError
-    from .workers.count import worker_count
-    from .workers.supervisor import run_supervised
-    try:
-        n = _dns_workers(args, settings, worker_count(args))
-        if n > 1:
-            return run_supervised(args, settings, xs, n)
-    except WorkerError as e:
-        raise UsageError(str(e)) from None
     try:
         device = open_device(args.device, mtu=settings.mtu,
                              addresses=[settings.address, settings.address6])
@@ -363,6 +362,26 @@ def _cmd_run(args, xs) -> int:
             recorder.close()
             from .record import closed
             closed(recorder)
+
+
+def _run_workers(args, settings, xs, n: int) -> int:
+    """`run` with n worker processes: the zygote they are forked from is
+    forked first, before the core's threads start (tun2xray.workers.zygote)."""
+    from .workers.channel import WorkerError
+    from .workers.supervisor import run_supervised
+    from .workers.zygote import Zygote
+
+    zygote = Zygote.start()
+    try:
+        if xs is not None:
+            xs.start_with(settings)
+        _check_reachable(settings.proxy)
+        return run_supervised(args, settings, xs, n, zygote)
+    except WorkerError as e:
+        raise UsageError(str(e)) from None
+    finally:
+        if zygote is not None:
+            zygote.close()
 
 
 def _run_loop(coro) -> int:

@@ -62,6 +62,15 @@ def run(coro):
     return uvloop.run(coro)
 
 
+def import_loop() -> None:
+    """Import what run() runs on (uvloop where importable) now, so a
+    process that forks workers shares it with them."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        pass
+
+
 def new_loop(kind: str = "auto"):
     """(loop, "uvloop" | "asyncio") for a host that runs its own loop in a
     thread. *kind*: "auto" (uvloop where importable), "uvloop" (must be) or

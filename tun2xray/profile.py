@@ -96,7 +96,7 @@ KEYS: tuple = (
         choices=("debug", "info", "warning", "error")),
     Key("log_format", "enum", "text", "text: one timestamped line per record; json: one JSON object per line",
         flag="log_format", run_only=True, choices=("text", "json")),
-    Key("workers", "int", None, "worker processes (default: one per core for a tun:// device, else 1)",
+    Key("workers", "int", None, "worker processes (default: one per two cores for a tun:// device, else 1)",
         flag="workers", run_only=True, lo=1, hi=64),
     Key("xray.config", "path", None, "start and supervise the core with this config.json", flag="xray_config",
         run_only=True),

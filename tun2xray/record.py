@@ -10,7 +10,7 @@
   without this flag they are recorded as they are (said at start), with it
   they are cut into MTU-sized segments with full checksums
   (`tun2xray.device.pcap.wire_segments`), as a NIC would have sent them.
-- With workers (``--workers N``, or one per core by default) each worker
+- With workers (``--workers N``, or one per two cores by default) each worker
   records its own flows to a part, ``FILE.pcap.w0`` ... (cap / N each,
   rotated to ``FILE.pcap.w0.1`` ...); when ``run`` ends the supervisor
   merges the parts by timestamp into FILE.pcap (and the rotated ones into

@@ -38,10 +38,11 @@ RUN = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{TUN}",
        "--address", "198.18.0.1/15", "--address6", "fd00:7478::1/64",
        "--control", f"unix://{CTL}"]
 ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-# Every test that uses the running engine runs in two modes: the default
-# (TUN offloads on, one worker per core on a multi-queue TUN) and the plain
-# path (?offload=0, one process: what a Darwin-like device gets).
-MODES = {"default": ("", None), "plain-single": ("?offload=0", "1")}
+# Every test that uses the running engine runs in two modes: TUN offloads
+# on with two workers forked from the zygote (the default on four cores and
+# up; two cores default to one process) and the plain path (?offload=0, one
+# process: what a Darwin-like device gets).
+MODES = {"offload-workers": ("", "2"), "plain-single": ("?offload=0", "1")}
 
 
 # --- helpers ---------------------------------------------------------------

@@ -103,6 +103,39 @@ def rss_mb(pid: int) -> float:
     return total
 
 
+def _pss_one(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def pss_mb(pid: int) -> float:
+    """Proportional set size of ``pid`` and its descendants in MB: each
+    page shared by k processes counts 1/k in each (smaps_rollup Pss
+    summed), so pages a supervisor shares with its workers count once."""
+    total = sum(_pss_one(p) for p in process_tree(pid))
+    if total == 0.0:
+        raise RuntimeError(f"no Pss for pid {pid}")
+    return total
+
+
+HEV_CONFIG = """\
+tunnel:
+  name: {tun}
+  mtu: {mtu}
+  ipv4: 198.18.0.1
+socks5:
+  port: {port}
+  address: {addr}
+  udp: 'udp'
+"""
+
+
 def socks_core_config(log_dir: str) -> dict:
     """v2ray: a plain socks inbound (UDP on) on the veth address, freedom out."""
     return {
@@ -159,6 +192,7 @@ class BenchLab(netlab.Lab):
         self.tun = f"{prefix}tun0"
         self.ctl = os.path.join(self.workdir, "ctl.sock")
         self.tunnel_mtu = None
+        self.peer = "tun2xray"                # the process name of what serves the TUN now
 
     # -- network ---------------------------------------------------------
 
@@ -213,31 +247,51 @@ class BenchLab(netlab.Lab):
 
     @property
     def tunnel(self):
-        return self.procs.get("tun2xray")
+        return self.procs.get(self.peer)
 
-    def start_tunnel(self, mtu: int = 1500, query: str = "", ready_timeout: float = 20) -> int:
+    def start_tunnel(self, mtu: int = 1500, query: str = "", ready_timeout: float = 20,
+                     workers: int | None = 0) -> int:
         """Start tun2xray on ebtun0, route the tunnel target through it, wait
-        until a TCP echo works; returns its pid."""
+        until a TCP echo works; returns its pid. ``workers``: 0 takes the
+        lab's, None the program's default (one per core), else that many."""
         self.stop_tunnel()
         url = f"tun://{self.tun}" + (f"?{query}" if query else "")
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", url,
                 "--proxy", f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "--mtu", str(mtu),
                 "--control", f"unix://{self.ctl}", "--log-level", "warning"]
         env = dict(os.environ, PYTHONPATH=self.repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        # one process unless asked: the figures are per engine (workers: --workers N)
-        env["TUN2XRAY_WORKERS"] = str(self.workers)
+        workers = self.workers if workers == 0 else workers
+        env.pop("TUN2XRAY_WORKERS", None)
+        if workers is not None:
+            env["TUN2XRAY_WORKERS"] = str(workers)
+        self.peer = "tun2xray"
         p = self.spawn("tun2xray", self.cli_ns, argv, cwd=self.repo, env=env)
+        return self._serving(p, mtu, ready_timeout)
+
+    def start_hev(self, binary: str, mtu: int = 1500, ready_timeout: float = 20) -> int:
+        """hev-socks5-tunnel on the same TUN name and route, to the same
+        SOCKS inbound (a peer measured in the same run); returns its pid."""
+        self.stop_tunnel()
+        conf = os.path.join(self.workdir, "hev.yml")
+        with open(conf, "w") as f:
+            f.write(HEV_CONFIG.format(tun=self.tun, mtu=mtu, port=SOCKS_PORT, addr=SOCKS_ADDR))
+        self.peer = "hev"
+        p = self.spawn("hev", self.cli_ns, [os.path.abspath(binary), conf])
+        return self._serving(p, mtu, ready_timeout)
+
+    def _serving(self, p, mtu: int, ready_timeout: float) -> int:
+        name = self.peer
         wait_until(lambda: p.poll() is not None or netlab.link_exists(self.cli_ns, self.tun),
                    15, f"{self.tun} to appear")
         if p.poll() is not None:
-            raise RuntimeError(f"tun2xray exited with {p.returncode}: {self.log('tun2xray')[-2000:]}")
+            raise RuntimeError(f"{name} exited with {p.returncode}: {self.log(name)[-2000:]}")
         netlab.wait_link(self.cli_ns, self.tun)
         self.ip(self.cli_ns, "route", "replace", TUN_NET, "dev", self.tun)
 
         def echo_ok():
             if p.poll() is not None:
-                raise RuntimeError(f"tun2xray exited with {p.returncode}: "
-                                   f"{self.log('tun2xray')[-2000:]}")
+                raise RuntimeError(f"{name} exited with {p.returncode}: "
+                                   f"{self.log(name)[-2000:]}")
             try:
                 with self.in_cli():
                     s = socket.socket()
@@ -253,7 +307,7 @@ class BenchLab(netlab.Lab):
         return p.pid
 
     def stop_tunnel(self) -> None:
-        self.stop("tun2xray")
+        self.stop(self.peer)
         # the kernel deletes the TUN (and its route) when tun2xray's fd closes
         wait_until(lambda: not netlab.link_exists(self.cli_ns, self.tun), 5, f"{self.tun} gone")
         self.tunnel_mtu = None

@@ -8,21 +8,36 @@ each figure through tun2xray and directly over the veth in the same run:
 
   - iperf3 single stream, up and down, at MTU 1500 and 9000 (veth and TUN);
   - iperf3 -P 4, up and down, MTU 1500;
+  - the plain path (``?offload=0``, one worker: what a phone's host has),
+    single stream, at MTU 1500 and 4064;
   - UDP (iperf3 -u) at a fixed offered rate, up and down: loss and goodput;
   - connections per second of short HTTP requests to nginx: wrk with
-    "Connection: close" (direct, TUN), and one small asyncio client
+    "Connection: close" direct, through tun2xray as it starts by default
+    (one worker per two cores), with one worker and with two, and one small asyncio client
     (benchmark's own, uvloop) direct, through the SOCKS hop with no TUN, and
-    through the TUN, so the SOCKS hop's own cost is visible;
-  - tun2xray's RSS idle and with 1,000 idle TCP connections through it.
+    through the TUN, so the SOCKS hop's own cost is visible; beside each
+    rate the tunnel's CPU time per connection (steadier than the rate on
+    a loaded machine);
+  - memory of tun2xray's whole process tree idle and with 1,000 idle TCP
+    connections through it: RSS summed over the processes, and PSS (pages
+    shared by k processes count 1/k each, so a supervisor and workers that
+    share pages are not counted once per process), by default, with one
+    worker and with two.
+
+``--hev PATH``: hev-socks5-tunnel (the C tunnel) is run on the same TUN name
+and route, to the same SOCKS inbound, for the same figures in the same run,
+and the summary gives tun2xray's ratios to it and to the kernel's path.
 
 Beside each throughput figure: CPU-seconds per GB (utime+stime from
-/proc/PID/stat) of tun2xray and of v2ray. Ratios are tunnel / direct.
+/proc/PID/stat) of the tunnel's process tree and of v2ray. Ratios are
+tunnel / direct.
 
 Final line:
-  e2e_bench: up1500_Gbps=… down1500_Gbps=… up9000_Gbps=… down9000_Gbps=… cps=… udp_loss_pct=… rss_idle_MB=… rss_1000_MB=…
+  e2e_bench: up1500_Gbps=… down1500_Gbps=… up9000_Gbps=… down9000_Gbps=… cps=… udp_loss_pct=… rss_idle_MB=… rss_1000_MB=… pss_idle_MB=… pss_1000_MB=… cps_1w=… plain_up1500_Gbps=… plain_down1500_Gbps=… plain_up4064_Gbps=… plain_down4064_Gbps=…
 
-(tunnel figures; cps is wrk through the TUN; udp_loss_pct is the upload
-direction at the offered rate). A failed measurement prints its reason and
+(tun2xray's figures as it starts by default; cps is wrk through the TUN,
+cps_1w with one worker; udp_loss_pct is the upload direction at the offered
+rate; plain_* the plain path). A failed measurement prints its reason and
 shows as nan; the exit status is then 1. Needs root. ``--quick``: 1-second
 runs for the smoke test. Everything is cleaned up on exit, Ctrl-C or SIGTERM.
 """
@@ -46,11 +61,13 @@ sys.path.insert(0, HERE)
 
 import benchlab  # noqa: E402
 from benchlab import (DIRECT_TARGET, HOLD_PORT, HTTP_PORT, IPERF_PORT, SOCKS_ADDR,  # noqa: E402
-                      SOCKS_PORT, TUN_TARGET, cpu_seconds, rss_mb)
+                      SOCKS_PORT, TUN_TARGET, cpu_seconds, pss_mb, rss_mb)
 
 NAN = float("nan")
 FINAL_KEYS = ("up1500_Gbps", "down1500_Gbps", "up9000_Gbps", "down9000_Gbps", "cps",
-              "udp_loss_pct", "rss_idle_MB", "rss_1000_MB")
+              "udp_loss_pct", "rss_idle_MB", "rss_1000_MB", "pss_idle_MB", "pss_1000_MB", "cps_1w",
+              "plain_up1500_Gbps", "plain_down1500_Gbps", "plain_up4064_Gbps", "plain_down4064_Gbps")
+STEPS = ("mem", "tcp", "udp", "cps")
 
 
 class MeasureError(Exception):
@@ -81,6 +98,15 @@ class Bench:
         self.failed: list[str] = []
         self.final = dict.fromkeys(FINAL_KEYS, NAN)
         self.query = args.device_query
+        self.current = None             # (peer key, mtu) serving the TUN now
+        self.res: dict = {}             # (peer, what) -> figure, for the summary
+        w = args.workers
+        self.peers = {"t2x": ("tun2xray " + (f"{w} workers" if w else "default"), w, self.query),
+                      "t2x1": ("tun2xray 1 worker", 1, self.query),
+                      "t2x2": ("tun2xray 2 workers", 2, self.query),
+                      "plain": ("tun2xray plain, 1 worker", 1, "offload=0")}
+        if args.hev:
+            self.peers["hev"] = ("hev-socks5-tunnel", None, None)
 
     # -- helpers -----------------------------------------------------------
 
@@ -91,14 +117,32 @@ class Bench:
         self.failed.append(what)
         self.say(f"  {what}: FAILED: {why}")
 
+    def use(self, key: str, mtu: int, fresh: bool = False) -> int:
+        """Serve the TUN with peer ``key`` at ``mtu`` (veth too); its pid."""
+        p = self.lab.tunnel
+        if not fresh and self.current == (key, mtu) and p is not None and p.poll() is None:
+            return p.pid
+        self.current = None
+        self.lab.stop_tunnel()
+        self.lab.set_veth_mtu(mtu)
+        _, workers, query = self.peers[key]
+        if key == "hev":
+            pid = self.lab.start_hev(self.args.hev, mtu)
+        else:
+            pid = self.lab.start_tunnel(mtu, query, workers=workers)
+        self.current = (key, mtu)
+        return pid
+
     def tunnel_pid(self) -> int:
         p = self.lab.tunnel
         if p is None or p.poll() is not None:
             code = None if p is None else p.returncode
-            self.failed.append(f"tun2xray died (exit {code})")
-            self.say(f"  (tun2xray not running, exit {code}; restarting it)"
-                     + (f"\n  log tail: {self.lab.log('tun2xray')[-600:]!r}" if p else ""))
-            return self.lab.start_tunnel(self.lab.tunnel_mtu or 1500, self.query)
+            self.failed.append(f"{self.lab.peer} died (exit {code})")
+            self.say(f"  ({self.lab.peer} not running, exit {code}; restarting it)"
+                     + (f"\n  log tail: {self.lab.log(self.lab.peer)[-600:]!r}" if p else ""))
+            if self.current is None:
+                raise MeasureError("no tunnel")
+            return self.use(*self.current, fresh=True)
         return p.pid
 
     def v2ray_pid(self) -> int:
@@ -150,50 +194,79 @@ class Bench:
             out["v2ray_cpu_per_GB"] = (cpu1[1] - cpu0[1]) / gb
         return out
 
-    def pair(self, label: str, **kw) -> tuple[dict | None, dict | None]:
-        """The same iperf3 run direct and through the tunnel; prints one row."""
-        res = {}
-        for path, target in (("direct", DIRECT_TARGET), ("tunnel", TUN_TARGET)):
+    def _iperf_or_nan(self, what: str, target: str, **kw):
+        for attempt in (1, 2):
             try:
-                res[path] = self.iperf(target, **kw)
+                return self.iperf(target, **kw)
             except PHASE_ERRORS as e:
-                self.fail(f"{label} {path}", str(e))
-                res[path] = None
-        d, t = res["direct"], res["tunnel"]
-        dg = d["Gbps"] if d else NAN
-        tg = t["Gbps"] if t else NAN
-        row = f"  {label:<26} {_fmt(dg):>9} {_fmt(tg):>9} {_fmt(_ratio(tg, dg)):>8}"
-        if kw.get("udp_rate"):
-            dl = d["loss_pct"] if d else NAN
-            tl = t["loss_pct"] if t else NAN
-            row += f"   loss direct {_fmt(dl)}% tunnel {_fmt(tl)}%"
-        if t:
-            row += f"   {_fmt(t['tun_cpu_per_GB']):>6} {_fmt(t['v2ray_cpu_per_GB']):>6}"
-        self.say(row)
-        return d, t
+                if attempt == 1 and "server is busy" in str(e):
+                    # the server still ends the previous test: start it afresh, once
+                    self.restart_iperf("tun" if target == TUN_TARGET else "direct")
+                    continue
+                self.fail(what, str(e))
+                return None
 
-    def throughput_header(self, mtu: int) -> None:
-        self.say(f"\niperf3, MTU {mtu} (veth and TUN), {self.secs} s each; Gbps received; "
-                 "cpu-s/GB of tun2xray, v2ray")
-        self.say(f"  {'test':<26} {'direct':>9} {'tunnel':>9} {'ratio':>8}   "
-                 f"{'t2x':>6} {'v2ray':>6}")
-
-    def tcp_runs(self, mtu: int, parallel_too: bool) -> None:
-        self.throughput_header(mtu)
-        for rev, word in ((False, "up"), (True, "down")):
-            _, t = self.pair(f"tcp {word} 1 stream", reverse=rev)
-            self.final[f"{word}{mtu}_Gbps"] = t["Gbps"] if t else NAN
-        if parallel_too:
-            for rev, word in ((False, "up"), (True, "down")):
-                self.pair(f"tcp {word} -P 4", reverse=rev, parallel=4)
+    def tcp_runs(self) -> None:
+        """Single streams (and -P 4 at 1500) direct, then through each peer:
+        the default at 1500 and 9000 (one worker at 1500 too), the plain
+        path at 1500 and 4064."""
+        plan = ((1500, (("t2x", True), ("t2x1", True), ("plain", False), ("hev", True))),
+                (4064, (("plain", False), ("hev", False))),
+                (9000, (("t2x", False), ("hev", False))))
+        for mtu, peers in plan:
+            peers = [(k, par) for k, par in peers if k in self.peers]
+            self.current = None
+            self.lab.stop_tunnel()
+            self.lab.set_veth_mtu(mtu)
+            self.say(f"\niperf3, MTU {mtu} (veth and TUN), {self.secs} s each; Gbps received; "
+                     "cpu-s/GB of the tunnel, v2ray")
+            self.say(f"  {'test':<42} {'direct':>9} {'tunnel':>9} {'ratio':>8}   {'tun':>6} {'v2ray':>6}")
+            tests = [(rev, word, 1) for rev, word in ((False, "up"), (True, "down"))]
+            if any(par for _, par in peers):
+                tests += [(rev, word, 4) for rev, word in ((False, "up"), (True, "down"))]
+            direct = {}
+            for rev, word, n in tests:
+                d = self._iperf_or_nan(f"tcp {word} -P {n} direct {mtu}", DIRECT_TARGET,
+                                       reverse=rev, parallel=n)
+                direct[(word, n)] = d["Gbps"] if d else NAN
+            for key, par in peers:
+                label = self.peers[key][0]
+                try:
+                    self.use(key, mtu)
+                except PHASE_ERRORS as e:
+                    self.fail(f"{label} at MTU {mtu}", str(e))
+                    continue
+                for rev, word, n in tests:
+                    if n > 1 and not par:
+                        continue
+                    what = f"tcp {word} {'1 stream' if n == 1 else f'-P {n}'}, {label}"
+                    t = self._iperf_or_nan(f"{what} {mtu}", TUN_TARGET, reverse=rev, parallel=n)
+                    dg = direct[(word, n)]
+                    tg = t["Gbps"] if t else NAN
+                    row = f"  {what:<42} {_fmt(dg):>9} {_fmt(tg):>9} {_fmt(_ratio(tg, dg)):>8}"
+                    if t:
+                        row += f"   {_fmt(t['tun_cpu_per_GB']):>6} {_fmt(t['v2ray_cpu_per_GB']):>6}"
+                        self.res[(key, f"{word}{mtu}P{n}")] = tg
+                        self.res[(key, f"{word}{mtu}P{n}cpu")] = t["tun_cpu_per_GB"]
+                    self.res[("kernel", f"{word}{mtu}P{n}")] = dg
+                    self.say(row)
+                    if n == 1 and key in ("t2x", "plain") and mtu in ((1500, 9000) if key == "t2x" else (1500, 4064)):
+                        self.final[f"{'plain_' if key == 'plain' else ''}{word}{mtu}_Gbps"] = tg
+            self.counters()
 
     def udp_runs(self) -> None:
         rate = self.args.udp_rate
-        self.say(f"\nUDP, iperf3 -u -b {rate} -l {self.args.udp_len}, MTU 1500, {self.secs} s; "
-                 "Gbps received, loss")
+        self.use("t2x", 1500)
+        self.say(f"\nUDP, iperf3 -u -b {rate} -l {self.args.udp_len}, MTU 1500, {self.secs} s, "
+                 f"{self.peers['t2x'][0]}; Gbps received, loss")
         for rev, word in ((False, "up"), (True, "down")):
-            _, t = self.pair(f"udp {word} {rate}", reverse=rev, udp_rate=rate,
-                             length=self.args.udp_len)
+            kw = dict(reverse=rev, udp_rate=rate, length=self.args.udp_len)
+            d = self._iperf_or_nan(f"udp {word} direct", DIRECT_TARGET, **kw)
+            t = self._iperf_or_nan(f"udp {word} tunnel", TUN_TARGET, **kw)
+            dg, tg = (d["Gbps"] if d else NAN), (t["Gbps"] if t else NAN)
+            self.say(f"  udp {word} {rate:<10} {_fmt(dg):>9} {_fmt(tg):>9} {_fmt(_ratio(tg, dg)):>8}"
+                     f"   loss direct {_fmt(d['loss_pct'] if d else NAN)}% "
+                     f"tunnel {_fmt(t['loss_pct'] if t else NAN)}%")
             if not rev:
                 self.final["udp_loss_pct"] = t["loss_pct"] if t else NAN
 
@@ -236,14 +309,21 @@ class Bench:
 
     def cps_runs(self) -> None:
         c = self.args.conns
-        self.say(f"\nconnections/s, short HTTP GET to nginx, {c} concurrent, {self.secs} s")
+        self.say(f"\nconnections/s, short HTTP GET to nginx, {c} concurrent, {self.secs} s, MTU 1500")
+        plan = [("wrk direct", None, lambda: self.wrk(DIRECT_TARGET))]
+        plan += [(f"wrk {self.peers[k][0]}", k, lambda: self.wrk(TUN_TARGET))
+                 for k in ("t2x", "t2x1", "t2x2", "hev") if k in self.peers]
+        plan += [("python direct", None, lambda: self.pyclient("direct")),
+                 ("python socks", None, lambda: self.pyclient("socks")),
+                 ("python tunnel", "t2x", lambda: self.pyclient("tun"))]
         rates = {}
-        for name, fn in (("wrk direct", lambda: self.wrk(DIRECT_TARGET)),
-                         ("wrk tunnel", lambda: self.wrk(TUN_TARGET)),
-                         ("python direct", lambda: self.pyclient("direct")),
-                         ("python socks", lambda: self.pyclient("socks")),
-                         ("python tunnel", lambda: self.pyclient("tun"))):
-            pid = self.tunnel_pid()
+        for name, key, fn in plan:
+            try:
+                pid = self.use(key or "t2x", 1500)
+            except PHASE_ERRORS as e:
+                self.fail(f"cps {name}", str(e))
+                rates[name] = NAN
+                continue
             self._lat = ""
             vpid = self.v2ray_pid()
             c0, v0 = cpu_seconds(pid), cpu_seconds(vpid)
@@ -256,40 +336,79 @@ class Bench:
             wall = max(time.monotonic() - t0, 1e-9)
             busy = (cpu_seconds(pid) - c0) / wall
             vbusy = (cpu_seconds(vpid) - v0) / wall
-            extra = self._lat + (f"   tun2xray busy {busy * 100:.0f}%" if "tunnel" in name else "")
+            # CPU per connection: steadier than the rate on a loaded machine
+            per = busy * 1e6 / rates[name] if rates[name] else NAN
+            extra = self._lat + (f"   tunnel busy {busy * 100:.0f}% = {per:.0f} us CPU/connection"
+                                 if key else "")
+            if key and name.startswith("wrk"):
+                self.res[(key, "cpu_conn")] = per
             if "direct" not in name:
                 extra += f"   v2ray busy {vbusy * 100:.0f}%"
-            self.say(f"  {name:<26} {_fmt(rates[name], 4):>9}/s{extra}")
-        self.say(f"  ratio wrk tunnel/direct {_fmt(_ratio(rates['wrk tunnel'], rates['wrk direct']))}; "
+            self.say(f"  {name:<32} {_fmt(rates[name], 4):>9}/s{extra}")
+            self.res[(key or "kernel", "cps")] = rates[name] if name != "python tunnel" else \
+                self.res.get(("t2x", "cps"), NAN)
+        self.res[("kernel", "cps")] = rates["wrk direct"]
+        wt = rates.get(f"wrk {self.peers['t2x'][0]}", NAN)
+        self.say(f"  ratio wrk tunnel/direct {_fmt(_ratio(wt, rates['wrk direct']))}; "
                  f"python tunnel/direct {_fmt(_ratio(rates['python tunnel'], rates['python direct']))}, "
                  f"tunnel/socks {_fmt(_ratio(rates['python tunnel'], rates['python socks']))}, "
                  f"socks/direct {_fmt(_ratio(rates['python socks'], rates['python direct']))}")
-        self.final["cps"] = rates["wrk tunnel"]
+        self.final["cps"] = wt
+        self.final["cps_1w"] = rates.get(f"wrk {self.peers['t2x1'][0]}", NAN)
 
     # -- memory ---------------------------------------------------------------
 
-    def rss_idle(self) -> None:
-        pid = self.tunnel_pid()
-        time.sleep(0.5)
-        self.final["rss_idle_MB"] = rss_mb(pid)
-
-    def rss_held(self) -> None:
+    def mem_runs(self) -> None:
+        """Each peer freshly started: RSS and PSS of its process tree idle,
+        then with --idle-conns idle TCP connections through it."""
         n = self.args.idle_conns
-        pid = self.tunnel_pid()
-        before = rss_mb(pid)
-        socks: list[socket.socket] = []
+        self.say(f"\nmemory of the whole process tree (fresh start, MTU 1500), MB: idle, then with {n} "
+                 "idle TCP connections (each echoed once)")
+        for key in ("t2x", "t2x1", "t2x2", "hev"):
+            if key not in self.peers:
+                continue
+            label = self.peers[key][0]
+            try:
+                pid = self.use(key, 1500, fresh=True)
+                time.sleep(0.5)
+                idle = (rss_mb(pid), pss_mb(pid))
+                held, opened = self.hold(n)
+                held = (rss_mb(pid), pss_mb(pid))
+            except PHASE_ERRORS as e:
+                self.fail(f"memory {label}", str(e))
+                continue
+            flows = ""
+            if key != "hev":
+                try:
+                    flows = f"; status lists {len(self.lab.status().get('flows') or [])} flows"
+                except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+                    pass
+            per = (held[1] - idle[1]) * 1024 / n
+            self.say(f"  {label:<26} idle RSS {_fmt(idle[0])} PSS {_fmt(idle[1])}; with {n} idle TCP "
+                     f"connections RSS {_fmt(held[0])} PSS {_fmt(held[1])} (PSS {per:.1f} kB/connection, "
+                     f"opened in {opened:.1f} s, {len(benchlab.process_tree(pid))} processes){flows}")
+            self.res[(key, "pss_idle")], self.res[(key, "pss_held")] = idle[1], held[1]
+            self.res[(key, "rss_idle")], self.res[(key, "rss_held")] = idle[0], held[0]
+            self.close_held()
+            if key == "t2x":
+                self.final.update(rss_idle_MB=idle[0], rss_1000_MB=held[0], pss_idle_MB=idle[1],
+                                  pss_1000_MB=held[1])
+
+    def hold(self, n: int):
+        """n idle connections through the TUN, each echoed once (kept in
+        self.socks); (n, seconds to open them)."""
+        self.socks: list[socket.socket] = []
+        t0 = time.monotonic()
+        with self.lab.in_cli():
+            for _ in range(n):
+                self.socks.append(socket.socket())
         try:
-            t0 = time.monotonic()
-            with self.lab.in_cli():
-                for _ in range(n):
-                    s = socket.socket()
-                    socks.append(s)
-            for s in socks:
+            for s in self.socks:
                 s.settimeout(10)
                 s.connect((TUN_TARGET, HOLD_PORT))
-            for i, s in enumerate(socks):
+            for i, s in enumerate(self.socks):
                 s.sendall(i.to_bytes(4, "big"))
-            for i, s in enumerate(socks):
+            for i, s in enumerate(self.socks):
                 got = b""
                 while len(got) < 4:
                     chunk = s.recv(4 - len(got))
@@ -298,29 +417,22 @@ class Bench:
                     got += chunk
                 if got != i.to_bytes(4, "big"):
                     raise MeasureError(f"connection {i}: wrong echo {got!r}")
-            opened = time.monotonic() - t0
-            time.sleep(1.0)          # let the engine settle (buffers, timers)
-            held = rss_mb(pid)
-            flows = None
-            try:
-                st = self.lab.status()
-                flows = len(st.get("flows") or [])
-            except (RuntimeError, ValueError, subprocess.TimeoutExpired):
-                pass
-            self.final["rss_1000_MB"] = held
-            per = (held - before) * 1024 / n
-            self.say(f"\nRSS of tun2xray (fresh process): idle {_fmt(self.final['rss_idle_MB'])} MB; before "
-                     f"{_fmt(before)} MB; with {n} idle TCP connections (each echoed once, opened "
-                     f"in {opened:.1f} s) {_fmt(held)} MB = {per:.1f} kB/connection; "
-                     f"status lists {flows} flows")
-        except (MeasureError, OSError) as e:
-            self.fail(f"rss with {n} idle connections", str(e))
-        finally:
-            for s in socks:
-                s.close()
+        except (MeasureError, OSError):
+            self.close_held()
+            raise
+        opened = time.monotonic() - t0
+        time.sleep(1.0)          # let the tunnel settle (buffers, timers)
+        return n, opened
+
+    def close_held(self) -> None:
+        for s in getattr(self, "socks", []):
+            s.close()
+        self.socks = []
 
     def counters(self) -> None:
         """tun2xray's drop and engine counters so far (context for the figures)."""
+        if self.lab.peer != "tun2xray" or self.lab.tunnel is None:
+            return
         try:
             st = self.lab.status()
         except RuntimeError as e:
@@ -340,34 +452,53 @@ class Bench:
 
     # -- the whole run ---------------------------------------------------------
 
+    def summary(self) -> None:
+        """tun2xray's figures beside hev's and the kernel's from this run."""
+        r = self.res
+        rows = [("conn/s (wrk)", "cps", "t2x"), ("conn/s (wrk), 1 worker", "cps", "t2x1"),
+                ("conn/s (wrk), 2 workers", "cps", "t2x2"), ("CPU us/connection", "cpu_conn", "t2x"),
+                ("CPU us/connection, 1 worker", "cpu_conn", "t2x1"),
+                ("CPU us/connection, 2 workers", "cpu_conn", "t2x2")]
+        for what, mtu in (("up", 1500), ("down", 1500), ("up", 9000), ("down", 9000)):
+            rows.append((f"{what} MTU {mtu} Gbps", f"{what}{mtu}P1", "t2x"))
+        rows += [(f"{w} -P 4 Gbps", f"{w}1500P4", "t2x") for w in ("up", "down")]
+        for what, mtu in (("up", 1500), ("down", 1500), ("up", 4064), ("down", 4064)):
+            rows.append((f"plain {what} MTU {mtu} Gbps", f"{what}{mtu}P1", "plain"))
+            rows.append((f"plain {what} MTU {mtu} cpu-s/GB", f"{what}{mtu}P1cpu", "plain"))
+        rows += [("PSS idle MB", "pss_idle", "t2x"), ("PSS 1,000 flows MB", "pss_held", "t2x"),
+                 ("RSS idle MB", "rss_idle", "t2x"), ("RSS 1,000 flows MB", "rss_held", "t2x"),
+                 ("PSS idle MB, 2 workers", "pss_idle", "t2x2"),
+                 ("PSS 1,000 flows MB, 2 workers", "pss_held", "t2x2")]
+        self.say(f"\nsummary ({self.peers['t2x'][0]} unless named; hev and the kernel in the same run)")
+        self.say(f"  {'figure':<30} {'tun2xray':>9} {'hev':>9} {'kernel':>9} {'/hev':>7} {'/kernel':>8}")
+        for name, what, key in rows:
+            t = r.get((key, what), NAN)
+            h = r.get(("hev", what), NAN)
+            k = r.get(("kernel", what), NAN)
+            self.say(f"  {name:<30} {_fmt(t):>9} {_fmt(h):>9} {_fmt(k):>9} {_fmt(_ratio(t, h)):>7} "
+                     f"{_fmt(_ratio(t, k)):>8}")
+
     def run(self) -> int:
         a = self.args
+        load = os.getloadavg()
         self.say(f"e2e_bench: tun2xray (tun://{self.lab.tun}"
                  f"{'?' + self.query if self.query else ''}) -> v2ray socks {SOCKS_ADDR}:{SOCKS_PORT}"
                  f" -> lo, vs direct over the veth; core {self.lab.core}; {os.cpu_count()} CPUs;"
+                 f" load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f};"
                  f" tun2xray from {self.lab.repo}"
-                 f"{'; QUICK mode' if a.quick else ''}")
+                 f"{'; hev ' + a.hev if a.hev else ''}{'; QUICK mode' if a.quick else ''}")
         self.say("(figures from a shared machine are noisy; compare ratios from the same run)")
-        # memory first, on a fresh process: later runs grow its heap
-        plan = ((1500, (("rss idle", self.rss_idle), ("rss held", self.rss_held),
-                        ("tcp 1500", lambda: self.tcp_runs(1500, parallel_too=True)),
-                        ("udp", self.udp_runs), ("cps", self.cps_runs),
-                        ("counters", self.counters))),
-                (9000, (("tcp 9000", lambda: self.tcp_runs(9000, parallel_too=False)),
-                        ("counters", self.counters))))
-        for mtu, steps in plan:
-            try:
-                self.lab.stop_tunnel()
-                self.lab.set_veth_mtu(mtu)
-                self.lab.start_tunnel(mtu, self.query)
-            except PHASE_ERRORS as e:
-                self.fail(f"tunnel at MTU {mtu}", str(e))
+        steps = {"mem": self.mem_runs, "tcp": self.tcp_runs, "udp": self.udp_runs, "cps": self.cps_runs}
+        # memory first, on fresh processes: later runs grow the heap
+        for name in STEPS:
+            if name not in a.steps:
                 continue
-            for name, step in steps:
-                try:
-                    step()
-                except PHASE_ERRORS as e:
-                    self.fail(name, str(e))
+            try:
+                steps[name]()
+            except PHASE_ERRORS as e:
+                self.fail(name, str(e))
+        self.summary()
+        self.say(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         self.say("")
         if self.failed:
             self.say(f"FAILED: {', '.join(self.failed)}")
@@ -468,12 +599,23 @@ def main(argv=None) -> int:
     p.add_argument("--udp-len", type=int, default=1400, help="UDP payload bytes (default 1400)")
     p.add_argument("--device-query", default="",
                    help="options for the tun:// URL, e.g. offload=1")
-    p.add_argument("--workers", type=int, default=1,
-                   help="tun2xray worker processes (default 1: per-engine figures; CPU and RSS sum all)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tun2xray worker processes of the default figures (default: as tun2xray starts, "
+                        "one per core); one worker is measured beside it")
+    p.add_argument("--hev", metavar="PATH",
+                   help="hev-socks5-tunnel binary: measured as a peer in the same run")
+    p.add_argument("--steps", default=",".join(STEPS),
+                   help=f"which parts to run, comma-separated (default: {','.join(STEPS)})")
     p.add_argument("--repo", default=benchlab.REPO,
                    help="checkout whose tun2xray is benchmarked (default: this one)")
     p.add_argument("--prefix", default="eb", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.steps = [x.strip() for x in args.steps.split(",") if x.strip()]
+    bad = [x for x in args.steps if x not in STEPS]
+    if bad:
+        p.error(f"--steps: unknown {', '.join(bad)} (choose from {', '.join(STEPS)})")
+    if args.hev and not os.access(args.hev, os.X_OK):
+        p.error(f"--hev {args.hev}: not an executable file")
     if os.geteuid() != 0:
         print("e2e_bench: needs root (network namespaces, veth, TUN)", file=sys.stderr)
         return 2

@@ -340,7 +340,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
             elif t is ev.UdpClosed:
                 self._udp_closed(e.flow, e.reason)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro):
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 
 from ..upstream.socks5_proto import NEED_DATA, Connected, SocksProtocolError, address_text
 
@@ -35,7 +34,7 @@ class TcpRelay(asyncio.Protocol):
 
     __slots__ = ("engine", "conn", "url", "transport", "pending", "up_paused",
                  "up_eof", "eof_sent", "bytes_up", "bytes_down", "hs", "hs_timer", "fin_from",
-                 "up_at", "name", "sampled_in", "sampled_out")
+                 "up_at", "dialing", "expired", "name", "sampled_in", "sampled_out")
 
     def __init__(self, engine, conn, url, hs=None):
         self.engine = engine
@@ -52,27 +51,33 @@ class TcpRelay(asyncio.Protocol):
         # its handshake runs on this transport; None for a raw (dokodemo) dial
         # and once the proxy has answered
         self.hs = hs
+        # one timer per connection: connect and handshake together within
+        # tcp_connect_timeout (armed by the engine when it dials)
         self.hs_timer = None
+        self.dialing = None       # the dial's task while the connect is under way
+        self.expired = False      # the timer cancelled the dial
         self.fin_from = None      # who ended the byte stream first: "client" or "upstream"
         self.up_at = None         # loop time the upstream said yes (CONNECT reply / connected)
         self.name = None          # the domain name the flow was dialled by (None: by address)
         # the flow's byte counters at the rate sampler's last look (Engine._sample)
         self.sampled_in = self.sampled_out = 0
 
-    # asyncio.Protocol
+    # asyncio.Protocol (TCP_NODELAY: uvloop's and asyncio's TCP transports
+    # set it themselves, so no socket object and no syscalls here)
     def connection_made(self, transport):
         self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
         if self.hs is not None:
             # without a login, greeting and CONNECT in one segment: one round trip
             transport.write(self.hs.initial_bytes())
-            self.hs_timer = self.engine.loop.call_later(self.engine.connect_timeout, self._hs_failed,
-                                                        "no SOCKS reply in time")
+
+    def timed_out(self):
+        """tcp_connect_timeout passed: stop the connect, or the handshake."""
+        self.hs_timer = None
+        if self.transport is None and self.dialing is not None:
+            self.expired = True
+            self.dialing.cancel()
+        else:
+            self._hs_failed("no SOCKS reply in time")
 
     def _hs_data(self, data):
         """Feed the proxy's bytes to the SOCKS5 machine; send what it says
@@ -220,11 +225,14 @@ class TcpRelay(asyncio.Protocol):
             elif self.transport is not None:
                 self.transport.resume_reading()
 
-    def close(self):
-        self.hs = None
+    def close_timer(self):
         if self.hs_timer is not None:
             self.hs_timer.cancel()
             self.hs_timer = None
+
+    def close(self):
+        self.hs = None
+        self.close_timer()
         t = self.transport
         if t is not None:
             self.transport = None

@@ -48,7 +48,11 @@ class EngineTcp:
             hs = socks_client(up, CMD_CONNECT, name if name is not None else conn.dst, conn.dport)
         if self._debug:
             self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined, name)
-        self._spawn(self._tcp_dial(conn, up, url, hs, name))
+        relay = TcpRelay(self, conn, url, hs=hs)
+        if hs is not None:
+            relay.name = name       # what the CONNECT carried (None: the address)
+        relay.dialing = self._spawn(self._tcp_dial(conn, up, relay))
+        relay.hs_timer = self.loop.call_later(self.connect_timeout, relay.timed_out)
 
     def _refuse(self, flow, proto: str, why: str, rule, name) -> None:
         """Refuse a new flow without dialing: a block rule, or a fake
@@ -102,35 +106,42 @@ class EngineTcp:
         log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
                   f", bound {f['bound']}" if bound is not None else "", extra=f)
 
-    async def _tcp_dial(self, conn, up, url, hs, name=None) -> None:
+    async def _tcp_dial(self, conn, up, relay) -> None:
         """Connect to the upstream with the relay as the transport's protocol
-        from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
-        the relay runs the handshake and accepts or refuses the client when
-        the proxy answers; without (dokodemo) the connect is the dial."""
-        relay = TcpRelay(self, conn, url, hs=hs)
-        if hs is not None:
-            relay.name = name       # what the CONNECT carried (None: the address)
+        from the start (no socket hand-over).  With ``relay.hs`` (a SOCKS5
+        machine) the relay runs the handshake and accepts or refuses the
+        client when the proxy answers; without (dokodemo) the connect is the
+        dial. The relay's one timer bounds both (tcp_connect_timeout): when
+        it fires during the connect it cancels this task."""
+        raw = relay.hs is None
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                if needs_protect(up.host):      # the host's protect() sees it first
-                    sock = await open_tcp(up.host, up.port)
-                    try:
-                        await self.loop.create_connection(lambda: relay, sock=sock)
-                    except BaseException:
-                        sock.close()
-                        raise
-                else:
-                    await self.loop.create_connection(lambda: relay, up.host, up.port)
+            if needs_protect(up.host):      # the host's protect() sees it first
+                sock = await open_tcp(up.host, up.port)
+                try:
+                    await self.loop.create_connection(lambda: relay, sock=sock)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                await self.loop.create_connection(lambda: relay, up.host, up.port)
         except asyncio.CancelledError:
-            raise
-        except (OSError, TimeoutError, asyncio.TimeoutError) as e:
-            relay.hs = None
-            self._tcp_dial_failed(conn, url, e)
+            if not relay.expired:
+                raise
+            why = TimeoutError()
+        except OSError as e:
+            why = e
+        else:
+            relay.dialing = None
+            if conn.closed:
+                relay.close()
+            elif raw:
+                relay.close_timer()
+                self._tcp_established(conn, relay)
             return
-        if conn.closed:
-            relay.close()
-        elif hs is None:
-            self._tcp_established(conn, relay)
+        relay.dialing = None
+        relay.close_timer()
+        relay.hs = None
+        self._tcp_dial_failed(conn, relay.url, why)
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self.counters["upstream_connect_failed"] += 1

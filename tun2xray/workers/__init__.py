@@ -7,11 +7,22 @@ the interface stays while a detached queue is open, but the kernel steers no
 packets to it), and starts N workers::
 
     tun2xray run (supervisor)            keeper fd (detached queue)
-      ├── python -m tun2xray.workers     queue fd 0, its own Stack + Engine + upstreams
-      └── python -m tun2xray.workers     queue fd 1, ...
+      ├── zygote                         the template the workers are forked from
+      ├── worker 0                       queue fd 0, its own Stack + Engine + upstreams
+      └── worker 1                       queue fd 1, ...
+
+Workers share memory: the supervisor imports what a worker runs, freezes
+its objects for the collector and forks the *zygote* before the core's
+threads start and before any event loop exists; every worker (a restarted
+one too) is forked from the zygote, so all of them share the imported code
+and the interpreter's pages with the supervisor (zygote.py). The supervisor
+is a child subreaper, so the workers are its own children. Without a zygote
+(it died, or no fork) a worker is started as a new program
+(``python -m tun2xray.workers``, or the binary's hidden ``_worker``).
 
 Each worker slot gets a queue fd (``keeper.open_queue()`` in the supervisor,
-inherited through ``pass_fds``) and one end of a socketpair, the *channel*.
+passed to the zygote over its socket, or inherited through ``pass_fds``) and
+one end of a socketpair, the *channel*.
 The kernel keeps each flow on one queue (by the queue that last wrote the
 flow's packets, else by hash over the number of queues), so each flow lives
 in one worker's stack. The supervisor keeps its copy of every queue fd and
@@ -30,7 +41,7 @@ parent and its own child only: the first one carries the worker's spec
 reset every flow) get one reply each carrying the same ``id``.
 
 How many: ``--workers N``; without it the TUN2XRAY_WORKERS environment
-variable, else one per core (``sched_getaffinity``) when the device can be a
+variable, else one per two cores (``sched_getaffinity``; at least 1) when the device can be a
 multi-queue TUN (`multiqueue_possible`), else 1. ``--workers 1`` (and every
 fd:// or unix:// run) is the single-process path of cli.py: no
 supervisor, no extra process.
@@ -59,15 +70,16 @@ queue by name would make a bare one (down, no addresses, no routes).
 
 Shutdown: SIGINT/SIGTERM to the supervisor -> SIGTERM to every worker, wait
 (SIGKILL after a grace), close the keeper: the kernel deletes the TUN with
-its last queue. Workers ask for SIGTERM when the supervisor dies
-(``PR_SET_PDEATHSIG``) and also stop when the channel reaches EOF, so no
-worker outlives it. Workers ignore SIGINT (a Ctrl-C reaches the whole
+its last queue. Workers and the zygote ask for SIGTERM when the supervisor
+dies (``PR_SET_PDEATHSIG``) and also stop when their socket reaches EOF, so
+none outlives it. Workers ignore SIGINT (a Ctrl-C reaches the whole
 process group; the supervisor decides).
 
 The rooms: count.py (how many workers, the multi-queue TUN facts),
 channel.py (framing, both ends of the channel), supervisor.py (the
-supervisor, aggregation, backoff, run_supervised) and worker.py (the worker
-process; __main__.py runs it).
+supervisor, aggregation, backoff, run_supervised), zygote.py (forking
+workers that share memory) and worker.py (the worker process; __main__.py
+runs it when it is started as a program).
 
 The package's top level imports little: a worker's RSS is what it imports
 plus its flows (no argparse, no pyroute2 in workers).

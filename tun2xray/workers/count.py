@@ -1,6 +1,13 @@
-"""How many workers: --workers, TUN2XRAY_WORKERS or one per core when the
-device can be a multi-queue TUN, and the multi-queue TUN facts that decide it
-(queue flags, detaching a queue)."""
+"""How many workers: --workers, TUN2XRAY_WORKERS or one per two cores when
+the device can be a multi-queue TUN, and the multi-queue TUN facts that
+decide it (queue flags, detaching a queue).
+
+Why one per two cores: the clients and the Xray core run on the same cores
+as tun2xray, and the core spends about as much CPU on each connection as
+tun2xray does (e2e_bench: v2ray busy as much as the tunnel in every
+connection-rate row). On two cores one worker carries more new connections
+per second and at less CPU per connection than two (docs/performance.md),
+so a second worker only competes with the core for the same two cores."""
 
 from __future__ import annotations
 
@@ -83,11 +90,11 @@ def multiqueue_possible(device: str, record=None) -> bool:
 
 
 def default_workers(device: str, record=None) -> int:
-    """Without --workers: one worker per core where workers are possible,
-    else 1 (the single-process path)."""
+    """Without --workers: one worker per two cores where workers are
+    possible (1 on one or two cores: the single-process path), else 1."""
     if not multiqueue_possible(device, record):
         return 1
-    return max(1, min(_cores(), MAX_WORKERS))
+    return max(1, min(_cores() // 2, MAX_WORKERS))
 
 
 def worker_count(args) -> int:

@@ -116,10 +116,11 @@ def next_backoff(delay: float, ran_for: float) -> float:
     return min(delay * 2, BACKOFF_MAX)
 
 
-def run_supervised(args, settings, xs, n: int) -> int:
+def run_supervised(args, settings, xs, n: int, zygote=None) -> int:
     """`tun2xray run --workers N` (N > 1): open the multi-queue TUN, serve
     with N workers until SIGINT/SIGTERM. Exit status as cmd_run's; bad
-    setup raises WorkerError."""
+    setup raises WorkerError. ``zygote``: the template the workers are
+    forked from (tun2xray.workers.zygote), else they are exec'd."""
     from ..device import DeviceError, open_device
 
     url = multiqueue_url(args.device)
@@ -143,7 +144,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
         if xs is not None:
             xs.route_up(keeper.name)
         sup = Supervisor(keeper, settings, n, log_level=args.log_level,
-                         log_format=getattr(args, "log_format", "text"), url=args.device)
+                         log_format=getattr(args, "log_format", "text"), url=args.device, zygote=zygote)
         from ..host import Host, run
         return run(Host(sup, settings, xs).serve(
             f"running on {keeper.name} (mtu {keeper.mtu}) with {n} workers, proxy "
@@ -161,7 +162,7 @@ def run_supervised(args, settings, xs, n: int) -> int:
 
 class Supervisor:
     def __init__(self, keeper, settings, n: int, *, log_level: str = "info", log_format: str = "text",
-                 url: str | None = None):
+                 url: str | None = None, zygote=None):
         import logging
 
         self.log = logging.getLogger("tun2xray.workers")
@@ -185,6 +186,7 @@ class Supervisor:
         self.ifindex = _ifindex(keeper.name)
         self.request_timeout = REQUEST_TIMEOUT      # per worker, for a status request
         self.on_upstream_failed = None  # the host shell's proxy watch (tun2xray.host)
+        self.zygote = zygote            # forks the workers (None: exec python -m tun2xray.workers)
 
     @property
     def error(self):
@@ -222,8 +224,6 @@ class Supervisor:
         Never re-creates a deleted TUN: opening a queue by name would make a
         bare one (no addresses, no routes, down), so the queue must belong
         to the interface the run started with."""
-        import subprocess
-
         from ..device import DeviceError
 
         if self.device_gone():
@@ -237,11 +237,7 @@ class Supervisor:
             w.queue = q         # kept: the same queue (index) for every worker of this slot
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            dev_fd, ch_fd = q.fileno(), theirs.fileno()
-            # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
-            from ..frozen import worker_command
-            argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
-            w.proc = subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
+            w.proc = self._start_process(q.fileno(), theirs.fileno())
         finally:
             theirs.close()      # the far end lives in the child only
         w.chan = ours
@@ -250,9 +246,25 @@ class Supervisor:
         w.restart_at = None
         try:
             ours.settimeout(5)
-            ours.sendall(frame(self.spec(w, dev_fd)))
+            ours.sendall(frame(self.spec(w, q.fileno())))
         except OSError:
             pass    # it died at once: the monitor sees it
+
+    def _start_process(self, dev_fd: int, ch_fd: int):
+        """A worker process on these fds: forked from the zygote (sharing
+        its pages), or exec'd when there is none or it is gone."""
+        if self.zygote is not None:
+            try:
+                return self.zygote.spawn(dev_fd, ch_fd, self.poke_w)
+            except OSError as e:
+                self.log.warning("worker zygote: %s; starting workers as new programs", e)
+                self.zygote = None
+        import subprocess
+
+        # python -m tun2xray.workers on this same tree, or the frozen binary's hidden entry
+        from ..frozen import worker_command
+        argv, env = worker_command(["--channel", str(ch_fd), "--parent", str(os.getpid())])
+        return subprocess.Popen(argv, pass_fds=(dev_fd, ch_fd, self.poke_w), stdin=subprocess.DEVNULL, env=env)
 
     def start_all(self) -> None:
         """Start every worker and wait until each serves (WorkerError if not)."""

@@ -147,12 +147,27 @@ def worker_main(argv=None) -> int:
     del argparse, p
     _pdeathsig(a.parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    chan = socket.socket(fileno=a.channel)
+    return _serve_channel(socket.socket(fileno=a.channel))
+
+
+def worker_forked(ch_fd: int, parent: int, dev_fd: int, poke_fd: int) -> int:
+    """A worker forked by the zygote (tun2xray.workers.zygote): the spec's
+    fd numbers are the supervisor's, ours are these. The supervisor sends
+    the spec once we are its child, so PR_SET_PDEATHSIG is asked for then."""
+    chan = socket.socket(fileno=ch_fd)
+    return _serve_channel(chan, parent, {"fd": dev_fd, "poke_fd": poke_fd})
+
+
+def _serve_channel(chan: socket.socket, parent: int | None = None, fds: dict | None = None) -> int:
     try:
         spec, pending = _read_spec(chan)
     except (OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         print(f"tun2xray worker: no spec from the supervisor: {e}", file=sys.stderr)
         return 1
+    if parent is not None:
+        _pdeathsig(parent)
+    if fds:
+        spec.update(fds)
     from .. import logs
 
     logs.setup(spec.get("log_level", "info"), spec.get("log_format", "text"), worker=spec["id"])
