@@ -3,6 +3,8 @@ Stack that holds it.  A flow never reaches into the stack: everything it may
 do to its surroundings goes through its `host`.
 
     host.config            the StackConfig (read only)
+    host.budget            the stack's MemoryBudget (netstack.budget): a flow
+                           adds the bytes it buffers and subtracts what it frees
     host.rng               the injected random source (ISNs, timestamps)
     host.next_id()         a fresh flow id (timer-heap tie breaker)
     host.emit(packet)      queue a packet for the device
@@ -30,11 +32,12 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "budget", "next_id", "emit", "event", "touch", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
         self.config = stack.config
+        self.budget = stack.budget
         self.next_id = stack._next_id
         self.emit = stack.output.append
         self.event = stack.events.append

@@ -99,11 +99,13 @@ class EngineSettings:
     attributes; the bridge builds this from a profile, and the supervisor
     hands it to each worker."""
 
-    __slots__ = ("connect_timeout", "icmp_echo", "max_flows", "refusal_window", "router", "udp_timeout")
+    __slots__ = ("connect_timeout", "icmp_echo", "limits", "max_flows", "refusal_window", "router", "udp_timeout")
 
     def __init__(self, router, *, udp_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5):
+                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5,
+                 limits: dict | None = None):
         self.router = router
+        self.limits = limits if limits is not None else stack_limits(None)
         self.udp_timeout = udp_timeout
         self.connect_timeout = connect_timeout
         self.max_flows = max_flows
@@ -114,7 +116,8 @@ class EngineSettings:
     def of(cls, s) -> EngineSettings:
         """The engine's part of RunSettings (or any object with these attributes)."""
         return cls(s.router, udp_timeout=s.udp_timeout, connect_timeout=s.connect_timeout,
-                   max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window)
+                   max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window,
+                   limits=getattr(s, "limits", None))
 
     @classmethod
     def from_profile(cls, profile) -> EngineSettings:
@@ -130,7 +133,7 @@ class EngineSettings:
         router = Router(default=up, default_url=profile.proxy, rules=list(profile.rules))
         return cls(router, udp_timeout=profile.udp_timeout, connect_timeout=profile.tcp_connect_timeout,
                    max_flows=profile.max_flows, icmp_echo=profile.icmp_echo,
-                   refusal_window=profile.tcp_refusal_window)
+                   refusal_window=profile.tcp_refusal_window, limits=stack_limits(profile))
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -147,7 +150,22 @@ def stack_config(s, mtu: int):
     from netstack import StackConfig
 
     return StackConfig(mtu=mtu, udp_timeout=s.udp_timeout, max_flows=s.max_flows, icmp_echo=s.icmp_echo,
-                       connect_timeout=s.connect_timeout + 5)
+                       connect_timeout=s.connect_timeout + 5, **(getattr(s, "limits", None) or {}))
+
+
+def stack_limits(profile) -> dict:
+    """The StackConfig fields set by the profile's memory keys (max_udp_flows,
+    udp_port_timeouts, tcp_buffer_kb, memory_budget_mb); their defaults
+    when *profile* is None."""
+    from .profile import KEY_BY_PATH
+
+    def get(path):
+        return profile.get(path) if profile is not None else KEY_BY_PATH[path].default
+
+    buf = get("tcp_buffer_kb") * 1024
+    return {"max_udp_flows": get("max_udp_flows"),
+            "udp_port_timeouts": {int(p): float(t) for p, t in get("udp_port_timeouts").items()},
+            "rcv_buf": buf, "snd_buf": buf, "memory_budget": int(get("memory_budget_mb") * (1 << 20))}
 
 
 def make_engine(device, s, recorder=None):

@@ -27,6 +27,9 @@ class TcpSender:
         if self.closed or self._pending_close is not None or self.fin_queued or self.state not in WRITE_STATES:
             raise TcpError(f"write() in state {self.state}" + (" after shutdown" if self.fin_queued else ""))
         space = self._snd_cap - len(self.snd_buf)
+        mem = self._mem
+        if mem.used > mem.soft:
+            space = mem.clamp(space, len(self.snd_buf), self._seg)
         n = len(data)
         if n > space:
             n = space if space > 0 else 0
@@ -36,6 +39,7 @@ class TcpSender:
             self.snd_buf += memoryview(data)[:n]
         else:
             self.snd_buf += data
+        mem.used += n
         self.bytes_out += n
         self.host.touch(self)
         return n
@@ -45,6 +49,9 @@ class TcpSender:
         if self.closed or self.fin_queued:
             return 0
         s = self._snd_cap - len(self.snd_buf)
+        mem = self._mem
+        if mem.used > mem.soft:
+            s = mem.clamp(s, len(self.snd_buf), self._seg)
         return s if s > 0 else 0
 
     @property
@@ -62,6 +69,7 @@ class TcpSender:
             nb = len(buf)                   # ... and our FIN
         if nb:
             del buf[:nb]
+            self._mem.used -= nb
             self._buf_seq = (self._buf_seq + nb) & _M
         self.snd_una = ack
         if ((self.snd_nxt - ack) & _M) >= _HALF:

@@ -125,10 +125,12 @@ class TcpRelay(asyncio.Protocol):
         self.bytes_down += len(data)
         if self.pending:
             self.pending += data
+            self.engine.budget.used += len(data)
         else:
             n = conn.write(data)
             if n < len(data):
                 self.pending = data[n:]
+                self.engine.budget.used += len(data) - n
         if self.pending and self.transport is not None:
             self.transport.pause_reading()
         self.engine.kick()
@@ -211,11 +213,18 @@ class TcpRelay(asyncio.Protocol):
             return
         n = conn.write(self.pending)
         self.pending = self.pending[n:]
+        self.engine.budget.used -= n
         if not self.pending:
             if self.up_eof:
                 conn.shutdown()
             elif self.transport is not None:
                 self.transport.resume_reading()
+
+    def release(self):
+        """The flow is gone: what it held goes back to the budget."""
+        if self.pending:
+            self.engine.budget.used -= len(self.pending)
+            self.pending = b""
 
     def close(self):
         self.hs = None
