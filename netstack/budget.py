@@ -11,26 +11,27 @@ method call on the per-segment path.  What counts:
   host  what the host holds for a flow on top (the engine's held upstream
         chunk and the datagrams queued while a UDP upstream opens).
 
-Above `soft` (half the limit) a flow's advertised window and its send space
-are clamped to an eighth of what is left (`clamp`), so buffers stop growing
-as the budget fills; every flow may still hold two segments, so none stalls
-for good waiting for a window that no event would reopen.  At the limit
-(`full`) new flows are refused and counted by the stack
-(drops["memory_budget"]).  A limit of 0 means no budget: `soft` is then
-out of reach and the clamp never runs.
+With a limit set, every window a connection advertises and every write
+the host makes into a send buffer is clamped to a share of what is left
+(`clamp`): a quarter of the headroom while less than half the budget is
+used, an eighth above that, so buffers stop growing as the budget fills.
+Every flow may still hold two segments, so none stalls for good waiting for
+a window that no event would reopen.  A window already advertised is
+honoured (RFC 9293 asks a receiver not to shrink it): the budget can be
+passed by what was offered before it filled, which the shares keep small.
+At the limit (`full`) new flows are refused and counted by the stack
+(drops["memory_budget"]).  A limit of 0 means no budget: callers test
+`limit` and skip the clamp.
 """
 
 from __future__ import annotations
 
-_NEVER = 1 << 62
-
-
 class MemoryBudget:
-    __slots__ = ("limit", "soft", "used", "peak")
+    __slots__ = ("limit", "half", "used", "peak")
 
     def __init__(self, limit: int = 0):
         self.limit = limit if limit > 0 else 0
-        self.soft = self.limit >> 1 if self.limit else _NEVER
+        self.half = self.limit >> 1
         self.used = 0
         self.peak = 0
 
@@ -41,10 +42,17 @@ class MemoryBudget:
 
     def clamp(self, free: int, held: int, seg: int) -> int:
         """*free* (window or send space a flow would offer) cut to its share
-        of what is left: an eighth of the headroom, but at least enough for
-        the flow to hold two segments of *seg* bytes (it already holds *held*)."""
-        left = self.limit - self.used
-        room = left >> 3 if left > 0 else 0
+        of what is left (a quarter, an eighth above half the budget), but at
+        least enough for the flow to hold two segments of *seg* bytes (it
+        already holds *held*)."""
+        used = self.used
+        left = self.limit - used
+        if left <= 0:
+            room = 0
+        elif used < self.half:
+            room = left >> 2
+        else:
+            room = left >> 3
         floor = 2 * seg - held
         if room < floor:
             room = floor

@@ -172,8 +172,8 @@ class TcpReceiver:
         rnxt = self.rcv_nxt
         free = self._rcv_cap - len(self.rcv_buf)
         mem = self._mem
-        if mem.used > mem.soft:
-            # the budget fills: offer only a share of what is left (the right
+        if mem.limit:
+            # a memory budget: offer only a share of what is left (the right
             # edge already advertised stays where it is, below)
             free = mem.clamp(free, len(self.rcv_buf) + self.ooo.nbytes, self.rcv_mss)
         adv = (self.rcv_adv - rnxt) & _M

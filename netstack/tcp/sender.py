@@ -28,7 +28,7 @@ class TcpSender:
             raise TcpError(f"write() in state {self.state}" + (" after shutdown" if self.fin_queued else ""))
         space = self._snd_cap - len(self.snd_buf)
         mem = self._mem
-        if mem.used > mem.soft:
+        if mem.limit:
             space = mem.clamp(space, len(self.snd_buf), self._seg)
         n = len(data)
         if n > space:
@@ -50,7 +50,7 @@ class TcpSender:
             return 0
         s = self._snd_cap - len(self.snd_buf)
         mem = self._mem
-        if mem.used > mem.soft:
+        if mem.limit:
             s = mem.clamp(s, len(self.snd_buf), self._seg)
         return s if s > 0 else 0
 
@@ -387,6 +387,9 @@ class TcpSender:
         if self._ws_ok:
             opts.append(_WS_OPT.pack(1, 3, 3, self.rcv_wscale))
         wnd = self._rcv_cap - len(self.rcv_buf)
+        mem = self._mem
+        if mem.limit:
+            wnd = mem.clamp(wnd, len(self.rcv_buf), self.rcv_mss)
         if wnd > 65535:
             wnd = 65535
         self.rcv_adv = (self.rcv_nxt + wnd) & _M
