@@ -129,12 +129,27 @@ class _BridgeDevice:
 
 # ------------------------------------------------------------------- tunnel
 
+def _share_budget(settings) -> int | None:
+    """With a memory budget (profile memory_budget_mb), the inbound and the
+    outbound queue each take an eighth of it (at most their usual bound) and
+    the engine's buffers the rest, so all three stay within the one budget.
+    Returns the queues' byte bound, None without a budget."""
+    limits = settings.limits
+    budget = limits.get("memory_budget", 0)
+    if not budget:
+        return None
+    q = min(budget // 8, INBOUND_BYTES, OUTBOUND_BYTES)
+    limits["memory_budget"] = budget - 2 * q
+    return q
+
+
 class _Tunnel:
     """One handle: its engine thread, loop, queues and counters."""
 
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
+        self._qcap = _share_budget(self.settings)       # byte bound of each queue (None: the defaults)
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
@@ -270,7 +285,7 @@ class _Tunnel:
             taken = nbytes = 0
             for p, proto in zip(packets, protos):
                 ln = len(p)
-                if taken >= room or qbytes + ln > OUTBOUND_BYTES:
+                if taken >= room or qbytes + ln > (self._qcap or OUTBOUND_BYTES):
                     continue
                 q.append((p, proto))
                 qbytes += ln
@@ -346,7 +361,8 @@ class _Tunnel:
                 else:
                     q = self._inq
                     room = INBOUND_PACKETS - len(q)
-                    if len(good) <= room and self._inq_bytes + nbytes <= INBOUND_BYTES:
+                    cap = self._qcap or INBOUND_BYTES
+                    if len(good) <= room and self._inq_bytes + nbytes <= cap:
                         q.extend(good)
                         self._inq_bytes += nbytes
                         taken = len(good)
@@ -354,7 +370,7 @@ class _Tunnel:
                         taken = 0
                         qb = self._inq_bytes
                         for p in good:
-                            if taken >= room or qb + len(p) > INBOUND_BYTES:
+                            if taken >= room or qb + len(p) > cap:
                                 continue
                             q.append(p)
                             qb += len(p)
