@@ -245,6 +245,8 @@ def check(stack, client):
     assert accounting_ok(stack), (stack.rx_packets, dict(stack.drops), stack.delivered, stack.frag_held)
     assert len(stack.tcp) + len(stack.udp) <= cfg.max_flows
     assert 0 <= stack.pending <= cfg.max_pending
+    # the memory budget counts exactly the bytes the connections in the table hold
+    assert stack.budget.used == sum(len(c.rcv_buf) + len(c.snd_buf) + c.ooo.nbytes for c in stack.tcp.values())
     fr = stack._frag
     if fr is not None:
         assert len(fr) <= cfg.frag_max_datagrams and fr.bytes_held <= cfg.frag_max_bytes
