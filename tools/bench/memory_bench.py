@@ -15,7 +15,7 @@ host's resident memory (VmRSS, MB):
   target        idle + budget + 5 MB (the issue's bound for the burst peak)
 
     python3 tools/bench/memory_bench.py [--budgets none,16] [--no-ssl] [--idle-flows 1000]
-                                        [--downloads 8] [--udp-sessions 600]
+                                        [--downloads 8] [--udp-sessions 600] [--tcp-buffer-kb N]
     python3 tools/bench/memory_bench.py --imports [--no-ssl]   # what idle RSS is made of
 
 Needs root (namespaces, TUN) and v2ray on PATH.
@@ -62,13 +62,15 @@ def read_json(path):
 class Host:
     """One reference host with a profile; stopped by close()."""
 
-    def __init__(self, lab, budget_mb, no_ssl: bool):
+    def __init__(self, lab, budget_mb, no_ssl: bool, tcp_buffer_kb=None):
         self.lab = lab
         self.name = f"bm-host-{budget_mb}"
         prof = {"proxy": f"socks5://127.0.0.1:{netlab.SOCKS_PORT}",
                 "rules": [{"network": "udp", "port": 53, "to": f"dokodemo://127.0.0.1:{netlab.DOKODEMO_PORT}"}]}
         if budget_mb is not None:
             prof["memory_budget_mb"] = budget_mb
+        if tcp_buffer_kb is not None:
+            prof["tcp_buffer_kb"] = tcp_buffer_kb
         self.profile = os.path.join(lab.workdir, f"{self.name}.json")
         with open(self.profile, "w") as f:
             json.dump(prof, f)
@@ -210,7 +212,7 @@ def run(args) -> None:
     rows = []
     with netlab.Lab(prefix="bm", hop="vless") as lab:
         for b in budgets:
-            host = Host(lab, b, args.no_ssl)
+            host = Host(lab, b, args.no_ssl, args.tcp_buffer_kb)
             try:
                 warm_up(lab)
                 idle = host.rss()
@@ -283,6 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--idle-flows", type=int, default=1000)
     ap.add_argument("--downloads", type=int, default=8)
     ap.add_argument("--udp-sessions", type=int, default=600)
+    ap.add_argument("--tcp-buffer-kb", type=int, help="the profile's tcp_buffer_kb (default: the key's default)")
     ap.add_argument("--no-ssl", action="store_true", help="the host keeps asyncio from loading ssl (tun2xray.lean)")
     ap.add_argument("--imports", action="store_true", help="print RSS import by import and exit")
     args = ap.parse_args(argv)
