@@ -8,6 +8,8 @@ method call on the per-segment path.  What counts:
   TCP   each connection's receive buffer, its out-of-order runs and its send
         buffer (netstack.tcp), released in full when the connection leaves
         the table;
+  out   with a limit set, the data segments a flush built for the device,
+        until the host takes the output (Stack.take_output);
   host  what the host holds for a flow on top (the engine's held upstream
         chunk and the datagrams queued while a UDP upstream opens).
 
@@ -27,13 +29,14 @@ At the limit (`full`) new flows are refused and counted by the stack
 from __future__ import annotations
 
 class MemoryBudget:
-    __slots__ = ("limit", "half", "used", "peak")
+    __slots__ = ("limit", "half", "used", "peak", "out")
 
     def __init__(self, limit: int = 0):
         self.limit = limit if limit > 0 else 0
         self.half = self.limit >> 1
         self.used = 0
         self.peak = 0
+        self.out = 0        # of `used`: data packets built for the device, not yet taken
 
     @property
     def full(self) -> bool:

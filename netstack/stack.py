@@ -224,6 +224,11 @@ class Stack:
 
     def take_output(self) -> list:
         out = self.output
+        b = self.budget
+        if b.out:
+            b.sample()
+            b.used -= b.out
+            b.out = 0
         if out:
             # a fresh list; the flows' host appends to it from now on
             self.output = fresh = []

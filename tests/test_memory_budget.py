@@ -194,13 +194,17 @@ def test_send_space_shrinks_as_the_budget_fills():
 def test_a_full_budget_refuses_new_flows_counts_them_and_recovers():
     limit = 16 * 1024
     st = mkstack(memory_budget=limit)
-    clients, conns = [], []
+    clients, conns, out = [], [], []
     port = 42000
     while not st.budget.full:
         c = Client(st, client=("10.0.0.2", port))
         conn = c.handshake()
         conn.write(b"d" * 65536)                          # each flow may always hold two segments
-        c.segs = c.drain()                                # its data went out, unacknowledged
+        while True:                                       # its data goes out (over several polls
+            segs = c.drain()                              # when the budget caps a burst), unacknowledged
+            if not segs:
+                break
+            out += segs
         clients.append(c)
         conns.append(conn)
         port += 1
@@ -222,7 +226,7 @@ def test_a_full_budget_refuses_new_flows_counts_them_and_recovers():
     assert accounting_ok(st)
     # the clients acknowledge: the bytes are freed and new flows are welcome again
     for c in clients:
-        ack_all(c, c.segs)
+        ack_all(c, [seg for seg in out if seg.dport == c.cport])
     assert st.budget.used == 0
     again = Client(st, client=("10.0.0.3", 50001))
     again.request()
@@ -357,3 +361,20 @@ def test_engine_udp_datagrams_queued_for_an_opening_upstream_count_until_it_fail
             await server.wait_closed()
 
     run_virtual(main)
+
+
+def test_a_burst_is_a_share_of_the_budget_and_counted_until_the_device_takes_it():
+    st = mkstack(memory_budget=40_000)
+    c = Client(st, ws=7, wnd=65535)
+    conn = c.handshake()
+    assert conn.write(b"d" * 100_000) == 10_000            # a quarter of the empty budget
+    st.poll(c.now)
+    b = st.budget
+    first = b.out                                          # data segments built, not yet taken
+    assert 0 < first <= (40_000 - 10_000) // 4 + 1460 and b.used == 10_000 + first
+    pkts = st.take_output()
+    assert sum(len(p) - 40 for p in pkts) == first and b.used == 10_000 and b.out == 0
+    assert b.peak >= 10_000 + first
+    st.poll(c.now)                                         # the rest of the burst: the flow asked for it
+    rest = sum(len(p) - 40 for p in st.take_output())
+    assert rest > 0 and first + rest == 10_000 and b.used == 10_000

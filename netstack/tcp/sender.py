@@ -228,6 +228,16 @@ class TcpSender:
             off = (nxt - self._buf_seq) & _M
             if off < blen and usable > 0:
                 seg1 = self._seg
+                mem = self._mem
+                capped = False
+                if mem.limit:
+                    # the packets built now are copies until the device takes
+                    # them: a burst is a share of what the budget has left
+                    # (the rest goes out at the next poll, which this touch asks for)
+                    room = mem.clamp(usable, 0, seg1)
+                    if room < usable:
+                        usable = room
+                        capped = True
                 if self.ooo.runs and self.sack_ok:
                     seg1 -= self._sack_len()     # SACK blocks share the MSS (RFC 6691)
                 seg = self._gso or seg1
@@ -286,6 +296,12 @@ class TcpSender:
                         usable -= n
                         if 0 < ((nxt - snd_max) & _M) < _HALF:
                             snd_max = nxt
+                if mem.limit:
+                    sent = (nxt - self.snd_nxt) & _M
+                    mem.used += sent
+                    mem.out += sent
+                    if capped and off < blen:
+                        self.host.touch(self)
                 self.snd_nxt = nxt
                 self.snd_max = snd_max
             # FIN after all queued data

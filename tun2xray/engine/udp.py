@@ -20,6 +20,8 @@ class EngineUdp:
     # ----------------------------------------------------------------------- UDP
 
     def _udp_datagram(self, flow, data, new) -> None:
+        if flow.closed:
+            return      # evicted by a newer flow in the same batch: its UdpClosed follows
         relay = flow.user
         if new or relay is None:
             if self._debug:
