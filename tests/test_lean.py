@@ -43,3 +43,14 @@ def test_by_default_asyncio_loads_ssl_but_an_ascii_profile_no_idna_codec():
     out = run_engine("")
     assert out["loaded"] == ["_ssl", "ssl"]        # asyncio's own import: what without_ssl() saves
     assert out["again"] is False                   # too late once asyncio is loaded
+
+
+def test_fixed_mmap_threshold_takes_effect_on_glibc():
+    # in a child: the setting is the whole process's
+    code = ("import platform; from tun2xray.lean import fixed_mmap_threshold; "
+            "print(fixed_mmap_threshold(), platform.libc_ver()[0] == 'glibc')")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    done, glibc = r.stdout.split()
+    assert done == glibc

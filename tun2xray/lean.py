@@ -23,3 +23,27 @@ def without_ssl() -> bool:
         return False
     sys.modules["ssl"] = None       # `import ssl` now raises ImportError, which asyncio expects
     return True
+
+
+M_MMAP_THRESHOLD = -3      # glibc's mallopt parameter number
+
+
+def fixed_mmap_threshold(nbytes: int = 128 << 10) -> bool:
+    """glibc only: serve every allocation of *nbytes* or more with its own
+    mmap, returned to the system when freed.  By default glibc raises that
+    threshold each time a large block is freed (up to 32 MB), after which
+    the engine's large transient buffers (a 256 KiB socket read, a grown
+    send buffer) come from the heap and leave it fragmented: in the memory
+    bench's burst that kept 14-20 MB of RSS.  Costs a system call pair per
+    large allocation.  False where there is no glibc mallopt (macOS, iOS,
+    Android's bionic, musl)."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1

@@ -16,6 +16,7 @@ host's resident memory (VmRSS, MB):
 
     python3 tools/bench/memory_bench.py [--budgets none,16] [--no-ssl] [--idle-flows 1000]
                                         [--downloads 8] [--udp-sessions 600] [--tcp-buffer-kb N]
+                                        [--fixed-mmap-threshold]
     python3 tools/bench/memory_bench.py --imports [--no-ssl]   # what idle RSS is made of
 
 Needs root (namespaces, TUN) and v2ray on PATH.
@@ -62,7 +63,7 @@ def read_json(path):
 class Host:
     """One reference host with a profile; stopped by close()."""
 
-    def __init__(self, lab, budget_mb, no_ssl: bool, tcp_buffer_kb=None):
+    def __init__(self, lab, budget_mb, no_ssl: bool, tcp_buffer_kb=None, fixed_mmap=False):
         self.lab = lab
         self.name = f"bm-host-{budget_mb}"
         prof = {"proxy": f"socks5://127.0.0.1:{netlab.SOCKS_PORT}",
@@ -79,6 +80,8 @@ class Host:
                 "--config", self.profile, "--status-file", self.status_file, "--loop", "asyncio"]
         if no_ssl:
             argv.append("--no-ssl")
+        if fixed_mmap:
+            argv.append("--fixed-mmap-threshold")
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = lab.cli_popen(self.name, argv, cwd=REPO, env=env)
         netlab.wait_until(lambda: self.proc.poll() is not None or netlab.link_exists(lab.cli_ns, TUN),
@@ -212,7 +215,7 @@ def run(args) -> None:
     rows = []
     with netlab.Lab(prefix="bm", hop="vless") as lab:
         for b in budgets:
-            host = Host(lab, b, args.no_ssl, args.tcp_buffer_kb)
+            host = Host(lab, b, args.no_ssl, args.tcp_buffer_kb, args.fixed_mmap_threshold)
             try:
                 warm_up(lab)
                 idle = host.rss()
@@ -287,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--udp-sessions", type=int, default=600)
     ap.add_argument("--tcp-buffer-kb", type=int, help="the profile's tcp_buffer_kb (default: the key's default)")
     ap.add_argument("--no-ssl", action="store_true", help="the host keeps asyncio from loading ssl (tun2xray.lean)")
+    ap.add_argument("--fixed-mmap-threshold", action="store_true",
+                    help="the host fixes glibc's mmap threshold (tun2xray.lean)")
     ap.add_argument("--imports", action="store_true", help="print RSS import by import and exit")
     args = ap.parse_args(argv)
     if args.imports:
