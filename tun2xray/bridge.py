@@ -47,7 +47,7 @@ from collections import deque
 
 from . import state as st
 from .device import Capabilities
-from .host import EngineSettings, make_engine, new_loop, stack_config, watch_upstream
+from .host import EngineSettings, make_engine, new_loop, queue_share, stack_config, watch_upstream
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
 
@@ -129,27 +129,14 @@ class _BridgeDevice:
 
 # ------------------------------------------------------------------- tunnel
 
-def _share_budget(settings) -> int | None:
-    """With a memory budget (profile memory_budget_mb), the inbound and the
-    outbound queue each take an eighth of it (at most their usual bound) and
-    the engine's buffers the rest, so all three stay within the one budget.
-    Returns the queues' byte bound, None without a budget."""
-    limits = settings.limits
-    budget = limits.get("memory_budget", 0)
-    if not budget:
-        return None
-    q = min(budget // 8, INBOUND_BYTES, OUTBOUND_BYTES)
-    limits["memory_budget"] = budget - 2 * q
-    return q
-
-
 class _Tunnel:
     """One handle: its engine thread, loop, queues and counters."""
 
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
-        self._qcap = _share_budget(self.settings)       # byte bound of each queue (None: the defaults)
+        # byte bound of each queue with a memory budget (None: the defaults)
+        self._qcap = queue_share(self.settings, min(INBOUND_BYTES, OUTBOUND_BYTES))
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound

@@ -153,6 +153,20 @@ def stack_config(s, mtu: int):
                        connect_timeout=s.connect_timeout + 5, **(getattr(s, "limits", None) or {}))
 
 
+def queue_share(s, most: int) -> int | None:
+    """With a memory budget, a host's two packet queues (the bridge's inbound
+    and outbound) each take an eighth of it, at most *most* bytes, and the
+    engine's buffers the rest: *s*.limits is changed to match.  Returns the
+    queues' byte bound, None without a budget."""
+    limits = s.limits
+    budget = limits.get("memory_budget", 0)
+    if not budget:
+        return None
+    q = min(budget // 8, most)
+    limits["memory_budget"] = budget - 2 * q
+    return q
+
+
 def stack_limits(profile) -> dict:
     """The StackConfig fields set by the profile's memory keys (max_udp_flows,
     udp_port_timeouts, tcp_buffer_kb, memory_budget_mb); their defaults
