@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     ap.add_argument("--poll", action="store_true", help="take output with poll_outbound (default: callback)")
     ap.add_argument("--batch", type=int, default=64, help="packets per read / poll batch")
     ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
-    ap.add_argument("--no-ssl", action="store_true", help="keep asyncio from loading ssl (6.5 MB of RSS; "
+    ap.add_argument("--no-ssl", action="store_true", help="keep asyncio from loading ssl (about 4 MB of RSS; "
                     "see tun2xray.lean), as a host that embeds Python only for tun2xray would")
     ap.add_argument("--fixed-mmap-threshold", action="store_true", help="glibc: large blocks always mmapped "
                     "and returned when freed (see tun2xray.lean)")
