@@ -214,7 +214,7 @@ def test_a_full_budget_refuses_new_flows_counts_them_and_recovers():
     # a new TCP flow: RST, counted; a new UDP flow: ICMP port unreachable, counted
     late = Client(st, client=("10.0.0.3", 50000))
     late.syn()
-    s = late.recv("RA", seq=0, ack=late.isn + 1)
+    late.recv("RA", seq=0, ack=late.isn + 1)
     assert late.take(events.TcpConnectRequest) == [] and not st.tcp.get((late.caddr, 50000, late.saddr, 80))
     st.input(udp_packet(A4, B4, 6000, 53, b"q"), 0.0)
     [icmp] = st.take_output()
