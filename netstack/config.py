@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -34,6 +34,14 @@ class StackConfig:
     max_rto: float = 60.0
     # UDP
     udp_timeout: float = 60.0
+    # idle timeouts by destination port, overriding udp_timeout (the profile's
+    # udp_port_timeouts; its default shortens DNS and NTP flows)
+    udp_port_timeouts: dict = field(default_factory=dict)
+    # UDP flows at once; a new one beyond evicts the least recently used
+    # (0: no bound of their own, max_flows only)
+    max_udp_flows: int = 16384
+    # every byte buffered by the stack and its host (netstack.budget), 0 = no budget
+    memory_budget: int = 0
     # both
     max_flows: int = 65536
     # ICMP echo requests to any address: "reply" or "drop"

@@ -3,6 +3,8 @@ Stack that holds it.  A flow never reaches into the stack: everything it may
 do to its surroundings goes through its `host`.
 
     host.config            the StackConfig (read only)
+    host.budget            the stack's MemoryBudget (netstack.budget): a flow
+                           adds the bytes it buffers and subtracts what it frees
     host.rng               the injected random source (ISNs, timestamps)
     host.next_id()         a fresh flow id (timer-heap tie breaker)
     host.out.append(packet)   queue a packet for the device
@@ -31,12 +33,13 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "rng", "next_id", "out", "events", "dirty", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
         self.config = stack.config
         self.rng = stack.rng            # Stack.rng's setter keeps it current
+        self.budget = stack.budget
         self.next_id = stack._next_id
         self.out = stack.output
         self.events = stack.events

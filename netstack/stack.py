@@ -28,7 +28,11 @@ so rx_packets == sum(drops.values()) + delivered + frag_held.  Discards
 inside a TCP connection (out of window, PAWS, ...) are in `tcp_drops`, on
 top of the `delivered` of their segment.
 
-Memory is bounded by configuration: flows (TCP + UDP) by max_flows, pending
+Memory is bounded by configuration: flows (TCP + UDP) by max_flows (UDP
+flows also by max_udp_flows: a new one evicts the least recently used, so a
+flood of distinct UDP flows never locks out a DNS query or a TCP flow), the
+bytes buffered by `budget` (netstack.budget: windows shrink near it, new
+flows are refused at it), pending
 requests by max_pending (per destination and per source too: see
 netstack.admission), reassembly by frag_max_*, and the timer heap holds one
 live entry per flow plus stale entries that are compacted away.
@@ -43,6 +47,7 @@ from collections import defaultdict
 
 from . import events as ev
 from .admission import Admission
+from .budget import MemoryBudget
 from .config import StackConfig
 from .host import StackHost
 from .icmp import icmp4_input, icmp6_input
@@ -70,6 +75,7 @@ class Stack:
         "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
+        "budget", "udp_evicted",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -93,6 +99,8 @@ class Stack:
         self._frag = None         # fragment reassembler (netstack.reassembly), created lazily
         self._ip_id = self._rng.getrandbits(32)   # IP identification for datagrams we build
         self.admission = Admission(self.config)  # which connect requests may wait (fairness)
+        self.budget = MemoryBudget(self.config.memory_budget)   # bytes buffered, all flows together
+        self.udp_evicted = 0      # UDP flows closed to make room for a new flow (least recently used)
         self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
 
     @property
@@ -214,6 +222,7 @@ class Stack:
             self._reschedule(flow)
         if self._frag is not None:
             self._frag.expire(now)
+        self.budget.sample()
         if len(heap) > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
             self._compact_heap()
 
@@ -242,6 +251,11 @@ class Stack:
 
     def take_output(self) -> list:
         out = self.output
+        b = self.budget
+        if b.out:
+            b.sample()
+            b.used -= b.out
+            b.out = 0
         if out:
             # a fresh list; the flows' host appends to it from now on
             self.output = fresh = []
@@ -270,6 +284,8 @@ class Stack:
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
             "timers": len(self._heap),
+            "udp_evicted": self.udp_evicted,
+            "memory": {**self.budget.status(), "refused": self.drops.get("memory_budget", 0)},
         }
 
     # ------------------------------------------------------------ for flows
@@ -381,7 +397,13 @@ class Stack:
         key = (src, sport, dst, dport)
         flow = self.udp.get(key)
         if flow is None:
-            if len(self.tcp) + len(self.udp) >= self.config.max_flows:
+            cfg = self.config
+            if self.budget.full:
+                drops["memory_budget"] += 1
+                self.icmp_unreachable(bytes(mv[:off + 8 + QUOTE_DATA]), "port")
+                return
+            if (0 < cfg.max_udp_flows <= len(self.udp)
+                    or len(self.tcp) + len(self.udp) >= cfg.max_flows) and not self._udp_evict():
                 drops["flow_limit"] += 1
                 return
             flow = UdpFlow(self, key, family, bytes(mv[:off + 8 + QUOTE_DATA]), now)
@@ -396,6 +418,30 @@ class Stack:
         flow.last_seen = now
         self.events.append(ev.UdpDatagram(flow, data, new))
         self.delivered += 1
+
+
+    def _udp_evict(self) -> bool:
+        """Close the least recently used UDP flow to make room for a new flow;
+        False when there is none.  The table is in insertion order; a flow at
+        the front that saw a datagram since it was put there (`last_seen` past
+        its `lru_at`) goes to the back instead, so the first one found
+        untouched is the least recently used: no per-datagram work, each move
+        paid for by a datagram that moved `last_seen`."""
+        udp = self.udp
+        for _ in range(len(udp) + 1):
+            if not udp:
+                return False
+            key = next(iter(udp))
+            flow = udp[key]
+            if flow.last_seen > flow.lru_at:
+                del udp[key]
+                udp[key] = flow
+                flow.lru_at = flow.last_seen
+                continue
+            self.udp_evicted += 1
+            flow._close("evicted")
+            return True
+        return False
 
 
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction

@@ -12,8 +12,10 @@ the host's handle for the way back:
                           datagram, then close ("rejected")
   flow.close()            forget the flow now ("closed")
 
-Idle flows (no datagram either way for config.udp_timeout) close with
-UdpClosed(flow, "idle").  The timer is lazy: a datagram only moves
+Idle flows (no datagram either way for config.udp_timeout, or the timeout
+config.udp_port_timeouts gives for the destination port) close with
+UdpClosed(flow, "idle"); a flow evicted to make room for a new one (the
+least recently used, see Stack._udp_evict) with UdpClosed(flow, "evicted").  The timer is lazy: a datagram only moves
 `last_seen`; the single heap entry per flow re-arms itself when it fires
 early.
 """
@@ -32,7 +34,7 @@ class UdpFlow:
     __slots__ = (
         "stack", "id", "key", "family", "src", "sport", "dst", "dport", "user",
         "bytes_in", "bytes_out", "packets_in", "packets_out", "created", "last_seen",
-        "closed", "poll_at", "_sched_at", "_tpl", "_quote", "_timeout",
+        "closed", "poll_at", "_sched_at", "_tpl", "_quote", "_timeout", "lru_at",
     )
 
     def __init__(self, stack, key, family, quote: bytes, now: float):
@@ -43,9 +45,10 @@ class UdpFlow:
         self.src, self.sport, self.dst, self.dport = key
         self.user = None
         self.bytes_in = self.bytes_out = self.packets_in = self.packets_out = 0
-        self.created = self.last_seen = now
+        self.created = self.last_seen = self.lru_at = now
         self.closed = False
-        self._timeout = stack.config.udp_timeout
+        cfg = stack.config
+        self._timeout = cfg.udp_port_timeouts.get(self.dport, cfg.udp_timeout)
         self.poll_at = now + self._timeout
         self._sched_at = None
         # replies travel from the flow's destination back to its source

@@ -543,6 +543,28 @@ def test_outbound_overflow_in_poll_mode_is_counted(socks, monkeypatch, hosts):
     assert d["tx_packets"] == 5 and d["tx_dropped"] == 3 and d["tx_queued"] == 0
 
 
+def test_a_memory_budget_bounds_the_outbound_queue_and_shares_with_the_engine(socks, hosts):
+    # memory_budget_mb 1: each queue may hold an eighth (128 KiB), the engine's buffers the rest
+    host = Host(profile(socks, memory_budget_mb=1), poll=True)
+    hosts.append(host)
+    body = bytes.fromhex("0800") + bytes(2) + bytes.fromhex("00000001") + bytes(1400)
+    body = body[:2] + struct.pack("!H", ck.checksum(body)) + body[4:]
+    head = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(body), 0, 0x4000, 64, 1, 0) + CLIENT4 + SERVER4
+    ping = head[:10] + struct.pack("!H", ck.checksum(head)) + head[12:] + body
+    fits = (128 << 10) // len(ping)
+    # the inbound queue takes 128 KiB of a batch; their replies fill the outbound queue
+    bridge.submit_inbound_batch(host.handle, [ping] * 200, [2] * 200)
+    assert bridge.status(host.handle)["device"]["rx_queue_full"] == 200 - fits
+    wait_for(lambda: bridge.status(host.handle)["device"]["tx_queued"] == fits, what="the replies queued")
+    # ... which has no room for more
+    bridge.submit_inbound_batch(host.handle, [ping] * fits, [2] * fits)
+    wait_for(lambda: bridge.status(host.handle)["device"]["tx_queue_full"] == fits,
+             what="the replies beyond 128 KiB dropped")
+    got = bridge.poll_outbound(host.handle, 256)
+    assert len(got) == fits
+    assert bridge.status(host.handle)["stack"]["memory"]["budget"] == (1 << 20) - 2 * (128 << 10)
+
+
 def test_poll_timeout_waits_and_stop_wakes_it(socks, monkeypatch):
     h = bridge.start(profile(socks))
     t0 = time.monotonic()

@@ -180,13 +180,16 @@ class Host:
     def handle(self, evs):
         draw = self.draw
         closed_now = set()
+        # a flow evicted (least recently used) to make room for a newer one in
+        # this batch: its datagram events come first, its UdpClosed later
+        evicted = {e.flow.id for e in evs if isinstance(e, events.UdpClosed) and e.reason == "evicted"}
         for e in evs:
             note(f"event {e!r}")
             if isinstance(e, events.UdpDatagram):
                 f = e.flow
                 if f.closed:
-                    # queued before the host closed it while handling this batch
-                    assert f.id in closed_now, "datagram event for a flow closed earlier"
+                    # queued before the host (or an eviction) closed it in this batch
+                    assert f.id in closed_now or f.id in evicted, "datagram event for a flow closed earlier"
                     continue
                 act = draw(st.sampled_from(["send", "send", "bigsend", "nothing", "reject", "close"]))
                 if act == "send":
@@ -245,6 +248,9 @@ def check(stack, client):
     assert accounting_ok(stack), (stack.rx_packets, dict(stack.drops), stack.delivered, stack.frag_held)
     assert len(stack.tcp) + len(stack.udp) <= cfg.max_flows
     assert 0 <= stack.pending <= cfg.max_pending
+    # the memory budget counts exactly the bytes the connections in the table hold
+    assert stack.budget.used - stack.budget.out == sum(len(c.rcv_buf) + len(c.snd_buf) + c.ooo.nbytes
+                                                       for c in stack.tcp.values())
     fr = stack._frag
     if fr is not None:
         assert len(fr) <= cfg.frag_max_datagrams and fr.bytes_held <= cfg.frag_max_bytes

@@ -14,6 +14,7 @@ import pytest
 
 from tun2xray import bridge
 from tun2xray.cli import RunSettings, UsageError, apply_profile, build_parser
+from tun2xray.host import stack_config
 from tun2xray.profile import (
     KEYS,
     ProfileError,
@@ -67,6 +68,11 @@ EFFECTS = {
     "tcp_refusal_window": (2.5, lambda a, s: s.refusal_window == 2.5),
     "max_flows": (100, lambda a, s: s.max_flows == 100),
     "icmp_echo": ("drop", lambda a, s: s.icmp_echo == "drop"),
+    "max_udp_flows": (100, lambda a, s: stack_config(s, 1500).max_udp_flows == 100),
+    "udp_port_timeouts": ({"5353": 3}, lambda a, s: stack_config(s, 1500).udp_port_timeouts == {5353: 3.0}),
+    "tcp_buffer_kb": (64, lambda a, s: (stack_config(s, 1500).rcv_buf, stack_config(s, 1500).snd_buf)
+                      == (65536, 65536)),
+    "memory_budget_mb": (16, lambda a, s: stack_config(s, 1500).memory_budget == 16 << 20),
     "device": ("tun://prkey7", lambda a, s: a.device == "tun://prkey7" and s.net.owner == "tun2xray"),
     "control": ("unix:///tmp/pr-key.sock", lambda a, s: s.control == "unix:///tmp/pr-key.sock"),
     "record": ("/tmp/pr-key.pcap", lambda a, s: a.record == "/tmp/pr-key.pcap"),

@@ -157,18 +157,22 @@ def test_close_by_host():
     assert st.take_events() == []
 
 
-def test_max_flows_bounds_new_flows():
+def test_max_flows_bounds_the_table_by_evicting_the_least_recently_used():
+    # a full table makes room for a new UDP flow by evicting the UDP flow
+    # least recently used (a flood of new flows must not lock out a DNS query)
     st = mkstack(max_flows=3)
     for port in range(1000, 1006):
-        st.input(udp_packet(A4, B4, port, 53, b"x"), 1.0)
-    assert len(st.udp) == 3 and st.drops["flow_limit"] == 3
+        st.input(udp_packet(A4, B4, port, 53, b"x"), float(port - 999))
+    assert len(st.udp) == 3 and st.drops["flow_limit"] == 0 and st.udp_evicted == 3
+    assert sorted(k[1] for k in st.udp) == [1003, 1004, 1005]
     # existing flows keep working at the limit
-    st.input(udp_packet(A4, B4, 1000, 53, b"y"), 1.0)
+    st.input(udp_packet(A4, B4, 1003, 53, b"y"), 10.0)
     evs = st.take_events()
-    assert len(evs) == 4 and evs[-1].data == b"y" and not evs[-1].new
-    evs[0].flow.close()
-    st.input(udp_packet(A4, B4, 2000, 53, b"z"), 1.0)
-    assert len(st.udp) == 3 and accounting_ok(st)
+    closed = [e for e in evs if isinstance(e, events.UdpClosed)]
+    assert [e.reason for e in closed] == ["evicted"] * 3
+    assert evs[-1].data == b"y" and not evs[-1].new
+    st.input(udp_packet(A4, B4, 2000, 53, b"z"), 11.0)
+    assert sorted(k[1] for k in st.udp) == [1003, 1005, 2000] and accounting_ok(st)
 
 
 def test_heap_stays_bounded_when_flows_churn():

@@ -14,7 +14,7 @@ TUN standing in for the utun the system gives an iOS/macOS extension:
 - checks that every outbound protocol number matches its packet's IP version
   in the numbering it used (counted in host.tx_family_mismatch).
 
-    python3 tools/reference_host.py --tun brtun0 --config profile.json [--poll]
+    python3 tools/reference_host.py --tun brtun0 --config profile.json [--poll] [--no-ssl] [--fixed-mmap-threshold]
 
 SIGTERM/SIGINT stop it: bridge.stop(), close the TUN, print the final status
 (JSON, one line, with the host's own counters under "host") on stdout.
@@ -35,6 +35,14 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if "--no-ssl" in sys.argv[1:]:
+    # before anything imports asyncio (tun2xray.lean says why)
+    from tun2xray.lean import without_ssl  # noqa: E402
+    without_ssl()
+if "--fixed-mmap-threshold" in sys.argv[1:]:
+    from tun2xray.lean import fixed_mmap_threshold  # noqa: E402
+    fixed_mmap_threshold()
 
 from tun2xray import bridge  # noqa: E402
 from tun2xray.profile import ProfileError, load_profile  # noqa: E402
@@ -222,6 +230,10 @@ def main(argv=None) -> int:
     ap.add_argument("--poll", action="store_true", help="take output with poll_outbound (default: callback)")
     ap.add_argument("--batch", type=int, default=64, help="packets per read / poll batch")
     ap.add_argument("--loop", default="auto", choices=["auto", "asyncio", "uvloop"])
+    ap.add_argument("--no-ssl", action="store_true", help="keep asyncio from loading ssl (about 4 MB of RSS; "
+                    "see tun2xray.lean), as a host that embeds Python only for tun2xray would")
+    ap.add_argument("--fixed-mmap-threshold", action="store_true", help="glibc: large blocks always mmapped "
+                    "and returned when freed (see tun2xray.lean)")
     ap.add_argument("--routes", action="store_true", help="also route the profile's routes into the TUN")
     ap.add_argument("--status-file", help="keep the bridge status (JSON) in this file")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

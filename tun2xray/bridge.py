@@ -49,8 +49,8 @@ from collections import deque
 
 from . import state as st
 from .device import Capabilities
-from .host import (EngineSettings, await_thread_exit, finish_loop, make_engine, new_loop, stack_config,
-                   watch_upstream)
+from .host import (EngineSettings, await_thread_exit, finish_loop, make_engine, new_loop, queue_share,
+                   stack_config, watch_upstream)
 from .profile import Profile, ProfileError, load_profile
 from .tunroutes import Network
 from .upstream._net import set_thread_protect
@@ -166,6 +166,8 @@ class _Tunnel:
     def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str, protect=None):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
+        # byte bound of each queue with a memory budget (None: the defaults)
+        self._qcap = queue_share(self.settings, min(INBOUND_BYTES, OUTBOUND_BYTES))
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
@@ -314,7 +316,7 @@ class _Tunnel:
             taken = nbytes = 0
             for p, proto in zip(packets, protos):
                 ln = len(p)
-                if taken >= room or qbytes + ln > OUTBOUND_BYTES:
+                if taken >= room or qbytes + ln > (self._qcap or OUTBOUND_BYTES):
                     continue
                 q.append((p, proto))
                 qbytes += ln
@@ -348,12 +350,13 @@ class _Tunnel:
             down = self._closed or self._down
             q = self._inq
             qb = self._inq_bytes
+            cap = self._qcap or INBOUND_BYTES     # a share of memory_budget_mb, when set
             taken = nbytes = queued = 0
             for p, n, drop in checked:
                 if drop is None:
                     if down:
                         drop = "rx_engine_down"
-                    elif len(q) >= INBOUND_PACKETS or qb + n > INBOUND_BYTES:
+                    elif len(q) >= INBOUND_PACKETS or qb + n > cap:
                         if hold:
                             self._held = True
                             break

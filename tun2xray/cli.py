@@ -200,6 +200,8 @@ class RunSettings:
         self.refusal_window = profile.tcp_refusal_window if profile else 1.5
         self.max_flows = profile.max_flows if profile else 65536
         self.icmp_echo = profile.icmp_echo if profile else "reply"
+        from .host import stack_limits
+        self.limits = stack_limits(profile)     # max_udp_flows, udp_port_timeouts, tcp_buffer_kb, memory_budget_mb
         from .tunroutes import Network
         self.net = Network(profile, args.device, [self.address, self.address6],
                            auto_route=bool(getattr(args, "auto_route", False)), mtu=self.mtu)

@@ -136,12 +136,15 @@ class EngineSettings:
     attributes; the bridge builds this from a profile, and the supervisor
     hands it to each worker."""
 
-    __slots__ = ("connect_timeout", "dns", "icmp_echo", "max_flows", "refusal_window", "router", "udp_timeout")
+    __slots__ = ("connect_timeout", "dns", "icmp_echo", "limits", "max_flows", "refusal_window", "router",
+                 "udp_timeout")
 
     def __init__(self, router, *, udp_timeout: float = 60.0, connect_timeout: float = 10.0,
-                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5, dns=None):
+                 max_flows: int = 65536, icmp_echo: str = "reply", refusal_window: float = 1.5, dns=None,
+                 limits: dict | None = None):
         self.router = router
         self.dns = dns                  # tun2xray.dns.settings.DnsSettings, or None (off)
+        self.limits = limits if limits is not None else stack_limits(None)
         self.udp_timeout = udp_timeout
         self.connect_timeout = connect_timeout
         self.max_flows = max_flows
@@ -153,7 +156,7 @@ class EngineSettings:
         """The engine's part of RunSettings (or any object with these attributes)."""
         return cls(s.router, udp_timeout=s.udp_timeout, connect_timeout=s.connect_timeout,
                    max_flows=s.max_flows, icmp_echo=s.icmp_echo, refusal_window=s.refusal_window,
-                   dns=getattr(s, "dns", None))
+                   dns=getattr(s, "dns", None), limits=getattr(s, "limits", None))
 
     @classmethod
     def from_profile(cls, profile) -> EngineSettings:
@@ -175,7 +178,8 @@ class EngineSettings:
             raise ProfileError(str(e)) from None
         return cls(router, udp_timeout=profile.udp_timeout, connect_timeout=profile.tcp_connect_timeout,
                    max_flows=profile.max_flows, icmp_echo=profile.icmp_echo,
-                   refusal_window=profile.tcp_refusal_window, dns=dns if dns.on else None)
+                   refusal_window=profile.tcp_refusal_window, dns=dns if dns.on else None,
+                   limits=stack_limits(profile))
 
     def __getstate__(self):
         return {k: getattr(self, k) for k in self.__slots__}
@@ -192,7 +196,36 @@ def stack_config(s, mtu: int):
     from netstack import StackConfig
 
     return StackConfig(mtu=mtu, udp_timeout=s.udp_timeout, max_flows=s.max_flows, icmp_echo=s.icmp_echo,
-                       connect_timeout=s.connect_timeout + 5)
+                       connect_timeout=s.connect_timeout + 5, **(getattr(s, "limits", None) or {}))
+
+
+def queue_share(s, most: int) -> int | None:
+    """With a memory budget, a host's two packet queues (the bridge's inbound
+    and outbound) each take an eighth of it, at most *most* bytes, and the
+    engine's buffers the rest: *s*.limits is changed to match.  Returns the
+    queues' byte bound, None without a budget."""
+    limits = s.limits
+    budget = limits.get("memory_budget", 0)
+    if not budget:
+        return None
+    q = min(budget // 8, most)
+    limits["memory_budget"] = budget - 2 * q
+    return q
+
+
+def stack_limits(profile) -> dict:
+    """The StackConfig fields set by the profile's memory keys (max_udp_flows,
+    udp_port_timeouts, tcp_buffer_kb, memory_budget_mb); their defaults
+    when *profile* is None."""
+    from .profile import KEY_BY_PATH
+
+    def get(path):
+        return profile.get(path) if profile is not None else KEY_BY_PATH[path].default
+
+    buf = get("tcp_buffer_kb") * 1024
+    return {"max_udp_flows": get("max_udp_flows"),
+            "udp_port_timeouts": {int(p): float(t) for p, t in get("udp_port_timeouts").items()},
+            "rcv_buf": buf, "snd_buf": buf, "memory_budget": int(get("memory_budget_mb") * (1 << 20))}
 
 
 def make_engine(device, s, recorder=None):

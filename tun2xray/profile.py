@@ -81,6 +81,14 @@ KEYS: tuple = (
     Key("max_flows", "int", 65536, "flows at once; more are refused and counted", lo=1, hi=10_000_000),
     Key("icmp_echo", "enum", "reply", "answer pings to any address (reply) or not (drop)",
         choices=("reply", "drop")),
+    Key("max_udp_flows", "int", 16384, "UDP flows at once; a new one beyond evicts the least recently used "
+        "(counted), so a flood of UDP flows never locks out DNS or a new TCP flow", lo=1, hi=10_000_000),
+    Key("udp_port_timeouts", "port_timeouts", {"53": 10, "123": 10}, "idle seconds for UDP flows to these "
+        "destination ports, instead of udp_timeout (the object given replaces the default)", lo=1, hi=86400),
+    Key("tcp_buffer_kb", "int", 1024, "per TCP flow: the receive buffer (largest advertised window) and "
+        "the send buffer, each, in KiB", lo=16, hi=65536),
+    Key("memory_budget_mb", "number", 0, "MiB for every byte the engine buffers, all flows together "
+        "(0: no budget); near it windows shrink, at it new flows are refused and counted", lo=0, hi=65536),
     # ---- `run` only: the bridge's host owns the device, the core and the logs
     Key("device", "device", None, "tun://NAME, fd://N[?header=af] or unix:///path", flag="device",
         run_only=True),
@@ -371,6 +379,16 @@ def _ips(v, path, key):
 _RULE_KEYS = ("network", "cidr", "port", "domain", "to")
 
 
+def _port_timeouts(v, path, key):
+    out = {}
+    for p, t in _obj(v, path).items():
+        if not (isinstance(p, str) and p.isdigit() and p.isascii() and 1 <= int(p) <= 65535):
+            raise ProfileError(f"{path}.{_printable(p)}: not a port (1..65535)")
+        _num(t, f"{path}.{p}", key)
+        out[str(int(p))] = t
+    return out
+
+
 def _rules(v, path, key):
     out = []
     for i, r in enumerate(_list(v, path)):
@@ -436,6 +454,7 @@ _CHECKS = {
     "device": _device, "control": _control, "iface4": _iface(4), "iface6": _iface(6),
     "prefixes4": _prefixes(4), "prefixes6": _prefixes(6), "ips": _ips, "rules": _rules,
     "dns_url": _dns_url, "prefix4": _prefix(4), "prefix6": _prefix(6),
+    "port_timeouts": _port_timeouts,
 }
 
 
@@ -472,6 +491,8 @@ _SCHEMAS = {
                           rf"[^\s/?#]+:{_PORT}/?(\?server=[^\s]+)?$"},
     "prefix4": lambda k: {"type": "string", "pattern": rf"^{_V4}(/{_LEN4})?$"},
     "prefix6": lambda k: {"type": "string", "pattern": rf"^{_V6}(/{_LEN6})?$"},
+    "port_timeouts": lambda k: {"type": "object", "additionalProperties": False, "patternProperties": {
+        rf"^{_PORT}$": {"type": "number", "minimum": k.lo, "maximum": k.hi}}},
     "rules": lambda k: {"type": "array", "items": {
         "type": "object", "additionalProperties": False, "required": ["to"],
         "properties": {

@@ -51,11 +51,14 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         "delack_at", "persist_at", "_persist_n", "_ka_n", "tw_at", "conn_at", "last_rcv",
         # output and events
         "_ack_owed", "_rd_ev", "_wr_blocked", "_pending_close", "_chal_t", "_chal_n",
+        # the stack's memory budget (netstack.budget): every buffered byte counts
+        "_mem",
     )
 
     def __init__(self, host, key, family, syn_quote, now):
         cfg = host.config
         self.host = host
+        self._mem = host.budget
         self.key = key
         self.family = family
         self.src, self.sport, self.dst, self.dport = key
@@ -555,5 +558,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.poll_at = None
         self.rto_at = self.persist_at = self.delack_at = self.tw_at = self.conn_at = None
         self.syn_quote = None
+        # every byte still held goes back to the budget; bytes read after
+        # this are not subtracted again (read() checks closed)
+        self._mem.used -= len(self.rcv_buf) + len(self.snd_buf) + self.ooo.nbytes
         self.ooo.clear()
         self.host.closed(self, reason)

@@ -84,6 +84,10 @@ def _tcp_new(stack, family, key, flags, seq, ack, mv, off, datalen, now):
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
         return None
     cfg = stack.config
+    if stack.budget.full:
+        stack.drops["memory_budget"] += 1
+        _send_rst_for(stack, family, key, flags, seq, ack, datalen)
+        return None
     src, _, dst, dport = key
     why, victim = stack.admission.check(src, dst, dport, stack.pending)
     if why is not None:
@@ -91,7 +95,7 @@ def _tcp_new(stack, family, key, flags, seq, ack, mv, off, datalen, now):
         return None
     if victim is not None:
         victim.shed()
-    if len(stack.tcp) + len(stack.udp) >= cfg.max_flows:
+    if len(stack.tcp) + len(stack.udp) >= cfg.max_flows and not stack._udp_evict():
         stack.drops["flow_limit"] += 1
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
         return None

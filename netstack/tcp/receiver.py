@@ -35,6 +35,8 @@ class TcpReceiver:
             with memoryview(buf) as mv:
                 data = bytes(mv[:n])      # one copy (a bytearray slice would be two)
             del buf[:n]
+        if not self.closed:               # a closed connection gave its bytes back in _remove
+            self._mem.used -= len(data)
         self._read_done(buf)
         return data
 
@@ -47,6 +49,8 @@ class TcpReceiver:
         if not buf:
             return bytearray()
         self.rcv_buf = bytearray()
+        if not self.closed:
+            self._mem.used -= len(buf)
         self._read_done(self.rcv_buf)
         return buf
 
@@ -79,6 +83,7 @@ class TcpReceiver:
     def _deliver(self, payload, n, now):
         """In-order data at rcv_nxt."""
         self.rcv_buf += payload
+        self._mem.used += n
         self.rcv_nxt = (self.rcv_nxt + n) & _M
         self._rcv_off += n
         self.bytes_in += n
@@ -86,15 +91,18 @@ class TcpReceiver:
             self._peer_seg = n if n <= self.rcv_mss else self.rcv_mss
         ooo = self.ooo
         if ooo.runs:
+            held = ooo.nbytes
             more = ooo.take(self._rcv_off)
             while more is not None:
                 m = len(more)
+                held -= m                   # moved from the runs to the buffer: same budget
                 if m:
                     self.rcv_buf += more
                     self.rcv_nxt = (self.rcv_nxt + m) & _M
                     self._rcv_off += m
                     self.bytes_in += m
                 more = ooo.take(self._rcv_off)
+            self._mem.used -= held - ooo.nbytes     # what take() discarded as already received
             self._ack_owed = ACK_NOW        # a hole was filled: ACK at once (RFC 5681 §4.2)
             self.host.dirty[self] = None
         else:
@@ -116,8 +124,11 @@ class TcpReceiver:
             self.host.events.append(_ev.TcpReadable(self))
 
     def _out_of_order(self, d, payload, n, now):
-        if not self.ooo.add(self._rcv_off + d, payload):
+        ooo = self.ooo
+        held = ooo.nbytes
+        if not ooo.add(self._rcv_off + d, payload):
             self.host.drop("ooo_overflow")
+        self._mem.used += ooo.nbytes - held
         self._owe_ack()                      # immediate duplicate ACK carrying SACK
 
     def _on_fin(self, now):
@@ -160,6 +171,11 @@ class TcpReceiver:
         # advertised window with receiver SWS avoidance; never shrink the right edge
         rnxt = self.rcv_nxt
         free = self._rcv_cap - len(self.rcv_buf)
+        mem = self._mem
+        if mem.limit:
+            # a memory budget: offer only a share of what is left (the right
+            # edge already advertised stays where it is, below)
+            free = mem.clamp(free, len(self.rcv_buf) + self.ooo.nbytes, self.rcv_mss)
         adv = (self.rcv_adv - rnxt) & _M
         if adv >= _HALF:
             adv = 0

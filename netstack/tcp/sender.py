@@ -27,6 +27,9 @@ class TcpSender:
         if self.closed or self._pending_close is not None or self.fin_queued or self.state not in WRITE_STATES:
             raise TcpError(f"write() in state {self.state}" + (" after shutdown" if self.fin_queued else ""))
         space = self._snd_cap - len(self.snd_buf)
+        mem = self._mem
+        if mem.limit:
+            space = mem.clamp(space, len(self.snd_buf), self._seg)
         n = len(data)
         if n > space:
             n = space if space > 0 else 0
@@ -36,6 +39,7 @@ class TcpSender:
             self.snd_buf += memoryview(data)[:n]
         else:
             self.snd_buf += data
+        mem.used += n
         self.bytes_out += n
         self.host.dirty[self] = None
         return n
@@ -45,6 +49,9 @@ class TcpSender:
         if self.closed or self.fin_queued:
             return 0
         s = self._snd_cap - len(self.snd_buf)
+        mem = self._mem
+        if mem.limit:
+            s = mem.clamp(s, len(self.snd_buf), self._seg)
         return s if s > 0 else 0
 
     @property
@@ -62,6 +69,7 @@ class TcpSender:
             nb = len(buf)                   # ... and our FIN
         if nb:
             del buf[:nb]
+            self._mem.used -= nb
             self._buf_seq = (self._buf_seq + nb) & _M
         self.snd_una = ack
         if ((self.snd_nxt - ack) & _M) >= _HALF:
@@ -220,6 +228,16 @@ class TcpSender:
             off = (nxt - self._buf_seq) & _M
             if off < blen and usable > 0:
                 seg1 = self._seg
+                mem = self._mem
+                capped = False
+                if mem.limit:
+                    # the packets built now are copies until the device takes
+                    # them: a burst is a share of what the budget has left
+                    # (the rest goes out at the next poll, which this touch asks for)
+                    room = mem.clamp(usable, 0, seg1)
+                    if room < usable:
+                        usable = room
+                        capped = True
                 if self.ooo.runs and self.sack_ok:
                     seg1 -= self._sack_len()     # SACK blocks share the MSS (RFC 6691)
                 seg = self._gso or seg1
@@ -278,6 +296,12 @@ class TcpSender:
                         usable -= n
                         if 0 < ((nxt - snd_max) & _M) < _HALF:
                             snd_max = nxt
+                if mem.limit:
+                    sent = (nxt - self.snd_nxt) & _M
+                    mem.used += sent
+                    mem.out += sent
+                    if capped and off < blen:
+                        self.host.dirty[self] = None
                 self.snd_nxt = nxt
                 self.snd_max = snd_max
             # FIN after all queued data
@@ -379,6 +403,9 @@ class TcpSender:
         if self._ws_ok:
             opts.append(_WS_OPT.pack(1, 3, 3, self.rcv_wscale))
         wnd = self._rcv_cap - len(self.rcv_buf)
+        mem = self._mem
+        if mem.limit:
+            wnd = mem.clamp(wnd, len(self.rcv_buf), self.rcv_mss)
         if wnd > 65535:
             wnd = 65535
         self.rcv_adv = (self.rcv_nxt + wnd) & _M

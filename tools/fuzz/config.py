@@ -34,6 +34,7 @@ from .common import Provider, check, one_line
 PROFILE_WORDS = (
     "proxy", "mtu", "ipv4", "ipv6", "address", "routes", "excluded_routes", "dns", "servers", "rules",
     "network", "cidr", "port", "to", "udp_timeout", "tcp_connect_timeout", "max_flows", "icmp_echo",
+    "max_udp_flows", "udp_port_timeouts", "tcp_buffer_kb", "memory_budget_mb", "53", "123",
     "reply", "drop", "socks5://127.0.0.1:1080", "dokodemo://127.0.0.1:53", "socks5://u:p@[::1]:1",
     "socks5h://name:1080", "tunnel://127.0.0.1:5353", "10.0.0.0/8", "0.0.0.0/0", "::/0", "fd00::1/64",
     "198.18.0.1/15", "1000-2000", "tcp", "udp", "tcp,udp", "198.18.0.2", "::1", "70000", "",
@@ -167,7 +168,9 @@ def seeds() -> list:
             "rules": [{"network": "udp", "port": 53, "to": "dokodemo://127.0.0.1:10853"},
                       {"network": "tcp,udp", "cidr": ["10.0.0.0/8"], "port": "1000-2000",
                        "to": "socks5://127.0.0.1:10809"}],
-            "udp_timeout": 60, "tcp_connect_timeout": 10, "max_flows": 65536, "icmp_echo": "reply"}
+            "udp_timeout": 60, "tcp_connect_timeout": 10, "max_flows": 65536, "icmp_echo": "reply",
+            "max_udp_flows": 16384, "udp_port_timeouts": {"53": 10, "123": 10}, "tcp_buffer_kb": 1024,
+            "memory_budget_mb": 16}
     core = """{
   // the tunnel side
   "inbounds": [

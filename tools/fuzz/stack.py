@@ -273,6 +273,9 @@ def invariants(stack: Stack, host: Host) -> None:
                   f"{stack.delivered} + frag_held {stack.frag_held}")
     check(len(stack.tcp) + len(stack.udp) <= cfg.max_flows, "flows over max_flows")
     check(0 <= stack.pending <= cfg.max_pending, lambda: f"pending {stack.pending}")
+    held = sum(len(c.rcv_buf) + len(c.snd_buf) + c.ooo.nbytes for c in stack.tcp.values())
+    check(stack.budget.used - stack.budget.out == held,
+          lambda: f"memory budget counts {stack.budget.used} (output {stack.budget.out}), flows hold {held}")
     adm = stack.admission
     check(len(adm.half_open) <= cfg.max_half_open, "half-open over max_half_open")
     for (dst, _), reqs in adm.by_dst.items():

@@ -77,6 +77,7 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
         self._batch = caps.batch_size or DEVICE_BATCH   # packets per read_batch
         cfg, self._rec_fix = _device_stack_config(stack_config, device, caps, recorder is not None)
         self.stack = Stack(cfg)
+        self.budget = self.stack.budget   # held chunks and UDP queues count in the stack's budget
         self.connect_timeout = connect_timeout
         # an upstream that closes having sent nothing within this many seconds
         # of saying yes refused the destination (RST); later it is a FIN

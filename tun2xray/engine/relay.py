@@ -132,11 +132,13 @@ class TcpRelay(asyncio.Protocol):
             return
         self.bytes_down += len(data)
         if self.pending:
-            self.pending += data
+            self.pending = bytes(self.pending) + data       # rare: a chunk already read when paused
+            self.engine.budget.used += len(data)
         else:
             n = conn.write(data)
             if n < len(data):
-                self.pending = data[n:]
+                self.pending = memoryview(data)[n:]         # no copy of the rest
+                self.engine.budget.used += len(data) - n
         if self.pending and self.transport is not None:
             self.transport.pause_reading()
         self.engine.kick()
@@ -218,12 +220,22 @@ class TcpRelay(asyncio.Protocol):
         if conn.closed or not self.pending:
             return
         n = conn.write(self.pending)
-        self.pending = self.pending[n:]
+        # a view, not a copy: under a tight window or memory budget the
+        # connection takes a little per ACK, and copying the rest each time
+        # would cost more than sending it
+        self.pending = memoryview(self.pending)[n:] if n < len(self.pending) else b""
+        self.engine.budget.used -= n
         if not self.pending:
             if self.up_eof:
                 conn.shutdown()
             elif self.transport is not None:
                 self.transport.resume_reading()
+
+    def release(self):
+        """The flow is gone: what it held goes back to the budget."""
+        if self.pending:
+            self.engine.budget.used -= len(self.pending)
+            self.pending = b""
 
     def close_timer(self):
         if self.hs_timer is not None:

@@ -196,6 +196,7 @@ class EngineTcp:
                     t.close()
             else:
                 relay.close()
+            relay.release()
             counters = self.counters
             counters["tcp_closed"] += 1
             counters["bytes_up"] += relay.bytes_up

@@ -21,6 +21,8 @@ class EngineUdp:
     # ----------------------------------------------------------------------- UDP
 
     def _udp_datagram(self, flow, data, new) -> None:
+        if flow.closed:
+            return      # evicted by a newer flow in the same batch: its UdpClosed follows
         if flow.dport == 53 and self.dns is not None and self.dns.wants(flow.dst):
             self._dns_udp(flow, data, new)        # answered by the engine (engine/dnshook.py)
             return
@@ -47,6 +49,7 @@ class EngineUdp:
                 self._log_dial(flow, "udp", up, url, rule, name=None if dok else name)
             if dok:
                 relay.queue.append(data)
+                self.budget.used += len(data)
                 self._spawn(self._udp_open_dokodemo(flow, relay, up))
                 return
             key = (flow.src, flow.sport)
@@ -67,6 +70,7 @@ class EngineUdp:
             relay.assoc.assoc.sendto(data, relay.dst_host, flow.dport)
         elif len(relay.queue) < UDP_QUEUE:
             relay.queue.append(data)
+            self.budget.used += len(data)
         else:
             relay.dropped += 1
             self.counters["udp_queue_full"] += 1
@@ -92,7 +96,7 @@ class EngineUdp:
         relay.dok = dok
         for d in relay.queue:
             dok.send(d)
-        relay.queue.clear()
+        self._udp_unqueue(relay)
 
     async def _udp_open_socks(self, a: SocksAssoc) -> None:
         def on_datagram(host, port, data, a=a):
@@ -136,7 +140,7 @@ class EngineUdp:
             if relay is not None and relay.queue:
                 for d in relay.queue:
                     assoc.sendto(d, relay.dst_host, flow.dport)
-                relay.queue.clear()
+                self._udp_unqueue(relay)
 
     def _socks_reply(self, a: SocksAssoc, host, port, data) -> None:
         """A datagram from the relay: ``host`` is the packed source address
@@ -176,11 +180,19 @@ class EngineUdp:
         flow.send(data)
         self.kick()
 
+    def _udp_unqueue(self, relay) -> None:
+        """Forget the datagrams queued while the upstream opened (sent or dropped)."""
+        q = relay.queue
+        if q:
+            self.budget.used -= sum(map(len, q))
+            q.clear()
+
     def _udp_release(self, flow) -> None:
         relay = flow.user
         if relay is None:
             return
         flow.user = None
+        self._udp_unqueue(relay)
         counters = self.counters
         counters["bytes_up"] += flow.bytes_in
         counters["bytes_down"] += flow.bytes_out
