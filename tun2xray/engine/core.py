@@ -91,6 +91,7 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
         self._stopping = None
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
+        self._dials = {}           # conn -> (dial task, relay) until the upstream answers
         self._pollable = True
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving
@@ -155,6 +156,9 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             self._sampler = None
         for t in list(self._tasks):
             t.cancel()
+        for _task, relay in self._dials.values():
+            relay.close()
+        self._dials.clear()
         stack = self.stack
         counters = self.counters
         for conn in list(stack.tcp.values()):
@@ -330,7 +334,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
             elif t is ev.UdpClosed:
                 self._udp_closed(e.flow, e.reason)
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro):
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

@@ -31,7 +31,22 @@ class EngineTcp:
             hs = socks_client(up, CMD_CONNECT, conn.dst, conn.dport)
         if self._debug:
             self._log_dial(conn, "tcp", up, url, rule, hs is not None and hs.pipelined)
-        self._spawn(self._tcp_dial(conn, up, url, hs))
+        relay = TcpRelay(self, conn, url, hs=hs)
+        # the dial is the request's until it is answered: a request that ends
+        # first (shed by admission, the client's RST) takes its dial with it
+        self._dials[conn] = (self._spawn(self._tcp_dial(conn, up, relay)), relay)
+
+    def _cancel_dial(self, conn) -> None:
+        """conn ended before its upstream answered: stop the dial (its
+        connect, or the SOCKS handshake on its socket) and free the socket
+        now instead of at the connect timeout."""
+        dial = self._dials.pop(conn, None)
+        if dial is None:
+            return
+        task, relay = dial
+        task.cancel()              # closes the socket of a connect in progress
+        relay.close()              # ... or the connected one whose handshake runs
+        self.counters["tcp_dials_cancelled"] += 1
 
     # debug lines of a flow's life (callers check self._debug first)
 
@@ -58,12 +73,14 @@ class EngineTcp:
         log.debug("tcp flow %d: socks %s%s", conn.id, reply_text(code),
                   f", bound {f['bound']}" if bound is not None else "", extra=f)
 
-    async def _tcp_dial(self, conn, up, url, hs) -> None:
+    async def _tcp_dial(self, conn, up, relay) -> None:
         """Connect to the upstream with the relay as the transport's protocol
-        from the start (no socket hand-over).  With ``hs`` (a SOCKS5 machine)
-        the relay runs the handshake and accepts or refuses the client when
-        the proxy answers; without (dokodemo) the connect is the dial."""
-        relay = TcpRelay(self, conn, url, hs=hs)
+        from the start (no socket hand-over).  With ``relay.hs`` (a SOCKS5
+        machine) the relay runs the handshake and accepts or refuses the
+        client when the proxy answers; without (dokodemo) the connect is the
+        dial."""
+        url = relay.url
+        hs = relay.hs
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.loop.create_connection(lambda: relay, up.host, up.port)
@@ -79,6 +96,7 @@ class EngineTcp:
             self._tcp_established(conn, relay)
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
+        self._dials.pop(conn, None)
         self.counters["upstream_connect_failed"] += 1
         self._upstream_failed()
         if not conn.closed:
@@ -108,6 +126,7 @@ class EngineTcp:
 
     def _tcp_established(self, conn, relay) -> None:
         """The upstream is connected: answer the connect request (SYN-ACK)."""
+        self._dials.pop(conn, None)
         if conn.closed:
             relay.close()
             return
@@ -140,5 +159,7 @@ class EngineTcp:
                                       bytes_up=relay.bytes_up, bytes_down=relay.bytes_down)
                 log.debug("tcp flow %d closed (%s): %s -> %s up=%d down=%d bytes", conn.id, reason,
                           f["src"], f["dst"], relay.bytes_up, relay.bytes_down, extra=f)
+        else:
+            self._cancel_dial(conn)
         self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
         conn.user = None
