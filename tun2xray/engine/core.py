@@ -92,6 +92,7 @@ class Engine(EngineTcp, EngineUdp, EngineHistory):
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
         self._dials = {}           # conn -> (dial task, relay) until the upstream answers
+        self._exhausted_log_at = float("-inf")   # next warning about a local resource running out
         self._pollable = True
         self.error = None          # why the engine stopped on its own (device gone)
         self._started_cb = None    # called with the engine once run() is serving

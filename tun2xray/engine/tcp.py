@@ -7,6 +7,7 @@ the Engine's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 from ..upstream.socks5 import socks_client
@@ -15,6 +16,19 @@ from ..upstream.url import DokodemoUpstream, SocksUpstream
 from .relay import TcpRelay, _fmt, _hostport, _route_rule
 
 log = logging.getLogger("tun2xray.engine")
+
+# a dial that fails with one of these failed here, not at the upstream: the
+# process is out of file descriptors, the machine out of ephemeral ports
+# (EADDRNOTAVAIL from connect, EAGAIN from a UDP autobind) or buffers
+LOCAL_EXHAUSTION = {errno.EMFILE: "out of file descriptors", errno.ENFILE: "out of file descriptors (system)",
+                    errno.EADDRNOTAVAIL: "out of local ports", errno.EAGAIN: "out of local ports",
+                    errno.ENOBUFS: "out of buffer space", errno.ENOMEM: "out of memory"}
+EXHAUSTION_LOG_EVERY = 5.0    # seconds between the warnings while it lasts
+
+
+def local_exhaustion(e) -> str | None:
+    """What ran out here when the dial failed with e (None: not that)."""
+    return LOCAL_EXHAUSTION.get(e.errno) if isinstance(e, OSError) else None
 
 
 class EngineTcp:
@@ -97,6 +111,13 @@ class EngineTcp:
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
         self._dials.pop(conn, None)
+        short = local_exhaustion(why)
+        if short is not None:
+            self._dial_exhausted(conn, "tcp", short, why)
+            if not conn.closed:
+                conn.reject(self.reject_with)
+                self.kick()
+            return
         self.counters["upstream_connect_failed"] += 1
         self._upstream_failed()
         if not conn.closed:
@@ -108,6 +129,21 @@ class EngineTcp:
                                f"{url}: {str(why) or type(why).__name__}")
             conn.reject(self.reject_with)
             self.kick()
+
+    def _dial_exhausted(self, flow, proto, short, why) -> None:
+        """A new flow is refused because a local resource ran out (not the
+        upstream's fault: the watch is not told). Counted per resource; a
+        warning at most every EXHAUSTION_LOG_EVERY seconds while it lasts."""
+        c = self.counters
+        c["refused_local_exhaustion"] += 1
+        c["refused_" + short.split(" (")[0].replace(" ", "_")] += 1
+        self._why[flow] = ("no local resources", f"{short}: {why}")
+        now = self.loop.time()
+        if now >= self._exhausted_log_at:
+            self._exhausted_log_at = now + EXHAUSTION_LOG_EVERY
+            log.warning("%s flow %d refused: %s (%s); %d new flows refused so far", proto, flow.id, short,
+                        why, c["refused_local_exhaustion"],
+                        extra=self._flow_fields(flow, proto, reason=str(why)))
 
     def _refused(self, relay) -> bool:
         """Is an empty clean close from relay's upstream a refusal? Only
