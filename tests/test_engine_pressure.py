@@ -1,7 +1,9 @@
 """The engine under pressure, on the in-memory device and a virtual clock
 (tests/vclock.py): a request that admission sheds takes its upstream dial
 with it -- the connect in progress or the SOCKS handshake on its socket is
-stopped and the socket closed at once, not at the connect timeout.
+stopped and the socket closed at once, not at the connect timeout; a dial
+that fails because the process is out of file descriptors refuses the flow
+and is counted as that, not as the upstream's failure.
 
 The upstreams are real loopback sockets: a listener that never accepts
 (its backlog full, so the kernel drops further SYNs and a connect hangs)
@@ -147,3 +149,56 @@ def test_a_shed_request_cancels_its_connect_in_progress():
 
 def test_a_shed_request_closes_the_socket_of_its_socks_handshake():
     _shed_cancels_the_dial(accepting=True)
+
+
+def _lowest_free_fd() -> int:
+    fd = os.open("/dev/null", os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+def test_out_of_fds_refuses_new_flows_without_blaming_the_upstream_and_recovers():
+    import resource
+
+    from test_engine_memory import SocksDest, echo
+
+    async def main(loop):
+        dest = await SocksDest(echo).start()
+        host = await EngineHarness(f"socks5://127.0.0.1:{dest.port}").start()
+        eng = host.engine
+        pokes = []
+        eng.on_upstream_failed = lambda: pokes.append(1)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            # no fd number is free below the limit: the dial's socket() fails
+            resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_fd(), hard))
+            try:
+                host.send(syn(OTHER_DST, 43000))
+                rst = await host.expect(lambda s: s.dport == 43000)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert rst.flags & 0x04 and rst.ack == 1001, rst           # refused: RST
+            st = eng.status()
+            assert st["engine"]["refused_local_exhaustion"] == 1, st["engine"]
+            assert st["engine"]["refused_out_of_file_descriptors"] == 1, st["engine"]
+            assert st["engine"].get("upstream_connect_failed", 0) == 0, st["engine"]
+            assert not pokes                                           # the watch is not told
+            [c] = st["closed_flows"]
+            assert c["reason"] == "no local resources", c
+            assert c["detail"].startswith("out of file descriptors: "), c
+            # the fds are back: the next flow is carried
+            host.send(syn(OTHER_DST, 43001))
+            sa = await host.expect(lambda s: s.dport == 43001)
+            assert sa.flags & 0x12 == 0x12, sa
+            host.send(build_packet(4, SRC, OTHER_DST, 43001, 80, 1001, sa.seq + 1, "A", 65535),
+                      build_packet(4, SRC, OTHER_DST, 43001, 80, 1001, sa.seq + 1, "PA", 65535,
+                                   payload=b"ping"))
+            data = await host.expect(lambda s: s.dport == 43001 and s.payload)
+            assert bytes(data.payload) == b"ping"
+            assert eng.status()["engine"]["dials_pending"] == 0
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await host.stop()
+            await dest.stop()
+
+    run_virtual(main)
