@@ -636,3 +636,139 @@ def test_a_syn_flood_to_a_blackhole_leaves_room_for_a_real_handshake(core_up):
             raise AssertionError(f"{e}: fds by kind {kinds}; sockets by state {states}; {mine[:5]}") from None
     finally:
         stop(lab)
+
+
+# ------------------------------------------------ a clean close, FINs crossing
+
+QUIET_PORT = 2727                 # accepts, waits QUIET_AFTER s, closes without a byte
+QUIET_AFTER = 1.0
+FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
+
+
+def _quiet_server(lsock, stop):
+    lsock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            c, _ = lsock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        threading.Timer(QUIET_AFTER, c.close).start()
+
+
+def _segments(path, port):
+    """(side, flags, seq, ack) of each TCP segment of the capture."""
+    import dpkt
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for _, buf in dpkt.pcap.Reader(f):
+                tcp = dpkt.ip.IP(buf).data
+                out.append(("client" if tcp.dport == port else "stack", tcp.flags, tcp.seq, tcp.ack))
+    except (ValueError, dpkt.dpkt.NeedData):
+        pass                       # the file is still being written
+    return out
+
+
+def _slow_lane(lab, tun, on: bool):
+    """What the client sends into the TUN leaves pr-cli at 6 bytes/s (an
+    HTB class on the TUN's egress): a datagram of 44 bytes spends the
+    bucket first, so the client's next segment waits about 7 s in the queue
+    with the header it was given when it was sent. (tcpdump sees it when it
+    leaves the queue; Linux does not retransmit a segment still queued.)"""
+    if not on:
+        lab.cli_run(["tc", "qdisc", "del", "dev", tun, "root"])
+        return
+    lab.cli_run(["tc", "qdisc", "add", "dev", tun, "root", "handle", "1:", "htb", "default", "10"], check=True)
+    lab.cli_run(["tc", "class", "add", "dev", tun, "parent", "1:", "classid", "1:10", "htb",
+                 "rate", "48bit", "ceil", "48bit", "burst", "1b", "cburst", "1b"], check=True)
+    with lab.in_cli():
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with u:
+        u.sendto(b"spend the bucket", (TARGET4, 9))
+
+    def spent():
+        out = lab.cli_run(["tc", "-s", "class", "show", "dev", tun], check=True).stdout.decode()
+        return " 1 pkt " in out
+    netlab.wait_until(spent, 5, "the datagram through the HTB class")
+
+
+@pytest.mark.deadline(120)
+def test_a_clean_close_after_1s_is_a_fin_and_crossing_fins_close_without_rst(core_up, tmp_path):
+    """The server closes cleanly 1 s after accepting, without a byte; the
+    refusal window is 0.5 s, so the client must see a FIN. The client's own
+    FIN crosses ours: it closes at once, but its FIN is held back on the
+    way into the TUN (tc, a slow lane) until ours has reached it, so neither
+    FIN acknowledges the other. The exchange must end with both FINs
+    acknowledged and no RST either way."""
+    lab, tun = core_up, "prtunfin"
+    with lab.in_srv():
+        lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((TARGET4, QUIET_PORT))
+    lsock.listen(16)
+    stop_srv = threading.Event()
+    threading.Thread(target=_quiet_server, args=(lsock, stop_srv), daemon=True).start()
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"proxy": f"socks5://127.0.0.1:{SOCKS_PORT}", "tcp_refusal_window": 0.5}))
+    start(lab, tun, run_argv(lab, tun, "--config", str(profile), proxy=None))
+    pcap = str(tmp_path / "cross.pcap")
+    slow = False
+    try:
+        lab.cli_run(["ethtool", "-K", tun, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"])
+        cap = lab.cli_popen("tcpdump", ["tcpdump", "-i", tun, "-n", "-U", "--immediate-mode", "-c", "100",
+                                        "-w", pcap, f"tcp port {QUIET_PORT}"])
+        netlab.wait_until(lambda: "listening on" in lab.log("tcpdump") or cap.poll() is not None, 10,
+                          "tcpdump to listen")
+        s = cli_socket(lab, 20)
+        with s:
+            s.connect((TARGET4, QUIET_PORT))
+            port = s.getsockname()[1]
+            # the client closes its side at once, but its FIN waits in the slow lane ...
+            _slow_lane(lab, tun, True)
+            slow = True
+            s.shutdown(socket.SHUT_WR)
+            # ... while ours (the upstream closed cleanly, after the window) reaches it
+            try:
+                got = s.recv(16)
+            except ConnectionResetError:
+                got = "reset"
+            seg = _segments(pcap, QUIET_PORT)
+            assert got == b"", f"a FIN, not {got!r}: {[(side, hex(f)) for side, f, _, _ in seg]}" + logs(lab)
+            assert not any(side == "client" and f & FIN for side, f, _, _ in seg), f"not held: {seg}"
+
+            def stack_fin_seq():
+                return next(q for side, f, q, _ in _segments(pcap, QUIET_PORT) if side == "stack" and f & FIN)
+
+            def closed():
+                seg = _segments(pcap, QUIET_PORT)
+                fin = stack_fin_seq()
+                return any(side == "client" and f == ACK and a == fin + 1 for side, f, _, a in seg) and \
+                    any(side == "stack" and f & FIN for side, f, _, _ in seg)
+            try:
+                netlab.wait_until(closed, 40, "the client's ACK of our FIN")
+            except TimeoutError as e:
+                seg = _segments(pcap, QUIET_PORT)
+                raise AssertionError(f"{e}: {[(side, hex(f), q, a) for side, f, q, a in seg]}" + logs(lab)) from None
+    finally:
+        if slow:
+            _slow_lane(lab, tun, False)
+        lab.stop("tcpdump")
+        stop_srv.set()
+        lsock.close()
+    try:
+        seg = _segments(pcap, QUIET_PORT)
+        rsts = [x for x in seg if x[1] & RST]
+        assert not rsts, f"a RST in the close: {seg}"
+        fin_seq = stack_fin_seq()
+        [client_fin] = [x for x in seg if x[0] == "client" and x[1] & FIN]
+        assert client_fin[3] == fin_seq, f"the client's FIN acknowledged ours: not crossing: {seg}"
+        assert any(x[0] == "stack" and x[3] == client_fin[2] + 1 for x in seg), seg     # the client's FIN acked
+        [c] = status_when(lab, tun, lambda st: [f for f in st["closed_flows"] if f["src"].endswith(f":{port}")],
+                          15, "the flow in the history")["closed_flows"][-1:]
+        hist = [f for f in status(lab, tun)["closed_flows"] if f["src"].endswith(f":{port}")]
+        assert hist and hist[0]["reason"] == "upstream closed" and hist[0]["bytes_down"] == 0, hist
+        print(f"\ncrossing close: {[(side, hex(f)) for side, f, _, _ in seg]}")
+    finally:
+        stop(lab)
