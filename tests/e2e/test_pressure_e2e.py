@@ -32,15 +32,13 @@ import signal
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import threading
 import time
 
-import pytest
-
 import netlab
-from netlab import ECHO_PORT, HTTP_PORT, SOCKS_PORT, TARGET4
+import pytest
+from netlab import ECHO_PORT, SOCKS_PORT, TARGET4
 
 pytestmark = pytest.mark.e2e
 
@@ -85,6 +83,7 @@ def status(lab, tun):
 
 
 def status_when(lab, tun, pred, timeout, what, name="t2x"):
+    """Poll the status until pred(status) holds; the last status read."""
     found = {}
 
     def check():
@@ -367,10 +366,9 @@ class SilentSocks:
             except OSError:
                 pass
             finally:
-                with_close = (a, b)
-                for s in with_close:
+                for end in (a, b):
                     try:
-                        s.shutdown(socket.SHUT_RDWR)
+                        end.shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
 
@@ -508,10 +506,7 @@ def test_a_crash_looping_core(core_up, tmp_path):
         assert counter(st, "upstream_connect_failed") >= 5, st["engine"]
         assert steady_fds(p.pid, want=base) <= base, "fds leaked"
     finally:
-        stop(lab)
-        with_core = lab.procs.get("local-core")
-        if with_core is None or with_core.poll() is not None:
-            lab.start_local_core()
+        stop(lab)                          # core_up starts the lab's own core again
 
 
 # ------------------------------------------------------------------------ the flood
@@ -712,52 +707,54 @@ def test_a_clean_close_after_1s_is_a_fin_and_crossing_fins_close_without_rst(cor
     threading.Thread(target=_quiet_server, args=(lsock, stop_srv), daemon=True).start()
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"proxy": f"socks5://127.0.0.1:{SOCKS_PORT}", "tcp_refusal_window": 0.5}))
-    start(lab, tun, run_argv(lab, tun, "--config", str(profile), proxy=None))
     pcap = str(tmp_path / "cross.pcap")
     slow = False
     try:
-        lab.cli_run(["ethtool", "-K", tun, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"])
-        cap = lab.cli_popen("tcpdump", ["tcpdump", "-i", tun, "-n", "-U", "--immediate-mode", "-c", "100",
-                                        "-w", pcap, f"tcp port {QUIET_PORT}"])
-        netlab.wait_until(lambda: "listening on" in lab.log("tcpdump") or cap.poll() is not None, 10,
-                          "tcpdump to listen")
-        s = cli_socket(lab, 20)
-        with s:
-            s.connect((TARGET4, QUIET_PORT))
-            port = s.getsockname()[1]
-            # the client closes its side at once, but its FIN waits in the slow lane ...
-            _slow_lane(lab, tun, True)
-            slow = True
-            s.shutdown(socket.SHUT_WR)
-            # ... while ours (the upstream closed cleanly, after the window) reaches it
-            try:
-                got = s.recv(16)
-            except ConnectionResetError:
-                got = "reset"
-            seg = _segments(pcap, QUIET_PORT)
-            assert got == b"", f"a FIN, not {got!r}: {[(side, hex(f)) for side, f, _, _ in seg]}" + logs(lab)
-            assert not any(side == "client" and f & FIN for side, f, _, _ in seg), f"not held: {seg}"
-
-            def stack_fin_seq():
-                return next(q for side, f, q, _ in _segments(pcap, QUIET_PORT) if side == "stack" and f & FIN)
-
-            def closed():
+        start(lab, tun, run_argv(lab, tun, "--config", str(profile), proxy=None))
+        try:
+            lab.cli_run(["ethtool", "-K", tun, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"])
+            cap = lab.cli_popen("tcpdump", ["tcpdump", "-i", tun, "-n", "-U", "--immediate-mode", "-c", "100",
+                                            "-w", pcap, f"tcp port {QUIET_PORT}"])
+            netlab.wait_until(lambda: "listening on" in lab.log("tcpdump") or cap.poll() is not None, 10,
+                              "tcpdump to listen")
+            s = cli_socket(lab, 20)
+            with s:
+                s.connect((TARGET4, QUIET_PORT))
+                port = s.getsockname()[1]
+                # the client closes its side at once, but its FIN waits in the slow lane ...
+                _slow_lane(lab, tun, True)
+                slow = True
+                s.shutdown(socket.SHUT_WR)
+                # ... while ours (the upstream closed cleanly, after the window) reaches it
+                try:
+                    got = s.recv(16)
+                except ConnectionResetError:
+                    got = "reset"
                 seg = _segments(pcap, QUIET_PORT)
-                fin = stack_fin_seq()
-                return any(side == "client" and f == ACK and a == fin + 1 for side, f, _, a in seg) and \
-                    any(side == "stack" and f & FIN for side, f, _, _ in seg)
-            try:
-                netlab.wait_until(closed, 40, "the client's ACK of our FIN")
-            except TimeoutError as e:
-                seg = _segments(pcap, QUIET_PORT)
-                raise AssertionError(f"{e}: {[(side, hex(f), q, a) for side, f, q, a in seg]}" + logs(lab)) from None
-    finally:
-        if slow:
-            _slow_lane(lab, tun, False)
-        lab.stop("tcpdump")
-        stop_srv.set()
-        lsock.close()
-    try:
+                assert got == b"", f"a FIN, not {got!r}: {[(side, hex(f)) for side, f, _, _ in seg]}" + logs(lab)
+                assert not any(side == "client" and f & FIN for side, f, _, _ in seg), f"not held: {seg}"
+
+                def stack_fin_seq():
+                    return next(q for side, f, q, _ in _segments(pcap, QUIET_PORT)
+                                if side == "stack" and f & FIN)
+
+                def closed():
+                    seg = _segments(pcap, QUIET_PORT)
+                    fin = stack_fin_seq()
+                    return any(side == "client" and f == ACK and a == fin + 1 for side, f, _, a in seg) and \
+                        any(side == "stack" and f & FIN for side, f, _, _ in seg)
+                try:
+                    netlab.wait_until(closed, 40, "the client's ACK of our FIN")
+                except TimeoutError as e:
+                    seg = _segments(pcap, QUIET_PORT)
+                    brief = [(side, hex(f), q, a) for side, f, q, a in seg]
+                    raise AssertionError(f"{e}: {brief}" + logs(lab)) from None
+        finally:
+            if slow:
+                _slow_lane(lab, tun, False)
+            lab.stop("tcpdump")
+            stop_srv.set()
+            lsock.close()
         seg = _segments(pcap, QUIET_PORT)
         rsts = [x for x in seg if x[1] & RST]
         assert not rsts, f"a RST in the close: {seg}"
@@ -765,9 +762,9 @@ def test_a_clean_close_after_1s_is_a_fin_and_crossing_fins_close_without_rst(cor
         [client_fin] = [x for x in seg if x[0] == "client" and x[1] & FIN]
         assert client_fin[3] == fin_seq, f"the client's FIN acknowledged ours: not crossing: {seg}"
         assert any(x[0] == "stack" and x[3] == client_fin[2] + 1 for x in seg), seg     # the client's FIN acked
-        [c] = status_when(lab, tun, lambda st: [f for f in st["closed_flows"] if f["src"].endswith(f":{port}")],
-                          15, "the flow in the history")["closed_flows"][-1:]
-        hist = [f for f in status(lab, tun)["closed_flows"] if f["src"].endswith(f":{port}")]
+        st = status_when(lab, tun, lambda st: [f for f in st["closed_flows"] if f["src"].endswith(f":{port}")],
+                         15, "the flow in the history")
+        hist = [f for f in st["closed_flows"] if f["src"].endswith(f":{port}")]
         assert hist and hist[0]["reason"] == "upstream closed" and hist[0]["bytes_down"] == 0, hist
         print(f"\ncrossing close: {[(side, hex(f)) for side, f, _, _ in seg]}")
     finally:
