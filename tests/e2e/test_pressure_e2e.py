@@ -259,7 +259,8 @@ def _exhaust_fds_once(lab, tun, p, total):
     assert counter(st, "refused_out_of_file_descriptors") == total, st["engine"]
     assert counter(st, "refused_local_exhaustion") == total, st["engine"]
     assert counter(st, "upstream_connect_failed") == 0, st["engine"]   # not the upstream's fault
-    assert st["state"] == "connected", (st["state"], st["reason"])
+    # the proxy check may have failed for want of fds too: it recovers by itself
+    status_when(lab, tun, lambda s: s["state"] == "connected", 20, "connected after the fds came back")
     return total
 
 
@@ -429,8 +430,8 @@ def test_a_socks_server_that_never_answers(core_up, tmp_path):
     profile.write_text(json.dumps({"proxy": f"socks5://127.0.0.1:{srv.port}", "tcp_connect_timeout": 2}))
     p = start(lab, tun, run_argv(lab, tun, "--config", str(profile), proxy=None))
     try:
-        st = settled(lab, tun)
-        assert st["state"] == "connected", st["state"]
+        settled(lab, tun)
+        st = status_when(lab, tun, lambda s: s["state"] == "connected", 20, "connected")
         base = steady_fds(p.pid)
         failed0 = counter(st, "upstream_connect_failed")
         srv.silent = True
@@ -448,7 +449,7 @@ def test_a_socks_server_that_never_answers(core_up, tmp_path):
         assert "unreachable" in st["reason"], st["reason"]
         assert counter(st, "upstream_connect_failed") - failed0 >= 5, st["engine"]
         reasons = [c["reason"] for c in st["closed_flows"] if c["dst"].endswith(f":{ECHO_PORT}")][-5:]
-        assert reasons == ["connect timeout"] * 5, reasons
+        assert reasons == ["connect timeout"] * 5, (reasons, st["closed_flows"][-8:])
         assert p.poll() is None
         # the server answers again: the engine notices by itself
         srv.silent = False
