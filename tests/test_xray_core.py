@@ -402,3 +402,45 @@ def test_sigkill_is_the_reason_not_an_access_log_line(tmp_path, caplog):
                 and r.levelno == logging.WARNING]
     assert "core exited: killed by SIGKILL; restarting in 30.0s" in warnings, warnings
     assert core.health() == (False, "core stopped")
+
+
+CRASHY = """#!/bin/sh
+# the core, or (while {switch} exists) a core that fails at once
+if [ -e {switch} ] && [ "$1" != "-version" ]; then
+    echo "Failed to start: simulated crash" >&2
+    exit 23
+fi
+exec {core} "$@"
+"""
+
+
+def test_a_crash_loop_backs_off_even_after_a_long_good_run(tmp_path, caplog):
+    """A core that ran longer than `stable`, then fails at every start: the
+    pause before each restart doubles (it used to be measured from the last
+    good start, so every failed start reset it to the minimum)."""
+    import re
+
+    switch = tmp_path / "crash"
+    wrapper = tmp_path / "v2ray-crashy"
+    wrapper.write_text(CRASHY.format(switch=switch, core=_core_binary()))
+    wrapper.chmod(0o755)
+    path = core_config(tmp_path)
+    core = xray.Core(str(wrapper), path, xray.derive(path).ready_checks(), min_backoff=0.1, max_backoff=10.0,
+                     stable=0.3)
+    core.start()
+    try:
+        wait(lambda: time.monotonic() - core.started_at >= 0.3, 5, "the core up longer than `stable`")
+        switch.write_text("")
+        with caplog.at_level(logging.WARNING, logger="tun2xray.xray"):
+            os.kill(core.proc.pid, signal.SIGKILL)
+
+            def pauses():
+                return [float(m.group(1)) for r in caplog.records
+                        if (m := re.search(r"restarting in ([0-9.]+)s", r.getMessage()))]
+            wait(lambda: len(pauses()) >= 4, 20, "four restarts")
+        assert pauses()[:4] == [0.1, 0.2, 0.4, 0.8], pauses()
+        assert not core.alive
+        switch.unlink()
+        wait(lambda: core.alive and core.restarts == 1, 20, "the core back")
+    finally:
+        core.stop()

@@ -213,7 +213,8 @@ def summary_fields(status: dict, reason: str) -> dict:
         "udp_flows": _num(eng, "udp_opened"),
         "bytes_up": _num(eng, "bytes_up"),
         "bytes_down": _num(eng, "bytes_down"),
-        "refused": _num(eng, "upstream_connect_failed") + _num(eng, "upstream_closed_empty"),
+        "refused": (_num(eng, "upstream_connect_failed") + _num(eng, "upstream_closed_empty")
+                    + _num(eng, "refused_local_exhaustion")),
         "drops": sum(v for v in status.get("stack", {}).get("drops", {}).values()
                      if isinstance(v, int)),
         "reason": reason,

@@ -98,6 +98,8 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
         self._stopping = None
         self._assocs = {}          # (client addr, client port) -> SocksAssoc
         self._tasks = set()
+        self._dials = {}           # conn -> (dial task, relay) until the upstream answers
+        self._exhausted_log_at = float("-inf")   # next warning about a local resource running out
         self._pollable = True
         self.asleep = False        # the host sleeps (engine.paths.sleep): no timers armed
         self.error = None          # why the engine stopped on its own (device gone)
@@ -166,6 +168,9 @@ class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
             t.cancel()
         if self.dns is not None:
             self.dns.close()              # writes the fake-IP cache file
+        for _task, relay in self._dials.values():
+            relay.close()
+        self._dials.clear()
         stack = self.stack
         counters = self.counters
         for conn in list(stack.tcp.values()):

@@ -190,4 +190,7 @@ class EngineHistory:
                 down += flow.bytes_out
         c["bytes_up"] = up
         c["bytes_down"] = down
+        # gauges, not counters: what the engine holds now (a leak shows here)
+        c["tasks"] = len(self._tasks)
+        c["dials_pending"] = len(self._dials)
         return c

@@ -7,6 +7,7 @@ the Engine's.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 
 from ..rules import BLOCK
@@ -18,6 +19,19 @@ from .dnshook import DnsTcp
 from .relay import TcpRelay, _fmt, _hostport, _route_rule
 
 log = logging.getLogger("tun2xray.engine")
+
+# a dial that fails with one of these failed here, not at the upstream: the
+# process is out of file descriptors, the machine out of ephemeral ports
+# (EADDRNOTAVAIL from connect, EAGAIN from a UDP autobind) or buffers
+LOCAL_EXHAUSTION = {errno.EMFILE: "out of file descriptors", errno.ENFILE: "out of file descriptors (system)",
+                    errno.EADDRNOTAVAIL: "out of local ports", errno.EAGAIN: "out of local ports",
+                    errno.ENOBUFS: "out of buffer space", errno.ENOMEM: "out of memory"}
+EXHAUSTION_LOG_EVERY = 5.0    # seconds between the warnings while it lasts
+
+
+def local_exhaustion(e) -> str | None:
+    """What ran out here when the dial failed with e (None: not that)."""
+    return LOCAL_EXHAUSTION.get(e.errno) if isinstance(e, OSError) else None
 
 
 class EngineTcp:
@@ -52,6 +66,9 @@ class EngineTcp:
         if hs is not None:
             relay.name = name       # what the CONNECT carried (None: the address)
         relay.dialing = self._spawn(self._tcp_dial(conn, up, relay))
+        # the dial is the request's until it is answered: a request that ends
+        # first (shed by admission, the client's RST) takes its dial with it
+        self._dials[conn] = (relay.dialing, relay)
         relay.hs_timer = self.loop.call_later(self.connect_timeout, relay.timed_out)
 
     def _refuse(self, flow, proto: str, why: str, rule, name) -> None:
@@ -77,6 +94,18 @@ class EngineTcp:
         else:
             flow.reject("port")
         self.kick()
+
+    def _cancel_dial(self, conn) -> None:
+        """conn ended before its upstream answered: stop the dial (its
+        connect, or the SOCKS handshake on its socket) and free the socket
+        now instead of at the connect timeout."""
+        dial = self._dials.pop(conn, None)
+        if dial is None:
+            return
+        task, relay = dial
+        task.cancel()              # closes the socket of a connect in progress
+        relay.close()              # ... or the connected one whose handshake runs
+        self.counters["tcp_dials_cancelled"] += 1
 
     # debug lines of a flow's life (callers check self._debug first)
 
@@ -144,6 +173,14 @@ class EngineTcp:
         self._tcp_dial_failed(conn, relay.url, why)
 
     def _tcp_dial_failed(self, conn, url, why) -> None:
+        self._dials.pop(conn, None)
+        short = local_exhaustion(why)
+        if short is not None:
+            self._dial_exhausted(conn, "tcp", short, why)
+            if not conn.closed:
+                conn.reject(self.reject_with)
+                self.kick()
+            return
         self.counters["upstream_connect_failed"] += 1
         self._upstream_failed()
         if not conn.closed:
@@ -155,6 +192,21 @@ class EngineTcp:
                                f"{url}: {str(why) or type(why).__name__}")
             conn.reject(self.reject_with)
             self.kick()
+
+    def _dial_exhausted(self, flow, proto, short, why) -> None:
+        """A new flow is refused because a local resource ran out (not the
+        upstream's fault: the watch is not told). Counted per resource; a
+        warning at most every EXHAUSTION_LOG_EVERY seconds while it lasts."""
+        c = self.counters
+        c["refused_local_exhaustion"] += 1
+        c["refused_" + short.split(" (")[0].replace(" ", "_")] += 1
+        self._why[flow] = ("no local resources", f"{short}: {why}")
+        now = self.loop.time()
+        if now >= self._exhausted_log_at:
+            self._exhausted_log_at = now + EXHAUSTION_LOG_EVERY
+            log.warning("%s flow %d refused: %s (%s); %d new flows refused so far", proto, flow.id, short,
+                        why, c["refused_local_exhaustion"],
+                        extra=self._flow_fields(flow, proto, reason=str(why)))
 
     def _refused(self, relay) -> bool:
         """Is an empty clean close from relay's upstream a refusal? Only
@@ -173,6 +225,7 @@ class EngineTcp:
 
     def _tcp_established(self, conn, relay) -> None:
         """The upstream is connected: answer the connect request (SYN-ACK)."""
+        self._dials.pop(conn, None)
         if conn.closed:
             relay.close()
             return
@@ -211,5 +264,7 @@ class EngineTcp:
             self.counters["tcp_closed"] += 1
             self.counters["bytes_up"] += relay.bytes_up
             self.counters["bytes_down"] += relay.bytes_down
+        else:
+            self._cancel_dial(conn)
         self._remember("tcp", conn, relay, self._tcp_close_reason(conn, relay, reason))
         conn.user = None

@@ -13,6 +13,7 @@ from ..upstream.dokodemo import DokodemoUdp
 from ..upstream.socks5 import SocksUdpAssociation
 from ..upstream.url import DokodemoUpstream
 from .relay import UDP_QUEUE, SocksAssoc, UdpRelay, _fmt, _hostport, _route_rule
+from .tcp import local_exhaustion
 
 log = logging.getLogger("tun2xray.engine")
 
@@ -81,12 +82,17 @@ class EngineUdp:
         except asyncio.CancelledError:
             raise
         except OSError as e:
-            self.counters["upstream_connect_failed"] += 1
-            log.info("udp flow %d %s: dokodemo %s failed: %s", flow.id, _fmt(flow.dst, flow.dport), relay.url, e,
-                     extra=self._flow_fields(flow, "udp", upstream=relay.url, reason=str(e)))
-            self._upstream_failed()
+            short = local_exhaustion(e)
+            if short is not None:
+                self._dial_exhausted(flow, "udp", short, e)
+            else:
+                self.counters["upstream_connect_failed"] += 1
+                log.info("udp flow %d %s: dokodemo %s failed: %s", flow.id, _fmt(flow.dst, flow.dport), relay.url,
+                         e, extra=self._flow_fields(flow, "udp", upstream=relay.url, reason=str(e)))
+                self._upstream_failed()
             if not flow.closed:
-                self._why[flow] = ("upstream refused", f"{relay.url}: {e}")
+                if short is None:
+                    self._why[flow] = ("upstream refused", f"{relay.url}: {e}")
                 flow.reject("port")
                 self.kick()
             return
@@ -111,17 +117,22 @@ class EngineUdp:
         except asyncio.CancelledError:
             raise
         except (OSError, TimeoutError, asyncio.TimeoutError) as e:
-            self.counters["upstream_connect_failed"] += 1
-            log.info("udp association for %s failed: %s", _fmt(*a.key), e,
-                     extra={"src": _fmt(*a.key), "reason": str(e)})
-            self._upstream_failed()
+            short = local_exhaustion(e)
+            if short is None:
+                self.counters["upstream_connect_failed"] += 1
+                log.info("udp association for %s failed: %s", _fmt(*a.key), e,
+                         extra={"src": _fmt(*a.key), "reason": str(e)})
+                self._upstream_failed()
             a.closed = True
             if self._assocs.get(a.key) is a:
                 del self._assocs[a.key]
             for flow in list(a.flows):
                 if not flow.closed:
-                    self._why[flow] = ("connect timeout" if isinstance(e, TimeoutError) else "upstream refused",
-                                       f"UDP ASSOCIATE: {str(e) or type(e).__name__}")
+                    if short is not None:
+                        self._dial_exhausted(flow, "udp", short, e)
+                    else:
+                        self._why[flow] = ("connect timeout" if isinstance(e, TimeoutError) else "upstream refused",
+                                           f"UDP ASSOCIATE: {str(e) or type(e).__name__}")
                     flow.reject("port")
             self.kick()
             return

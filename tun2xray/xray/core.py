@@ -361,7 +361,10 @@ class Core:
                 if p is not None:
                     p._t2x_reader.join(2)
                     self.last_reason = exit_reason(p.returncode, self._lines)
-                    up = time.monotonic() - (self.started_at or 0)
+                    # how long this process ran since it came up (0 when it
+                    # never did): only a core that stayed up resets the backoff
+                    up = time.monotonic() - self.started_at if self.started_at is not None else 0.0
+                    self.started_at = None
                     if up >= self.stable:
                         backoff = self.min_backoff
                     log.warning("core exited: %s; restarting in %.1fs", self.last_reason, backoff)
