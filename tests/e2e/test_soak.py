@@ -44,7 +44,7 @@ def test_short_soak_keeps_every_healthy_byte_and_stays_bounded(root, tmp_path):
     out = tmp_path / "soak.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "soak.py"), "--duration", "75",
-                        "--interval", "2", "--long-mb", "8", "--long-rate", "262144", "--idle", "10",
+                        "--interval", "2", "--long-mb", "4", "--long-rate", "262144", "--idle", "10",
                         "--idle-flows", "24", "--grace", "8", "--json", str(out)],
                        capture_output=True, text=True, timeout=160, env=env)
     report = r.stdout + r.stderr
