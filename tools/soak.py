@@ -54,8 +54,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import netlab  # noqa: E402
-from netlab import DNS4, ECHO_PORT, HTTP_PORT, TARGET4, TARGET6  # noqa: E402
+import netlab
+from netlab import DNS4, ECHO_PORT, HTTP_PORT, TARGET4, TARGET6
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAR = {"a": "10.201.0.2", "b": "10.201.0.3"}
@@ -165,9 +165,8 @@ class World:
                         head, rest = f.read().rsplit(") ", 1)
                     kids.setdefault(int(rest.split()[1]), []).append((int(d), head.split(" (", 1)[1]))
         out, todo = {}, [self.proc.pid]
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{self.proc.pid}/comm") as f:
-                out[self.proc.pid] = f.read().strip()
+        with contextlib.suppress(OSError), open(f"/proc/{self.proc.pid}/comm") as f:
+            out[self.proc.pid] = f.read().strip()
         while todo:
             for pid, comm in kids.get(todo.pop(), []):
                 out[pid] = comm
@@ -227,8 +226,13 @@ class Traffic:
         self.args = args
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
-        self.small = open(self.lab.files["small.bin"][0], "rb").read()
-        self.long = open(self.lab.files["long.bin"][0], "rb").read()
+        self.small = self._read(self.lab.files["small.bin"][0])
+        self.long = self._read(self.lab.files["long.bin"][0])
+
+    @staticmethod
+    def _read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
 
     def spawn(self, name, fn, *a):
         def body():
@@ -453,7 +457,7 @@ class Traffic:
         try:
             r = subprocess.run(["ip", "netns", "exec", self.lab.cli_ns, "dig", "+short", "+time=2",
                                 "+tries=2", f"@{DNS4}", "web.e2.test", qtype],
-                               capture_output=True, timeout=15)
+                               capture_output=True, timeout=15, check=False)
             out = r.stdout.decode().split()
             ok = out == [want]
             self.ledger.add("dns", t0, ok, "" if ok else "timeout", f"{qtype}: {out} rc {r.returncode}")
@@ -706,8 +710,8 @@ def drain(world: World, secs: float, udp: bool) -> tuple[str | None, dict]:
 
 
 def report(args, rows, gr, cls, disruptions, ledger, drained_at, load, fail) -> str:
-    out = [f"soak: {args.duration:g}s, {len(rows)} samples every {args.interval:g}s, "
-           f"load average {load[0]:.2f}/{load[1]:.2f} at start/end"]
+    out = [(f"soak: {args.duration:g}s, {len(rows)} samples every {args.interval:g}s, "
+            f"load average {load[0]:.2f}/{load[1]:.2f} at start/end")]
     out.append(f"{'metric':<12}{'start':>12}{'end':>12}{'max':>12}{'early':>12}{'late':>12}"
                f"{'bound':>12}{'drained':>10}  verdict")
     for m, g in gr.items():
