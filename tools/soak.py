@@ -605,6 +605,7 @@ def growth(rows: list[dict], metric: str, warmup_t: float) -> dict:
 class Disruption:
     def __init__(self, name: str, t0: float):
         self.name, self.start, self.ready, self.detail = name, time.monotonic() - t0, None, ""
+        self.seen_after = 0.0          # the longest a client took to see its flow's cut
 
 
 def disrupt_restart(world: World, t0: float) -> Disruption:
@@ -634,6 +635,25 @@ def disrupt_switch(world: World, t0: float, node: str) -> Disruption:
     return d
 
 
+def cut_by(disruptions: list, start: float, end: float, grace: float):
+    """The disruption that cut a flow which failed at ``end``, or None.
+
+    A flow open when a disruption began is cut by it, whenever the client
+    notices: neither a killed core nor a node switch leaves a flow of the old
+    core alive, and a slow reader sees the end only after reading what the
+    path still held (tun2xray's buffers and the kernel's socket buffers on
+    both sides, megabytes at a low rate). A flow that began while the core
+    was down is cut by it only if it fails within ``grace`` seconds after
+    traffic flows again; a flow begun later is healthy."""
+    for d in reversed(disruptions):
+        if d.start > end:
+            continue
+        if start < d.start or end <= d.ready + grace:
+            return d
+        return None
+    return None
+
+
 def classify(ledger: Ledger, t0: float, disruptions: list, grace: float) -> dict:
     kinds: dict = {}
     lost = []
@@ -646,15 +666,13 @@ def classify(ledger: Ledger, t0: float, disruptions: list, grace: float) -> dict
             if disruptions and s - t0 > disruptions[-1].ready:
                 k["ok_after"] += 1
             continue
+        hit = cut_by(disruptions, s - t0, e - t0, grace)
         end = e - t0
-        # the latest disruption that began before the failure, while it lasts (plus grace)
-        hit = next((d for d in reversed(disruptions) if d.start <= end), None)
-        if hit is not None and end > hit.ready + grace:
-            hit = None
         if hit is not None and err != "corrupt":
             key = f"{hit.name} ({err})"
             k["cut"][key] = k["cut"].get(key, 0) + 1
             ledger.cuts.append((kind, round(s - t0, 1), round(end, 1), hit.name, err, detail))
+            hit.seen_after = max(hit.seen_after, round(end - hit.start, 1))
         else:
             k["lost"] += 1
             lost.append(f"{kind} at {end:.1f}s: {err} {detail}".strip())
@@ -733,7 +751,7 @@ def report(args, rows, gr, cls, disruptions, ledger, drained_at, load, fail) -> 
                    f"{drained_at.get('tasks')} tasks, within {drained_at.get('seconds', '-')} s")
     for d in disruptions:
         out.append(f"{d.name} at {d.start:.1f}s: {d.detail}; traffic flowed again after "
-                   f"{d.ready - d.start:.1f}s")
+                   f"{d.ready - d.start:.1f}s; the last client saw its cut after {d.seen_after:g}s")
     out.append("verdict: " + ("PASS" if fail is None else "FAIL: " + fail))
     return "\n".join(out)
 

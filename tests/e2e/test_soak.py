@@ -63,3 +63,18 @@ def test_short_soak_keeps_every_healthy_byte_and_stays_bounded(root, tmp_path):
     assert d["drained"]["tcp"] == 0 and d["drained"]["buffered"] == 0, d["drained"]
     for m in soak.LIMITS:
         assert d["growth"][m]["verdict"] == "bounded", (m, d["growth"][m])
+
+
+def test_cut_by_attributes_failures_to_the_disruption_that_caused_them():
+    restart, switch = soak.Disruption("core restart", 0), soak.Disruption("node use b", 0)
+    restart.start, restart.ready = 100.0, 101.0
+    switch.start, switch.ready = 160.0, 161.0
+    ds = [restart, switch]
+    assert soak.cut_by(ds, 90.0, 100.2, 10) is restart          # open at the kill, seen at once
+    assert soak.cut_by(ds, 90.0, 118.0, 10) is restart          # a slow reader sees it late
+    assert soak.cut_by(ds, 100.5, 105.0, 10) is restart         # dialed while the core was down
+    assert soak.cut_by(ds, 100.5, 130.0, 10) is None            # ... but then it had a core
+    assert soak.cut_by(ds, 120.0, 150.0, 10) is None            # a healthy flow, lost
+    assert soak.cut_by(ds, 90.0, 99.0, 10) is None              # failed before any disruption
+    assert soak.cut_by(ds, 120.0, 160.5, 10) is switch
+    assert soak.cut_by(ds, 170.0, 175.0, 10) is None
