@@ -18,9 +18,11 @@ file, long rate-limited curl downloads, UDP echo on long-lived and on new
 sockets, DNS with dig through the dokodemo-door rule, and idle TCP flows
 that echo after sitting idle. Every byte received is compared with what was
 sent or served. In the middle the core is killed (tun2xray restarts it) and
-later ``tun2xray node use b`` switches nodes; a flow that fails during such a
-disruption (from its start until ``--grace`` seconds after traffic flows
-again) is counted as cut by it, any other failure is a lost healthy flow.
+later ``tun2xray node use b`` switches nodes. A failed flow that was open
+when such a disruption began is counted as cut by it (whenever its client
+notices), and so is one begun while the core was down that fails until
+``--grace`` seconds after traffic flows again (see cut_by); any other
+failure is a lost healthy flow.
 
 Every ``--interval`` seconds: RSS and PSS (``/proc/PID/smaps_rollup``) and
 open fds of tun2xray's processes (supervisor and workers; the core is shown
@@ -810,8 +812,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=1200, help="seconds of traffic (default 1200)")
     p.add_argument("--interval", type=float, default=5, help="seconds between samples (default 5)")
     p.add_argument("--warmup", type=float, default=0.2, help="share of the run before judging growth")
-    p.add_argument("--grace", type=float, default=10, help="seconds after a disruption in which a "
-                   "failure still counts as cut by it")
+    p.add_argument("--grace", type=float, default=10, help="seconds after traffic flows again in which "
+                   "a flow begun during a disruption still counts as cut by it when it fails")
     p.add_argument("--drain", type=float, default=30, help="seconds for every TCP flow to close after")
     p.add_argument("--drain-udp", action="store_true", help="also wait for every UDP flow and "
                    "association to end (give --drain more than the udp_timeout, 60 s)")
