@@ -814,7 +814,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=0.2, help="share of the run before judging growth")
     p.add_argument("--grace", type=float, default=10, help="seconds after traffic flows again in which "
                    "a flow begun during a disruption still counts as cut by it when it fails")
-    p.add_argument("--drain", type=float, default=30, help="seconds for every TCP flow to close after")
+    p.add_argument("--drain", type=float, default=30, help="seconds for every TCP flow to close after the traffic stops")
     p.add_argument("--drain-udp", action="store_true", help="also wait for every UDP flow and "
                    "association to end (give --drain more than the udp_timeout, 60 s)")
     p.add_argument("--prefix", default="sk")
