@@ -71,7 +71,7 @@ def test_compose_shape_and_precedence():
     lc.set(st.CONNECTING, "why")
     out = st.compose(lc, None)
     assert list(out) == ["state", "reason", "since", "since_epoch", "version", "uptime", "device", "stack",
-                         "engine", "udp_associations", "rate", "flows", "closed_flows"]
+                         "engine", "udp_associations", "rate", "flows", "closed_flows", "resources"]
     assert out["version"] == tun2xray.__version__
     # an engine that reports its own state never overrides the host's lifecycle
     out = st.compose(lc, {"state": "connected", "reason": None, "uptime": 1.0, "flows": [1]})

@@ -218,3 +218,29 @@ def _parse_tcp(p):
     if p[0] >> 4 == 4 and p[9] == 6:
         return parse_packet(p)
     return None
+
+
+def test_resources_count_held_bytes_and_return_to_zero_after_the_close():
+    """status()["resources"]: what a stalled client makes the engine hold
+    (the connection's send buffer and the relay's pending bytes) is counted,
+    and nothing stays held, queued or tracked once the flow is reset."""
+    payload = b"y" * 200_000
+
+    async def body(dest, host, loop):
+        before = host.status()["resources"]
+        assert before["buffered_bytes"] == 0 and before["close_reasons_held"] == 0
+        rcv = await handshake(host, 42010, wnd=4096)
+        await run_for(3)
+        conn = next(iter(host.engine.stack.tcp.values()))
+        relay = conn.user
+        held = len(conn.snd_buf) + len(relay.pending) + relay.transport.get_write_buffer_size()
+        res = host.status()["resources"]
+        assert relay.pending and res["buffered_bytes"] == held > 65536, (res, held)
+        host.send(build_packet(4, SRC, DST, 42010, 80, 1001, rcv, "R", 0))
+        await run_for(2)
+        res = host.status()["resources"]
+        assert not host.engine.stack.tcp
+        assert res["buffered_bytes"] == 0 and res["close_reasons_held"] == 0, res
+        assert res["engine_tasks"] == before["engine_tasks"], (res, before)
+
+    with_engine(bulk(payload), body, stack_config=StackConfig(snd_buf=1 << 16))

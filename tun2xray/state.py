@@ -121,6 +121,7 @@ def empty_engine_status(device_name: str = "", mtu: int = 0, device_stats: dict 
         "rate": {"up": 0.0, "down": 0.0},
         "flows": [],
         "closed_flows": [],
+        "resources": {},
     }
 
 

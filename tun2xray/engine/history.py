@@ -5,6 +5,7 @@ and the counters.  A mixin of Engine; its state is the Engine's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from .relay import RATE_PERIOD, TcpRelay, _fmt
@@ -168,6 +169,36 @@ class EngineHistory:
             "rate": {"up": round(self._rate[0], 1), "down": round(self._rate[1], 1)},
             "flows": flows,
             "closed_flows": self._closed_status(),
+            "resources": self._resources(),
+        }
+
+    def _resources(self) -> dict:
+        """Gauges that stay flat in a healthy run and climb with a leak
+        (tools/soak.py samples them): asyncio tasks on the engine's loop,
+        the engine's own background tasks, bytes held in buffers (TCP send,
+        receive and out-of-order buffers, upstream bytes a relay holds back,
+        upstream transports' write buffers, UDP datagrams queued while an
+        upstream opens), and the bookkeeping maps keyed by flow."""
+        loop = self.loop
+        held = 0
+        for conn in self.stack.tcp.values():
+            held += len(conn.snd_buf) + len(conn.rcv_buf) + conn.ooo.nbytes
+            relay = conn.user
+            if isinstance(relay, TcpRelay):
+                held += len(relay.pending)
+                if relay.transport is not None:
+                    held += relay.transport.get_write_buffer_size()
+        for flow in self.stack.udp.values():
+            relay = flow.user
+            queue = getattr(relay, "queue", None)
+            if queue:
+                held += sum(len(d) for d in queue)
+        return {
+            "tasks": len(asyncio.all_tasks(loop)) if loop is not None else 0,
+            "engine_tasks": len(self._tasks),
+            "buffered_bytes": held,
+            "close_reasons_held": len(self._why),
+            "rate_entries": len(self._rates),
         }
         if self.dns is not None:
             out["dns"] = self.dns.status()

@@ -58,6 +58,7 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
     device = {"name": device_name, "mtu": mtu}
     stack: dict = {}
     engine: dict = {}
+    resources: dict = {}
     flows = []
     closed = []
     rate = {"up": 0.0, "down": 0.0}
@@ -75,6 +76,7 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
                     device[k] = device.get(k, 0) + v
             _sum_into(stack, st.get("stack", {}))
             _sum_into(engine, st.get("engine", {}))
+            _sum_into(resources, st.get("resources", {}))
             assocs += st.get("udp_associations", 0)
             wf = st.get("flows", [])
             for f in wf:
@@ -103,6 +105,7 @@ def aggregate(workers: list, *, uptime: float = 0.0, device_name: str = "", mtu:
         "flows": flows,
         # the newest closed flows of all workers, as many as one engine keeps
         "closed_flows": sorted(closed, key=lambda f: f.get("ended_epoch", 0))[-CLOSED_HISTORY:],
+        "resources": resources,
         "workers": summary,
         "worker_restarts": sum(r["restarts"] for r in summary),
     }
