@@ -359,7 +359,7 @@ def test_message_ops(abi, servers):
         assert udp_roundtrip(t, 4, 30, 45000, b"flow") == 2
         s = t.status()
         assert s["state"] in ("connecting", "connected") and s["device"]["rx_packets"] == 1
-        assert s["stack"]["rx_packets"] == s["device"]["rx_delivered"]
+        assert s["stack"]["rx_packets"] == s["device"]["rx_delivered"], s
 
         def op(req):
             n, reply = abi.ask(h, json.dumps(req).encode())

@@ -171,6 +171,9 @@ class EngineHistory:
             "closed_flows": self._closed_status(),
             "resources": self._resources(),
         }
+        if self.dns is not None:
+            out["dns"] = self.dns.status()
+        return out
 
     def _resources(self) -> dict:
         """Gauges that stay flat in a healthy run and climb with a leak
@@ -178,7 +181,7 @@ class EngineHistory:
         the engine's own background tasks, bytes held in buffers (TCP send,
         receive and out-of-order buffers, upstream bytes a relay holds back,
         upstream transports' write buffers, UDP datagrams queued while an
-        upstream opens), and the bookkeeping maps keyed by flow."""
+        upstream opens), and the map of close reasons kept by flow."""
         loop = self.loop
         held = 0
         for conn in self.stack.tcp.values():
@@ -198,11 +201,7 @@ class EngineHistory:
             "engine_tasks": len(self._tasks),
             "buffered_bytes": held,
             "close_reasons_held": len(self._why),
-            "rate_entries": len(self._rates),
         }
-        if self.dns is not None:
-            out["dns"] = self.dns.status()
-        return out
 
     def _engine_counters(self) -> dict:
         """The counters, with bytes_up/bytes_down over every flow carried:
