@@ -109,9 +109,10 @@ def far_config(uid: str, addr: str, logdir: str, name: str) -> dict:
 
 
 class World:
-    def __init__(self, lab, tun: str):
+    def __init__(self, lab, tun: str, workers: int | None = None):
         self.lab = lab
         self.tun = tun
+        self.workers = workers          # None: tun2xray's default
         self.dir = os.path.join(lab.workdir, "xray")
         self.link = os.path.join(self.dir, "config.json")
         self.ctl = f"unix://{lab.workdir}/soak-ctl.sock"
@@ -136,6 +137,8 @@ class World:
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         argv = T2X + ["run", "--device", f"tun://{self.tun}", "--xray-config", self.link,
                       "--control", self.ctl, "--log-level", "info"]
+        if self.workers is not None:
+            argv += ["--workers", str(self.workers)]
         self.proc = self.lab.run_tun2xray(argv, self.tun, name="tun2xray", env=env, timeout=60)
 
     def status(self, timeout: float = 5.0) -> dict | None:
@@ -762,7 +765,7 @@ def run(args) -> int:
     files = {"small.bin": (100_000, 1), "long.bin": (int(args.long_mb * (1 << 20)), 2)}
     lab = netlab.Lab(prefix=args.prefix, start=False, files=files, hop="vless")
     with lab:
-        w = World(lab, f"{args.prefix}tun0")
+        w = World(lab, f"{args.prefix}tun0", args.workers)
         w.build()
         w.start()
         ledger = Ledger()
@@ -818,6 +821,7 @@ def main(argv=None) -> int:
     p.add_argument("--drain-udp", action="store_true", help="also wait for every UDP flow and "
                    "association to end (give --drain more than the udp_timeout, 60 s)")
     p.add_argument("--prefix", default="sk")
+    p.add_argument("--workers", type=int, help="tun2xray worker processes (default: tun2xray's own default)")
     p.add_argument("--http-threads", type=int, default=2)
     p.add_argument("--http-rate", type=float, default=2, help="requests/s per HTTP thread")
     p.add_argument("--curl-every", type=float, default=2)

@@ -132,11 +132,14 @@ def echo(lab, payload=b"back", timeout=5.0, refusals=None):
 
 def settled(lab, tun):
     """No flow, no pending dial, no dial task left (the start-up echo's flow
-    and the watch's probes are done)."""
+    and the watch's probes are done).  An echo flow whose client has closed
+    can stay open up to the lab core's downlinkOnly (30 s: the core does not
+    pass the half-close on, so the echo server never sees it) before the
+    core ends it: the wait is longer than that."""
     def idle(st):
         e = st["engine"]
         return not st["flows"] and e.get("dials_pending", 0) == 0 and e.get("tasks", 0) == 0
-    return status_when(lab, tun, idle, 30, "the engine idle")
+    return status_when(lab, tun, idle, 30 + 30, "the engine idle")
 
 
 def steady_fds(pid: int, want: int | None = None, timeout: float = 20.0) -> int:

@@ -44,7 +44,9 @@ def test_short_soak_keeps_every_healthy_byte_and_stays_bounded(root, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "soak.py"), "--duration", "75",
                         "--interval", "2", "--long-mb", "4", "--long-rate", "262144", "--idle", "10",
-                        "--idle-flows", "24", "--grace", "8", "--json", str(out)],
+                        "--idle-flows", "24", "--grace", "8", "--json", str(out),
+                        # two workers: the supervisor and the workers forked from its zygote are soaked too
+                        "--workers", "2"],
                        capture_output=True, text=True, timeout=160, env=env, check=False)
     report = r.stdout + r.stderr
     assert r.returncode == 0, report
