@@ -10,12 +10,18 @@ the iperf3 servers). For each MTU and host: iperf3 single stream up and
 down; Gbps received and the host process's CPU-seconds per GB (utime+stime,
 all its threads).
 
-    python3 tools/bench/abi_bench.py [-t SECONDS] [--mtu 1500 --mtu 4064]
+    python3 tools/bench/abi_bench.py [-t SECONDS] [--mtu 1500 --mtu 4064] [--hev PATH]
+
+--hev PATH: hev-socks5-tunnel (the C tunnel, started by benchlab on the same
+TUN name, MTU and SOCKS inbound) is measured in the same run, after the two
+hosts at each MTU.
 
 Final line:
-  abi_bench: up1500_ratio=… down1500_ratio=… up4064_ratio=… down4064_ratio=… cpu1500_ratio=… cpu4064_ratio=…
-(ratios are abi_host / reference_host: throughput, and CPU-s/GB averaged
-over both directions).  Needs root; cleans up on exit.
+  abi_bench: up1500_ratio=… down1500_ratio=… cpu1500_ratio=… up4064_ratio=… …
+(ratios are abi_host / reference_host: throughput, and CPU-s/GB summed over
+both directions); with --hev, each MTU's figures go on with
+up1500_hev_ratio=… down1500_hev_ratio=… cpu1500_hev_ratio=… (abi_host / hev).
+Needs root; cleans up on exit.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from benchlab import (DIRECT_TARGET, HOLD_PORT, IPERF_PORT, SOCKS_ADDR, SOCKS_PO
 
 NAN = float("nan")
 HOSTS = ("reference", "abi")
+LABELS = {"reference": "reference_host", "abi": "abi_host", "hev": "hev"}
 
 
 def build_abi_host(repo: str, out: str) -> str:
@@ -63,6 +70,8 @@ class Bench:
 
     def start_host(self, host: str, mtu: int) -> int:
         lab = self.lab
+        if host == "hev":
+            return lab.start_hev(self.args.hev, mtu)
         prof = {"proxy": f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "mtu": mtu,
                 "ipv4": {"address": "198.18.0.1/15"}, "ipv6": {"address": "fd00:7478::1/64"}}
         cfg = os.path.join(lab.workdir, "profile.json")
@@ -97,7 +106,10 @@ class Bench:
         except OSError:
             return False
 
-    def stop_host(self) -> None:
+    def stop_host(self, host: str) -> None:
+        if host == "hev":
+            self.lab.stop_tunnel()
+            return
         self.lab.stop("host", timeout=30)
         benchlab.wait_until(lambda: not benchlab.netlab.link_exists(self.lab.cli_ns, self.lab.tun), 10,
                             f"{self.lab.tun} gone")
@@ -116,6 +128,21 @@ class Bench:
         gb = rx["bytes"] / 1e9
         return rx["bits_per_second"] / 1e9, ((cpu1 - cpu0) / gb if pid and gb else NAN)
 
+    def hosts(self) -> tuple:
+        return HOSTS + (("hev",) if self.args.hev else ())
+
+    def ratios(self, mtu: int, other: str, tag: str) -> list:
+        """abi_host / other at mtu: throughput each way, CPU-s/GB of both ways."""
+        out = []
+        for word in ("up", "down"):
+            a = self.results.get((mtu, "abi", word), (NAN, NAN))[0]
+            b = self.results.get((mtu, other, word), (NAN, NAN))[0]
+            out.append(f"{word}{mtu}{tag}_ratio={a / b if b else NAN:.3f}")
+        ca = sum(self.results.get((mtu, "abi", w), (NAN, NAN))[1] for w in ("up", "down"))
+        cb = sum(self.results.get((mtu, other, w), (NAN, NAN))[1] for w in ("up", "down"))
+        out.append(f"cpu{mtu}{tag}_ratio={ca / cb if cb else NAN:.3f}")
+        return out
+
     def run(self) -> int:
         lab = self.lab
         for mtu in self.args.mtu:
@@ -124,24 +151,20 @@ class Bench:
             for word, rev in (("up", False), ("down", True)):
                 g, _ = self.iperf(DIRECT_TARGET, rev, None)
                 print(f"  {word:<5} direct (kernel)     {g:7.3f}")
-            for host in HOSTS:
+            for host in self.hosts():
                 pid = self.start_host(host, mtu)
                 try:
                     for word, rev in (("up", False), ("down", True)):
                         g, c = self.iperf(TUN_TARGET, rev, pid)
                         self.results[(mtu, host, word)] = (g, c)
-                        print(f"  {word:<5} {host + '_host':<19} {g:7.3f}  {c:7.2f}")
+                        print(f"  {word:<5} {LABELS[host]:<19} {g:7.3f}  {c:7.2f}")
                 finally:
-                    self.stop_host()
+                    self.stop_host(host)
         final = []
         for mtu in self.args.mtu:
-            for word in ("up", "down"):
-                a = self.results.get((mtu, "abi", word), (NAN, NAN))[0]
-                b = self.results.get((mtu, "reference", word), (NAN, NAN))[0]
-                final.append(f"{word}{mtu}_ratio={a / b if b else NAN:.3f}")
-            ca = sum(self.results.get((mtu, "abi", w), (NAN, NAN))[1] for w in ("up", "down"))
-            cb = sum(self.results.get((mtu, "reference", w), (NAN, NAN))[1] for w in ("up", "down"))
-            final.append(f"cpu{mtu}_ratio={ca / cb if cb else NAN:.3f}")
+            final += self.ratios(mtu, "reference", "")
+            if self.args.hev:
+                final += self.ratios(mtu, "hev", "_hev")
         print("\nabi_bench: " + " ".join(final))
         return 1 if any("nan" in f for f in final) or any(math.isnan(v[0]) for v in self.results.values()) else 0
 
@@ -151,9 +174,13 @@ def main(argv=None) -> int:
     p.add_argument("-t", "--time", type=int, default=5, help="seconds per iperf3 run (default 5)")
     p.add_argument("--mtu", type=int, action="append", help="TUN MTU (repeatable; default 1500 and 4064)")
     p.add_argument("--repo", default=benchlab.REPO, help="the checkout whose tun2xray runs")
+    p.add_argument("--hev", metavar="PATH",
+                   help="hev-socks5-tunnel binary: measured beside the two hosts in the same run")
     p.add_argument("--prefix", default="ab", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mtu = args.mtu or [1500, 4064]
+    if args.hev and not os.access(args.hev, os.X_OK):
+        p.error(f"--hev {args.hev}: not an executable file")
     if os.geteuid() != 0:
         print("abi_bench: needs root (namespaces, veth, TUN)", file=sys.stderr)
         return 2

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """Memory of a packet-flow host under a burst, with and without memory_budget_mb.
 
-The host is tools/reference_host.py (tun2xray.bridge behind a Linux TUN, as a
-Network Extension would drive it; plain asyncio, no uvloop, as on iOS) in
-the two-namespace lab of tools/netlab.py (prefix "bm": a local and a far
-v2ray over VLESS, real HTTP/echo servers).  For each budget it reports the
-host's resident memory (VmRSS, MB):
+The host (--host) is tools/reference_host.py (python: tun2xray.bridge behind
+a Linux TUN, as a Network Extension would drive it) or tools/abi_host.c over
+libtun2xray (abi: the C host reads the TUN and calls the C ABI; the engine
+runs in the library's embedded Python; built here with `python3 -m
+tun2xray.abi build` and cc), both on plain asyncio with no uvloop, as on
+iOS, in the two-namespace lab of tools/netlab.py (prefix "bm": a local and a
+far v2ray over VLESS, real HTTP/echo servers).  For each budget it reports
+the host process's resident memory (VmRSS, MB):
 
   idle          after one download, one DNS query and one UDP echo
   1000 idle     with 1,000 TCP connections open (each echoed once), idle
@@ -14,12 +17,20 @@ host's resident memory (VmRSS, MB):
   budget peak   the engine's own count of buffered bytes at its highest
   target        idle + budget + 5 MB (the issue's bound for the burst peak)
 
-    python3 tools/bench/memory_bench.py [--budgets none,16] [--no-ssl] [--idle-flows 1000]
+    python3 tools/bench/memory_bench.py [--host python|abi] [--budgets none,16] [--no-ssl] [--idle-flows 1000]
                                         [--downloads 8] [--udp-sessions 600] [--tcp-buffer-kb N]
                                         [--fixed-mmap-threshold]
     python3 tools/bench/memory_bench.py --imports [--no-ssl]   # what idle RSS is made of
 
-Needs root (namespaces, TUN) and v2ray on PATH.
+The C host has no Python of its own to set the lean options in, so for it
+they are the environment's: --fixed-mmap-threshold sets glibc's
+MALLOC_MMAP_THRESHOLD_ (the same setting as tun2xray.lean's), and --no-ssl,
+like the absent uvloop, is a module that fails to import, first on the
+library's TUN2XRAY_PYTHONPATH (asyncio then runs as on a Python without
+OpenSSL).
+
+Needs root (namespaces, TUN) and v2ray on PATH; --host abi also cffi, the
+Python headers and cc (tools/install.sh --abi).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import argparse
 import json
 import os
 import select
+import site
 import socket
 import subprocess
 import sys
@@ -40,7 +52,6 @@ sys.path.insert(0, os.path.join(REPO, "tools"))
 
 import netlab  # noqa: E402  (tools/ is not a package)
 
-TUN = "bmtun0"
 MB = 1 << 20
 
 
@@ -60,12 +71,61 @@ def read_json(path):
         return None
 
 
-class Host:
-    """One reference host with a profile; stopped by close()."""
+ABSENT = "raise ImportError('absent from this host (tools/bench/memory_bench.py)')\n"
 
-    def __init__(self, lab, budget_mb, no_ssl: bool, tcp_buffer_kb=None, fixed_mmap=False):
+
+def abi_env(workdir: str, no_ssl: bool, fixed_mmap: bool) -> dict:
+    """The C host's environment: the library finds this checkout, and no
+    uvloop (nor ssl with no_ssl) through TUN2XRAY_PYTHONPATH."""
+    absent = os.path.join(workdir, "absent")
+    os.makedirs(absent, exist_ok=True)
+    for mod in ("uvloop",) + (("ssl",) if no_ssl else ()):
+        with open(os.path.join(absent, mod + ".py"), "w") as f:
+            f.write(ABSENT)
+    # the setting replaces the paths baked into the library: this checkout
+    # and this interpreter's site-packages (cffi's backend), after the stubs
+    sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    env = dict(os.environ, TUN2XRAY_PYTHONPATH=os.pathsep.join([absent, REPO] + sites))
+    env.pop("PYTHONPATH", None)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 << 10)
+    return env
+
+
+def build_abi(workdir: str) -> str:
+    """libtun2xray and tools/abi_host.c, built as abi_bench builds them."""
+    sys.path.insert(0, HERE)
+    from abi_bench import build_abi_host
+    return build_abi_host(REPO, os.path.join(workdir, "abi"))
+
+
+def python_argv(tun, profile, status_file, no_ssl, fixed_mmap):
+    argv = [sys.executable, os.path.join(REPO, "tools", "reference_host.py"), "--tun", tun,
+            "--config", profile, "--status-file", status_file, "--loop", "asyncio"]
+    if no_ssl:
+        argv.append("--no-ssl")
+    if fixed_mmap:
+        argv.append("--fixed-mmap-threshold")
+    return argv
+
+
+def loaded(pid: int) -> str:
+    """Which of uvloop's and ssl's shared objects the process has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        maps = f.read()
+    found = [name for name, mark in (("uvloop", "/uvloop/"), ("ssl", "/_ssl."), ("libssl", "/libssl."))
+             if mark in maps]
+    return ", ".join(found) or "neither uvloop nor ssl"
+
+
+class Host:
+    """One host (python or abi) with a profile; stopped by close()."""
+
+    def __init__(self, lab, budget_mb, no_ssl: bool, tcp_buffer_kb=None, fixed_mmap=False, abi_exe=None):
         self.lab = lab
-        self.name = f"bm-host-{budget_mb}"
+        self.abi = abi_exe is not None
+        self.name = f"bm-{'abi' if self.abi else 'host'}-{budget_mb}"
+        self.tun = tun = f"{lab.prefix}tun0"
         prof = {"proxy": f"socks5://127.0.0.1:{netlab.SOCKS_PORT}",
                 "rules": [{"network": "udp", "port": 53, "to": f"dokodemo://127.0.0.1:{netlab.DOKODEMO_PORT}"}]}
         if budget_mb is not None:
@@ -76,23 +136,28 @@ class Host:
         with open(self.profile, "w") as f:
             json.dump(prof, f)
         self.status_file = os.path.join(lab.workdir, f"{self.name}.status.json")
-        argv = [sys.executable, os.path.join(REPO, "tools", "reference_host.py"), "--tun", TUN,
-                "--config", self.profile, "--status-file", self.status_file, "--loop", "asyncio"]
-        if no_ssl:
-            argv.append("--no-ssl")
-        if fixed_mmap:
-            argv.append("--fixed-mmap-threshold")
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if self.abi:     # the addresses and MTU the reference host takes from the profile's defaults
+            argv = [abi_exe, "--tun", tun, "--config", self.profile, "--status-file", self.status_file,
+                    "--mtu", "1500", "--addr", "198.18.0.1/15", "--addr", "fd00:7478::1/64"]
+            env = abi_env(lab.workdir, no_ssl, fixed_mmap)
+        else:
+            argv = python_argv(tun, self.profile, self.status_file, no_ssl, fixed_mmap)
+            env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = lab.cli_popen(self.name, argv, cwd=REPO, env=env)
-        netlab.wait_until(lambda: self.proc.poll() is not None or netlab.link_exists(lab.cli_ns, TUN),
-                          20, f"{TUN}")
+        netlab.wait_until(lambda: self.proc.poll() is not None or netlab.link_exists(lab.cli_ns, tun),
+                          30, tun)
         if self.proc.poll() is not None:
-            raise SystemExit(f"reference host exited: {lab.log(self.name)[-2000:]}")
-        lab.route_via(TUN)
+            raise SystemExit(f"{self.name} exited: {lab.log(self.name)[-2000:]}")
+        lab.route_via(tun)
         netlab.wait_until(lambda: (self.status() or {}).get("state") == "connected", 20, "connected")
+        print(f"# {self.name}: pid {self.proc.pid}, loaded: {loaded(self.proc.pid)}", flush=True)
 
     def status(self):
-        return read_json(self.status_file)
+        """The engine's status (abi_host wraps it with its own counters)."""
+        st = read_json(self.status_file)
+        if self.abi and st is not None:
+            st = (st.get("reply") or {}).get("status")
+        return st
 
     def rss(self) -> int:
         return vm(self.proc.pid, "VmRSS")
@@ -213,9 +278,10 @@ def burst(lab, host, downloads: int, sessions: int) -> dict:
 def run(args) -> None:
     budgets = [None if b == "none" else int(b) for b in args.budgets.split(",")]
     rows = []
-    with netlab.Lab(prefix="bm", hop="vless") as lab:
+    with netlab.Lab(prefix=args.prefix, hop="vless") as lab:
+        exe = build_abi(lab.workdir) if args.host == "abi" else None
         for b in budgets:
-            host = Host(lab, b, args.no_ssl, args.tcp_buffer_kb, args.fixed_mmap_threshold)
+            host = Host(lab, b, args.no_ssl, args.tcp_buffer_kb, args.fixed_mmap_threshold, exe)
             try:
                 warm_up(lab)
                 idle = host.rss()
@@ -224,18 +290,25 @@ def run(args) -> None:
             finally:
                 host.close()
             rows.append((b, idle, with_idle, br))
-            print(json.dumps({"budget_mb": b, "idle": idle, "idle_flows": with_idle, **br}), flush=True)
-    print()
+            print(json.dumps({"host": args.host, "budget_mb": b, "idle": idle, "idle_flows": with_idle, **br}),
+                  flush=True)
+    print(f"\nhost: {'tools/abi_host.c over libtun2xray' if exe else 'tools/reference_host.py'}")
     print(f"{'budget':>8} {'idle':>7} {f'{args.idle_flows} idle':>10} {'burst peak':>11} "
           f"{'engine peak':>12} {'target':>8}  downloads, UDP echoes")
+    verdicts = []
     for b, idle, with_idle, br in rows:
         target = f"{(idle + (b or 0) * MB + 5 * MB) / MB:.1f}" if b else "-"
+        if b:
+            met = br["peak"] <= idle + b * MB + 5 * MB
+            verdicts.append(f"budget{b}_target={'met' if met else 'missed'}")
         mem = br["memory"]
         print(f"{(str(b) + ' MB') if b else 'none':>8} {idle / MB:>7.1f} {with_idle / MB:>10.1f} "
               f"{br['peak'] / MB:>11.1f} {mem.get('peak', 0) / MB:>12.1f} {target:>8}  "
               f"{br['downloads_ok']}/{br['downloads']} sha256 ok in {br['seconds']:.1f} s "
               f"({br['bytes'] / br['seconds'] / 1e6:.0f} MB/s), {br['udp'].get('echoed', 0)}/"
               f"{br['udp'].get('sent', 0)} UDP echoed, refused {mem.get('refused', 0)}")
+    idles = " ".join(f"idle{b or 'none'}={idle / MB:.1f}" for b, idle, _, _ in rows)
+    print(f"\nmemory_bench: host={args.host} {idles} {' '.join(verdicts)}".rstrip())
 
 
 # ------------------------------------------------------------------ imports
@@ -284,6 +357,8 @@ def imports(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", choices=("python", "abi"), default="python",
+                    help="python: tools/reference_host.py (default); abi: tools/abi_host.c over libtun2xray")
     ap.add_argument("--budgets", default="none,16", help="comma-separated memory_budget_mb values; none: no key")
     ap.add_argument("--idle-flows", type=int, default=1000)
     ap.add_argument("--downloads", type=int, default=8)
@@ -292,6 +367,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-ssl", action="store_true", help="the host keeps asyncio from loading ssl (tun2xray.lean)")
     ap.add_argument("--fixed-mmap-threshold", action="store_true",
                     help="the host fixes glibc's mmap threshold (tun2xray.lean)")
+    ap.add_argument("--prefix", default="bm", help=argparse.SUPPRESS)
     ap.add_argument("--imports", action="store_true", help="print RSS import by import and exit")
     args = ap.parse_args(argv)
     if args.imports:
