@@ -3,10 +3,13 @@
 asyncio imports `ssl` when it is importable; the engine never speaks TLS (it
 dials Xray's inbounds on loopback), but the module and the OpenSSL libraries
 it loads cost about 4 MB of an idle engine's resident memory (6.4 MB on
-their own), a twelfth of what an iOS packet tunnel may use.  A host that embeds Python only for tun2xray (the C
-ABI's library, a Network Extension) calls `without_ssl()` first, before
+their own), a twelfth of what an iOS packet tunnel may use.  A host that
+embeds Python only for tun2xray calls `without_ssl()` first, before
 anything imports asyncio; asyncio then runs without TLS support, as it does
 on a build without OpenSSL.  A Python host that also needs TLS must not.
+The C ABI's library does not call it (its host may run Python code of its
+own); `tools/bench/memory_bench.py --host abi --no-ssl` measures what it
+saves there.
 
 docs/performance.md ("Memory") lists what the idle engine's memory is made of.
 """
