@@ -139,27 +139,9 @@ class EngineHistory:
         rate = self._flow_rate
         still = (0.0, 0.0)
         for conn in list(self.stack.tcp.values()):
-            relay = conn.user
-            ru, rd = rate.get(conn, still)
-            flows.append({
-                "proto": "tcp", "src": _fmt(conn.src, conn.sport), "dst": _fmt(conn.dst, conn.dport),
-                "name": relay.name if relay is not None else None,
-                "inbound": relay.url if relay is not None else None, "state": conn.state,
-                "bytes_up": conn.bytes_in, "bytes_down": conn.bytes_out,
-                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
-                "age": round(now - conn.created, 3),
-            })
+            flows.append(_flow_entry("tcp", conn, conn.state, rate.get(conn, still), now))
         for flow in list(self.stack.udp.values()):
-            relay = flow.user
-            ru, rd = rate.get(flow, still)
-            flows.append({
-                "proto": "udp", "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
-                "name": relay.name if relay is not None else None,
-                "inbound": relay.url if relay is not None else None, "state": "open",
-                "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
-                "rate_up": round(ru, 1), "rate_down": round(rd, 1),
-                "age": round(now - flow.created, 3),
-            })
+            flows.append(_flow_entry("udp", flow, "open", rate.get(flow, still), now))
         out = {
             "uptime": round(time.time() - self.started, 3),
             "device": {"name": self.device.name, "mtu": self.device.mtu, **dict(self.device.stats)},
@@ -224,3 +206,16 @@ class EngineHistory:
         c["tasks"] = len(self._tasks)
         c["dials_pending"] = len(self._dials)
         return c
+
+
+def _flow_entry(proto: str, flow, state, rates, now: float) -> dict:
+    """One open flow in status()["flows"]."""
+    relay = flow.user
+    return {
+        "proto": proto, "src": _fmt(flow.src, flow.sport), "dst": _fmt(flow.dst, flow.dport),
+        "name": relay.name if relay is not None else None,
+        "inbound": relay.url if relay is not None else None, "state": state,
+        "bytes_up": flow.bytes_in, "bytes_down": flow.bytes_out,
+        "rate_up": round(rates[0], 1), "rate_down": round(rates[1], 1),
+        "age": round(now - flow.created, 3),
+    }

@@ -41,23 +41,13 @@ class EngineTcp:
         if conn.dport == 53 and self.dns is not None and self.dns.wants(conn.dst):
             self._dns_tcp(conn)                   # answered by the engine (engine/dnshook.py)
             return
-        names = self.names
-        name = names.lookup(conn.dst) if names is not None else None
-        if self._debug:
-            up, url, rule = _route_rule(self.router, "tcp", conn.dst, conn.dport, name)
-        else:
-            up, url = self.router.route("tcp", conn.dst, conn.dport, name)
         self.counters["tcp_requests"] += 1
-        if up is BLOCK:
-            if not self._debug:         # which rule: for status and the closed-flow history
-                rule = _route_rule(self.router, "tcp", conn.dst, conn.dport, name)[2]
-            self._refuse(conn, "tcp", "blocked", rule, name)
+        routed = self._route_new(conn, "tcp")
+        if routed is None:
             return
+        up, url, rule, name = routed
         hs = None
         if type(up) is SocksUpstream:
-            if name is None and names is not None and names.is_fake(conn.dst):
-                self._refuse(conn, "tcp", "unmapped fake address", None, None)
-                return
             # by name when the book knows one: Xray's domain routing sees it
             hs = socks_client(up, CMD_CONNECT, name if name is not None else conn.dst, conn.dport)
         if self._debug:
@@ -70,6 +60,30 @@ class EngineTcp:
         # first (shed by admission, the client's RST) takes its dial with it
         self._dials[conn] = (relay.dialing, relay)
         relay.hs_timer = self.loop.call_later(self.connect_timeout, relay.timed_out)
+
+    def _route_new(self, flow, proto: str):
+        """Route a new TCP or UDP flow by its address and the name the DNS
+        book has for it: (upstream, url, rule, name), or None when the flow
+        was refused instead (a block rule, or a fake address with no name
+        behind it, which a proxy must never be asked for).  ``rule`` is
+        only looked up when debug logging shows it."""
+        names = self.names
+        name = names.lookup(flow.dst) if names is not None else None
+        rule = None
+        if self._debug:
+            up, url, rule = _route_rule(self.router, proto, flow.dst, flow.dport, name)
+        else:
+            up, url = self.router.route(proto, flow.dst, flow.dport, name)
+        if up is BLOCK:
+            if not self._debug:         # which rule: for status and the closed-flow history
+                rule = _route_rule(self.router, proto, flow.dst, flow.dport, name)[2]
+            self._refuse(flow, proto, "blocked", rule, name)
+            return None
+        if (name is None and names is not None and not isinstance(up, DokodemoUpstream)
+                and names.is_fake(flow.dst)):
+            self._refuse(flow, proto, "unmapped fake address", None, None)
+            return None
+        return up, url, rule, name
 
     def _refuse(self, flow, proto: str, why: str, rule, name) -> None:
         """Refuse a new flow without dialing: a block rule, or a fake

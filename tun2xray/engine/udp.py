@@ -8,11 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from ..rules import BLOCK
 from ..upstream.dokodemo import DokodemoUdp
 from ..upstream.socks5 import SocksUdpAssociation
 from ..upstream.url import DokodemoUpstream
-from .relay import UDP_QUEUE, SocksAssoc, UdpRelay, _fmt, _hostport, _route_rule
+from .relay import UDP_QUEUE, SocksAssoc, UdpRelay, _fmt, _hostport
 from .tcp import local_exhaustion
 
 log = logging.getLogger("tun2xray.engine")
@@ -29,21 +28,11 @@ class EngineUdp:
             return
         relay = flow.user
         if new or relay is None:
-            names = self.names
-            name = names.lookup(flow.dst) if names is not None else None
-            if self._debug:
-                up, url, rule = _route_rule(self.router, "udp", flow.dst, flow.dport, name)
-            else:
-                up, url = self.router.route("udp", flow.dst, flow.dport, name)
-            if up is BLOCK:
-                if not self._debug:     # which rule: for status and the closed-flow history
-                    rule = _route_rule(self.router, "udp", flow.dst, flow.dport, name)[2]
-                self._refuse(flow, "udp", "blocked", rule, name)
+            routed = self._route_new(flow, "udp")
+            if routed is None:
                 return
+            up, url, rule, name = routed
             dok = isinstance(up, DokodemoUpstream)
-            if not dok and name is None and names is not None and names.is_fake(flow.dst):
-                self._refuse(flow, "udp", "unmapped fake address", None, None)
-                return
             relay = flow.user = UdpRelay(flow, url)
             self.counters["udp_opened"] += 1
             if self._debug:
