@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -38,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import benchlab  # noqa: E402
-from benchlab import (DIRECT_TARGET, HOLD_PORT, IPERF_PORT, SOCKS_ADDR, SOCKS_PORT,  # noqa: E402
+from benchlab import (DIRECT_TARGET, IPERF_PORT, SOCKS_ADDR, SOCKS_PORT,  # noqa: E402
                       TUN_NET, TUN_TARGET, cpu_seconds)
 
 NAN = float("nan")
@@ -91,20 +90,8 @@ class Bench:
             raise SystemExit(f"abi_bench: {host} host exited: {lab.log('host')[-1500:]}")
         benchlab.netlab.wait_link(lab.cli_ns, lab.tun)
         lab.ip(lab.cli_ns, "route", "replace", TUN_NET, "dev", lab.tun)
-        benchlab.wait_until(self._echo_ok, 20, "a TCP echo through the TUN", interval=0.2)
+        benchlab.wait_until(self.lab.echo_through_tun, 20, "a TCP echo through the TUN", interval=0.2)
         return p.pid
-
-    def _echo_ok(self) -> bool:
-        try:
-            with self.lab.in_cli():
-                s = socket.socket()
-            s.settimeout(2)
-            with s:
-                s.connect((TUN_TARGET, HOLD_PORT))
-                s.sendall(b"ready?")
-                return s.recv(16) == b"ready?"
-        except OSError:
-            return False
 
     def stop_host(self, host: str) -> None:
         if host == "hev":

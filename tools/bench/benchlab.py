@@ -279,6 +279,19 @@ class BenchLab(netlab.Lab):
         p = self.spawn("hev", self.cli_ns, [os.path.abspath(binary), conf])
         return self._serving(p, mtu, ready_timeout)
 
+    def echo_through_tun(self) -> bool:
+        """Does a TCP echo from the client namespace cross the tunnel now?"""
+        try:
+            with self.in_cli():
+                s = socket.socket()
+            s.settimeout(2)
+            with s:
+                s.connect((TUN_TARGET, HOLD_PORT))
+                s.sendall(b"ready?")
+                return s.recv(16) == b"ready?"
+        except OSError:
+            return False
+
     def _serving(self, p, mtu: int, ready_timeout: float) -> int:
         name = self.peer
         wait_until(lambda: p.poll() is not None or netlab.link_exists(self.cli_ns, self.tun),
@@ -292,16 +305,7 @@ class BenchLab(netlab.Lab):
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited with {p.returncode}: "
                                    f"{self.log(name)[-2000:]}")
-            try:
-                with self.in_cli():
-                    s = socket.socket()
-                s.settimeout(2)
-                with s:
-                    s.connect((TUN_TARGET, HOLD_PORT))
-                    s.sendall(b"ready?")
-                    return s.recv(16) == b"ready?"
-            except OSError:
-                return False
+            return self.echo_through_tun()
         wait_until(echo_ok, ready_timeout, "a TCP echo through the TUN", interval=0.2)
         self.tunnel_mtu = mtu
         return p.pid
