@@ -53,6 +53,43 @@ def test_tcp_ipv4_ident_advances_and_header_checksum_stays_right():
     assert len(set(ids[-10:])) == 10
 
 
+BURST_OPTS = [b"", bytes(build_options(ts=(0xDEADBEEF, 7))), bytes(build_options(sack=[(1, 2), (3, 4)]))]
+
+
+@pytest.mark.parametrize("family,src,dst", FAMILIES)
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("opts", BURST_OPTS, ids=["none", "ts", "sack"])
+@pytest.mark.parametrize("push", [False, True])
+@pytest.mark.parametrize("n,seg", [(1, 1448), (1448, 1448), (1449, 1448), (10 * 1448, 1448), (7001, 1000),
+                                   (3, 2), (64000, 1380)])
+def test_tcp_burst_makes_the_packets_build_makes(family, src, dst, offload, opts, push, n, seg):
+    """burst() (the sender's one call per burst of new data) against build()
+    one segment at a time: byte for byte the same packets, every one of them
+    valid, across a sequence-number wrap, with the IPv4 identification
+    carried on to the template's next packet."""
+    data = os.urandom(n + 37)
+    cfg = StackConfig(checksum_offload=offload)
+    one, many = (TcpTemplate(family, src, dst, 443, 50000, cfg) for _ in range(2))
+    seq0, ack, wnd = 0xFFFFFFFF - 3000, 0x12345678, 4321
+    out = []
+    with memoryview(data) as mv:
+        end = many.burst(out.append, mv, 37, n, seg, seq0, ack, wnd, opts, push)
+    want = []
+    seq, off = seq0, 37
+    while off < 37 + n:
+        k = min(seg, 37 + n - off)
+        last = off + k == 37 + n
+        want.append(one.build(seq, ack, 0x10 | (0x08 if push and last else 0), wnd, opts, data[off:off + k]))
+        seq = (seq + k) & 0xFFFFFFFF
+        off += k
+    assert out == want
+    assert end == seq == (seq0 + n) & 0xFFFFFFFF
+    if not offload:
+        for pkt in out:
+            assert_valid(pkt)
+    assert many.build(1, 2, 0x10, 3, b"", b"") == one.build(1, 2, 0x10, 3, b"", b"")
+
+
 @pytest.mark.parametrize("family,src,dst", FAMILIES)
 def test_tcp_offload_holds_pseudo_header_sum(family, src, dst):
     tpl = TcpTemplate(family, src, dst, 443, 50000, StackConfig(checksum_offload=True))

@@ -251,51 +251,69 @@ class TcpSender:
                 rnxt = self.rcv_nxt
                 gso = self._gso
                 with memoryview(buf) as mv:
-                    while off < blen and usable > 0:
+                    if nxt == snd_max and not gso and not fin_ok:
+                        # new data only, the common case: one call builds the burst
+                        # (the loop below makes the same segments one at a time
+                        # and handles retransmission, SACK holes, GSO and our FIN)
                         n = blen - off
-                        if n > seg:
-                            n = seg
-                        if n > usable:
-                            # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
-                            if usable < seg1 and usable < tsmax:
-                                break
-                            n = usable
-                        if sb is not None and 0 < ((snd_max - nxt) & _M) < _HALF:
-                            skip = self._sacked_at(nxt, sb)
-                            if skip:
-                                nxt = (nxt + skip) & _M
-                                off += skip
-                                usable -= skip
-                                continue
-                        retx = 0 < ((snd_max - nxt) & _M) < _HALF   # nxt < snd_max
-                        if retx and n > seg1:
-                            n = seg1
-                        if hdr is None:
-                            field, opt = hdr = self._prep(now)
-                        if off + n == blen:
-                            if fin_ok:                 # piggyback our FIN on the last data
-                                emit(build(nxt, rnxt, ACK | PSH | FIN, field, opt, mv[off:off + n]))
-                                nxt = (nxt + n + 1) & _M
-                                off += n
-                                if 0 < ((nxt - snd_max) & _M) < _HALF:
-                                    snd_max = nxt
-                                break
-                            pkt = build(nxt, rnxt, ACK | PSH, field, opt, mv[off:off + n])
-                        else:
-                            pkt = build(nxt, rnxt, ACK, field, opt, mv[off:off + n])
-                        if gso and n > seg1:
-                            pkt = self.tpl.gso(pkt, len(opt), seg1)
-                        emit(pkt)
-                        if not retx and self._rtt_seq is None and not self.ts_ok:
-                            self._rtt_seq = (nxt + n) & _M
-                            self._rtt_time = now
-                        elif retx:
-                            self._rtt_seq = None       # Karn: no sample from a retransmission
-                        nxt = (nxt + n) & _M
-                        off += n
-                        usable -= n
-                        if 0 < ((nxt - snd_max) & _M) < _HALF:
-                            snd_max = nxt
+                        push = n <= usable
+                        if not push:
+                            n = usable - usable % seg
+                            if usable - n >= tsmax:
+                                n = usable      # a tail under one segment (SWS rule below)
+                        if n > 0:
+                            field, opt = self._prep(now)
+                            if self._rtt_seq is None and not self.ts_ok:
+                                self._rtt_seq = (nxt + (n if n < seg else seg)) & _M
+                                self._rtt_time = now
+                            nxt = snd_max = self.tpl.burst(emit, mv, off, n, seg, nxt, rnxt, field, opt, push)
+                            off += n
+                    else:
+                        while off < blen and usable > 0:
+                            n = blen - off
+                            if n > seg:
+                                n = seg
+                            if n > usable:
+                                # sender SWS avoidance (RFC 9293 §3.8.6.2.1)
+                                if usable < seg1 and usable < tsmax:
+                                    break
+                                n = usable
+                            if sb is not None and 0 < ((snd_max - nxt) & _M) < _HALF:
+                                skip = self._sacked_at(nxt, sb)
+                                if skip:
+                                    nxt = (nxt + skip) & _M
+                                    off += skip
+                                    usable -= skip
+                                    continue
+                            retx = 0 < ((snd_max - nxt) & _M) < _HALF   # nxt < snd_max
+                            if retx and n > seg1:
+                                n = seg1
+                            if hdr is None:
+                                field, opt = hdr = self._prep(now)
+                            if off + n == blen:
+                                if fin_ok:                 # piggyback our FIN on the last data
+                                    emit(build(nxt, rnxt, ACK | PSH | FIN, field, opt, mv[off:off + n]))
+                                    nxt = (nxt + n + 1) & _M
+                                    off += n
+                                    if 0 < ((nxt - snd_max) & _M) < _HALF:
+                                        snd_max = nxt
+                                    break
+                                pkt = build(nxt, rnxt, ACK | PSH, field, opt, mv[off:off + n])
+                            else:
+                                pkt = build(nxt, rnxt, ACK, field, opt, mv[off:off + n])
+                            if gso and n > seg1:
+                                pkt = self.tpl.gso(pkt, len(opt), seg1)
+                            emit(pkt)
+                            if not retx and self._rtt_seq is None and not self.ts_ok:
+                                self._rtt_seq = (nxt + n) & _M
+                                self._rtt_time = now
+                            elif retx:
+                                self._rtt_seq = None       # Karn: no sample from a retransmission
+                            nxt = (nxt + n) & _M
+                            off += n
+                            usable -= n
+                            if 0 < ((nxt - snd_max) & _M) < _HALF:
+                                snd_max = nxt
                 if mem.limit:
                     sent = (nxt - self.snd_nxt) & _M
                     mem.used += sent

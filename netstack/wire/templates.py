@@ -45,6 +45,7 @@ _IP4UDP = _joined(_ipv4.HEADER, _udp.HEADER)
 _IP6UDP = _joined(_ipv6.HEADER, _udp.HEADER)
 
 PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_FRAG6, PROTO_ICMP6 = 1, 6, 17, 44, 58
+ACK, PSH = _tcp.ACK, _tcp.PSH
 IP4_DF = 0x4000
 IP4_MF = 0x2000
 MIN_MTU4 = 68      # RFC 791: every host must pass 68 bytes unfragmented
@@ -188,6 +189,68 @@ class TcpTemplate:
         if payload:
             return hdr + payload
         return hdr
+
+
+    def burst(self, emit, mv, off, n, seg, seq, ack, wnd, options, push) -> int:
+        """Queue (emit) the ACK segments that carry mv[off:off + n]: seg
+        payload bytes each, the last one shorter when n is not a multiple;
+        each with the option block *options* (the same for the whole
+        burst), PSH on the last when *push*.  Returns the sequence number
+        after them.  The same packets as build() would make one by one,
+        with what is constant over a burst (ACK, window, options, their
+        share of the checksum, the header length) worked out once."""
+        hl = 20 + len(options)
+        ttl = self.ttl
+        src = self.src
+        dst = self.dst
+        sport = self.sport
+        dport = self.dport
+        doff = hl << 2
+        offload = self.offload
+        v4 = self.family == 4
+        ip4 = self._ip4_sum
+        ident = self._ident
+        pack = _IP4TCP.pack if v4 else _IP6TCP.pack
+        join = b"".join
+        sum16 = ck.sum16
+        fold = ck.fold
+        if offload:
+            base = self._ps
+        else:
+            # the sum of every header word that does not change within the
+            # burst: addresses, ports, ACK, offset and flags, window, options
+            base = (self._hsum + (ack >> 16) + (ack & 0xFFFF) + ((hl << 10) | ACK) + wnd
+                    + (int.from_bytes(options, "big") % 0xFFFF if options else 0))
+        end = off + n
+        while off < end:
+            k = end - off
+            flags = ACK
+            if k > seg:
+                k = seg
+            elif push:
+                flags = ACK | PSH
+            p = mv[off:off + k]
+            tl = hl + k
+            if offload:
+                csum = fold(base + tl)
+            else:
+                csum = ~sum16(p, base + tl + (seq >> 16) + (seq & 0xFFFF) + (flags & PSH)) & 0xFFFF
+            if v4:
+                total = 20 + tl
+                ident = (ident + 1) & 0xFFFF
+                h = ip4 + total + ident
+                h = (h & 0xFFFF) + (h >> 16)
+                h = (h & 0xFFFF) + (h >> 16)
+                hdr = pack(0x45, 0, total, ident, IP4_DF, ttl, PROTO_TCP, ~h & 0xFFFF, src, dst,
+                           sport, dport, seq, ack, doff, flags, wnd, csum, 0)
+            else:
+                hdr = pack(0x60000000, tl, PROTO_TCP, ttl, src, dst, sport, dport, seq, ack, doff, flags, wnd,
+                           csum, 0)
+            emit(join((hdr, options, p)) if options else hdr + p)
+            seq = (seq + k) & 0xFFFFFFFF
+            off += k
+        self._ident = ident
+        return seq
 
 
 class UdpTemplate:
