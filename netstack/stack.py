@@ -62,6 +62,7 @@ from .wire.ipv4 import unpack as _ip4
 from .wire.ipv6 import fields as _ip6_fields
 from .wire.ipv6 import unpack as _ip6
 from .wire.ipv6 import walk as _walk6
+from .wire.tcp import TcpOptions
 from .wire.udp import parse as _udp
 
 # TCP flag bits
@@ -75,7 +76,7 @@ class Stack:
         "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
-        "budget", "udp_evicted",
+        "budget", "udp_evicted", "ts_opts",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -102,6 +103,10 @@ class Stack:
         self.budget = MemoryBudget(self.config.memory_budget)   # bytes buffered, all flows together
         self.udp_evicted = 0      # UDP flows closed to make room for a new flow (least recently used)
         self.tcp_host = StackHost(self)          # what a TCP connection may do to the stack
+        # the options of a segment that carries only NOP NOP TS (the demux's
+        # fast path fills this one object in place; a connection reads a
+        # segment's options while it handles it and never keeps them)
+        self.ts_opts = TcpOptions()
 
     @property
     def rng(self) -> random.Random:

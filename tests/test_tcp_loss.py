@@ -195,6 +195,26 @@ def test_paws_drops_old_timestamps():
     assert conn.read() == b"abc" and c.stack.tcp_drops["paws"] == 1 and conn.ts_recent == 3
 
 
+def test_timestamp_only_segments_are_read_through_one_reused_options_object():
+    """The demux reads a NOP-NOP-TS block into the stack's one TcpOptions
+    (no object per segment): the values are this segment's, a SACK block
+    in between is parsed in full and leaves nothing behind in it."""
+    c = mk(ts=True, sack=True)
+    conn = c.handshake()
+    reused = c.stack.ts_opts
+    c.tsval = 7000
+    c.send(b"one")
+    assert conn.ts_recent == 7000 and reused.ts_val == 7000 and reused.ts_ecr == c.ts_recent
+    conn.write(b"s" * 3000)
+    segs = [c.recv("A", update=False) for _ in range(3)]
+    b, n = segs[0].seq, len(segs[0].payload)        # MSS less the 12 timestamp bytes
+    c.send(sack_blocks=[(b + n, b + 2 * n)])
+    assert conn.scoreboard == [(b + n, b + 2 * n)]
+    c.send()
+    assert reused.sack is None and reused.mss is None and reused.wscale is None
+    assert conn.scoreboard == [(b + n, b + 2 * n)] and conn.ts_recent == c.tsval - 1
+
+
 # -------------------------------------------------------------- RFC 5961
 
 def test_rst_exact_in_window_and_outside():

@@ -6,6 +6,8 @@ side of the flow-host boundary: it may use the stack's tables."""
 
 from __future__ import annotations
 
+import struct
+
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..wire import checksum as _ck
@@ -15,6 +17,9 @@ from ..wire.tcp import parse_options
 from ..wire.tcp import unpack as _unpack
 from ..wire.templates import TcpTemplate
 from .connection import TcpConnection
+
+_TS_WORDS = struct.Struct("!III").unpack_from   # an option block's first word, tsval, tsecr
+_TS_HEAD = 0x0101080A                            # NOP NOP kind 8 length 10
 from .const import ACK, FIN, PROTO_TCP, RST, SYN, TIME_WAIT
 
 
@@ -45,11 +50,21 @@ def tcp_input(stack, family, src, dst, mv, off, now):
             return
     opts = None
     if doff > 20:
-        try:
-            opts = parse_options(mv[off + 20:off + doff])
-        except WireError:
-            stack.drops["bad_tcp_options"] += 1
-            return
+        if doff == 32 and conn is not None:
+            # NOP NOP TS, on nearly every segment of a connection that uses
+            # timestamps: read into the stack's one reused TcpOptions instead
+            # of a new object per segment (nothing keeps a segment's options)
+            head, tsv, tse = _TS_WORDS(mv, off + 20)
+            if head == _TS_HEAD:
+                opts = stack.ts_opts
+                opts.ts_val = tsv
+                opts.ts_ecr = tse
+        if opts is None:
+            try:
+                opts = parse_options(mv[off + 20:off + doff])
+            except WireError:
+                stack.drops["bad_tcp_options"] += 1
+                return
     if conn is None:
         conn = _tcp_new(stack, family, key, flags, seq, ack, mv, off, seglen - doff, now)
         if conn is None:
