@@ -386,6 +386,27 @@ def test_udp_dokodemo_rule(socks, udp_echo, hosts, family, af6, poll):
     assert udp_payload(p) == b"echo:query"
 
 
+@pytest.mark.parametrize("trust", [False, True])
+def test_trust_checksums_decides_whether_a_bad_tcp_checksum_is_dropped(socks, hosts, trust):
+    """trust_checksums (a host whose packets come from its own kernel): a
+    SYN whose TCP checksum is wrong is dropped and counted by default, and
+    with the key set it reaches the stack like any other (a connect
+    request: its SYN-ACK comes back)."""
+    host = Host(profile(socks, trust_checksums=trust), poll=True)
+    hosts.append(host)
+    syn = bytearray(build_packet(4, CLIENT4, SERVER4, 40000, 80, 1, 0, "S", 100))
+    syn[20 + 16] ^= 0x5A                     # the TCP checksum field
+    bridge.submit_inbound(host.handle, bytes(syn), 2)
+    s = settled(host.handle)
+    drops = s["stack"]["drops"].get("bad_tcp_checksum", 0)
+    if trust:
+        assert drops == 0
+        synack = host.expect_tcp(lambda seg: seg.dport == 40000 and seg.flags & 0x12 == 0x12)
+        assert synack.ack == 2
+    else:
+        assert drops == 1 and s["stack"]["tcp_flows"] == 0
+
+
 def test_family_mismatch_and_bad_protocol_are_counted(socks, hosts):
     host = Host(profile(socks), poll=True)
     hosts.append(host)

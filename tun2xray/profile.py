@@ -89,6 +89,9 @@ KEYS: tuple = (
         "the send buffer, each, in KiB", lo=16, hi=65536),
     Key("memory_budget_mb", "number", 0, "MiB for every byte the engine buffers, all flows together "
         "(0: no budget); near it windows shrink, at it new flows are refused and counted", lo=0, hi=65536),
+    Key("trust_checksums", "bool", False, "the packets come from this machine's own network stack "
+        "(a packet-flow host, a VpnService or utun fd): do not verify their TCP/UDP/IPv4 checksums "
+        "(a tun:// device never does)"),
     # ---- `run` only: the bridge's host owns the device, the core and the logs
     Key("device", "device", None, "tun://NAME, fd://N[?header=af] or unix:///path", flag="device",
         run_only=True),
