@@ -16,6 +16,12 @@ all its threads).
 TUN name, MTU and SOCKS inbound) is measured in the same run, after the two
 hosts at each MTU.
 
+Both hosts run as a phone's would: plain asyncio (iOS has no uvloop; the C
+host's library is kept from importing it, `--loop auto` lets it) and the
+profile's "trust_checksums": true, which the embedding guides recommend for
+packets from the host's own kernel (`--verify-checksums` measures without;
+needed for a checkout older than that key).
+
 Final line:
   abi_bench: up1500_ratio=… down1500_ratio=… cpu1500_ratio=… up4064_ratio=… …
 (ratios are abi_host / reference_host: throughput, and CPU-s/GB summed over
@@ -60,6 +66,15 @@ def build_abi_host(repo: str, out: str) -> str:
     return exe
 
 
+def _maps_uvloop(pid: int) -> bool:
+    """Has the process mapped uvloop's extension module?"""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "uvloop" in f.read()
+    except OSError:
+        return False
+
+
 class Bench:
     def __init__(self, lab: benchlab.BenchLab, args, exe: str):
         self.lab = lab
@@ -73,6 +88,8 @@ class Bench:
             return lab.start_hev(self.args.hev, mtu)
         prof = {"proxy": f"socks5://{SOCKS_ADDR}:{SOCKS_PORT}", "mtu": mtu,
                 "ipv4": {"address": "198.18.0.1/15"}, "ipv6": {"address": "fd00:7478::1/64"}}
+        if not self.args.verify_checksums:
+            prof["trust_checksums"] = True
         cfg = os.path.join(lab.workdir, "profile.json")
         with open(cfg, "w") as f:
             json.dump(prof, f)
@@ -80,9 +97,11 @@ class Bench:
         if host == "abi":
             argv = [self.exe, "--tun", lab.tun, "--config", cfg, "--mtu", str(mtu),
                     "--addr", "198.18.0.1/15", "--addr", "fd00:7478::1/64"]
+            if self.args.loop == "asyncio":
+                env = self.without_uvloop(env)
         else:
             argv = [sys.executable, os.path.join(lab.repo, "tools", "reference_host.py"), "--tun", lab.tun,
-                    "--config", cfg, "--log-level", "warning"]
+                    "--config", cfg, "--log-level", "warning", "--loop", self.args.loop]
         p = lab.spawn("host", lab.cli_ns, argv, cwd=lab.repo, env=env)
         benchlab.wait_until(lambda: p.poll() is not None or benchlab.netlab.link_exists(lab.cli_ns, lab.tun),
                             20, f"{lab.tun} to appear")
@@ -91,7 +110,25 @@ class Bench:
         benchlab.netlab.wait_link(lab.cli_ns, lab.tun)
         lab.ip(lab.cli_ns, "route", "replace", TUN_NET, "dev", lab.tun)
         benchlab.wait_until(self.lab.echo_through_tun, 20, "a TCP echo through the TUN", interval=0.2)
+        if self.args.loop == "asyncio" and _maps_uvloop(p.pid):
+            raise SystemExit(f"abi_bench: the {host} host loaded uvloop, but --loop asyncio was asked for")
         return p.pid
+
+    def without_uvloop(self, env: dict) -> dict:
+        """The C host's environment with uvloop kept out of its library's
+        Python: a module that fails to import, first on TUN2XRAY_PYTHONPATH
+        (which replaces the paths baked into the library: then this
+        checkout and this interpreter's site-packages)."""
+        import site
+
+        absent = os.path.join(self.lab.workdir, "absent")
+        os.makedirs(absent, exist_ok=True)
+        with open(os.path.join(absent, "uvloop.py"), "w") as f:
+            f.write("raise ImportError('absent from this host (tools/bench/abi_bench.py)')\n")
+        sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
+        env = dict(env, TUN2XRAY_PYTHONPATH=os.pathsep.join([absent, self.lab.repo] + sites))
+        env.pop("PYTHONPATH", None)
+        return env
 
     def stop_host(self, host: str) -> None:
         if host == "hev":
@@ -163,6 +200,11 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default=benchlab.REPO, help="the checkout whose tun2xray runs")
     p.add_argument("--hev", metavar="PATH",
                    help="hev-socks5-tunnel binary: measured beside the two hosts in the same run")
+    p.add_argument("--loop", choices=("asyncio", "auto"), default="asyncio",
+                   help="the hosts' event loop: asyncio (default, as on iOS and Android) or auto (uvloop "
+                   "where installed)")
+    p.add_argument("--verify-checksums", action="store_true",
+                   help="leave trust_checksums off (the stack verifies every packet)")
     p.add_argument("--prefix", default="ab", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.mtu = args.mtu or [1500, 4064]
