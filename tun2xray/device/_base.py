@@ -230,15 +230,27 @@ class Device:
         self._check_usable()
         send = self._send
         done = 0
-        written = 0
-        nbytes = 0
-        rejected = 0
         total = len(packets)
+        try:
+            # the common case, every packet taken: nothing to classify or count per packet
+            for p in packets:
+                send(p)
+                done += 1
+        except OSError as exc:
+            failed = exc            # packets[done] was not taken: classified below, not sent again
+        else:
+            return self._count_tx(total, total, total, sum(map(len, packets)), 0, None)
+        written = done
+        nbytes = sum(map(len, packets[:done])) if done else 0
+        rejected = 0
         fatal: OSError | None = None
         rejected_errnos = self.rejected_errnos
         while done < total:
             p = packets[done]
             try:
+                if failed is not None:
+                    exc, failed = failed, None
+                    raise exc
                 send(p)
             except OSError as exc:
                 code = exc.errno
