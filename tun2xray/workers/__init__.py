@@ -101,17 +101,21 @@ _HOME = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 
 def __getattr__(name: str):
+    """A re-exported name, or one of the four modules (as before, when this
+    file imported them)."""
+    import importlib
+    if name in _EXPORTS:
+        return importlib.import_module(f".{name}", __name__)
     mod = _HOME.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
     value = getattr(importlib.import_module(f".{mod}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list:
-    return sorted(set(globals()) | set(_HOME))
+    return sorted(set(globals()) | set(_HOME) | set(_EXPORTS))
 
 
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CLOSED_HISTORY", "DEVICE_GONE_WAIT", "MAX_MESSAGE", "MAX_WORKERS",
