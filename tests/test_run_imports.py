@@ -25,7 +25,7 @@ LAZY = {
     "tun2xray.xray.doctor", "tun2xray.xray.nodes", "tun2xray.xray.session", "tun2xray.xray.core",
     "tun2xray.xray.config", "tun2xray.xray.probe", "tun2xray.xray.reader",
     "tun2xray.record", "tun2xray.device.pcap", "tun2xray.workers.supervisor", "tun2xray.workers.worker",
-    "shutil", "bz2", "lzma", "tempfile",
+    "shutil", "bz2", "lzma", "tempfile", "pickle",
 }
 
 SCRIPT = r"""
