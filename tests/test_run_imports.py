@@ -19,11 +19,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # imported by an idle one-process run before these modules were made lazy
-# (ctypes is not among them: host.trim_heap uses it once the run serves, and
-# gives back more than it costs)
 LAZY = {
     "tun2xray.xray.doctor", "tun2xray.xray.nodes", "tun2xray.xray.session", "tun2xray.xray.core",
-    "tun2xray.xray.config", "tun2xray.xray.probe", "tun2xray.xray.reader",
+    "tun2xray.xray.config", "tun2xray.xray.probe", "tun2xray.xray.reader", "ctypes",
     "tun2xray.record", "tun2xray.device.pcap", "tun2xray.workers.supervisor", "tun2xray.workers.worker",
     "shutil", "bz2", "lzma", "tempfile", "pickle",
 }
@@ -84,12 +82,3 @@ def test_the_run_parser_still_knows_node_and_doctor():
     assert set(sub) == {"run", "status", "replay", "node", "doctor"}
     full = build_parser(["doctor"])._subparsers._group_actions[0].choices
     assert any("--control" in a.option_strings for a in full["doctor"]._actions)
-
-
-def test_trim_heap_reaches_glibc_malloc_trim():
-    # Host.serve calls it once the backend runs; on glibc it must find
-    # malloc_trim (elsewhere it says False and does nothing)
-    import platform
-
-    from tun2xray.host import trim_heap
-    assert trim_heap() is (platform.libc_ver()[0] == "glibc")

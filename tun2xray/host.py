@@ -129,19 +129,6 @@ def set_pdeathsig(sig: int = signal.SIGTERM) -> bool:
     return True
 
 
-def trim_heap() -> bool:
-    """Hand the C heap's free pages back to the kernel (glibc malloc_trim)
-    once start-up is done: the garbage of importing and of parsing the flags
-    stays resident otherwise. False where there is no malloc_trim (musl)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        return False
-    return True
-
-
 # --------------------------------------------------------------- settings
 
 class EngineSettings:
@@ -352,7 +339,6 @@ class Host:
                                      xs.health if xs is not None else None)
             log.info("%s", banner)
             served = True
-            loop.call_soon(trim_heap)       # start-up's garbage, once the backend runs
             try:
                 await backend.run()
             finally:
