@@ -15,7 +15,38 @@ class UsageError(Exception):
     """A bad flag or config: one line on stderr, exit status 2."""
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter without its `import shutil` (for the
+    terminal width; shutil brings zlib, bz2 and lzma, about 0.3 MB of RSS
+    every `run` would keep): the same width, from $COLUMNS or the terminal."""
+
+    def __init__(self, prog, indent_increment=2, max_help_position=24, width=None):
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's
+    terminal, else 80."""
+    import os
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         # one line, not the usage block: scripts and hosts log the reason
         self.exit(2, f"tun2xray: error: {message} (see --help)\n")
@@ -36,7 +67,10 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The parser; for an argv that starts with `run` the `node` and `doctor`
+    subcommands are named but left without their flags: filling them imports
+    tun2xray.xray.doctor and .nodes (about 0.5 MB of RSS a run would keep)."""
     p = _Parser(prog="tun2xray", description="TUN packet flows to Xray inbounds")
     p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -95,14 +129,24 @@ def build_parser() -> argparse.ArgumentParser:
                     "addr:port-addr:port) as a ladder diagram; needs --svg and one capture")
     rp.add_argument("--svg", metavar="FILE", help="where --ladder writes its SVG")
 
-    from .xray import doctor, nodes
-    nodes.add_arguments(sub.add_parser("node", help="list or select Xray node configs (the config.json link)"))
-    doctor.add_arguments(sub.add_parser("doctor", help="check a running setup: one line per check"))
+    node = sub.add_parser("node", help="list or select Xray node configs (the config.json link)")
+    doc = sub.add_parser("doctor", help="check a running setup: one line per check")
+    if not _runs(argv):
+        from .xray import doctor, nodes
+        nodes.add_arguments(node)
+        doctor.add_arguments(doc)
     return p
 
 
+def _runs(argv) -> bool:
+    """Does argv name the `run` command (its first word; the top level has
+    no options that take a value)?"""
+    return bool(argv) and argv[0] == "run"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     if args.command == "replay":
         from .replay import main as replay_main
         return replay_main(args)
@@ -115,7 +159,7 @@ def main(argv=None) -> int:
         from . import logs
         from .host import HostError
         from .instance import InstanceError
-        from .xray import XrayError
+        from .xray.errors import XrayError     # not the package's: that loads every room
         try:
             apply_profile(args)             # profile keys fill unset flags (log_level, log_format too)
         except UsageError as e:
@@ -320,9 +364,8 @@ def cmd_run(args) -> int:
 
 def _cmd_run(args, xs) -> int:
     settings = RunSettings(args)
-    from .record import RecordOptions
     try:
-        settings.record = RecordOptions.from_args(args)
+        settings.record = _record_options(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
     from .device import DeviceError, open_device
@@ -364,6 +407,16 @@ def _cmd_run(args, xs) -> int:
             recorder.close()
             from .record import closed
             closed(recorder)
+
+
+def _record_options(args):
+    """RecordOptions for --record (tun2xray.record, with the pcap writer,
+    loaded only when a --record flag is given); None without them."""
+    if not (getattr(args, "record", None) or getattr(args, "record_wire", False)
+            or getattr(args, "record_max_mb", None) is not None):
+        return None
+    from .record import RecordOptions
+    return RecordOptions.from_args(args)
 
 
 def _run_workers(args, settings, xs, n: int) -> int:

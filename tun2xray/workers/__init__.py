@@ -81,16 +81,42 @@ supervisor, aggregation, backoff, run_supervised), zygote.py (forking
 workers that share memory) and worker.py (the worker process; __main__.py
 runs it when it is started as a program).
 
-The package's top level imports little: a worker's RSS is what it imports
+The package's top level imports nothing: a worker's RSS is what it imports
 plus its flows (no argparse, no pyroute2 in workers).
 """
 
-from .channel import (MAX_MESSAGE, READY_TIMEOUT, REQUEST_TIMEOUT, WorkerChannel, WorkerError, WorkerHandle, frame,
-                      unframe)
-from .count import MAX_WORKERS, default_workers, detach_queue, multiqueue_possible, multiqueue_url, worker_count
-from .supervisor import (BACKOFF_FIRST, BACKOFF_MAX, CLOSED_HISTORY, DEVICE_GONE_WAIT, STABLE_AFTER, STOP_GRACE,
-                         Supervisor, aggregate, next_backoff, run_supervised)
-from .worker import worker_device, worker_main
+# module -> the names it exports through the package, imported when first
+# named: `run` with one worker needs only count.py (and channel.py's
+# WorkerError), not the supervisor and worker (pickle, the worker's parser)
+_EXPORTS = {
+    "channel": ("MAX_MESSAGE", "READY_TIMEOUT", "REQUEST_TIMEOUT", "WorkerChannel", "WorkerError", "WorkerHandle",
+                "frame", "unframe"),
+    "count": ("MAX_WORKERS", "default_workers", "detach_queue", "multiqueue_possible", "multiqueue_url",
+              "worker_count"),
+    "supervisor": ("BACKOFF_FIRST", "BACKOFF_MAX", "CLOSED_HISTORY", "DEVICE_GONE_WAIT", "STABLE_AFTER",
+                   "STOP_GRACE", "Supervisor", "aggregate", "next_backoff", "run_supervised"),
+    "worker": ("worker_device", "worker_main"),
+}
+_HOME = {name: mod for mod, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    """A re-exported name, or one of the four modules (as before, when this
+    file imported them)."""
+    import importlib
+    if name in _EXPORTS:
+        return importlib.import_module(f".{name}", __name__)
+    mod = _HOME.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_HOME) | set(_EXPORTS))
+
 
 __all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CLOSED_HISTORY", "DEVICE_GONE_WAIT", "MAX_MESSAGE", "MAX_WORKERS",
            "READY_TIMEOUT", "REQUEST_TIMEOUT", "STABLE_AFTER", "STOP_GRACE", "Supervisor", "WorkerChannel",

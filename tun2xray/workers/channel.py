@@ -4,7 +4,6 @@ and the worker's end on its event loop (WorkerChannel)."""
 
 from __future__ import annotations
 
-import pickle
 import socket
 import struct
 import time
@@ -24,13 +23,25 @@ class WorkerError(Exception):
 # --------------------------------------------------------------------------
 # framing on the channel (blocking side: the supervisor; non-blocking: workers)
 
+# pickle is imported where a message is made or read: a one-process run
+# imports this module (for WorkerError) and never frames a message, and
+# pickle (with _pickle and _compat_pickle) is about 0.27 MB of RSS
+
+def _garbled() -> tuple:
+    """What reading a garbled stream raises (an except clause's tuple)."""
+    import pickle
+    return (ValueError, pickle.UnpicklingError, EOFError)
+
+
 def frame(msg: dict) -> bytes:
+    import pickle
     body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
     return _LEN.pack(len(body)) + body
 
 
 def unframe(buf: bytearray) -> list:
     """Take every complete message off the front of buf."""
+    import pickle
     out = []
     while len(buf) >= 4:
         (n,) = _LEN.unpack_from(buf)
@@ -125,7 +136,7 @@ class WorkerHandle:
                     return await self._exchange(msg)
         except (TimeoutError, OSError):
             return None
-        except (ValueError, pickle.UnpicklingError, EOFError):
+        except _garbled():
             self.buf.clear()            # a garbled stream: start afresh at the next reply
             return None
         finally:
@@ -164,7 +175,7 @@ class WorkerHandle:
             return self._read_until(lambda m: m.get("id") == rid, timeout)
         except OSError:
             return None
-        except (ValueError, pickle.UnpicklingError, EOFError):
+        except _garbled():
             self.buf.clear()            # a garbled stream: start afresh at the next reply
             return None
 
@@ -221,7 +232,7 @@ class WorkerChannel:
     def _dispatch(self) -> None:
         try:
             msgs = unframe(self.buf)
-        except (ValueError, pickle.UnpicklingError, EOFError):
+        except _garbled():
             self.close()
             self.engine.stop()
             return
