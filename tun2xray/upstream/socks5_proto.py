@@ -300,7 +300,7 @@ _METHOD, _AUTH, _REPLY, _DONE, _ERROR = "method selection", "authentication", "r
 class SocksClient:
     """One SOCKS5 client handshake (CONNECT or UDP ASSOCIATE) as a state machine."""
 
-    __slots__ = ("command", "label", "target", "username", "state", "pipelined",
+    __slots__ = ("command", "label", "_target", "_host", "_port", "username", "state", "pipelined",
                  "_buf", "_out", "_greeting", "_request", "_login")
 
     def __init__(self, command: int, host, port: int, *, username: str | None = None,
@@ -310,7 +310,9 @@ class SocksClient:
             raise LocalProtocolError(f"unknown SOCKS5 command {command!r}")
         self.command = command
         self.label = label
-        self.target = target if target is not None else format_hostport(address_text(host), port)
+        # the target's text is only read by a failure's message: formatted then
+        self._target = target
+        self._host, self._port = host, port
         self._request = bytes((VERSION, command, 0)) + encode_address_port(host, port)
         self.username = None
         self._login = None
@@ -330,6 +332,13 @@ class SocksClient:
         self.state = _METHOD
         self._buf = b""
         self._out = None      # None until initial_bytes() is taken
+
+    @property
+    def target(self) -> str:
+        """What the request names, as text (``host:port``), for messages."""
+        if self._target is None:
+            self._target = format_hostport(address_text(self._host), self._port)
+        return self._target
 
     # -- bytes out
 
