@@ -295,6 +295,9 @@ def parse_udp_header(data):
 
 # states: what the next bytes from the proxy answer
 _METHOD, _AUTH, _REPLY, _DONE, _ERROR = "method selection", "authentication", "reply", "done", "error"
+# VER METHOD(no auth), then VER REP(succeeded) RSV ATYP(IPv4): the start of a
+# pipelined handshake's whole answer
+_PIPELINED_OK_V4 = bytes((VERSION, METHOD_NO_AUTH, VERSION, 0, 0, ATYP_IPV4))
 
 
 class SocksClient:
@@ -374,6 +377,13 @@ class SocksClient:
 
     def receive_data(self, data) -> NeedData | Connected | Failed:
         """Feed bytes from the proxy; returns the event they complete."""
+        if (self.state is _METHOD and self.pipelined and self._out is not None and not self._buf
+                and data[:6] == _PIPELINED_OK_V4 and len(data) >= 12):
+            # the usual answer, whole in one read: no-auth chosen, then
+            # success with an IPv4 bound address (what the steps below would
+            # return, without walking them once per connection)
+            self.state = _DONE
+            return Connected(bytes(data[6:10]), (data[10] << 8) | data[11], bytes(data[12:]))
         if self._out is None:
             raise LocalProtocolError("receive_data() before initial_bytes() was sent")
         if self.state is _DONE or self.state is _ERROR:
