@@ -83,7 +83,9 @@ def syscalls(lab, worker: int, secs: int) -> None:
         p.wait()
         n = opened(lab) - n0
         rows = []
-        for line in open(out.name).read().splitlines():
+        with open(out.name) as f:
+            text = f.read()
+        for line in text.splitlines():
             f = line.split()
             if len(f) >= 5 and f[0][0].isdigit() and f[-1] != "total":
                 rows.append((int(f[3]), f[-1]))
@@ -99,7 +101,8 @@ def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
     os.kill(worker, signal.SIGUSR2)
     benchlab.wait_until(lambda: os.path.exists(out), 10, "the worker's counts")
     n = opened(lab) - n0
-    c = json.load(open(out))
+    with open(out) as f:
+        c = json.load(f)
     total = sum(c.values())
     py = sum(v for k, v in c.items() if not k.startswith("C:"))
     print(f"{n} connections; calls per connection {total / n:.1f}: Python functions {py / n:.1f}, "
