@@ -7,12 +7,14 @@ the load of a shared machine.
 
   python3 tools/bench/conn_counts.py syscalls [--repo DIR] [-t 5]
   python3 tools/bench/conn_counts.py calls    [--repo DIR] [-t 5] [--top 40]
+  python3 tools/bench/conn_counts.py gc       [--repo DIR] [-t 5]
 
 A BenchLab (plain v2ray SOCKS core, nginx) with one worker on a plain TUN
 (offload=0); wrk with ``Connection: close``, 50 clients.  ``calls`` counts
 every Python function entered and every C function called from Python in
 the worker's main thread (the hook slows the worker down; the counts are
-what matter), by file and function.
+what matter), by file and function; ``gc`` the CPU time the worker spent
+in the cyclic garbage collector (gc.callbacks) beside its whole CPU time.
 """
 
 from __future__ import annotations
@@ -47,16 +49,30 @@ if os.environ.get("T2X_CONN_COUNTS") and "tun2xray" in " ".join(getattr(sys, "or
                 _c[_site(frame.f_code)] += 1
             elif event == "c_call":
                 _c["C:" + getattr(arg, "__qualname__", "?") + " <- " + _site(frame.f_code)] += 1
+    import gc, time
+    _gc = {"t0": 0.0, "cpu": 0.0}
+    def _collector(phase, info):
+        if _on[0]:
+            if phase == "start":
+                _gc["t0"] = time.process_time()
+            else:
+                _c["gc:generation %d" % info["generation"]] += 1
+                _c["gc:seconds"] += time.process_time() - _gc["t0"]
     def _toggle(sig, frm):
         if _on[0]:                      # the second signal: stop, write the counts
             _on[0] = False
+            _c["cpu:seconds"] = time.process_time() - _gc["cpu"]
             with open(os.environ["T2X_CONN_COUNTS"], "w") as f:
                 json.dump(dict(_c), f)
         else:                           # the first: start counting
             _c.clear()
+            _gc["cpu"] = time.process_time()
             _on[0] = True
     signal.signal(signal.SIGUSR2, _toggle)
-    sys.setprofile(_prof)
+    if os.environ.get("T2X_CONN_COUNTS_GC"):
+        gc.callbacks.append(_collector)
+    else:
+        sys.setprofile(_prof)
 '''
 
 
@@ -94,7 +110,7 @@ def syscalls(lab, worker: int, secs: int) -> None:
         print(f"  {name:<16} {c / n:6.2f}")
 
 
-def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
+def _counted(lab, worker: int, secs: int, out: str):
     n0 = opened(lab)
     os.kill(worker, signal.SIGUSR2)
     wrk(lab, secs)
@@ -102,7 +118,19 @@ def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
     benchlab.wait_until(lambda: os.path.exists(out), 10, "the worker's counts")
     n = opened(lab) - n0
     with open(out) as f:
-        c = json.load(f)
+        return n, json.load(f)
+
+
+def collector(lab, worker: int, secs: int, out: str) -> None:
+    n, c = _counted(lab, worker, secs, out)
+    gens = ", ".join(f"{k[3:]}: {v}" for k, v in sorted(c.items()) if k.startswith("gc:generation"))
+    print(f"{n} connections; the worker's CPU {c['cpu:seconds'] / n * 1e6:.0f} µs per connection, of it "
+          f"the collector {c.get('gc:seconds', 0) / n * 1e6:.1f} µs; collections ({gens or 'none'})")
+
+
+def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
+    n, c = _counted(lab, worker, secs, out)
+    c.pop("cpu:seconds", None)
     total = sum(c.values())
     py = sum(v for k, v in c.items() if not k.startswith("C:"))
     print(f"{n} connections; calls per connection {total / n:.1f}: Python functions {py / n:.1f}, "
@@ -118,7 +146,7 @@ def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="conn_counts", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("syscalls", "calls"))
+    p.add_argument("what", choices=("syscalls", "calls", "gc"))
     p.add_argument("--repo", default=benchlab.REPO, help="checkout whose tun2xray is counted")
     p.add_argument("-t", "--time", type=int, default=5, help="seconds of wrk (default 5)")
     p.add_argument("--top", type=int, default=30, help="files listed by calls (default 30)")
@@ -126,17 +154,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as hook_dir:
         out = os.path.join(hook_dir, "counts.json")
-        if args.what == "calls":
+        if args.what != "syscalls":
             with open(os.path.join(hook_dir, "sitecustomize.py"), "w") as f:
                 f.write(_HOOK)
             os.environ["PYTHONPATH"] = hook_dir
             os.environ["T2X_CONN_COUNTS"] = out
+            if args.what == "gc":
+                os.environ["T2X_CONN_COUNTS_GC"] = "1"
         with benchlab.BenchLab(prefix=args.prefix, repo=args.repo, workers=1) as lab:
             pid = lab.start_tunnel(query="offload=0", workers=1)
             worker = benchlab.process_tree(pid)[-1]
             wrk(lab, 1)             # warm: the first connections pay for imports and caches
             if args.what == "syscalls":
                 syscalls(lab, worker, args.time)
+            elif args.what == "gc":
+                collector(lab, worker, args.time, out)
             else:
                 calls(lab, worker, args.time, out, args.top)
     return 0
