@@ -142,6 +142,25 @@ def test_bytes_after_the_reply_are_kept_as_rest(bnd, host, port):
         host, port, b"server speaks first")
 
 
+@given(bound=st.binary(min_size=6, max_size=6), rest=st.binary(max_size=20),
+       command=st.sampled_from([CMD_CONNECT, CMD_UDP_ASSOCIATE]))
+@settings(max_examples=200, deadline=None)
+def test_the_usual_answer_in_one_read_is_the_same_event_as_in_pieces(bound, rest, command):
+    """No-auth chosen and an IPv4 success, whole in one read (the machine's
+    shortcut) or cut after its first byte (the steps): the same Connected,
+    and the machine is done either way."""
+    answer = b"\x05\x00\x05\x00\x00\x01" + bound + rest
+    whole = started(command=command)
+    one = whole.receive_data(answer)
+    pieces = started(command=command)
+    assert pieces.receive_data(answer[:1]) is NEED_DATA
+    assert one == pieces.receive_data(answer[1:]) == Connected(bound[:4], int.from_bytes(bound[4:], "big"), rest)
+    for c in (whole, pieces):
+        assert c.data_to_send() == b"" and c.need == 0
+        with pytest.raises(LocalProtocolError):
+            c.receive_data(b"\x00")
+
+
 @pytest.mark.parametrize("bnd, host, port", BOUND)
 def test_need_never_reads_past_the_reply(bnd, host, port):
     """A driver reading ``need`` bytes at a time stops exactly at the reply's end."""

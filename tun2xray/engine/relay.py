@@ -211,7 +211,13 @@ class TcpRelay(asyncio.Protocol):
             self.eof_sent = True
             if self.fin_from is None:
                 self.fin_from = "client"
-            if t.can_write_eof():
+            if self.up_eof:
+                # both ways ended (the upstream's EOF was read, so nothing is
+                # left unread): closing sends the FIN that shutdown() would,
+                # and saves that syscall per connection
+                self.transport = None
+                t.close()
+            elif t.can_write_eof():
                 t.write_eof()
 
     def pump_down(self):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ipaddress
 import logging
 import socket
@@ -35,7 +36,9 @@ def set_thread_protect(fn, counters: dict | None = None) -> None:
     _protect.counters = counters
 
 
+@functools.lru_cache(maxsize=256)
 def _loopback(host: str) -> bool:
+    # cached: asked once per dial with a protect hook (the proxy's few addresses)
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:

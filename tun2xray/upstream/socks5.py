@@ -24,6 +24,7 @@ control connection.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Callable
 
@@ -96,8 +97,15 @@ async def _handshake(loop, sock, client: SocksClient):
         return ev
 
 
+@functools.lru_cache(maxsize=64)
+def _label_of(host: str, port: int) -> str:
+    return f"socks5 proxy {format_hostport(host, port)}"
+
+
 def _label(up) -> str:
-    return f"socks5 proxy {format_hostport(up.host, up.port)}"
+    # formatted once per proxy, not once per connection (the label is only
+    # read when a handshake fails)
+    return _label_of(up.host, up.port)
 
 
 def socks_client(up: SocksUpstream, command: int, host, port: int, target: str | None = None) -> SocksClient:

@@ -295,12 +295,15 @@ def parse_udp_header(data):
 
 # states: what the next bytes from the proxy answer
 _METHOD, _AUTH, _REPLY, _DONE, _ERROR = "method selection", "authentication", "reply", "done", "error"
+# VER METHOD(no auth), then VER REP(succeeded) RSV ATYP(IPv4): the start of a
+# pipelined handshake's whole answer
+_PIPELINED_OK_V4 = bytes((VERSION, METHOD_NO_AUTH, VERSION, 0, 0, ATYP_IPV4))
 
 
 class SocksClient:
     """One SOCKS5 client handshake (CONNECT or UDP ASSOCIATE) as a state machine."""
 
-    __slots__ = ("command", "label", "target", "username", "state", "pipelined",
+    __slots__ = ("command", "label", "_target", "_host", "_port", "username", "state", "pipelined",
                  "_buf", "_out", "_greeting", "_request", "_login")
 
     def __init__(self, command: int, host, port: int, *, username: str | None = None,
@@ -310,7 +313,9 @@ class SocksClient:
             raise LocalProtocolError(f"unknown SOCKS5 command {command!r}")
         self.command = command
         self.label = label
-        self.target = target if target is not None else format_hostport(address_text(host), port)
+        # the target's text is only read by a failure's message: formatted then
+        self._target = target
+        self._host, self._port = host, port
         self._request = bytes((VERSION, command, 0)) + encode_address_port(host, port)
         self.username = None
         self._login = None
@@ -330,6 +335,13 @@ class SocksClient:
         self.state = _METHOD
         self._buf = b""
         self._out = None      # None until initial_bytes() is taken
+
+    @property
+    def target(self) -> str:
+        """What the request names, as text (``host:port``), for messages."""
+        if self._target is None:
+            self._target = format_hostport(address_text(self._host), self._port)
+        return self._target
 
     # -- bytes out
 
@@ -365,6 +377,13 @@ class SocksClient:
 
     def receive_data(self, data) -> NeedData | Connected | Failed:
         """Feed bytes from the proxy; returns the event they complete."""
+        if (self.state is _METHOD and self.pipelined and self._out is not None and not self._buf
+                and data[:6] == _PIPELINED_OK_V4 and len(data) >= 12):
+            # the usual answer, whole in one read: no-auth chosen, then
+            # success with an IPv4 bound address (what the steps below would
+            # return, without walking them once per connection)
+            self.state = _DONE
+            return Connected(bytes(data[6:10]), (data[10] << 8) | data[11], bytes(data[12:]))
         if self._out is None:
             raise LocalProtocolError("receive_data() before initial_bytes() was sent")
         if self.state is _DONE or self.state is _ERROR:
