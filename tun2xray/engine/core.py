@@ -28,6 +28,7 @@ import collections
 import dataclasses
 import gc
 import logging
+import threading
 import time
 
 from netstack import Stack, StackConfig
@@ -77,25 +78,28 @@ def _device_stack_config(given: StackConfig | None, device, caps, recording: boo
 # last engine of the process stops.
 GC_GEN0 = 7000
 _gc_state = {"engines": 0, "saved": None}
+_gc_lock = threading.Lock()       # the bridge starts and stops engines on several threads
 
 
 def _gc_hold() -> None:
-    st = _gc_state
-    if st["engines"] == 0:
-        saved = gc.get_threshold()
-        st["saved"] = saved
-        if 0 < saved[0] < GC_GEN0:
-            gc.set_threshold(GC_GEN0, *saved[1:])
-    st["engines"] += 1
+    with _gc_lock:
+        st = _gc_state
+        if st["engines"] == 0:
+            saved = gc.get_threshold()
+            st["saved"] = saved
+            if 0 < saved[0] < GC_GEN0:
+                gc.set_threshold(GC_GEN0, *saved[1:])
+        st["engines"] += 1
 
 
 def _gc_release() -> None:
-    st = _gc_state
-    st["engines"] -= 1
-    if st["engines"] == 0 and st["saved"] is not None:
-        if gc.get_threshold()[0] == GC_GEN0:      # unless someone else has set it since
-            gc.set_threshold(*st["saved"])
-        st["saved"] = None
+    with _gc_lock:
+        st = _gc_state
+        st["engines"] -= 1
+        if st["engines"] == 0 and st["saved"] is not None:
+            if gc.get_threshold()[0] == GC_GEN0:      # unless someone else has set it since
+                gc.set_threshold(*st["saved"])
+            st["saved"] = None
 
 
 class Engine(EngineTcp, EngineUdp, EngineHistory, EngineDns):
