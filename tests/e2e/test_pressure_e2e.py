@@ -47,6 +47,7 @@ ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH
 ENV.pop("TUN2XRAY_WORKERS", None)
 T2X = [sys.executable, "-m", "tun2xray"]
 CLIENT4 = "198.18.0.1"            # the TUN's address in pr-cli: the clients' source
+LINGER = 2                        # the cores' downlinkOnly, s (see plab)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,9 +134,9 @@ def echo(lab, payload=b"back", timeout=5.0, refusals=None):
 def settled(lab, tun):
     """No flow, no pending dial, no dial task left (the start-up echo's flow
     and the watch's probes are done).  An echo flow whose client has closed
-    can stay open up to the lab core's downlinkOnly (30 s: the core does not
-    pass the half-close on, so the echo server never sees it) before the
-    core ends it: the wait is longer than that."""
+    stays open up to the lab cores' downlinkOnly (LINGER s here: the core
+    does not pass the half-close on, so the echo server never sees it)
+    before the core ends it: the wait allows far more than that."""
     def idle(st):
         e = st["engine"]
         return not st["flows"] and e.get("dials_pending", 0) == 0 and e.get("tasks", 0) == 0
@@ -214,8 +215,11 @@ def close_all(socks):
 def plab():
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
-    # VLESS hop: these tests count every flow (a VMess hop drops ~1 in 1,000)
-    lab = netlab.Lab(prefix="pr", hop="vless")
+    # VLESS hop: these tests count every flow (a VMess hop drops ~1 in 1,000).
+    # Every client here reads its reply before it closes, so the cores keep
+    # a closed client's flow only LINGER s (not the lab's 30): settled()
+    # waits for those flows to end several times per test
+    lab = netlab.Lab(prefix="pr", hop="vless", downlink_only=LINGER)
     with lab:
         yield lab
     assert not netlab.netns_exists(lab.cli_ns) and not netlab.netns_exists(lab.srv_ns)
