@@ -701,22 +701,26 @@ def _segments(path, port):
     return out
 
 
+SPEND = 176                       # the slow lane's first datagram's payload (204 bytes with its headers)
+
+
 def _slow_lane(lab, tun, on: bool):
-    """What the client sends into the TUN leaves pr-cli at 6 bytes/s (an
-    HTB class on the TUN's egress): a datagram of 44 bytes spends the
-    bucket first, so the client's next segment waits about 7 s in the queue
-    with the header it was given when it was sent. (tcpdump sees it when it
-    leaves the queue; Linux does not retransmit a segment still queued.)"""
+    """What the client sends into the TUN leaves pr-cli at 24 bytes/s (an
+    HTB class on the TUN's egress): a datagram of 204 bytes spends the
+    bucket first, so the client's next segment waits about 8.5 s in the
+    queue with the header it was given when it was sent, and each segment
+    after it (52 bytes) about 2 s more. (tcpdump sees it when it leaves the
+    queue; Linux does not retransmit a segment still queued.)"""
     if not on:
         lab.cli_run(["tc", "qdisc", "del", "dev", tun, "root"])
         return
     lab.cli_run(["tc", "qdisc", "add", "dev", tun, "root", "handle", "1:", "htb", "default", "10"], check=True)
     lab.cli_run(["tc", "class", "add", "dev", tun, "parent", "1:", "classid", "1:10", "htb",
-                 "rate", "48bit", "ceil", "48bit", "burst", "1b", "cburst", "1b"], check=True)
+                 "rate", "192bit", "ceil", "192bit", "burst", "1b", "cburst", "1b"], check=True)
     with lab.in_cli():
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with u:
-        u.sendto(b"spend the bucket", (TARGET4, 9))
+        u.sendto(b"spend the bucket".ljust(SPEND, b"."), (TARGET4, 9))
 
     def spent():
         out = lab.cli_run(["tc", "-s", "class", "show", "dev", tun], check=True).stdout.decode()
