@@ -364,11 +364,18 @@ class SocksUdp:
 # --------------------------------------------------------------------------
 # v2ray configs
 
-def _policy() -> dict:
-    # NOTES.md: the core never forwards a half-close; after the uplink ends it
-    # keeps the downlink for downlinkOnly seconds, so give replies time.
+DOWNLINK_ONLY = 30
+
+
+def _policy(downlink_only: int = DOWNLINK_ONLY) -> dict:
+    # the core never forwards a half-close; after the uplink ends it keeps
+    # the downlink for downlinkOnly seconds, so give replies time. A flow
+    # whose client has closed first lives that long in both cores (and in
+    # tun2xray's flow table): a lab whose clients always read their reply
+    # before closing can ask for less (Lab(downlink_only=...)) and wait less
+    # for its flows to end.
     return {"levels": {"0": {"handshake": 4, "connIdle": 300, "uplinkOnly": 1,
-                             "downlinkOnly": 30, "bufferSize": 512}}}
+                             "downlinkOnly": downlink_only, "bufferSize": 512}}}
 
 
 def _hop(user_id: str, hop: str) -> dict:
@@ -383,11 +390,12 @@ def _hop(user_id: str, hop: str) -> dict:
                                                "security": "aes-128-gcm"}]}]}}
 
 
-def local_core_config(user_id: str, log_dir: str, hop: str = "vmess") -> dict:
+def local_core_config(user_id: str, log_dir: str, hop: str = "vmess",
+                      downlink_only: int = DOWNLINK_ONLY) -> dict:
     return {
         "log": {"loglevel": "warning", "error": os.path.join(log_dir, "v2ray-local.err"),
                 "access": os.path.join(log_dir, "v2ray-local.access")},
-        "policy": _policy(),
+        "policy": _policy(downlink_only),
         "inbounds": [
             {"tag": "socks", "listen": "127.0.0.1", "port": SOCKS_PORT, "protocol": "socks",
              "settings": {"auth": "noauth", "udp": True, "ip": "127.0.0.1"}},
@@ -399,7 +407,7 @@ def local_core_config(user_id: str, log_dir: str, hop: str = "vmess") -> dict:
     }
 
 
-def far_core_config(user_id: str, log_dir: str) -> dict:
+def far_core_config(user_id: str, log_dir: str, downlink_only: int = DOWNLINK_ONLY) -> dict:
     # Two ways in from the local core (Lab(hop=...)): VMess, and VLESS for
     # tests that count every flow: a VMess (AEAD) inbound rejects a small
     # share of new connections as "replayed" (its anti-replay window is a
@@ -408,7 +416,7 @@ def far_core_config(user_id: str, log_dir: str) -> dict:
     return {
         "log": {"loglevel": "warning", "error": os.path.join(log_dir, "v2ray-far.err"),
                 "access": os.path.join(log_dir, "v2ray-far.access")},
-        "policy": _policy(),
+        "policy": _policy(downlink_only),
         "inbounds": [
             {"tag": "vmess", "listen": VETH_SRV4, "port": VMESS_PORT, "protocol": "vmess",
              "settings": {"clients": [{"id": user_id, "alterId": 0}]}},
@@ -445,9 +453,11 @@ class Lab:
     """
 
     def __init__(self, prefix: str = "e2", workdir: str | None = None,
-                 files: dict | None = None, start: bool = True, hop: str = "vmess"):
+                 files: dict | None = None, start: bool = True, hop: str = "vmess",
+                 downlink_only: int = DOWNLINK_ONLY):
         self.prefix = prefix
         self.hop = hop                  # the local core's protocol to the far core
+        self.downlink_only = downlink_only  # both cores' policy (see _policy)
         self.cli_ns = f"{prefix}-cli"
         self.srv_ns = f"{prefix}-srv"
         self.veth_cli = f"{prefix}v0"
@@ -677,7 +687,7 @@ class Lab:
         return path
 
     def start_far_core(self) -> None:
-        cfg = self._write_config("far.json", far_core_config(self.user_id, self.workdir))
+        cfg = self._write_config("far.json", far_core_config(self.user_id, self.workdir, self.downlink_only))
         p = self.spawn("far-core", self.srv_ns, core_cmd(self.core, cfg))
         wait_port(self.srv_ns, VMESS_PORT, "tcp", proc=p)
         wait_port(self.srv_ns, VLESS_PORT, "tcp", proc=p)
@@ -687,7 +697,8 @@ class Lab:
         return os.path.join(self.workdir, "local.json")
 
     def start_local_core(self) -> subprocess.Popen:
-        cfg = self._write_config("local.json", local_core_config(self.user_id, self.workdir, self.hop))
+        cfg = self._write_config("local.json", local_core_config(self.user_id, self.workdir, self.hop,
+                                                                      self.downlink_only))
         p = self.spawn("local-core", self.cli_ns, core_cmd(self.core, cfg))
         wait_port(self.cli_ns, SOCKS_PORT, "tcp", proc=p)
         wait_port(self.cli_ns, SOCKS_PORT, "udp", proc=p)

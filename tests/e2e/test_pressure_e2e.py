@@ -47,6 +47,7 @@ ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH
 ENV.pop("TUN2XRAY_WORKERS", None)
 T2X = [sys.executable, "-m", "tun2xray"]
 CLIENT4 = "198.18.0.1"            # the TUN's address in pr-cli: the clients' source
+LINGER = 2                        # the cores' downlinkOnly, s (see plab)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -133,9 +134,9 @@ def echo(lab, payload=b"back", timeout=5.0, refusals=None):
 def settled(lab, tun):
     """No flow, no pending dial, no dial task left (the start-up echo's flow
     and the watch's probes are done).  An echo flow whose client has closed
-    can stay open up to the lab core's downlinkOnly (30 s: the core does not
-    pass the half-close on, so the echo server never sees it) before the
-    core ends it: the wait is longer than that."""
+    stays open up to the lab cores' downlinkOnly (LINGER s here: the core
+    does not pass the half-close on, so the echo server never sees it)
+    before the core ends it: the wait allows far more than that."""
     def idle(st):
         e = st["engine"]
         return not st["flows"] and e.get("dials_pending", 0) == 0 and e.get("tasks", 0) == 0
@@ -214,8 +215,11 @@ def close_all(socks):
 def plab():
     if os.geteuid() != 0:
         pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
-    # VLESS hop: these tests count every flow (a VMess hop drops ~1 in 1,000)
-    lab = netlab.Lab(prefix="pr", hop="vless")
+    # VLESS hop: these tests count every flow (a VMess hop drops ~1 in 1,000).
+    # Every client here reads its reply before it closes, so the cores keep
+    # a closed client's flow only LINGER s (not the lab's 30): settled()
+    # waits for those flows to end several times per test
+    lab = netlab.Lab(prefix="pr", hop="vless", downlink_only=LINGER)
     with lab:
         yield lab
     assert not netlab.netns_exists(lab.cli_ns) and not netlab.netns_exists(lab.srv_ns)
@@ -697,22 +701,26 @@ def _segments(path, port):
     return out
 
 
+SPEND = 176                       # the slow lane's first datagram's payload (204 bytes with its headers)
+
+
 def _slow_lane(lab, tun, on: bool):
-    """What the client sends into the TUN leaves pr-cli at 6 bytes/s (an
-    HTB class on the TUN's egress): a datagram of 44 bytes spends the
-    bucket first, so the client's next segment waits about 7 s in the queue
-    with the header it was given when it was sent. (tcpdump sees it when it
-    leaves the queue; Linux does not retransmit a segment still queued.)"""
+    """What the client sends into the TUN leaves pr-cli at 24 bytes/s (an
+    HTB class on the TUN's egress): a datagram of 204 bytes spends the
+    bucket first, so the client's next segment waits about 8.5 s in the
+    queue with the header it was given when it was sent, and each segment
+    after it (52 bytes) about 2 s more. (tcpdump sees it when it leaves the
+    queue; Linux does not retransmit a segment still queued.)"""
     if not on:
         lab.cli_run(["tc", "qdisc", "del", "dev", tun, "root"])
         return
     lab.cli_run(["tc", "qdisc", "add", "dev", tun, "root", "handle", "1:", "htb", "default", "10"], check=True)
     lab.cli_run(["tc", "class", "add", "dev", tun, "parent", "1:", "classid", "1:10", "htb",
-                 "rate", "48bit", "ceil", "48bit", "burst", "1b", "cburst", "1b"], check=True)
+                 "rate", "192bit", "ceil", "192bit", "burst", "1b", "cburst", "1b"], check=True)
     with lab.in_cli():
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with u:
-        u.sendto(b"spend the bucket", (TARGET4, 9))
+        u.sendto(b"spend the bucket".ljust(SPEND, b"."), (TARGET4, 9))
 
     def spent():
         out = lab.cli_run(["tc", "-s", "class", "show", "dev", tun], check=True).stdout.decode()

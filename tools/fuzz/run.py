@@ -4,10 +4,10 @@
     python3 -m tools.fuzz all --seconds N
     python3 -m tools.fuzz TARGET --replay FILE_OR_DIR ...
     python3 -m tools.fuzz seeds [--out DIR]
-    python3 -m tools.fuzz ci [--seconds N] [--targets a,b] [--workdir DIR]
+    python3 -m tools.fuzz ci [--seconds N] [--targets a,b] [--workdir DIR] [--jobs J]
 
-`ci` fuzzes every target N seconds in turn (a fresh corpus unless --workdir
-is given), prints one line of figures per target and, for a target that
+`ci` fuzzes every target N seconds, J targets at a time (a fresh corpus
+unless --workdir is given), prints one line of figures per target and, for a target that
 failed, the end of its log and where the input was written; it exits 1 if
 any target failed.
 
@@ -112,10 +112,27 @@ def _stat(log: str, key: str) -> str:
     return m[-1] if m else "?"
 
 
-def ci(seconds: int, targets, workdir: str | None, extra: list) -> int:
-    """Each target for *seconds*; a summary line each; exit 1 on any finding."""
-    import shutil
+def _fuzz_logged(name: str, seconds: int, workdir: str, extra: list) -> tuple[int, str, float]:
+    """One target's run in a child, its output in WORKDIR/NAME.log: (exit
+    status, the log, seconds taken)."""
     import time
+    log_path = os.path.join(workdir, f"{name}.log")
+    t0 = time.monotonic()
+    with open(log_path, "w") as log:
+        rc = subprocess.call([sys.executable, "-m", "tools.fuzz", name, "--seconds", str(seconds),
+                              "--workdir", workdir, "--", *extra],
+                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, errors="replace") as f:
+        return rc, f.read(), time.monotonic() - t0
+
+
+def ci(seconds: int, targets, workdir: str | None, extra: list, jobs: int = 1) -> int:
+    """Each target for *seconds*, *jobs* targets at a time (each is one
+    single-threaded process, so on N cores N at a time get the same
+    executions as one after the other, in 1/N of the wall time); a summary
+    line each, in the targets' order; exit 1 on any finding."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
     try:
         import atheris  # noqa: F401
     except ImportError:
@@ -125,27 +142,22 @@ def ci(seconds: int, targets, workdir: str | None, extra: list) -> int:
     workdir = workdir or tempfile.mkdtemp(prefix="tun2xray-fuzz-ci-")
     os.makedirs(workdir, exist_ok=True)
     failed = []
-    for name in targets:
-        log_path = os.path.join(workdir, f"{name}.log")
-        t0 = time.monotonic()
-        with open(log_path, "w") as log:
-            rc = subprocess.call([sys.executable, "-m", "tools.fuzz", name, "--seconds", str(seconds),
-                                  "--workdir", workdir, "--", *extra],
-                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        with open(log_path, errors="replace") as f:
-            text = f.read()
-        cov = re.findall(r"cov: (\d+) ft: (\d+) corp: (\d+)", text)
-        cov, ft, corp = cov[-1] if cov else ("?", "?", "?")
-        print(f"fuzz {name:7s} {'ok' if rc == 0 else 'FAILED':6s} {time.monotonic() - t0:6.1f} s  "
-              f"{_stat(text, 'stat::number_of_executed_units:'):>9s} execs  "
-              f"{_stat(text, 'stat::average_exec_per_sec:'):>6s} exec/s  cov {cov}  ft {ft}  corpus {corp}",
-              flush=True)
-        if rc:
-            failed.append(name)
-            lines = [ln for ln in text.splitlines() if not ln.startswith("INFO: Instrumenting")]
-            print("\n".join(lines[-40:]), flush=True)
-            print(f"fuzz {name}: the failing input is in {workdir}/{name}/ (crash-*); keep it under "
-                  f"tests/fuzz_corpus/{name}/ once fixed", flush=True)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        runs = [(name, pool.submit(_fuzz_logged, name, seconds, workdir, extra)) for name in targets]
+        for name, run in runs:
+            rc, text, took = run.result()
+            cov = re.findall(r"cov: (\d+) ft: (\d+) corp: (\d+)", text)
+            cov, ft, corp = cov[-1] if cov else ("?", "?", "?")
+            print(f"fuzz {name:7s} {'ok' if rc == 0 else 'FAILED':6s} {took:6.1f} s  "
+                  f"{_stat(text, 'stat::number_of_executed_units:'):>9s} execs  "
+                  f"{_stat(text, 'stat::average_exec_per_sec:'):>6s} exec/s  cov {cov}  ft {ft}  corpus {corp}",
+                  flush=True)
+            if rc:
+                failed.append(name)
+                lines = [ln for ln in text.splitlines() if not ln.startswith("INFO: Instrumenting")]
+                print("\n".join(lines[-40:]), flush=True)
+                print(f"fuzz {name}: the failing input is in {workdir}/{name}/ (crash-*); keep it under "
+                      f"tests/fuzz_corpus/{name}/ once fixed", flush=True)
     if fresh and not failed:
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"fuzz: {len(targets) - len(failed)} passed, {len(failed)} failed")
@@ -166,13 +178,14 @@ def main(argv) -> int:
     ap.add_argument("--replay", nargs="+", metavar="PATH", help="run these inputs (files or folders) once")
     ap.add_argument("--out", help="seeds: where to write (default WORKDIR/TARGET/seeds)")
     ap.add_argument("--targets", help="ci: comma-separated targets (default: all)")
+    ap.add_argument("--jobs", type=int, default=1, help="ci: targets fuzzed at a time (default 1)")
     a = ap.parse_args(argv)
     if a.target == "ci":
         names = a.targets.split(",") if a.targets else list(TARGETS)
         for n in names:
             target_module_name_ok(n)
         wd = a.workdir if "--workdir" in argv else None
-        return ci(a.seconds or 10, names, wd, extra)
+        return ci(a.seconds or 10, names, wd, extra, a.jobs)
     if a.target == "seeds":
         for name in TARGETS:
             out = os.path.join(a.out, name) if a.out else os.path.join(a.workdir, name, "seeds")
