@@ -17,10 +17,10 @@ from ..wire.tcp import parse_options
 from ..wire.tcp import unpack as _unpack
 from ..wire.templates import TcpTemplate
 from .connection import TcpConnection
+from .const import ACK, FIN, PROTO_TCP, RST, SYN, TIME_WAIT
 
 _TS_WORDS = struct.Struct("!III").unpack_from   # an option block's first word, tsval, tsecr
 _TS_HEAD = 0x0101080A                            # NOP NOP kind 8 length 10
-from .const import ACK, FIN, PROTO_TCP, RST, SYN, TIME_WAIT
 
 
 def tcp_input(stack, family, src, dst, mv, off, now):

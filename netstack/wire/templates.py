@@ -190,7 +190,6 @@ class TcpTemplate:
             return hdr + payload
         return hdr
 
-
     def burst(self, emit, mv, off, n, seg, seq, ack, wnd, options, push) -> int:
         """Queue (emit) the ACK segments that carry mv[off:off + n]: seg
         payload bytes each, the last one shorter when n is not a multiple;
