@@ -5,7 +5,6 @@ when the last running engine stops."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
 
 from vclock import EngineHarness, run_virtual
