@@ -13,8 +13,8 @@ The one place where tun2xray reads or writes a SOCKS5 message.  A
 
 Without credentials the greeting and the request go out in one write (one
 round trip) unless ``pipeline=False`` asks for one message per round trip.
-With credentials the greeting offers no-auth and user/password; the login and then the request are sent as the proxy's
-answers arrive.
+With credentials the greeting offers no-auth and user/password; the login
+and then the request are sent as the proxy's answers arrive.
 
 Errors come in two kinds, as in h11: ``LocalProtocolError`` (a ValueError)
 when the caller misuses the machine or gives an address that cannot be
