@@ -204,6 +204,21 @@ def delete_netns(name: str) -> None:
 # --------------------------------------------------------------------------
 # readiness polls
 
+def quiet_server(lsock: socket.socket, stop: threading.Event, after: float) -> None:
+    """Serve a listening socket until *stop*: accept, send nothing, close
+    each connection *after* seconds (an upstream that accepts, then ends the
+    stream without a byte).  Run it in a thread."""
+    lsock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            c, _ = lsock.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        threading.Timer(after, c.close).start()
+
+
 def wait_until(pred, timeout: float, what: str, interval: float = 0.02):
     deadline = time.monotonic() + timeout
     while True:

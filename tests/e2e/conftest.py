@@ -31,9 +31,10 @@ def need_root():
         pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def root():
-    """Skip (with the reason) unless root; for tests that build their own lab."""
+    """Skip (with the reason) unless root; for tests and lab fixtures that
+    build their own lab."""
     need_root()
 
 

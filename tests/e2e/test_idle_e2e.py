@@ -76,18 +76,6 @@ def status() -> dict:
     return json.loads(buf)
 
 
-def _quiet_server(lsock: socket.socket, stop: threading.Event) -> None:
-    lsock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            c, _ = lsock.accept()
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-        threading.Timer(QUIET_AFTER, c.close).start()
-
-
 @pytest.fixture(scope="module")
 def ilab():
     if os.geteuid() != 0:
@@ -113,7 +101,7 @@ def ilab():
         lsock.bind((TARGET4, QUIET_PORT))
         lsock.listen(64)
         stop = threading.Event()
-        t = threading.Thread(target=_quiet_server, args=(lsock, stop), daemon=True)
+        t = threading.Thread(target=netlab.quiet_server, args=(lsock, stop, QUIET_AFTER), daemon=True)
         t.start()
         argv = [sys.executable, "-m", "tun2xray.cli", "run", "--device", f"tun://{TUN}",
                 "--proxy", "socks5://127.0.0.1:10808", "--address", "198.18.0.1/15",

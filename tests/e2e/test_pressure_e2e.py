@@ -143,6 +143,19 @@ def settled(lab, tun):
     return status_when(lab, tun, idle, 30 + 30, "the engine idle")
 
 
+def refusal_times(lab, n: int = 5) -> list:
+    """Seconds each of n new connections to the echo target took to be
+    refused (ConnectionRefusedError: a RST; anything else fails the test)."""
+    times = []
+    for _ in range(n):
+        s = cli_socket(lab, 20)
+        t0 = time.monotonic()
+        with s, pytest.raises(ConnectionRefusedError):
+            s.connect((TARGET4, ECHO_PORT))
+        times.append(time.monotonic() - t0)
+    return times
+
+
 def steady_fds(pid: int, want: int | None = None, timeout: float = 20.0) -> int:
     """The engine's fd count once it stops changing (or reaches ``want``)."""
     seen = []
@@ -212,9 +225,7 @@ def close_all(socks):
 
 
 @pytest.fixture(scope="module")
-def plab():
-    if os.geteuid() != 0:
-        pytest.skip("e2e tests need root (network namespaces, veth, TUN); CI runs them as root")
+def plab(root):
     # VLESS hop: these tests count every flow (a VMess hop drops ~1 in 1,000).
     # Every client here reads its reply before it closes, so the cores keep
     # a closed client's flow only LINGER s (not the lab's 30): settled()
@@ -447,13 +458,7 @@ def test_a_socks_server_that_never_answers(core_up, tmp_path):
         failed0 = counter(st, "upstream_connect_failed")
         srv.silent = True
         # each new flow is refused (RST) at the connect timeout, not left hanging
-        times = []
-        for _ in range(5):
-            s = cli_socket(lab, 20)
-            t0 = time.monotonic()
-            with s, pytest.raises(ConnectionRefusedError):
-                s.connect((TARGET4, ECHO_PORT))
-            times.append(time.monotonic() - t0)
+        times = refusal_times(lab)
         print(f"\nsilent SOCKS: refused after {', '.join(f'{t:.2f}' for t in times)} s")
         assert max(times) < 10, times               # the 2 s handshake timeout, not the client's own
         st = status_when(lab, tun, lambda s: s["state"] == "degraded", 20, "degraded")
@@ -509,13 +514,7 @@ def test_a_crash_looping_core(core_up, tmp_path):
         st = status_when(lab, tun, lambda s: s["state"] == "degraded", 15, "degraded")
         assert st["reason"].startswith("core exited"), st["reason"]
         # new flows are refused at once (the inbound is closed), not left hanging
-        times = []
-        for _ in range(5):
-            s = cli_socket(lab, 20)
-            t0 = time.monotonic()
-            with s, pytest.raises(ConnectionRefusedError):
-                s.connect((TARGET4, ECHO_PORT))
-            times.append(time.monotonic() - t0)
+        times = refusal_times(lab)
         print(f"\ncrash loop: flows refused after {', '.join(f'{t:.3f}' for t in times)} s")
         assert max(times) < 2, times
         # let it fail a few times: the restarts back off (0.5 s doubling)
@@ -675,18 +674,6 @@ QUIET_AFTER = 1.0
 FIN, SYN, RST, ACK = 0x01, 0x02, 0x04, 0x10
 
 
-def _quiet_server(lsock, stop):
-    lsock.settimeout(0.2)
-    while not stop.is_set():
-        try:
-            c, _ = lsock.accept()
-        except TimeoutError:
-            continue
-        except OSError:
-            return
-        threading.Timer(QUIET_AFTER, c.close).start()
-
-
 def _segments(path, port):
     """(side, flags, seq, ack) of each TCP segment of the capture."""
     import dpkt
@@ -743,7 +730,7 @@ def test_a_clean_close_after_1s_is_a_fin_and_crossing_fins_close_without_rst(cor
     lsock.bind((TARGET4, QUIET_PORT))
     lsock.listen(16)
     stop_srv = threading.Event()
-    threading.Thread(target=_quiet_server, args=(lsock, stop_srv), daemon=True).start()
+    threading.Thread(target=netlab.quiet_server, args=(lsock, stop_srv, QUIET_AFTER), daemon=True).start()
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"proxy": f"socks5://127.0.0.1:{SOCKS_PORT}", "tcp_refusal_window": 0.5}))
     pcap = str(tmp_path / "cross.pcap")

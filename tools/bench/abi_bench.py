@@ -98,7 +98,7 @@ class Bench:
             argv = [self.exe, "--tun", lab.tun, "--config", cfg, "--mtu", str(mtu),
                     "--addr", "198.18.0.1/15", "--addr", "fd00:7478::1/64"]
             if self.args.loop == "asyncio":
-                env = self.without_uvloop(env)
+                env = benchlab.embedded_env(lab.workdir, lab.repo)
         else:
             argv = [sys.executable, os.path.join(lab.repo, "tools", "reference_host.py"), "--tun", lab.tun,
                     "--config", cfg, "--log-level", "warning", "--loop", self.args.loop]
@@ -113,22 +113,6 @@ class Bench:
         if self.args.loop == "asyncio" and _maps_uvloop(p.pid):
             raise SystemExit(f"abi_bench: the {host} host loaded uvloop, but --loop asyncio was asked for")
         return p.pid
-
-    def without_uvloop(self, env: dict) -> dict:
-        """The C host's environment with uvloop kept out of its library's
-        Python: a module that fails to import, first on TUN2XRAY_PYTHONPATH
-        (which replaces the paths baked into the library: then this
-        checkout and this interpreter's site-packages)."""
-        import site
-
-        absent = os.path.join(self.lab.workdir, "absent")
-        os.makedirs(absent, exist_ok=True)
-        with open(os.path.join(absent, "uvloop.py"), "w") as f:
-            f.write("raise ImportError('absent from this host (tools/bench/abi_bench.py)')\n")
-        sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
-        env = dict(env, TUN2XRAY_PYTHONPATH=os.pathsep.join([absent, self.lab.repo] + sites))
-        env.pop("PYTHONPATH", None)
-        return env
 
     def stop_host(self, host: str) -> None:
         if host == "hev":

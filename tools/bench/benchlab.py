@@ -54,6 +54,25 @@ TUN = "ebtun0"
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def embedded_env(workdir: str, repo: str, absent=("uvloop",)) -> dict:
+    """The environment of a C host embedding libtun2xray (tools/abi_host.c):
+    its Python finds *repo* and this interpreter's site-packages (cffi's
+    backend) through TUN2XRAY_PYTHONPATH, which replaces the paths baked
+    into the library, and each module named in *absent* fails to import
+    there (a stub first on that path: uvloop as on iOS, ssl for a lean host)."""
+    import site
+
+    stubs = os.path.join(workdir, "absent")
+    os.makedirs(stubs, exist_ok=True)
+    for mod in absent:
+        with open(os.path.join(stubs, mod + ".py"), "w") as f:
+            f.write("raise ImportError('absent from this host (tools/bench/benchlab.py embedded_env)')\n")
+    sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    env = dict(os.environ, TUN2XRAY_PYTHONPATH=os.pathsep.join([stubs, repo] + sites))
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and its live descendants (a supervisor's worker processes)."""
     out, todo = [], [pid]

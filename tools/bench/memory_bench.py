@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import select
-import site
 import socket
 import subprocess
 import sys
@@ -71,22 +70,12 @@ def read_json(path):
         return None
 
 
-ABSENT = "raise ImportError('absent from this host (tools/bench/memory_bench.py)')\n"
-
-
 def abi_env(workdir: str, no_ssl: bool, fixed_mmap: bool) -> dict:
     """The C host's environment: the library finds this checkout, and no
     uvloop (nor ssl with no_ssl) through TUN2XRAY_PYTHONPATH."""
-    absent = os.path.join(workdir, "absent")
-    os.makedirs(absent, exist_ok=True)
-    for mod in ("uvloop",) + (("ssl",) if no_ssl else ()):
-        with open(os.path.join(absent, mod + ".py"), "w") as f:
-            f.write(ABSENT)
-    # the setting replaces the paths baked into the library: this checkout
-    # and this interpreter's site-packages (cffi's backend), after the stubs
-    sites = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    env = dict(os.environ, TUN2XRAY_PYTHONPATH=os.pathsep.join([absent, REPO] + sites))
-    env.pop("PYTHONPATH", None)
+    sys.path.insert(0, HERE)
+    from benchlab import embedded_env
+    env = embedded_env(workdir, REPO, ("uvloop",) + (("ssl",) if no_ssl else ()))
     if fixed_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = str(128 << 10)
     return env
