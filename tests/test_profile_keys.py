@@ -73,6 +73,7 @@ EFFECTS = {
     "tcp_buffer_kb": (64, lambda a, s: (stack_config(s, 1500).rcv_buf, stack_config(s, 1500).snd_buf)
                       == (65536, 65536)),
     "memory_budget_mb": (16, lambda a, s: stack_config(s, 1500).memory_budget == 16 << 20),
+    "tcp_synack_retries": (2, lambda a, s: stack_config(s, 1500).synack_retries == 2),
     "trust_checksums": (True, lambda a, s: stack_config(s, 1500).verify_checksums is False),
     "device": ("tun://prkey7", lambda a, s: a.device == "tun://prkey7" and s.net.owner == "tun2xray"),
     "control": ("unix:///tmp/pr-key.sock", lambda a, s: s.control == "unix:///tmp/pr-key.sock"),

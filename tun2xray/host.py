@@ -215,7 +215,8 @@ def queue_share(s, most: int) -> int | None:
 
 def stack_limits(profile) -> dict:
     """The StackConfig fields set by the profile's memory keys (max_udp_flows,
-    udp_port_timeouts, tcp_buffer_kb, memory_budget_mb) and trust_checksums;
+    udp_port_timeouts, tcp_buffer_kb, memory_budget_mb), tcp_synack_retries and
+    trust_checksums;
     their defaults when *profile* is None."""
     from .profile import KEY_BY_PATH
 
@@ -226,6 +227,7 @@ def stack_limits(profile) -> dict:
     return {"max_udp_flows": get("max_udp_flows"),
             "udp_port_timeouts": {int(p): float(t) for p, t in get("udp_port_timeouts").items()},
             "rcv_buf": buf, "snd_buf": buf, "memory_budget": int(get("memory_budget_mb") * (1 << 20)),
+            "synack_retries": get("tcp_synack_retries"),
             **({"verify_checksums": False} if get("trust_checksums") else {})}
 
 

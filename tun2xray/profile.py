@@ -89,6 +89,9 @@ KEYS: tuple = (
         "the send buffer, each, in KiB", lo=16, hi=65536),
     Key("memory_budget_mb", "number", 0, "MiB for every byte the engine buffers, all flows together "
         "(0: no budget); near it windows shrink, at it new flows are refused and counted", lo=0, hi=65536),
+    Key("tcp_synack_retries", "int", 5, "SYN-ACK retransmissions before a half-open TCP flow (a client that "
+        "sent a SYN and never answered the SYN-ACK) is dropped and its upstream released (5: about 63 s, "
+        "as Linux's tcp_synack_retries)", lo=1, hi=10),
     Key("trust_checksums", "bool", False, "the packets come from this machine's own network stack "
         "(a packet-flow host, a VpnService or utun fd): do not verify their TCP/UDP/IPv4 checksums "
         "(a tun:// device never does)"),
