@@ -1,0 +1,253 @@
+"""The download's ACK path: whatever shortcut a segment takes (the header
+prediction in segment_arrives, the demux's one-read parse of a pure ACK,
+the batch input), the connection must end up exactly where RFC 9293's
+step-by-step processing (`_slow`) puts it.
+
+Two stacks with the same seed play the same conversation: the same host
+writes, the same client segments, the same clock.  Stack A takes every
+shortcut; stack B has segment_arrives replaced by the slow path and its
+batches fed packet by packet.  After every step the two connections'
+slots, buffers, drop counters, events and the bytes of every packet they
+sent must be equal.  The client's segments are drawn at random around
+the sender's state: ACKs of new data (whole segments, odd amounts, all of
+it), duplicate ACKs (three and more: fast retransmit, recovery), old
+ACKs, ACKs of unsent data, window updates, zero windows (persist probes),
+SACK blocks, old timestamps (PAWS), data from the client, and time steps
+that fire the retransmission and persist timers.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from helpers import M, Client
+from netstack import events
+from netstack.tcp.connection import TcpConnection
+
+_SKIP_SLOTS = {"host", "tpl", "_mem", "ooo", "user", "snd_buf", "rcv_buf", "key", "src", "dst"}
+
+
+def _slow_only(self, seq, ack, flags, wnd, opts, payload, now):
+    return self._slow(self.state, seq, ack, flags, wnd, opts, payload, now)
+
+
+def _state(conn) -> dict:
+    d = {name: getattr(conn, name) for name in TcpConnection.__slots__ if name not in _SKIP_SLOTS}
+    d["snd_buf"] = bytes(conn.snd_buf)
+    d["rcv_buf"] = bytes(conn.rcv_buf)
+    d["ooo"] = list(conn.ooo.runs) if conn.ooo.runs else []
+    return d
+
+
+class Twin:
+    """Two clients, each with its own stack, fed the same segments."""
+
+    def __init__(self, seed, monkeypatch, *, mss=1000, ts=True, sack=True, ws=7, family=4):
+        kw = dict(mss=mss, ts=ts, sack=sack, ws=ws, family=family, seed=seed, verify_checksums=False,
+                  rcv_buf=64 * 1024, snd_buf=256 * 1024)
+        self.a = Client(**kw)
+        self.b = Client(**kw)
+        self.mp = monkeypatch
+        self.ca = self.a.handshake()
+        with self.slow():
+            self.cb = self.b.handshake()
+        self.rng = random.Random(seed * 7919)
+        self.sent = 0          # highest sequence offset the client has seen from the stack
+        self.checked = 0
+
+    def slow(self):
+        mp = self.mp
+
+        class _Ctx:
+            def __enter__(self_):
+                mp.setattr(TcpConnection, "segment_arrives", _slow_only)
+
+            def __exit__(self_, *exc):
+                mp.undo()
+        return _Ctx()
+
+    def feed(self, pkts):
+        """The same packets to both stacks: A as one batch, B one by one on the slow path."""
+        now = self.a.now
+        self.a.stack.input_batch(pkts, now)
+        with self.slow():
+            for p in pkts:
+                self.b.stack.input(p, now)
+        self.a.tsval += 1
+        self.b.tsval += 1
+
+    def poll(self, dt):
+        for c in (self.a, self.b):
+            c.now += dt
+            with (self.slow() if c is self.b else _Null()):
+                c.stack.poll(c.now)
+        oa, ob = self.a.stack.take_output(), self.b.stack.take_output()
+        assert [bytes(p) for p in oa] == [bytes(p) for p in ob], "the two stacks sent different packets"
+        for p in oa:
+            self._client_sees(p)
+        self._events()
+
+    def _client_sees(self, p):
+        from helpers import parse_packet
+        s = parse_packet(p)
+        if s.opts is not None and s.opts.ts_val is not None:
+            self.a.ts_recent = self.b.ts_recent = s.opts.ts_val
+
+    def _events(self):
+        ea, eb = self.a.stack.take_events(), self.b.stack.take_events()
+        assert [type(e).__name__ for e in ea] == [type(e).__name__ for e in eb]
+        for e in ea:
+            if isinstance(e, events.TcpReadable):
+                assert bytes(self.ca.read()) == bytes(self.cb.read())
+
+    def compare(self, what):
+        sa, sb = _state(self.ca), _state(self.cb)
+        diff = {k: (sa[k], sb[k]) for k in sa if sa[k] != sb[k]}
+        assert not diff, f"after {what}: fast != slow: {diff}"
+        assert dict(self.a.stack.tcp_drops) == dict(self.b.stack.tcp_drops), what
+        assert dict(self.a.stack.drops) == dict(self.b.stack.drops), what
+        assert self.a.stack.delivered == self.b.stack.delivered
+        assert self.a.stack.rx_packets == self.b.stack.rx_packets
+        self.checked += 1
+
+    # ------------------------------------------------------------ the client
+
+    def write(self, n):
+        data = bytes(self.rng.getrandbits(8) for _ in range(16)) * (n // 16 + 1)
+        data = data[:n]
+        if self.ca.closed or self.ca.state not in ("ESTABLISHED", "CLOSE_WAIT"):
+            return
+        assert self.ca.write(data) == self.cb.write(data)
+
+    def segment(self):
+        """One client segment drawn around the sender's state."""
+        rng = self.rng
+        c = self.ca
+        una, mx = c.snd_una, c.snd_max
+        inflight = (mx - una) & M
+        seg = c._seg
+        r = rng.random()
+        if inflight and r < 0.6:
+            k = rng.choice((seg, 2 * seg, 3 * seg, rng.randint(1, inflight), inflight))
+            ack = (una + min(k, inflight)) & M
+        elif r < 0.8:
+            ack = una                                    # duplicate ACK or window update
+        elif r < 0.85:
+            ack = (una - rng.randint(1, 3000)) & M       # old
+        elif r < 0.88:
+            ack = (mx + rng.randint(1, 3000)) & M        # beyond what was sent
+        else:
+            ack = (una + rng.randint(0, inflight)) & M if inflight else una
+        w = rng.random()
+        wnd_kept = rng.random() < 0.5
+        if w < 0.8 or wnd_kept:
+            wnd = self.a.wnd if self.a.wnd else 500
+        elif w < 0.87:
+            wnd = 0
+        elif w < 0.94:
+            wnd = rng.randint(1, 40)                     # a few segments (scaled by 7)
+        else:
+            wnd = rng.randint(0, 65535)
+        self.a.wnd = self.b.wnd = wnd
+        kw = {}
+        if c.sack_ok and inflight > 2 * seg and rng.random() < 0.15:
+            blocks = []
+            for _ in range(rng.randint(1, 3)):
+                lo = rng.randint(1, inflight - 1)
+                hi = rng.randint(lo + 1, inflight)
+                blocks.append(((una + lo) & M, (una + hi) & M))
+            kw["sack_blocks"] = blocks
+        if c.ts_ok:
+            t = rng.random()
+            if t < 0.05:
+                kw["ts"] = ((self.a.tsval - rng.randint(1, 1 << 20)) & M, self.a.ts_recent)     # PAWS
+            elif t < 0.1:
+                kw["ts"] = (self.a.tsval, (self.a.ts_recent - rng.randint(0, 100)) & M)
+        data = b""
+        flags = "A"
+        if rng.random() < 0.1:
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 600)))
+            flags = "PA"
+        # in order (what the stack expects next: data it dropped is sent
+        # again), now and then out of order or old
+        seq = c.rcv_nxt
+        if rng.random() < 0.04:
+            seq = (seq + rng.choice((-1, 1, 500, -500))) & M
+        return self.a.packet(flags, seq=seq, ack=ack, wnd=wnd, data=data, advance=False, **kw)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _play(tw, steps):
+    rng = tw.rng
+    tw.write(20000)
+    tw.poll(0.0)
+    for i in range(steps):
+        r = rng.random()
+        if r < 0.2:
+            tw.write(rng.randint(1, 30000))
+        batch = [tw.segment() for _ in range(rng.choice((1, 1, 2, 3, 5, 8)))]
+        tw.feed(batch)
+        tw.compare(f"step {i}: {len(batch)} segment(s)")
+        dt = rng.choice((0.0, 0.0, 0.001, 0.01, 0.05, 0.3, 1.0))
+        tw.poll(dt)
+        tw.compare(f"step {i}: poll +{dt}")
+        if tw.ca.closed:
+            break
+
+
+@pytest.mark.parametrize("seed", range(1, 13))
+def test_fast_paths_decide_as_the_slow_path(seed, monkeypatch):
+    tw = Twin(seed, monkeypatch)
+    _play(tw, 150)
+    assert tw.checked >= 20
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+def test_fast_paths_decide_as_the_slow_path_without_options(seed, monkeypatch):
+    """No timestamps, no SACK, no window scaling: the RTT comes from one
+    timed segment (Karn), dupacks from the plain rule."""
+    tw = Twin(100 + seed, monkeypatch, ts=False, sack=False, ws=None)
+    _play(tw, 150)
+    assert tw.checked >= 20
+
+
+@pytest.mark.parametrize("seed", range(1, 4))
+def test_fast_paths_decide_as_the_slow_path_ipv6(seed, monkeypatch):
+    tw = Twin(200 + seed, monkeypatch, family=6)
+    _play(tw, 100)
+    assert tw.checked >= 20
+
+
+def test_runs_of_pure_acks_in_one_batch(monkeypatch):
+    """What a read batch from a TUN holds during a download: many pure
+    ACKs of the same flow, each a little further, then duplicates."""
+    tw = Twin(42, monkeypatch)
+    tw.write(200000)
+    for rnd in range(40):
+        tw.poll(0.0)
+        c = tw.ca
+        una = c.snd_una
+        inflight = (c.snd_max - una) & M
+        seg = c._seg
+        acks = []
+        a = una
+        while (a - una) & M < inflight and len(acks) < 30:
+            a = (a + min(2 * seg, inflight - ((a - una) & M))) & M
+            acks.append(a)
+        if rnd % 5 == 4 and acks:
+            acks = acks[: len(acks) // 2] + [acks[len(acks) // 2 - 1]] * 4     # then dupacks
+        batch = [tw.a.packet("A", ack=x, advance=False) for x in acks]
+        tw.feed(batch)
+        tw.compare(f"round {rnd}: {len(batch)} ACKs")
+        tw.write(30000)
+        tw.poll(0.001 if rnd % 7 else 0.3)
+        tw.compare(f"round {rnd}: poll")
