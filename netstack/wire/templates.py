@@ -197,7 +197,13 @@ class TcpTemplate:
         burst), PSH on the last when *push*.  Returns the sequence number
         after them.  The same packets as build() would make one by one,
         with what is constant over a burst (ACK, window, options, their
-        share of the checksum, the header length) worked out once."""
+        share of the checksum, the header length) worked out once.
+
+        The checksum is summed in checksum.sum16's byte-swapped domain
+        (the payload read little-endian) without a call: the header's
+        share, multiplied by 2**8 (a byte swap, modulo 0xFFFF), joins the
+        folded payload before the one modulo, and only the result is
+        swapped back."""
         hl = 20 + len(options)
         ttl = self.ttl
         src = self.src
@@ -211,8 +217,9 @@ class TcpTemplate:
         ident = self._ident
         pack = _IP4TCP.pack if v4 else _IP6TCP.pack
         join = b"".join
-        sum16 = ck.sum16
         fold = ck.fold
+        from_bytes = int.from_bytes
+        folds = ck.folds
         if offload:
             base = self._ps
         else:
@@ -220,20 +227,28 @@ class TcpTemplate:
             # burst: addresses, ports, ACK, offset and flags, window, options
             base = (self._hsum + (ack >> 16) + (ack & 0xFFFF) + ((hl << 10) | ACK) + wnd
                     + (int.from_bytes(options, "big") % 0xFFFF if options else 0))
+        plan = folds(seg)
         end = off + n
         while off < end:
             k = end - off
             flags = ACK
             if k > seg:
                 k = seg
-            elif push:
-                flags = ACK | PSH
+            else:
+                if push:
+                    flags = ACK | PSH
+                if k != seg:
+                    plan = folds(k)
             p = mv[off:off + k]
             tl = hl + k
             if offload:
                 csum = fold(base + tl)
             else:
-                csum = ~sum16(p, base + tl + (seq >> 16) + (seq & 0xFFFF) + (flags & PSH)) & 0xFFFF
+                x = from_bytes(p, "little")
+                for half, m in plan:
+                    x = (x >> half) + (x & m)
+                x = (x + ((base + tl + (seq >> 16) + (seq & 0xFFFF) + (flags & PSH)) << 8)) % 0xFFFF
+                csum = 0xFFFF - (((x & 0xFF) << 8) | (x >> 8)) if x else 0
             if v4:
                 total = 20 + tl
                 ident = (ident + 1) & 0xFFFF
