@@ -22,7 +22,7 @@ import random
 
 import pytest
 
-from helpers import M, Client
+from helpers import M, Client, tcp_options
 from netstack import events
 from netstack.tcp.connection import TcpConnection
 
@@ -117,7 +117,7 @@ class Twin:
     def write(self, n):
         data = bytes(self.rng.getrandbits(8) for _ in range(16)) * (n // 16 + 1)
         data = data[:n]
-        if self.ca.closed or self.ca.state not in ("ESTABLISHED", "CLOSE_WAIT"):
+        if self.ca.closed or self.ca.fin_queued or self.ca.state not in ("ESTABLISHED", "CLOSE_WAIT"):
             return
         assert self.ca.write(data) == self.cb.write(data)
 
@@ -170,6 +170,13 @@ class Twin:
         if rng.random() < 0.1:
             data = bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 600)))
             flags = "PA"
+        odd = rng.random()
+        if odd < 0.004:
+            flags = "SA"                                 # a SYN in a synchronized state: challenge ACK
+        elif odd < 0.008:
+            flags = "FA"                                 # the client's FIN: CLOSE_WAIT, then on
+        elif odd < 0.01:
+            flags = "RA"                                 # a RST, exact or not
         # in order (what the stack expects next: data it dropped is sent
         # again), now and then out of order or old
         seq = c.rcv_nxt
@@ -194,6 +201,9 @@ def _play(tw, steps):
         r = rng.random()
         if r < 0.2:
             tw.write(rng.randint(1, 30000))
+        elif r < 0.205:
+            tw.ca.shutdown()                             # our FIN after the data: FIN_WAIT_1, ... TIME_WAIT
+            tw.cb.shutdown()
         batch = [tw.segment() for _ in range(rng.choice((1, 1, 2, 3, 5, 8)))]
         tw.feed(batch)
         tw.compare(f"step {i}: {len(batch)} segment(s)")
@@ -251,3 +261,34 @@ def test_runs_of_pure_acks_in_one_batch(monkeypatch):
         tw.write(30000)
         tw.poll(0.001 if rnd % 7 else 0.3)
         tw.compare(f"round {rnd}: poll")
+
+
+def test_a_new_syn_after_acks_in_one_batch_reopens_from_time_wait(monkeypatch):
+    """TIME_WAIT, then one batch: two ACKs of the old flow and a SYN with a
+    newer timestamp.  The SYN must leave the flow cache for the demux's
+    TIME_WAIT reuse (RFC 6191) on both routes: a new request, the same
+    packets."""
+    tw = Twin(7, monkeypatch)
+    tw.write(3000)
+    tw.poll(0.0)
+    tw.ca.shutdown()
+    tw.cb.shutdown()
+    tw.poll(0.0)
+    c = tw.ca
+    tw.feed([tw.a.packet("A", seq=c.rcv_nxt, ack=c.snd_max, advance=False)])
+    tw.feed([tw.a.packet("FA", seq=c.rcv_nxt, ack=c.snd_max, advance=False)])
+    tw.poll(0.0)
+    tw.compare("our FIN acknowledged, theirs in")
+    assert c.state == "TIME_WAIT"
+    rn = c.rcv_nxt
+    batch = [tw.a.packet("A", seq=rn, ack=c.snd_max, advance=False) for _ in range(2)]
+    tw.a.tsval += 10
+    # a SYN with no option but the timestamp: the shape the flow cache reads
+    batch.append(tw.a.packet("S", seq=(rn + 100000) & M, ack=0, advance=False,
+                             opts=tcp_options(ts=(tw.a.tsval, 0))))
+    tw.feed(batch)
+    reqs_a = [e for e in tw.a.stack.take_events() if isinstance(e, events.TcpConnectRequest)]
+    reqs_b = [e for e in tw.b.stack.take_events() if isinstance(e, events.TcpConnectRequest)]
+    assert len(reqs_a) == len(reqs_b) == 1
+    assert tw.ca.closed and tw.cb.closed
+    assert _state(reqs_a[0].conn) == _state(reqs_b[0].conn)
