@@ -292,3 +292,48 @@ def test_a_new_syn_after_acks_in_one_batch_reopens_from_time_wait(monkeypatch):
     assert len(reqs_a) == len(reqs_b) == 1
     assert tw.ca.closed and tw.cb.closed
     assert _state(reqs_a[0].conn) == _state(reqs_b[0].conn)
+
+
+def _with_ip_options(pkt):
+    """The same IPv4 packet with a 4-byte IP option block that repeats the
+    TCP ports: bytes 12-24 look like the flow's, only the IHL tells."""
+    b = bytearray(pkt[:20]) + pkt[20:24] + pkt[20:]
+    b[0] = 0x46
+    b[2:4] = (len(b)).to_bytes(2, "big")
+    return bytes(b)
+
+
+def _with_flag(pkt, frag_word):
+    b = bytearray(pkt)
+    b[6:8] = frag_word.to_bytes(2, "big")
+    return bytes(b)
+
+
+def test_packets_the_flow_cache_must_not_take(monkeypatch):
+    """Inside a run of one flow's ACKs: the same flow's segment with link
+    padding after the IP datagram, with IP options, as a fragment, without
+    a timestamp, with data; and another flow's segment.  Each must be
+    handled as input() handles it alone (the padding is not data, the
+    fragment waits for reassembly, the stranger gets a RST)."""
+    tw = Twin(9, monkeypatch)
+    tw.write(60000)
+    tw.poll(0.0)
+    c = tw.ca
+    una, seg = c.snd_una, c._seg
+
+    def ack(k, **kw):
+        return tw.a.packet("A", seq=c.rcv_nxt, ack=(una + k * seg) & M, advance=False, **kw)
+
+    stranger = Client(tw.a.stack, client=("10.0.0.9", 41000)).packet("A", seq=5, ack=7, advance=False)
+    batch = [ack(1), ack(2), ack(3) + b"\0\0\0\0", _with_ip_options(ack(4)), ack(5),
+             _with_flag(ack(6), 0x2000), ack(7), ack(8, opts=b""), stranger, ack(9), ack(10),
+             ack(10, opts=b"\x01\x01\x05\x0a" + ((una + 11 * seg) & M).to_bytes(4, "big")
+                 + ((una + 12 * seg) & M).to_bytes(4, "big")),
+             tw.a.packet("PA", seq=c.rcv_nxt, ack=(una + 10 * seg) & M, data=b"x" * 300, advance=False),
+             ack(11)]
+    tw.feed(batch)
+    tw.compare("a batch of odd packets among one flow's ACKs")
+    tw.poll(0.0)
+    tw.compare("after the poll")
+    assert tw.a.stack.drops == tw.b.stack.drops and tw.a.stack.frag_held == tw.b.stack.frag_held == 1
+    assert tw.ca.rcv_nxt == (tw.a.seq + 300) & M
