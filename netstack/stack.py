@@ -201,15 +201,10 @@ class Stack:
             drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
-        """input() for each packet, in order.  When the device vouches for
-        checksums, runs of one TCP flow's segments take the demux's flow
-        cache (netstack.tcp.demux.tcp_batch) past the per-packet parse."""
-        if self.config.verify_checksums:
-            inp = self.input
-            for p in packets:
-                inp(p, now)
-        else:
-            _tcp_batch(self, packets, now)
+        """input() for each packet, in order; runs of one TCP flow's
+        segments take the demux's flow cache (netstack.tcp.demux.tcp_batch)
+        past the per-packet parse."""
+        _tcp_batch(self, packets, now)
 
     def poll(self, now: float) -> None:
         """Run expired timers and emit what flows touched since the last poll owe."""

@@ -44,9 +44,10 @@ def _state(conn) -> dict:
 class Twin:
     """Two clients, each with its own stack, fed the same segments."""
 
-    def __init__(self, seed, monkeypatch, *, mss=1000, ts=True, sack=True, ws=7, family=4):
-        kw = dict(mss=mss, ts=ts, sack=sack, ws=ws, family=family, seed=seed, verify_checksums=False,
+    def __init__(self, seed, monkeypatch, *, mss=1000, ts=True, sack=True, ws=7, family=4, verify=False):
+        kw = dict(mss=mss, ts=ts, sack=sack, ws=ws, family=family, seed=seed, verify_checksums=verify,
                   rcv_buf=64 * 1024, snd_buf=256 * 1024)
+        self.verify = verify
         self.a = Client(**kw)
         self.b = Client(**kw)
         self.mp = monkeypatch
@@ -182,7 +183,12 @@ class Twin:
         seq = c.rcv_nxt
         if rng.random() < 0.04:
             seq = (seq + rng.choice((-1, 1, 500, -500))) & M
-        return self.a.packet(flags, seq=seq, ack=ack, wnd=wnd, data=data, advance=False, **kw)
+        if self.verify and rng.random() < 0.05:
+            kw["bad_checksum"] = True                    # counted and dropped, by either route
+        pkt = self.a.packet(flags, seq=seq, ack=ack, wnd=wnd, data=data, advance=False, **kw)
+        if self.verify and pkt[0] == 0x45 and rng.random() < 0.03:
+            pkt = pkt[:10] + bytes([pkt[10] ^ 0x21]) + pkt[11:]      # a bad IPv4 header checksum
+        return pkt
 
 
 class _Null:
@@ -219,6 +225,17 @@ def test_fast_paths_decide_as_the_slow_path(seed, monkeypatch):
     tw = Twin(seed, monkeypatch)
     _play(tw, 150)
     assert tw.checked >= 20
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+def test_fast_paths_decide_as_the_slow_path_verifying_checksums(seed, monkeypatch):
+    """A device that does not vouch for checksums (a pcap, an fd from an
+    unknown host): the flow cache verifies them too, and one that fails
+    goes to input(), which counts the drop."""
+    tw = Twin(300 + seed, monkeypatch, verify=True)
+    _play(tw, 150)
+    assert tw.checked >= 20
+    assert tw.a.stack.drops["bad_tcp_checksum"] > 0 and tw.a.stack.drops["bad_ip_checksum"] > 0
 
 
 @pytest.mark.parametrize("seed", range(1, 5))

@@ -95,7 +95,7 @@ _V4_TS = struct.Struct("!BxHxxHxB14xIIBBH4xIII").unpack_from
 
 
 def tcp_batch(stack, packets, now):
-    """Stack.input_batch when the device vouches for checksums.
+    """Stack.input_batch.
 
     A read batch of a transfer is mostly one flow's segments in a row (a
     download's ACKs: ~150 a batch on a plain TUN).  The connection of the
@@ -104,11 +104,14 @@ def tcp_batch(stack, packets, now):
     bytes 12-24 match it, that is IPv4 without options or fragments and
     TCP with only a timestamp option, and no SYN, goes straight to the
     connection's segment_arrives: one header read instead of input()'s
-    IP parse, tcp_input's and the table lookup.  Everything else takes
+    IP parse, tcp_input's and the table lookup.  Checksums are verified
+    here when the stack verifies them; a packet that fails goes to input(),
+    which finds what is wrong and counts it.  Everything else takes
     input() as before; the counters (rx_*, delivered) move as input()
     moves them, and segment_arrives makes every decision, so the
     connection cannot tell the two routes apart (tests/test_tcp_ackpath.py)."""
     inp = stack.input
+    verify = stack.config.verify_checksums
     kb = None            # bytes 12-24 (addresses, ports) of the cached flow
     conn = None
     last = None          # bytes 12-24 of the previous packet, when it was IPv4 TCP
@@ -120,7 +123,8 @@ def tcp_batch(stack, packets, now):
             if k == kb:
                 vihl, tot, frag, proto, seq, ack, doff, flags, wnd, head, tsv, tse = _V4_TS(p)
                 if (vihl == 0x45 and tot == n and proto == PROTO_TCP and not frag & 0x3FFF
-                        and doff >> 4 == 8 and head == _TS_HEAD and not flags & SYN and not conn.closed):
+                        and doff >> 4 == 8 and head == _TS_HEAD and not flags & SYN and not conn.closed
+                        and (not verify or _sums_ok(p, conn._ps + n - 20))):
                     stack.now = now
                     stack.rx_packets += 1
                     stack.rx_bytes += n
@@ -143,6 +147,13 @@ def tcp_batch(stack, packets, now):
         else:
             inp(p, now)
             last = None
+
+
+def _sums_ok(p, ps):
+    """The IPv4 header (20 bytes) and the TCP segment after it sum right
+    (ps: the flow's pseudo-header sum with the segment's length)."""
+    mv = memoryview(p)
+    return _ck.sum16(mv[:20]) == 0xFFFF and _ck.sum16(mv[20:], ps) == 0xFFFF
 
 
 def _tw_reuse(conn, seq, opts):
