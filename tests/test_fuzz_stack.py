@@ -284,7 +284,7 @@ def check_timers(stack):
 @given(st.data())
 def test_fuzz_whole_stack(data):
     draw = data.draw
-    # checksums trusted (a TUN): batches take the demux's flow cache
+    # checksums trusted (a TUN) or verified: both routes of the demux's flow cache
     stack = Stack(config(verify=draw(st.booleans())), rng=random.Random(draw(st.integers(0, 2**32))))
     client = Client()
     host = Host(stack, draw)
