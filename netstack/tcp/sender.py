@@ -69,7 +69,8 @@ class TcpSender:
         elif nb > len(buf):
             nb = len(buf)                   # ... and our FIN
         if nb:
-            # the bytearray drops its head in place (its start moves; no copy)
+            # the bytearray drops its head by moving its start (CPython copies
+            # the rest only when it falls below half of what is allocated)
             del buf[:nb]
             self._mem.used -= nb
             self._buf_seq = (bseq + nb) & _M

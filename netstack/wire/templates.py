@@ -269,7 +269,6 @@ class TcpTemplate:
         self._ident = ident
         return seq
 
-
     def _fixed_runs(self) -> tuple:
         """The header bytes no segment of this flow changes, as burst()'s
         struct takes them: IPv4 (flags/fragment, TTL, protocol; addresses
