@@ -201,9 +201,10 @@ class Stack:
             drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
-        inp = self.input
-        for p in packets:
-            inp(p, now)
+        """input() for each packet, in order; runs of one TCP flow's
+        segments take the demux's flow cache (netstack.tcp.demux.tcp_batch)
+        past the per-packet parse."""
+        _tcp_batch(self, packets, now)
 
     def poll(self, now: float) -> None:
         """Run expired timers and emit what flows touched since the last poll owe."""
@@ -454,6 +455,7 @@ _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)
 
+from .tcp.demux import tcp_batch as _tcp_batch  # noqa: E402
 from .tcp.demux import tcp_input  # noqa: E402
 
 Stack._tcp_in = tcp_input

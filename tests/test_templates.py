@@ -190,3 +190,32 @@ def test_icmp_builders():
 def test_ip_packets_df_never_fragments():
     pkts = ip_packets(4, B4, A4, 17, bytes(3000), 64, 1500, df=True)
     assert len(pkts) == 1 and dpkt.ip.IP(pkts[0]).df
+
+
+@pytest.mark.parametrize("family,src,dst", FAMILIES)
+def test_tcp_burst_checksum_edge_values(family, src, dst):
+    """Payloads whose one's complement sum makes the checksum field 0, 1
+    and 0xFFFE, on random and on all-zero payloads: burst() (which sums in the
+    byte-swapped domain without calling sum16) against build()."""
+    cfg = StackConfig()
+    one, many = (TcpTemplate(family, src, dst, 443, 50000, cfg) for _ in range(2))
+    seq, ack, wnd = 77, 0x12345678, 4321
+    opts = bytes(build_options(ts=(5, 6)))
+    for size in (1448, 1001, 2, 300):
+        for target in (0, 1, 0xFFFE):
+            base = bytearray(os.urandom(size)) if target else bytearray(size)
+            # fix the last whole word so the header + payload sum gives the target field
+            base[-2 - (size & 1):size - (size & 1)] = b"\0\0"
+            pkt = one.build(seq, ack, 0x18, wnd, opts, bytes(base))
+            field = struct.unpack_from("!H", pkt, (20 if family == 4 else 40) + 16)[0]
+            # the word w added at an even offset lowers the field by w (one's complement)
+            w = (field - target) % 0xFFFF
+            base[-2 - (size & 1):size - (size & 1)] = w.to_bytes(2, "big")
+            data = bytes(base)
+            want = one.build(seq, ack, 0x18, wnd, opts, data)
+            assert struct.unpack_from("!H", want, (20 if family == 4 else 40) + 16)[0] == target
+            out = []
+            many._ident = one._ident - 1
+            many.burst(out.append, memoryview(data), 0, size, 1448, seq, ack, wnd, opts, True)
+            assert out == [want]
+            assert_valid(out[0])

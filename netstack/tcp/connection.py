@@ -209,25 +209,24 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
     def segment_arrives(self, seq, ack, flags, wnd, opts, payload, now):
         st = self.state
         # ---- header prediction: ESTABLISHED, in-order, only ACK(/PSH), nothing special
+        # (tests/test_tcp_ackpath.py: every decision as _slow's)
         if (st is ESTABLISHED and (flags & 0xF7) == ACK and seq == self.rcv_nxt
                 and not self.in_recovery and not self.ooo.runs):
             ts_val = None
             if opts is not None:
                 if opts.sack is not None or opts.mss is not None:
                     return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
-                ts_val = opts.ts_val
-                if ts_val is not None and self.ts_ok:
-                    d = (ts_val - self.ts_recent) & _M
-                    if d >= _HALF:
+                if self.ts_ok:
+                    ts_val = opts.ts_val
+                    if ts_val is not None and ((ts_val - self.ts_recent) & _M) >= _HALF:
                         return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
             n = len(payload)
-            if n > self._rcv_cap - len(self.rcv_buf):
+            if n and n > self._rcv_cap - len(self.rcv_buf):
                 room = (self.rcv_adv - seq) & _M
                 if room >= _HALF or n > room:
                     return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
             una = self.snd_una
             acked = (ack - una) & _M
-            swnd = wnd << self.snd_wscale
             if acked == 0:
                 if n == 0:
                     # pure ACK for nothing new: a dup ACK or a window update -> slow path
@@ -236,22 +235,24 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 return self._slow(st, seq, ack, flags, wnd, opts, payload, now)
             self.last_rcv = now
             self._ka_n = 0
-            if ts_val is not None and self.ts_ok and seq == self.last_ack_sent:
+            if ts_val is not None and seq == self.last_ack_sent:
                 self.ts_recent = ts_val
             if acked:
                 self._new_ack(ack, acked, opts, now)
             # window update (RFC 9293 §3.10.7.4 step 5)
             if ((seq - self.snd_wl1) & _M) < _HALF and ((ack - self.snd_wl2) & _M) < _HALF:
+                swnd = wnd << self.snd_wscale
                 old = self.snd_wnd
                 self.snd_wnd = swnd
                 self.snd_wl1 = seq
                 self.snd_wl2 = ack
-                if swnd > self.max_snd_wnd:
-                    self.max_snd_wnd = swnd
-                if swnd > old and self.snd_buf:
+                if swnd > old:
+                    if swnd > self.max_snd_wnd:
+                        self.max_snd_wnd = swnd
                     self.persist_at = None
                     self._persist_n = 0
-                    self.host.dirty[self] = None
+                    if self.snd_buf:
+                        self.host.dirty[self] = None
             if n:
                 self._deliver(payload, n, now)
             return

@@ -62,33 +62,34 @@ class TcpSender:
     def _new_ack(self, ack, acked, opts, now):
         """ACK of new data (snd_una < ack <= snd_max)."""
         buf = self.snd_buf
-        nb = (ack - self._buf_seq) & _M
+        bseq = self._buf_seq
+        nb = (ack - bseq) & _M
         if nb >= _HALF:
             nb = 0                          # only our SYN was acknowledged
         elif nb > len(buf):
             nb = len(buf)                   # ... and our FIN
         if nb:
+            # the bytearray drops its head by moving its start (CPython copies
+            # the rest only when it falls below half of what is allocated)
             del buf[:nb]
             self._mem.used -= nb
-            self._buf_seq = (self._buf_seq + nb) & _M
+            self._buf_seq = (bseq + nb) & _M
         self.snd_una = ack
         if ((self.snd_nxt - ack) & _M) >= _HALF:
             self.snd_nxt = ack
         self.retries = 0
         self._persist_n = 0
         # RTT sample (RFC 7323 §4 with timestamps; else one timed segment, Karn's rule)
-        r = None
         if self.ts_ok and opts is not None and opts.ts_ecr is not None:
-            r = (((int(now * 1000) + self._ts_off) - opts.ts_ecr) & _M)
-            r = r / 1000.0 if r < 600000 else None
+            r = ((int(now * 1000) + self._ts_off) - opts.ts_ecr) & _M
+            if r < 600000:
+                self._rtt_sample(r / 1000.0)
         elif self._rtt_seq is not None and ((ack - self._rtt_seq) & _M) < _HALF:
-            r = now - self._rtt_time
             self._rtt_seq = None
-        if r is not None:
-            self._rtt_sample(r)
+            self._rtt_sample(now - self._rtt_time)
         # congestion control
-        seg = self._seg
         if self.in_recovery:
+            seg = self._seg
             if ((ack - self.recover) & _M) < _HALF:
                 # full ACK: leave recovery (RFC 6582 §3.2 step 3)
                 self.in_recovery = False
@@ -109,20 +110,21 @@ class TcpSender:
         else:
             self.dupacks = 0
             if nb:
-                if self.cwnd < self.ssthresh:
-                    self.cwnd += nb              # slow start; stretch ACKs count fully
+                cwnd = self.cwnd
+                if cwnd < self.ssthresh:
+                    self.cwnd = cwnd + nb             # slow start; stretch ACKs count fully
                 else:
-                    self.cwnd += max(1, seg * nb // self.cwnd)
+                    inc = self._seg * nb // cwnd
+                    self.cwnd = cwnd + (inc if inc > 1 else 1)
         if self.scoreboard:
             self._sack_prune()
         # timers: restart the RTO (lazily: poll_at is only ever lowered here)
         if ack == self.snd_max:
             self.rto_at = None
         else:
-            self.rto_at = now + self.rto
-            p = self.poll_at
-            if p is None:
-                self.poll_at = self.rto_at
+            at = self.rto_at = now + self.rto
+            if self.poll_at is None:
+                self.poll_at = at
         if buf or self.fin_queued:
             self.host.dirty[self] = None
         if self._wr_blocked and (self._snd_cap - len(buf)) >= (self._snd_cap >> 1):
@@ -130,14 +132,17 @@ class TcpSender:
             self.host.events.append(_ev.TcpWritable(self))
 
     def _rtt_sample(self, r):
-        cfg = self.host.config
-        if self.srtt is None:
-            self.srtt = r
-            self.rttvar = r / 2
+        srtt = self.srtt
+        if srtt is None:
+            self.srtt = srtt = r
+            self.rttvar = var = r / 2
         else:
-            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
-            self.srtt = 0.875 * self.srtt + 0.125 * r
-        rto = self.srtt + max(0.001, 4 * self.rttvar)
+            d = srtt - r
+            self.rttvar = var = 0.75 * self.rttvar + 0.25 * (d if d >= 0 else -d)
+            self.srtt = srtt = 0.875 * srtt + 0.125 * r
+        var *= 4
+        rto = srtt + (var if var > 0.001 else 0.001)
+        cfg = self.host.config
         if rto < cfg.min_rto:
             rto = cfg.min_rto
         elif rto > cfg.max_rto:

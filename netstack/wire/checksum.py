@@ -63,6 +63,12 @@ def _plan(n: int) -> tuple:
     return plan
 
 
+def folds(n: int) -> tuple:
+    """The (shift, mask) folds sum16 applies to an n-byte number (for a
+    caller that sums in sum16's own way without calling it)."""
+    return _PLANS.get(n) or _plan(n)
+
+
 def sum16(data, start: int = 0) -> int:
     """Folded one's complement sum of *data* (bytes-like) plus *start*
     (a non-negative, possibly unfolded, accumulator such as pseudo())."""

@@ -129,7 +129,8 @@ class TcpTemplate:
     """Builds TCP segments from (src, sport) to (dst, dport) for one flow.
     src/dst are the packet's own source/destination (the stack's side first).
     The option block must be a multiple of 4 bytes long (build_options pads)."""
-    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "_ps", "_hsum", "_ip4_sum", "_ident")
+    __slots__ = ("family", "src", "dst", "sport", "dport", "ttl", "offload", "_ps", "_hsum", "_ip4_sum", "_ident",
+                 "_fixed")
 
     def __init__(self, family, src, dst, sport, dport, config):
         self.family = family
@@ -145,6 +146,7 @@ class TcpTemplate:
         # pseudo-header + the ports: the constant part of the TCP sum
         self._hsum = self._ps + sport + dport
         self._ident = 0
+        self._fixed = None      # burst(): the header bytes that never change, made at the first burst
 
     def gso(self, pkt, options_len: int, gso_size: int) -> GsoSegment:
         """*pkt* (built by build() with an option block of options_len
@@ -197,22 +199,32 @@ class TcpTemplate:
         burst), PSH on the last when *push*.  Returns the sequence number
         after them.  The same packets as build() would make one by one,
         with what is constant over a burst (ACK, window, options, their
-        share of the checksum, the header length) worked out once."""
+        share of the checksum, the header length) worked out once.
+
+        The checksum is summed in checksum.sum16's byte-swapped domain
+        (the payload read little-endian) without a call: the header's
+        share, multiplied by 2**8 (a byte swap, modulo 0xFFFF), joins the
+        folded payload before the one modulo, and only the result is
+        swapped back."""
         hl = 20 + len(options)
-        ttl = self.ttl
-        src = self.src
-        dst = self.dst
-        sport = self.sport
-        dport = self.dport
-        doff = hl << 2
         offload = self.offload
         v4 = self.family == 4
         ip4 = self._ip4_sum
         ident = self._ident
-        pack = _IP4TCP.pack if v4 else _IP6TCP.pack
-        join = b"".join
-        sum16 = ck.sum16
+        fixed = self._fixed
+        if fixed is None:
+            fixed = self._fixed = self._fixed_runs()
+        # one pack of 10 (IPv4) or 7 (IPv6) fields per segment: what stays
+        # the same over the burst (ACK, offset, flags, window; the urgent
+        # pointer and the options) is packed once, as byte runs
+        pack = _burst_struct(v4, len(options)).pack
+        run = _ACK_RUN.pack
+        doff = hl << 2
+        mid = run(ack, doff, ACK, wnd)
+        tail = b"\0\0" + options
         fold = ck.fold
+        from_bytes = int.from_bytes
+        folds = ck.folds
         if offload:
             base = self._ps
         else:
@@ -220,36 +232,71 @@ class TcpTemplate:
             # burst: addresses, ports, ACK, offset and flags, window, options
             base = (self._hsum + (ack >> 16) + (ack & 0xFFFF) + ((hl << 10) | ACK) + wnd
                     + (int.from_bytes(options, "big") % 0xFFFF if options else 0))
+        plan = folds(seg)
         end = off + n
         while off < end:
             k = end - off
             flags = ACK
             if k > seg:
                 k = seg
-            elif push:
-                flags = ACK | PSH
+            else:
+                if push:
+                    flags = ACK | PSH
+                    mid = run(ack, doff, flags, wnd)
+                if k != seg:
+                    plan = folds(k)
             p = mv[off:off + k]
             tl = hl + k
             if offload:
                 csum = fold(base + tl)
             else:
-                csum = ~sum16(p, base + tl + (seq >> 16) + (seq & 0xFFFF) + (flags & PSH)) & 0xFFFF
+                x = from_bytes(p, "little")
+                for half, m in plan:
+                    x = (x >> half) + (x & m)
+                x = (x + ((base + tl + (seq >> 16) + (seq & 0xFFFF) + (flags & PSH)) << 8)) % 0xFFFF
+                csum = 0xFFFF - (((x & 0xFF) << 8) | (x >> 8)) if x else 0
             if v4:
                 total = 20 + tl
                 ident = (ident + 1) & 0xFFFF
                 h = ip4 + total + ident
                 h = (h & 0xFFFF) + (h >> 16)
                 h = (h & 0xFFFF) + (h >> 16)
-                hdr = pack(0x45, 0, total, ident, IP4_DF, ttl, PROTO_TCP, ~h & 0xFFFF, src, dst,
-                           sport, dport, seq, ack, doff, flags, wnd, csum, 0)
+                emit(pack(b"\x45\0", total, ident, fixed[0], ~h & 0xFFFF, fixed[1], seq, mid, csum, tail) + p)
             else:
-                hdr = pack(0x60000000, tl, PROTO_TCP, ttl, src, dst, sport, dport, seq, ack, doff, flags, wnd,
-                           csum, 0)
-            emit(join((hdr, options, p)) if options else hdr + p)
+                emit(pack(fixed[0], tl, fixed[1], seq, mid, csum, tail) + p)
             seq = (seq + k) & 0xFFFFFFFF
             off += k
         self._ident = ident
         return seq
+
+    def _fixed_runs(self) -> tuple:
+        """The header bytes no segment of this flow changes, as burst()'s
+        struct takes them: IPv4 (flags/fragment, TTL, protocol; addresses
+        and ports), IPv6 (version and flow label; next header, hop limit,
+        addresses and ports)."""
+        ports = _PORTS.pack(self.sport, self.dport)
+        if self.family == 4:
+            return (_DF_TTL_PROTO.pack(IP4_DF, self.ttl, PROTO_TCP), self.src + self.dst + ports)
+        return (b"\x60\0\0\0", _NXT_HLIM.pack(PROTO_TCP, self.ttl) + self.src + self.dst + ports)
+
+
+_PORTS = struct.Struct("!HH")
+_DF_TTL_PROTO = struct.Struct("!HBB")
+_NXT_HLIM = struct.Struct("!BB")
+_ACK_RUN = struct.Struct("!IBBH")        # ACK number, data offset, flags, window
+_BURST: dict = {}
+
+
+def _burst_struct(v4: bool, olen: int) -> struct.Struct:
+    """IP + TCP header with options of olen bytes, its constant parts as
+    byte runs: IPv4 45 00 | total | ident | DF TTL proto | header checksum |
+    addresses, ports | seq | ACK offset flags window | checksum | urgent
+    pointer, options; IPv6 the same from its own layout."""
+    s = _BURST.get((v4, olen))
+    if s is None:
+        s = _BURST[(v4, olen)] = struct.Struct(f"!2sHH4sH12sI8sH{2 + olen}s" if v4 else
+                                               f"!4sH38sI8sH{2 + olen}s")
+    return s
 
 
 class UdpTemplate:

@@ -5,7 +5,11 @@ Runs, on one core:
   - bulk transfer client -> host ("in") and host -> client ("out") with
     1460-byte segments (MTU 1500) and with 64 KB segments (TUN offload style:
     GSO super-segments in, gso_max out);
-  - a connection-rate run: handshake, one request, one response, close.
+  - a connection-rate run: handshake, one request, one response, close;
+  - `--only down`: host -> client against a client that behaves like
+    Linux's receiver (timestamps and SACK-permitted in its SYN, a window
+    scaled by 7, an ACK for every second segment, a read batch of ACKs fed
+    in at once): the path of a download through a plain TUN.
 
 The synthetic client is deliberately thin (precomputed headers, no checksum
 work): what is measured is the stack.  Checksums: the stack is configured as
@@ -209,6 +213,88 @@ def bench_out(total, seg_size, verify, offload):
     return total / dt / 1e6
 
 
+class LinuxClient(Client):
+    """A client that answers a download as Linux's receiver does on a
+    plain TUN: timestamps on every segment (NOP NOP TS), SACK-permitted and
+    window scale 7 in its SYN, one ACK for every second full segment."""
+
+    def __init__(self, sport, **kw):
+        super().__init__(sport, **kw)
+        self.tsval = 1000
+        self.ts_echo = 0
+        self.wnd = 24000                 # << 7: about 3 MB, what Linux grows to
+
+    def seg(self, flags, payload=b"", seq=None, options=b""):
+        if not options:
+            options = TS_BLOCK.pack(0x0101080A, self.tsval, self.ts_echo)
+        return super().seg(flags, payload, seq, options)
+
+    def syn(self):
+        # MSS, SACK-permitted, TS, NOP, WS: Linux's order, 20 bytes
+        opts = (struct.pack("!BBH", 2, 4, self.mss) + b"\x04\x02"
+                + struct.pack("!BBII", 8, 10, self.tsval, 0) + struct.pack("!BBBB", 1, 3, 3, self.wscale))
+        p = Client.seg(self, SYN, options=opts)
+        self.snd_nxt = (self.snd_nxt + 1) & M32
+        return p
+
+    def take(self, pkt):
+        ihl = (pkt[0] & 15) << 2
+        if (pkt[ihl + 12] >> 4) << 2 == 32 and pkt[ihl + 20:ihl + 24] == b"\x01\x01\x08\x0a":
+            self.ts_echo = int.from_bytes(pkt[ihl + 24:ihl + 28], "big")
+        elif pkt[ihl + 13] & SYN:
+            o = pkt.find(b"\x08\x0a", ihl + 20)
+            if o > 0:
+                self.ts_echo = int.from_bytes(pkt[o + 2:o + 6], "big")
+        return super().take(pkt)
+
+
+TS_BLOCK = struct.Struct("!III")
+
+
+def bench_down(total, verify, offload):
+    """The host writes `total` bytes to a LinuxClient; every poll's burst
+    is answered with an ACK per two segments (and one for an odd last),
+    fed back as one input_batch, as a read batch from a TUN is."""
+    cfg = StackConfig(mtu=1500, verify_checksums=verify, checksum_offload=offload)
+    stack = Stack(cfg, rng=random.Random(4))
+    client = LinuxClient(40002, mss=1460, verify=verify)
+    now = 1.0
+    conn = connect(stack, client, now)
+    chunk = os.urandom(256 * 1024)
+    mv = memoryview(chunk)
+    written = 0
+    acks = 0
+    t0 = time.perf_counter()
+    while client.received < total:
+        while written < total:
+            n = conn.write(mv[: min(len(chunk), total - written)])
+            if n <= 0:
+                break
+            written += n
+        stack.take_events()
+        now += 0.0001
+        stack.poll(now)
+        out = stack.take_output()
+        batch = []
+        k = 0
+        for p in out:
+            if client.take(p):
+                k += 1
+                if k == 2:
+                    batch.append(client.seg(ACK))
+                    k = 0
+        if k:
+            batch.append(client.seg(ACK))
+        client.tsval += 1
+        if batch:
+            acks += len(batch)
+            stack.input_batch(batch, now)
+        elif written >= total and client.received < total:
+            now += 0.3
+    dt = time.perf_counter() - t0
+    return total / dt / 1e6
+
+
 def bench_conns(count, verify):
     cfg = StackConfig(mtu=1500, verify_checksums=verify, checksum_offload=True, time_wait=0.5)
     stack = Stack(cfg, rng=random.Random(3))
@@ -268,9 +354,15 @@ def main(argv=None):
     ap.add_argument("--conns", type=int, default=50000)
     ap.add_argument("--verify", action="store_true", help="verify inbound checksums (pcap/unknown host)")
     ap.add_argument("--no-offload", action="store_true", help="compute outbound checksums in Python")
+    ap.add_argument("--only", choices=("down",), help="run one phase only")
     a = ap.parse_args(argv)
     total = int(a.bytes)
     r = {}
+    if a.only == "down":
+        r["down_MBps"] = bench_down(total, a.verify, not a.no_offload)
+        print(f"down 1460: {r['down_MBps']:8.1f} MB/s", flush=True)
+        print("stack_bench: " + " ".join(f"{k}={v:.1f}" for k, v in r.items()))
+        return 0
     r["mss1460_in_MBps"] = bench_in(total, 1460, a.verify)
     print(f"in   1460: {r['mss1460_in_MBps']:8.1f} MB/s", flush=True)
     r["mss1460_out_MBps"] = bench_out(total, 1460, a.verify, not a.no_offload)
