@@ -11,6 +11,10 @@ do to its surroundings goes through its `host`.
     host.events.append(ev)    queue an event for the application
     host.drop(reason)      count a segment the flow discarded (tcp_drops)
     host.dirty[flow] = None   the flow owes output: flush it at the next poll
+    host.tw                the TIME_WAIT queue: a connection entering or
+                           restarting TIME_WAIT appends (deadline, id, conn)
+                           instead of arming its timer; the stack's poll
+                           calls its on_timer at that deadline
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
     host.answered(conn)    the request was accepted (conn.state is then
@@ -33,7 +37,8 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "tw", "_stack", "_drops",
+                 "_admission")
 
     def __init__(self, stack):
         self._stack = stack
@@ -44,6 +49,7 @@ class StackHost:
         self.out = stack.output
         self.events = stack.events
         self.dirty = stack._dirty
+        self.tw = stack._tw
         self._drops = stack.tcp_drops
         self._admission = stack.admission
 

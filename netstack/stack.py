@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from . import events as ev
 from .admission import Admission
@@ -76,7 +76,7 @@ class Stack:
         "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
-        "budget", "udp_evicted", "ts_opts",
+        "budget", "udp_evicted", "ts_opts", "_tw",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -94,6 +94,10 @@ class Stack:
         self.frag_drops: defaultdict = defaultdict(int)   # what the reassembler discarded, by reason
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self._heap: list = []     # (deadline, id, flow); stale entries skipped lazily
+        # TCP connections in TIME_WAIT, (deadline, id, conn) in deadline
+        # order: every wait is config.time_wait long, so a FIFO queue keeps
+        # them sorted without a heap (stale entries skipped like the heap's)
+        self._tw: deque = deque()
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
@@ -225,11 +229,26 @@ class Stack:
             flow._sched_at = None
             flow.on_timer(now)
             self._reschedule(flow)
+        tw = self._tw
+        if tw and tw[0][0] <= now:
+            self._time_wait_over(now)
         if self._frag is not None:
             self._frag.expire(now)
         self.budget.sample()
         if len(heap) > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
             self._compact_heap()
+
+    def _time_wait_over(self, now) -> None:
+        """Connections whose TIME_WAIT has run out leave the table (the
+        timer does it: netstack.tcp.timers); an entry whose wait was
+        restarted or whose connection closed meanwhile is stale."""
+        tw = self._tw
+        while tw and tw[0][0] <= now:
+            at, _, conn = tw.popleft()
+            if conn.tw_at == at and not conn.closed:
+                conn.on_timer(now)
+                if not conn.closed:
+                    self._reschedule(conn)
 
     def _compact_heap(self) -> None:
         """Drop stale timer entries (flows closed or rescheduled) at once."""
@@ -248,6 +267,14 @@ class Stack:
                 break
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
+        tw = self._tw
+        while tw:
+            at, _, conn = tw[0]
+            if conn.tw_at == at and not conn.closed:
+                if best is None or at < best:
+                    best = at
+                break
+            tw.popleft()
         if self._frag is not None:
             f = self._frag.next_deadline()
             if f is not None and (best is None or f < best):
@@ -288,7 +315,7 @@ class Stack:
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
-            "timers": len(self._heap),
+            "timers": len(self._heap) + len(self._tw),
             "udp_evicted": self.udp_evicted,
             "memory": {**self.budget.status(), "refused": self.drops.get("memory_budget", 0)},
         }

@@ -376,7 +376,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 self.host.drop("out_of_window")
             self._owe_ack()
             if st is TIME_WAIT and flags & FIN:
-                self.tw_at = now + self.host.config.time_wait   # a retransmitted FIN restarts 2MSL
+                self._tw_restart(now)      # a retransmitted FIN restarts 2MSL
 
     def _step2_rst(self, st, d, now):
         """Step 2: RST (RFC 5961 §3.2: an exact match resets, else a challenge ACK)."""
@@ -484,8 +484,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         """Step 8: FIN (taken once every byte before it has arrived)."""
         if st == TIME_WAIT:
             self._owe_ack()
-            self.tw_at = now + self.host.config.time_wait
-            self._arm_at(self.tw_at)
+            self._tw_restart(now)
         elif self.fin_rcvd:
             self._owe_ack()
         elif fin_off == self._rcv_off:

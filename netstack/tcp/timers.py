@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import insort
+
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..seq import seq_sub as _sdiff
@@ -164,6 +166,19 @@ class TcpTimers:
 
     def _enter_time_wait(self, now):
         self.state = TIME_WAIT
-        self.rto_at = self.persist_at = None
-        self.tw_at = now + self.host.config.time_wait
-        self._arm_at(self.tw_at)
+        self.rto_at = self.persist_at = self.delack_at = None
+        self._tw_restart(now)
+
+    def _tw_restart(self, now):
+        """(Re)start the 2MSL wait (config.time_wait): the stack's TIME_WAIT
+        queue holds the deadline, not the timer heap.  The connection has
+        no other timer in TIME_WAIT (an ACK it owes goes out at the next
+        flush), so it gives up poll_at and its heap entries go stale."""
+        at = self.tw_at = now + self.host.config.time_wait
+        self.poll_at = None
+        self._sched_at = None
+        q = self.host.tw
+        if q and at < q[-1][0]:
+            insort(q, (at, self.id, self))     # the clock went back: keep the queue sorted
+        else:
+            q.append((at, self.id, self))
