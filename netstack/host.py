@@ -45,7 +45,7 @@ class StackHost:
         self.config = stack.config
         self.rng = stack.rng            # Stack.rng's setter keeps it current
         self.budget = stack.budget
-        self.next_id = stack._next_id
+        self.next_id = stack._ids.__next__     # a C call, not a method around it
         self.out = stack.output
         self.events = stack.events
         self.dirty = stack._dirty

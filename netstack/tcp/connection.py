@@ -16,7 +16,6 @@ Everything a connection does to its surroundings goes through `self.host`
 
 from __future__ import annotations
 
-from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..wire.templates import TcpTemplate
@@ -25,7 +24,7 @@ from .const import (
     INITIAL_RTO, LAST_ACK, LISTEN, MIN_MSS, RECV_STATES, REJECT_KINDS, RST, SYN, SYN_RECEIVED, TIME_WAIT,
     TcpError,
 )
-from .receiver import TcpReceiver
+from .receiver import NO_RUNS, TcpReceiver
 from .sender import TcpSender
 from .timers import TcpTimers
 
@@ -90,7 +89,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.rcv_wnd = 0
         self.rcv_buf = bytearray()
         self._rcv_cap = cfg.rcv_buf
-        self.ooo = Assembler()
+        self.ooo = NO_RUNS            # its own Assembler once data arrives out of order
         self._rcv_off = 0
         self.fin_rcvd = False
         self._fin_off = None
@@ -560,5 +559,6 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         # every byte still held goes back to the budget; bytes read after
         # this are not subtracted again (read() checks closed)
         self._mem.used -= len(self.rcv_buf) + len(self.snd_buf) + self.ooo.nbytes
-        self.ooo.clear()
+        if self.ooo is not NO_RUNS:
+            self.ooo.clear()
         self.host.closed(self, reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import events as _ev
+from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..seq import seq_sub as _sdiff
@@ -13,6 +14,13 @@ from .const import (
 from .const import SACK_BLOCK as _BLOCK
 from .const import SACKHDR as _SACKHDR
 from .const import TSOPT as _TSOPT
+
+
+# the out-of-order runs of every connection that never had any: one shared
+# empty Assembler that nothing adds to (_out_of_order gives a connection its
+# own first), so a connection costs no Assembler until a segment arrives out
+# of order
+NO_RUNS = Assembler()
 
 
 class TcpReceiver:
@@ -125,6 +133,8 @@ class TcpReceiver:
 
     def _out_of_order(self, d, payload, n, now):
         ooo = self.ooo
+        if ooo is NO_RUNS:
+            ooo = self.ooo = Assembler()
         held = ooo.nbytes
         if not ooo.add(self._rcv_off + d, payload):
             self.host.drop("ooo_overflow")

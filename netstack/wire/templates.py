@@ -134,12 +134,14 @@ class TcpTemplate:
     def __init__(self, family, src, dst, sport, dport, config):
         self.family = family
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
-        self.ttl = config.ttl
+        ttl = self.ttl = config.ttl
         self.offload = config.checksum_offload
-        self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
+        ps = self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
         if family == 4:
-            # constant IPv4 header words: version/ihl/tos, DF, ttl/proto, addresses
-            self._ip4_sum = 0x4500 + IP4_DF + ((self.ttl << 8) | PROTO_TCP) + _addr_sum(src) + _addr_sum(dst)
+            # constant IPv4 header words: version/ihl/tos, DF, ttl/proto,
+            # addresses; the pseudo-header sum already holds the addresses
+            # and the protocol (one modulo per connection instead of three)
+            self._ip4_sum = 0x4500 + IP4_DF + (ttl << 8) + ps
         else:
             self._ip4_sum = 0
         # pseudo-header + the ports: the constant part of the TCP sum

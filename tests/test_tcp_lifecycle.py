@@ -1,5 +1,7 @@
-"""TIME_WAIT: the stack's queue of waits (no timer per connection), their
-order, restarts and the deadline the stack reports for them."""
+"""A connection's life outside the data path: TIME_WAIT in the stack's
+queue of waits (no timer per connection), their order, restarts and the
+deadline the stack reports for them; what a connection holds from its
+start (the shared empty out-of-order runs)."""
 
 import random
 
@@ -69,3 +71,25 @@ def test_rst_in_time_wait_leaves_a_stale_entry_only():
     c.send(flags="R")
     assert conn.closed and st.tcp == {}
     assert st.next_deadline() is None               # the queue's entry was stale
+
+
+def test_out_of_order_runs_are_a_connections_own():
+    """Connections share one empty run list until data arrives out of
+    order; the one that gets such data takes its own, the others stay empty."""
+    from netstack.tcp.receiver import NO_RUNS
+    st = Stack(StackConfig(), rng=random.Random(7))
+    a = Client(stack=st, client=("10.0.0.2", 40000))
+    b = Client(stack=st, client=("10.0.0.2", 40001))
+    ca, cb = a.handshake(), b.handshake()
+    assert ca.ooo is cb.ooo is NO_RUNS
+    s0 = a.seq
+    a.send(b"B" * 100, seq=s0 + 100, advance=False)
+    assert ca.ooo is not NO_RUNS and ca.ooo.nbytes == 100
+    assert cb.ooo is NO_RUNS and NO_RUNS.nbytes == 0 and not NO_RUNS.runs
+    a.send(b"A" * 100, seq=s0, advance=False)
+    a.seq = (s0 + 200) & M
+    assert ca.read() == b"A" * 100 + b"B" * 100
+    ca.abort()
+    cb.abort()
+    st.poll(0.0)
+    assert ca.closed and cb.closed and not NO_RUNS.runs and NO_RUNS.nbytes == 0
