@@ -234,8 +234,11 @@ class Stack:
             self._time_wait_over(now)
         if self._frag is not None:
             self._frag.expire(now)
-        self.budget.sample()
-        if len(heap) > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
+        b = self.budget
+        if b.used > b.peak:                    # budget.sample(), without the call
+            b.peak = b.used
+        n = len(heap)
+        if n > _HEAP_SLACK and n > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
             self._compact_heap()
 
     def _time_wait_over(self, now) -> None:

@@ -29,6 +29,15 @@ from .sender import TcpSender
 from .timers import TcpTimers
 
 
+def _wscale_for(cap: int) -> int:
+    """The smallest window scale (at most 14, RFC 7323 §2.3) at which a
+    16-bit window field can offer *cap* bytes."""
+    if cap <= 65535:
+        return 0
+    s = ((cap + 65534) // 65535 - 1).bit_length()      # 65535 << s >= cap
+    return s if s < 14 else 14
+
+
 class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
     __slots__ = (
         "host", "key", "family", "src", "sport", "dst", "dport", "id", "_sched_at", "poll_at",
@@ -273,9 +282,11 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self._synack_lost()
             return
         n = len(payload)
-        seglen = n + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        seglen = n + ((flags >> 1) & 1) + (flags & FIN)          # SYN and FIN take one each
         ts_val = opts.ts_val if opts is not None else None
-        if ts_val is not None and self.ts_ok and not flags & RST and self._paws_rejects(ts_val):
+        if (ts_val is not None and self.ts_ok and not flags & RST
+                and ((ts_val - self.ts_recent) & _M) >= _HALF):
+            self._paws_reject()
             return
         # step 1's window: what we advertised, or the free buffer if larger --
         # bytes we have room for are never thrown away (the buffer still
@@ -350,13 +361,11 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self.snd_nxt = self.iss
             self.host.dirty[self] = None
 
-    def _paws_rejects(self, ts_val) -> bool:
-        """PAWS (RFC 7323 §5.3 R1): an old timestamp marks an old duplicate."""
-        if ((ts_val - self.ts_recent) & _M) >= _HALF:
-            self.host.drop("paws")
-            self._owe_ack()
-            return True
-        return False
+    def _paws_reject(self):
+        """PAWS (RFC 7323 §5.3 R1): an old timestamp (the test is in _slow)
+        marks an old duplicate: dropped, answered with an ACK."""
+        self.host.drop("paws")
+        self._owe_ack()
 
     def _step1_unacceptable(self, st, d, seglen, flags, now) -> None:
         """Step 1: a segment outside the receive window (the test is in
@@ -505,10 +514,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             if opts.wscale is not None:
                 self._ws_ok = True
                 self.snd_wscale = opts.wscale
-                s = 0
-                while s < 14 and (65535 << s) < self._rcv_cap:
-                    s += 1
-                self.rcv_wscale = s
+                self.rcv_wscale = _wscale_for(self._rcv_cap)
             self.sack_ok = opts.sack_perm
             if opts.ts_val is not None:
                 self.ts_ok = True
@@ -520,7 +526,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         mss = self.rcv_mss if self.rcv_mss < peer_mss else peer_mss
         self.snd_mss = mss
         self._seg = mss - (12 if self.ts_ok else 0)
-        g = getattr(cfg, "gso_max", 0) or 0
+        g = cfg.gso_max
         self._gso = min(g, 65535 - 120) if g > self._seg else 0
         self.cwnd = 10 * self._seg                    # RFC 6928 initial window
         self.snd_wnd = self.max_snd_wnd = wnd          # a SYN's window is never scaled

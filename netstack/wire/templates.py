@@ -166,7 +166,8 @@ class TcpTemplate:
         tl = hl + len(payload)
         offflags = (hl << 10) | flags          # data offset (hl/4) in the top 4 bits
         if self.offload:
-            csum = ck.fold(self._ps + tl)
+            # ck.fold without the call: a positive sum's representative in 1..0xFFFF
+            csum = (self._ps + tl - 1) % 0xFFFF + 1
         else:
             s = (self._hsum + tl + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
                  + offflags + wnd)
@@ -180,7 +181,8 @@ class TcpTemplate:
         if self.family == 4:
             total = 20 + tl
             ident = self._ident = (self._ident + 1) & 0xFFFF
-            hcs = ~ck.fold(self._ip4_sum + total + ident) & 0xFFFF
+            # ~fold(sum) & 0xFFFF for a positive sum, without the call
+            hcs = 0xFFFE - (self._ip4_sum + total + ident - 1) % 0xFFFF
             hdr = _IP4TCP.pack(0x45, 0, total, ident, IP4_DF, self.ttl, PROTO_TCP, hcs, self.src, self.dst,
                                self.sport, self.dport, seq, ack, hl << 2, flags, wnd, csum, 0)
         else:
