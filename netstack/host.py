@@ -11,10 +11,12 @@ do to its surroundings goes through its `host`.
     host.events.append(ev)    queue an event for the application
     host.drop(reason)      count a segment the flow discarded (tcp_drops)
     host.dirty[flow] = None   the flow owes output: flush it at the next poll
-    host.tw                the TIME_WAIT queue: a connection entering or
-                           restarting TIME_WAIT appends (deadline, id, conn)
-                           instead of arming its timer; the stack's poll
-                           calls its on_timer at that deadline
+    host.tw_queue, host.request_queue   the two timers of the same length
+                           for every connection (TIME_WAIT, the connect
+                           timeout of an unanswered request): a connection
+                           appends (deadline, id, conn) instead of arming
+                           poll_at, and the stack's poll calls its on_timer
+                           at that deadline
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
     host.answered(conn)    the request was accepted (conn.state is then
@@ -37,8 +39,8 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "tw", "_stack", "_drops",
-                 "_admission")
+    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "tw_queue", "request_queue",
+                 "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
@@ -49,7 +51,8 @@ class StackHost:
         self.out = stack.output
         self.events = stack.events
         self.dirty = stack._dirty
-        self.tw = stack._tw
+        self.tw_queue = stack._tw
+        self.request_queue = stack._requests
         self._drops = stack.tcp_drops
         self._admission = stack.admission
 

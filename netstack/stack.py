@@ -44,6 +44,7 @@ import heapq
 import itertools
 import random
 from collections import defaultdict, deque
+from operator import attrgetter
 
 from . import events as ev
 from .admission import Admission
@@ -76,7 +77,7 @@ class Stack:
         "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
-        "budget", "udp_evicted", "ts_opts", "_tw",
+        "budget", "udp_evicted", "ts_opts", "_tw", "_requests",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -94,10 +95,13 @@ class Stack:
         self.frag_drops: defaultdict = defaultdict(int)   # what the reassembler discarded, by reason
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self._heap: list = []     # (deadline, id, flow); stale entries skipped lazily
-        # TCP connections in TIME_WAIT, (deadline, id, conn) in deadline
-        # order: every wait is config.time_wait long, so a FIFO queue keeps
-        # them sorted without a heap (stale entries skipped like the heap's)
+        # two timers every TCP connection has, each the same length for all
+        # of them, in FIFO queues of (deadline, id, conn) instead of the
+        # heap: deadlines arrive in order, so the queues stay sorted (stale
+        # entries are skipped like the heap's).  TIME_WAIT (config.time_wait)
+        # and an unanswered request's connect timeout (config.connect_timeout)
         self._tw: deque = deque()
+        self._requests: deque = deque()
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
@@ -229,9 +233,12 @@ class Stack:
             flow._sched_at = None
             flow.on_timer(now)
             self._reschedule(flow)
-        tw = self._tw
-        if tw and tw[0][0] <= now:
-            self._time_wait_over(now)
+        q = self._requests
+        if q and q[0][0] <= now:
+            self._queue_due(q, _CONN_AT, now)
+        q = self._tw
+        if q and q[0][0] <= now:
+            self._queue_due(q, _TW_AT, now)
         if self._frag is not None:
             self._frag.expire(now)
         b = self.budget
@@ -241,14 +248,14 @@ class Stack:
         if n > _HEAP_SLACK and n > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
             self._compact_heap()
 
-    def _time_wait_over(self, now) -> None:
-        """Connections whose TIME_WAIT has run out leave the table (the
-        timer does it: netstack.tcp.timers); an entry whose wait was
-        restarted or whose connection closed meanwhile is stale."""
-        tw = self._tw
-        while tw and tw[0][0] <= now:
-            at, _, conn = tw.popleft()
-            if conn.tw_at == at and not conn.closed:
+    def _queue_due(self, q, deadline_of, now) -> None:
+        """The due entries of a timer queue: the connection's on_timer runs
+        (netstack.tcp.timers: TIME_WAIT over, request timed out); an entry
+        whose timer was restarted or cleared, or whose connection closed
+        meanwhile, is stale."""
+        while q and q[0][0] <= now:
+            at, _, conn = q.popleft()
+            if deadline_of(conn) == at and not conn.closed:
                 conn.on_timer(now)
                 if not conn.closed:
                     self._reschedule(conn)
@@ -270,14 +277,14 @@ class Stack:
                 break
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
-        tw = self._tw
-        while tw:
-            at, _, conn = tw[0]
-            if conn.tw_at == at and not conn.closed:
-                if best is None or at < best:
-                    best = at
-                break
-            tw.popleft()
+        for q, deadline_of in ((self._requests, _CONN_AT), (self._tw, _TW_AT)):
+            while q:
+                at, _, conn = q[0]
+                if deadline_of(conn) == at and not conn.closed:
+                    if best is None or at < best:
+                        best = at
+                    break
+                q.popleft()
         if self._frag is not None:
             f = self._frag.next_deadline()
             if f is not None and (best is None or f < best):
@@ -318,7 +325,7 @@ class Stack:
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
-            "timers": len(self._heap) + len(self._tw),
+            "timers": len(self._heap) + len(self._tw) + len(self._requests),
             "udp_evicted": self.udp_evicted,
             "memory": {**self.budget.status(), "refused": self.drops.get("memory_budget", 0)},
         }
@@ -480,6 +487,8 @@ class Stack:
 
 
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
+_TW_AT = attrgetter("tw_at")     # the deadline a TIME_WAIT queue entry is live for
+_CONN_AT = attrgetter("conn_at")  # ... and a request queue entry
 _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)

@@ -93,3 +93,31 @@ def test_out_of_order_runs_are_a_connections_own():
     cb.abort()
     st.poll(0.0)
     assert ca.closed and cb.closed and not NO_RUNS.runs and NO_RUNS.nbytes == 0
+
+
+def test_unanswered_requests_time_out_from_their_queue():
+    """The connect timeout of an unanswered request waits in the stack's
+    request queue: no heap entry, the stack reports it as its deadline, an
+    answered request's entry is stale."""
+    st = Stack(StackConfig(connect_timeout=3.0), rng=random.Random(8))
+    a = Client(stack=st, client=("10.0.0.2", 40000))
+    b = Client(stack=st, client=("10.0.0.2", 40001))
+    b.now = 1.0
+    ca, cb = a.request(), b.request()
+    assert ca.poll_at is None and not st._heap
+    assert st.next_deadline() == 3.0
+    ca.accept()                      # answered: its timeout no longer counts
+    a.recv("SA")
+    a.send()
+    assert ca.state == "ESTABLISHED"
+    st.poll(3.5)
+    assert not ca.closed and not cb.closed
+    st.poll(4.0)
+    assert cb.closed and not ca.closed
+    assert [(s.flags & 0x14, s.dport) for s in map(_parsed, st.take_output())] == [(0x14, 40001)]   # RST|ACK
+    assert st.tcp_drops["connect_timeout"] == 1
+
+
+def _parsed(pkt):
+    from helpers import parse_packet
+    return parse_packet(pkt)

@@ -536,8 +536,10 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if payload:
             self.host.drop("syn_data_ignored")
         self.host.request(self)
-        self.conn_at = now + cfg.connect_timeout
-        self._arm_at(self.conn_at)
+        # the connect timeout waits in the stack's request queue (every
+        # request's is as long), not in the timer heap
+        at = self.conn_at = now + cfg.connect_timeout
+        self._queue(self.host.request_queue, at)
 
     def _do_pending_close(self):
         reason, how = self._pending_close

@@ -152,9 +152,10 @@ class TcpTimers:
             self.poll_at = t
 
     def _arm(self):
-        """Recompute poll_at exactly from the armed timers."""
+        """Recompute poll_at exactly from the armed timers (tw_at and
+        conn_at wait in the stack's queues instead)."""
         t = None
-        for x in (self.rto_at, self.persist_at, self.delack_at, self.tw_at, self.conn_at):
+        for x in (self.rto_at, self.persist_at, self.delack_at):
             if x is not None and (t is None or x < t):
                 t = x
         ka = self.host.config.keepalive
@@ -177,7 +178,11 @@ class TcpTimers:
         at = self.tw_at = now + self.host.config.time_wait
         self.poll_at = None
         self._sched_at = None
-        q = self.host.tw
+        self._queue(self.host.tw_queue, at)
+
+    def _queue(self, q, at):
+        """Wait in one of the stack's timer queues (host.tw_queue,
+        host.request_queue) until *at*."""
         if q and at < q[-1][0]:
             insort(q, (at, self.id, self))     # the clock went back: keep the queue sorted
         else:
