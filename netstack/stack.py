@@ -141,14 +141,12 @@ class Stack:
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
-        drops = self.drops
         if n == 0:
-            drops["truncated"] += 1
+            self.drops["truncated"] += 1
             return
         mv = memoryview(packet)
         b0 = mv[0]
-        v = b0 >> 4
-        if v == 4:
+        if b0 >> 4 == 4:
             try:
                 if b0 == 0x45 and n >= 20:
                     # the fast form for a header without options; what it
@@ -160,22 +158,22 @@ class Stack:
                 else:
                     off, tot, frag, proto, src, dst = _ip4(mv)
             except WireError as e:
-                drops[e.reason] += 1
+                self.drops[e.reason] += 1
                 return
             if tot < n:
                 mv = mv[:tot]
             if self.config.verify_checksums and not _ip4_header_ok(mv, off):
-                drops["bad_ip_checksum"] += 1
+                self.drops["bad_ip_checksum"] += 1
                 return
             if src[0] >= 224 or src == _ZERO4:
                 # multicast, reserved/broadcast or unspecified: no flow can answer it
-                drops["bad_source"] += 1
+                self.drops["bad_source"] += 1
                 return
             if frag & 0x3FFF:
                 self._fragment(mv, now)
                 return
             family = 4
-        elif v == 6:
+        elif b0 >> 4 == 6:
             try:
                 if n >= 40:
                     _, plen, proto, src, dst = _ip6_fields(mv)     # the fast form, checked next
@@ -184,12 +182,12 @@ class Stack:
                 else:
                     plen, proto, src, dst = _ip6(mv)
             except WireError as e:
-                drops[e.reason] += 1
+                self.drops[e.reason] += 1
                 return
             if 40 + plen < n:
                 mv = mv[:40 + plen]
             if src[0] == 0xFF or src == _ZERO6:
-                drops["bad_source"] += 1
+                self.drops["bad_source"] += 1
                 return
             if proto != PROTO_TCP and proto != PROTO_UDP:
                 self._input6_ext(src, dst, mv, now)
@@ -197,7 +195,7 @@ class Stack:
             off = 40
             family = 6
         else:
-            drops["bad_version"] += 1
+            self.drops["bad_version"] += 1
             return
         if proto == PROTO_TCP:
             self._tcp_in(family, src, dst, mv, off, now)
@@ -206,7 +204,7 @@ class Stack:
         elif proto == PROTO_ICMP:          # IPv4 only: IPv6's went to _input6_ext
             icmp4_input(self, src, dst, mv, off, now)
         else:
-            drops["unsupported_protocol"] += 1
+            self.drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
         inp = self.input
@@ -224,7 +222,9 @@ class Stack:
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
-                    self._reschedule(flow)
+                    at = flow.poll_at
+                    if at is not None and at != flow._sched_at:
+                        self._reschedule(flow)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _, flow = heapq.heappop(heap)
@@ -277,14 +277,22 @@ class Stack:
                 break
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
-        for q, deadline_of in ((self._requests, _CONN_AT), (self._tw, _TW_AT)):
-            while q:
-                at, _, conn = q[0]
-                if deadline_of(conn) == at and not conn.closed:
-                    if best is None or at < best:
-                        best = at
-                    break
-                q.popleft()
+        q = self._requests
+        while q:
+            at, _, conn = q[0]
+            if conn.conn_at == at and not conn.closed:
+                if best is None or at < best:
+                    best = at
+                break
+            q.popleft()
+        q = self._tw
+        while q:
+            at, _, conn = q[0]
+            if conn.tw_at == at and not conn.closed:
+                if best is None or at < best:
+                    best = at
+                break
+            q.popleft()
         if self._frag is not None:
             f = self._frag.next_deadline()
             if f is not None and (best is None or f < best):
