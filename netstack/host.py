@@ -40,7 +40,7 @@ from . import events as _ev
 
 class StackHost:
     __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "tw_queue", "request_queue",
-                 "_stack", "_drops", "_admission")
+                 "closed", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
@@ -55,6 +55,9 @@ class StackHost:
         self.request_queue = stack._requests
         self._drops = stack.tcp_drops
         self._admission = stack.admission
+        # once per connection: the stack's method itself (one frame, not a
+        # method of ours calling it)
+        self.closed = stack._tcp_remove
 
     def drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -75,6 +78,3 @@ class StackHost:
 
     def icmp_unreachable(self, quote, kind: str) -> None:
         self._stack.icmp_unreachable(quote, kind)
-
-    def closed(self, flow, reason: str) -> None:
-        self._stack._tcp_remove(flow, reason)

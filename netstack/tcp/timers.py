@@ -178,7 +178,11 @@ class TcpTimers:
         at = self.tw_at = now + self.host.config.time_wait
         self.poll_at = None
         self._sched_at = None
-        self._queue(self.host.tw_queue, at)
+        q = self.host.tw_queue
+        if q and at < q[-1][0]:
+            self._queue(q, at)
+        else:
+            q.append((at, self.id, self))     # as _queue does, without the call
 
     def _queue(self, q, at):
         """Wait in one of the stack's timer queues (host.tw_queue,

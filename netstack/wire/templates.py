@@ -172,12 +172,14 @@ class TcpTemplate:
             s = (self._hsum + tl + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
                  + offflags + wnd)
             if options:
-                s = ck.sum16(options, s)
+                # whole 16-bit words: the block read as one number is
+                # congruent (mod 0xFFFF) to their sum, and sum16/the fold
+                # below take an unfolded start
+                s += int.from_bytes(options, "big")
             if payload:
-                s = ck.sum16(payload, s)
+                csum = ~ck.sum16(payload, s) & 0xFFFF
             else:
-                s = ck.fold(s)
-            csum = ~s & 0xFFFF
+                csum = 0xFFFE - (s - 1) % 0xFFFF      # ~fold(s) & 0xFFFF, s > 0
         if self.family == 4:
             total = 20 + tl
             ident = self._ident = (self._ident + 1) & 0xFFFF
