@@ -288,24 +288,30 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 and ((ts_val - self.ts_recent) & _M) >= _HALF):
             self._paws_reject()
             return
-        # step 1's window: what we advertised, or the free buffer if larger --
-        # bytes we have room for are never thrown away (the buffer still
-        # bounds memory)
         rnxt = self.rcv_nxt
-        rwnd = ((self.rcv_adv - rnxt + _HALF) & _M) - _HALF      # seq_sub, inline
-        free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
-        if rwnd < free:
-            rwnd = free
-        if rwnd < 0:
-            rwnd = 0
         d = ((seq - rnxt + _HALF) & _M) - _HALF                   # seq_sub, inline
-        # step 1: sequence number acceptability (like Linux's tcp_sequence, an
-        # ACK exactly at the right edge is accepted: a sender that filled our
-        # window sends its ACKs there)
-        if not (0 <= d <= rwnd if seglen == 0 else
-                rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)):
-            self._step1_unacceptable(st, d, seglen, flags, now)
-            return
+        if d == 0 and seglen == 0:
+            # an empty segment at rcv_nxt (the handshake's ACK, an ACK of
+            # our FIN, a duplicate ACK) is acceptable whatever the window
+            # (0 <= d <= rwnd below), and nothing in it is trimmed
+            rwnd = 0
+        else:
+            # step 1's window: what we advertised, or the free buffer if
+            # larger -- bytes we have room for are never thrown away (the
+            # buffer still bounds memory)
+            rwnd = ((self.rcv_adv - rnxt + _HALF) & _M) - _HALF      # seq_sub, inline
+            free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
+            if rwnd < free:
+                rwnd = free
+            if rwnd < 0:
+                rwnd = 0
+            # step 1: sequence number acceptability (like Linux's tcp_sequence,
+            # an ACK exactly at the right edge is accepted: a sender that
+            # filled our window sends its ACKs there)
+            if not (0 <= d <= rwnd if seglen == 0 else
+                    rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)):
+                self._step1_unacceptable(st, d, seglen, flags, now)
+                return
         if flags & RST:
             self._step2_rst(st, d, now)
             return
