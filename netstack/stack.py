@@ -234,8 +234,13 @@ class Stack:
             flow.on_timer(now)
             self._reschedule(flow)
         q = self._requests
-        if q and q[0][0] <= now:
-            self._queue_due(q, _CONN_AT, now)
+        if q:
+            # most requests are answered at once: their entries go stale
+            # in order and leave from the front now, not at their deadline
+            # (what a stale entry holds, its connection, is freed sooner)
+            at, _, conn = q[0]
+            if at <= now or conn.conn_at != at or conn.closed:
+                self._queue_due(q, _CONN_AT, now)
         q = self._tw
         if q and q[0][0] <= now:
             self._queue_due(q, _TW_AT, now)
@@ -252,13 +257,18 @@ class Stack:
         """The due entries of a timer queue: the connection's on_timer runs
         (netstack.tcp.timers: TIME_WAIT over, request timed out); an entry
         whose timer was restarted or cleared, or whose connection closed
-        meanwhile, is stale."""
-        while q and q[0][0] <= now:
-            at, _, conn = q.popleft()
-            if deadline_of(conn) == at and not conn.closed:
-                conn.on_timer(now)
-                if not conn.closed:
-                    self._reschedule(conn)
+        meanwhile, is stale and leaves as soon as it is at the front."""
+        while q:
+            at, _, conn = q[0]
+            if deadline_of(conn) != at or conn.closed:
+                q.popleft()
+                continue
+            if at > now:
+                return
+            q.popleft()
+            conn.on_timer(now)
+            if not conn.closed:
+                self._reschedule(conn)
 
     def _compact_heap(self) -> None:
         """Drop stale timer entries (flows closed or rescheduled) at once."""

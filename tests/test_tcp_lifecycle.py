@@ -108,6 +108,9 @@ def test_unanswered_requests_time_out_from_their_queue():
     assert st.next_deadline() == 3.0
     ca.accept()                      # answered: its timeout no longer counts
     a.recv("SA")
+    # ... and its entry, stale at the front, left at that poll (the
+    # connection is not held until the deadline)
+    assert [e[2] for e in st._requests] == [cb]
     a.send()
     assert ca.state == "ESTABLISHED"
     st.poll(3.5)
