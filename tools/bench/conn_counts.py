@@ -144,7 +144,7 @@ def calls(lab, worker: int, secs: int, out: str, top: int, sites: int = 0) -> No
         print(f"  {f:<24} {v / n:7.2f}")
     if sites:
         print("by function (C functions: by the Python function calling them):")
-        for k, v in c.most_common(sites):
+        for k, v in collections.Counter(c).most_common(sites):
             print(f"  {v / n:7.2f}  {k}")
 
 
