@@ -520,7 +520,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             if opts.wscale is not None:
                 self._ws_ok = True
                 self.snd_wscale = opts.wscale
-                self.rcv_wscale = _wscale_for(self._rcv_cap)
+                cap = self._rcv_cap
+                self.rcv_wscale = 0 if cap <= 65535 else _wscale_for(cap)
             self.sack_ok = opts.sack_perm
             if opts.ts_val is not None:
                 self.ts_ok = True
@@ -545,7 +546,11 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         # the connect timeout waits in the stack's request queue (every
         # request's is as long), not in the timer heap
         at = self.conn_at = now + cfg.connect_timeout
-        self._queue(self.host.request_queue, at)
+        q = self.host.request_queue
+        if q and at < q[-1][0]:
+            self._queue(q, at)
+        else:
+            q.append((at, self.id, self))     # as _queue does, without the call
 
     def _do_pending_close(self):
         reason, how = self._pending_close

@@ -6,7 +6,6 @@ from .. import events as _ev
 from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
-from ..seq import seq_sub as _sdiff
 from .const import (
     ACK_DELAYED, ACK_NONE, ACK_NOW, CHALLENGE_ACKS_PER_SEC, CLOSE_WAIT, CLOSING, DELACK, ESTABLISHED,
     FIN_WAIT_1, FIN_WAIT_2, RECV_STATES,
@@ -69,7 +68,7 @@ class TcpReceiver:
             # the window the peer holds may stall it (less than 4 segments).
             # A larger window is raised by the next ACK: no extra packet per
             # request just because the SYN-ACK could not offer more than 64 KB.
-            adv = _sdiff(self.rcv_adv, self.rcv_nxt)
+            adv = ((self.rcv_adv - self.rcv_nxt + _HALF) & _M) - _HALF     # seq_sub, inline
             mss = self.rcv_mss
             if adv < 4 * mss:
                 free = self._rcv_cap - len(buf)

@@ -439,7 +439,10 @@ class TcpSender:
             self._rtt_seq = self.snd_nxt
             self._rtt_time = now
         if self.rto_at is None:
-            self._arm_at(now + self.rto, "rto_at")
+            t = self.rto_at = now + self.rto         # _arm_at, without its setattr
+            p = self.poll_at
+            if p is None or t < p:
+                self.poll_at = t
 
     def _synack_options(self, now):
         """The SYN-ACK's option block: what the client's SYN offered, in the
