@@ -23,3 +23,13 @@ def test_connection_runs_close_every_connection(extra):
     assert r.returncode == 0, r.stderr
     assert "only" not in r.stderr, r.stderr            # "conns: only N/M connections closed"
     assert re.search(r"conns_per_s=\d+", r.stdout.splitlines()[-1]), r.stdout
+
+
+def test_stack_counts_counts_netstack_of_the_given_checkout():
+    tool = os.path.join(REPO, "tools", "bench", "stack_counts.py")
+    r = subprocess.run([sys.executable, tool, "--repo", REPO, "--conns", "100", "--top", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"per connection in netstack: ([\d.]+) bytecodes, ([\d.]+) Python calls", r.stdout)
+    assert m and float(m.group(1)) > 1000 and float(m.group(2)) > 10, r.stdout
+    assert "netstack/tcp/demux.py:tcp_input" in r.stdout

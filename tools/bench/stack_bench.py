@@ -41,7 +41,7 @@ def _repo_arg(argv) -> str:
             return argv[i + 1]
         if a.startswith("--repo="):
             return a.split("=", 1)[1]
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 
 sys.path.insert(0, _repo_arg(sys.argv[1:]))
