@@ -11,6 +11,12 @@ do to its surroundings goes through its `host`.
     host.events.append(ev)    queue an event for the application
     host.drop(reason)      count a segment the flow discarded (tcp_drops)
     host.dirty[flow] = None   the flow owes output: flush it at the next poll
+    host.tw_queue, host.request_queue   the two timers of the same length
+                           for every connection (TIME_WAIT, the connect
+                           timeout of an unanswered request): a connection
+                           appends (deadline, id, conn) instead of arming
+                           poll_at, and the stack's poll calls its on_timer
+                           at that deadline
     host.request(conn)     a new connect request (counts it as pending and
                            raises TcpConnectRequest)
     host.answered(conn)    the request was accepted (conn.state is then
@@ -33,19 +39,25 @@ from . import events as _ev
 
 
 class StackHost:
-    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "_stack", "_drops", "_admission")
+    __slots__ = ("config", "budget", "rng", "next_id", "out", "events", "dirty", "tw_queue", "request_queue",
+                 "closed", "_stack", "_drops", "_admission")
 
     def __init__(self, stack):
         self._stack = stack
         self.config = stack.config
         self.rng = stack.rng            # Stack.rng's setter keeps it current
         self.budget = stack.budget
-        self.next_id = stack._next_id
+        self.next_id = stack._ids.__next__     # a C call, not a method around it
         self.out = stack.output
         self.events = stack.events
         self.dirty = stack._dirty
+        self.tw_queue = stack._tw
+        self.request_queue = stack._requests
         self._drops = stack.tcp_drops
         self._admission = stack.admission
+        # once per connection: the stack's method itself (one frame, not a
+        # method of ours calling it)
+        self.closed = stack._tcp_remove
 
     def drop(self, reason: str) -> None:
         self._drops[reason] += 1
@@ -66,6 +78,3 @@ class StackHost:
 
     def icmp_unreachable(self, quote, kind: str) -> None:
         self._stack.icmp_unreachable(quote, kind)
-
-    def closed(self, flow, reason: str) -> None:
-        self._stack._tcp_remove(flow, reason)

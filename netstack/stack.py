@@ -43,7 +43,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
+from operator import attrgetter
 
 from . import events as ev
 from .admission import Admission
@@ -76,7 +77,7 @@ class Stack:
         "config", "_rng", "now", "tcp", "udp", "output", "events", "drops", "tcp_drops", "delivered",
         "rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "frag_held", "frag_drops",
         "_heap", "_dirty", "_ids", "pending", "_frag", "_ip_id", "tcp_host", "admission",
-        "budget", "udp_evicted", "ts_opts",
+        "budget", "udp_evicted", "ts_opts", "_tw", "_requests",
     )
 
     def __init__(self, config: StackConfig | None = None, *, rng: random.Random | None = None):
@@ -94,6 +95,13 @@ class Stack:
         self.frag_drops: defaultdict = defaultdict(int)   # what the reassembler discarded, by reason
         self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
         self._heap: list = []     # (deadline, id, flow); stale entries skipped lazily
+        # two timers every TCP connection has, each the same length for all
+        # of them, in FIFO queues of (deadline, id, conn) instead of the
+        # heap: deadlines arrive in order, so the queues stay sorted (stale
+        # entries are skipped like the heap's).  TIME_WAIT (config.time_wait)
+        # and an unanswered request's connect timeout (config.connect_timeout)
+        self._tw: deque = deque()
+        self._requests: deque = deque()
         self._dirty: dict = {}    # flows touched since the last poll (ordered: deterministic)
         self._ids = itertools.count(1)
         self.pending = 0          # TCP connect requests not yet answered
@@ -133,14 +141,12 @@ class Stack:
         self.rx_packets += 1
         n = len(packet)
         self.rx_bytes += n
-        drops = self.drops
         if n == 0:
-            drops["truncated"] += 1
+            self.drops["truncated"] += 1
             return
         mv = memoryview(packet)
         b0 = mv[0]
-        v = b0 >> 4
-        if v == 4:
+        if b0 >> 4 == 4:
             try:
                 if b0 == 0x45 and n >= 20:
                     # the fast form for a header without options; what it
@@ -152,22 +158,22 @@ class Stack:
                 else:
                     off, tot, frag, proto, src, dst = _ip4(mv)
             except WireError as e:
-                drops[e.reason] += 1
+                self.drops[e.reason] += 1
                 return
             if tot < n:
                 mv = mv[:tot]
             if self.config.verify_checksums and not _ip4_header_ok(mv, off):
-                drops["bad_ip_checksum"] += 1
+                self.drops["bad_ip_checksum"] += 1
                 return
             if src[0] >= 224 or src == _ZERO4:
                 # multicast, reserved/broadcast or unspecified: no flow can answer it
-                drops["bad_source"] += 1
+                self.drops["bad_source"] += 1
                 return
             if frag & 0x3FFF:
                 self._fragment(mv, now)
                 return
             family = 4
-        elif v == 6:
+        elif b0 >> 4 == 6:
             try:
                 if n >= 40:
                     _, plen, proto, src, dst = _ip6_fields(mv)     # the fast form, checked next
@@ -176,12 +182,12 @@ class Stack:
                 else:
                     plen, proto, src, dst = _ip6(mv)
             except WireError as e:
-                drops[e.reason] += 1
+                self.drops[e.reason] += 1
                 return
             if 40 + plen < n:
                 mv = mv[:40 + plen]
             if src[0] == 0xFF or src == _ZERO6:
-                drops["bad_source"] += 1
+                self.drops["bad_source"] += 1
                 return
             if proto != PROTO_TCP and proto != PROTO_UDP:
                 self._input6_ext(src, dst, mv, now)
@@ -189,7 +195,7 @@ class Stack:
             off = 40
             family = 6
         else:
-            drops["bad_version"] += 1
+            self.drops["bad_version"] += 1
             return
         if proto == PROTO_TCP:
             self._tcp_in(family, src, dst, mv, off, now)
@@ -198,7 +204,7 @@ class Stack:
         elif proto == PROTO_ICMP:          # IPv4 only: IPv6's went to _input6_ext
             icmp4_input(self, src, dst, mv, off, now)
         else:
-            drops["unsupported_protocol"] += 1
+            self.drops["unsupported_protocol"] += 1
 
     def input_batch(self, packets, now: float) -> None:
         """input() for each packet, in order; runs of one TCP flow's
@@ -217,7 +223,9 @@ class Stack:
             for flow in dirty:
                 if not flow.closed:
                     flow.flush(now)
-                    self._reschedule(flow)
+                    at = flow.poll_at
+                    if at is not None and at != flow._sched_at:
+                        self._reschedule(flow)
         heap = self._heap
         while heap and heap[0][0] <= now:
             at, _, flow = heapq.heappop(heap)
@@ -226,11 +234,42 @@ class Stack:
             flow._sched_at = None
             flow.on_timer(now)
             self._reschedule(flow)
+        q = self._requests
+        if q:
+            # most requests are answered at once: their entries go stale
+            # in order and leave from the front now, not at their deadline
+            # (what a stale entry holds, its connection, is freed sooner)
+            at, _, conn = q[0]
+            if at <= now or conn.conn_at != at or conn.closed:
+                self._queue_due(q, _CONN_AT, now)
+        q = self._tw
+        if q and q[0][0] <= now:
+            self._queue_due(q, _TW_AT, now)
         if self._frag is not None:
             self._frag.expire(now)
-        self.budget.sample()
-        if len(heap) > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
+        b = self.budget
+        if b.used > b.peak:                    # budget.sample(), without the call
+            b.peak = b.used
+        n = len(heap)
+        if n > _HEAP_SLACK and n > _HEAP_SLACK + 2 * (len(self.tcp) + len(self.udp)):
             self._compact_heap()
+
+    def _queue_due(self, q, deadline_of, now) -> None:
+        """The due entries of a timer queue: the connection's on_timer runs
+        (netstack.tcp.timers: TIME_WAIT over, request timed out); an entry
+        whose timer was restarted or cleared, or whose connection closed
+        meanwhile, is stale and leaves as soon as it is at the front."""
+        while q:
+            at, _, conn = q[0]
+            if deadline_of(conn) != at or conn.closed:
+                q.popleft()
+                continue
+            if at > now:
+                return
+            q.popleft()
+            conn.on_timer(now)
+            if not conn.closed:
+                self._reschedule(conn)
 
     def _compact_heap(self) -> None:
         """Drop stale timer entries (flows closed or rescheduled) at once."""
@@ -249,6 +288,22 @@ class Stack:
                 break
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
+        q = self._requests
+        while q:
+            at, _, conn = q[0]
+            if conn.conn_at == at and not conn.closed:
+                if best is None or at < best:
+                    best = at
+                break
+            q.popleft()
+        q = self._tw
+        while q:
+            at, _, conn = q[0]
+            if conn.tw_at == at and not conn.closed:
+                if best is None or at < best:
+                    best = at
+                break
+            q.popleft()
         if self._frag is not None:
             f = self._frag.next_deadline()
             if f is not None and (best is None or f < best):
@@ -289,7 +344,7 @@ class Stack:
             "drops": dict(self.drops), "tcp_drops": dict(self.tcp_drops),
             "delivered": self.delivered,
             "frag_held": self.frag_held, "frag_drops": dict(self.frag_drops),
-            "timers": len(self._heap),
+            "timers": len(self._heap) + len(self._tw) + len(self._requests),
             "udp_evicted": self.udp_evicted,
             "memory": {**self.budget.status(), "refused": self.drops.get("memory_budget", 0)},
         }
@@ -451,6 +506,8 @@ class Stack:
 
 
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
+_TW_AT = attrgetter("tw_at")     # the deadline a TIME_WAIT queue entry is live for
+_CONN_AT = attrgetter("conn_at")  # ... and a request queue entry
 _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)

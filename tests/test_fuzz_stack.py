@@ -276,6 +276,12 @@ def check_timers(stack):
         if flow.poll_at is not None:
             assert flow._sched_at is not None and flow._sched_at <= flow.poll_at, flow
             assert any(e[2] is flow and e[0] == flow._sched_at for e in stack._heap)
+        elif getattr(flow, "state", None) == "TIME_WAIT":
+            # TIME_WAIT waits in the stack's queue instead
+            assert any(e[2] is flow and e[0] == flow.tw_at for e in stack._tw), flow
+        if getattr(flow, "conn_at", None) is not None:
+            # and so does an unanswered request's connect timeout
+            assert any(e[2] is flow and e[0] == flow.conn_at for e in stack._requests), flow
     assert len(stack._heap) <= _HEAP_SLACK + 2 * (len(stack.tcp) + len(stack.udp)) + 1
 
 

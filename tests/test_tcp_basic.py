@@ -449,3 +449,23 @@ def test_rst_in_time_wait_ends_it_as_closed():
     c.recv("A")
     c.send(flags="R", ack=0)
     assert c.closed_reasons() == ["closed"] and c.stack.tcp == {}
+
+
+@pytest.mark.parametrize("ws", [None, 7])
+@pytest.mark.parametrize("sack", [False, True])
+@pytest.mark.parametrize("ts", [False, True])
+@pytest.mark.parametrize("mss", [None, 1460])
+def test_synack_option_block_for_every_syn(mss, ts, sack, ws):
+    """The SYN-ACK answers each option the SYN offered, in one of the
+    layouts the general builder makes (the usual ones are packed in one go)."""
+    from netstack.wire import tcp as wt
+    c = Client(mss=mss, ws=ws, sack=sack, ts=ts)
+    conn = c.request()
+    conn.accept()
+    s = c.recv("SA")
+    opts = s.raw[40:20 + ((s.raw[20 + 12] >> 4) << 2)]       # IPv4: the TCP header at 20
+    o = s.opts
+    assert (o.wscale is not None, o.sack_perm, o.ts_val is not None) == (ws is not None, sack, ts)
+    assert opts == wt.build_options(mss=1460, wscale=5 if ws is not None else None, sack_perm=sack,
+                                    ts=(o.ts_val, 1) if ts else None)    # echoes the SYN's tsval
+    assert conn.rcv_wscale == (5 if ws is not None else 0)

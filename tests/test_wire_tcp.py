@@ -161,3 +161,30 @@ def test_build_header_rejects_unaligned_options():
         tcp.build_header(tcp.TcpHeader(1, 2, options=b"\x01"))
     with pytest.raises(WireError):
         tcp.build_header(tcp.TcpHeader(1, 2, options=b"\x01" * 44))
+
+
+@pytest.mark.parametrize("block", [
+    LINUX_SYN_OPTS,
+    bytes.fromhex("020405b4" "0402080a" "ffffffff" "12345678" "0103030f"),   # WS 15: used as 14
+    bytes.fromhex("02040218" "01030300" "01010402"),                          # Windows: MSS, NOP WS, NOP NOP SACK-perm
+    bytes.fromhex("020405b4" "01030308" "01010402"),
+    # the same lengths in other layouts: the general walk reads them
+    bytes.fromhex("020405b4" "0402080a" "00000001" "00000002" "01010000"),
+    bytes.fromhex("01030307" "020405b4" "0402080a" "00000001" "00000002"),
+    bytes.fromhex("020405b4" "01030308" "01010101"),
+    bytes.fromhex("02040218" "01030300" "00000000"),
+])
+def test_syn_fast_paths_match_the_walk(block):
+    """The one-unpack readings of the usual SYN blocks give what the
+    option-by-option walk gives, and blocks that only share their length
+    are walked."""
+    assert tcp.parse_options(block) == tcp._walk_options(block, len(block), tcp.TcpOptions())
+    assert tcp.parse_options(memoryview(block)) == tcp.parse_options(bytes(block))
+
+
+def test_syn_fast_path_values():
+    o = tcp.parse_options(bytes.fromhex("020405b4" "0402080a" "ffffffff" "12345678" "0103030f"))
+    assert (o.mss, o.sack_perm, o.ts_val, o.ts_ecr, o.wscale, o.sack) == (1460, True, 0xFFFFFFFF, 0x12345678,
+                                                                          14, None)
+    o = tcp.parse_options(bytes.fromhex("02040218" "01030300" "01010402"))
+    assert (o.mss, o.sack_perm, o.ts_val, o.wscale) == (536, True, None, 0)

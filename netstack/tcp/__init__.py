@@ -51,10 +51,15 @@ stack.poll(now) flushes (so one batch yields one ACK).
 
 Sequence arithmetic is modulo 2**32 everywhere: netstack.seq, written inline
 (`(a - b) & MASK < HALF`) on the per-segment paths.  Timers: one deadline per
-connection (`poll_at`).  Arming a timer only ever lowers poll_at; a timer
-pushed later (the RTO restarted by every ACK) is noticed when poll_at fires
-early and is recomputed exactly (`_arm`), so the stack's heap sees one entry
-per connection, not one per ACK.  Receive buffer: a bytearray (read() = bytes
+connection (`poll_at`), except the two every connection has and every
+connection has equally long: an unanswered request's connect timeout
+(`conn_at`) and TIME_WAIT (`tw_at`) wait in the stack's FIFO queues
+(host.request_queue, host.tw_queue), whose deadlines arrive in order, so no
+heap entry is made for them and poll() calls on_timer when they are due.
+Arming a timer only ever lowers poll_at; a timer pushed later (the RTO
+restarted by every ACK) is noticed when poll_at fires early and is
+recomputed exactly (`_arm`), so the stack's heap sees one entry per
+connection, not one per ACK.  Receive buffer: a bytearray (read() = bytes
 + del); the window we accept is what we advertised or the free buffer,
 whichever is larger, so memory stays bounded by config.rcv_buf.  Send buffer:
 a bytearray trimmed on ACK, segments sliced out of one memoryview per burst.

@@ -16,7 +16,6 @@ Everything a connection does to its surroundings goes through `self.host`
 
 from __future__ import annotations
 
-from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..wire.templates import TcpTemplate
@@ -25,9 +24,18 @@ from .const import (
     INITIAL_RTO, LAST_ACK, LISTEN, MIN_MSS, RECV_STATES, REJECT_KINDS, RST, SYN, SYN_RECEIVED, TIME_WAIT,
     TcpError,
 )
-from .receiver import TcpReceiver
+from .receiver import NO_RUNS, TcpReceiver
 from .sender import TcpSender
 from .timers import TcpTimers
+
+
+def _wscale_for(cap: int) -> int:
+    """The smallest window scale (at most 14, RFC 7323 §2.3) at which a
+    16-bit window field can offer *cap* bytes."""
+    if cap <= 65535:
+        return 0
+    s = ((cap + 65534) // 65535 - 1).bit_length()      # 65535 << s >= cap
+    return s if s < 14 else 14
 
 
 class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
@@ -90,7 +98,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         self.rcv_wnd = 0
         self.rcv_buf = bytearray()
         self._rcv_cap = cfg.rcv_buf
-        self.ooo = Assembler()
+        self.ooo = NO_RUNS            # its own Assembler once data arrives out of order
         self._rcv_off = 0
         self.fin_rcvd = False
         self._fin_off = None
@@ -275,28 +283,36 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self._synack_lost()
             return
         n = len(payload)
-        seglen = n + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        seglen = n + ((flags >> 1) & 1) + (flags & FIN)          # SYN and FIN take one each
         ts_val = opts.ts_val if opts is not None else None
-        if ts_val is not None and self.ts_ok and not flags & RST and self._paws_rejects(ts_val):
+        if (ts_val is not None and self.ts_ok and not flags & RST
+                and ((ts_val - self.ts_recent) & _M) >= _HALF):
+            self._paws_reject()
             return
-        # step 1's window: what we advertised, or the free buffer if larger --
-        # bytes we have room for are never thrown away (the buffer still
-        # bounds memory)
         rnxt = self.rcv_nxt
-        rwnd = ((self.rcv_adv - rnxt + _HALF) & _M) - _HALF      # seq_sub, inline
-        free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
-        if rwnd < free:
-            rwnd = free
-        if rwnd < 0:
-            rwnd = 0
         d = ((seq - rnxt + _HALF) & _M) - _HALF                   # seq_sub, inline
-        # step 1: sequence number acceptability (like Linux's tcp_sequence, an
-        # ACK exactly at the right edge is accepted: a sender that filled our
-        # window sends its ACKs there)
-        if not (0 <= d <= rwnd if seglen == 0 else
-                rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)):
-            self._step1_unacceptable(st, d, seglen, flags, now)
-            return
+        if d == 0 and seglen == 0:
+            # an empty segment at rcv_nxt (the handshake's ACK, an ACK of
+            # our FIN, a duplicate ACK) is acceptable whatever the window
+            # (0 <= d <= rwnd below), and nothing in it is trimmed
+            rwnd = 0
+        else:
+            # step 1's window: what we advertised, or the free buffer if
+            # larger -- bytes we have room for are never thrown away (the
+            # buffer still bounds memory)
+            rwnd = ((self.rcv_adv - rnxt + _HALF) & _M) - _HALF      # seq_sub, inline
+            free = self._rcv_cap - len(self.rcv_buf) - self.ooo.nbytes
+            if rwnd < free:
+                rwnd = free
+            if rwnd < 0:
+                rwnd = 0
+            # step 1: sequence number acceptability (like Linux's tcp_sequence,
+            # an ACK exactly at the right edge is accepted: a sender that
+            # filled our window sends its ACKs there)
+            if not (0 <= d <= rwnd if seglen == 0 else
+                    rwnd > 0 and (0 <= d < rwnd or 0 <= d + seglen - 1 < rwnd)):
+                self._step1_unacceptable(st, d, seglen, flags, now)
+                return
         if flags & RST:
             self._step2_rst(st, d, now)
             return
@@ -352,13 +368,11 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             self.snd_nxt = self.iss
             self.host.dirty[self] = None
 
-    def _paws_rejects(self, ts_val) -> bool:
-        """PAWS (RFC 7323 §5.3 R1): an old timestamp marks an old duplicate."""
-        if ((ts_val - self.ts_recent) & _M) >= _HALF:
-            self.host.drop("paws")
-            self._owe_ack()
-            return True
-        return False
+    def _paws_reject(self):
+        """PAWS (RFC 7323 §5.3 R1): an old timestamp (the test is in _slow)
+        marks an old duplicate: dropped, answered with an ACK."""
+        self.host.drop("paws")
+        self._owe_ack()
 
     def _step1_unacceptable(self, st, d, seglen, flags, now) -> None:
         """Step 1: a segment outside the receive window (the test is in
@@ -377,7 +391,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
                 self.host.drop("out_of_window")
             self._owe_ack()
             if st is TIME_WAIT and flags & FIN:
-                self.tw_at = now + self.host.config.time_wait   # a retransmitted FIN restarts 2MSL
+                self._tw_restart(now)      # a retransmitted FIN restarts 2MSL
 
     def _step2_rst(self, st, d, now):
         """Step 2: RST (RFC 5961 §3.2: an exact match resets, else a challenge ACK)."""
@@ -485,8 +499,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         """Step 8: FIN (taken once every byte before it has arrived)."""
         if st == TIME_WAIT:
             self._owe_ack()
-            self.tw_at = now + self.host.config.time_wait
-            self._arm_at(self.tw_at)
+            self._tw_restart(now)
         elif self.fin_rcvd:
             self._owe_ack()
         elif fin_off == self._rcv_off:
@@ -508,10 +521,8 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
             if opts.wscale is not None:
                 self._ws_ok = True
                 self.snd_wscale = opts.wscale
-                s = 0
-                while s < 14 and (65535 << s) < self._rcv_cap:
-                    s += 1
-                self.rcv_wscale = s
+                cap = self._rcv_cap
+                self.rcv_wscale = 0 if cap <= 65535 else _wscale_for(cap)
             self.sack_ok = opts.sack_perm
             if opts.ts_val is not None:
                 self.ts_ok = True
@@ -523,7 +534,7 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         mss = self.rcv_mss if self.rcv_mss < peer_mss else peer_mss
         self.snd_mss = mss
         self._seg = mss - (12 if self.ts_ok else 0)
-        g = getattr(cfg, "gso_max", 0) or 0
+        g = cfg.gso_max
         self._gso = min(g, 65535 - 120) if g > self._seg else 0
         self.cwnd = 10 * self._seg                    # RFC 6928 initial window
         self.snd_wnd = self.max_snd_wnd = wnd          # a SYN's window is never scaled
@@ -533,8 +544,14 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         if payload:
             self.host.drop("syn_data_ignored")
         self.host.request(self)
-        self.conn_at = now + cfg.connect_timeout
-        self._arm_at(self.conn_at)
+        # the connect timeout waits in the stack's request queue (every
+        # request's is as long), not in the timer heap
+        at = self.conn_at = now + cfg.connect_timeout
+        q = self.host.request_queue
+        if q and at < q[-1][0]:
+            self._queue(q, at)
+        else:
+            q.append((at, self.id, self))     # as _queue does, without the call
 
     def _do_pending_close(self):
         reason, how = self._pending_close
@@ -562,5 +579,6 @@ class TcpConnection(TcpReceiver, TcpSender, TcpTimers):
         # every byte still held goes back to the budget; bytes read after
         # this are not subtracted again (read() checks closed)
         self._mem.used -= len(self.rcv_buf) + len(self.snd_buf) + self.ooo.nbytes
-        self.ooo.clear()
+        if self.ooo is not NO_RUNS:
+            self.ooo.clear()
         self.host.closed(self, reason)

@@ -17,6 +17,8 @@ SACKHDR = _wt.SACK_HEAD       # NOP NOP SACK(5) len
 SACK_BLOCK = _wt.SACK_EDGES
 MSS_OPT = _wt.MSS_BLOCK
 WS_OPT = _wt.WS_BLOCK
+SYN_TS_OPT = _wt.SYN_TS_BLOCK
+SYN_SACK_WS_OPT = _wt.SYN_SACK_WS_BLOCK
 
 # RFC 9293 §3.3.2 state names (LISTEN here: a request the host has not answered)
 LISTEN = "LISTEN"

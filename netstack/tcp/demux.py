@@ -173,7 +173,8 @@ def _tcp_new(stack, family, key, flags, seq, ack, mv, off, datalen, now):
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
         return None
     cfg = stack.config
-    if stack.budget.full:
+    b = stack.budget
+    if b.used >= b.limit > 0:             # b.full, without the property's call
         stack.drops["memory_budget"] += 1
         _send_rst_for(stack, family, key, flags, seq, ack, datalen)
         return None

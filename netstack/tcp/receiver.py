@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .. import events as _ev
+from ..assembler import Assembler
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
-from ..seq import seq_sub as _sdiff
 from .const import (
     ACK_DELAYED, ACK_NONE, ACK_NOW, CHALLENGE_ACKS_PER_SEC, CLOSE_WAIT, CLOSING, DELACK, ESTABLISHED,
     FIN_WAIT_1, FIN_WAIT_2, RECV_STATES,
@@ -13,6 +13,13 @@ from .const import (
 from .const import SACK_BLOCK as _BLOCK
 from .const import SACKHDR as _SACKHDR
 from .const import TSOPT as _TSOPT
+
+
+# the out-of-order runs of every connection that never had any: one shared
+# empty Assembler that nothing adds to (_out_of_order gives a connection its
+# own first), so a connection costs no Assembler until a segment arrives out
+# of order
+NO_RUNS = Assembler()
 
 
 class TcpReceiver:
@@ -61,7 +68,7 @@ class TcpReceiver:
             # the window the peer holds may stall it (less than 4 segments).
             # A larger window is raised by the next ACK: no extra packet per
             # request just because the SYN-ACK could not offer more than 64 KB.
-            adv = _sdiff(self.rcv_adv, self.rcv_nxt)
+            adv = ((self.rcv_adv - self.rcv_nxt + _HALF) & _M) - _HALF     # seq_sub, inline
             mss = self.rcv_mss
             if adv < 4 * mss:
                 free = self._rcv_cap - len(buf)
@@ -125,6 +132,8 @@ class TcpReceiver:
 
     def _out_of_order(self, d, payload, n, now):
         ooo = self.ooo
+        if ooo is NO_RUNS:
+            ooo = self.ooo = Assembler()
         held = ooo.nbytes
         if not ooo.add(self._rcv_off + d, payload):
             self.host.drop("ooo_overflow")

@@ -13,6 +13,8 @@ from .const import (
 from .const import MSS_OPT as _MSS_OPT
 from .const import TSOPT as _TSOPT
 from .const import WS_OPT as _WS_OPT
+from .const import SYN_SACK_WS_OPT as _SYN_SACK_WS_OPT
+from .const import SYN_TS_OPT as _SYN_TS_OPT
 
 
 class TcpSender:
@@ -415,6 +417,41 @@ class TcpSender:
         self._rtt_seq = None
 
     def _send_synack(self, now):
+        if self._ws_ok and self.sack_ok:
+            # the two usual answers (to a Linux SYN: all four options; to
+            # a Windows SYN: no timestamps), one pack each
+            if self.ts_ok:
+                opts = _SYN_TS_OPT.pack(0x0204, self.rcv_mss, 0x0402080A, (int(now * 1000) + self._ts_off) & _M,
+                                        self.ts_recent, 0x01030300 | self.rcv_wscale)
+            else:
+                opts = _SYN_SACK_WS_OPT.pack(0x0204, self.rcv_mss, 0x01010402, 0x01030300 | self.rcv_wscale)
+        else:
+            opts = self._synack_options(now)
+        wnd = self._rcv_cap - len(self.rcv_buf)
+        mem = self._mem
+        if mem.limit:
+            wnd = mem.clamp(wnd, len(self.rcv_buf), self.rcv_mss)
+        if wnd > 65535:
+            wnd = 65535
+        self.rcv_adv = (self.rcv_nxt + wnd) & _M
+        self.rcv_wnd = wnd
+        self.host.out.append(self.tpl.build(self.iss, self.rcv_nxt, SYN | ACK, wnd, opts, b""))
+        self.last_ack_sent = self.rcv_nxt
+        self._ack_owed = ACK_NONE
+        self.snd_nxt = (self.iss + 1) & _M
+        if self.snd_max == self.iss:
+            self.snd_max = self.snd_nxt
+            self._rtt_seq = self.snd_nxt
+            self._rtt_time = now
+        if self.rto_at is None:
+            t = self.rto_at = now + self.rto         # _arm_at, without its setattr
+            p = self.poll_at
+            if p is None or t < p:
+                self.poll_at = t
+
+    def _synack_options(self, now):
+        """The SYN-ACK's option block: what the client's SYN offered, in the
+        order Linux sends them (the same bytes as the packs in _send_synack)."""
         opts = [_MSS_OPT.pack(2, 4, self.rcv_mss)]
         if self.sack_ok and self.ts_ok:
             opts.append(_TSOPT.pack(4, 2, 8, 10, (int(now * 1000) + self._ts_off) & _M, self.ts_recent))
@@ -425,24 +462,7 @@ class TcpSender:
                 opts.append(b"\x01\x01\x04\x02")
         if self._ws_ok:
             opts.append(_WS_OPT.pack(1, 3, 3, self.rcv_wscale))
-        wnd = self._rcv_cap - len(self.rcv_buf)
-        mem = self._mem
-        if mem.limit:
-            wnd = mem.clamp(wnd, len(self.rcv_buf), self.rcv_mss)
-        if wnd > 65535:
-            wnd = 65535
-        self.rcv_adv = (self.rcv_nxt + wnd) & _M
-        self.rcv_wnd = wnd
-        self.host.out.append(self.tpl.build(self.iss, self.rcv_nxt, SYN | ACK, wnd, b"".join(opts), b""))
-        self.last_ack_sent = self.rcv_nxt
-        self._ack_owed = ACK_NONE
-        self.snd_nxt = (self.iss + 1) & _M
-        if self.snd_max == self.iss:
-            self.snd_max = self.snd_nxt
-            self._rtt_seq = self.snd_nxt
-            self._rtt_time = now
-        if self.rto_at is None:
-            self._arm_at(now + self.rto, "rto_at")
+        return b"".join(opts)
 
     def _emit(self, seq, flags, payload, now):
         """Build and queue one segment carrying our current ACK and window."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from bisect import insort
+
 from ..seq import HALF as _HALF
 from ..seq import MASK as _M
 from ..seq import seq_sub as _sdiff
@@ -150,9 +152,10 @@ class TcpTimers:
             self.poll_at = t
 
     def _arm(self):
-        """Recompute poll_at exactly from the armed timers."""
+        """Recompute poll_at exactly from the armed timers (tw_at and
+        conn_at wait in the stack's queues instead)."""
         t = None
-        for x in (self.rto_at, self.persist_at, self.delack_at, self.tw_at, self.conn_at):
+        for x in (self.rto_at, self.persist_at, self.delack_at):
             if x is not None and (t is None or x < t):
                 t = x
         ka = self.host.config.keepalive
@@ -164,6 +167,27 @@ class TcpTimers:
 
     def _enter_time_wait(self, now):
         self.state = TIME_WAIT
-        self.rto_at = self.persist_at = None
-        self.tw_at = now + self.host.config.time_wait
-        self._arm_at(self.tw_at)
+        self.rto_at = self.persist_at = self.delack_at = None
+        self._tw_restart(now)
+
+    def _tw_restart(self, now):
+        """(Re)start the 2MSL wait (config.time_wait): the stack's TIME_WAIT
+        queue holds the deadline, not the timer heap.  The connection has
+        no other timer in TIME_WAIT (an ACK it owes goes out at the next
+        flush), so it gives up poll_at and its heap entries go stale."""
+        at = self.tw_at = now + self.host.config.time_wait
+        self.poll_at = None
+        self._sched_at = None
+        q = self.host.tw_queue
+        if q and at < q[-1][0]:
+            self._queue(q, at)
+        else:
+            q.append((at, self.id, self))     # as _queue does, without the call
+
+    def _queue(self, q, at):
+        """Wait in one of the stack's timer queues (host.tw_queue,
+        host.request_queue) until *at*."""
+        if q and at < q[-1][0]:
+            insort(q, (at, self.id, self))     # the clock went back: keep the queue sorted
+        else:
+            q.append((at, self.id, self))

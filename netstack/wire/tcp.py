@@ -58,6 +58,12 @@ MAX_SACK_BLOCKS = 4      # 2 + 4*8 = 34 bytes: all an option block can hold
 
 _TS_FAST = struct.Struct("!HHII")  # NOP NOP kind=8 len=10 tsval tsecr
 _TS_FAST_HEAD = 0x0101080A         # the first four bytes of that block, as one word
+# the two SYN option blocks nearly every client sends, each read with one
+# unpack: MSS, SACK-permitted, TS, NOP WS (Linux, Android) and MSS, NOP WS,
+# NOP NOP SACK-permitted (Windows); MSS and TS values, the shift in the
+# last word's low byte
+_SYN20 = struct.Struct("!HHIIII")
+_SYN12 = struct.Struct("!HHII")
 _U32 = struct.Struct("!I")
 _II = struct.Struct("!II")
 _H = struct.Struct("!H")
@@ -68,6 +74,11 @@ SACK_HEAD = struct.Struct("!BBBB")    # NOP NOP SACK len
 SACK_EDGES = _II                      # one SACK block: left, right
 MSS_BLOCK = struct.Struct("!BBH")
 WS_BLOCK = struct.Struct("!BBBB")     # NOP WS len shift
+# a SYN-ACK's whole block in one pack, as words: MSS, SACK-permitted + TS,
+# NOP WS (0x0204, mss, 0x0402080A, tsval, tsecr, 0x01030300 | shift), and
+# without timestamps MSS, NOP NOP SACK-permitted, NOP WS
+SYN_TS_BLOCK = _SYN20
+SYN_SACK_WS_BLOCK = struct.Struct("!HHII")
 
 
 class TcpOptions:
@@ -104,9 +115,34 @@ def parse_options(buf) -> TcpOptions:
     """
     o = TcpOptions()
     n = len(buf)
-    if n == 12 and _U32.unpack_from(buf)[0] == _TS_FAST_HEAD:
-        _, _, o.ts_val, o.ts_ecr = _TS_FAST.unpack_from(buf)
-        return o
+    if n == 12:
+        if _U32.unpack_from(buf)[0] == _TS_FAST_HEAD:
+            _, _, o.ts_val, o.ts_ecr = _TS_FAST.unpack_from(buf)
+            return o
+        # a SYN without timestamps (Windows): MSS, NOP WS, NOP NOP SACK-permitted
+        head, mss, ws, sp = _SYN12.unpack_from(buf)
+        if head == 0x0204 and ws >> 8 == 0x010303 and sp == 0x01010402:
+            o.mss = mss
+            ws &= 0xFF
+            o.wscale = ws if ws <= MAX_WSCALE else MAX_WSCALE
+            o.sack_perm = True
+            return o
+    elif n == 20:
+        # a SYN from Linux or Android: MSS, SACK-permitted, TS, NOP WS
+        head, mss, ts_head, tsv, tse, ws = _SYN20.unpack_from(buf)
+        if head == 0x0204 and ts_head == 0x0402080A and ws >> 8 == 0x010303:
+            o.mss = mss
+            ws &= 0xFF
+            o.wscale = ws if ws <= MAX_WSCALE else MAX_WSCALE
+            o.sack_perm = True
+            o.ts_val = tsv
+            o.ts_ecr = tse
+            return o
+    return _walk_options(buf, n, o)
+
+
+def _walk_options(buf, n, o):
+    """parse_options' general case: every option in turn, into *o*."""
     i = 0
     while i < n:
         kind = buf[i]

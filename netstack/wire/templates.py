@@ -135,12 +135,14 @@ class TcpTemplate:
     def __init__(self, family, src, dst, sport, dport, config):
         self.family = family
         self.src, self.dst, self.sport, self.dport = src, dst, sport, dport
-        self.ttl = config.ttl
+        ttl = self.ttl = config.ttl
         self.offload = config.checksum_offload
-        self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
+        ps = self._ps = ck.pseudo(src, dst, PROTO_TCP, 0)
         if family == 4:
-            # constant IPv4 header words: version/ihl/tos, DF, ttl/proto, addresses
-            self._ip4_sum = 0x4500 + IP4_DF + ((self.ttl << 8) | PROTO_TCP) + _addr_sum(src) + _addr_sum(dst)
+            # constant IPv4 header words: version/ihl/tos, DF, ttl/proto,
+            # addresses; the pseudo-header sum already holds the addresses
+            # and the protocol (one modulo per connection instead of three)
+            self._ip4_sum = 0x4500 + IP4_DF + (ttl << 8) + ps
         else:
             self._ip4_sum = 0
         # pseudo-header + the ports: the constant part of the TCP sum
@@ -166,21 +168,25 @@ class TcpTemplate:
         tl = hl + len(payload)
         offflags = (hl << 10) | flags          # data offset (hl/4) in the top 4 bits
         if self.offload:
-            csum = ck.fold(self._ps + tl)
+            # ck.fold without the call: a positive sum's representative in 1..0xFFFF
+            csum = (self._ps + tl - 1) % 0xFFFF + 1
         else:
             s = (self._hsum + tl + (seq >> 16) + (seq & 0xFFFF) + (ack >> 16) + (ack & 0xFFFF)
                  + offflags + wnd)
             if options:
-                s = ck.sum16(options, s)
+                # whole 16-bit words: the block read as one number is
+                # congruent (mod 0xFFFF) to their sum, and sum16/the fold
+                # below take an unfolded start
+                s += int.from_bytes(options, "big")
             if payload:
-                s = ck.sum16(payload, s)
+                csum = ~ck.sum16(payload, s) & 0xFFFF
             else:
-                s = ck.fold(s)
-            csum = ~s & 0xFFFF
+                csum = 0xFFFE - (s - 1) % 0xFFFF      # ~fold(s) & 0xFFFF, s > 0
         if self.family == 4:
             total = 20 + tl
             ident = self._ident = (self._ident + 1) & 0xFFFF
-            hcs = ~ck.fold(self._ip4_sum + total + ident) & 0xFFFF
+            # ~fold(sum) & 0xFFFF for a positive sum, without the call
+            hcs = 0xFFFE - (self._ip4_sum + total + ident - 1) % 0xFFFF
             hdr = _IP4TCP.pack(0x45, 0, total, ident, IP4_DF, self.ttl, PROTO_TCP, hcs, self.src, self.dst,
                                self.sport, self.dport, seq, ack, hl << 2, flags, wnd, csum, 0)
         else:

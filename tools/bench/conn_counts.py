@@ -128,7 +128,7 @@ def collector(lab, worker: int, secs: int, out: str) -> None:
           f"the collector {c.get('gc:seconds', 0) / n * 1e6:.1f} µs; collections ({gens or 'none'})")
 
 
-def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
+def calls(lab, worker: int, secs: int, out: str, top: int, sites: int = 0) -> None:
     n, c = _counted(lab, worker, secs, out)
     c.pop("cpu:seconds", None)
     total = sum(c.values())
@@ -142,6 +142,10 @@ def calls(lab, worker: int, secs: int, out: str, top: int) -> None:
     print("by the file of the calling or called Python function:")
     for f, v in by_file.most_common(top):
         print(f"  {f:<24} {v / n:7.2f}")
+    if sites:
+        print("by function (C functions: by the Python function calling them):")
+        for k, v in collections.Counter(c).most_common(sites):
+            print(f"  {v / n:7.2f}  {k}")
 
 
 def main(argv=None) -> int:
@@ -150,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default=benchlab.REPO, help="checkout whose tun2xray is counted")
     p.add_argument("-t", "--time", type=int, default=5, help="seconds of wrk (default 5)")
     p.add_argument("--top", type=int, default=30, help="files listed by calls (default 30)")
+    p.add_argument("--sites", type=int, default=0, help="calls: also list this many functions by calls")
     p.add_argument("--prefix", default="cp", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as hook_dir:
@@ -170,7 +175,7 @@ def main(argv=None) -> int:
             elif args.what == "gc":
                 collector(lab, worker, args.time, out)
             else:
-                calls(lab, worker, args.time, out, args.top)
+                calls(lab, worker, args.time, out, args.top, args.sites)
     return 0
 
 

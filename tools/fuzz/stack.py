@@ -295,6 +295,12 @@ def timers(stack: Stack) -> None:
         if flow.poll_at is not None:
             check(flow._sched_at is not None and flow._sched_at <= flow.poll_at,
                   lambda: f"{flow!r} wants a timer at {flow.poll_at} but has {flow._sched_at}")
+        elif getattr(flow, "state", None) == "TIME_WAIT":
+            check(any(e[2] is flow and e[0] == flow.tw_at for e in stack._tw),
+                  lambda: f"{flow!r} in TIME_WAIT has no entry in the queue")
+        if getattr(flow, "conn_at", None) is not None:
+            check(any(e[2] is flow and e[0] == flow.conn_at for e in stack._requests),
+                  lambda: f"{flow!r} waits for an answer with no entry in the request queue")
     d = stack.next_deadline()
     check(d is None or d >= 0, "negative deadline")
     live = len(stack.tcp) + len(stack.udp)
