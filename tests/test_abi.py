@@ -223,6 +223,58 @@ def test_several_handles_at_once_from_several_threads(abi, servers):
             t.stop()
 
 
+def _ip4_unknown_protocol(src_last: int, seq: int) -> bytes:
+    """A well-formed IPv4 packet (right header checksum) of protocol 99,
+    which the stack counts as unsupported_protocol."""
+    hdr = bytearray(b"\x45\x00\x00\x20" + seq.to_bytes(2, "big") + b"\x00\x00\x40\x63\x00\x00"
+                    + bytes([10, 0, 0, src_last]) + bytes([10, 0, 1, 1]))
+    s = sum(int.from_bytes(hdr[i:i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr[10:12] = ((~((s & 0xFFFF) + (s >> 16))) & 0xFFFF).to_bytes(2, "big")
+    return bytes(hdr) + seq.to_bytes(4, "big") * 3
+
+
+def test_submits_from_several_threads_into_one_handle_reach_the_stack_once(abi, servers):
+    """The inbound queue is C's (a submit never enters Python): packets
+    submitted by four host threads at once, singly and in batches, each
+    reach the stack exactly once, and the counters add up."""
+    t = Tunnel(abi, profile(servers))
+    per_thread, errors = 3000, []
+
+    def run(k):
+        try:
+            pkts = [_ip4_unknown_protocol(k + 1, i) for i in range(per_thread)]
+            i = 0
+            while i < per_thread:
+                if i % 3 == 0:
+                    r = abi.submit_inbound(t.handle, pkts[i], len(pkts[i]), 2)
+                    assert r in (OK, QUEUE_FULL), (r, abi.error())
+                    i += r == OK
+                else:
+                    n = abi.submit_batch(t.handle, pkts[i:i + 7], [2] * len(pkts[i:i + 7]))
+                    assert n >= 0, abi.error()
+                    i += n
+        except BaseException as e:       # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert errors == []
+        total = 4 * per_thread
+        _wait(lambda: t.status()["device"]["rx_queued"] == 0, "the queue to drain")
+        s = t.status()
+        d = s["device"]
+        assert d["rx_packets"] == total and d["rx_dropped"] == 0
+        assert d["rx_delivered"] == total == s["stack"]["rx_packets"]
+        assert s["stack"]["drops"]["unsupported_protocol"] == total
+        assert 1 <= d["rx_wakeups"] <= total
+    finally:
+        t.stop()
+
+
 # ------------------------------------------------------- misuse, bad input
 
 def test_stale_and_unknown_handles_are_error_codes(abi, servers):
