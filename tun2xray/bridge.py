@@ -18,9 +18,10 @@ one).  Any number of host threads may call any function at once.
 Inbound: `submit_*` checks each packet's family against its IP version on the
 caller's thread, appends it to a bounded queue under one short lock and wakes
 the engine's loop once per burst (call_soon_threadsafe only when the queue
-was empty).  What does not fit is counted (`rx_queue_full`), never waited for;
-or, through `bridge_ops.submit_held` (the C ABI), left with the host, which
-is told when there is room again (`rx_resumed`).
+was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
+The C ABI keeps its own queue in C (tun2xray.abi.inbox), which leaves what
+does not fit with the host and tells it when there is room again
+(`rx_resumed`).
 
 Outbound: packets the stack emits are given to `on_outbound(packets,
 protocols)` on the engine thread, or queued (bounded, tail drop counted in
@@ -188,7 +189,6 @@ class _Tunnel:
         self._inq: list = []
         self._inq_bytes = 0
         self._wake = False                      # a _drain is scheduled on the loop
-        self._held = False                      # a held submit found the queue full
         self._resume_poll = False               # room again: end the waiting poll early
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
@@ -287,10 +287,7 @@ class _Tunnel:
                 stats["rx_dropped"] += n
                 return
             stats["rx_delivered"] += n
-            resume, self._held = self._held, False
         self.feed(batch)
-        if resume:
-            self._resume()
 
     def feed(self, batch) -> None:
         """Packets to the engine, on its loop, one service pass per chunk."""
@@ -346,12 +343,9 @@ class _Tunnel:
 
     # ------------------------------------------------------------- host side
 
-    def submit(self, packets, protocols, hold: bool = False) -> int:
-        """Queue the packets for the engine; returns how many of them were
-        taken (queued or counted as dropped).  hold=False: all of them, what
-        does not fit is dropped (rx_queue_full).  hold=True (the C ABI): a
-        prefix, up to the first packet that does not fit; the rest stays the
-        host's, and the host is told when there is room again (resume)."""
+    def submit(self, packets, protocols) -> None:
+        """Queue the packets for the engine; what does not fit is dropped
+        (rx_queue_full)."""
         checked, af6 = check_packets(packets, protocols)
         wake = False
         with self._lock:
@@ -368,9 +362,6 @@ class _Tunnel:
                     if down:
                         drop = "rx_engine_down"
                     elif len(q) >= INBOUND_PACKETS or qb + n > cap:
-                        if hold:
-                            self._held = True
-                            break
                         drop = "rx_queue_full"
                     else:
                         q.append(p)
@@ -395,10 +386,10 @@ class _Tunnel:
                 with self._lock:
                     self._wake = False
                     self._drop_inbound_locked()
-        return taken
 
     def _resume(self) -> None:
-        """There is room again after a held submit: tell the host, on the
+        """There is room again after a held submit (the C ABI's queue,
+        tun2xray.abi.inbox): tell the host, on the
         engine thread: on_outbound with an empty batch, or an early return
         of a waiting poll_outbound."""
         self.stats["rx_resumed"] += 1
