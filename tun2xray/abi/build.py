@@ -12,8 +12,7 @@ import tempfile
 
 from .. import __version__
 from ..bridge import MAX_PACKET
-from . import ENV_PYTHONPATH
-from . import inbox
+from . import ENV_PYTHONPATH, inbox
 from .header import C_HELPERS, PY_API, TYPEDEFS, header_text
 
 LIB_STEM = "libtun2xray"
