@@ -275,6 +275,49 @@ def test_submits_from_several_threads_into_one_handle_reach_the_stack_once(abi, 
         t.stop()
 
 
+def test_poll_mode_several_pollers_get_every_packet_once(abi, servers):
+    """Poll mode's outbound queue is C's too (a poll never enters Python):
+    echoes of both families, polled by three host threads at once, each
+    come out exactly once, whole, with their family number; the tx counters
+    add up."""
+    t = Tunnel(abi, profile(servers), poll=True)
+    want = {}
+    for i in range(150):
+        family = 4 if i % 2 else 6
+        payload = f"p{i}-".encode() * (1 + i % 40)
+        want[b"echo:" + payload] = 2 if family == 4 else 10
+        assert udp_roundtrip(t, family, 10, 45000 + i, payload) in (2, 10)   # opens each flow
+    got, lock, stop = [], threading.Lock(), threading.Event()
+
+    def poller():
+        while not stop.is_set():
+            n, pkt, proto = abi.poll(t.handle, timeout_ms=50)
+            if n > 0:
+                with lock:
+                    got.append((udp_payload(pkt), proto))
+    threads = [threading.Thread(target=poller) for _ in range(3)]
+    try:
+        for th in threads:
+            th.start()
+        for i in range(150):                      # again, now all at once
+            family = 4 if i % 2 else 6
+            src, dst = (CLIENT4, SERVER4) if family == 4 else (CLIENT6, SERVER6)
+            payload = f"p{i}-".encode() * (1 + i % 40)
+            pkt = udp_packet(family, src, dst, 45000 + i, 53, payload)
+            assert abi.submit_inbound(t.handle, pkt, len(pkt), 2 if family == 4 else 10) == OK
+        _wait(lambda: len(got) >= 150, "150 echoes polled")
+        stop.set()
+        for th in threads:
+            th.join(10)
+        assert sorted(got) == sorted(want.items())
+        d = t.status()["device"]
+        assert d["tx_queued"] == 0 and d["tx_dropped"] == 0
+        assert d["tx_packets"] == 300 and d["tx_bytes"] > 0
+    finally:
+        stop.set()
+        t.stop()
+
+
 # ------------------------------------------------------- misuse, bad input
 
 def test_stale_and_unknown_handles_are_error_codes(abi, servers):

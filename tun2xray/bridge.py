@@ -19,9 +19,9 @@ Inbound: `submit_*` checks each packet's family against its IP version on the
 caller's thread, appends it to a bounded queue under one short lock and wakes
 the engine's loop once per burst (call_soon_threadsafe only when the queue
 was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
-The C ABI keeps its own queue in C (tun2xray.abi.inbox), which leaves what
-does not fit with the host and tells it when there is room again
-(`rx_resumed`).
+The C ABI keeps its queues in C (tun2xray.abi.queues): the inbound one
+leaves what does not fit with the host and tells it when there is room
+again (`rx_resumed`).
 
 Outbound: packets the stack emits are given to `on_outbound(packets,
 protocols)` on the engine thread, or queued (bounded, tail drop counted in
@@ -193,7 +193,7 @@ class _Tunnel:
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
         self._af6 = AF_INET6_NATIVE
-        self.inbox = None                       # the C ABI's inbound queue (tun2xray.abi.inbox)
+        self.queues = None                      # the C ABI's packet queues (tun2xray.abi.queues)
         self._out_cv = threading.Condition(threading.Lock())
         self._outq: deque = deque()
         self._out_bytes = 0
@@ -234,8 +234,8 @@ class _Tunnel:
                 with self._lock:
                     self._down = True
                     self._drop_inbound_locked()
-                if self.inbox is not None:
-                    self.inbox.down()
+                if self.queues is not None:
+                    self.queues.down()
                 with self._out_cv:
                     self._out_cv.notify_all()
                 self._started.set()
@@ -389,7 +389,7 @@ class _Tunnel:
 
     def _resume(self) -> None:
         """There is room again after a held submit (the C ABI's queue,
-        tun2xray.abi.inbox): tell the host, on the
+        tun2xray.abi.queues): tell the host, on the
         engine thread: on_outbound with an empty batch, or an early return
         of a waiting poll_outbound."""
         self.stats["rx_resumed"] += 1
@@ -458,19 +458,19 @@ class _Tunnel:
 
     def status(self) -> dict:
         engine = self.engine
-        inbox = self.inbox
+        queues = self.queues
 
         def on_loop():
-            if inbox is not None:
-                inbox.sync(self.stats)
+            if queues is not None:
+                queues.sync(self.stats)
             return engine.status()
         try:
             eng = self.call_on_loop(on_loop) if engine is not None else None
         except BridgeError:
             eng = None
         if eng is None:
-            if inbox is not None:
-                inbox.sync(self.stats)
+            if queues is not None:
+                queues.sync(self.stats)
             eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
         out = st.compose(self.lifecycle, eng)
         out["network"] = self.network.status()
@@ -481,8 +481,8 @@ class _Tunnel:
         with self._lock:
             self._closed = True
             self._drop_inbound_locked()
-        if self.inbox is not None:
-            self.inbox.down()
+        if self.queues is not None:
+            self.queues.down()
         with self._out_cv:
             self._out_cv.notify_all()
         try:

@@ -19,33 +19,11 @@ from . import bridge
 from .engine import paths
 from .upstream._net import set_thread_protect
 
-__all__ = ["OPS", "BadRequest", "message", "poll_one", "set_protect"]
+__all__ = ["OPS", "BadRequest", "message", "set_protect"]
 
 
 class BadRequest(bridge.BridgeError):
     """An app message that is not JSON, not an object or names no known op."""
-
-
-def poll_one(handle: int, timeout: float, capacity: int):
-    """Poll mode, one packet: the next outbound (packet, protocol) if it fits
-    in capacity bytes, else (None, its length) and it stays queued; None
-    when none came within timeout (or room came back for a held submit)."""
-    t = bridge._get(handle)
-    cv = t._out_cv
-    with cv:
-        q = t._outq
-        if not q and timeout > 0:
-            cv.wait_for(lambda: q or t._closed or t._down or t._resume_poll, timeout)
-        if not q:
-            t._resume_poll = False      # the resume signal is this empty return
-            return None
-        packet, proto = q[0]
-        if len(packet) > capacity:
-            return None, len(packet)
-        q.popleft()
-        t._out_bytes -= len(packet)
-        t.stats["tx_queued"] = len(q)
-    return packet, proto
 
 
 def set_protect(handle: int, protect) -> None:

@@ -12,7 +12,7 @@ import tempfile
 
 from .. import __version__
 from ..bridge import MAX_PACKET
-from . import ENV_PYTHONPATH, inbox
+from . import ENV_PYTHONPATH, queues
 from .header import C_HELPERS, PY_API, TYPEDEFS, header_text
 
 LIB_STEM = "libtun2xray"
@@ -138,7 +138,7 @@ static int t2x_too_long(size_t length, const char *what)
     return 1;
 }}
 
-{inbox}
+{queues}
 T2X_EXPORT const char *t2x_last_error(void) {{ return t2x_error; }}
 T2X_EXPORT const char *t2x_version(void) {{ return "tun2xray {version}"; }}
 
@@ -197,7 +197,7 @@ T2X_EXPORT int32_t t2x_poll_outbound(int32_t handle, uint8_t *buf, size_t capaci
     }}
     if (!t2x_ready())
         return T2X_E_INTERNAL;
-    return _t2x_py_poll(handle, buf, capacity, protocol, timeout_ms);
+    return t2x_poll(handle, buf, capacity, protocol, timeout_ms);
 }}
 
 T2X_EXPORT int32_t t2x_message(int32_t handle, const char *request_json, char *reply, size_t capacity)
@@ -272,13 +272,13 @@ def build(out_dir: str, *, verbose: bool = False) -> tuple[str, str]:
     root, sites = baked_paths()
     header = header_text(__version__)
     ffib = cffi.FFI()
-    ffib.cdef(TYPEDEFS + C_HELPERS + inbox.C_DECLS)
+    ffib.cdef(TYPEDEFS + C_HELPERS + queues.C_DECLS)
     ffib.embedding_api(PY_API)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     link = [f"-Wl,-rpath,{libdir}"] if libdir and sys.platform != "win32" else []
     ffib.set_source(MODULE, C_SOURCE.format(header=header, py_api=PY_API, env=ENV_PYTHONPATH,
                                             version=__version__, max_packet=MAX_PACKET,
-                                            inbox=inbox.C_SOURCE),
+                                            queues=queues.C_SOURCE),
                     extra_link_args=link)
     ffib.embedding_init_code(INIT_CODE.format(env=ENV_PYTHONPATH, sites=sites, root=root, module=MODULE))
     os.makedirs(out_dir, exist_ok=True)

@@ -15,7 +15,7 @@ import threading
 from .. import bridge, bridge_ops
 from ..profile import ProfileError
 from . import header as h
-from .inbox import Inbox
+from .queues import Queues, poll_output
 
 __all__ = ["install"]
 
@@ -80,10 +80,11 @@ def install(ffi, lib) -> None:
                 one_by_one(packets, af6)              # lengths their headers do not give: never the stack's
         return on_outbound
 
-    def attach_inbox(handle):
-        """The handle's inbound queue in C, watched by its engine's loop."""
+    def attach_queues(handle, poll_mode):
+        """The handle's packet queues in C; its engine's loop watches the
+        inbound one."""
         t = bridge._get(handle)
-        box = Inbox(ffi, lib, t)
+        box = Queues(ffi, lib, t, poll_mode)
         t.call_on_loop(box.attach)
 
     @ffi.def_extern(name="_t2x_py_ready", error=0)
@@ -95,7 +96,8 @@ def install(ffi, lib) -> None:
         try:
             text = ffi.string(profile_json).decode("utf-8")
             native = _Native(on_outbound if on_outbound != null else None, ctx)
-            cb = outbound_adapter(native) if native.on_outbound is not None else None
+            cell = [0]                                # poll mode: the handle, once known
+            cb = outbound_adapter(native) if native.on_outbound is not None else poll_output(lib, cell)
             with natives_lock:
                 dflt = default_protect[0] if default_protect else None
             if dflt is not None:
@@ -105,8 +107,9 @@ def install(ffi, lib) -> None:
             if handle > 0x7FFFFFFF:
                 bridge.stop(handle)
                 return fail(0, "no more handles in this process")
+            cell[0] = handle
             try:
-                attach_inbox(handle)
+                attach_queues(handle, native.on_outbound is None)
             except BaseException:
                 bridge.stop(handle)
                 lib._t2x_inbox_free(handle)
@@ -119,23 +122,6 @@ def install(ffi, lib) -> None:
         except BaseException as e:
             failure(e)
             return 0
-
-    @ffi.def_extern(name="_t2x_py_poll", error=h.E_INTERNAL)
-    def _poll(handle, buf, capacity, protocol, timeout_ms):
-        try:
-            got = bridge_ops.poll_one(handle, timeout_ms / 1000.0, capacity)
-            if got is None:
-                return 0
-            packet, proto = got
-            if packet is None:
-                return fail(h.E_SHORT, f"capacity {capacity} is smaller than the packet ({proto} bytes); "
-                                       "it stays queued")
-            ffi.memmove(buf, packet, len(packet))
-            if protocol != null:
-                protocol[0] = proto
-            return len(packet)
-        except BaseException as e:
-            return failure(e)
 
     @ffi.def_extern(name="_t2x_py_message", error=h.E_INTERNAL)
     def _message(handle, request_json, reply, capacity):

@@ -1,27 +1,37 @@
-"""The C host's inbound queue, kept in C: a submit never takes the GIL.
+"""The C host's packet queues, kept in C: a submit, and in poll mode a
+poll, never takes the GIL.
 
 A host thread's `t2x_submit_inbound*` checks each packet's family, copies
 it into the handle's queue under a pthread mutex and, when the engine is
 idle, writes one byte to a pipe; it never enters Python.  The engine's loop
 watches the pipe (`loop.add_reader`) and takes the whole queue in one call
-(`Inbox.drain`).  Before this, every submit (one per client ACK during a
+(`Queues.drain`).  Before this, every submit (one per client ACK during a
 download) entered the embedded Python: the GIL taken from the busy engine
 thread and handed back, the packet copied into a bytes object, the bridge's
 Python checks and lock, and `call_soon_threadsafe` to wake the loop.
 
-The queue's counters are the bridge's rx counters (tun2xray.bridge's
-accounting identities hold): C counts, and the status copies them in.
+Poll mode the same way: the engine appends each burst to the handle's
+outbound queue in C with one call (`Queues.put`), and `t2x_poll_outbound`
+copies the next packet out under the mutex, waiting on a condition
+variable; before, every poll entered Python for one packet.
+
+The queues' counters are the bridge's rx counters, and in poll mode its tx
+counters (tun2xray.bridge's accounting identities hold): C counts, and the
+status copies them in.
 """
 
 from __future__ import annotations
 
 from .. import bridge
 
-__all__ = ["C_DECLS", "C_SOURCE", "COUNTERS", "Inbox"]
+__all__ = ["COUNTERS", "C_DECLS", "C_SOURCE", "Queues", "poll_output"]
 
-# the order of the C counters array (and of T2X_RX_* below)
+# the order of the C counters array (T2X_RX_* and T2X_TX_* below); the tx
+# ones are the bridge's only in poll mode
 COUNTERS = ("rx_packets", "rx_bytes", "rx_delivered", "rx_dropped", "rx_family_mismatch",
-            "rx_bad_protocol", "rx_engine_down", "rx_wakeups", "rx_queued")
+            "rx_bad_protocol", "rx_engine_down", "rx_wakeups", "rx_queued",
+            "tx_packets", "tx_bytes", "tx_dropped", "tx_queue_full", "tx_queued")
+RX_COUNTERS = 9
 
 # what Python calls (cdef)
 C_DECLS = """\
@@ -31,11 +41,14 @@ int _t2x_inbox_take(int32_t handle, const char **buf, size_t *size, const uint32
 int _t2x_inbox_counters(int32_t handle, uint64_t *out);
 int _t2x_inbox_close(int32_t handle);
 int _t2x_inbox_free(int32_t handle);
+int _t2x_outbox_put(int32_t handle, const char *blob, size_t size, size_t count, int32_t af6);
+int _t2x_outbox_resume(int32_t handle);
 """
 
 C_SOURCE = r"""
 enum { T2X_RX_PACKETS, T2X_RX_BYTES, T2X_RX_DELIVERED, T2X_RX_DROPPED, T2X_RX_FAMILY_MISMATCH,
-       T2X_RX_BAD_PROTOCOL, T2X_RX_ENGINE_DOWN, T2X_RX_WAKEUPS, T2X_RX_QUEUED, T2X_RX_N };
+       T2X_RX_BAD_PROTOCOL, T2X_RX_ENGINE_DOWN, T2X_RX_WAKEUPS, T2X_RX_QUEUED,
+       T2X_TX_PACKETS, T2X_TX_BYTES, T2X_TX_DROPPED, T2X_TX_QUEUE_FULL, T2X_TX_QUEUED, T2X_RX_N };
 
 typedef struct t2x_inbox t2x_inbox;
 struct t2x_inbox {
@@ -53,6 +66,14 @@ struct t2x_inbox {
     uint32_t *lens, *spare_lens;
     size_t count, lcap, spare_lcap;
     int32_t af6;                    /* the AF_INET6 number last submitted (0: none yet) */
+    /* poll mode's outbound queue: entries [ohead, ocount), bytes [obytes_head, osize) */
+    pthread_cond_t out_cv;          /* a packet, the resume signal, or the close */
+    uint8_t *obuf;
+    size_t osize, ocap, obytes_head;
+    uint32_t *olens;
+    int32_t *oprotos;
+    size_t ohead, ocount, olcap;
+    int oresume;                    /* room again for a held submit: a poll finding nothing says so */
     uint64_t c[T2X_RX_N];
 };
 
@@ -80,7 +101,11 @@ static void t2x_box_put(t2x_inbox *b)
         return;
     close(b->wake_r);
     close(b->wake_w);
+    pthread_cond_destroy(&b->out_cv);
     pthread_mutex_destroy(&b->lock);
+    free(b->obuf);
+    free(b->olens);
+    free(b->oprotos);
     free(b->buf);
     free(b->spare);
     free(b->lens);
@@ -103,6 +128,7 @@ static int _t2x_inbox_new(int32_t handle, size_t max_packets, size_t max_bytes)
     b->handle = handle;
     b->refs = 1;
     pthread_mutex_init(&b->lock, NULL);
+    pthread_cond_init(&b->out_cv, NULL);
     b->wake_r = fds[0];
     b->wake_w = fds[1];
     b->waiting = 1;
@@ -261,6 +287,7 @@ static int _t2x_inbox_counters(int32_t handle, uint64_t *out)
     pthread_mutex_lock(&b->lock);
     memcpy(out, b->c, sizeof b->c);
     out[T2X_RX_QUEUED] = b->count;
+    out[T2X_TX_QUEUED] = b->ocount - b->ohead;
     pthread_mutex_unlock(&b->lock);
     t2x_box_put(b);
     return 0;
@@ -278,9 +305,150 @@ static int _t2x_inbox_close(int32_t handle)
     b->c[T2X_RX_ENGINE_DOWN] += b->count;
     b->c[T2X_RX_DROPPED] += b->count;
     b->size = b->count = 0;
+    pthread_cond_broadcast(&b->out_cv);
     pthread_mutex_unlock(&b->lock);
     t2x_box_put(b);
     return 0;
+}
+
+/* room for one more outbound packet of n bytes (under b->lock): the taken
+ * front is dropped from the buffers first */
+static int t2x_outbox_room(t2x_inbox *b, size_t n)
+{
+    if (b->ohead && (b->ocount == b->olcap || b->osize + n > b->ocap)) {
+        size_t keep = b->ocount - b->ohead;
+        memmove(b->olens, b->olens + b->ohead, keep * sizeof *b->olens);
+        memmove(b->oprotos, b->oprotos + b->ohead, keep * sizeof *b->oprotos);
+        memmove(b->obuf, b->obuf + b->obytes_head, b->osize - b->obytes_head);
+        b->ocount = keep;
+        b->osize -= b->obytes_head;
+        b->ohead = b->obytes_head = 0;
+    }
+    if (b->osize + n > b->ocap) {
+        size_t cap = b->ocap ? b->ocap : 65536;
+        while (cap < b->osize + n)
+            cap *= 2;
+        uint8_t *p = realloc(b->obuf, cap);
+        if (!p)
+            return 0;
+        b->obuf = p;
+        b->ocap = cap;
+    }
+    if (b->ocount == b->olcap) {
+        size_t lcap = b->olcap ? b->olcap * 2 : 256;
+        uint32_t *l = realloc(b->olens, lcap * sizeof *l);
+        if (l)
+            b->olens = l;
+        int32_t *f = l ? realloc(b->oprotos, lcap * sizeof *f) : NULL;
+        if (!f)
+            return 0;
+        b->oprotos = f;
+        b->olcap = lcap;
+    }
+    return 1;
+}
+
+/* Poll mode, on the engine's loop: a burst (as _t2x_deliver takes it) into
+ * the outbound queue; what does not fit is dropped (tx_queue_full) */
+static int _t2x_outbox_put(int32_t handle, const char *blob, size_t size, size_t count, int32_t af6)
+{
+    const uint8_t *p = (const uint8_t *)blob, *end = p + size;
+    t2x_inbox *b = t2x_box_get(handle);
+    size_t i, queued = 0;
+    if (!b)
+        return -1;
+    pthread_mutex_lock(&b->lock);
+    for (i = 0; i < count; i++) {
+        size_t left = (size_t)(end - p), n;
+        int32_t proto;
+        if (left >= 20 && p[0] >> 4 == 4) {
+            n = (size_t)p[2] << 8 | p[3];
+            proto = 2;
+        } else if (left >= 40 && p[0] >> 4 == 6) {
+            n = 40 + ((size_t)p[4] << 8 | p[5]);
+            proto = af6;
+        } else
+            break;
+        if (n < 20 || n > left)
+            break;
+        if (b->ocount - b->ohead >= b->max_packets || b->osize - b->obytes_head + n > b->max_bytes ||
+                !t2x_outbox_room(b, n)) {
+            b->c[T2X_TX_QUEUE_FULL]++;
+            b->c[T2X_TX_DROPPED]++;
+        } else {
+            memcpy(b->obuf + b->osize, p, n);
+            b->osize += n;
+            b->olens[b->ocount] = (uint32_t)n;
+            b->oprotos[b->ocount++] = proto;
+            b->c[T2X_TX_PACKETS]++;
+            b->c[T2X_TX_BYTES] += n;
+            queued++;
+        }
+        p += n;
+    }
+    b->c[T2X_TX_DROPPED] += count - i;          /* lengths their headers do not give: never the stack's */
+    if (queued)
+        pthread_cond_broadcast(&b->out_cv);
+    pthread_mutex_unlock(&b->lock);
+    t2x_box_put(b);
+    return 0;
+}
+
+/* the resume signal in poll mode: a poll that finds no packet returns 0 at once */
+static int _t2x_outbox_resume(int32_t handle)
+{
+    t2x_inbox *b = t2x_box_get(handle);
+    if (!b)
+        return -1;
+    pthread_mutex_lock(&b->lock);
+    b->oresume = 1;
+    pthread_cond_broadcast(&b->out_cv);
+    pthread_mutex_unlock(&b->lock);
+    t2x_box_put(b);
+    return 0;
+}
+
+/* t2x_poll_outbound, on a host thread */
+static int32_t t2x_poll(int32_t handle, uint8_t *buf, size_t capacity, int32_t *protocol, int32_t timeout_ms)
+{
+    t2x_inbox *b = t2x_box_get(handle);
+    if (!b) {
+        snprintf(t2x_error, sizeof t2x_error, "handle %d: unknown or already stopped", (int)handle);
+        return T2X_E_HANDLE;
+    }
+    pthread_mutex_lock(&b->lock);
+    if (b->ohead == b->ocount && timeout_ms > 0 && !b->closed && !b->oresume) {
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        while (b->ohead == b->ocount && !b->closed && !b->oresume)
+            if (pthread_cond_timedwait(&b->out_cv, &b->lock, &until) != 0)
+                break;
+    }
+    int32_t r = 0;
+    if (b->ohead == b->ocount) {
+        b->oresume = 0;                         /* the resume signal is this empty return */
+    } else if (b->olens[b->ohead] > capacity) {
+        snprintf(t2x_error, sizeof t2x_error, "capacity %zu is smaller than the packet (%u bytes); "
+                 "it stays queued", capacity, (unsigned)b->olens[b->ohead]);
+        r = T2X_E_SHORT;
+    } else {
+        r = (int32_t)b->olens[b->ohead];
+        memcpy(buf, b->obuf + b->obytes_head, (size_t)r);
+        if (protocol)
+            *protocol = b->oprotos[b->ohead];
+        b->obytes_head += (size_t)r;
+        if (++b->ohead == b->ocount)
+            b->ohead = b->ocount = b->osize = b->obytes_head = 0;
+    }
+    pthread_mutex_unlock(&b->lock);
+    t2x_box_put(b);
+    return r;
 }
 
 /* the handle is gone: submits see T2X_E_HANDLE; freed once the last caller left */
@@ -303,24 +471,26 @@ static int _t2x_inbox_free(int32_t handle)
 """
 
 
-class Inbox:
-    """The engine's side of one handle's C queue (its loop's reader)."""
+class Queues:
+    """The engine's side of one handle's C queues: its loop reads the
+    inbound one; in poll mode it is also the bridge's on_outbound."""
 
-    __slots__ = ("ffi", "lib", "handle", "tunnel", "fd", "_out")
+    __slots__ = ("_out", "ffi", "fd", "handle", "lib", "poll_mode", "tunnel")
 
-    def __init__(self, ffi, lib, tunnel):
+    def __init__(self, ffi, lib, tunnel, poll_mode: bool):
         self.ffi = ffi
         self.lib = lib
         self.handle = tunnel.handle
         self.tunnel = tunnel
+        self.poll_mode = poll_mode
         cap = tunnel._qcap or bridge.INBOUND_BYTES
         self.fd = lib._t2x_inbox_new(self.handle, bridge.INBOUND_PACKETS, cap)
         if self.fd < 0:
-            raise bridge.BridgeError(f"handle {self.handle}: no inbound queue (out of memory or fds)")
+            raise bridge.BridgeError(f"handle {self.handle}: no packet queue (out of memory or fds)")
         # take()'s out-parameters, allocated once
         self._out = (ffi.new("const char **"), ffi.new("size_t *"), ffi.new("const uint32_t **"),
                      ffi.new("size_t *"), ffi.new("int32_t *"), ffi.new("int32_t *"))
-        tunnel.inbox = self
+        tunnel.queues = self
 
     def attach(self) -> None:
         """On the engine's loop: watch the wake-up pipe."""
@@ -351,11 +521,30 @@ class Inbox:
         """The C counters into the bridge's device stats (before a status)."""
         out = self.ffi.new("uint64_t[]", len(COUNTERS))
         if self.lib._t2x_inbox_counters(self.handle, out) == 0:
-            stats.update(zip(COUNTERS, out))
+            stats.update(zip(COUNTERS if self.poll_mode else COUNTERS[:RX_COUNTERS], out))
 
     def down(self) -> None:
-        """Stop began or the engine ended: drop what is queued, take no more."""
+        """Stop began or the engine ended: drop what is queued, take no
+        more; waiting polls return."""
         self.lib._t2x_inbox_close(self.handle)
 
     def free(self) -> None:
         self.lib._t2x_inbox_free(self.handle)
+
+
+def poll_output(lib, handle_cell: list):
+    """The bridge's on_outbound(packets, af6) in poll mode: each burst into
+    the handle's C queue in one call (the resume signal: an empty one).
+    handle_cell[0] is the handle once bridge.start has returned it."""
+    put = lib._t2x_outbox_put
+    resume = lib._t2x_outbox_resume
+    join = b"".join
+
+    def on_outbound(packets, af6):
+        handle = handle_cell[0]
+        if not packets:
+            resume(handle)
+            return
+        blob = join(packets)
+        put(handle, blob, len(blob), len(packets), af6)
+    return on_outbound
