@@ -275,6 +275,44 @@ def test_submits_from_several_threads_into_one_handle_reach_the_stack_once(abi, 
         t.stop()
 
 
+def _ip4_big(seq: int, size: int = 60000) -> bytes:
+    p = bytearray(_ip4_unknown_protocol(7, seq)[:20])
+    p[2:4] = size.to_bytes(2, "big")
+    p[10:12] = b"\x00\x00"
+    s = sum(int.from_bytes(p[i:i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    p[10:12] = ((~((s & 0xFFFF) + (s >> 16))) & 0xFFFF).to_bytes(2, "big")
+    return bytes(p) + bytes(size - 20)
+
+
+def test_big_bursts_fill_the_queue_and_all_arrive(abi, servers):
+    """Bursts of 60,000-byte packets fill the inbound queue's byte bound (a
+    prefix is taken, the rest waits for room): round after round (the C
+    queue frees its big buffers between them), every packet reaches the
+    stack whole."""
+    t = Tunnel(abi, profile(servers))
+    try:
+        sent = 0
+        for rnd in range(3):
+            rest = [_ip4_big(rnd * 1000 + i) for i in range(300)]   # 18 MB: more than the queue holds
+            while rest:
+                k = abi.submit_batch(t.handle, rest, [2] * len(rest))
+                assert k >= 0, abi.error()
+                sent += k
+                rest = rest[k:]
+                if rest:
+                    _wait(lambda r=t.resumes: t.resumes > r or t.status()["device"]["rx_queued"] == 0,
+                          "room in the queue")
+            _wait(lambda: t.status()["device"]["rx_queued"] == 0, "the queue to drain")
+        s = t.status()
+        d = s["device"]
+        assert sent == 900 == d["rx_packets"] == d["rx_delivered"] == s["stack"]["rx_packets"]
+        assert s["stack"]["drops"]["unsupported_protocol"] == 900 and d["rx_queue_full"] == 0
+        assert d["rx_bytes"] == 900 * 60000
+    finally:
+        t.stop()
+
+
 def test_poll_mode_several_pollers_get_every_packet_once(abi, servers):
     """Poll mode's outbound queue is C's too (a poll never enters Python):
     echoes of both families, polled by three host threads at once, each

@@ -77,6 +77,11 @@ struct t2x_inbox {
     uint64_t c[T2X_RX_N];
 };
 
+/* buffers larger than this are freed once a burst has passed (a full queue
+ * must not leave its megabytes behind in a host under a memory limit) */
+#define T2X_KEEP_BYTES (256 * 1024)
+#define T2X_KEEP_PACKETS 4096
+
 static pthread_mutex_t t2x_boxes_lock = PTHREAD_MUTEX_INITIALIZER;
 static t2x_inbox *t2x_boxes;
 
@@ -253,6 +258,16 @@ static int _t2x_inbox_take(int32_t handle, const char **buf, size_t *size, const
     while (read(b->wake_r, sink, sizeof sink) == (ssize_t)sizeof sink)
         ;
     pthread_mutex_lock(&b->lock);
+    if (b->spare_cap > T2X_KEEP_BYTES) {        /* the last take's: Python is done with it */
+        free(b->spare);
+        b->spare = NULL;
+        b->spare_cap = 0;
+    }
+    if (b->spare_lcap > T2X_KEEP_PACKETS) {
+        free(b->spare_lens);
+        b->spare_lens = NULL;
+        b->spare_lcap = 0;
+    }
     uint8_t *tb = b->buf;
     uint32_t *tl = b->lens;
     size_t tcap = b->cap, tlcap = b->lcap;
@@ -443,8 +458,14 @@ static int32_t t2x_poll(int32_t handle, uint8_t *buf, size_t capacity, int32_t *
         if (protocol)
             *protocol = b->oprotos[b->ohead];
         b->obytes_head += (size_t)r;
-        if (++b->ohead == b->ocount)
+        if (++b->ohead == b->ocount) {
             b->ohead = b->ocount = b->osize = b->obytes_head = 0;
+            if (b->ocap > T2X_KEEP_BYTES) {     /* empty after a burst: give its memory back */
+                free(b->obuf);
+                b->obuf = NULL;
+                b->ocap = 0;
+            }
+        }
     }
     pthread_mutex_unlock(&b->lock);
     t2x_box_put(b);
