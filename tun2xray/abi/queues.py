@@ -2,8 +2,9 @@
 poll, never takes the GIL.
 
 A host thread's `t2x_submit_inbound*` checks each packet's family, copies
-it into the handle's queue under a pthread mutex and, when the engine is
-idle, writes one byte to a pipe; it never enters Python.  The engine's loop
+it into the handle's queue under a pthread mutex and, for the first packet
+since the engine last took the queue, writes one byte to a pipe; it never
+enters Python.  The engine's loop
 watches the pipe (`loop.add_reader`) and takes the whole queue in one call
 (`Queues.drain`).  Before this, every submit (one per client ACK during a
 download) entered the embedded Python: the GIL taken from the busy engine
