@@ -223,6 +223,139 @@ def test_several_handles_at_once_from_several_threads(abi, servers):
             t.stop()
 
 
+def _ip4_unknown_protocol(src_last: int, seq: int) -> bytes:
+    """A well-formed IPv4 packet (right header checksum) of protocol 99,
+    which the stack counts as unsupported_protocol."""
+    hdr = bytearray(b"\x45\x00\x00\x20" + seq.to_bytes(2, "big") + b"\x00\x00\x40\x63\x00\x00"
+                    + bytes([10, 0, 0, src_last]) + bytes([10, 0, 1, 1]))
+    s = sum(int.from_bytes(hdr[i:i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    hdr[10:12] = ((~((s & 0xFFFF) + (s >> 16))) & 0xFFFF).to_bytes(2, "big")
+    return bytes(hdr) + seq.to_bytes(4, "big") * 3
+
+
+def test_submits_from_several_threads_into_one_handle_reach_the_stack_once(abi, servers):
+    """The inbound queue is C's (a submit never enters Python): packets
+    submitted by four host threads at once, singly and in batches, each
+    reach the stack exactly once, and the counters add up."""
+    t = Tunnel(abi, profile(servers))
+    per_thread, errors = 3000, []
+
+    def run(k):
+        try:
+            pkts = [_ip4_unknown_protocol(k + 1, i) for i in range(per_thread)]
+            i = 0
+            while i < per_thread:
+                if i % 3 == 0:
+                    r = abi.submit_inbound(t.handle, pkts[i], len(pkts[i]), 2)
+                    assert r in (OK, QUEUE_FULL), (r, abi.error())
+                    i += r == OK
+                else:
+                    n = abi.submit_batch(t.handle, pkts[i:i + 7], [2] * len(pkts[i:i + 7]))
+                    assert n >= 0, abi.error()
+                    i += n
+        except BaseException as e:       # reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert errors == []
+        total = 4 * per_thread
+        _wait(lambda: t.status()["device"]["rx_queued"] == 0, "the queue to drain")
+        s = t.status()
+        d = s["device"]
+        assert d["rx_packets"] == total and d["rx_dropped"] == 0
+        assert d["rx_delivered"] == total == s["stack"]["rx_packets"]
+        assert s["stack"]["drops"]["unsupported_protocol"] == total
+        assert 1 <= d["rx_wakeups"] <= total
+    finally:
+        t.stop()
+
+
+def _ip4_big(seq: int, size: int = 60000) -> bytes:
+    p = bytearray(_ip4_unknown_protocol(7, seq)[:20])
+    p[2:4] = size.to_bytes(2, "big")
+    p[10:12] = b"\x00\x00"
+    s = sum(int.from_bytes(p[i:i + 2], "big") for i in range(0, 20, 2))
+    s = (s & 0xFFFF) + (s >> 16)
+    p[10:12] = ((~((s & 0xFFFF) + (s >> 16))) & 0xFFFF).to_bytes(2, "big")
+    return bytes(p) + bytes(size - 20)
+
+
+def test_big_bursts_fill_the_queue_and_all_arrive(abi, servers):
+    """Bursts of 60,000-byte packets fill the inbound queue's byte bound (a
+    prefix is taken, the rest waits for room): round after round (the C
+    queue frees its big buffers between them), every packet reaches the
+    stack whole."""
+    t = Tunnel(abi, profile(servers))
+    try:
+        sent = 0
+        for rnd in range(3):
+            rest = [_ip4_big(rnd * 1000 + i) for i in range(300)]   # 18 MB: more than the queue holds
+            while rest:
+                k = abi.submit_batch(t.handle, rest, [2] * len(rest))
+                assert k >= 0, abi.error()
+                sent += k
+                rest = rest[k:]
+                if rest:
+                    _wait(lambda r=t.resumes: t.resumes > r or t.status()["device"]["rx_queued"] == 0,
+                          "room in the queue")
+            _wait(lambda: t.status()["device"]["rx_queued"] == 0, "the queue to drain")
+        s = t.status()
+        d = s["device"]
+        assert sent == 900 == d["rx_packets"] == d["rx_delivered"] == s["stack"]["rx_packets"]
+        assert s["stack"]["drops"]["unsupported_protocol"] == 900 and d["rx_queue_full"] == 0
+        assert d["rx_bytes"] == 900 * 60000
+    finally:
+        t.stop()
+
+
+def test_poll_mode_several_pollers_get_every_packet_once(abi, servers):
+    """Poll mode's outbound queue is C's too (a poll never enters Python):
+    echoes of both families, polled by three host threads at once, each
+    come out exactly once, whole, with their family number; the tx counters
+    add up."""
+    t = Tunnel(abi, profile(servers), poll=True)
+    want = {}
+    for i in range(150):
+        family = 4 if i % 2 else 6
+        payload = f"p{i}-".encode() * (1 + i % 40)
+        want[b"echo:" + payload] = 2 if family == 4 else 10
+        assert udp_roundtrip(t, family, 10, 45000 + i, payload) in (2, 10)   # opens each flow
+    got, lock, stop = [], threading.Lock(), threading.Event()
+
+    def poller():
+        while not stop.is_set():
+            n, pkt, proto = abi.poll(t.handle, timeout_ms=50)
+            if n > 0:
+                with lock:
+                    got.append((udp_payload(pkt), proto))
+    threads = [threading.Thread(target=poller) for _ in range(3)]
+    try:
+        for th in threads:
+            th.start()
+        for i in range(150):                      # again, now all at once
+            family = 4 if i % 2 else 6
+            src, dst = (CLIENT4, SERVER4) if family == 4 else (CLIENT6, SERVER6)
+            payload = f"p{i}-".encode() * (1 + i % 40)
+            pkt = udp_packet(family, src, dst, 45000 + i, 53, payload)
+            assert abi.submit_inbound(t.handle, pkt, len(pkt), 2 if family == 4 else 10) == OK
+        _wait(lambda: len(got) >= 150, "150 echoes polled")
+        stop.set()
+        for th in threads:
+            th.join(10)
+        assert sorted(got) == sorted(want.items())
+        d = t.status()["device"]
+        assert d["tx_queued"] == 0 and d["tx_dropped"] == 0
+        assert d["tx_packets"] == 300 and d["tx_bytes"] > 0
+    finally:
+        stop.set()
+        t.stop()
+
+
 # ------------------------------------------------------- misuse, bad input
 
 def test_stale_and_unknown_handles_are_error_codes(abi, servers):

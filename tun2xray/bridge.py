@@ -18,9 +18,10 @@ one).  Any number of host threads may call any function at once.
 Inbound: `submit_*` checks each packet's family against its IP version on the
 caller's thread, appends it to a bounded queue under one short lock and wakes
 the engine's loop once per burst (call_soon_threadsafe only when the queue
-was empty).  What does not fit is counted (`rx_queue_full`), never waited for;
-or, through `bridge_ops.submit_held` (the C ABI), left with the host, which
-is told when there is room again (`rx_resumed`).
+was empty).  What does not fit is counted (`rx_queue_full`), never waited for.
+The C ABI keeps its queues in C (tun2xray.abi.queues): the inbound one
+leaves what does not fit with the host and tells it when there is room
+again (`rx_resumed`).
 
 Outbound: packets the stack emits are given to `on_outbound(packets,
 protocols)` on the engine thread, or queued (bounded, tail drop counted in
@@ -163,7 +164,8 @@ def check_packets(packets, protocols):
 class _Tunnel:
     """One handle: its engine thread, loop, queues and counters."""
 
-    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str, protect=None):
+    def __init__(self, handle: int, profile: Profile, on_outbound, loop_kind: str, protect=None,
+                 outbound_af6: bool = False):
         self.handle = handle
         self.settings = EngineSettings.from_profile(profile)
         # byte bound of each queue with a memory budget (None: the defaults)
@@ -171,6 +173,8 @@ class _Tunnel:
         self.router = self.settings.router
         self.proxy = self.router.default
         self.on_outbound = on_outbound
+        # on_outbound(packets, af6): each packet's family is left to the callback (the C ABI reads it in C)
+        self._out_af6 = outbound_af6
         self.protect = protect                  # protect(fd) -> bool (bridge_ops.set_protect)
         self.lifecycle = st.Lifecycle()
         self.device = _BridgeDevice(f"bridge{handle}", profile.mtu, self._outbound)
@@ -185,11 +189,11 @@ class _Tunnel:
         self._inq: list = []
         self._inq_bytes = 0
         self._wake = False                      # a _drain is scheduled on the loop
-        self._held = False                      # a held submit found the queue full
         self._resume_poll = False               # room again: end the waiting poll early
         self._closed = False                    # stop() began: take nothing more
         self._down = False                      # the engine thread has ended
         self._af6 = AF_INET6_NATIVE
+        self.queues = None                      # the C ABI's packet queues (tun2xray.abi.queues)
         self._out_cv = threading.Condition(threading.Lock())
         self._outq: deque = deque()
         self._out_bytes = 0
@@ -230,6 +234,8 @@ class _Tunnel:
                 with self._lock:
                     self._down = True
                     self._drop_inbound_locked()
+                if self.queues is not None:
+                    self.queues.down()
                 with self._out_cv:
                     self._out_cv.notify_all()
                 self._started.set()
@@ -281,26 +287,27 @@ class _Tunnel:
                 stats["rx_dropped"] += n
                 return
             stats["rx_delivered"] += n
-            resume, self._held = self._held, False
-        for i in range(0, n, FEED_CHUNK):
+        self.feed(batch)
+
+    def feed(self, batch) -> None:
+        """Packets to the engine, on its loop, one service pass per chunk."""
+        engine = self.engine
+        for i in range(0, len(batch), FEED_CHUNK):
             try:
                 engine.feed(batch[i:i + FEED_CHUNK])
             except Exception:        # a stack/engine bug must not kill the loop: count it
                 self.stats["engine_errors"] += 1
                 log.exception("bridge %d: engine.feed failed", self.handle)
-        if resume:
-            self._resume()
 
     def _outbound(self, packets) -> int:
         """device.write_batch, on the engine thread."""
         af6 = self._af6
-        protos = [af6 if p[0] >> 4 == 6 else AF_INET for p in packets]
         stats = self.stats
         n = len(packets)
         cb = self.on_outbound
         if cb is not None:
             try:
-                cb(packets, protos)
+                cb(packets, af6 if self._out_af6 else [af6 if p[0] >> 4 == 6 else AF_INET for p in packets])
             except Exception:
                 stats["tx_callback_errors"] += 1
                 stats["tx_dropped"] += n
@@ -309,6 +316,7 @@ class _Tunnel:
             stats["tx_packets"] += n
             stats["tx_bytes"] += sum(map(len, packets))
             return n
+        protos = [af6 if p[0] >> 4 == 6 else AF_INET for p in packets]
         with self._out_cv:
             q = self._outq
             room = OUTBOUND_PACKETS - len(q)
@@ -335,12 +343,9 @@ class _Tunnel:
 
     # ------------------------------------------------------------- host side
 
-    def submit(self, packets, protocols, hold: bool = False) -> int:
-        """Queue the packets for the engine; returns how many of them were
-        taken (queued or counted as dropped).  hold=False: all of them, what
-        does not fit is dropped (rx_queue_full).  hold=True (the C ABI): a
-        prefix, up to the first packet that does not fit; the rest stays the
-        host's, and the host is told when there is room again (resume)."""
+    def submit(self, packets, protocols) -> None:
+        """Queue the packets for the engine; what does not fit is dropped
+        (rx_queue_full)."""
         checked, af6 = check_packets(packets, protocols)
         wake = False
         with self._lock:
@@ -357,9 +362,6 @@ class _Tunnel:
                     if down:
                         drop = "rx_engine_down"
                     elif len(q) >= INBOUND_PACKETS or qb + n > cap:
-                        if hold:
-                            self._held = True
-                            break
                         drop = "rx_queue_full"
                     else:
                         q.append(p)
@@ -384,17 +386,17 @@ class _Tunnel:
                 with self._lock:
                     self._wake = False
                     self._drop_inbound_locked()
-        return taken
 
     def _resume(self) -> None:
-        """There is room again after a held submit: tell the host, on the
+        """There is room again after a held submit (the C ABI's queue,
+        tun2xray.abi.queues): tell the host, on the
         engine thread: on_outbound with an empty batch, or an early return
         of a waiting poll_outbound."""
         self.stats["rx_resumed"] += 1
         cb = self.on_outbound
         if cb is not None:
             try:
-                cb([], [])
+                cb([], self._af6 if self._out_af6 else [])
             except Exception:
                 self.stats["tx_callback_errors"] += 1
                 log.exception("bridge %d: on_outbound (resume) raised", self.handle)
@@ -456,11 +458,19 @@ class _Tunnel:
 
     def status(self) -> dict:
         engine = self.engine
+        queues = self.queues
+
+        def on_loop():
+            if queues is not None:
+                queues.sync(self.stats)
+            return engine.status()
         try:
-            eng = self.call_on_loop(engine.status) if engine is not None else None
+            eng = self.call_on_loop(on_loop) if engine is not None else None
         except BridgeError:
             eng = None
         if eng is None:
+            if queues is not None:
+                queues.sync(self.stats)
             eng = st.empty_engine_status(self.device.name, self.device.mtu, dict(self.stats))
         out = st.compose(self.lifecycle, eng)
         out["network"] = self.network.status()
@@ -471,6 +481,8 @@ class _Tunnel:
         with self._lock:
             self._closed = True
             self._drop_inbound_locked()
+        if self.queues is not None:
+            self.queues.down()
         with self._out_cv:
             self._out_cv.notify_all()
         try:
@@ -502,7 +514,7 @@ def _get(handle) -> _Tunnel:
     return t
 
 
-def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None) -> int:
+def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None, outbound_af6=False) -> int:
     """Start an engine for the profile *config_json* (docs/profile.md);
     returns its handle once the engine serves (state "connecting" until the
     proxy inbound answers in SOCKS5, then "connected"; "degraded"
@@ -511,6 +523,10 @@ def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None) ->
     *protect*: fd -> bool, called on the engine thread for every socket it
     opens toward a non-loopback address, from the first dial (and proxy
     probe) on; False fails that dial (VpnService.protect).
+
+    *outbound_af6*: call on_outbound(packets, af6) instead of (packets,
+    protocols): af6 is the AF_INET6 number for IPv6 packets, and the caller
+    reads each packet's version itself (the C ABI does it in C).
 
     Raises ProfileError (a ValueError) naming the JSON path of a bad key,
     BridgeError for a bad argument or an engine that could not start."""
@@ -523,7 +539,7 @@ def start(config_json, on_outbound=None, *, loop: str = "auto", protect=None) ->
     profile = load_profile(config_json, bridge=True)
     with _registry_lock:
         handle = next(_handles)
-    t = _Tunnel(handle, profile, on_outbound, loop, protect)
+    t = _Tunnel(handle, profile, on_outbound, loop, protect, outbound_af6)
     t.thread.start()
     if not t._started.wait(START_TIMEOUT) or not t._serving:
         reason = t.lifecycle.reason or "timed out"

@@ -1,9 +1,6 @@
 """What a native host asks of the bridge beyond tun2xray.bridge's calls
 (the C ABI, tun2xray.abi, is built on these):
 
-    bridge_ops.submit_held(handle, packets, protocols) -> int
-        a prefix of the batch is taken; the rest stays the host's while the
-        inbound queue is full (resume: see bridge._Tunnel.submit)
     bridge_ops.message(handle, request) -> dict
         NEPacketTunnelProvider.handleAppMessage: {"op": "status" | "reset_flows"
         | "network_changed" | "sleep" | "wake" | "set_log_level", ...}
@@ -22,45 +19,11 @@ from . import bridge
 from .engine import paths
 from .upstream._net import set_thread_protect
 
-__all__ = ["OPS", "BadRequest", "malformed", "message", "poll_one", "set_protect", "submit_held"]
+__all__ = ["OPS", "BadRequest", "message", "set_protect"]
 
 
 class BadRequest(bridge.BridgeError):
     """An app message that is not JSON, not an object or names no known op."""
-
-
-def malformed(packet, protocol) -> str | None:
-    """The drop counter a packet would be counted under, or None if good."""
-    return bridge.check_packets((packet,), (protocol,))[0][0][2]
-
-
-def poll_one(handle: int, timeout: float, capacity: int):
-    """Poll mode, one packet: the next outbound (packet, protocol) if it fits
-    in capacity bytes, else (None, its length) and it stays queued; None
-    when none came within timeout (or room came back for a held submit)."""
-    t = bridge._get(handle)
-    cv = t._out_cv
-    with cv:
-        q = t._outq
-        if not q and timeout > 0:
-            cv.wait_for(lambda: q or t._closed or t._down or t._resume_poll, timeout)
-        if not q:
-            t._resume_poll = False      # the resume signal is this empty return
-            return None
-        packet, proto = q[0]
-        if len(packet) > capacity:
-            return None, len(packet)
-        q.popleft()
-        t._out_bytes -= len(packet)
-        t.stats["tx_queued"] = len(q)
-    return packet, proto
-
-
-def submit_held(handle: int, packets, protocols) -> int:
-    t = bridge._get(handle)
-    if len(packets) != len(protocols):
-        raise bridge.BridgeError(f"submit: {len(packets)} packets but {len(protocols)} protocols")
-    return t.submit(packets, protocols, hold=True)
 
 
 def set_protect(handle: int, protect) -> None:

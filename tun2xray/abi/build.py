@@ -12,7 +12,7 @@ import tempfile
 
 from .. import __version__
 from ..bridge import MAX_PACKET
-from . import ENV_PYTHONPATH
+from . import ENV_PYTHONPATH, queues
 from .header import C_HELPERS, PY_API, TYPEDEFS, header_text
 
 LIB_STEM = "libtun2xray"
@@ -22,8 +22,12 @@ MODULE = "_tun2xray_abi"     # the embedded cffi module's name
 # C; a call crosses into Python only once the interpreter is up.
 C_SOURCE = """
 #include <dlfcn.h>
+#include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 {header}
 #define T2X_EXPORT __attribute__((visibility("default")))
 {py_api}
@@ -46,6 +50,59 @@ static void t2x_python_symbols_global(void)
     if (dladdr((void *)&Py_IsInitialized, &info) && info.dli_fname)
         dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_GLOBAL);
 #endif
+}}
+
+/* A burst of outbound packets, back to back in one buffer (the engine joins
+ * them: one copy instead of a pointer object per packet in Python), handed
+ * to the host's callback in one call.  Each packet's length and family come
+ * from its IP header.  -1, and nothing handed over, when the lengths do not
+ * add up to count packets filling size bytes exactly. */
+#define T2X_DELIVER_STACK 256
+static int _t2x_deliver(t2x_outbound_cb cb, void *ctx, const char *blob, size_t size, size_t count,
+                        int32_t af6)
+{{
+    const uint8_t *p = (const uint8_t *)blob, *end = p + size;
+    const uint8_t *ptrs_s[T2X_DELIVER_STACK];
+    size_t lens_s[T2X_DELIVER_STACK];
+    int32_t protos_s[T2X_DELIVER_STACK];
+    const uint8_t **ptrs = ptrs_s;
+    size_t *lens = lens_s;
+    int32_t *protos = protos_s;
+    void *heap = NULL;
+    size_t i;
+    if (count > T2X_DELIVER_STACK) {{
+        heap = malloc(count * (sizeof *ptrs + sizeof *lens + sizeof *protos));
+        if (!heap)
+            return -1;
+        ptrs = heap;
+        lens = (size_t *)(ptrs + count);
+        protos = (int32_t *)(lens + count);
+    }}
+    for (i = 0; i < count; i++) {{
+        size_t left = (size_t)(end - p), n;
+        if (left < 20)
+            break;
+        if (p[0] >> 4 == 4) {{
+            n = (size_t)p[2] << 8 | p[3];
+            protos[i] = 2;
+            if (n < 20)
+                break;
+        }} else if (p[0] >> 4 == 6 && left >= 40) {{
+            n = 40 + ((size_t)p[4] << 8 | p[5]);
+            protos[i] = af6;
+        }} else
+            break;
+        if (n > left)
+            break;
+        ptrs[i] = p;
+        lens[i] = n;
+        p += n;
+    }}
+    int ok = i == count && p == end;
+    if (ok)
+        cb(ctx, ptrs, lens, protos, count);
+    free(heap);
+    return ok ? 0 : -1;
 }}
 
 static int t2x_ready(void)
@@ -81,6 +138,7 @@ static int t2x_too_long(size_t length, const char *what)
     return 1;
 }}
 
+{queues}
 T2X_EXPORT const char *t2x_last_error(void) {{ return t2x_error; }}
 T2X_EXPORT const char *t2x_version(void) {{ return "tun2xray {version}"; }}
 
@@ -99,7 +157,7 @@ T2X_EXPORT int32_t t2x_submit_inbound(int32_t handle, const uint8_t *packet, siz
         return T2X_E_ARG;
     if (!t2x_ready())
         return T2X_E_INTERNAL;
-    return _t2x_py_submit(handle, &packet, &length, &protocol, 1, 1);
+    return t2x_submit(handle, &packet, &length, &protocol, 1, 1);
 }}
 
 T2X_EXPORT int32_t t2x_submit_inbound_batch(int32_t handle, const uint8_t *const *packets,
@@ -124,7 +182,7 @@ T2X_EXPORT int32_t t2x_submit_inbound_batch(int32_t handle, const uint8_t *const
     }}
     if (!t2x_ready())
         return T2X_E_INTERNAL;
-    return _t2x_py_submit(handle, packets, lengths, protocols, count, 0);
+    return t2x_submit(handle, packets, lengths, protocols, count, 0);
 }}
 
 T2X_EXPORT int32_t t2x_poll_outbound(int32_t handle, uint8_t *buf, size_t capacity, int32_t *protocol,
@@ -139,7 +197,7 @@ T2X_EXPORT int32_t t2x_poll_outbound(int32_t handle, uint8_t *buf, size_t capaci
     }}
     if (!t2x_ready())
         return T2X_E_INTERNAL;
-    return _t2x_py_poll(handle, buf, capacity, protocol, timeout_ms);
+    return t2x_poll(handle, buf, capacity, protocol, timeout_ms);
 }}
 
 T2X_EXPORT int32_t t2x_message(int32_t handle, const char *request_json, char *reply, size_t capacity)
@@ -214,12 +272,13 @@ def build(out_dir: str, *, verbose: bool = False) -> tuple[str, str]:
     root, sites = baked_paths()
     header = header_text(__version__)
     ffib = cffi.FFI()
-    ffib.cdef(TYPEDEFS + C_HELPERS)
+    ffib.cdef(TYPEDEFS + C_HELPERS + queues.C_DECLS)
     ffib.embedding_api(PY_API)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     link = [f"-Wl,-rpath,{libdir}"] if libdir and sys.platform != "win32" else []
     ffib.set_source(MODULE, C_SOURCE.format(header=header, py_api=PY_API, env=ENV_PYTHONPATH,
-                                            version=__version__, max_packet=MAX_PACKET),
+                                            version=__version__, max_packet=MAX_PACKET,
+                                            queues=queues.C_SOURCE),
                     extra_link_args=link)
     ffib.embedding_init_code(INIT_CODE.format(env=ENV_PYTHONPATH, sites=sites, root=root, module=MODULE))
     os.makedirs(out_dir, exist_ok=True)

@@ -28,17 +28,16 @@ typedef int32_t (*t2x_protect_cb)(void *ctx, int32_t fd);          /* 0 = protec
 PY_API = """\
 int32_t _t2x_py_ready(void);
 int32_t _t2x_py_start(const char *profile_json, t2x_outbound_cb on_outbound, void *ctx);
-int32_t _t2x_py_submit(int32_t handle, const uint8_t *const *packets, const size_t *lengths,
-                       const int32_t *protocols, size_t count, int32_t single);
-int32_t _t2x_py_poll(int32_t handle, uint8_t *buf, size_t capacity, int32_t *protocol, int32_t timeout_ms);
 int32_t _t2x_py_message(int32_t handle, const char *request_json, char *reply, size_t capacity);
 int32_t _t2x_py_set_protect(int32_t handle, t2x_protect_cb protect, void *ctx);
 int32_t _t2x_py_stop(int32_t handle);
 """
 
-# what Python calls in C (thread-local last error)
+# what Python calls in C (thread-local last error; a burst handed to the
+# host's callback with its packets found in C)
 C_HELPERS = """\
 void _t2x_set_error(const char *message);
+int _t2x_deliver(t2x_outbound_cb cb, void *ctx, const char *blob, size_t size, size_t count, int32_t af6);
 """
 
 
