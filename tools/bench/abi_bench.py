@@ -125,13 +125,18 @@ class Bench:
     def iperf(self, target: str, reverse: bool, pid: int | None) -> tuple[float, float]:
         secs = self.args.time
         argv = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(secs), "-J"] + (["-R"] if reverse else [])
+        self.lab.wait_iperf_idle()
         cpu0 = cpu_seconds(pid) if pid else 0.0
         r = self.lab.cli_run(argv, timeout=secs + 40)
         cpu1 = cpu_seconds(pid) if pid else 0.0
         try:
             rx = json.loads(r.stdout)["end"]["sum_received"]
         except (ValueError, KeyError):
-            print(f"  iperf3 failed: {r.stderr.decode(errors='replace')[-300:]}")
+            try:                        # with -J, iperf3 reports its error in the JSON
+                why = json.loads(r.stdout).get("error", "")
+            except ValueError:
+                why = r.stdout.decode(errors="replace")[-300:]
+            print(f"  iperf3 failed: {why} {r.stderr.decode(errors='replace')[-300:]}")
             return NAN, NAN
         gb = rx["bytes"] / 1e9
         return rx["bits_per_second"] / 1e9, ((cpu1 - cpu0) / gb if pid and gb else NAN)

@@ -262,6 +262,23 @@ class BenchLab(netlab.Lab):
         want = f":{port:04X}"
         return sum(1 for r in rows if r.split()[1].endswith(want) and r.split()[3] == "0A")
 
+    def iperf_busy(self) -> int:
+        """Connections the iperf3 servers still hold open (established,
+        being opened, or closed by the peer and not yet by the server). A server runs one test at a time: until a stopped
+        tunnel's last test is over at the server (its final message and
+        close may still be in the core, or lost with the tunnel and then
+        ended by the core's idle timeout), the next client is told "the
+        server is busy"."""
+        with netlab.netns(self.srv_ns):
+            with open("/proc/thread-self/net/tcp") as f:
+                rows = f.read().splitlines()[1:]
+        want = f":{IPERF_PORT:04X}"
+        return sum(1 for r in rows if r.split()[1].endswith(want) and r.split()[3] in ("01", "03", "08"))
+
+    def wait_iperf_idle(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.iperf_busy() == 0, timeout, "the iperf3 servers to finish the last test",
+                   interval=0.1)
+
     # -- the tunnel ------------------------------------------------------------
 
     @property

@@ -33,6 +33,7 @@ def one(lab, repo: str, mtu: int, direction: str, secs: int) -> tuple[float, flo
     pid = lab.start_tunnel(mtu=mtu, query="offload=0", workers=1)
     try:
         worker = benchlab.process_tree(pid)[-1]
+        lab.wait_iperf_idle()
         c0 = benchlab.cpu_seconds(worker)
         argv = ["iperf3", "-c", benchlab.TUN_TARGET, "-p", str(benchlab.IPERF_PORT), "-t", str(secs), "-J"]
         r = lab.cli_run(argv + (["-R"] if direction == "down" else []), timeout=secs + 40)
