@@ -256,17 +256,13 @@ class Stack:
 
     def _queue_due(self, q, deadline_of, now) -> None:
         """The due entries of a timer queue: the connection's on_timer runs
-        (netstack.tcp.timers: TIME_WAIT over, request timed out); an entry
-        whose timer was restarted or cleared, or whose connection closed
-        meanwhile, is stale and leaves as soon as it is at the front."""
-        while q:
-            at, _, conn = q[0]
-            if deadline_of(conn) != at or conn.closed:
-                q.popleft()
-                continue
-            if at > now:
+        (netstack.tcp.timers: TIME_WAIT over, request timed out); stale
+        entries leave on the way (_queue_front)."""
+        while True:
+            at = _queue_front(q, deadline_of)
+            if at is None or at > now:
                 return
-            q.popleft()
+            conn = q.popleft()[2]
             conn.on_timer(now)
             if not conn.closed:
                 self._reschedule(conn)
@@ -288,22 +284,10 @@ class Stack:
                 break
             heapq.heappop(heap)
         best = heap[0][0] if heap else None
-        q = self._requests
-        while q:
-            at, _, conn = q[0]
-            if conn.conn_at == at and not conn.closed:
-                if best is None or at < best:
-                    best = at
-                break
-            q.popleft()
-        q = self._tw
-        while q:
-            at, _, conn = q[0]
-            if conn.tw_at == at and not conn.closed:
-                if best is None or at < best:
-                    best = at
-                break
-            q.popleft()
+        for q, deadline_of in ((self._requests, _CONN_AT), (self._tw, _TW_AT)):
+            at = _queue_front(q, deadline_of)
+            if at is not None and (best is None or at < best):
+                best = at
         if self._frag is not None:
             f = self._frag.next_deadline()
             if f is not None and (best is None or f < best):
@@ -508,6 +492,18 @@ class Stack:
 _HEAP_SLACK = 4096               # stale timer entries tolerated before a compaction
 _TW_AT = attrgetter("tw_at")     # the deadline a TIME_WAIT queue entry is live for
 _CONN_AT = attrgetter("conn_at")  # ... and a request queue entry
+
+
+def _queue_front(q, deadline_of):
+    """The deadline of a timer queue's first live entry, None when there is
+    none. An entry whose timer was restarted or cleared (deadline_of(conn)
+    moved), or whose connection closed, is stale and leaves the front."""
+    while q:
+        at, _, conn = q[0]
+        if deadline_of(conn) == at and not conn.closed:
+            return at
+        q.popleft()
+    return None
 _ZERO4 = bytes(4)
 _BCAST4 = b"\xff\xff\xff\xff"
 _ZERO6 = bytes(16)

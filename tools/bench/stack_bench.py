@@ -195,6 +195,17 @@ def bench_in(total, seg_size, verify):
     return total / dt / 1e6
 
 
+def _fill(conn, mv, written, total):
+    """Write mv's bytes into conn until its send buffer is full or *total*
+    bytes have been written in all; returns the new total written."""
+    while written < total:
+        n = conn.write(mv[: min(len(mv), total - written)])
+        if n <= 0:
+            break
+        written += n
+    return written
+
+
 def bench_out(total, seg_size, verify, offload):
     """The host writes `total` bytes; the client ACKs what it gets per batch."""
     cfg = StackConfig(mtu=1500, verify_checksums=verify, checksum_offload=offload)
@@ -211,11 +222,7 @@ def bench_out(total, seg_size, verify, offload):
     written = 0
     t0 = time.perf_counter()
     while client.received < total:
-        while written < total:
-            n = conn.write(mv[: min(len(chunk), total - written)])
-            if n <= 0:
-                break
-            written += n
+        written = _fill(conn, mv, written, total)
         stack.take_events()
         now += 0.0001
         stack.poll(now)
@@ -284,11 +291,7 @@ def bench_down(total, verify, offload):
     acks = 0
     t0 = time.perf_counter()
     while client.received < total:
-        while written < total:
-            n = conn.write(mv[: min(len(chunk), total - written)])
-            if n <= 0:
-                break
-            written += n
+        written = _fill(conn, mv, written, total)
         stack.take_events()
         now += 0.0001
         stack.poll(now)
